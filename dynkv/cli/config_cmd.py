@@ -1,0 +1,95 @@
+"""`dynkv config` and `dynkv profiles`: what will run, and where each value came from."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from dynkv.cli.options import (
+    CpuGbOpt,
+    DeviceOpt,
+    DiskDirOpt,
+    DiskGbOpt,
+    JsonOpt,
+    ModelOpt,
+    NameOpt,
+    ProfileOpt,
+    TopologyOpt,
+    resolve_from_options,
+)
+from dynkv.cli.output import emit_json, err
+from dynkv.settings import list_profiles
+
+
+def config(
+    profile: ProfileOpt = None,
+    topology: TopologyOpt = None,
+    model: ModelOpt = None,
+    name: NameOpt = None,
+    device: DeviceOpt = None,
+    cpu_cache_gb: CpuGbOpt = None,
+    disk_cache_gb: DiskGbOpt = None,
+    disk_cache_dir: DiskDirOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Print every resolved setting with its source, and the environment each worker receives."""
+    resolved = resolve_from_options(
+        profile=profile,
+        topology=topology,
+        model=model,
+        name=name,
+        device=device,
+        cpu_cache_gb=cpu_cache_gb,
+        disk_cache_gb=disk_cache_gb,
+        disk_cache_dir=disk_cache_dir,
+        quiet=json_out,
+    )
+    data = resolved.to_json()
+    if json_out:
+        emit_json(data)
+        return
+    table = Table(title=f"profile {data['profile']} ({resolved.profile_source})", expand=False)
+    table.add_column("setting")
+    table.add_column("value")
+    table.add_column("source")
+    for setting, item in data["settings"].items():
+        value = "" if item["value"] is None else str(item["value"])
+        style = "bold" if item["source"] != "default" else "dim"
+        table.add_row(setting, value, item["source"], style=style)
+    err.print(table)
+    err.print("[bold]worker environment[/bold]")
+    for key, value in data["worker_env"].items():
+        err.print(f"  {key}={value}", markup=False)
+
+
+def profiles(json_out: JsonOpt = False) -> None:
+    """List the tier profiles: name, tiers, sizes, description."""
+    rows = []
+    for prof in list_profiles():
+        rows.append(
+            {
+                "name": prof.name,
+                "tiers": prof.tiers,
+                "cpu_cache_gb": prof.kvbm.get("cpu_cache_gb"),
+                "disk_cache_gb": prof.kvbm.get("disk_cache_gb"),
+                "topology": prof.deployment.get("topology", "agg"),
+                "experimental": prof.experimental,
+                "description": prof.description,
+                "path": str(prof.path),
+            }
+        )
+    if json_out:
+        emit_json({"profiles": rows})
+        return
+    table = Table(expand=False)
+    for col in ("name", "tiers", "G2 GB", "G3 GB", "description"):
+        table.add_column(col)
+    for row in rows:
+        name = row["name"] + (" (experimental)" if row["experimental"] else "")
+        table.add_row(
+            name,
+            " → ".join(row["tiers"]),
+            "" if row["cpu_cache_gb"] is None else f"{row['cpu_cache_gb']:g}",
+            "" if row["disk_cache_gb"] is None else f"{row['disk_cache_gb']:g}",
+            row["description"],
+        )
+    err.print(table)

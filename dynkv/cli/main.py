@@ -1,0 +1,50 @@
+"""The `dynkv` console script: the root Typer app and the registry of its commands."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from dynkv import __version__
+from dynkv.cli import config_cmd
+from dynkv.cli.group import DynkvGroup
+
+app = typer.Typer(
+    cls=DynkvGroup,
+    name="dynkv",
+    help="One-command KV-cache offloading (GPU → CPU → disk) for vLLM.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dynkv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", callback=_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """dynkv brings up vLLM with the bundled KVBM connector, etcd, NATS and a frontend."""
+
+
+app.command("config")(config_cmd.config)
+app.command("profiles")(config_cmd.profiles)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

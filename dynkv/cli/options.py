@@ -1,0 +1,87 @@
+"""Options shared by every command that resolves settings (`config`, `up`, `doctor`, `bench`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dynkv.cli.output import warn
+from dynkv.settings import Resolved, resolve
+from dynkv.settings.deployment import Device, InfraMode, Topology
+
+ProfileOpt = Annotated[
+    str | None,
+    typer.Option("--profile", "-p", help="Tier profile: a name from `dynkv profiles`, or a path."),
+]
+TopologyOpt = Annotated[
+    Topology | None, typer.Option("--topology", help="agg (one worker) or disagg (prefill+decode).")
+]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="Model directory or Hugging Face id.")
+]
+NameOpt = Annotated[
+    str | None, typer.Option("--name", "-n", help="Deployment name (default: default).")
+]
+DeviceOpt = Annotated[Device | None, typer.Option("--device", help="auto, cuda or cpu.")]
+InfraOpt = Annotated[
+    InfraMode | None, typer.Option("--infra", help="etcd/NATS: embedded, docker or external.")
+]
+EtcdOpt = Annotated[
+    str | None, typer.Option("--etcd-endpoints", help="External etcd URL(s), comma-separated.")
+]
+NatsOpt = Annotated[str | None, typer.Option("--nats-url", help="External NATS URL.")]
+HostOpt = Annotated[str | None, typer.Option("--host", help="Frontend bind address.")]
+PortOpt = Annotated[int | None, typer.Option("--port", help="Frontend port.")]
+CpuGbOpt = Annotated[float | None, typer.Option("--cpu-cache-gb", help="G2 host tier, decimal GB.")]
+DiskGbOpt = Annotated[
+    float | None, typer.Option("--disk-cache-gb", help="G3 disk tier, decimal GB.")
+]
+DiskDirOpt = Annotated[Path | None, typer.Option("--disk-cache-dir", help="G3 directory.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+
+def resolve_from_options(
+    *,
+    profile: str | None = None,
+    topology: Topology | None = None,
+    model: str | None = None,
+    name: str | None = None,
+    device: Device | None = None,
+    infra: InfraMode | None = None,
+    etcd_endpoints: str | None = None,
+    nats_url: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    cpu_cache_gb: float | None = None,
+    disk_cache_gb: float | None = None,
+    disk_cache_dir: Path | None = None,
+    require_tier: bool = True,
+    quiet: bool = False,
+) -> Resolved:
+    """Flags become the strongest layer; warnings (unknown DYN_KVBM_* names) go to stderr."""
+    resolved = resolve(
+        profile=profile,
+        kvbm_flags={
+            "cpu_cache_gb": cpu_cache_gb,
+            "disk_cache_gb": disk_cache_gb,
+            "disk_cache_dir": disk_cache_dir,
+        },
+        deployment_flags={
+            "topology": topology,
+            "model": model,
+            "name": name,
+            "device": device,
+            "infra": infra,
+            "etcd_endpoints": etcd_endpoints,
+            "nats_url": nats_url,
+            "frontend_host": host,
+            "frontend_port": port,
+        },
+        require_tier=require_tier,
+    )
+    if not quiet:
+        for message in resolved.warnings:
+            warn(message)
+    return resolved

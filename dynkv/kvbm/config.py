@@ -1,0 +1,193 @@
+"""KVBM runtime settings, read from the seed's `DYN_KVBM_*` environment variables.
+
+This model lives inside the runtime library because vLLM loads the runtime in its own processes,
+where the environment is the only configuration channel (as with Dynamo's KVBM). The launcher
+composes the same model with profile files and flags, then hands workers the resolved values back
+as environment variables, so both sides agree on one meaning for every variable.
+
+Deliberate differences from Dynamo: boolean variables mean what they say (`false`/`0`/`no` are
+false; Dynamo treats any value as true), and sizes are validated (`abc` or `-1` is an error, not 0).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "DYN_KVBM_"
+
+
+def default_disk_cache_dir() -> Path:
+    """Where G3 lives when nothing says otherwise: the user's cache dir, never a shared /tmp."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dynkv" / "kvbm-disk"
+
+
+def _expect(text: str, example: str) -> dict[str, Any]:
+    """Field metadata quoted in error messages: what a valid value is, and one to paste."""
+    return {"expect": text, "example": example}
+
+
+class KvbmSettings(BaseSettings):
+    """Every knob of the bundled KVBM runtime; field `x` is environment variable `DYN_KVBM_X`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        env_ignore_empty=True,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    cpu_cache_gb: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Host-memory tier (G2) size in decimal GB (1 GB = 1e9 bytes). 0 or unset: no G2.",
+        json_schema_extra=_expect("a number of decimal GB ≥ 0", "4"),
+    )
+    disk_cache_gb: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Disk tier (G3) size in decimal GB. 0 or unset: no G3.",
+        json_schema_extra=_expect("a number of decimal GB ≥ 0", "8"),
+    )
+    cpu_cache_override_num_blocks: int | None = Field(
+        None,
+        ge=0,
+        description="G2 size in blocks; a value > 0 wins over DYN_KVBM_CPU_CACHE_GB.",
+        json_schema_extra=_expect("a whole number of blocks ≥ 0", "1024"),
+    )
+    disk_cache_override_num_blocks: int | None = Field(
+        None,
+        ge=0,
+        description="G3 size in blocks; a value > 0 wins over DYN_KVBM_DISK_CACHE_GB.",
+        json_schema_extra=_expect("a whole number of blocks ≥ 0", "1024"),
+    )
+    disable_disk_offload_filter: bool = Field(
+        False,
+        description="Offload every block G2 evicts to G3, not only blocks reused at least twice.",
+        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+    )
+    disk_zerofill_fallback: bool = Field(
+        False,
+        description="Preallocate G3 by writing zeros where the filesystem lacks fallocate(2).",
+        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+    )
+    disk_disable_o_direct: bool = Field(
+        False,
+        description="Use buffered I/O for G3 (filesystems that refuse O_DIRECT, e.g. ramfs).",
+        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+    )
+    disk_cache_dir: Path = Field(
+        default_factory=default_disk_cache_dir,
+        description="Directory of the G3 pool files (created 0700).",
+        json_schema_extra=_expect("a directory path", "/mnt/nvme/dynkv"),
+    )
+    leader_worker_init_timeout_secs: float = Field(
+        120.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="How long the runtime waits for its tiers to initialise before failing.",
+        json_schema_extra=_expect("a number of seconds > 0", "120"),
+    )
+    metrics: bool = Field(
+        False,
+        description="Serve the kvbm_* Prometheus metrics on DYN_KVBM_METRICS_PORT.",
+        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+    )
+    metrics_port: int = Field(
+        6880,
+        ge=1,
+        le=65535,
+        description="Port of the KVBM metrics endpoint (bound to 127.0.0.1 unless told otherwise).",
+        json_schema_extra=_expect("a TCP port 1–65535", "6880"),
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the KVBM metrics endpoint binds.",
+        json_schema_extra=_expect("an IP address", "127.0.0.1"),
+    )
+    cache_stats_log_interval_secs: float = Field(
+        5.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Interval of the 'Cache Hit Rates - Host: …, Disk: …' log line.",
+        json_schema_extra=_expect("a number of seconds > 0", "120"),
+    )
+    disk_offload_filter_decay_secs: float = Field(
+        600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="SSD filter: every period, all block frequencies drop by 1 (Dynamo: 600 s).",
+        json_schema_extra=_expect("a number of seconds > 0", "120"),
+    )
+    disk_offload_filter_max_entries: int = Field(
+        1_000_000,
+        ge=1,
+        description="SSD filter: bound of the frequency table (Dynamo: 1,000,000 entries).",
+        json_schema_extra=_expect("a whole number ≥ 1", "1000000"),
+    )
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return ENV_PREFIX + field.upper()
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Environment variable → field name, for every field."""
+        return {cls.env_name(f): f for f in cls.model_fields}
+
+    @property
+    def has_host_tier(self) -> bool:
+        return bool(self.cpu_cache_override_num_blocks) or bool(self.cpu_cache_gb)
+
+    @property
+    def has_disk_tier(self) -> bool:
+        return bool(self.disk_cache_override_num_blocks) or bool(self.disk_cache_gb)
+
+    @property
+    def disk_filter_enabled(self) -> bool:
+        """The SSD filter applies to G2→G3 only, so only when both tiers exist."""
+        return self.has_host_tier and self.has_disk_tier and not self.disable_disk_offload_filter
+
+    def host_blocks(self, bytes_per_block: int) -> int:
+        return blocks_for(self.cpu_cache_gb, self.cpu_cache_override_num_blocks, bytes_per_block)
+
+    def disk_blocks(self, bytes_per_block: int) -> int:
+        return blocks_for(self.disk_cache_gb, self.disk_cache_override_num_blocks, bytes_per_block)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in another process."""
+        out: dict[str, str] = {}
+        for field in type(self).model_fields:
+            value = getattr(self, field)
+            if value is None:
+                continue
+            out[self.env_name(field)] = format_env_value(value)
+        return out
+
+
+def blocks_for(gb: float | None, override: int | None, bytes_per_block: int) -> int:
+    """Tier size in blocks: the override when > 0, else decimal GB × 1e9 ÷ bytes per block."""
+    if bytes_per_block <= 0:
+        raise ValueError("bytes_per_block must be positive")
+    if override:
+        return int(override)
+    if not gb:
+        return 0
+    return int(gb * 1e9 // bytes_per_block)
+
+
+def format_env_value(value: Any) -> str:
+    """Render a setting the way the environment parser reads it back unchanged."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

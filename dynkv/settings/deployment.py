@@ -1,0 +1,175 @@
+"""Deployment settings (`DYNKV_*`): what `dynkv up` starts, where, and on which ports."""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "DYNKV_"
+
+
+class Topology(StrEnum):
+    AGG = "agg"
+    DISAGG = "disagg"
+
+
+class InfraMode(StrEnum):
+    EMBEDDED = "embedded"
+    DOCKER = "docker"
+    EXTERNAL = "external"
+
+
+class Device(StrEnum):
+    AUTO = "auto"
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
+class RouterPolicy(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_OUTSTANDING = "least_outstanding"
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "dynkv"
+
+
+def _expect(text: str, example: str) -> dict[str, Any]:
+    """Field metadata quoted in error messages: what a valid value is, and one to paste."""
+    return {"expect": text, "example": example}
+
+
+_PORT = {"ge": 1, "le": 65535, "json_schema_extra": _expect("a TCP port 1–65535", "8000")}
+
+
+class DeploymentSettings(BaseSettings):
+    """Field `x` is environment variable `DYNKV_X`; `extra="ignore"` because orchestrators inject
+    unrelated `DYNKV_`-looking variables and that must not break a launch."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        env_ignore_empty=True,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    name: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="Deployment name: its state dir, its labels, its etcd namespace.",
+        json_schema_extra=_expect(
+            "letters, digits, '.', '_' or '-', starting with a letter/digit", "prod-1"
+        ),
+    )
+    model: str | None = Field(
+        None,
+        description="Model path or Hugging Face id; unset on a CPU host: the generated tiny model.",
+        json_schema_extra=_expect("a model directory or a Hugging Face id", "Qwen/Qwen3-0.6B"),
+    )
+    topology: Topology = Field(
+        Topology.AGG,
+        description="agg: one worker; disagg: a prefill and a decode worker.",
+        json_schema_extra=_expect("agg or disagg", "agg"),
+    )
+    device: Device = Field(
+        Device.AUTO,
+        description="Where G1 (vLLM's KV cache) lives: auto picks cuda when an NVIDIA GPU is visible.",
+        json_schema_extra=_expect("auto, cuda or cpu", "auto"),
+    )
+    block_size: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Tokens per KV block (vLLM on CPU needs a multiple of 32).",
+        json_schema_extra=_expect("a whole number of tokens, e.g. 32", "32"),
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="Longest sequence a worker accepts (vLLM's --max-model-len).",
+        json_schema_extra=_expect("a whole number of tokens ≥ 16", "4096"),
+    )
+    device_kv_gb: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="G1 size per worker in decimal GB (vLLM's kv_cache_memory_bytes).",
+        json_schema_extra=_expect("a number of decimal GB > 0, such as 0.5", "0.5"),
+    )
+    frontend_host: str = Field(
+        "127.0.0.1",
+        description="Address the OpenAI-compatible frontend binds (loopback by default).",
+        json_schema_extra=_expect("an IP address such as 127.0.0.1", "127.0.0.1"),
+    )
+    frontend_port: int = Field(8000, description="Port of the OpenAI-compatible frontend.", **_PORT)
+    worker_port: int = Field(
+        8100, description="First worker's HTTP port; further workers take the next ones.", **_PORT
+    )
+    infra: InfraMode = Field(
+        InfraMode.EMBEDDED,
+        description="etcd and NATS: embedded binaries, docker containers, or external endpoints.",
+        json_schema_extra=_expect("embedded, docker or external", "embedded"),
+    )
+    etcd_endpoints: str = Field(
+        "http://127.0.0.1:2379",
+        description="etcd client URL(s), comma-separated; used as given in external mode.",
+        json_schema_extra=_expect("URLs such as http://127.0.0.1:2379", "http://127.0.0.1:2379"),
+    )
+    nats_url: str = Field(
+        "nats://127.0.0.1:4222",
+        description="NATS URL; used as given in external mode.",
+        json_schema_extra=_expect("a URL such as nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+    )
+    etcd_port: int = Field(2379, description="Embedded/docker etcd client port.", **_PORT)
+    etcd_peer_port: int = Field(2380, description="Embedded/docker etcd peer port.", **_PORT)
+    nats_port: int = Field(4222, description="Embedded/docker NATS client port.", **_PORT)
+    nats_monitor_port: int = Field(8222, description="NATS monitoring (health) port.", **_PORT)
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        description="Where deployments keep pids, ports and logs ($XDG_STATE_HOME/dynkv).",
+        json_schema_extra=_expect("a directory path", "~/.local/state/dynkv"),
+    )
+    router: RouterPolicy = Field(
+        RouterPolicy.ROUND_ROBIN,
+        description="How the frontend spreads requests over workers.",
+        json_schema_extra=_expect("round_robin or least_outstanding", "round_robin"),
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, the frontend requires 'Authorization: Bearer <key>'. Never printed.",
+        json_schema_extra=_expect("a string", "<secret>"),
+    )
+    lease_ttl_secs: int = Field(
+        10,
+        ge=2,
+        le=3600,
+        description="etcd lease TTL of a worker registration: a dead worker leaves within it.",
+        json_schema_extra=_expect("a whole number of seconds, 2–3600", "10"),
+    )
+    startup_timeout_secs: float = Field(
+        900.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="How long `up` waits for one service to become healthy.",
+        json_schema_extra=_expect("a number of seconds > 0", "900"),
+    )
+    disagg_fallback: bool = Field(
+        False,
+        description="disagg: when the prefill worker is down, serve on the decode worker alone.",
+        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "false"),
+    )
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return ENV_PREFIX + field.upper()
+
+    @property
+    def deployment_dir(self) -> Path:
+        return self.state_dir / self.name

@@ -1,0 +1,18 @@
+"""Shared fixtures: a clean environment for settings, and isolated state/cache dirs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No DYN_KVBM_*/DYNKV_* leaking in from the developer's shell; private XDG dirs."""
+    for key in list(os.environ):
+        if key.upper().startswith(("DYN_KVBM_", "DYNKV_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return monkeypatch
