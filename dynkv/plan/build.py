@@ -1,0 +1,238 @@
+"""settings + host facts → Plan. Pure: the same inputs give the same plan, and nothing starts.
+
+Everything that depends on the machine (device, usable cores, interpreter, binaries, model path,
+the few inherited variables the plan mentions) arrives in `HostFacts`; `HostFacts.detect` is the
+one impure helper that gathers them, so tests build plans for a CUDA host on a CPU box.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynkv.infra.docker import etcd_docker_service, nats_docker_service
+from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
+from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
+from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
+from dynkv.plan.model import Plan, Service, topological_order
+from dynkv.plan.model_source import ModelChoice
+from dynkv.plan.worker import PASSTHROUGH_ENV, metrics_url, vllm_argv, worker_service
+from dynkv.settings.errors import SettingsError
+from dynkv.settings.resolve import Resolved
+
+# The setting to change when a port is taken, by (service role, port name).
+PORT_SETTINGS: dict[tuple[str, str], str] = {
+    ("etcd", "client"): "DYNKV_ETCD_PORT",
+    ("etcd", "peer"): "DYNKV_ETCD_PEER_PORT",
+    ("nats", "client"): "DYNKV_NATS_PORT",
+    ("nats", "monitor"): "DYNKV_NATS_MONITOR_PORT",
+    ("agg", "http"): "DYNKV_WORKER_PORT",
+    ("agg", "kvbm_metrics"): "DYN_KVBM_METRICS_PORT",
+}
+_INHERITED = ("PYTHONPATH", *PASSTHROUGH_ENV, *CPU_ENV_VARS)
+
+
+class PlanError(SettingsError):
+    """The settings are valid one by one but cannot form a deployment (exit 2, cause + fix)."""
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    device: str  # "cpu" or "cuda", never "auto"
+    cpus: tuple[int, ...]  # CPU ids the launcher may use (its affinity mask)
+    python: str  # interpreter for python services (the worker wrapper and vLLM)
+    model: ModelChoice
+    etcd_binary: str = "etcd"
+    nats_binary: str = "nats-server"
+    environ: Mapping[str, str] = field(default_factory=dict)  # only the names in _INHERITED
+
+    @classmethod
+    def detect(cls, resolved: Resolved, model: ModelChoice, *, device: str) -> HostFacts:
+        from dynkv.infra.binaries import MissingBinary, etcd_binary, nats_server_binary
+
+        try:
+            etcd = str(etcd_binary())
+        except MissingBinary:
+            etcd = "etcd"  # preflight reports it with the fix
+        try:
+            nats = str(nats_server_binary())
+        except MissingBinary:
+            nats = "nats-server"
+        return cls(
+            device=device,
+            cpus=tuple(sorted(os.sched_getaffinity(0))),
+            python=sys.executable,
+            model=model,
+            etcd_binary=etcd,
+            nats_binary=nats,
+            environ=_inherited(os.environ),
+        )
+
+
+def _inherited(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables the plan mentions; PYTHONPATH made absolute, since services run with the
+    deployment dir as their cwd."""
+    out = {k: v for k, v in environ.items() if k in _INHERITED}
+    if out.get("PYTHONPATH"):
+        parts = out["PYTHONPATH"].split(os.pathsep)
+        out["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in parts if p)
+    return out
+
+
+def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
+    dep = resolved.deployment
+    ddir = dep.deployment_dir
+    if dep.topology != "agg":
+        raise PlanError(
+            f"topology {dep.topology} is not supported by `dynkv up` yet (agg only)",
+            "use --topology agg (export DYNKV_TOPOLOGY=agg)",
+        )
+    if host.device == "cpu" and dep.block_size % 32:
+        raise PlanError(
+            f"block size {dep.block_size} does not work with vLLM on CPU (needs a multiple of 32)",
+            "export DYNKV_BLOCK_SIZE=32 (or 64, 96, ...)",
+        )
+
+    services: list[Service] = []
+    external = ()
+    if dep.infra == "external":
+        endpoints = split_endpoints(dep.etcd_endpoints)
+        nats_host_port(dep.nats_url)  # validates the URL
+        nats_url = dep.nats_url
+        external = external_probes(endpoints, nats_url)
+    else:
+        endpoints = (f"http://{LOOPBACK}:{dep.etcd_port}",)
+        nats_url = f"nats://{LOOPBACK}:{dep.nats_port}"
+        if dep.infra == "docker":
+            services += [
+                etcd_docker_service(
+                    deployment=dep.name, client_port=dep.etcd_port, peer_port=dep.etcd_peer_port
+                ),
+                nats_docker_service(
+                    deployment=dep.name, port=dep.nats_port, monitor_port=dep.nats_monitor_port
+                ),
+            ]
+        else:
+            services += [
+                etcd_service(
+                    deployment=dep.name,
+                    deployment_dir=ddir,
+                    binary=host.etcd_binary,
+                    client_port=dep.etcd_port,
+                    peer_port=dep.etcd_peer_port,
+                ),
+                nats_service(
+                    deployment_dir=ddir,
+                    binary=host.nats_binary,
+                    port=dep.nats_port,
+                    monitor_port=dep.nats_monitor_port,
+                ),
+            ]
+    infra_names = tuple(s.name for s in services)
+    services += _workers(resolved, host, endpoints, infra_names)
+
+    ordered = topological_order(tuple(services))
+    _check_port_clashes(ordered)
+    return Plan(
+        name=dep.name,
+        deployment_dir=str(ddir),
+        device=host.device,
+        topology=str(dep.topology),
+        infra=str(dep.infra),
+        etcd_endpoints=endpoints,
+        nats_url=nats_url,
+        services=ordered,
+        external=external,
+        notes=_notes(host, ordered),
+        startup_timeout_secs=dep.startup_timeout_secs,
+    )
+
+
+def _workers(
+    resolved: Resolved, host: HostFacts, endpoints: tuple[str, ...], depends_on: tuple[str, ...]
+) -> list[Service]:
+    dep, kvbm = resolved.deployment, resolved.kvbm
+    roles = ["agg"]  # disagg adds prefill + decode here
+    kv_bytes = None if dep.device_kv_gb is None else int(dep.device_kv_gb * 1e9)
+    workers = []
+    for index, role in enumerate(roles):
+        port = dep.worker_port + index
+        metrics_port = kvbm.metrics_port + index
+        env = kvbm.to_env()
+        if resolved.settings["DYN_KVBM_METRICS"].source == "default":
+            env["DYN_KVBM_METRICS"] = "true"  # `dynkv status` reads the worker's metrics
+        env["DYN_KVBM_METRICS_PORT"] = str(metrics_port)
+        if len(roles) > 1:  # several workers on one host must not share G3 pool files
+            env["DYN_KVBM_DISK_CACHE_DIR"] = str(kvbm.disk_cache_dir / f"{dep.name}-{role}")
+        env_unset: tuple[str, ...] = ()
+        if host.device == "cpu":
+            cpu_env, env_unset = cpu_engine_env(
+                host.cpus, role=role, kv_cache_bytes=kv_bytes, user_env=host.environ
+            )
+            env.update(cpu_env)
+        for name in ("PYTHONPATH", *PASSTHROUGH_ENV):
+            if host.environ.get(name):
+                env[name] = host.environ[name]
+        vllm = vllm_argv(
+            python=host.python,
+            model=host.model.model,
+            served_name=host.model.served_name,
+            port=port,
+            block_size=dep.block_size,
+            max_model_len=dep.max_model_len,
+            kv_cache_bytes=kv_bytes,
+        )
+        workers.append(
+            worker_service(
+                deployment=dep.name,
+                deployment_dir=dep.deployment_dir,
+                role=role,
+                index=index,
+                python=host.python,
+                vllm=vllm,
+                port=port,
+                served_name=host.model.served_name,
+                metrics=metrics_url(kvbm.metrics_host, metrics_port),
+                metrics_port=metrics_port,
+                env=env,
+                env_unset=env_unset,
+                etcd_endpoints=endpoints,
+                lease_ttl=dep.lease_ttl_secs,
+                depends_on=depends_on,
+            )
+        )
+    return workers
+
+
+def _check_port_clashes(services: tuple[Service, ...]) -> None:
+    seen: dict[int, str] = {}
+    for svc in services:
+        for pname, port in svc.ports.items():
+            label = f"{svc.name} {pname}"
+            if port in seen:
+                first = seen[port]
+                setting = PORT_SETTINGS.get((svc.role, pname), "its port setting")
+                raise PlanError(
+                    f"port {port} is configured twice: for {first} and for {label}",
+                    f"give {label} another port (export {setting}=<free port>)",
+                )
+            seen[port] = label
+
+
+def _notes(host: HostFacts, services: tuple[Service, ...]) -> tuple[str, ...]:
+    notes = []
+    if host.model.random_weights:
+        notes.append(
+            f"model {host.model.served_name} is a generated tiny model with random weights: "
+            "it exercises the KV cache, its text is noise (pass --model for a real one)"
+        )
+    for svc in services:
+        if "url" in svc.meta:
+            notes.append(
+                f"{svc.name} serves the OpenAI API at {svc.meta['url']}/v1 "
+                f"(model {svc.meta['model']!r})"
+            )
+    return tuple(notes)

@@ -1,0 +1,68 @@
+"""How a vLLM engine on the CPU backend gets its cores and its KV cache (G1) size.
+
+All CPU tuning of an engine is chosen here, in one function, so that the disaggregated topology
+(two engines sharing one host's cores) can extend it in one place. DESIGN §6: pin the threads in
+every configuration, because vLLM otherwise reserves a core when no KV connector is set and uses
+all of them when one is, which alone halves prefill time.
+
+vLLM facts (0.32, vllm/platforms/cpu.py): `VLLM_CPU_KVCACHE_SPACE` is whole GiB and, when set and
+non-empty, overrides `--kv-cache-memory-bytes`. So when dynkv passes the flag it also removes the
+variable from the engine's environment; without either, vLLM sizes G1 as a fraction of all RAM and
+refuses to start on a busy host, hence a small explicit default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+DEFAULT_CPU_KV_GIB = 2
+CPU_ENV_VARS = (
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU",
+    "VLLM_CPU_KVCACHE_SPACE",
+)
+
+
+def cpu_list(cpus: Iterable[int]) -> str:
+    """`[0, 1, 2, 5]` → `"0-2,5"`: the syntax of VLLM_CPU_OMP_THREADS_BIND."""
+    ids = sorted(set(cpus))
+    if not ids:
+        raise ValueError("no CPUs to bind")
+    parts: list[str] = []
+    start = prev = ids[0]
+    for cpu in ids[1:] + [None]:  # type: ignore[list-item]
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(parts)
+
+
+def cpu_engine_env(
+    cpus: Iterable[int],
+    *,
+    role: str,
+    kv_cache_bytes: int | None,
+    user_env: Mapping[str, str] | None = None,
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(environment to set, variables to remove) for one CPU engine.
+
+    agg: the one engine gets every core the launcher may use, and none is reserved. A value the
+    user exported for one of these variables is kept (they asked for it), except that an explicit
+    G1 size (`kv_cache_bytes`, from DYNKV_DEVICE_KV_GB) always wins over VLLM_CPU_KVCACHE_SPACE.
+    """
+    if role != "agg":
+        raise ValueError(f"CPU core split for role {role!r} is not defined yet (agg only)")
+    user = {k: v for k, v in (user_env or {}).items() if k in CPU_ENV_VARS and v != ""}
+    env = {
+        "VLLM_CPU_OMP_THREADS_BIND": user.get("VLLM_CPU_OMP_THREADS_BIND", cpu_list(cpus)),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": user.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
+    }
+    unset: tuple[str, ...] = ()
+    if kv_cache_bytes is not None:
+        unset = ("VLLM_CPU_KVCACHE_SPACE",)  # else it would override --kv-cache-memory-bytes
+    else:
+        env["VLLM_CPU_KVCACHE_SPACE"] = user.get("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_GIB))
+    return env, unset

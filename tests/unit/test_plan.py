@@ -1,0 +1,406 @@
+"""Plans as data: what `dynkv up` would start, for every infra mode and device, without starting
+anything (HostFacts are given, so a CUDA host's plan is built on this CPU box)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dynkv.cli.main import app
+from dynkv.infra.docker import ETCD_IMAGE, NATS_IMAGE
+from dynkv.plan import HostFacts, ModelChoice, PlanError, build_plan, mask_argv, mask_env
+from dynkv.plan.cpu import cpu_engine_env, cpu_list
+from dynkv.plan.model import MASK, Service, topological_order
+from dynkv.settings import SettingsError, resolve
+
+MODEL = ModelChoice("/models/tiny", "dynkv-tiny", random_weights=True)
+
+
+def host(device: str = "cpu", **kw) -> HostFacts:
+    base = dict(
+        device=device,
+        cpus=(0, 1),
+        python="/venv/bin/python",
+        model=MODEL,
+        etcd_binary="/bin/etcd",
+        nats_binary="/bin/nats-server",
+        environ={},
+    )
+    base.update(kw)
+    return HostFacts(**base)
+
+
+def plan_for(env: dict[str, str] | None = None, device: str = "cpu", tmp: Path | None = None, **kw):
+    env = {"DYNKV_STATE_DIR": str(tmp or "/state"), **(env or {})}
+    return build_plan(resolve(env=env), host(device, **kw))
+
+
+def vllm_part(argv) -> list[str]:
+    argv = list(argv)
+    return argv[argv.index("--") + 1 :]
+
+
+def flag(argv, name: str) -> str:
+    argv = list(argv)
+    return argv[argv.index(name) + 1]
+
+
+# ---- embedded (default) ------------------------------------------------------------------------
+
+
+def test_embedded_cpu_agg_services_in_dependency_order():
+    plan = plan_for()
+    assert [s.name for s in plan.services] == ["etcd", "nats", "worker"]
+    assert plan.service("worker").depends_on == ("etcd", "nats")
+    assert plan.etcd_endpoints == ("http://127.0.0.1:2379",)
+    assert plan.nats_url == "nats://127.0.0.1:4222"
+    assert plan.deployment_dir == "/state/default"
+    assert plan.external == ()
+
+
+def test_embedded_etcd_is_loopback_with_private_data_dir_and_unique_name():
+    etcd = plan_for({"DYNKV_NAME": "prod-1"}).service("etcd")
+    argv = etcd.argv
+    assert argv[0] == "/bin/etcd"
+    assert flag(argv, "--data-dir") == "/state/prod-1/etcd-data"
+    assert flag(argv, "--name") == "dynkv-prod-1"
+    for option in ("--listen-client-urls", "--advertise-client-urls"):
+        assert flag(argv, option) == "http://127.0.0.1:2379"
+    for option in ("--listen-peer-urls", "--initial-advertise-peer-urls"):
+        assert flag(argv, option) == "http://127.0.0.1:2380"
+    assert flag(argv, "--initial-cluster") == "dynkv-prod-1=http://127.0.0.1:2380"
+    assert etcd.ports == {"client": 2379, "peer": 2380}
+    assert etcd.data_dirs == ("/state/prod-1/etcd-data",)
+    assert etcd.log_file == "/state/prod-1/logs/etcd.log"
+    (probe,) = etcd.probes
+    assert (probe.kind, probe.url, dict(probe.expect_json)) == (
+        "http",
+        "http://127.0.0.1:2379/health",
+        {"health": "true"},
+    )
+
+
+def test_embedded_nats_jetstream_store_and_loopback_monitoring():
+    nats = plan_for({"DYNKV_NATS_PORT": "14222", "DYNKV_NATS_MONITOR_PORT": "18222"}).service(
+        "nats"
+    )
+    assert list(nats.argv) == [
+        "/bin/nats-server",
+        "-a",
+        "127.0.0.1",
+        "-p",
+        "14222",
+        "-js",
+        "-sd",
+        "/state/default/nats",
+        "-m",
+        "18222",
+    ]
+    assert nats.probes[0].url == "http://127.0.0.1:18222/healthz"
+    assert dict(nats.probes[0].expect_json) == {"status": "ok"}
+
+
+# ---- the worker ---------------------------------------------------------------------------------
+
+
+def test_worker_wraps_vllm_module_with_the_bundled_connector():
+    worker = plan_for().service("worker")
+    argv = list(worker.argv)
+    assert argv[:3] == ["/venv/bin/python", "-m", "dynkv.worker"]
+    assert flag(argv, "--role") == "agg"
+    assert flag(argv, "--worker-id") == "agg-0"
+    assert flag(argv, "--etcd-endpoints") == "http://127.0.0.1:2379"
+    assert flag(argv, "--lease-ttl") == "10"
+    assert flag(argv, "--metrics-url") == "http://127.0.0.1:6880/metrics"
+    vllm = vllm_part(argv)
+    assert vllm[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert flag(vllm, "--model") == "/models/tiny"
+    assert flag(vllm, "--host") == "127.0.0.1"
+    assert flag(vllm, "--port") == "8100"
+    assert flag(vllm, "--block-size") == "32"
+    assert flag(vllm, "--served-model-name") == "dynkv-tiny"
+    assert json.loads(flag(vllm, "--kv-transfer-config")) == {
+        "kv_connector": "DynkvConnector",
+        "kv_connector_module_path": "dynkv.kvbm.vllm_connector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {},
+    }
+    assert "--max-model-len" not in vllm and "--kv-cache-memory-bytes" not in vllm
+    assert worker.ports == {"http": 8100, "kvbm_metrics": 6880}
+    kinds = [(p.kind, p.url or p.key) for p in worker.probes]
+    assert kinds == [
+        ("http", "http://127.0.0.1:8100/health"),
+        ("etcd_key", "/dynkv/default/workers/agg-0"),
+    ]
+    assert worker.meta["etcd_key"] == "/dynkv/default/workers/agg-0"
+
+
+def test_worker_optional_vllm_flags():
+    vllm = vllm_part(
+        plan_for({"DYNKV_MAX_MODEL_LEN": "4096", "DYNKV_DEVICE_KV_GB": "0.25"})
+        .service("worker")
+        .argv
+    )
+    assert flag(vllm, "--max-model-len") == "4096"
+    assert flag(vllm, "--kv-cache-memory-bytes") == "250000000"
+
+
+def test_worker_env_is_the_resolved_kvbm_env_with_metrics_on():
+    plan = plan_for({"DYN_KVBM_CPU_CACHE_GB": "3", "DYN_KVBM_METRICS_PORT": "7000"})
+    env = plan.service("worker").env
+    assert env["DYN_KVBM_CPU_CACHE_GB"] == "3"
+    assert env["DYN_KVBM_DISK_CACHE_GB"] == "8"  # from the default profile
+    assert env["DYN_KVBM_METRICS"] == "true"
+    assert env["DYN_KVBM_METRICS_PORT"] == "7000"
+    assert plan.service("worker").ports["kvbm_metrics"] == 7000
+
+
+def test_metrics_the_user_turned_off_stay_off():
+    env = plan_for({"DYN_KVBM_METRICS": "false"}).service("worker").env
+    assert env["DYN_KVBM_METRICS"] == "false"
+
+
+def test_single_worker_keeps_the_configured_disk_dir(tmp_path):
+    env = plan_for({"DYN_KVBM_DISK_CACHE_DIR": str(tmp_path)}).service("worker").env
+    assert env["DYN_KVBM_DISK_CACHE_DIR"] == str(tmp_path)
+
+
+def test_cpu_worker_pins_all_cores_and_sizes_g1():
+    worker = plan_for(cpus=(0, 1, 2, 3, 6)).service("worker")
+    assert worker.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3,6"
+    assert worker.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert worker.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert worker.env_unset == ()
+
+
+def test_explicit_device_kv_removes_the_variable_that_would_override_it():
+    worker = plan_for(
+        {"DYNKV_DEVICE_KV_GB": "0.5"}, environ={"VLLM_CPU_KVCACHE_SPACE": "8"}
+    ).service("worker")
+    assert "VLLM_CPU_KVCACHE_SPACE" not in worker.env
+    assert worker.env_unset == ("VLLM_CPU_KVCACHE_SPACE",)
+
+
+def test_user_cpu_binding_is_respected():
+    worker = plan_for(environ={"VLLM_CPU_OMP_THREADS_BIND": "1"}).service("worker")
+    assert worker.env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+
+
+def test_cuda_worker_has_no_cpu_tuning_and_accepts_any_block_size():
+    worker = plan_for({"DYNKV_BLOCK_SIZE": "16"}, device="cuda").service("worker")
+    assert not any(k.startswith("VLLM_CPU_") for k in worker.env)
+    assert flag(vllm_part(worker.argv), "--block-size") == "16"
+
+
+def test_cpu_block_size_must_be_a_multiple_of_32():
+    with pytest.raises(PlanError) as exc:
+        plan_for({"DYNKV_BLOCK_SIZE": "16"})
+    assert "multiple of 32" in exc.value.cause and "DYNKV_BLOCK_SIZE" in exc.value.fix
+
+
+def test_disagg_is_refused_with_a_fix():
+    with pytest.raises(PlanError) as exc:
+        plan_for({"DYNKV_TOPOLOGY": "disagg"})
+    assert "--topology agg" in exc.value.fix
+
+
+def test_pythonpath_and_hf_token_are_passed_to_the_worker():
+    worker = plan_for(environ={"PYTHONPATH": "/wt", "HF_TOKEN": "hf_secret"}).service("worker")
+    assert worker.env["PYTHONPATH"] == "/wt"
+    assert worker.env["HF_TOKEN"] == "hf_secret"
+
+
+def test_relative_pythonpath_becomes_absolute(monkeypatch, tmp_path):
+    from dynkv.plan.build import _inherited
+
+    monkeypatch.chdir(tmp_path)
+    assert _inherited({"PYTHONPATH": "a:/b", "UNRELATED": "x"}) == {
+        "PYTHONPATH": f"{tmp_path}/a:/b"
+    }
+
+
+# ---- ports --------------------------------------------------------------------------------------
+
+
+def test_ports_follow_settings():
+    env = {
+        "DYNKV_ETCD_PORT": "1",
+        "DYNKV_ETCD_PEER_PORT": "2",
+        "DYNKV_NATS_PORT": "3",
+        "DYNKV_NATS_MONITOR_PORT": "4",
+        "DYNKV_WORKER_PORT": "5",
+        "DYN_KVBM_METRICS_PORT": "6",
+    }
+    plan = plan_for(env)
+    assert {s.name: dict(s.ports) for s in plan.services} == {
+        "etcd": {"client": 1, "peer": 2},
+        "nats": {"client": 3, "monitor": 4},
+        "worker": {"http": 5, "kvbm_metrics": 6},
+    }
+
+
+def test_a_port_configured_twice_is_a_plan_error():
+    with pytest.raises(PlanError) as exc:
+        plan_for({"DYNKV_WORKER_PORT": "2379"})
+    assert "2379" in exc.value.cause and "DYNKV_WORKER_PORT" in exc.value.fix
+
+
+# ---- docker -------------------------------------------------------------------------------------
+
+
+def test_docker_plan_runs_containers_not_processes():
+    plan = plan_for({"DYNKV_INFRA": "docker", "DYNKV_NAME": "d1"})
+    etcd, nats, worker = plan.services
+    assert (etcd.kind, nats.kind, worker.kind) == ("container", "container", "process")
+    assert etcd.container.image == ETCD_IMAGE and nats.container.image == NATS_IMAGE
+    assert etcd.argv == () and etcd.data_dirs == ()
+    assert etcd.probes[0].url == "http://127.0.0.1:2379/health"
+    assert nats.probes[0].url == "http://127.0.0.1:8222/healthz"
+    assert plan.etcd_endpoints == ("http://127.0.0.1:2379",)
+    assert worker.depends_on == ("etcd", "nats")
+
+
+# ---- external -----------------------------------------------------------------------------------
+
+
+def test_external_plan_starts_no_infra_and_checks_endpoints():
+    plan = plan_for(
+        {
+            "DYNKV_INFRA": "external",
+            "DYNKV_ETCD_ENDPOINTS": "http://10.0.0.1:2379, http://10.0.0.2:2379",
+            "DYNKV_NATS_URL": "nats://10.0.0.3:4222",
+        }
+    )
+    assert [s.name for s in plan.services] == ["worker"]
+    assert plan.service("worker").depends_on == ()
+    assert plan.etcd_endpoints == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
+    assert flag(plan.service("worker").argv, "--etcd-endpoints") == (
+        "http://10.0.0.1:2379,http://10.0.0.2:2379"
+    )
+    etcd_probe, nats_probe = plan.external
+    assert etcd_probe.kind == "etcd_health" and etcd_probe.endpoints == plan.etcd_endpoints
+    assert (nats_probe.kind, nats_probe.host, nats_probe.port) == ("nats", "10.0.0.3", 4222)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"DYNKV_ETCD_ENDPOINTS": "10.0.0.1:2379"},
+        {"DYNKV_ETCD_ENDPOINTS": " , "},
+        {"DYNKV_NATS_URL": "http://10.0.0.3:4222"},
+    ],
+)
+def test_external_endpoints_are_validated(env):
+    with pytest.raises(SettingsError):
+        plan_for({"DYNKV_INFRA": "external", **env})
+
+
+# ---- purity, masking, ordering ------------------------------------------------------------------
+
+
+def test_plans_are_deterministic():
+    assert plan_for().to_json() == plan_for().to_json()
+
+
+def test_secrets_are_masked_in_the_printout_only():
+    plan = plan_for(environ={"HF_TOKEN": "hf_secret"})
+    shown = json.dumps(plan.to_json())
+    assert "hf_secret" not in shown and MASK in shown
+    assert plan.to_json(mask=False)["services"][2]["env"]["HF_TOKEN"] == "hf_secret"
+
+
+def test_mask_helpers():
+    assert mask_env({"DYNKV_API_KEY": "k", "HF_TOKEN": "t", "PATH": "/bin", "EMPTY_TOKEN": ""}) == {
+        "DYNKV_API_KEY": MASK,
+        "HF_TOKEN": MASK,
+        "PATH": "/bin",
+        "EMPTY_TOKEN": "",
+    }
+    assert mask_argv(["x", "--api-key", "k", "--api-key=k2", "--port", "1"]) == [
+        "x",
+        "--api-key",
+        MASK,
+        f"--api-key={MASK}",
+        "--port",
+        "1",
+    ]
+
+
+def test_topological_order_and_its_errors():
+    a, b, c = Service("a", "r"), Service("b", "r", depends_on=("c",)), Service("c", "r")
+    assert [s.name for s in topological_order((a, b, c))] == ["a", "c", "b"]
+    with pytest.raises(ValueError, match="unknown"):
+        topological_order((Service("x", "r", depends_on=("nope",)),))
+    with pytest.raises(ValueError, match="cycle"):
+        topological_order(
+            (Service("x", "r", depends_on=("y",)), Service("y", "r", depends_on=("x",)))
+        )
+
+
+def test_plan_json_is_plain_json():
+    data = json.loads(json.dumps(plan_for().to_json()))
+    assert data["services"][0]["probes"] == [
+        {
+            "kind": "http",
+            "url": "http://127.0.0.1:2379/health",
+            "expect_status": 200,
+            "expect_json": {"health": "true"},
+        }
+    ]
+    assert dataclasses.is_dataclass(plan_for())
+
+
+# ---- cpu ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cpus, text", [((0,), "0"), ((0, 1), "0-1"), ((3, 0, 1, 2, 7, 8, 10), "0-3,7-8,10")]
+)
+def test_cpu_list(cpus, text):
+    assert cpu_list(cpus) == text
+
+
+def test_cpu_engine_env_is_agg_only_for_now():
+    with pytest.raises(ValueError):
+        cpu_engine_env((0, 1), role="prefill", kv_cache_bytes=None)
+
+
+# ---- dry run through the CLI --------------------------------------------------------------------
+
+
+def test_up_dry_run_json_starts_nothing_and_masks(clean_env, tmp_path):
+    clean_env.setenv("DYNKV_STATE_DIR", str(tmp_path / "state"))
+    clean_env.setenv("HF_TOKEN", "hf_do_not_print")
+    clean_env.setenv("DYNKV_API_KEY", "sk-do-not-print")
+    result = CliRunner().invoke(app, ["up", "--dry-run", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "do_not_print" not in result.output and "do-not-print" not in result.output
+    data = json.loads(result.stdout)
+    assert [s["name"] for s in data["services"]] == ["etcd", "nats", "worker"]
+    assert data["services"][2]["env"]["HF_TOKEN"] == MASK
+    assert "random weights" in " ".join(data["notes"])
+    assert not (tmp_path / "state").exists()  # nothing created, nothing started
+
+
+def test_up_dry_run_human_goes_to_stderr(clean_env, tmp_path):
+    clean_env.setenv("DYNKV_STATE_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["up", "--dry-run", "--model", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert "vllm.entrypoints.openai.api_server" in result.stderr
+
+
+def test_up_json_without_detach_is_a_usage_error(clean_env):
+    result = CliRunner().invoke(app, ["up", "--json"])
+    assert result.exit_code == 2
+    assert "--dry-run" in result.stderr
+
+
+def test_up_without_model_on_cuda_asks_for_one(clean_env):
+    result = CliRunner().invoke(app, ["up", "--dry-run", "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "--model" in result.stderr
