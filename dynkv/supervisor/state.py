@@ -1,0 +1,149 @@
+"""The state dir of a deployment: `<state_dir>/<name>/` (0700) with state.json (0600) and logs/.
+
+state.json is what `status`, `logs` and `down` read, possibly from another process long after
+`up -d` exited. It records, per service, the pid, the process group and psutil's create_time (a
+pid alone may have been reused by an unrelated process since), ports, log path, argv, probes and
+container id, plus a per-run instance id that every process of the run carries in its environment
+(`DYNKV_INSTANCE`), so that teardown can find descendants that left the process group.
+
+Every read-modify-write happens under an exclusive fcntl lock on `.lock`, and writes are atomic
+(temporary file + rename), so a crash mid-write never leaves half a file and two `up`s of the
+same name cannot both claim it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_VERSION = 1
+INSTANCE_ENV = "DYNKV_INSTANCE"
+
+
+@dataclass
+class ServiceRecord:
+    name: str
+    role: str
+    kind: str = "process"
+    pid: int | None = None
+    pgid: int | None = None
+    create_time: float | None = None
+    started_at: float | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    log: str = ""
+    argv: list[str] = field(default_factory=list)
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    data_dirs: list[str] = field(default_factory=list)
+    container_id: str | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DeploymentState:
+    name: str
+    instance: str
+    infra: str
+    phase: str = "starting"  # starting → running
+    mode: str = "foreground"  # foreground | detached
+    created_at: float = 0.0
+    supervisor_pid: int | None = None
+    supervisor_create_time: float | None = None
+    etcd_endpoints: list[str] = field(default_factory=list)
+    services: list[ServiceRecord] = field(default_factory=list)
+    version: int = STATE_VERSION
+
+    def service(self, name: str) -> ServiceRecord | None:
+        return next((s for s in self.services if s.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeploymentState:
+        data = dict(data)
+        services = [ServiceRecord(**s) for s in data.pop("services", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(services=services, **{k: v for k, v in data.items() if k in known})
+
+
+class StateStore:
+    """The state dir of one deployment."""
+
+    def __init__(self, deployment_dir: Path | str) -> None:
+        self.dir = Path(deployment_dir)
+        self.path = self.dir / "state.json"
+        self.logs_dir = self.dir / "logs"
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    def ensure(self) -> None:
+        """Create the dirs private to the user (a log may contain prompts)."""
+        for d in (self.dir.parent, self.dir, self.logs_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)
+        os.chmod(self.logs_dir, 0o700)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        self.ensure()
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def read(self) -> DeploymentState | None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise CorruptState(self.path, str(exc)) from None
+        try:
+            return DeploymentState.from_json(data)
+        except TypeError as exc:
+            raise CorruptState(self.path, str(exc)) from None
+
+    def write(self, state: DeploymentState) -> None:
+        """Atomic replace; call under lock()."""
+        self.ensure()
+        fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(state.to_json(), f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def clear(self) -> None:
+        """Forget the run (logs stay for a post-mortem until the next `up` overwrites them)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def log_path(self, service: str) -> Path:
+        return self.logs_dir / f"{service}.log"
+
+
+class CorruptState(Exception):
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(f"state file {path} is unreadable: {detail}")
+        self.path = path

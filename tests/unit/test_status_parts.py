@@ -1,0 +1,92 @@
+"""The pieces `status` and `logs` are made of: the KVBM metrics reader, the state file, and the
+log readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from dynkv.supervisor.logs import FileFollower, last_line, tail_lines
+from dynkv.supervisor.metrics import parse_kvbm, read_kvbm
+from dynkv.supervisor.state import CorruptState, DeploymentState, ServiceRecord, StateStore
+
+
+def test_kvbm_metrics_by_family_name():
+    reg = CollectorRegistry()
+    Gauge("kvbm_host_cache_hit_rate", "", registry=reg).set(0.5)
+    Gauge("kvbm_disk_cache_hit_rate", "", ["worker"], registry=reg).labels("a").set(0.2)
+    Gauge("kvbm_host_blocks_total", "", registry=reg).set(1000)
+    Counter("kvbm_matched_tokens", "", registry=reg).inc(96)
+    Counter("kvbm_offload_blocks_d2h", "", ["w"], registry=reg).labels("a").inc(2)
+    data = parse_kvbm(generate_latest(reg).decode())
+    assert data["host_cache_hit_rate"] == 0.5
+    assert data["disk_cache_hit_rate"] == 0.2
+    assert data["host_blocks_total"] == 1000
+    assert data["matched_tokens"] == 96  # counter family without `_total`, `_created` ignored
+    assert data["offload_blocks_d2h"] == 2
+    assert data["integrity_failures"] is None and data["disk_blocks_used"] is None
+
+
+def test_kvbm_metrics_tolerate_untyped_and_missing_families():
+    assert parse_kvbm("kvbm_matched_tokens_total 5\nother_metric 1\n")["matched_tokens"] == 5
+    assert set(parse_kvbm("").values()) == {None}
+
+
+def test_unreachable_metrics_endpoint_is_data_not_an_exception():
+    data = read_kvbm("http://127.0.0.1:1/metrics", timeout=0.5)
+    assert data["reachable"] is False and "error" in data and data["matched_tokens"] is None
+
+
+def test_state_roundtrip_is_private_and_atomic(tmp_path):
+    store = StateStore(tmp_path / "state" / "dev")
+    state = DeploymentState(name="dev", instance="x#1", infra="embedded")
+    state.services.append(ServiceRecord(name="etcd", role="etcd", pid=1, ports={"client": 2}))
+    with store.lock():
+        store.write(state)
+    assert store.read() == state
+    assert stat.S_IMODE(os.stat(store.dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(store.logs_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+    assert [p.name for p in store.dir.iterdir() if p.name.startswith(".state.")] == []
+    store.clear()
+    store.clear()
+    assert store.read() is None
+
+
+def test_corrupt_state_is_reported(tmp_path):
+    store = StateStore(tmp_path)
+    store.path.write_text("{not json")
+    with pytest.raises(CorruptState):
+        store.read()
+    store.path.write_text(json.dumps({"name": "x", "instance": "i", "infra": "e", "bogus": 1}))
+    assert store.read().name == "x"  # unknown keys from a newer dynkv are ignored
+
+
+def test_tail_lines(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text("".join(f"line {i}\n" for i in range(5000)))
+    assert tail_lines(log, 3) == ["line 4997", "line 4998", "line 4999"]
+    assert len(tail_lines(log, None)) == 5000
+    assert tail_lines(log, 0) == []
+    assert tail_lines(tmp_path / "missing", 3) == []
+    assert last_line(log) == "line 4999"
+    assert tail_lines(log, 2, end=len("line 0\nline 1\n")) == ["line 0", "line 1"]
+
+
+def test_file_follower_sees_new_lines_truncation_and_late_files(tmp_path):
+    log = tmp_path / "x.log"
+    follower = FileFollower(log)
+    assert follower.poll() == []
+    log.write_text("a\nb")
+    assert follower.poll() == ["a"]  # "b" is not a complete line yet
+    with open(log, "a") as f:
+        f.write("\nc\n")
+    assert follower.poll() == ["b", "c"]
+    log.write_text("new\n")  # truncated by a restart
+    assert follower.poll() == ["new"]
+    existing = FileFollower(log)  # from the end: old lines are not repeated
+    assert existing.poll() == []
