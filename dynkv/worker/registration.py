@@ -1,0 +1,102 @@
+"""A worker's registration: one etcd key under a lease that lives as long as the worker.
+
+Key `/dynkv/<deployment>/workers/<worker_id>` → JSON
+`{"id", "role", "url", "model", "metrics_url", "pid", "started_at"}` with lease TTL
+`DYNKV_LEASE_TTL_SECS`. The frontend discovers workers with a prefix watch on
+`/dynkv/<deployment>/workers/`. A worker that dies without withdrawing (SIGKILL, power loss)
+disappears when its lease expires; one that stops cleanly revokes the lease at once.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any
+
+from dynkv.infra.etcd_client import EtcdClient, EtcdError, LeaseKeeper
+from dynkv.plan.worker import worker_key
+
+__all__ = ["Registrar", "registration_record", "worker_key"]
+
+
+def registration_record(
+    *,
+    worker_id: str,
+    role: str,
+    url: str,
+    model: str,
+    metrics_url: str,
+    pid: int,
+    started_at: float,
+) -> dict[str, Any]:
+    return {
+        "id": worker_id,
+        "role": role,
+        "url": url,
+        "model": model,
+        "metrics_url": metrics_url,
+        "pid": pid,
+        "started_at": started_at,
+    }
+
+
+def _log(message: str) -> None:
+    print(f"[dynkv.worker] {message}", file=sys.stderr, flush=True)
+
+
+class Registrar:
+    """Registers `record` at `key` under a fresh lease, keeps it alive, re-registers when the
+    lease is lost while the worker still runs, and withdraws on request."""
+
+    def __init__(self, client: EtcdClient, key: str, record: dict[str, Any], ttl: int) -> None:
+        self.client, self.key, self.record, self.ttl = client, key, record, ttl
+        self.lease: int | None = None
+        self._keeper: LeaseKeeper | None = None
+        self._withdrawn = threading.Event()
+        self._lock = threading.Lock()
+
+    def register(self) -> None:
+        with self._lock:
+            lease = self.client.lease_grant(self.ttl)
+            self.client.put(self.key, self.record, lease=lease)
+            self.lease = lease
+            self._keeper = LeaseKeeper(self.client, lease, self.ttl, on_lost=self._on_lost).start()
+        _log(f"registered {self.key} (lease {lease:x}, ttl {self.ttl}s)")
+
+    def _on_lost(self, exc: Exception) -> None:
+        _log(f"registration lease lost ({exc}); registering again")
+        while not self._withdrawn.is_set():
+            try:
+                self.register()
+                return
+            except EtcdError as err:
+                _log(f"etcd not reachable to re-register: {err}")
+                self._withdrawn.wait(1.0)
+
+    def withdraw(self) -> None:
+        """Revoke the lease (etcd deletes the key with it); safe to call twice."""
+        self._withdrawn.set()
+        with self._lock:
+            keeper, lease = self._keeper, self.lease
+            self._keeper = self.lease = None
+        if keeper is not None:
+            keeper.stop()
+        if lease is not None:
+            try:
+                self.client.lease_revoke(lease)
+                _log(f"withdrew {self.key}")
+            except EtcdError as exc:
+                _log(f"could not withdraw {self.key} ({exc}); it expires within {self.ttl}s")
+
+
+def register_until_done(registrar: Registrar, should_give_up) -> bool:
+    """Register, retrying while etcd is unreachable, until `should_give_up()` says stop."""
+    while not should_give_up():
+        try:
+            registrar.register()
+            return True
+        except EtcdError as exc:
+            _log(f"etcd not reachable yet ({exc}); retrying")
+            time.sleep(1.0)
+    return False

@@ -1,0 +1,79 @@
+"""A stand-in for `python -m vllm.entrypoints.openai.api_server` in fast tests.
+
+Accepts vLLM's flags (ignoring the ones it does not need), serves `/health` and `/v1/models` on
+--port, and, like the KVBM runtime inside a real worker, `kvbm_*` Prometheus metrics on
+DYN_KVBM_METRICS_PORT. `--exit-after S --exit-code N` makes it die on its own; `--ready-after S`
+delays /health; FAKE_VLLM_SPAWN_ORPHAN=1 starts a grandchild in a new session (a process that
+escapes the process group, which teardown must still find).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--served-model-name", default="fake")
+    p.add_argument("--ready-after", type=float, default=0.0)
+    p.add_argument("--exit-after", type=float, default=None)
+    p.add_argument("--exit-code", type=int, default=0)
+    args, _ = p.parse_known_args()
+    started = time.monotonic()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path == "/health":
+                ok = time.monotonic() - started >= args.ready_after
+                self.send_response(200 if ok else 503)
+                self.end_headers()
+            elif self.path == "/v1/models":
+                body = json.dumps({"data": [{"id": args.served_model_name}]}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+        def log_message(self, fmt, *a):
+            print("fake_vllm:", fmt % a, flush=True)
+
+    if os.environ.get("DYN_KVBM_METRICS") == "true":
+        reg = CollectorRegistry()
+        Gauge("kvbm_host_cache_hit_rate", "h", registry=reg).set(0.25)
+        Gauge("kvbm_host_blocks_used", "u", registry=reg).set(3)
+        Gauge("kvbm_host_blocks_total", "t", registry=reg).set(100)
+        Counter("kvbm_matched_tokens", "m", registry=reg).inc(64)
+        start_http_server(int(os.environ["DYN_KVBM_METRICS_PORT"]), "127.0.0.1", registry=reg)
+
+    if os.environ.get("FAKE_VLLM_SPAWN_ORPHAN") == "1":
+        subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
+        )
+
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    if args.exit_after is not None:
+        threading.Timer(args.exit_after, lambda: os._exit(args.exit_code)).start()
+    print(f"fake_vllm: serving {args.served_model_name} on {args.port}", flush=True)
+    server.serve_forever()
+    print("fake_vllm: shut down", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

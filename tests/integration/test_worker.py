@@ -1,0 +1,133 @@
+"""The worker wrapper against real etcd, with a fake vLLM: registration only once healthy,
+withdrawal on SIGTERM (to the wrapper or its whole group) and when vLLM dies, vLLM's exit code."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+import pytest
+from infra_helpers import FAKES
+
+from dynkv.infra.etcd_client import EtcdClient
+from dynkv.ports import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def start_wrapper(etcd_url: str, tmp_path, *fake_args: str):
+    deployment = f"w{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (os.environ.get("PYTHONPATH", ""), str(FAKES)) if p
+    )
+    argv = [
+        sys.executable, "-m", "dynkv.worker",
+        "--role", "agg",
+        "--deployment", deployment,
+        "--worker-id", "agg-0",
+        "--url", f"http://127.0.0.1:{port}",
+        "--served-model-name", "fake-model",
+        "--metrics-url", "http://127.0.0.1:1/metrics",
+        "--etcd-endpoints", etcd_url,
+        "--lease-ttl", "5",
+        "--", sys.executable, "-m", "fake_vllm", "--port", str(port), *fake_args,
+    ]  # fmt: skip
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return proc, f"/dynkv/{deployment}/workers/agg-0", port
+
+
+def wait_for(predicate, timeout: float = 15.0, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def etcd(etcd_url):
+    with EtcdClient(etcd_url) as client:
+        yield client
+
+
+def children_of(proc) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def test_registers_once_healthy_and_withdraws_on_sigterm(etcd, etcd_url, tmp_path):
+    proc, key, port = start_wrapper(etcd_url, tmp_path, "--ready-after", "1.0")
+    try:
+        time.sleep(0.6)
+        assert etcd.get(key) is None  # listening but not healthy yet: not registered
+        kv = wait_for(lambda: etcd.get(key))
+        record = kv.json()
+        assert record["id"] == "agg-0" and record["role"] == "agg"
+        assert record["url"] == f"http://127.0.0.1:{port}" and record["model"] == "fake-model"
+        assert record["metrics_url"] == "http://127.0.0.1:1/metrics"
+        assert record["pid"] == children_of(proc)[0].pid
+        assert record["started_at"] <= time.time()
+        assert kv.lease != 0 and 0 < etcd.lease_time_to_live(kv.lease) <= 5
+        vllm = children_of(proc)
+        assert all(os.getpgid(c.pid) == proc.pid for c in vllm)  # same group as the wrapper
+
+        proc.send_signal(signal.SIGTERM)  # to the wrapper alone: it must pass it on
+        assert proc.wait(10) == 0
+        assert etcd.get(key) is None  # withdrawn at once, not after the TTL
+        assert etcd.lease_time_to_live(kv.lease) == -1
+        psutil.wait_procs(vllm, timeout=5)
+        assert not any(c.is_running() for c in vllm)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_group_sigterm_stops_both_and_withdraws(etcd, etcd_url, tmp_path):
+    proc, key, _ = start_wrapper(etcd_url, tmp_path)
+    try:
+        wait_for(lambda: etcd.get(key))
+        os.killpg(proc.pid, signal.SIGTERM)  # what the supervisor does
+        assert proc.wait(10) == 0
+        assert etcd.get(key) is None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_when_vllm_dies_the_wrapper_withdraws_and_exits_with_its_code(etcd, etcd_url, tmp_path):
+    proc, key, _ = start_wrapper(etcd_url, tmp_path, "--exit-after", "1.5", "--exit-code", "3")
+    try:
+        wait_for(lambda: etcd.get(key))
+        assert proc.wait(10) == 3
+        assert etcd.get(key) is None
+        log = (tmp_path / "worker.log").read_text()
+        assert "registered" in log and "vLLM exited with code 3" in log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_vllm_failing_before_health_exits_without_registering(etcd, etcd_url, tmp_path):
+    proc, key, _ = start_wrapper(
+        etcd_url, tmp_path, "--ready-after", "60", "--exit-after", "0.5", "--exit-code", "7"
+    )
+    assert proc.wait(10) == 7
+    assert etcd.get(key) is None
+
+
+def test_usage_errors():
+    out = subprocess.run(
+        [sys.executable, "-m", "dynkv.worker", "--role", "agg"], capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "--" in out.stderr
