@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from dynkv import __version__
-from dynkv.cli import config_cmd
+from dynkv.cli import config_cmd, deploy_cmds, up_cmd
 from dynkv.cli.group import DynkvGroup
 
 app = typer.Typer(
@@ -40,6 +40,10 @@ def _root(
 
 app.command("config")(config_cmd.config)
 app.command("profiles")(config_cmd.profiles)
+app.command("up")(up_cmd.up)
+app.command("down")(deploy_cmds.down)
+app.command("status")(deploy_cmds.status)
+app.command("logs")(deploy_cmds.logs)
 
 
 def main() -> None:

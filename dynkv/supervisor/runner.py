@@ -436,6 +436,25 @@ def stop_deployment(
     return report
 
 
+def ensure_not_running(deployment_dir: Path | str, name: str) -> None:
+    """AlreadyRunning when a live run owns the deployment dir. `up` asks before its preflight
+    (whose port checks would otherwise blame the running deployment's own ports); the claim in
+    `Supervisor.start` asks again under the lock."""
+    store = StateStore(deployment_dir)
+    if not store.exists():
+        return
+    with store.lock():
+        try:
+            state = store.read()
+        except CorruptState:
+            return
+    if state is not None:
+        uses_docker = any(s.kind == "container" for s in state.services)
+        live = live_detail(state, DockerBackend() if uses_docker else None)
+        if live:
+            raise AlreadyRunning(name, live)
+
+
 def _stop_supervisor(state: DeploymentState, grace: float) -> None:
     """A foreground or still-starting `up` tears down its own services when told to: ask it
     (SIGTERM) and give it the time to, rather than race it."""

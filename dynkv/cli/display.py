@@ -1,0 +1,199 @@
+"""Rich renderings shared by `up`, `status` and `logs`: start-up progress, colour-prefixed log
+lines (docker compose style), the plan of a dry run, and the status table."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from dynkv.cli.output import err
+from dynkv.plan.model import Plan, Service, mask_env
+from dynkv.supervisor import Observer, StatusReport
+
+# Log lines are data: stdout, so `dynkv logs worker | grep` works (colour only on a terminal).
+out = Console(highlight=False, soft_wrap=True)
+COLOURS = ("cyan", "yellow", "green", "magenta", "blue", "bright_red", "bright_green")
+
+
+class LogPrinter:
+    """`name | line`, one colour per service, names padded to a common width."""
+
+    def __init__(self, names: Iterable[str], console: Console = out) -> None:
+        self.names = list(names)
+        self.width = max((len(n) for n in self.names), default=0)
+        self.console = console
+
+    def colour(self, name: str) -> str:
+        if name not in self.names:
+            self.names.append(name)
+        return COLOURS[self.names.index(name) % len(COLOURS)]
+
+    def __call__(self, name: str, line: str) -> None:
+        prefix = Text(f"{name:<{self.width}} | ", style=self.colour(name))
+        self.console.print(prefix + Text(line), markup=False, highlight=False)
+
+
+class ProgressObserver(Observer):
+    """A spinner per service with its elapsed time and the last line of its log, so a model
+    that takes minutes to load visibly makes progress."""
+
+    def __init__(self, console: Console = err) -> None:
+        self.progress = Progress(
+            SpinnerColumn(finished_text="[green]✓[/green]"),
+            TextColumn("[bold]{task.fields[name]:<8}[/bold]"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[line]}", markup=False),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> ProgressObserver:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def starting(self, service: Service) -> None:
+        self.tasks[service.name] = self.progress.add_task(
+            service.name, total=1, name=service.name, line="starting"
+        )
+
+    def waiting(self, service: Service, elapsed: float, last_line: str, detail: str) -> None:
+        width = max(self.progress.console.width - 30, 20)
+        line = (last_line or detail)[:width]
+        self.progress.update(self.tasks[service.name], line=line)
+
+    def healthy(self, service: Service, elapsed: float) -> None:
+        ports = ", ".join(f"{k} {v}" for k, v in service.ports.items())
+        self.progress.update(
+            self.tasks[service.name], completed=1, line=f"healthy in {elapsed:.1f} s ({ports})"
+        )
+
+    def stopping(self, name: str) -> None:
+        err.print(f"[dim]stopping {escape(name)}[/dim]")
+
+
+class QuietObserver(Observer):
+    def stopping(self, name: str) -> None:
+        err.print(f"[dim]stopping {escape(name)}[/dim]")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM to `dynkv up` tears down like Ctrl-C (the services are in other sessions and get
+    no signal of their own). Restored afterwards; a no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def uninterruptible() -> Iterator[None]:
+    """Teardown must finish: a second Ctrl-C would leave half the services running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def render_plan(plan: Plan) -> None:
+    err.print(
+        f"[bold]plan[/bold] {escape(plan.name)}: {plan.topology} on {plan.device}, "
+        f"infra {plan.infra}, state {escape(plan.deployment_dir)}"
+    )
+    for probe in plan.external:
+        err.print(f"  external: {escape(probe.describe())}")
+    for svc in plan.services:
+        deps = f" (after {', '.join(svc.depends_on)})" if svc.depends_on else ""
+        ports = ", ".join(f"{k}={v}" for k, v in svc.ports.items())
+        err.print(f"\n[bold]{escape(svc.name)}[/bold] [dim]{svc.role}{deps}[/dim]  ports {ports}")
+        if svc.container is not None:
+            c = svc.container
+            err.print(
+                f"  image   {escape(c.image)} {escape(shlex.join(c.command))}", soft_wrap=True
+            )
+        else:
+            err.print("  argv    " + escape(shlex.join(svc.to_json()["argv"])), soft_wrap=True)
+        for key, value in mask_env(svc.env).items():
+            err.print(f"  env     {key}={value}", markup=False, soft_wrap=True)
+        for key in svc.env_unset:
+            err.print(f"  unset   {key}", markup=False)
+        for probe in svc.probes:
+            err.print(f"  ready   {escape(probe.describe())}")
+        if svc.log_file:
+            err.print(f"  log     {escape(svc.log_file)}")
+    for note in plan.notes:
+        err.print(f"\n[yellow]note:[/yellow] {escape(note)}")
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def status_table(report: StatusReport) -> Table:
+    title = f"{report.name}: {report.phase}, {report.mode}, infra {report.infra}"
+    table = Table(title=title, expand=False)
+    for col in ("service", "role", "pid", "uptime", "health", "ports"):
+        table.add_column(col)
+    for s in report.services:
+        health = "[green]healthy[/green]" if s.healthy else f"[red]{escape(s.detail)}[/red]"
+        ports = ", ".join(f"{k} {v}" for k, v in s.ports.items())
+        table.add_row(s.name, s.role, str(s.pid or "-"), _uptime(s.uptime_s), health, ports)
+    return table
+
+
+def kvbm_lines(report: StatusReport) -> list[str]:
+    lines = []
+    for s in report.services:
+        k = s.kvbm
+        if k is None:
+            continue
+        if not k.get("reachable"):
+            lines.append(f"{s.name} KVBM: metrics unavailable ({k.get('error', '')})")
+            continue
+        lines.append(
+            f"{s.name} KVBM: G2 {_num(k['host_blocks_used'])}/{_num(k['host_blocks_total'])} blocks, "
+            f"G3 {_num(k['disk_blocks_used'])}/{_num(k['disk_blocks_total'])} blocks; "
+            f"hit rate host {_pct(k['host_cache_hit_rate'])}, disk {_pct(k['disk_cache_hit_rate'])}; "
+            f"matched tokens {_num(k['matched_tokens'])}; offloaded d2h {_num(k['offload_blocks_d2h'])}, "
+            f"h2d {_num(k['offload_blocks_h2d'])}; onboarded h2d {_num(k['onboard_blocks_h2d'])}, "
+            f"d2d {_num(k['onboard_blocks_d2d'])}; integrity failures {_num(k['integrity_failures'])}"
+        )
+    return lines

@@ -1,0 +1,222 @@
+"""`dynkv up`: settings → preflight → plan → supervisor. Foreground streams the logs and stops
+everything on Ctrl-C/SIGTERM; `-d` returns once every service is healthy."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from dynkv.cli.display import (
+    LogPrinter,
+    ProgressObserver,
+    QuietObserver,
+    render_plan,
+    sigterm_as_interrupt,
+    uninterruptible,
+)
+from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
+from dynkv.cli.options import (
+    CpuGbOpt,
+    DeviceOpt,
+    DiskDirOpt,
+    DiskGbOpt,
+    EtcdOpt,
+    HostOpt,
+    InfraOpt,
+    JsonOpt,
+    ModelOpt,
+    NameOpt,
+    NatsOpt,
+    PortOpt,
+    ProfileOpt,
+    TopologyOpt,
+    resolve_from_options,
+)
+from dynkv.cli.output import emit_json, err, failure, warn
+from dynkv.hardware import resolve_device
+from dynkv.infra.docker import DockerUnavailable
+from dynkv.plan import HostFacts, build_plan, choose_model
+from dynkv.preflight import preflight
+from dynkv.supervisor import AlreadyRunning, StartFailed, Supervisor, ensure_not_running
+from dynkv.supervisor.process import SpawnError
+
+DetachOpt = Annotated[
+    bool, typer.Option("--detach", "-d", help="Return once all services are healthy.")
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the plan (argv, env, ports) and start nothing.")
+]
+SkipChecksOpt = Annotated[
+    bool, typer.Option("--skip-checks", help="Skip the preflight checks (ports, infra, doctor).")
+]
+
+
+def up(
+    profile: ProfileOpt = None,
+    topology: TopologyOpt = None,
+    model: ModelOpt = None,
+    name: NameOpt = None,
+    device: DeviceOpt = None,
+    infra: InfraOpt = None,
+    etcd_endpoints: EtcdOpt = None,
+    nats_url: NatsOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    cpu_cache_gb: CpuGbOpt = None,
+    disk_cache_gb: DiskGbOpt = None,
+    disk_cache_dir: DiskDirOpt = None,
+    detach: DetachOpt = False,
+    dry_run: DryRunOpt = False,
+    skip_checks: SkipChecksOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Start etcd, NATS and the vLLM worker with the bundled KVBM connector."""
+    if json_out and not (dry_run or detach):
+        raise UserError(
+            "--json needs --dry-run or --detach (the foreground streams logs on stdout)",
+            "add -d, or --dry-run",
+            EXIT_USAGE,
+        )
+    resolved = resolve_from_options(
+        profile=profile,
+        topology=topology,
+        model=model,
+        name=name,
+        device=device,
+        infra=infra,
+        etcd_endpoints=etcd_endpoints,
+        nats_url=nats_url,
+        host=host,
+        port=port,
+        cpu_cache_gb=cpu_cache_gb,
+        disk_cache_gb=disk_cache_gb,
+        disk_cache_dir=disk_cache_dir,
+        quiet=json_out,
+    )
+    dep = resolved.deployment
+    dev = resolve_device(str(dep.device))
+    choice = choose_model(dep.model, dev, generate=not dry_run)
+    plan = build_plan(resolved, HostFacts.detect(resolved, choice, device=dev))
+
+    if dry_run:
+        if json_out:
+            emit_json(plan.to_json())
+        else:
+            render_plan(plan)
+        return
+
+    try:
+        ensure_not_running(plan.deployment_dir, plan.name)
+    except AlreadyRunning as exc:
+        raise UserError(str(exc), _down_fix(plan.name)) from None
+    except DockerUnavailable as exc:
+        raise UserError(exc.cause, exc.fix) from None
+
+    if skip_checks:
+        warn(
+            "--skip-checks: NOT checking ports, binaries, infra or the host; failures will be less clear"
+        )
+    else:
+        problems = preflight(resolved, plan)
+        if problems:
+            for problem in problems:
+                failure(problem.cause, problem.fix)
+            raise typer.Exit(EXIT_FAILURE)
+
+    if not json_out:
+        for note in plan.notes:
+            err.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+    supervisor = Supervisor(plan, observer=QuietObserver())
+    with sigterm_as_interrupt():
+        _start(supervisor, plan.name, detach=detach, quiet=json_out)
+        if detach:
+            _report_detached(supervisor, json_out)
+            return
+        _foreground(supervisor)
+
+
+def _down_fix(name: str) -> str:
+    return f"dynkv down --name {name}   (see it first: dynkv status --name {name})"
+
+
+def _start(supervisor: Supervisor, name: str, *, detach: bool, quiet: bool) -> None:
+    mode = "detached" if detach else "foreground"
+    if not quiet:
+        err.print(f"[bold]dynkv up[/bold] {escape(name)} ({mode}), state in {supervisor.store.dir}")
+    try:
+        if quiet:
+            supervisor.start(detach=detach)
+        else:
+            with ProgressObserver() as progress:
+                supervisor.observer = progress
+                try:
+                    supervisor.start(detach=detach)
+                finally:
+                    supervisor.observer = QuietObserver()
+    except AlreadyRunning as exc:
+        raise UserError(str(exc), _down_fix(name)) from None
+    except StartFailed as exc:
+        if exc.log_tail:
+            err.print(f"[bold]last lines of {escape(exc.service)}'s log[/bold] {escape(exc.log)}")
+            printer = LogPrinter([exc.service], console=err)
+            for line in exc.log_tail:
+                printer(exc.service, line)
+        raise UserError(
+            f"{exc.service} {exc.reason}; everything was stopped",
+            f"read the log above (full: {exc.log or f'dynkv logs {exc.service}'}), fix the cause, run `dynkv up` again",
+        ) from None
+    except SpawnError as exc:
+        raise UserError(
+            str(exc), "re-run scripts/setup-env, or run `dynkv up` without --skip-checks"
+        ) from None
+    except DockerUnavailable as exc:
+        raise UserError(exc.cause, exc.fix) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted: everything that had started was stopped[/yellow]")
+        raise
+
+
+def _report_detached(supervisor: Supervisor, json_out: bool) -> None:
+    state = supervisor.state
+    assert state is not None
+    if json_out:
+        emit_json(state.to_json())
+        return
+    name = state.name
+    err.print(f"[green]✓[/green] {escape(name)} is up (detached)")
+    for rec in state.services:
+        url = f"  {rec.meta['url']}/v1" if "url" in rec.meta else ""
+        err.print(f"  {rec.name:<8} pid {rec.pid or '-':<8} {rec.ports}{url}", markup=False)
+    err.print(
+        f"  dynkv status --name {name} · dynkv logs -f --name {name} · dynkv down --name {name}",
+        markup=False,
+    )
+
+
+def _foreground(supervisor: Supervisor) -> None:
+    state = supervisor.state
+    assert state is not None
+    err.print(f"[green]✓[/green] all services healthy; streaming logs (Ctrl-C stops {state.name})")
+    printer = LogPrinter([s.name for s in state.services])
+    try:
+        result = supervisor.watch(printer)
+    except KeyboardInterrupt:
+        err.print("\n[yellow]stopping…[/yellow]")
+        with uninterruptible():
+            supervisor.stop()
+        raise
+    if result.reason == "removed":
+        err.print(f"{state.name} was stopped by `dynkv down`")
+        return
+    printer = LogPrinter([result.service or "?"], console=err)
+    for line in result.log_tail:
+        printer(result.service or "?", line)
+    with uninterruptible():
+        supervisor.stop()
+    raise UserError(
+        f"{result.service} exited with code {result.exit_code}; everything was stopped",
+        f"read its log: dynkv logs {result.service} --name {state.name}",
+    )

@@ -1,0 +1,199 @@
+"""`dynkv up / status / logs / down` through the CLI, with real etcd and NATS and a fake vLLM
+behind the real worker wrapper (the e2e test runs the real vLLM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from infra_helpers import FAKES, assert_nothing_left, port_env
+from typer.testing import CliRunner
+
+from dynkv.cli.main import app
+from dynkv.infra.etcd_client import EtcdClient
+from dynkv.supervisor import read_state
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+
+
+@pytest.fixture
+def deployment(tmp_path, monkeypatch):
+    for key in list(os.environ):
+        if key.upper().startswith(("DYN_KVBM_", "DYNKV_")):
+            monkeypatch.delenv(key)
+    env = port_env(tmp_path / "state", name="cli")
+    env["DYN_KVBM_DISK_CACHE_DIR"] = str(tmp_path / "g3")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(FAKES)) if p)
+    )
+    monkeypatch.setattr("dynkv.plan.worker.VLLM_MODULE", "fake_vllm")
+    (tmp_path / "model").mkdir()
+    yield env, tmp_path / "model"
+    runner.invoke(app, ["down"])
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_up_detached_status_logs_down(deployment):
+    env, model = deployment
+    result = invoke("up", "-d", "--json", "--model", str(model), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    state = json.loads(result.stdout)
+    assert [s["name"] for s in state["services"]] == ["etcd", "nats", "worker"]
+    pids = [(s["pid"], s["create_time"]) for s in state["services"]]
+    ddir = os.path.join(env["DYNKV_STATE_DIR"], "cli")
+
+    # registered in etcd, under the deployment's namespace
+    with EtcdClient(f"http://127.0.0.1:{env['DYNKV_ETCD_PORT']}") as etcd:
+        (kv,) = etcd.get_prefix("/dynkv/cli/workers/").kvs
+        assert kv.key == "/dynkv/cli/workers/agg-0"
+        assert kv.json()["model"] == "model"  # a directory serves under its name
+
+    status = invoke("status", "--json")
+    assert status.exit_code == 0, status.output
+    data = json.loads(status.stdout)
+    assert data["name"] == "cli" and data["healthy"] is True
+    services = {s["name"]: s for s in data["services"]}
+    for svc in services.values():
+        assert {"name", "role", "pid", "healthy", "ports", "kvbm"} <= set(svc)
+        assert svc["healthy"] is True and svc["pid"] > 0
+    worker = services["worker"]
+    assert worker["role"] == "agg" and worker["ports"]["http"] == int(env["DYNKV_WORKER_PORT"])
+    assert worker["kvbm"]["reachable"] is True
+    assert worker["kvbm"]["host_cache_hit_rate"] == 0.25
+    assert worker["kvbm"]["host_blocks_used"] == 3 and worker["kvbm"]["matched_tokens"] == 64
+    assert worker["kvbm"]["disk_cache_hit_rate"] is None  # absent family: tolerated
+    assert services["etcd"]["kvbm"] is None
+
+    human = invoke("status")
+    assert human.exit_code == 0 and "healthy" in human.stderr and "KVBM" in human.stderr
+
+    logs = invoke("logs", "worker")
+    assert logs.exit_code == 0
+    assert "worker | " in logs.stdout and "registered /dynkv/cli/workers/agg-0" in logs.stdout
+    tail = invoke("logs", "--tail", "1", "etcd", "nats")
+    assert tail.exit_code == 0 and len(tail.stdout.splitlines()) == 2
+    unknown = invoke("logs", "nope")
+    assert unknown.exit_code == 1 and "no service nope" in unknown.stderr
+
+    again = invoke("up", "-d", "--model", str(model))
+    assert again.exit_code == 1
+    assert "already running" in again.stderr and "dynkv down --name cli" in again.stderr
+
+    down = invoke("down")
+    assert down.exit_code == 0 and "is down" in down.stderr
+    assert_nothing_left(pids, ddir)
+
+    gone = invoke("status", "--json")
+    assert gone.exit_code == 1 and "no deployment named 'cli'" in gone.stderr
+    assert invoke("down").exit_code == 0  # idempotent
+    assert "registered" in invoke("logs", "worker").stdout  # logs outlive the deployment
+
+
+def test_status_reports_a_killed_worker(deployment):
+    _, model = deployment
+    assert invoke("up", "-d", "--model", str(model)).exit_code == 0
+    state = read_state(os.path.join(os.environ["DYNKV_STATE_DIR"], "cli"))
+    os.killpg(state.service("worker").pgid, signal.SIGKILL)
+    time.sleep(0.3)
+    status = invoke("status", "--json")
+    assert status.exit_code == 1
+    worker = next(s for s in json.loads(status.stdout)["services"] if s["name"] == "worker")
+    assert worker["healthy"] is False and worker["kvbm"] is None
+
+
+def test_taken_port_fails_preflight_naming_its_owner(deployment):
+    env, model = deployment
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", int(env["DYNKV_WORKER_PORT"])))
+        sock.listen()
+        result = invoke("up", "-d", "--model", str(model))
+    assert result.exit_code == 1
+    assert f"pid {os.getpid()}" in result.stderr and "DYNKV_WORKER_PORT" in result.stderr
+    assert read_state(os.path.join(env["DYNKV_STATE_DIR"], "cli")) is None  # nothing started
+
+
+def test_skip_checks_is_loud(deployment):
+    _, model = deployment
+    result = invoke("up", "-d", "--skip-checks", "--model", str(model))
+    assert result.exit_code == 0, result.output
+    assert "--skip-checks" in result.stderr and "NOT checking" in result.stderr
+
+
+FOREGROUND = (
+    "import sys, dynkv.plan.worker as w; w.VLLM_MODULE = 'fake_vllm'; "
+    "from dynkv.cli.main import main; sys.argv[0] = 'dynkv'; main()"
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_foreground_up_streams_logs_and_stops_everything_on_a_signal(deployment, sig):
+    env, model = deployment
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FOREGROUND, "up", "--model", str(model)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ddir = os.path.join(env["DYNKV_STATE_DIR"], "cli")
+    try:
+        deadline = time.monotonic() + 30
+        state = None
+        while time.monotonic() < deadline:
+            state = read_state(ddir)
+            if state is not None and state.phase == "running":
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        assert state is not None and state.mode == "foreground"
+        assert state.supervisor_pid == proc.pid
+        assert invoke("status").exit_code == 0  # its probes make the fake log a line
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "worker | " in out and "GET /health" in out
+    assert "stopping" in err
+    assert_nothing_left([(s.pid, s.create_time) for s in state.services], ddir)
+    assert read_state(ddir) is None
+
+
+def test_down_stops_a_foreground_up_from_another_terminal(deployment):
+    env, model = deployment
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FOREGROUND, "up", "--model", str(model)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ddir = os.path.join(env["DYNKV_STATE_DIR"], "cli")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = read_state(ddir)
+            if state is not None and state.phase == "running":
+                break
+            time.sleep(0.2)
+        result = invoke("down")
+        assert result.exit_code == 0, result.output
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not psutil.pid_exists(proc.pid) or proc.returncode is not None
+    assert_nothing_left([(s.pid, s.create_time) for s in state.services], ddir)
