@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -521,14 +522,12 @@ class BlockManager:
                 writes = list(self._writes)
             if not writes:
                 return
-            for f in writes:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    f.result(timeout=remaining)
-                except Exception:  # reported by the completion callback
-                    pass
-                # callbacks run in the I/O thread right after the result is set: let them finish
-            time.sleep(0.001)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"{len(writes)} disk writes still pending")
+            futures_wait(writes, timeout=remaining)
+            # completion callbacks run right after each result is set; give them a moment
+            time.sleep(0.0005)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
