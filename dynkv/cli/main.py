@@ -9,6 +9,7 @@ import typer
 from dynkv import __version__
 from dynkv.cli import config_cmd
 from dynkv.cli.group import DynkvGroup
+from dynkv.cli.model_cmd import model_app
 
 app = typer.Typer(
     cls=DynkvGroup,
@@ -40,6 +41,7 @@ def _root(
 
 app.command("config")(config_cmd.config)
 app.command("profiles")(config_cmd.profiles)
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:
