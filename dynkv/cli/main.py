@@ -9,6 +9,7 @@ import typer
 from dynkv import __version__
 from dynkv.cli import config_cmd, deploy_cmds, up_cmd
 from dynkv.cli.group import DynkvGroup
+from dynkv.cli.model_cmd import model_app
 
 app = typer.Typer(
     cls=DynkvGroup,
@@ -44,6 +45,7 @@ app.command("up")(up_cmd.up)
 app.command("down")(deploy_cmds.down)
 app.command("status")(deploy_cmds.status)
 app.command("logs")(deploy_cmds.logs)
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:
