@@ -40,7 +40,16 @@ class LogPrinter:
 
     def __call__(self, name: str, line: str) -> None:
         prefix = Text(f"{name:<{self.width}} | ", style=self.colour(name))
-        self.console.print(prefix + Text(line), markup=False, highlight=False)
+        self.console.print(prefix + Text(line), markup=False, highlight=False, soft_wrap=True)
+
+
+class _StateColumn(SpinnerColumn):
+    """A spinner while a service starts, ✓ once healthy, ✗ when it failed."""
+
+    def render(self, task):  # type: ignore[override]
+        if task.fields.get("failed"):
+            return Text("✗", style="red")
+        return super().render(task)
 
 
 class ProgressObserver(Observer):
@@ -49,7 +58,7 @@ class ProgressObserver(Observer):
 
     def __init__(self, console: Console = err) -> None:
         self.progress = Progress(
-            SpinnerColumn(finished_text="[green]✓[/green]"),
+            _StateColumn(finished_text="[green]✓[/green]"),
             TextColumn("[bold]{task.fields[name]:<8}[/bold]"),
             TimeElapsedColumn(),
             TextColumn("{task.fields[line]}", markup=False),
@@ -80,6 +89,10 @@ class ProgressObserver(Observer):
         self.progress.update(
             self.tasks[service.name], completed=1, line=f"healthy in {elapsed:.1f} s ({ports})"
         )
+
+    def failed(self, service: Service, reason: str) -> None:
+        task = self.tasks[service.name]
+        self.progress.update(task, completed=1, failed=True, line=f"FAILED: {reason}")
 
     def stopping(self, name: str) -> None:
         err.print(f"[dim]stopping {escape(name)}[/dim]")

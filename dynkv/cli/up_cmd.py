@@ -39,6 +39,7 @@ from dynkv.hardware import resolve_device
 from dynkv.infra.docker import DockerUnavailable
 from dynkv.plan import HostFacts, build_plan, choose_model
 from dynkv.preflight import preflight
+from dynkv.settings import SettingsError
 from dynkv.supervisor import AlreadyRunning, StartFailed, Supervisor, ensure_not_running
 from dynkv.supervisor.process import SpawnError
 
@@ -97,7 +98,7 @@ def up(
     )
     dep = resolved.deployment
     dev = resolve_device(str(dep.device))
-    choice = choose_model(dep.model, dev, generate=not dry_run)
+    choice = _model(dep.model, dev, dry_run=dry_run, quiet=json_out)
     plan = build_plan(resolved, HostFacts.detect(resolved, choice, device=dev))
 
     if dry_run:
@@ -136,6 +137,25 @@ def up(
             _report_detached(supervisor, json_out)
             return
         _foreground(supervisor)
+
+
+def _model(model: str | None, device: str, *, dry_run: bool, quiet: bool):
+    """The served model; generating the tiny one (first run only, a second or two) is announced."""
+    if not (model or dry_run or quiet):
+        err.print("[dim]no --model on CPU: using the generated tiny model (random weights)[/dim]")
+    try:
+        return choose_model(model, device, generate=not dry_run)
+    except SettingsError:
+        raise
+    except OSError as exc:
+        raise UserError(
+            f"the tiny model could not be written: {exc}",
+            "free some disk space or point XDG_CACHE_HOME at a writable directory, or pass --model",
+        ) from None
+    except Exception as exc:  # dynkv.model.ModelError carries its own cause and fix
+        if hasattr(exc, "cause") and hasattr(exc, "fix"):
+            raise UserError(exc.cause, exc.fix) from None
+        raise
 
 
 def _down_fix(name: str) -> str:

@@ -158,12 +158,28 @@ def tree_of(record: ServiceRecord, instance: str) -> list[psutil.Process]:
             for member in group_of(record.pgid):
                 procs.setdefault(member.pid, member)
     elif record.pgid:
-        # Leader gone: the group id may have been reused; keep only members marked as this run's.
+        # Leader gone: the group id may have been reused; keep the members marked as this run's,
+        # and their descendants (vLLM's engine processes rename themselves with setproctitle,
+        # which overwrites the environment that /proc shows, so they carry no readable marker).
         marked = {p.pid for p in marked_processes(instance)}
         for member in group_of(record.pgid):
             if member.pid in marked:
                 procs.setdefault(member.pid, member)
+        for proc in list(procs.values()):
+            for child in with_descendants([proc]):
+                procs.setdefault(child.pid, child)
     return list(procs.values())
+
+
+def with_descendants(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """`procs` and everything below them (the processes that are still running)."""
+    found: dict[int, psutil.Process] = {}
+    for proc in procs:
+        found.setdefault(proc.pid, proc)
+        with contextlib.suppress(psutil.Error):
+            for child in proc.children(recursive=True):
+                found.setdefault(child.pid, child)
+    return list(found.values())
 
 
 def terminate(procs: Iterable[psutil.Process], *, grace: float, pgids: Iterable[int] = ()) -> int:

@@ -42,6 +42,7 @@ from dynkv.supervisor.process import (
     spawn,
     stop_service,
     terminate,
+    with_descendants,
 )
 from dynkv.supervisor.state import CorruptState, DeploymentState, ServiceRecord, StateStore
 
@@ -72,6 +73,8 @@ class Observer:
     def waiting(self, service: Service, elapsed: float, last_line: str, detail: str) -> None: ...
 
     def healthy(self, service: Service, elapsed: float) -> None: ...
+
+    def failed(self, service: Service, reason: str) -> None: ...
 
     def stopping(self, name: str) -> None: ...
 
@@ -219,6 +222,7 @@ class Supervisor:
             elapsed = time.monotonic() - started
             code = self._exit_code(handle)
             if code is not None:
+                self.observer.failed(service, f"exited with code {code}")
                 raise StartFailed(
                     service.name, f"exited with code {code} during start-up", *self._tail(record)
                 )
@@ -227,6 +231,7 @@ class Supervisor:
                 self.observer.healthy(service, elapsed)
                 return
             if elapsed > timeout:
+                self.observer.failed(service, f"not healthy after {timeout:g} s")
                 raise StartFailed(
                     service.name,
                     f"was not healthy within {timeout:g} s (DYNKV_STARTUP_TIMEOUT_SECS): {detail}",
@@ -366,7 +371,7 @@ def _stop_state(
         else:
             report.killed += stop_service(record, instance=state.instance, grace=grace)
         report.stopped.append(record.name)
-    stragglers = marked_processes(state.instance)
+    stragglers = with_descendants(marked_processes(state.instance))
     if stragglers:
         report.stragglers = len(stragglers)
         report.killed += terminate(stragglers, grace=min(grace, 3.0))
@@ -427,7 +432,7 @@ def stop_deployment(
             )
         if warning:
             report.warnings.append(warning)
-        orphans = marked_processes(marker_prefix(deployment_dir))
+        orphans = with_descendants(marked_processes(marker_prefix(deployment_dir)))
         if orphans:
             report.found = True
             report.stragglers += len(orphans)

@@ -31,7 +31,7 @@ from dynkv.worker.registration import (
     worker_key,
 )
 
-POLL = 0.5
+POLL = 0.2
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -70,7 +70,7 @@ def main() -> int:
     if args.exit_after is not None:
         threading.Timer(args.exit_after, lambda: os._exit(args.exit_code)).start()
     print(f"fake_vllm: serving {args.served_model_name} on {args.port}", flush=True)
-    server.serve_forever()
+    server.serve_forever(poll_interval=0.1)
     print("fake_vllm: shut down", flush=True)
     return 0
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from dynkv.plan import HostFacts, ModelChoice, Plan, build_plan
 from dynkv.ports import free_port
 from dynkv.settings import resolve
-from dynkv.supervisor.process import marked_processes, same_process
+from dynkv.supervisor.process import group_of, marked_processes, same_process
 from dynkv.supervisor.runner import marker_prefix
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
@@ -44,6 +44,10 @@ def infra_plan(env: dict[str, str], **changes) -> Plan:
 
 
 def assert_nothing_left(pids: list[tuple[int, float]], deployment_dir: str | Path) -> None:
+    """No recorded process (pid + create_time), no member of their process groups, and no
+    process marked with the deployment's DYNKV_INSTANCE is left."""
     alive = [pid for pid, ct in pids if same_process(pid, ct) is not None]
     assert alive == [], f"processes still running: {alive}"
+    in_groups = [p.pid for pid, _ in pids for p in group_of(pid)]
+    assert in_groups == [], f"processes left in the services' groups: {in_groups}"
     assert marked_processes(marker_prefix(deployment_dir)) == []

@@ -160,7 +160,7 @@ def test_foreground_up_streams_logs_and_stops_everything_on_a_signal(deployment,
         assert state is not None and state.mode == "foreground"
         assert state.supervisor_pid == proc.pid
         assert invoke("status").exit_code == 0  # its probes make the fake log a line
-        time.sleep(1.0)
+        time.sleep(0.5)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
