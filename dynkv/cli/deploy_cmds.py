@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Group
 from rich.live import Live
 from rich.markup import escape
+from rich.text import Text
 
 from dynkv.cli.display import LogPrinter, QuietObserver, kvbm_lines, status_table
 from dynkv.cli.group import EXIT_FAILURE, UserError
@@ -114,9 +116,6 @@ def status(
     with Live(console=err, auto_refresh=False) as live:
         while True:
             rep = report()
-            from rich.console import Group
-            from rich.text import Text
-
             live.update(
                 Group(status_table(rep), *(Text(line) for line in kvbm_lines(rep))), refresh=True
             )

@@ -88,6 +88,37 @@ def test_up_detached_status_logs_down(deployment):
     unknown = invoke("logs", "nope")
     assert unknown.exit_code == 1 and "no service nope" in unknown.stderr
 
+    watch = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dynkv.cli.main",
+            "status",
+            "--watch",
+            "--json",
+            "--interval",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "dynkv.cli.main", "logs", "-f", "--tail", "0", "worker"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # each refresh is one line, flushed; the watch's probes make the fake vLLM log requests
+    docs = [json.loads(watch.stdout.readline()) for _ in range(2)]
+    followed = follow.stdout.readline()
+    for proc in (watch, follow):
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=10)
+        assert proc.returncode == 130
+    assert all(d["healthy"] and d["name"] == "cli" for d in docs)
+    assert followed.startswith("worker | fake_vllm:") and "GET /health" in followed
+
     again = invoke("up", "-d", "--model", str(model))
     assert again.exit_code == 1
     assert "already running" in again.stderr and "dynkv down --name cli" in again.stderr
