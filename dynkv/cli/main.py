@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from dynkv import __version__
-from dynkv.cli import config_cmd
+from dynkv.cli import config_cmd, doctor_cmd
 from dynkv.cli.group import DynkvGroup
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ def _root(
 
 app.command("config")(config_cmd.config)
 app.command("profiles")(config_cmd.profiles)
+app.command("doctor")(doctor_cmd.doctor)
 
 
 def main() -> None:
