@@ -189,3 +189,59 @@ def test_a_crashing_nvml_is_reported_and_the_run_goes_on(tmp_path):
 
 def test_no_gpu_with_device_cpu_asked_for_is_ok(tmp_path):
     assert run(base_env(tmp_path, DYNKV_DEVICE="cpu"))["gpu.nvml"].status is Status.OK
+
+
+def test_pynvml_wiring_against_a_stand_in_library(monkeypatch):
+    """PynvmlNvml's calls and their return shapes, with pynvml's own error classes (no GPU here:
+    the real library raises LibraryNotFound at nvmlInit, before any of this is reached)."""
+    import sys
+    import types
+
+    import pynvml as real
+
+    class Proc:
+        def __init__(self, pid, used):
+            self.pid, self.usedGpuMemory = pid, used
+
+    class Mem:
+        total, used = 141_000_000_000, 2_000_000_000
+
+    def mig_mode(handle):
+        if handle == 1:
+            raise real.NVMLError_NotSupported()
+        return (real.NVML_DEVICE_MIG_ENABLE, real.NVML_DEVICE_MIG_ENABLE)
+
+    fake = types.SimpleNamespace(
+        **{n: getattr(real, n) for n in dir(real) if n.startswith(("NVMLError", "NVML_"))},
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 2,
+        nvmlSystemGetDriverVersion=lambda: b"570.124.06",
+        nvmlSystemGetCudaDriverVersion=lambda: 12080,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetMemoryInfo=lambda h: Mem(),
+        nvmlDeviceGetCudaComputeCapability=lambda h: (9, 0),
+        nvmlDeviceGetMigMode=mig_mode,
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [Proc(42, 1 << 30), Proc(43, None)],
+        nvmlDeviceGetName=lambda h: "NVIDIA H200",
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    snap = PynvmlNvml().snapshot()
+    assert snap.driver_version == "570.124.06" and snap.cuda_version == (12, 8)
+    assert snap.driver_major == 570
+    first, second = snap.gpus
+    assert (first.name, first.compute_capability, first.mig_enabled) == (
+        "NVIDIA H200",
+        (9, 0),
+        True,
+    )
+    assert second.mig_enabled is None  # NotSupported: a GPU without MIG
+    assert [(p.pid, p.used_bytes) for p in first.processes] == [(42, 1 << 30), (43, None)]
+
+    def driver_not_loaded():
+        raise real.NVMLError_DriverNotLoaded()
+
+    monkeypatch.setattr(fake, "nvmlInit", driver_not_loaded)
+    with pytest.raises(NvmlUnavailable) as info:
+        PynvmlNvml().snapshot()
+    assert info.value.reason == "driver"
