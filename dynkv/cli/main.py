@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from dynkv import __version__
-from dynkv.cli import config_cmd
+from dynkv.cli import config_cmd, doctor_cmd
 from dynkv.cli.group import DynkvGroup
 from dynkv.cli.model_cmd import model_app
 
@@ -42,6 +42,7 @@ def _root(
 app.command("config")(config_cmd.config)
 app.command("profiles")(config_cmd.profiles)
 app.add_typer(model_app, name="model")
+app.command("doctor")(doctor_cmd.doctor)
 
 
 def main() -> None:

@@ -242,7 +242,8 @@ def test_torn_journal_tail_is_ignored(g1, disk_dir):
     journal = disk_dir / JOURNAL_FILE
     journal.write_bytes(journal.read_bytes()[:-20])  # the last record torn in half
     m = g3(disk_dir)
-    assert m.match(keys[:3]).blocks == 3 and m.match(keys[3:]).blocks == 0
+    # writes finish in any order: exactly the block journaled last is gone
+    assert sum(k in m.leader.disk for k in keys) == 3
     m.close()
 
 
