@@ -193,7 +193,13 @@ class BlockLeader:
                     continue
                 slot = self._reserve_host()
                 if slot < 0:
-                    self.metrics.offload_dropped.inc()
+                    # every G2 slot is busy (pinned by disk writes in flight): a block that has
+                    # earned its place on disk goes there directly rather than being dropped
+                    direct = self._direct_to_disk(key, block)
+                    if direct is None:
+                        self.metrics.offload_dropped.inc()
+                    else:
+                        stores.append(direct)
                     continue
                 self.host.publish(slot, key)
                 stores.append(StoreOp(key, block, host_slot=slot))
@@ -259,6 +265,17 @@ class BlockLeader:
         self.host.pin(host_slot)  # until every worker reports the write finished
         self._offload_acks[host_slot] += self.workers
         return [OffloadOp(key, host_slot, dslot)]
+
+    def _direct_to_disk(self, key: int, block: int) -> StoreOp | None:
+        if self.disk is None or key in self.disk:
+            return None
+        if self.filter is not None and self.filter.observe(key) < 2:
+            return None
+        dslot = self._reserve_disk()
+        if dslot < 0:
+            return None
+        self.disk.publish(dslot, key)
+        return StoreOp(key, block, disk_slot=dslot)
 
     def _pin_host(self, slot: int) -> None:
         assert self.host is not None

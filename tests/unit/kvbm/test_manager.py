@@ -296,13 +296,25 @@ def test_pinning_failure_falls_back_with_one_warning(g1, caplog):
     m.close()
 
 
+def test_busy_host_tier_sends_qualified_blocks_straight_to_disk(g1, disk_dir):
+    m = g2g3(disk_dir, host=2, disk=8, disable_disk_offload_filter=True)
+    keys = keys_for(5)
+    store(m, g1, keys)  # 2 via G2 (pinned while written), 3 directly G1→G3
+    m.flush()
+    assert m.stats()["disk_blocks_used"] == 5
+    failed, data = load(m, g1, keys)
+    assert failed == [] and data == [expected_bytes(k) for k in keys]
+    m.close()
+
+
 def test_full_pool_drops_instead_of_blocking(disk_dir):
-    m = g2g3(disk_dir, host=2, disk=4, disable_disk_offload_filter=True)
+    m = g2g3(disk_dir, host=2, disk=4)
     # both G2 slots get a disk write in flight: they stay pinned until the store reports back
-    stores, offloads = m.leader.plan_store(keys_for(2), [0, 1])
+    m.leader.plan_store(keys_for(2), [0, 1])  # first sighting: G2 only
+    stores, offloads = m.leader.plan_store(keys_for(2), [0, 1])  # second: earned disk
     m.leader.end_step()
-    assert len(stores) == 2 and len(offloads) == 2
-    stores, _ = m.leader.plan_store(keys_for(1, salt="z"), [5])
+    assert stores == [] and len(offloads) == 2
+    stores, _ = m.leader.plan_store(keys_for(1, salt="z"), [5])  # first sighting, G2 full
     assert stores == [] and m.metrics.offload_dropped._value.get() == 1
     # once the writes are reported done, the slots are evictable again
     from dynkv.kvbm.ops import StoreReport
