@@ -1,4 +1,4 @@
-"""Builders shared by the KVBM tests: a small layout, settings, and a fake-free device KV."""
+"""Builders shared by the KVBM tests: a small real G1 (torch CPU tensors), settings, keys."""
 
 from __future__ import annotations
 
@@ -8,33 +8,51 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dynkv.kvbm.config import KvbmSettings
+from dynkv.kvbm.device import DeviceKV
 from dynkv.kvbm.keys import BlockHasher
-from dynkv.kvbm.layout import BlockLayout
 
-LAYOUT = BlockLayout(
-    model="test-model", dtype="bfloat16", block_size=4, num_layers=2, bytes_per_layer_block=2048
-)
+BLOCK_SIZE = 4
+NUM_BLOCKS = 64
+
+
+class G1:
+    """vLLM-CPU-shaped KV tensors ([blocks, kv_heads, block_size, 2*head]) of 2 layers."""
+
+    def __init__(self, num_blocks: int = NUM_BLOCKS) -> None:
+        self.kv = {
+            f"model.layers.{i}.self_attn.attn": torch.zeros(
+                num_blocks, 2, BLOCK_SIZE, 128, dtype=torch.bfloat16
+            )
+            for i in range(2)
+        }
+        self.dev = DeviceKV(self.kv, num_blocks)
+
+    def put(self, block: int, key: int) -> None:
+        data = np.frombuffer(expected_bytes(key), dtype=np.uint8)
+        per_layer = len(data) // len(self.kv)
+        for i, t in enumerate(self.kv.values()):
+            t[block].view(torch.uint8).view(-1).copy_(
+                torch.from_numpy(data[i * per_layer : (i + 1) * per_layer].copy())
+            )
+
+    def get(self, block: int) -> bytes:
+        return self.dev.block_bytes(block)
+
+
+LAYOUT = G1().dev.layout("test-model", BLOCK_SIZE)
 
 
 def settings(**kw) -> KvbmSettings:
     return KvbmSettings.model_validate(kw)
 
 
-def keys_for(n_blocks: int, salt: str = "", layout: BlockLayout = LAYOUT, offset: int = 0):
-    hasher = BlockHasher(layout.fingerprint(), layout.block_size)
-    tokens = list(range(offset, offset + n_blocks * layout.block_size))
+def keys_for(n_blocks: int, salt: str = "", offset: int = 0):
+    hasher = BlockHasher(LAYOUT.fingerprint(), LAYOUT.block_size)
+    tokens = list(range(offset, offset + n_blocks * LAYOUT.block_size))
     return hasher.keys(tokens, extra=[salt] if salt else [])
-
-
-def fill_rows(array: np.ndarray, rows, keys) -> None:
-    """Deterministic content per key, so a wrong block is detectable."""
-    for row, key in zip(rows, keys, strict=True):
-        rng = np.random.default_rng(key & 0xFFFFFFFF)
-        array[row, : LAYOUT.bytes_per_block] = rng.integers(
-            0, 256, LAYOUT.bytes_per_block, np.uint8
-        )
 
 
 def expected_bytes(key: int) -> bytes:
@@ -42,21 +60,21 @@ def expected_bytes(key: int) -> bytes:
     return rng.integers(0, 256, LAYOUT.bytes_per_block, np.uint8).tobytes()
 
 
-def store(manager, keys) -> list[int]:
-    plan = manager.start_store(keys)
-    fill_rows(plan.array, plan.rows, plan.keys)
-    manager.commit_store(plan)
-    return plan.keys
+def store(manager, g1: G1, keys, first_block: int = 0) -> int:
+    blocks = list(range(first_block, first_block + len(keys)))
+    for block, key in zip(blocks, keys, strict=True):
+        g1.put(block, key)
+    return manager.save(keys, g1.dev, blocks)
 
 
-def load(manager, keys):
-    result = manager.start_load(keys).wait()
-    data = [
-        bytes(result.array[row, : LAYOUT.bytes_per_block]) if ok else None
-        for row, ok in zip(result.rows, result.ok, strict=True)
-    ]
-    manager.finish_load(result)
-    return result, data
+def load(manager, g1: G1, keys, first_block: int = 32):
+    blocks = list(range(first_block, first_block + len(keys)))
+    for b in blocks:  # make stale content visible
+        for t in g1.kv.values():
+            t[b].zero_()
+    failed = manager.load(keys, g1.dev, blocks)
+    data = [None if b in failed else g1.get(b) for b in blocks]
+    return failed, data
 
 
 @contextlib.contextmanager

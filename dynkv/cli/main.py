@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from dynkv import __version__
-from dynkv.cli import config_cmd, deploy_cmds, up_cmd
+from dynkv.cli import config_cmd, deploy_cmds, doctor_cmd, up_cmd
 from dynkv.cli.group import DynkvGroup
 from dynkv.cli.model_cmd import model_app
 
@@ -46,6 +46,7 @@ app.command("down")(deploy_cmds.down)
 app.command("status")(deploy_cmds.status)
 app.command("logs")(deploy_cmds.logs)
 app.add_typer(model_app, name="model")
+app.command("doctor")(doctor_cmd.doctor)
 
 
 def main() -> None:

@@ -62,10 +62,12 @@ class DeviceKV:
         for name, tensor in kv_caches.items():
             block_dim = _block_dim(tensor, num_blocks, name)
             as_bytes = tensor.view(torch.uint8) if tensor.dtype != torch.uint8 else tensor
-            moved = as_bytes.movedim(block_dim, 0)
-            nbytes = moved[0].numel()
-            layers.append(_Layer(moved, offset, nbytes))
-            shapes.add(tuple(moved.shape[1:]))
+            blocks = _dense_pages(as_bytes) if block_dim == 0 else None
+            if blocks is None:  # pages not dense in memory: copy the logical block instead
+                blocks = as_bytes.movedim(block_dim, 0)
+            nbytes = blocks[0].numel()
+            layers.append(_Layer(blocks, offset, nbytes))
+            shapes.add(tuple(as_bytes.movedim(block_dim, 0).shape[1:]))
             offset += nbytes
         self.layers = layers
         self.bytes_per_block = offset
@@ -154,6 +156,22 @@ class DeviceKV:
             layer.blocks[block_id].contiguous().cpu().numpy().tobytes() for layer in self.layers
         ]
         return b"".join(parts)
+
+
+def _dense_pages(t: torch.Tensor) -> torch.Tensor | None:
+    """`[num_blocks, page_bytes]` over the same memory when each block's bytes form one dense run
+    (vLLM's CPU layout, and FlashAttention's default on CUDA whose heads/tokens are permuted only
+    inside the page): copies then move raw pages, never transposing them."""
+    sizes, strides = t.shape[1:], t.stride()[1:]
+    numel = 1
+    span = 1
+    for size, stride in zip(sizes, strides, strict=True):
+        numel *= size
+        span += (size - 1) * stride
+    if span != numel or any(st < 0 for st in strides):
+        return None
+    # with non-negative strides a page starts at its block's first byte
+    return t.as_strided((t.shape[0], numel), (t.stride(0), 1), t.storage_offset())
 
 
 def _block_dim(tensor: torch.Tensor, num_blocks: int, name: str) -> int:

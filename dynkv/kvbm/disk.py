@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 from dynkv.kvbm.diskio import fallocate, fallocate_unsupported, zero_fill
@@ -156,9 +157,17 @@ class DiskPool:
         os.fsync(self._fd)
 
     # ---- I/O -----------------------------------------------------------------------------------
-    def write(self, slot: int, buf) -> Future:
-        """Write one slot (`buf`: a C-contiguous, aligned buffer of `stride` bytes)."""
-        return self._pool.submit(self._write, slot, buf)
+    def write(self, slot: int, buf, after: Future | None = None) -> Future:
+        """Write one slot (`buf`: a C-contiguous, aligned buffer of `stride` bytes), once `after`
+        (an earlier write to the same slot) has finished, so writes to a slot land in order."""
+        if after is None:
+            return self._pool.submit(self._write, slot, buf)
+
+        def chained() -> None:
+            futures_wait([after])
+            self._write(slot, buf)
+
+        return self._pool.submit(chained)
 
     def read(self, slot: int, buf) -> Future:
         """Read one slot into `buf` (C-contiguous, aligned, `stride` bytes)."""

@@ -55,7 +55,12 @@ class Journal:
         self._rewrite(entries)
         return entries
 
-    def _replay(self) -> list[Entry]:
+    def read(self) -> list[Entry]:
+        """Live entries, oldest first, without touching the file (the leader's view at start-up;
+        the store, which owns the file, has already replayed and compacted it)."""
+        return self._replay(quiet=True)
+
+    def _replay(self, quiet: bool = False) -> list[Entry]:
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
@@ -68,6 +73,8 @@ class Journal:
             else:
                 reason = "another pool geometry or format"
             live = self._count_live(data)
+            if quiet:
+                return []
             log.warning(
                 "KVBM: disk cache %s was written for %s; discarding its %d blocks",
                 self.path.parent,

@@ -28,7 +28,13 @@ def flash_layout(nb=16, layers=3):
     return {f"l{i}": torch.randn(2, nb, 32, 2, 64).half() for i in range(layers)}
 
 
-@pytest.mark.parametrize("make", [cpu_layout, flash_layout])
+def lbnhc_layout(nb=16, layers=3):
+    """vLLM's default CUDA layout: logical [B, H, N, C], physically [B, N, H, C]."""
+    torch.manual_seed(2)
+    return {f"l{i}": torch.randn(nb, 32, 2, 128).half().permute(0, 2, 1, 3) for i in range(layers)}
+
+
+@pytest.mark.parametrize("make", [cpu_layout, flash_layout, lbnhc_layout])
 @pytest.mark.parametrize(
     "src, rows",
     [
@@ -58,6 +64,15 @@ def test_layout_describes_the_device_tensors():
     assert layout.bytes_per_layer_block == 2 * 32 * 128 * 2
     assert layout.dtype == "bfloat16" and "block_dim=[0]" in layout.device_layout
     assert DeviceKV(flash_layout(), 16).block_dims == [1]
+
+
+def test_permuted_pages_are_copied_raw():
+    kv = lbnhc_layout(layers=1)
+    dev = DeviceKV(kv, 16)
+    (tensor,) = kv.values()
+    # the host row holds the page exactly as it sits in memory (no transposition)
+    page = tensor.permute(0, 2, 1, 3)[3].contiguous().view(torch.uint8).numpy().tobytes()
+    assert dev.block_bytes(3) == page
 
 
 def test_tensor_without_block_dimension_is_rejected():

@@ -1,0 +1,124 @@
+"""Host memory: will the host tier (and, on CPU, G1 and the weights) fit in RAM; can G2 be pinned;
+is /dev/shm big enough for vLLM's processes and the disagg handoff."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+
+import psutil
+
+from dynkv.doctor.context import DoctorContext
+from dynkv.doctor.result import Check, Outcome, fail, gb, ok, warn
+from dynkv.settings.deployment import Topology
+
+# vLLM's --gpu-memory-utilization default; on the CPU backend it is the fraction of *total* RAM
+# each worker reserves when no KV size is given (vllm/v1/worker/cpu_worker.py, vLLM 0.32).
+VLLM_MEMORY_UTILIZATION = 0.92
+GiB = 1 << 30
+SHM_MIN_BYTES = 1_000_000_000
+SHM_FIX = (
+    "docker run --shm-size=8g … (or --ipc=host); on a host: sudo mount -o remount,size=8G /dev/shm"
+)
+
+
+def _cpu_g1(ctx: DoctorContext, total: int) -> tuple[int, str, bool]:
+    """RAM one CPU worker takes for G1 (+ weights): bytes, how it was sized, and whether it is
+    vLLM's whole-RAM default reservation."""
+    weights = ctx.model.weights_bytes or 0
+    plus = f" + weights {gb(weights)}" if weights else ""
+    if ctx.deployment.device_kv_gb:
+        kv = int(ctx.deployment.device_kv_gb * 1e9)
+        return kv + weights, f"G1 {gb(kv)}{plus}", False
+    space = ctx.env.get("VLLM_CPU_KVCACHE_SPACE", "")
+    if space.strip().isdigit() and int(space) > 0:
+        kv = int(space) * GiB
+        return kv + weights, f"G1 {gb(kv)} (VLLM_CPU_KVCACHE_SPACE){plus}", False
+    reserve = math.ceil(total * VLLM_MEMORY_UTILIZATION)
+    return (
+        reserve,
+        f"vLLM's default reservation {VLLM_MEMORY_UTILIZATION:.0%} of RAM {gb(reserve)}",
+        True,
+    )
+
+
+def ram(ctx: DoctorContext) -> Outcome:
+    vm = psutil.virtual_memory()
+    available, total, n = vm.available, vm.total, ctx.workers
+    parts: list[str] = []
+    need = 0
+    g2 = ctx.host_tier_bytes()
+    if g2 is None:
+        parts.append("G2 size in bytes unknown (sized in blocks, model shape unknown)")
+    elif g2:
+        need += g2 * n
+        parts.append(f"G2 {gb(g2)}")
+    default_reserve = False
+    if ctx.device == "cpu":
+        g1, how, default_reserve = _cpu_g1(ctx, total)
+        need += g1 * n
+        parts.append(how)
+    per = f" × {n} workers" if n > 1 else ""
+    detail = f"needs {gb(need)} ({' + '.join(parts)}){per} of {gb(available)} available"
+    if default_reserve:
+        fix = "export DYNKV_DEVICE_KV_GB=1   # size G1 explicitly; vLLM then reserves only that"
+    else:
+        room = available * 0.8 - (need - (g2 or 0) * n)
+        fit = max(0.1, math.floor(room / max(n, 1) / 1e8) / 10)
+        fix = f"export DYN_KVBM_CPU_CACHE_GB={fit:g}   # a host tier that fits, or free memory"
+    if need > available:
+        why = (
+            " (with no G1 size, vLLM on CPU reserves 92% of RAM per worker)"
+            if default_reserve
+            else ""
+        )
+        return fail(detail + why, fix)
+    if need > 0.9 * available:
+        return warn(detail + ": less than 10% headroom", fix)
+    return ok(detail)
+
+
+def memlock(ctx: DoctorContext) -> Outcome | None:
+    if ctx.device != "cuda":
+        return None  # no CUDA: G2 is ordinary pageable memory, nothing is pinned
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        return ok("memlock unlimited: G2 can be pinned")
+    g2 = ctx.host_tier_bytes()
+    shown = f"{soft // 1024:,} KiB" if soft < 1 << 30 else gb(soft)
+    if g2 is not None and soft >= g2:
+        return ok(f"memlock {shown} ≥ G2 {gb(g2)}")
+    return warn(
+        f"memlock limit (ulimit -l) is {shown}: pinning G2 may fail and fall back to pageable "
+        "memory (slower GPU copies)",
+        "ulimit -l unlimited   # in docker: --ulimit memlock=-1",
+    )
+
+
+def shm(ctx: DoctorContext) -> Outcome:
+    path = "/dev/shm"
+    disagg = ctx.deployment.topology == Topology.DISAGG
+    if not os.path.isdir(path):
+        detail = f"{path} does not exist: vLLM's worker processes and the disagg handoff use it"
+        return (fail if disagg else warn)(detail, SHM_FIX)
+    usage = shutil.disk_usage(path)
+    need = SHM_MIN_BYTES
+    why = "vLLM's worker processes exchange data through it"
+    if disagg:
+        why = "the disagg prefill → decode handoff stages KV there"
+        kvbpt, max_len = ctx.kv_bytes_per_token, ctx.deployment.max_model_len
+        if kvbpt and max_len:
+            need = max(need, 2 * kvbpt * max_len)  # two requests of the longest length in flight
+    detail = f"{path}: {gb(usage.free)} free of {gb(usage.total)}"
+    if usage.free < need:
+        return warn(f"{detail}, below {gb(need)}: {why}", SHM_FIX)
+    return ok(detail)
+
+
+CHECKS = [
+    Check("memory.ram", "RAM for the host tier", ram),
+    Check("memory.memlock", "pinned memory limit", memlock),
+    Check("memory.shm", "shared memory (/dev/shm)", shm),
+]

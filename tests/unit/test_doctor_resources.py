@@ -1,0 +1,254 @@
+"""Memory, tier sizing, settings and model checks, on this machine's real RAM and files."""
+
+from __future__ import annotations
+
+import json
+import resource
+
+import psutil
+import pytest
+from doctor_support import base_env, cuda_build, gpus, run
+
+from dynkv.doctor import Status
+from dynkv.doctor.model import doctor_kv_bytes_per_token, hf_snapshot, locate_model
+
+# DESIGN §6 model: hidden 768, 12 layers, 12 heads, 3 KV heads, bf16 → 9,216 bytes per token.
+BENCH = {
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 3,
+    "hidden_size": 768,
+    "torch_dtype": "bfloat16",
+}
+
+
+def write_model(path, config=BENCH, weights=1_000_000):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").write_bytes(b"\0" * weights)
+    return path
+
+
+# --- KV arithmetic ------------------------------------------------------------------------------
+def test_kv_bytes_per_token_matches_the_reference_model():
+    assert doctor_kv_bytes_per_token(BENCH) == 9_216
+
+
+def test_kv_bytes_per_token_variants():
+    assert doctor_kv_bytes_per_token({**BENCH, "head_dim": 128}) == 2 * 12 * 3 * 128 * 2
+    assert doctor_kv_bytes_per_token({**BENCH, "torch_dtype": "float32"}) == 18_432
+    assert doctor_kv_bytes_per_token({"text_config": BENCH}) == 9_216
+    del_kv = {k: v for k, v in BENCH.items() if k != "num_key_value_heads"}
+    assert doctor_kv_bytes_per_token(del_kv) == 2 * 12 * 12 * 64 * 2  # MHA
+    mla = {
+        "num_hidden_layers": 61,
+        "kv_lora_rank": 512,
+        "qk_rope_head_dim": 64,
+        "torch_dtype": "bfloat16",
+    }
+    assert doctor_kv_bytes_per_token(mla) == 61 * 576 * 2
+
+
+def test_tier_blocks_are_computed_from_the_model(tmp_path):
+    model = write_model(tmp_path / "m")
+    res = run(
+        base_env(
+            tmp_path, DYNKV_MODEL=str(model), DYN_KVBM_CPU_CACHE_GB="4", DYN_KVBM_DISK_CACHE_GB="8"
+        )
+    )
+    detail = res["tiers.blocks"].detail
+    bpb = 32 * 9_216
+    assert f"{bpb:,} B per block" in detail
+    assert f"G2 4 GB = {int(4e9 // bpb):,} blocks" in detail
+    assert f"G3 8 GB = {int(8e9 // bpb):,} blocks" in detail
+    assert f"= {int(0.5e9 // bpb):,} blocks" in detail  # G1 from DYNKV_DEVICE_KV_GB
+
+
+def test_block_override_wins(tmp_path):
+    model = write_model(tmp_path / "m")
+    env = base_env(tmp_path, DYNKV_MODEL=str(model), DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="1000")
+    assert "G2 1,000 blocks (override) = 1,000 blocks" in run(env)["tiers.blocks"].detail
+
+
+def test_unknown_model_shape_is_said_not_guessed(tmp_path):
+    res = run(base_env(tmp_path, DYNKV_MODEL="org/not-cached"))
+    assert res["tiers.blocks"].status is Status.OK
+    assert "block counts unknown" in res["tiers.blocks"].detail
+
+
+def test_no_tier_at_all_fails(tmp_path):
+    env = base_env(tmp_path, DYN_KVBM_CPU_CACHE_GB="0", DYN_KVBM_DISK_CACHE_GB="0")
+    check = run(env)["tiers.blocks"]
+    assert check.status is Status.FAIL and "DYN_KVBM_CPU_CACHE_GB" in check.fix
+
+
+def test_device_kv_default_is_named(tmp_path):
+    env = base_env(tmp_path)
+    del env["DYNKV_DEVICE_KV_GB"]
+    assert "vLLM's default" in run(env)["tiers.blocks"].detail
+
+
+def test_smaller_lower_tiers_warn(tmp_path):
+    env = base_env(
+        tmp_path, DYNKV_DEVICE_KV_GB="2", DYN_KVBM_CPU_CACHE_GB="1", DYN_KVBM_DISK_CACHE_GB="0.5"
+    )
+    check = run(env)["tiers.order"]
+    assert check.status is Status.WARN
+    assert "G2 (1.0 GB) is smaller than G1 (2.0 GB)" in check.detail
+    assert "G3 (0.5 GB) is smaller than G2 (1.0 GB)" in check.detail
+    assert check.fix == "export DYN_KVBM_CPU_CACHE_GB=2 && export DYN_KVBM_DISK_CACHE_GB=1"
+    ok = run(base_env(tmp_path))["tiers.order"]
+    assert ok.status is Status.OK and "G1 0.5 GB ≤ G2 1.0 GB ≤ G3 2.0 GB" in ok.detail
+
+
+# --- memory ------------------------------------------------------------------------------------
+def test_host_tier_that_fits(tmp_path):
+    assert run(base_env(tmp_path))["memory.ram"].status is Status.OK
+
+
+def test_host_tier_bigger_than_ram_fails_with_a_size_that_fits(tmp_path):
+    too_big = psutil.virtual_memory().total / 1e9 * 2
+    env = base_env(tmp_path, DYN_KVBM_CPU_CACHE_GB=f"{too_big:.0f}", DYNKV_TOPOLOGY="disagg")
+    check = run(env)["memory.ram"]
+    assert check.status is Status.FAIL
+    assert "× 2 workers" in check.detail
+    fit = float(check.fix.split("=")[1].split()[0])
+    assert 0 < fit * 2 < psutil.virtual_memory().available / 1e9
+
+
+def test_cpu_default_g1_reserves_most_of_ram(tmp_path):
+    # vLLM reserves 92% of *total* RAM per CPU worker; a G2 of 10% of RAM cannot fit beside it.
+    g2 = psutil.virtual_memory().total * 0.1 / 1e9
+    env = base_env(tmp_path, DYN_KVBM_CPU_CACHE_GB=f"{g2:.1f}")
+    del env["DYNKV_DEVICE_KV_GB"]
+    check = run(env)["memory.ram"]
+    assert check.status is Status.FAIL
+    assert "92% of RAM" in check.detail
+    assert check.fix.startswith("export DYNKV_DEVICE_KV_GB=")
+
+
+def test_memlock_only_matters_with_a_gpu(tmp_path):
+    assert "memory.memlock" not in run(base_env(tmp_path))
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        pytest.skip("memlock is already unlimited here")
+    check = run(base_env(tmp_path), nvml=gpus(1), build=cuda_build())["memory.memlock"]
+    assert check.status is Status.WARN
+    assert check.fix.startswith("ulimit -l unlimited") and "--ulimit memlock=-1" in check.fix
+    # A host tier within the limit can be pinned.
+    small = base_env(tmp_path, DYN_KVBM_CPU_CACHE_GB=f"{soft * 0.9 / 1e9:.6f}")
+    check = run(small, nvml=gpus(1), build=cuda_build())["memory.memlock"]
+    assert check.status is Status.OK, check
+    try:  # raising the hard limit needs CAP_SYS_RESOURCE, which a container may not grant
+        resource.setrlimit(
+            resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        )
+    except (ValueError, OSError):
+        return
+    try:
+        check = run(base_env(tmp_path), nvml=gpus(1), build=cuda_build())["memory.memlock"]
+        assert check.status is Status.OK and "unlimited" in check.detail
+    finally:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
+
+
+def test_shm_is_reported(tmp_path):
+    check = run(base_env(tmp_path, DYNKV_TOPOLOGY="disagg"))["memory.shm"]
+    assert check.status in (Status.OK, Status.WARN) and "/dev/shm" in check.detail
+
+
+# --- settings ----------------------------------------------------------------------------------
+def test_unknown_kvbm_variable_is_a_warning_with_the_name(tmp_path):
+    check = run(base_env(tmp_path, DYN_KVBM_CPU_CACHE_G="1"))["settings.variables"]
+    assert check.status is Status.WARN
+    assert "did you mean DYN_KVBM_CPU_CACHE_GB?" in check.detail
+    assert check.fix.startswith("unset DYN_KVBM_CPU_CACHE_G ")
+
+
+def test_experimental_profile_warns(tmp_path):
+    env = base_env(tmp_path)
+    del env["DYN_KVBM_CPU_CACHE_GB"]
+    check = run(env, profile="gpu-disk")["settings.profile"]
+    assert check.status is Status.WARN and "experimental" in check.detail
+
+
+def test_odd_block_size_on_cpu_warns(tmp_path):
+    assert (
+        run(base_env(tmp_path, DYNKV_BLOCK_SIZE="16"))["settings.block_size"].status is Status.WARN
+    )
+
+
+# --- model -------------------------------------------------------------------------------------
+def test_local_model_directory(tmp_path):
+    model = write_model(tmp_path / "m")
+    check = run(base_env(tmp_path, DYNKV_MODEL=str(model)))["model.source"]
+    assert check.status is Status.OK and "local directory" in check.detail
+
+
+def test_model_path_without_config_fails(tmp_path):
+    (tmp_path / "empty").mkdir()
+    check = run(base_env(tmp_path, DYNKV_MODEL=str(tmp_path / "empty")))["model.source"]
+    assert check.status is Status.FAIL and "config.json" in check.detail
+
+
+def test_model_in_the_hf_cache_is_found_offline(tmp_path):
+    env = base_env(tmp_path, DYNKV_MODEL="org/name")
+    repo = tmp_path / "hf" / "hub" / "models--org--name"
+    write_model(repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert hf_snapshot("org/name", tmp_path / "hf" / "hub") == repo / "snapshots" / "abc123"
+    res = run(env)
+    assert (
+        res["model.source"].status is Status.OK
+        and "Hugging Face cache" in res["model.source"].detail
+    )
+    assert f"{32 * 9216:,} B per block" in res["tiers.blocks"].detail
+
+
+def test_uncached_model_warns_and_fails_offline(tmp_path):
+    env = base_env(tmp_path, DYNKV_MODEL="org/absent")
+    check = run(env)["model.source"]
+    assert check.status is Status.WARN and check.fix == "hf download org/absent"
+    offline = run({**env, "HF_HUB_OFFLINE": "1"})["model.source"]
+    assert offline.status is Status.FAIL and "HF_HUB_OFFLINE" in offline.detail
+
+
+def test_no_model_on_cpu_means_the_generated_one(tmp_path):
+    res = run(base_env(tmp_path))
+    assert res["model.source"].status is Status.OK and "generated" in res["model.source"].detail
+    on_gpu = run(base_env(tmp_path), nvml=gpus(1), build=cuda_build())
+    assert on_gpu["model.source"].status is Status.WARN
+
+
+def test_generated_model_already_present_gives_block_counts(tmp_path):
+    env = base_env(tmp_path)
+    write_model(tmp_path / "cache" / "dynkv" / "models" / "tiny")
+    assert locate_model(None, env).config == BENCH
+    assert "blocks" in run(env)["tiers.blocks"].detail
+
+
+def test_hf_token_is_reported_but_never_shown(tmp_path):
+    secret = "hf_SeCrEtVaLuE1234567890"
+    res = run(base_env(tmp_path, HF_TOKEN=secret, DYNKV_MODEL="org/absent"))
+    assert (
+        res["model.hf_token"].status is Status.OK
+        and "HF_TOKEN is set" in res["model.hf_token"].detail
+    )
+    for r in res.values():
+        for text in (r.detail, r.fix or ""):
+            assert secret not in text and secret[:8] not in text and secret[-6:] not in text
+
+
+def test_missing_hf_token_warns_for_a_hub_download(tmp_path):
+    check = run(base_env(tmp_path, DYNKV_MODEL="org/absent"))["model.hf_token"]
+    assert check.status is Status.WARN and "HF_TOKEN" in check.fix
+
+
+def test_weights_of_a_local_model_count_on_cpu(tmp_path):
+    model = write_model(tmp_path / "m", weights=3_000_000)
+    env = base_env(tmp_path, DYNKV_MODEL=str(model), DYNKV_TOPOLOGY="disagg")
+    detail = run(env)["memory.ram"].detail
+    assert "G1 0.5 GB + weights 3.0 MB" in detail and "× 2 workers" in detail
+    # 2 × (G2 1 GB + G1 0.5 GB + 3 MB)
+    assert "needs 3.0 GB" in detail
