@@ -1,0 +1,2 @@
+"""Benchmarks: tier throughput, offload TTFT in vLLM, and serving workloads. Not tests: they
+report ratios measured side by side in one run."""
