@@ -8,6 +8,7 @@ import typer
 
 from dynkv import __version__
 from dynkv.cli import config_cmd
+from dynkv.cli.bench_cmd import bench_app
 from dynkv.cli.group import DynkvGroup
 from dynkv.cli.model_cmd import model_app
 
@@ -42,6 +43,7 @@ def _root(
 app.command("config")(config_cmd.config)
 app.command("profiles")(config_cmd.profiles)
 app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:
