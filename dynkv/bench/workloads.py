@@ -173,7 +173,7 @@ def multi_turn(
     rounds: int = 4,
     system_tokens: int = 512,
     question_tokens: int = 64,
-    answer_tokens: int = 64,
+    answer_tokens: int = 32,
     seed: int = 0,
     count: TokenCounter | None = None,
 ) -> Workload:
@@ -279,6 +279,23 @@ def long_doc(
         "seed": seed,
     }
     return Workload("long-doc", tuple(requests), params)
+
+
+def check_name(name: str) -> None:
+    if name not in WORKLOADS:
+        raise WorkloadError(
+            f"unknown workload {name!r}", f"use --workload with one of: {', '.join(WORKLOADS)}"
+        )
+
+
+def build(
+    name: str, seed: int = 0, count: TokenCounter | None = None, **params: int | str | None
+) -> Workload:
+    """The workload `name` with `params` (None means the builder's default), as the CLI asks."""
+    check_name(name)
+    builders = {"multi-turn": multi_turn, "long-doc": long_doc}
+    chosen = {key: value for key, value in params.items() if value is not None}
+    return builders[name](seed=seed, count=count, **chosen)  # type: ignore[arg-type]
 
 
 def warmup(n: int, tokens: int = 32, max_tokens: int = 4, seed: int = 0) -> Workload:

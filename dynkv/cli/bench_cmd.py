@@ -34,7 +34,11 @@ _ONLY = {
     "multi-turn": ("--users", "--rounds", "--system-tokens", "--question-tokens"),
     "long-doc": ("--docs", "--doc-tokens", "--repeats", "--mode"),
 }
-_DEFAULT_ANSWER_TOKENS = {"multi-turn": 32, "long-doc": 1}
+
+
+def _params(given: dict[str, Any]) -> dict[str, Any]:
+    """--doc-tokens → doc_tokens: the builders' keyword names."""
+    return {flag[2:].replace("-", "_"): value for flag, value in given.items()}
 
 
 def _usage(cause: str, fix: str) -> UserError:
@@ -63,11 +67,10 @@ def _check_flags(
     rate: float | None,
     warmup: int,
 ) -> None:
-    if workload not in workloads.WORKLOADS:
-        raise _usage(
-            f"unknown workload {workload!r}",
-            f"use --workload with one of: {', '.join(workloads.WORKLOADS)}",
-        )
+    try:
+        workloads.check_name(workload)
+    except workloads.WorkloadError as exc:
+        raise _usage(exc.cause, exc.fix) from None
     for other, flags in _ONLY.items():
         if other == workload:
             continue
@@ -230,19 +233,10 @@ def serve(
     if concurrency is None and rate is None:
         concurrency = 1
 
-    answers = answer_tokens or _DEFAULT_ANSWER_TOKENS[workload]
     try:
         count = workloads.tokenizer_counter(tokenizer) if tokenizer else None
-        if workload == "multi-turn":
-            params = {"users": users, "rounds": rounds, "system_tokens": system_tokens}
-            params["question_tokens"] = question_tokens
-            chosen = {k: v for k, v in params.items() if v is not None}
-            work = workloads.multi_turn(**chosen, answer_tokens=answers, seed=seed, count=count)
-        else:
-            params = {"docs": docs, "doc_tokens": doc_tokens, "repeats": repeats, "mode": mode}
-            chosen = {k: v for k, v in params.items() if v is not None}
-            work = workloads.long_doc(**chosen, answer_tokens=answers, seed=seed, count=count)
-        warm = workloads.warmup(warmup, max_tokens=min(answers, 8), seed=seed)
+        work = workloads.build(workload, seed, count, answer_tokens=answer_tokens, **_params(given))
+        warm = workloads.warmup(warmup, seed=seed)
     except workloads.WorkloadError as exc:
         raise _usage(exc.cause, exc.fix) from None
 
@@ -252,7 +246,7 @@ def serve(
         raise UserError(
             f"cannot list the models at {url}/v1/models: {type(exc).__name__}: {exc}",
             "start the server (dynkv up), or pass --url of a running OpenAI-compatible "
-            "server; --model NAME skips the lookup",
+            "server (and --api-key if it requires one); --model NAME skips the lookup",
             EXIT_FAILURE,
         ) from None
 

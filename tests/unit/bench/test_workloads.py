@@ -125,6 +125,15 @@ def test_long_doc_rounds_and_dependencies_follow_the_order():
     assert work.params["mode"] == "tile"
 
 
+def test_build_by_name_uses_defaults_for_none():
+    assert w.build("long-doc", seed=2, docs=2, doc_tokens=None, mode=None) == w.long_doc(
+        docs=2, seed=2
+    )
+    assert w.build("multi-turn", users=1, answer_tokens=None) == w.multi_turn(users=1)
+    with pytest.raises(w.WorkloadError, match="unknown workload 'chatty'"):
+        w.build("chatty")
+
+
 def test_warmup_shares_no_text_with_the_workload():
     warm = w.warmup(3, seed=0)
     work = w.multi_turn(users=2, rounds=1, system_tokens=32, question_tokens=32, seed=0)
