@@ -131,7 +131,8 @@ async def stream_request(
                 else:
                     result.itl.append(now - last)
                 last = now
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except (httpx.HTTPError, ValueError, TypeError, AttributeError) as exc:
+        # Transport failures and malformed chunks end this request, not the benchmark.
         result.error = f"{type(exc).__name__}: {exc}".rstrip(": ")
         return result
     result.latency = time.perf_counter() - sent

@@ -179,3 +179,22 @@ def test_rate_paces_the_requests():
     for res, release in zip(result.results, releases, strict=True):
         assert res.start >= release - 0.005
     assert server.max_in_flight >= 1
+
+
+@pytest.mark.parametrize(
+    ("lines", "error"),
+    [
+        (b'data: {"error": {"message": "oom"}}\n\n', "stream error: {'message': 'oom'}"),
+        (b"data: 123\n\n", "TypeError"),
+        (b"data: {not json\n\n", "JSONDecodeError"),
+        (b"data: [DONE]\n\n", "the stream ended without any output token"),
+    ],
+)
+def test_bad_streams_are_that_requests_error(lines, error):
+    def handler(request):
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=lines)
+
+    work = workloads.long_doc(docs=1, doc_tokens=8, repeats=1)
+    transport = httpx.MockTransport(handler)
+    (result,) = asyncio.run(runner.run_async(work, options(), transport=transport)).results
+    assert not result.ok and result.error.startswith(error)
