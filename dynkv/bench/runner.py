@@ -65,10 +65,14 @@ def arrival_times(n: int, rate: float | None, seed: int = 0) -> list[float]:
     return out
 
 
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def make_client(
     options: RunOptions, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+    headers = _auth(options.api_key)
     # Enough connections for the cap; read timeout is per chunk, so a slow prefill is allowed
     # up to timeout_s before its first token.
     limits = httpx.Limits(max_connections=options.concurrency or 1000, max_keepalive_connections=64)
@@ -162,7 +166,6 @@ def run(
 
 def discover_model(url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
     """The first model the server lists at GET /v1/models (raises httpx errors, KeyError)."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=timeout_s)
+    response = httpx.get(f"{url.rstrip('/')}/v1/models", headers=_auth(api_key), timeout=timeout_s)
     response.raise_for_status()
     return response.json()["data"][0]["id"]
