@@ -198,3 +198,16 @@ def test_bad_streams_are_that_requests_error(lines, error):
     transport = httpx.MockTransport(handler)
     (result,) = asyncio.run(runner.run_async(work, options(), transport=transport)).results
     assert not result.ok and result.error.startswith(error)
+
+
+def test_api_key_is_sent_as_a_bearer_token():
+    seen = []
+
+    def handler(request):
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(500, json={"message": "no"})
+
+    work = workloads.long_doc(docs=1, doc_tokens=8, repeats=1)
+    transport = httpx.MockTransport(handler)
+    asyncio.run(runner.run_async(work, options(api_key="s3cret"), transport=transport))
+    assert seen == ["Bearer s3cret"]
