@@ -8,6 +8,7 @@ import typer
 
 from dynkv import __version__
 from dynkv.cli import bench_kvbm_cmd, config_cmd, doctor_cmd
+from dynkv.cli.bench_cmd import bench_app
 from dynkv.cli.group import DynkvGroup
 from dynkv.cli.model_cmd import model_app
 
@@ -43,10 +44,6 @@ app.command("config")(config_cmd.config)
 app.command("profiles")(config_cmd.profiles)
 app.add_typer(model_app, name="model")
 app.command("doctor")(doctor_cmd.doctor)
-
-bench_app = typer.Typer(
-    cls=DynkvGroup, help="Benchmarks: tier throughput, W1 offload TTFT.", no_args_is_help=True
-)
 bench_kvbm_cmd.register(bench_app)
 app.add_typer(bench_app, name="bench")
 
