@@ -1,0 +1,202 @@
+"""`dynkv bench offload`: workload W1 (DESIGN §6) in real vLLM engines, side by side in one run.
+
+W1: D documents of ~L tokens, each sent twice (round 1, then round 2), max_tokens=1, block size
+32, prefix caching on. Each configuration runs in an engine of its own, with the same pinned
+threads (`VLLM_CPU_OMP_THREADS_BIND`, `VLLM_CPU_NUM_OF_RESERVED_CPU=0`): vLLM on CPU reserves one
+of two cores when no KV connector is set and uses both when one is, which alone halves prefill
+time and would make every comparison lie.
+
+Configurations (the device KV of all but `floor` cannot hold the working set):
+  recompute  no connector, small device KV: round 2 recomputes
+  floor      no connector, device KV large enough: vLLM's own prefix cache (the floor)
+  peer       vLLM's ExampleConnector (safetensors files per request), small device KV
+  g2         dynkv, host tier (G2)
+  g3         dynkv, disk tier only (G3)
+  g2g3       dynkv, host and disk tiers
+Reported: round-2 median latency per configuration (≈ TTFT, one output token), and
+cold_overhead = dynkv's round-1 median ÷ the recompute configuration's (same device KV, no
+connector). Targets: g2 ≤ 1.1 × floor and ≤ peer, g3 ≤ 1.3 × floor, cold_overhead ≤ 1.03.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONNECTOR = {"connector": "DynkvConnector", "module_path": "dynkv.kvbm.vllm_connector"}
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    device_kv_bytes: int
+    connector: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+
+
+def configurations(small_kv: int, large_kv: int, tier_gb: float, workdir: Path) -> list[Config]:
+    return [
+        Config("recompute", small_kv),
+        Config("floor", large_kv),
+        Config(
+            "peer",
+            small_kv,
+            {
+                "connector": "ExampleConnector",
+                "extra_config": {"shared_storage_path": str(workdir / "peer")},
+            },
+        ),
+        Config("g2", small_kv, CONNECTOR, {"DYN_KVBM_CPU_CACHE_GB": str(tier_gb)}),
+        Config(
+            "g3",
+            small_kv,
+            CONNECTOR,
+            {
+                "DYN_KVBM_DISK_CACHE_GB": str(tier_gb),
+                "DYN_KVBM_DISK_CACHE_DIR": str(workdir / "g3"),
+            },
+        ),
+        Config(
+            "g2g3",
+            small_kv,
+            CONNECTOR,
+            {
+                "DYN_KVBM_CPU_CACHE_GB": str(tier_gb),
+                "DYN_KVBM_DISK_CACHE_GB": str(tier_gb),
+                "DYN_KVBM_DISK_CACHE_DIR": str(workdir / "g2g3"),
+            },
+        ),
+    ]
+
+
+def documents(count: int, tokens: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids (no special tokens): every document is a distinct prefix."""
+    rng = random.Random(seed)
+    return [[rng.randrange(5, vocab) for _ in range(tokens)] for _ in range(count)]
+
+
+def cpu_binding() -> str:
+    cpus = sorted(os.sched_getaffinity(0))
+    return (
+        f"{cpus[0]}-{cpus[-1]}"
+        if cpus == list(range(cpus[0], cpus[-1] + 1))
+        else ",".join(map(str, cpus))
+    )
+
+
+def run_engine(config: Config, payload: dict, timeout: float) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}
+    env.update(
+        VLLM_CPU_OMP_THREADS_BIND=cpu_binding(),
+        VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+        DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS="3600",
+        **config.env,
+    )
+    cfg = {**payload, "device_kv_bytes": config.device_kv_bytes, **config.connector}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynkv.bench.offload_engine", json.dumps(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        raise RuntimeError(f"engine {config.name!r} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def run(
+    *,
+    model: str,
+    docs: int = 6,
+    doc_tokens: int = 3600,
+    vocab: int = 2048,
+    small_kv: int = 100 << 20,
+    large_kv: int = 1 << 30,
+    tier_gb: float = 1.0,
+    only: list[str] | None = None,
+    directory: str | None = None,
+    timeout: float = 1800,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="dynkv-w1-", dir=directory))
+    try:
+        payload = {
+            "model": model,
+            "docs": documents(docs, doc_tokens, vocab, seed=1),
+            "warmup": documents(1, 256, vocab, seed=99)[0],
+            "max_model_len": max(2048, doc_tokens + 64),
+        }
+        results: dict[str, dict] = {}
+        for config in configurations(small_kv, large_kv, tier_gb, workdir):
+            if only and config.name not in only:
+                continue
+            progress(f"{config.name}: starting an engine")
+            rounds = run_engine(config, payload, timeout)["rounds"]
+            results[config.name] = {
+                "round1_ms": [round(x, 1) for x in rounds[0]],
+                "round2_ms": [round(x, 1) for x in rounds[1]],
+                "round1_median_ms": round(statistics.median(rounds[0]), 1),
+                "round2_median_ms": round(statistics.median(rounds[1]), 1),
+            }
+            progress(
+                f"{config.name}: round 1 {results[config.name]['round1_median_ms']} ms, "
+                f"round 2 {results[config.name]['round2_median_ms']} ms"
+            )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return summarize(
+        results, docs=docs, doc_tokens=doc_tokens, small_kv=small_kv, large_kv=large_kv
+    )
+
+
+def summarize(results: dict[str, dict], **workload) -> dict:
+    def r2(name: str) -> float | None:
+        return results[name]["round2_median_ms"] if name in results else None
+
+    out: dict = {
+        "recompute_ms": r2("recompute"),
+        "floor_ms": r2("floor"),
+        "peer_ms": r2("peer"),
+        "g2_ms": r2("g2"),
+        "g3_ms": r2("g3"),
+        "g2g3_ms": r2("g2g3"),
+        "cold_overhead": None,
+    }
+    if "recompute" in results and "g2" in results:
+        out["cold_overhead"] = round(
+            results["g2"]["round1_median_ms"] / results["recompute"]["round1_median_ms"], 3
+        )
+    floor = out["floor_ms"]
+    if floor:
+        for name in ("recompute", "peer", "g2", "g3", "g2g3"):
+            if out[f"{name}_ms"] is not None:
+                out[f"{name}_vs_floor"] = round(out[f"{name}_ms"] / floor, 3)
+    out["targets"] = {
+        "g2_le_1.1x_floor": _le(out["g2_ms"], floor, 1.1),
+        "g2_le_peer": _le(out["g2_ms"], out["peer_ms"], 1.0),
+        "g3_le_1.3x_floor": _le(out["g3_ms"], floor, 1.3),
+        "cold_overhead_le_1.03": None
+        if out["cold_overhead"] is None
+        else out["cold_overhead"] <= 1.03,
+    }
+    out["configs"] = results
+    out["workload"] = workload
+    return out
+
+
+def _le(value: float | None, reference: float | None, factor: float) -> bool | None:
+    if value is None or reference is None:
+        return None
+    return value <= reference * factor

@@ -1,0 +1,53 @@
+"""One engine of the W1 benchmark: warm up, send every document (round 1), then every document
+again (round 2), one request at a time with max_tokens=1, and print the latencies as JSON.
+
+Run as `python -m dynkv.bench.offload_engine '<json>'` — vLLM spawns its workers, so the engine
+lives behind a __main__ guard in a process of its own, one per configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    transfer = None
+    if cfg.get("connector"):
+        transfer = KVTransferConfig(
+            kv_connector=cfg["connector"],
+            kv_connector_module_path=cfg.get("module_path"),
+            kv_role="kv_both",
+            kv_connector_extra_config=cfg.get("extra_config", {}),
+        )
+    llm = LLM(
+        model=cfg["model"],
+        dtype="bfloat16",
+        block_size=cfg.get("block_size", 32),
+        max_model_len=cfg.get("max_model_len", 8192),
+        kv_cache_memory_bytes=cfg["device_kv_bytes"],
+        enable_prefix_caching=True,
+        seed=0,
+        kv_transfer_config=transfer,
+    )
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([{"prompt_token_ids": cfg["warmup"]}], one, use_tqdm=False)
+
+    def timed(doc: list[int]) -> float:
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": doc}], one, use_tqdm=False)
+        return (time.perf_counter() - t0) * 1000
+
+    rounds = []
+    for _ in range(cfg.get("rounds", 2)):
+        rounds.append([timed(doc) for doc in cfg["docs"]])
+    print("RESULT " + json.dumps({"rounds": rounds}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""`dynkv bench tiers` and `dynkv bench offload`: the KVBM runtime's own benchmarks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dynkv.cli.group import EXIT_USAGE, UserError
+from dynkv.cli.options import JsonOpt
+from dynkv.cli.output import emit_json, err
+
+
+def tiers(
+    size_mb: Annotated[
+        int, typer.Option("--size-mb", min=1, help="Bytes moved per measurement (MB).")
+    ] = 256,
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="Where the disk files go (default: the temp dir).")
+    ] = None,
+    buffered: Annotated[
+        bool, typer.Option("--buffered", help="Buffered I/O instead of O_DIRECT.")
+    ] = False,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Best of N.")] = 3,
+    json_out: JsonOpt = False,
+) -> None:
+    """G1↔G2 copy and G2↔G3 disk throughput beside raw memcpy and raw file I/O, in one run."""
+    from dynkv.bench.tiers import run
+
+    if directory is not None and not directory.is_dir():
+        raise UserError(
+            f"--dir {directory} is not a directory", "pass an existing directory", EXIT_USAGE
+        )
+    with err.status("measuring tier throughput…"):
+        result = run(size_mb=size_mb, directory=directory, o_direct=not buffered, repeats=repeats)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(
+        title=f"tiers: {result['bytes'] / 1e6:.0f} MB, {result['blocks']} blocks of {result['bytes_per_block']} B, best of {repeats}"
+    )
+    table.add_column("path")
+    table.add_column("GB/s", justify="right")
+    table.add_column("vs raw", justify="right")
+    mem = result["memcpy_gbps"]
+    rows = [
+        ("memcpy (raw)", mem, 1.0),
+        ("G1 → G2", result["g1_to_g2_gbps"], result["g1_to_g2_gbps"] / mem),
+        ("G2 → G1", result["g2_to_g1_gbps"], result["g2_to_g1_gbps"] / mem),
+        ("file write (raw)", result["raw_write_gbps"], 1.0),
+        ("G3 write", result["g3_write_gbps"], result["g3_write_vs_raw"]),
+        ("file read (raw)", result["raw_read_gbps"], 1.0),
+        ("G3 read", result["g3_read_gbps"], result["g3_read_vs_raw"]),
+    ]
+    for name, gbps, ratio in rows:
+        table.add_row(name, f"{gbps:.2f}", f"{ratio:.2f}")
+    err.print(table)
+    err.print(
+        f"targets: G1↔G2 ≥ 0.5 × memcpy: {result['g1_g2_vs_memcpy']:.2f}; G3 read ≥ 0.7 × raw: {result['g3_read_vs_raw']:.2f}"
+    )
+
+
+def offload(
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model (default: the generated 'bench' preset)."),
+    ] = None,
+    docs: Annotated[int, typer.Option("--docs", min=1, help="Documents in W1.")] = 6,
+    doc_tokens: Annotated[
+        int, typer.Option("--doc-tokens", min=64, help="Tokens per document.")
+    ] = 3600,
+    small_kv_mib: Annotated[
+        int,
+        typer.Option(
+            "--device-kv-mib", min=1, help="Device KV of the constrained configurations (MiB)."
+        ),
+    ] = 100,
+    large_kv_mib: Annotated[
+        int,
+        typer.Option("--floor-kv-mib", min=1, help="Device KV of the floor configuration (MiB)."),
+    ] = 1024,
+    tier_gb: Annotated[
+        float, typer.Option("--tier-gb", min=0.01, help="G2/G3 size (decimal GB).")
+    ] = 1.0,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Run only these configurations (repeatable).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Workload W1 (DESIGN §6): round-2 TTFT for recompute, the floor, the peer and dynkv's tiers.
+
+    The last line of stdout is the JSON summary."""
+    from dynkv.bench.offload import configurations, run
+
+    names = [c.name for c in configurations(1, 1, 1.0, Path("."))]
+    bad = sorted(set(only or []) - set(names))
+    if bad:
+        raise UserError(
+            f"unknown configuration(s) {bad}", f"choose from: {', '.join(names)}", EXIT_USAGE
+        )
+    if model is None:
+        from dynkv.model import ensure_model
+
+        model = str(ensure_model("bench"))
+    result = run(
+        model=model,
+        docs=docs,
+        doc_tokens=doc_tokens,
+        small_kv=small_kv_mib << 20,
+        large_kv=large_kv_mib << 20,
+        tier_gb=tier_gb,
+        only=only,
+        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+    )
+    if not json_out:
+        table = Table(title=f"W1: {docs} docs × {doc_tokens} tokens, round-2 median (≈ TTFT)")
+        for col in ("configuration", "round 1 ms", "round 2 ms", "vs floor"):
+            table.add_column(col, justify="right" if col != "configuration" else "left")
+        for name, r in result["configs"].items():
+            ratio = result.get(f"{name}_vs_floor")
+            table.add_row(
+                name,
+                f"{r['round1_median_ms']:.0f}",
+                f"{r['round2_median_ms']:.0f}",
+                "" if ratio is None else f"{ratio:.2f}",
+            )
+        err.print(table)
+        err.print(f"cold overhead: {result['cold_overhead']}; targets: {result['targets']}")
+    keys = ("recompute_ms", "floor_ms", "peer_ms", "g2_ms", "g3_ms", "g2g3_ms", "cold_overhead")
+    # one line either way: the summary keys are at the top level of the last line of stdout
+    typer.echo(json.dumps(result if json_out else {k: result[k] for k in keys}))
+
+
+def register(bench_app: typer.Typer) -> None:
+    bench_app.command("tiers")(tiers)
+    bench_app.command("offload")(offload)
