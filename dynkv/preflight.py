@@ -1,8 +1,11 @@
 """Checks `dynkv up` runs before it starts anything, so a launch fails fast with a fix rather
 than halfway with a stack of half-started services.
 
-`preflight()` is the single call site: the port checks live here, and `dynkv doctor`'s checks
-join at `doctor_problems()` when that command is merged. `up --skip-checks` skips all of it.
+`preflight()` is the single call site: the plan's own checks (binaries, the exact ports the plan
+binds, external endpoints, the docker engine) and every `dynkv doctor` check except the doctor's
+port checks, which the plan's port check replaces (it knows every port the plan binds and which
+pids belong to this deployment). Doctor warnings are shown by `up` and do not stop it.
+`up --skip-checks` skips all of it.
 """
 
 from __future__ import annotations
@@ -25,26 +28,50 @@ class Problem:
     fix: str
 
 
+DOCTOR_SKIP = (
+    "ports.distinct",
+    "ports.frontend",
+    "ports.workers",
+    "ports.kvbm_metrics",
+    "ports.etcd",
+    "ports.nats",
+)
+
+
 def preflight(
     resolved: Resolved,
     plan: Plan,
     *,
     owned_pids: Collection[int] = (),
     docker: DockerBackend | None = None,
+    warnings: list[Problem] | None = None,
+    doctor: bool = True,
 ) -> list[Problem]:
-    """Everything that would stop `plan` from starting; empty when it may go ahead."""
+    """Everything that would stop `plan` from starting; empty when it may go ahead. Doctor
+    warnings are appended to `warnings` when a list is given."""
     problems = check_binaries(plan)
     problems += check_ports(plan, owned_pids=owned_pids)
     problems += check_infra(plan, docker=docker)
-    problems += doctor_problems(resolved, owned_pids=owned_pids)
+    if doctor:
+        problems += doctor_problems(resolved, owned_pids=owned_pids, warnings=warnings)
     return problems
 
 
-def doctor_problems(resolved: Resolved, *, owned_pids: Collection[int] = ()) -> list[Problem]:
-    """MERGE POINT for `dynkv doctor`: call `dynkv.doctor.run_checks(resolved,
-    owned_pids=owned_pids)` here and turn its failures into Problems (warnings are shown, not
-    fatal). Until then the launcher's own checks above are the whole preflight."""
-    return []
+def doctor_problems(
+    resolved: Resolved, *, owned_pids: Collection[int] = (), warnings: list[Problem] | None = None
+) -> list[Problem]:
+    """`dynkv doctor`'s failures as Problems; its warnings go to `warnings` when given."""
+    from dynkv.doctor import run_checks
+    from dynkv.doctor.result import Status
+
+    problems = []
+    for result in run_checks(resolved, owned_pids=owned_pids, skip=DOCTOR_SKIP):
+        item = Problem(f"{result.id}: {result.detail}", result.fix or "")
+        if result.status is Status.FAIL:
+            problems.append(item)
+        elif result.status is Status.WARN and warnings is not None:
+            warnings.append(item)
+    return problems
 
 
 def check_binaries(plan: Plan) -> list[Problem]:

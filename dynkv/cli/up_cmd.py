@@ -120,7 +120,12 @@ def up(
             "--skip-checks: NOT checking ports, binaries, infra or the host; failures will be less clear"
         )
     else:
-        problems = preflight(resolved, plan)
+        warnings: list = []
+        with err.status("checking the host (dynkv doctor)…"):
+            problems = preflight(resolved, plan, warnings=warnings)
+        if not json_out:
+            for item in warnings:
+                warn(f"{item.cause}\n  fix: {item.fix}")
         if problems:
             for problem in problems:
                 failure(problem.cause, problem.fix)

@@ -12,11 +12,9 @@ import psutil
 
 from dynkv.doctor.context import DoctorContext
 from dynkv.doctor.result import Check, Outcome, fail, gb, ok, warn
+from dynkv.plan.cpu import cpu_kv_cache_bytes
 from dynkv.settings.deployment import Topology
 
-# vLLM's --gpu-memory-utilization default; on the CPU backend it is the fraction of *total* RAM
-# each worker reserves when no KV size is given (vllm/v1/worker/cpu_worker.py, vLLM 0.32).
-VLLM_MEMORY_UTILIZATION = 0.92
 GiB = 1 << 30
 SHM_MIN_BYTES = 1_000_000_000
 SHM_FIX = (
@@ -24,29 +22,17 @@ SHM_FIX = (
 )
 
 
-def _cpu_g1(ctx: DoctorContext, total: int) -> tuple[int, str, bool]:
-    """RAM one CPU worker takes for G1 (+ weights): bytes, how it was sized, and whether it is
-    vLLM's whole-RAM default reservation."""
+def _cpu_g1(ctx: DoctorContext) -> tuple[int, str]:
+    """RAM one CPU worker takes for G1 (+ weights), sized exactly as the plan sizes it."""
     weights = ctx.model.weights_bytes or 0
     plus = f" + weights {gb(weights)}" if weights else ""
-    if ctx.deployment.device_kv_gb:
-        kv = int(ctx.deployment.device_kv_gb * 1e9)
-        return kv + weights, f"G1 {gb(kv)}{plus}", False
-    space = ctx.env.get("VLLM_CPU_KVCACHE_SPACE", "")
-    if space.strip().isdigit() and int(space) > 0:
-        kv = int(space) * GiB
-        return kv + weights, f"G1 {gb(kv)} (VLLM_CPU_KVCACHE_SPACE){plus}", False
-    reserve = math.ceil(total * VLLM_MEMORY_UTILIZATION)
-    return (
-        reserve,
-        f"vLLM's default reservation {VLLM_MEMORY_UTILIZATION:.0%} of RAM {gb(reserve)}",
-        True,
-    )
+    kv, source = cpu_kv_cache_bytes(ctx.deployment.device_kv_gb, ctx.env)
+    return kv + weights, f"G1 {gb(kv)} ({source}){plus}"
 
 
 def ram(ctx: DoctorContext) -> Outcome:
     vm = psutil.virtual_memory()
-    available, total, n = vm.available, vm.total, ctx.workers
+    available, n = vm.available, ctx.workers
     parts: list[str] = []
     need = 0
     g2 = ctx.host_tier_bytes()
@@ -55,26 +41,17 @@ def ram(ctx: DoctorContext) -> Outcome:
     elif g2:
         need += g2 * n
         parts.append(f"G2 {gb(g2)}")
-    default_reserve = False
     if ctx.device == "cpu":
-        g1, how, default_reserve = _cpu_g1(ctx, total)
+        g1, how = _cpu_g1(ctx)
         need += g1 * n
         parts.append(how)
     per = f" × {n} workers" if n > 1 else ""
     detail = f"needs {gb(need)} ({' + '.join(parts)}){per} of {gb(available)} available"
-    if default_reserve:
-        fix = "export DYNKV_DEVICE_KV_GB=1   # size G1 explicitly; vLLM then reserves only that"
-    else:
-        room = available * 0.8 - (need - (g2 or 0) * n)
-        fit = max(0.1, math.floor(room / max(n, 1) / 1e8) / 10)
-        fix = f"export DYN_KVBM_CPU_CACHE_GB={fit:g}   # a host tier that fits, or free memory"
+    room = available * 0.8 - (need - (g2 or 0) * n)
+    fit = max(0.1, math.floor(room / max(n, 1) / 1e8) / 10)
+    fix = f"export DYN_KVBM_CPU_CACHE_GB={fit:g}   # a host tier that fits, or free memory"
     if need > available:
-        why = (
-            " (with no G1 size, vLLM on CPU reserves 92% of RAM per worker)"
-            if default_reserve
-            else ""
-        )
-        return fail(detail + why, fix)
+        return fail(detail, fix)
     if need > 0.9 * available:
         return warn(detail + ": less than 10% headroom", fix)
     return ok(detail)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dynkv.doctor.context import DoctorContext
 from dynkv.doctor.result import Check, Outcome, fail, gb, ok, warn
+from dynkv.plan.cpu import cpu_kv_cache_bytes
 
 
 def _device_kv(ctx: DoctorContext) -> tuple[int | None, str]:
@@ -12,7 +13,8 @@ def _device_kv(ctx: DoctorContext) -> tuple[int | None, str]:
     if ctx.deployment.device_kv_gb:
         return int(ctx.deployment.device_kv_gb * 1e9), f"{gb(ctx.deployment.device_kv_gb * 1e9)}"
     if ctx.device == "cpu":
-        return None, "vLLM's default (unset: 92% of RAM minus the model, per worker)"
+        kv, source = cpu_kv_cache_bytes(None, ctx.env)
+        return kv, f"{gb(kv)} ({source})"
     return None, "vLLM's default (unset: 92% of GPU memory minus weights and activations)"
 
 

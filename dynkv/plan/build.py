@@ -165,8 +165,9 @@ def _workers(
         if resolved.settings["DYN_KVBM_METRICS"].source == "default":
             env["DYN_KVBM_METRICS"] = "true"  # `dynkv status` reads the worker's metrics
         env["DYN_KVBM_METRICS_PORT"] = str(metrics_port)
-        if len(roles) > 1:  # several workers on one host must not share G3 pool files
-            env["DYN_KVBM_DISK_CACHE_DIR"] = str(kvbm.disk_cache_dir / f"{dep.name}-{role}")
+        # one pool per deployment and worker: pools are locked to one engine, and a restarted
+        # deployment finds its own blocks again
+        env["DYN_KVBM_DISK_CACHE_DIR"] = str(kvbm.disk_cache_dir / f"{dep.name}-{role}")
         env_unset: tuple[str, ...] = ()
         if host.device == "cpu":
             cpu_env, env_unset = cpu_engine_env(

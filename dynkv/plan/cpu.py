@@ -23,6 +23,20 @@ CPU_ENV_VARS = (
 )
 
 
+GiB = 1 << 30
+
+
+def cpu_kv_cache_bytes(device_kv_gb: float | None, user_env: Mapping[str, str]) -> tuple[int, str]:
+    """G1 bytes one CPU engine of a dynkv deployment gets, and where that number comes from.
+    The plan and `dynkv doctor` both ask here, so the doctor checks what `up` will start."""
+    if device_kv_gb:
+        return int(device_kv_gb * 1e9), "DYNKV_DEVICE_KV_GB"
+    space = (user_env.get("VLLM_CPU_KVCACHE_SPACE") or "").strip()
+    if space.isdigit() and int(space) > 0:
+        return int(space) * GiB, "VLLM_CPU_KVCACHE_SPACE"
+    return DEFAULT_CPU_KV_GIB * GiB, f"dynkv's CPU default, {DEFAULT_CPU_KV_GIB} GiB"
+
+
 def cpu_list(cpus: Iterable[int]) -> str:
     """`[0, 1, 2, 5]` → `"0-2,5"`: the syntax of VLLM_CPU_OMP_THREADS_BIND."""
     ids = sorted(set(cpus))

@@ -28,6 +28,7 @@ def kv_transfer_config() -> str:
             "kv_connector": CONNECTOR_CLASS,
             "kv_connector_module_path": CONNECTOR_MODULE,
             "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",  # a cache miss, never a failed request
             "kv_connector_extra_config": {},
         },
         separators=(",", ":"),

@@ -37,8 +37,19 @@ def deployment(tmp_path, monkeypatch):
         "PYTHONPATH", os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(FAKES)) if p)
     )
     monkeypatch.setattr("dynkv.plan.worker.VLLM_MODULE", "fake_vllm")
-    (tmp_path / "model").mkdir()
-    yield env, tmp_path / "model"
+    model = tmp_path / "model"
+    model.mkdir()
+    # the fake vLLM serves nothing real, but `up` checks the model like any other (dynkv doctor)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": 2,
+        "hidden_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "torch_dtype": "bfloat16",
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    yield env, model
     runner.invoke(app, ["down"])
 
 

@@ -85,7 +85,7 @@ def test_no_tier_at_all_fails(tmp_path):
 def test_device_kv_default_is_named(tmp_path):
     env = base_env(tmp_path)
     del env["DYNKV_DEVICE_KV_GB"]
-    assert "vLLM's default" in run(env)["tiers.blocks"].detail
+    assert "dynkv's CPU default" in run(env)["tiers.blocks"].detail
 
 
 def test_smaller_lower_tiers_warn(tmp_path):
@@ -116,15 +116,15 @@ def test_host_tier_bigger_than_ram_fails_with_a_size_that_fits(tmp_path):
     assert 0 < fit * 2 < psutil.virtual_memory().available / 1e9
 
 
-def test_cpu_default_g1_reserves_most_of_ram(tmp_path):
-    # vLLM reserves 92% of *total* RAM per CPU worker; a G2 of 10% of RAM cannot fit beside it.
-    g2 = psutil.virtual_memory().total * 0.1 / 1e9
-    env = base_env(tmp_path, DYN_KVBM_CPU_CACHE_GB=f"{g2:.1f}")
+def test_cpu_g1_is_sized_as_the_plan_sizes_it(tmp_path):
+    from dynkv.plan.cpu import DEFAULT_CPU_KV_GIB
+
+    env = base_env(tmp_path)
     del env["DYNKV_DEVICE_KV_GB"]
     check = run(env)["memory.ram"]
-    assert check.status is Status.FAIL
-    assert "92% of RAM" in check.detail
-    assert check.fix.startswith("export DYNKV_DEVICE_KV_GB=")
+    assert f"dynkv's CPU default, {DEFAULT_CPU_KV_GIB} GiB" in check.detail
+    env["VLLM_CPU_KVCACHE_SPACE"] = "3"
+    assert "VLLM_CPU_KVCACHE_SPACE" in run(env)["memory.ram"].detail
 
 
 def test_memlock_only_matters_with_a_gpu(tmp_path):
@@ -249,6 +249,6 @@ def test_weights_of_a_local_model_count_on_cpu(tmp_path):
     model = write_model(tmp_path / "m", weights=3_000_000)
     env = base_env(tmp_path, DYNKV_MODEL=str(model), DYNKV_TOPOLOGY="disagg")
     detail = run(env)["memory.ram"].detail
-    assert "G1 0.5 GB + weights 3.0 MB" in detail and "× 2 workers" in detail
+    assert "G1 0.5 GB (DYNKV_DEVICE_KV_GB) + weights 3.0 MB" in detail and "× 2 workers" in detail
     # 2 × (G2 1 GB + G1 0.5 GB + 3 MB)
     assert "needs 3.0 GB" in detail

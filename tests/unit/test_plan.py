@@ -127,6 +127,7 @@ def test_worker_wraps_vllm_module_with_the_bundled_connector():
         "kv_connector": "DynkvConnector",
         "kv_connector_module_path": "dynkv.kvbm.vllm_connector",
         "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {},
     }
     assert "--max-model-len" not in vllm and "--kv-cache-memory-bytes" not in vllm
@@ -164,9 +165,10 @@ def test_metrics_the_user_turned_off_stay_off():
     assert env["DYN_KVBM_METRICS"] == "false"
 
 
-def test_single_worker_keeps_the_configured_disk_dir(tmp_path):
+def test_each_worker_gets_its_own_pool_under_the_configured_disk_dir(tmp_path):
     env = plan_for({"DYN_KVBM_DISK_CACHE_DIR": str(tmp_path)}).service("worker").env
-    assert env["DYN_KVBM_DISK_CACHE_DIR"] == str(tmp_path)
+    # pools are locked to one engine; per deployment and role, a restart finds its own blocks
+    assert env["DYN_KVBM_DISK_CACHE_DIR"] == str(tmp_path / "default-agg")
 
 
 def test_cpu_worker_pins_all_cores_and_sizes_g1():
