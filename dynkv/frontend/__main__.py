@@ -1,0 +1,55 @@
+"""`python -m dynkv.frontend --deployment NAME --etcd-endpoints URL …`: serve until SIGTERM.
+
+uvicorn runs the app with a bounded graceful shutdown, so `dynkv down` (SIGTERM, then SIGKILL
+after its grace period) finds it gone while streams are still being drained for a few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from dynkv.frontend.app import create_app
+from dynkv.frontend.config import parse_args
+
+GRACEFUL_SHUTDOWN_SECS = 5
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s [dynkv.frontend] %(message)s")
+    )
+    logger = logging.getLogger("dynkv.frontend")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(config.log_level)
+    log = logging.getLogger("dynkv.frontend")
+    log.info(
+        "serving the OpenAI API on %s:%d for deployment %r (router %s, API key %s, etcd %s)",
+        config.host,
+        config.port,
+        config.deployment,
+        config.router,
+        "required" if config.api_key else "not required",
+        ",".join(config.etcd_endpoints),
+    )
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECS,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The optional API key: `Authorization: Bearer <key>` on every route but `/health`.
+
+A plain ASGI middleware rather than a per-route dependency, so that no route (including 404s for
+unknown paths, which would otherwise tell a stranger what exists) can forget it. `/health` stays
+open because the supervisor and load balancers probe it without credentials. The comparison is
+constant-time, and the key never appears in a response or a log line.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from dynkv.frontend.errors import unauthorized
+from dynkv.frontend.metrics import NO_WORKER, UNKNOWN_MODEL, FrontendMetrics
+
+OPEN_PATHS = frozenset({"/health"})
+MISSING = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization "
+    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+INCORRECT = "Incorrect API key provided."
+
+
+def check_bearer(header: str | None, key: str) -> str | None:
+    """None when `header` carries `key`; else the message to answer with."""
+    if not header:
+        return MISSING
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return MISSING
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        return INCORRECT
+    return None
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, *, key: str, metrics: FrontendMetrics | None = None) -> None:
+        self.app, self.key, self.metrics = app, key, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        problem = check_bearer(Headers(scope=scope).get("authorization"), self.key)
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        if self.metrics is not None:
+            self.metrics.error(model=UNKNOWN_MODEL, worker=NO_WORKER, kind="unauthorized")
+        await unauthorized(problem).response()(scope, receive, send)

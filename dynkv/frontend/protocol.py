@@ -1,0 +1,94 @@
+"""What the frontend reads of an OpenAI request, and nothing more.
+
+The body is forwarded to a worker byte for byte (vLLM validates it fully and answers in its own
+words); the frontend only needs the model (to route), `stream` (to label TTFT) and the fields
+without which no worker could do anything (`messages` / `prompt`), which it checks itself so that
+a malformed request is a 400 even when no worker is up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dynkv.frontend.errors import bad_request
+
+Endpoint = Literal["chat", "completions"]
+PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+_REQUIRED: dict[Endpoint, str] = {"chat": "messages", "completions": "prompt"}
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    endpoint: Endpoint
+    model: str
+    stream: bool
+    raw: bytes  # the body as received: what a worker gets unless a strategy rewrites it
+    body: dict[str, Any]
+    request_id: str | None = None
+    received_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def path(self) -> str:
+        return PATHS[self.endpoint]
+
+    def with_body(self, **changes: Any) -> bytes:
+        """The body with some fields replaced, serialised (a strategy rewriting a request, such
+        as a disaggregated prefill with max_tokens=1)."""
+        return json.dumps({**self.body, **changes}, separators=(",", ":")).encode()
+
+
+def parse_request(
+    endpoint: Endpoint,
+    raw: bytes,
+    *,
+    request_id: str | None = None,
+    received_at: float | None = None,
+) -> ApiRequest:
+    """→ ApiRequest, or an ApiError 400 saying what is wrong (as OpenAI words it).
+    `received_at` (monotonic) starts the request's clock when it arrived, before its body."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(
+            f"We could not parse the JSON body of your request ({exc}). The OpenAI API expects "
+            "a JSON payload.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if model is None:
+        raise bad_request(
+            "You must provide a model parameter.", param="model", code="missing_required_parameter"
+        )
+    if not isinstance(model, str) or not model:
+        raise bad_request(
+            "The model parameter must be a non-empty string.",
+            param="model",
+            code="invalid_type",
+        )
+    required = _REQUIRED[endpoint]
+    if required not in body or body[required] is None:
+        raise bad_request(
+            f"Missing required parameter: '{required}'.",
+            param=required,
+            code="missing_required_parameter",
+        )
+    if endpoint == "chat" and not isinstance(body["messages"], list):
+        raise bad_request(
+            "Invalid type for 'messages': expected an array of message objects.",
+            param="messages",
+            code="invalid_type",
+        )
+    return ApiRequest(
+        endpoint=endpoint,
+        model=model,
+        stream=body.get("stream") is True,
+        raw=raw,
+        body=body,
+        request_id=request_id,
+        received_at=time.monotonic() if received_at is None else received_at,
+    )
