@@ -93,23 +93,41 @@ def check_binaries(plan: Plan) -> list[Problem]:
 
 
 def check_ports(plan: Plan, *, owned_pids: Collection[int] = ()) -> list[Problem]:
-    """Every host port the plan binds must be free on loopback; a taken one names its owner."""
+    """Every host port the plan binds must be free on loopback, and on the service's own bind
+    address when it has another one (the frontend's `DYNKV_FRONTEND_HOST`); a taken one names its
+    owner."""
     problems = []
     for svc in plan.services:
+        hosts = ["127.0.0.1"]
+        bind = svc.meta.get("bind_host")
+        if bind and bind not in hosts:
+            hosts.append(bind)
         for pname, port in svc.ports.items():
-            if port_is_free(port):
-                continue
-            owner = port_owner(port)
-            if owner is not None and owner.pid in owned_pids:
-                continue
-            who = owner.describe() if owner else "another process"
             setting = PORT_SETTINGS.get((svc.role, pname), "the matching DYNKV_*_PORT")
-            problems.append(
-                Problem(
-                    f"port {port} ({svc.name} {pname}) is already in use by {who}",
-                    f"stop that process, or choose another port: export {setting}=<free port>",
+            for host in hosts:
+                try:
+                    free = port_is_free(port, host)
+                except OSError as exc:
+                    problems.append(
+                        Problem(
+                            f"{svc.name} cannot bind {host}:{port}: {exc.strerror or exc}",
+                            "use an address of this machine (export DYNKV_FRONTEND_HOST=127.0.0.1)",
+                        )
+                    )
+                    break
+                if free:
+                    continue
+                owner = port_owner(port)
+                if owner is not None and owner.pid in owned_pids:
+                    continue
+                who = owner.describe() if owner else "another process"
+                problems.append(
+                    Problem(
+                        f"port {port} ({svc.name} {pname}) is already in use by {who}",
+                        f"stop that process, or choose another port: export {setting}=<free port>",
+                    )
                 )
-            )
+                break
     return problems
 
 

@@ -4,6 +4,7 @@ lines (docker compose style), the plan of a dry run, and the status table."""
 from __future__ import annotations
 
 import contextlib
+import json
 import shlex
 import signal
 import threading
@@ -18,7 +19,7 @@ from rich.text import Text
 
 from dynkv.cli.output import err
 from dynkv.plan.model import Plan, Service, mask_env
-from dynkv.supervisor import Observer, StatusReport
+from dynkv.supervisor import DeploymentState, Observer, StatusReport
 
 # Log lines are data: stdout, so `dynkv logs worker | grep` works (colour only on a terminal).
 out = Console(highlight=False, soft_wrap=True)
@@ -163,6 +164,32 @@ def render_plan(plan: Plan) -> None:
             err.print(f"  log     {escape(svc.log_file)}")
     for note in plan.notes:
         err.print(f"\n[yellow]note:[/yellow] {escape(note)}")
+
+
+def curl_example(openai_url: str, model: str, *, bearer: bool) -> str:
+    """A chat completion to paste into a shell; the key stays a variable reference."""
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}
+    )
+    auth = ' -H "Authorization: Bearer $DYNKV_API_KEY"' if bearer else ""
+    return (
+        f"curl -s {shlex.quote(openai_url + '/chat/completions')} "
+        f"-H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
+    )
+
+
+def frontend_lines(state: DeploymentState) -> list[str]:
+    """Where the OpenAI API is, and a request to try it (after `up`)."""
+    lines = []
+    for rec in state.services:
+        if "openai_url" not in rec.meta:
+            continue
+        bearer = rec.meta.get("auth") == "bearer"
+        key = " (API key required)" if bearer else ""
+        lines.append(f"  OpenAI API: {rec.meta['openai_url']}  model {rec.meta['model']}{key}")
+        lines.append("  try it:" + (" (export DYNKV_API_KEY=<the key> first)" if bearer else ""))
+        lines.append("  " + curl_example(rec.meta["openai_url"], rec.meta["model"], bearer=bearer))
+    return lines
 
 
 def _uptime(seconds: float | None) -> str:

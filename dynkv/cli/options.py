@@ -9,7 +9,7 @@ import typer
 
 from dynkv.cli.output import warn
 from dynkv.settings import Resolved, resolve
-from dynkv.settings.deployment import Device, InfraMode, Topology
+from dynkv.settings.deployment import Device, InfraMode, RouterPolicy, Topology
 
 ProfileOpt = Annotated[
     str | None,
@@ -39,6 +39,20 @@ DiskGbOpt = Annotated[
     float | None, typer.Option("--disk-cache-gb", help="G3 disk tier, decimal GB.")
 ]
 DiskDirOpt = Annotated[Path | None, typer.Option("--disk-cache-dir", help="G3 directory.")]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        help="Require 'Authorization: Bearer <key>' at the frontend (or DYNKV_API_KEY). Never printed.",
+        show_default=False,
+    ),
+]
+RouterOpt = Annotated[
+    RouterPolicy | None,
+    typer.Option(
+        "--router", help="How the frontend picks a worker: round_robin or least_outstanding."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
 
@@ -57,6 +71,8 @@ def resolve_from_options(
     cpu_cache_gb: float | None = None,
     disk_cache_gb: float | None = None,
     disk_cache_dir: Path | None = None,
+    api_key: str | None = None,
+    router: RouterPolicy | None = None,
     require_tier: bool = True,
     quiet: bool = False,
 ) -> Resolved:
@@ -78,6 +94,8 @@ def resolve_from_options(
             "nats_url": nats_url,
             "frontend_host": host,
             "frontend_port": port,
+            "api_key": api_key,
+            "router": router,
         },
         require_tier=require_tier,
     )

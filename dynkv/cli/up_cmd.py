@@ -12,12 +12,14 @@ from dynkv.cli.display import (
     LogPrinter,
     ProgressObserver,
     QuietObserver,
+    frontend_lines,
     render_plan,
     sigterm_as_interrupt,
     uninterruptible,
 )
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
+    ApiKeyOpt,
     CpuGbOpt,
     DeviceOpt,
     DiskDirOpt,
@@ -31,6 +33,7 @@ from dynkv.cli.options import (
     NatsOpt,
     PortOpt,
     ProfileOpt,
+    RouterOpt,
     TopologyOpt,
     resolve_from_options,
 )
@@ -68,12 +71,14 @@ def up(
     cpu_cache_gb: CpuGbOpt = None,
     disk_cache_gb: DiskGbOpt = None,
     disk_cache_dir: DiskDirOpt = None,
+    api_key: ApiKeyOpt = None,
+    router: RouterOpt = None,
     detach: DetachOpt = False,
     dry_run: DryRunOpt = False,
     skip_checks: SkipChecksOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Start etcd, NATS and the vLLM worker with the bundled KVBM connector."""
+    """Start etcd, NATS, the vLLM worker with the bundled KVBM connector, and the OpenAI frontend."""
     if json_out and not (dry_run or detach):
         raise UserError(
             "--json needs --dry-run or --detach (the foreground streams logs on stdout)",
@@ -94,6 +99,8 @@ def up(
         cpu_cache_gb=cpu_cache_gb,
         disk_cache_gb=disk_cache_gb,
         disk_cache_dir=disk_cache_dir,
+        api_key=api_key,
+        router=router,
         quiet=json_out,
     )
     dep = resolved.deployment
@@ -213,8 +220,9 @@ def _report_detached(supervisor: Supervisor, json_out: bool) -> None:
     name = state.name
     err.print(f"[green]✓[/green] {escape(name)} is up (detached)")
     for rec in state.services:
-        url = f"  {rec.meta['url']}/v1" if "url" in rec.meta else ""
-        err.print(f"  {rec.name:<8} pid {rec.pid or '-':<8} {rec.ports}{url}", markup=False)
+        err.print(f"  {rec.name:<8} pid {rec.pid or '-':<8} {rec.ports}", markup=False)
+    for line in frontend_lines(state):
+        err.print(line, markup=False, soft_wrap=True, highlight=False)
     err.print(
         f"  dynkv status --name {name} · dynkv logs -f --name {name} · dynkv down --name {name}",
         markup=False,
@@ -224,6 +232,8 @@ def _report_detached(supervisor: Supervisor, json_out: bool) -> None:
 def _foreground(supervisor: Supervisor) -> None:
     state = supervisor.state
     assert state is not None
+    for line in frontend_lines(state):
+        err.print(line, markup=False, soft_wrap=True, highlight=False)
     err.print(f"[green]✓[/green] all services healthy; streaming logs (Ctrl-C stops {state.name})")
     printer = LogPrinter([s.name for s in state.services])
     try:

@@ -17,6 +17,7 @@ from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
 from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
+from dynkv.plan.frontend import API_KEY_ENV, frontend_service
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
 from dynkv.plan.worker import PASSTHROUGH_ENV, metrics_url, vllm_argv, worker_service
@@ -31,6 +32,7 @@ PORT_SETTINGS: dict[tuple[str, str], str] = {
     ("nats", "monitor"): "DYNKV_NATS_MONITOR_PORT",
     ("agg", "http"): "DYNKV_WORKER_PORT",
     ("agg", "kvbm_metrics"): "DYN_KVBM_METRICS_PORT",
+    ("frontend", "http"): "DYNKV_FRONTEND_PORT",
 }
 _INHERITED = ("PYTHONPATH", *PASSTHROUGH_ENV, *CPU_ENV_VARS)
 
@@ -132,7 +134,9 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
                 ),
             ]
     infra_names = tuple(s.name for s in services)
-    services += _workers(resolved, host, endpoints, infra_names)
+    workers = _workers(resolved, host, endpoints, infra_names)
+    services += workers
+    services.append(_frontend(resolved, host, endpoints, tuple(w.name for w in workers)))
 
     ordered = topological_order(tuple(services))
     _check_port_clashes(ordered)
@@ -174,6 +178,7 @@ def _workers(
                 host.cpus, role=role, kv_cache_bytes=kv_bytes, user_env=host.environ
             )
             env.update(cpu_env)
+        env_unset += (API_KEY_ENV,)  # the frontend's secret; a worker has no use for it
         for name in ("PYTHONPATH", *PASSTHROUGH_ENV):
             if host.environ.get(name):
                 env[name] = host.environ[name]
@@ -208,6 +213,26 @@ def _workers(
     return workers
 
 
+def _frontend(
+    resolved: Resolved, host: HostFacts, endpoints: tuple[str, ...], workers: tuple[str, ...]
+) -> Service:
+    dep = resolved.deployment
+    env = {"PYTHONPATH": host.environ["PYTHONPATH"]} if host.environ.get("PYTHONPATH") else {}
+    return frontend_service(
+        deployment=dep.name,
+        deployment_dir=dep.deployment_dir,
+        python=host.python,
+        host=dep.frontend_host,
+        port=dep.frontend_port,
+        router=str(dep.router),
+        etcd_endpoints=endpoints,
+        models=(host.model.served_name,),
+        api_key=dep.api_key.get_secret_value() if dep.api_key else None,
+        env=env,
+        depends_on=workers,
+    )
+
+
 def _check_port_clashes(services: tuple[Service, ...]) -> None:
     seen: dict[int, str] = {}
     for svc in services:
@@ -231,9 +256,10 @@ def _notes(host: HostFacts, services: tuple[Service, ...]) -> tuple[str, ...]:
             "it exercises the KV cache, its text is noise (pass --model for a real one)"
         )
     for svc in services:
-        if "url" in svc.meta:
+        if "openai_url" in svc.meta:
+            auth = " with an API key (Authorization: Bearer)" if svc.meta["auth"] != "none" else ""
             notes.append(
-                f"{svc.name} serves the OpenAI API at {svc.meta['url']}/v1 "
-                f"(model {svc.meta['model']!r})"
+                f"the OpenAI API will be at {svc.meta['openai_url']} "
+                f"(model {svc.meta['model']!r}){auth}"
             )
     return tuple(notes)

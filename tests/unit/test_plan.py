@@ -54,8 +54,9 @@ def flag(argv, name: str) -> str:
 
 def test_embedded_cpu_agg_services_in_dependency_order():
     plan = plan_for()
-    assert [s.name for s in plan.services] == ["etcd", "nats", "worker"]
+    assert [s.name for s in plan.services] == ["etcd", "nats", "worker", "frontend"]
     assert plan.service("worker").depends_on == ("etcd", "nats")
+    assert plan.service("frontend").depends_on == ("worker",)
     assert plan.etcd_endpoints == ("http://127.0.0.1:2379",)
     assert plan.nats_url == "nats://127.0.0.1:4222"
     assert plan.deployment_dir == "/state/default"
@@ -176,7 +177,7 @@ def test_cpu_worker_pins_all_cores_and_sizes_g1():
     assert worker.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3,6"
     assert worker.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert worker.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
-    assert worker.env_unset == ()
+    assert worker.env_unset == ("DYNKV_API_KEY",)  # the frontend's secret only
 
 
 def test_explicit_device_kv_removes_the_variable_that_would_override_it():
@@ -184,7 +185,7 @@ def test_explicit_device_kv_removes_the_variable_that_would_override_it():
         {"DYNKV_DEVICE_KV_GB": "0.5"}, environ={"VLLM_CPU_KVCACHE_SPACE": "8"}
     ).service("worker")
     assert "VLLM_CPU_KVCACHE_SPACE" not in worker.env
-    assert worker.env_unset == ("VLLM_CPU_KVCACHE_SPACE",)
+    assert worker.env_unset == ("VLLM_CPU_KVCACHE_SPACE", "DYNKV_API_KEY")
 
 
 def test_user_cpu_binding_is_respected():
@@ -236,12 +237,14 @@ def test_ports_follow_settings():
         "DYNKV_NATS_MONITOR_PORT": "4",
         "DYNKV_WORKER_PORT": "5",
         "DYN_KVBM_METRICS_PORT": "6",
+        "DYNKV_FRONTEND_PORT": "7",
     }
     plan = plan_for(env)
     assert {s.name: dict(s.ports) for s in plan.services} == {
         "etcd": {"client": 1, "peer": 2},
         "nats": {"client": 3, "monitor": 4},
         "worker": {"http": 5, "kvbm_metrics": 6},
+        "frontend": {"http": 7},
     }
 
 
@@ -256,8 +259,9 @@ def test_a_port_configured_twice_is_a_plan_error():
 
 def test_docker_plan_runs_containers_not_processes():
     plan = plan_for({"DYNKV_INFRA": "docker", "DYNKV_NAME": "d1"})
-    etcd, nats, worker = plan.services
+    etcd, nats, worker, frontend = plan.services
     assert (etcd.kind, nats.kind, worker.kind) == ("container", "container", "process")
+    assert frontend.kind == "process"
     assert etcd.container.image == ETCD_IMAGE and nats.container.image == NATS_IMAGE
     assert etcd.argv == () and etcd.data_dirs == ()
     assert etcd.probes[0].url == "http://127.0.0.1:2379/health"
@@ -277,8 +281,11 @@ def test_external_plan_starts_no_infra_and_checks_endpoints():
             "DYNKV_NATS_URL": "nats://10.0.0.3:4222",
         }
     )
-    assert [s.name for s in plan.services] == ["worker"]
+    assert [s.name for s in plan.services] == ["worker", "frontend"]
     assert plan.service("worker").depends_on == ()
+    assert flag(plan.service("frontend").argv, "--etcd-endpoints") == (
+        "http://10.0.0.1:2379,http://10.0.0.2:2379"
+    )
     assert plan.etcd_endpoints == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
     assert flag(plan.service("worker").argv, "--etcd-endpoints") == (
         "http://10.0.0.1:2379,http://10.0.0.2:2379"
@@ -382,8 +389,9 @@ def test_up_dry_run_json_starts_nothing_and_masks(clean_env, tmp_path):
     assert result.exit_code == 0, result.output
     assert "do_not_print" not in result.output and "do-not-print" not in result.output
     data = json.loads(result.stdout)
-    assert [s["name"] for s in data["services"]] == ["etcd", "nats", "worker"]
+    assert [s["name"] for s in data["services"]] == ["etcd", "nats", "worker", "frontend"]
     assert data["services"][2]["env"]["HF_TOKEN"] == MASK
+    assert data["services"][3]["env"]["DYNKV_API_KEY"] == MASK
     assert "random weights" in " ".join(data["notes"])
     assert not (tmp_path / "state").exists()  # nothing created, nothing started
 
