@@ -7,32 +7,23 @@ after its grace period) finds it gone while streams are still being drained for 
 from __future__ import annotations
 
 import logging
+import logging.config
 import sys
 
 import uvicorn
 
 from dynkv.frontend.app import create_app
 from dynkv.frontend.config import parse_args
+from dynkv.frontend.logs import log_config
 
 GRACEFUL_SHUTDOWN_SECS = 5
 
 
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s [dynkv.frontend] %(message)s")
-    )
-    logger = logging.getLogger("dynkv.frontend")
-    logger.handlers[:] = [handler]
-    logger.setLevel(level.upper())
-    logger.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(sys.argv[1:] if argv is None else argv)
-    configure_logging(config.log_level)
-    log = logging.getLogger("dynkv.frontend")
-    log.info(
+    logs = log_config(config.log_level)
+    logging.config.dictConfig(logs)
+    logging.getLogger("dynkv.frontend").info(
         "serving the OpenAI API on %s:%d for deployment %r (router %s, API key %s, etcd %s)",
         config.host,
         config.port,
@@ -45,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         create_app(config),
         host=config.host,
         port=config.port,
+        log_config=logs,
         log_level=config.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECS,
     )

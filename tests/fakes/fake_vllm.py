@@ -1,8 +1,9 @@
 """A stand-in for `python -m vllm.entrypoints.openai.api_server` in fast tests.
 
-Accepts vLLM's flags (ignoring the ones it does not need), serves `/health` and `/v1/models` on
---port, and, like the KVBM runtime inside a real worker, `kvbm_*` Prometheus metrics on
-DYN_KVBM_METRICS_PORT. `--exit-after S --exit-code N` makes it die on its own; `--ready-after S`
+Accepts vLLM's flags (ignoring the ones it does not need), serves `/health`, `/v1/models`,
+`/v1/chat/completions` and `/v1/completions` (streamed or not; the text names the port, so a test
+sees which worker answered; a prompt containing FAIL_400 gets vLLM's 400) on --port, and, like
+the KVBM runtime inside a real worker, `kvbm_*` Prometheus metrics on DYN_KVBM_METRICS_PORT. `--exit-after S --exit-code N` makes it die on its own; `--ready-after S`
 delays /health; FAKE_VLLM_SPAWN_ORPHAN=1 starts a grandchild in a new session (a process that
 escapes the process group, which teardown must still find).
 """
@@ -48,6 +49,47 @@ def main() -> int:
             else:
                 self.send_response(404)
                 self.end_headers()
+
+        def do_POST(self):  # noqa: N802
+            length = int(self.headers.get("content-length") or 0)
+            body = json.loads(self.rfile.read(length) or b"{}")
+            chat = self.path == "/v1/chat/completions"
+            if not chat and self.path != "/v1/completions":
+                self.send_response(404)
+                self.end_headers()
+                return
+            if "FAIL_400" in json.dumps(body.get("messages") or body.get("prompt")):
+                self._json(400, {"error": {"message": "too long", "type": "BadRequestError",
+                                           "param": None, "code": 400}})  # fmt: skip
+                return
+            text = f"fake answer from {args.port}"
+            if not body.get("stream"):
+                choice = (
+                    {"index": 0, "message": {"role": "assistant", "content": text}}
+                    if chat
+                    else {"index": 0, "text": text}
+                )
+                self._json(200, {"id": f"fake-{args.port}", "model": body.get("model"),
+                                 "object": "chat.completion" if chat else "text_completion",
+                                 "choices": [{**choice, "finish_reason": "stop"}]})  # fmt: skip
+                return
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            for word in text.split():
+                delta = {"delta": {"content": word + " "}} if chat else {"text": word + " "}
+                event = {"id": f"fake-{args.port}", "choices": [{"index": 0, **delta}]}
+                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def _json(self, status, data):
+            raw = json.dumps(data).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
 
         def log_message(self, fmt, *a):
             print("fake_vllm:", fmt % a, flush=True)

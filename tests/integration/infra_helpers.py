@@ -23,6 +23,7 @@ def port_env(state_dir: Path, name: str = "it") -> dict[str, str]:
         "DYNKV_NATS_PORT": str(free_port()),
         "DYNKV_NATS_MONITOR_PORT": str(free_port()),
         "DYNKV_WORKER_PORT": str(free_port()),
+        "DYNKV_FRONTEND_PORT": str(free_port()),
         "DYN_KVBM_METRICS_PORT": str(free_port()),
         "DYN_KVBM_CPU_CACHE_GB": "0.01",
         "DYN_KVBM_DISK_CACHE_GB": "0",
@@ -36,7 +37,7 @@ def full_plan(env: dict[str, str]) -> Plan:
 
 
 def infra_plan(env: dict[str, str], **changes) -> Plan:
-    """etcd + NATS only (the worker needs vLLM or the fake)."""
+    """etcd + NATS only (the worker needs vLLM or the fake; the frontend needs a worker)."""
     plan = full_plan(env)
     return dataclasses.replace(
         plan, services=tuple(s for s in plan.services if s.role in ("etcd", "nats")), **changes

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+import httpx
 import psutil
 import pytest
 from infra_helpers import FAKES, assert_nothing_left, port_env
@@ -62,7 +64,7 @@ def test_up_detached_status_logs_down(deployment):
     result = invoke("up", "-d", "--json", "--model", str(model), "--device", "cpu")
     assert result.exit_code == 0, result.output
     state = json.loads(result.stdout)
-    assert [s["name"] for s in state["services"]] == ["etcd", "nats", "worker"]
+    assert [s["name"] for s in state["services"]] == ["etcd", "nats", "worker", "frontend"]
     pids = [(s["pid"], s["create_time"]) for s in state["services"]]
     ddir = os.path.join(env["DYNKV_STATE_DIR"], "cli")
 
@@ -71,6 +73,14 @@ def test_up_detached_status_logs_down(deployment):
         (kv,) = etcd.get_prefix("/dynkv/cli/workers/").kvs
         assert kv.key == "/dynkv/cli/workers/agg-0"
         assert kv.json()["model"] == "model"  # a directory serves under its name
+
+    # the OpenAI API through the frontend, which found the worker in etcd
+    frontend = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"
+    chat = {"model": "model", "messages": [{"role": "user", "content": "hi"}]}
+    answer = httpx.post(f"{frontend}/v1/chat/completions", json=chat, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"].startswith("fake answer")
+    assert answer.headers["x-dynkv-worker"] == "agg-0"
 
     status = invoke("status", "--json")
     assert status.exit_code == 0, status.output
@@ -87,6 +97,7 @@ def test_up_detached_status_logs_down(deployment):
     assert worker["kvbm"]["host_blocks_used"] == 3 and worker["kvbm"]["matched_tokens"] == 64
     assert worker["kvbm"]["disk_cache_hit_rate"] is None  # absent family: tolerated
     assert services["etcd"]["kvbm"] is None
+    assert services["frontend"]["role"] == "frontend" and services["frontend"]["url"] == frontend
 
     human = invoke("status")
     assert human.exit_code == 0 and "healthy" in human.stderr and "KVBM" in human.stderr
@@ -94,6 +105,9 @@ def test_up_detached_status_logs_down(deployment):
     logs = invoke("logs", "worker")
     assert logs.exit_code == 0
     assert "worker | " in logs.stdout and "registered /dynkv/cli/workers/agg-0" in logs.stdout
+    frontend_log = invoke("logs", "frontend")
+    assert frontend_log.exit_code == 0 and "frontend | " in frontend_log.stdout
+    assert "worker joined: agg-0" in frontend_log.stdout
     tail = invoke("logs", "--tail", "1", "etcd", "nats")
     assert tail.exit_code == 0 and len(tail.stdout.splitlines()) == 2
     unknown = invoke("logs", "nope")
@@ -209,7 +223,7 @@ def test_foreground_up_streams_logs_and_stops_everything_on_a_signal(deployment,
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
-    assert "worker | " in out and "GET /health" in out
+    assert re.search(r"^worker +\| ", out, re.M) and "GET /health" in out  # padded to "frontend"
     assert "stopping" in err
     assert_nothing_left([(s.pid, s.create_time) for s in state.services], ddir)
     assert read_state(ddir) is None
@@ -239,3 +253,36 @@ def test_down_stops_a_foreground_up_from_another_terminal(deployment):
             proc.kill()
     assert not psutil.pid_exists(proc.pid) or proc.returncode is not None
     assert_nothing_left([(s.pid, s.create_time) for s in state.services], ddir)
+
+
+def test_up_with_an_api_key_serves_only_bearers_and_never_shows_the_key(deployment):
+    env, model = deployment
+    secret = "sk-integration-do-not-leak"
+    result = invoke("up", "-d", "--model", str(model), "--api-key", secret)
+    assert result.exit_code == 0, result.output
+    assert secret not in result.output
+    assert "Authorization: Bearer $DYNKV_API_KEY" in result.stderr
+    assert f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}/v1" in result.stderr
+    frontend = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"
+    chat = {"model": "model", "messages": [{"role": "user", "content": "hi"}]}
+    anonymous = httpx.post(f"{frontend}/v1/chat/completions", json=chat, timeout=10)
+    assert anonymous.status_code == 401
+    assert anonymous.json()["error"]["code"] == "invalid_api_key"
+    bearer = {"authorization": f"Bearer {secret}"}
+    ok = httpx.post(f"{frontend}/v1/chat/completions", json=chat, headers=bearer, timeout=10)
+    assert ok.status_code == 200, ok.text
+    assert httpx.get(f"{frontend}/health", timeout=5).status_code == 200  # no key needed
+    assert invoke("status").exit_code == 0
+    ddir = os.path.join(env["DYNKV_STATE_DIR"], "cli")
+    for path in [os.path.join(ddir, "state.json")] + [
+        os.path.join(ddir, "logs", name) for name in os.listdir(os.path.join(ddir, "logs"))
+    ]:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            assert secret not in f.read(), path
+    state = read_state(ddir)
+    frontend_pid = state.service("frontend").pid
+    with open(f"/proc/{frontend_pid}/environ", "rb") as f:
+        assert f"DYNKV_API_KEY={secret}".encode() in f.read().split(b"\0")
+    worker_pid = state.service("worker").pid
+    with open(f"/proc/{worker_pid}/environ", "rb") as f:
+        assert b"DYNKV_API_KEY" not in f.read()

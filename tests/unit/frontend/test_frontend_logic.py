@@ -248,3 +248,19 @@ def test_discovery_relists_after_errors_and_compaction():
     assert etcd.starts == [6, 21, 31]
     assert [w.id for w in pool.workers()] == ["agg-2", "agg-3"]
     assert discovery.resyncs == 3
+
+
+def test_probe_access_lines_are_dropped_from_the_log():
+    import logging
+
+    from dynkv.frontend.logs import QuietProbes
+
+    def line(method: str, path: str) -> logging.LogRecord:
+        args = ("127.0.0.1:1", method, path, "1.1", 200)
+        return logging.LogRecord("uvicorn.access", 20, "", 0, '%s - "%s %s HTTP/%s" %d', args, None)
+
+    quiet = QuietProbes()
+    assert not quiet.filter(line("GET", "/health"))
+    assert not quiet.filter(line("GET", "/metrics?x=1"))
+    assert quiet.filter(line("POST", "/v1/chat/completions"))
+    assert quiet.filter(line("GET", "/v1/models"))
