@@ -134,6 +134,27 @@ class KvbmSettings(BaseSettings):
         json_schema_extra=_expect("a whole number ≥ 1", "1000000"),
     )
 
+    handoff_dir: Path | None = Field(
+        None,
+        description="Disaggregated serving on one host: the shared-memory pool (under /dev/shm) "
+        "through which a prefill worker hands a prompt's KV blocks to a decode worker.",
+        json_schema_extra=_expect("a directory path under /dev/shm", "/dev/shm/dynkv-default"),
+    )
+    handoff_gb: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Size of the handoff pool in decimal GB (a ring: old handoffs are overwritten).",
+        json_schema_extra=_expect("a number of decimal GB > 0", "1"),
+    )
+    handoff_ttl_secs: float = Field(
+        120.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="How long a decode worker accepts a prefill's handoff before recomputing.",
+        json_schema_extra=_expect("a number of seconds > 0", "120"),
+    )
+
     @classmethod
     def env_name(cls, field: str) -> str:
         return ENV_PREFIX + field.upper()

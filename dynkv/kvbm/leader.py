@@ -29,9 +29,10 @@ from enum import StrEnum
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.errors import KvbmConfigError
 from dynkv.kvbm.filter import FrequencyFilter
+from dynkv.kvbm.handoff import handoff_slots
 from dynkv.kvbm.layout import BlockLayout
 from dynkv.kvbm.metrics import KvbmMetrics
-from dynkv.kvbm.ops import DISK, HOST, LoadOp, OffloadOp, StoreOp, StoreReport
+from dynkv.kvbm.ops import DISK, HANDOFF, HOST, HandoffOp, LoadOp, OffloadOp, StoreOp, StoreReport
 from dynkv.kvbm.slots import PoolFull, SlotIndex
 
 _REPORT_COUNTERS = {
@@ -43,6 +44,9 @@ _REPORT_COUNTERS = {
     "integrity_failures": "integrity_failures",
     "load_failures": "load_failures",
     "offload_dropped": "offload_dropped",
+    "handoff_sent": "handoff_sent",
+    "handoff_received": "handoff_received",
+    "handoff_missed": "handoff_missed",
 }
 
 
@@ -72,7 +76,7 @@ def tier_sizes(layout: BlockLayout, settings: KvbmSettings) -> tuple[int, int]:
     """(G2 slots, G3 slots): decimal GB ÷ bytes per block, or the override counts."""
     bpb = layout.bytes_per_block
     host, disk = settings.host_blocks(bpb), settings.disk_blocks(bpb)
-    if not host and not disk:
+    if not host and not disk and settings.handoff_dir is None:
         raise KvbmConfigError(
             f"no KVBM tier is configured, or the tiers are smaller than one block ({bpb} bytes)",
             "export DYN_KVBM_CPU_CACHE_GB=4 (host tier) and/or DYN_KVBM_DISK_CACHE_GB=8",
@@ -97,6 +101,11 @@ class BlockLeader:
         host_slots, disk_slots = tier_sizes(layout, settings)
         self.host = SlotIndex(host_slots) if host_slots else None
         self.disk = SlotIndex(disk_slots) if disk_slots else None
+        self.handoff = (
+            SlotIndex(handoff_slots(settings.handoff_gb, layout.slot_stride))
+            if settings.handoff_dir is not None
+            else None
+        )
         if self.disk is not None:
             self.disk.restore(disk_entries)
         self.filter = (
@@ -204,8 +213,7 @@ class BlockLeader:
                 self.host.publish(slot, key)
                 stores.append(StoreOp(key, block, host_slot=slot))
                 offloads.extend(self._observe(key, slot))
-            else:
-                assert self.disk is not None
+            elif self.disk is not None:
                 if key in self.disk:
                     self.disk.touch(key)
                     continue
@@ -216,6 +224,35 @@ class BlockLeader:
                 self.disk.publish(dslot, key)
                 stores.append(StoreOp(key, block, disk_slot=dslot))
         return stores, offloads
+
+    def plan_handoff(
+        self, keys: Sequence[int], device_blocks: Sequence[int]
+    ) -> tuple[list[HandoffOp], list[int]]:
+        """Prefill side: the handoff slots of `keys` (blocks already in the pool are reused) and
+        the copies still to make. The pool is a ring: the least recently used slot is rewritten."""
+        assert self.handoff is not None
+        ops: list[HandoffOp] = []
+        slots: list[int] = []
+        for key, block in zip(keys, device_blocks, strict=True):
+            slot = self.handoff.slot_of(key)
+            if slot is None:
+                slot, _evicted = self.handoff.reserve()
+                self.handoff.publish(slot, key)
+                ops.append(HandoffOp(key, block, slot))
+            else:
+                self.handoff.touch(key)
+            slots.append(slot)
+        return ops, slots
+
+    @staticmethod
+    def plan_handoff_load(
+        keys: Sequence[int], device_blocks: Sequence[int], slots: Sequence[int]
+    ) -> list[LoadOp]:
+        """Decode side: read the prefill's blocks from the handoff pool into the device."""
+        return [
+            LoadOp(key, block, handoff_slot=slot)
+            for key, block, slot in zip(keys, device_blocks, slots, strict=False)
+        ]
 
     def end_step(self) -> None:
         """The step's plan was handed to the workers: its loads run before anything later."""
@@ -231,7 +268,7 @@ class BlockLeader:
     # ---- reports ---------------------------------------------------------------------------------
     def apply_report(self, report: StoreReport) -> None:
         for tier, slot, key in report.failures:
-            index = self.host if tier == HOST else self.disk if tier == DISK else None
+            index = {HOST: self.host, DISK: self.disk, HANDOFF: self.handoff}.get(tier)
             if index is not None and index.slot_of(key) == slot:
                 index.remove(key)
         for slot in report.offloads_done:

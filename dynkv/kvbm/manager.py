@@ -76,6 +76,29 @@ class BlockManager:
         self.sync()
         return len(stores)
 
+    def hand_off(
+        self, keys: Sequence[int], device: Device, device_blocks: Sequence[int]
+    ) -> list[int]:
+        """Prefill side of disaggregated serving: put the blocks in the handoff pool; returns
+        their slots (what travels to the decode worker in kv_transfer_params)."""
+        ops, slots = self.leader.plan_handoff(keys, device_blocks)
+        self.store.write_handoff(ops, device)
+        self.sync()
+        return slots
+
+    def receive(
+        self,
+        keys: Sequence[int],
+        slots: Sequence[int],
+        device: Device,
+        device_blocks: Sequence[int],
+    ) -> list[int]:
+        """Decode side: read handed-off blocks into the device; returns blocks to recompute."""
+        loads = self.leader.plan_handoff_load(keys, device_blocks, slots)
+        failed = self.store.load(loads, device)
+        self.sync()
+        return failed
+
     def sync(self) -> None:
         """Apply what the store has to report (failures, finished disk writes, counters)."""
         self.leader.apply_report(self.store.take_report())

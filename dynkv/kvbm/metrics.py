@@ -79,6 +79,21 @@ class KvbmMetrics:
             "Blocks not offloaded because every slot was busy or the disk queue was full",
             registry=r,
         )
+        self.handoff_sent = Counter(
+            "kvbm_handoff_blocks_sent",
+            "Prefill: prompt blocks written to the shared handoff pool for a decode worker",
+            registry=r,
+        )
+        self.handoff_received = Counter(
+            "kvbm_handoff_blocks_received",
+            "Decode: prompt blocks read from the handoff pool instead of computed",
+            registry=r,
+        )
+        self.handoff_missed = Counter(
+            "kvbm_handoff_blocks_missed",
+            "Decode: handed-off blocks that were gone or overwritten (recomputed)",
+            registry=r,
+        )
         self.host_hit_rate = Gauge(
             "kvbm_host_cache_hit_rate", "Host (G2) hit rate over the request window", registry=r
         )

@@ -21,16 +21,22 @@ class LoadOp:
     host hit:              host_slot ≥ 0, disk_slot = -1
     disk hit, with G2:     host_slot ≥ 0 (promotion target), disk_slot ≥ 0
     disk hit, no G2:       host_slot = -1, disk_slot ≥ 0 (read through a staging buffer)
+    prefill handoff:       handoff_slot ≥ 0 (read from the shared handoff pool)
     """
 
     key: int
     device_block: int
-    host_slot: int
+    host_slot: int = -1
     disk_slot: int = -1
+    handoff_slot: int = -1
 
     @property
     def from_disk(self) -> bool:
         return self.disk_slot >= 0
+
+    @property
+    def from_handoff(self) -> bool:
+        return self.handoff_slot >= 0
 
 
 @dataclass(frozen=True)
@@ -53,17 +59,28 @@ class OffloadOp:
     disk_slot: int
 
 
+@dataclass(frozen=True)
+class HandoffOp:
+    """Prefill side of disaggregated serving: copy device block `device_block` (holding `key`)
+    into slot `slot` of the shared handoff pool, for a decode worker to read."""
+
+    key: int
+    device_block: int
+    slot: int
+
+
 @dataclass
 class StepOps:
     loads: list[LoadOp] = field(default_factory=list)
     stores: list[StoreOp] = field(default_factory=list)
     offloads: list[OffloadOp] = field(default_factory=list)
+    handoffs: list[HandoffOp] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.loads or self.stores or self.offloads)
+        return bool(self.loads or self.stores or self.offloads or self.handoffs)
 
 
-HOST, DISK = "host", "disk"
+HOST, DISK, HANDOFF = "host", "disk", "handoff"
 
 
 @dataclass

@@ -29,12 +29,13 @@ import numpy as np
 
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.disk import DiskPool
+from dynkv.kvbm.handoff import HandoffPool, handoff_slots
 from dynkv.kvbm.host import HostArray
 from dynkv.kvbm.integrity import block_checksum
 from dynkv.kvbm.journal import Entry, Journal
 from dynkv.kvbm.layout import BlockLayout
 from dynkv.kvbm.leader import tier_sizes
-from dynkv.kvbm.ops import DISK, HOST, LoadOp, OffloadOp, StoreOp, StoreReport
+from dynkv.kvbm.ops import DISK, HANDOFF, HOST, HandoffOp, LoadOp, OffloadOp, StoreOp, StoreReport
 
 log = logging.getLogger("dynkv.kvbm")
 
@@ -101,6 +102,13 @@ class BlockStore:
                     settings.disk_cache_dir,
                     len(self.disk_entries),
                 )
+        self.handoff: HandoffPool | None = None
+        if settings.handoff_dir is not None:
+            # prefill and decode both map it with the same geometry; whichever starts first
+            # creates the file (same size), so neither depends on the other's start order
+            self.handoff = HandoffPool(
+                settings.handoff_dir, self.stride, handoff_slots(settings.handoff_gb, self.stride)
+            )
         self._lock = threading.Lock()
         self._disk_writes: dict[int, Future] = {}  # disk slot -> last write submitted
         self._report = StoreReport()
@@ -113,11 +121,14 @@ class BlockStore:
         if not ops:
             return []
         t0 = time.perf_counter()
-        staged_ops = [op for op in ops if op.from_disk and op.host_slot < 0]
+        staged_ops = [op for op in ops if op.from_disk and op.host_slot < 0 and not op.from_handoff]
         stage, _keep = staging(len(staged_ops), self.stride) if staged_ops else (None, None)
         stage_row = {id(op): i for i, op in enumerate(staged_ops)}
 
         def dest(op: LoadOp) -> tuple[np.ndarray, int]:
+            if op.from_handoff:
+                assert self.handoff is not None
+                return self.handoff.array, op.handoff_slot
             if op.host_slot >= 0:
                 assert self.host is not None
                 return self.host.array, op.host_slot
@@ -137,9 +148,19 @@ class BlockStore:
 
         good_host: list[tuple[int, int]] = []  # (row, device block) in G2
         good_stage: list[tuple[int, int]] = []
+        good_handoff: list[tuple[int, int]] = []
         failed: list[int] = []
         report = StoreReport()
         for i, op in enumerate(ops):
+            if op.from_handoff:
+                if self._handoff_block_valid(op):
+                    report.count("handoff_received")
+                    good_handoff.append((op.handoff_slot, op.device_block))
+                else:
+                    report.count("handoff_missed")
+                    report.failures.append((HANDOFF, op.handoff_slot, op.key))
+                    failed.append(op.device_block)
+                continue
             array, row = dest(op)
             ok = True
             if i in reads and reads[i].exception() is not None:
@@ -177,6 +198,10 @@ class BlockStore:
         if good_stage:
             rows, blocks = zip(*good_stage, strict=True)
             device.from_host(stage, list(rows), list(blocks))
+        if good_handoff:
+            assert self.handoff is not None
+            rows, blocks = zip(*good_handoff, strict=True)
+            device.from_host(self.handoff.array, list(rows), list(blocks))
         device.synchronize()
         if disk_seconds:
             report.durations.append(("disk_to_host", disk_seconds))
@@ -184,6 +209,38 @@ class BlockStore:
         with self._lock:
             self._report.merge(report)
         return failed
+
+    def _handoff_block_valid(self, op: LoadOp) -> bool:
+        """The slot still holds this key's block, intact (the producer may have rewritten it)."""
+        if self.handoff is None or not 0 <= op.handoff_slot < self.handoff.slots:
+            return False
+        key, checksum = self.handoff.read_record(op.handoff_slot)
+        valid = (
+            key == op.key and block_checksum(self.handoff.array[op.handoff_slot], key) == checksum
+        )
+        if not valid and op.key not in self._warned:
+            self._warned.add(op.key)
+            log.info(
+                "KVBM: handed-off block %032x is gone from the handoff pool (expired or rewritten); "
+                "recomputing it",
+                op.key,
+            )
+        return valid
+
+    def write_handoff(self, ops: Sequence[HandoffOp], device: Device) -> None:
+        """Prefill side: copy prompt blocks into the shared pool (synchronous; host memory)."""
+        if not ops:
+            return
+        assert self.handoff is not None
+        pool = self.handoff
+        for op in ops:
+            pool.clear_record(op.slot)
+        device.to_host([op.device_block for op in ops], pool.array, [op.slot for op in ops])
+        device.synchronize()
+        for op in ops:
+            pool.write_record(op.slot, op.key, block_checksum(pool.array[op.slot], op.key))
+        with self._lock:
+            self._report.count("handoff_sent", len(ops))
 
     def _integrity_failure(self, op: LoadOp, report: StoreReport) -> None:
         report.count("integrity_failures")
@@ -327,3 +384,5 @@ class BlockStore:
                 self.journal.close()
         if self.disk is not None:
             self.disk.close()
+        if self.handoff is not None:
+            self.handoff.close()

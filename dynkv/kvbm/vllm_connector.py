@@ -165,9 +165,9 @@ class DynkvConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        if self._scheduler is not None:
-            self._scheduler.request_finished(request.request_id)
-        return False, None
+        if self._scheduler is None:
+            return False, None
+        return False, self._scheduler.request_finished(request.request_id)
 
     def shutdown(self) -> None:
         if self._worker is not None:

@@ -14,6 +14,7 @@ processes, restarts and vLLM versions, and carry the request's cache salt and Lo
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,10 @@ class _Request:
     lookup_start: int = 0  # block index of the last lookup (vLLM's own hit, in blocks)
     recorded: bool = False  # this request's lookup is in the hit-rate window
     skip: bool = False  # inputs KVBM cannot key (multimodal, prompt embeddings)
+    produce: bool = False  # a prefill request of disaggregated serving: hand its prompt off
+    handoff_slots: list[int] | None = None  # where the prompt's blocks went (prefill side)
+    receive: list[int] | None = None  # handoff slots of the prompt's blocks (decode side)
+    use_handoff: bool = False  # the last lookup chose the handoff over the local tiers
 
 
 @dataclass
@@ -59,6 +64,7 @@ class SchedulerSide:
     ) -> None:
         self.layout = layout
         self.block_size = layout.block_size
+        self.handoff_ttl = settings.handoff_ttl_secs
         self.hasher = BlockHasher(layout.fingerprint(), layout.block_size)
         entries = []
         _host, disk_slots = tier_sizes(layout, settings)
@@ -108,8 +114,45 @@ class SchedulerSide:
                 getattr(request, "prompt_embeds", None) is not None
             )
             st = _Request(request, tuple(extra), skip=skip)
+            self._read_transfer_params(st)
             self._requests[request.request_id] = st
         return st
+
+    def _read_transfer_params(self, st: _Request) -> None:
+        """`kv_transfer_params["dynkv"]`: {"produce": true} on a prefill request; on a decode
+        request what the prefill returned. Anything that does not match this engine (another
+        model or block size, expired, malformed) is ignored: the decode recomputes."""
+        params = getattr(st.request, "kv_transfer_params", None) or {}
+        ours = params.get("dynkv") if isinstance(params, dict) else None
+        if not isinstance(ours, dict):
+            return
+        if ours.get("produce") is True:
+            if self.leader.handoff is None:
+                log.warning(
+                    "KVBM: a prefill request asked for a handoff but DYN_KVBM_HANDOFF_DIR is unset"
+                )
+            else:
+                st.produce = True
+            return
+        slots = ours.get("slots")
+        if not (isinstance(slots, list) and all(isinstance(x, int) for x in slots)):
+            return
+        if (
+            ours.get("fingerprint") != self.layout.fingerprint_hex()
+            or ours.get("block_size") != self.block_size
+        ):
+            log.warning("KVBM: a handoff from another model or block size was ignored; recomputing")
+            return
+        expires = ours.get("expires")
+        if not isinstance(expires, int | float) or expires < time.time():
+            log.info("KVBM: a handoff arrived after it expired; recomputing the prompt")
+            return
+        if self.leader.handoff is None:
+            log.warning(
+                "KVBM: a decode request carries a handoff but DYN_KVBM_HANDOFF_DIR is unset"
+            )
+            return
+        st.receive = slots
 
     def _keys(self, st: _Request, blocks: int) -> list[int]:
         """Keys of the request's first `blocks` full blocks, extending the cached chain."""
@@ -139,7 +182,9 @@ class SchedulerSide:
             return 0, False
         keys = self._keys(st, limit)
         matched = self.leader.match(keys[start:limit]).blocks
-        return matched * self.block_size, False
+        handed = max(0, min(len(st.receive), limit) - start) if st.receive else 0
+        st.use_handoff = handed > 0 and handed >= matched
+        return max(matched, handed) * self.block_size, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         st = self._state(request)
@@ -157,6 +202,15 @@ class SchedulerSide:
         if n <= 0:
             return
         device_blocks = blocks.get_block_ids()[0][start : start + n]
+        if st.use_handoff:
+            assert st.receive is not None
+            loads = self.leader.plan_handoff_load(
+                keys[start : start + n], device_blocks, st.receive[start : start + n]
+            )
+            self._plan.ops.loads.extend(loads)
+            self.metrics.matched_tokens.inc(len(loads) * self.block_size)
+            st.stored = max(st.stored, start + n)
+            return
         loads, offloads = self.leader.plan_load(keys[start : start + n], device_blocks)
         self._plan.ops.loads.extend(loads)
         self._plan.ops.offloads.extend(offloads)
@@ -174,6 +228,8 @@ class SchedulerSide:
                 continue
             req = st.request
             after = min(req.num_computed_tokens + scheduled, req.num_tokens)
+            if st.produce and st.handoff_slots is None and after >= req.num_prompt_tokens:
+                self._plan_handoff(st, plan, block_ids_of(req_id))
             full = after // self.block_size
             if full <= st.stored:
                 continue
@@ -188,14 +244,34 @@ class SchedulerSide:
         self.leader.end_step()
         return plan
 
+    def _plan_handoff(self, st: _Request, plan: StepPlan, block_ids: list[int]) -> None:
+        """The prompt is computed (in this step): all its full blocks go to the handoff pool,
+        including those vLLM or KVBM supplied from a cache — the decode needs every one."""
+        full = st.request.num_prompt_tokens // self.block_size
+        keys = self._keys(st, full)
+        ops, slots = self.leader.plan_handoff(keys, block_ids[:full])
+        plan.ops.handoffs.extend(ops)
+        st.handoff_slots = slots
+
     def on_preempted(self, req_id: str) -> None:
         """A preempted request comes back through a fresh lookup; its stored blocks stay stored."""
         st = self._requests.get(req_id)
         if st is not None:
             st.recorded = False
 
-    def request_finished(self, req_id: str) -> None:
-        self._requests.pop(req_id, None)
+    def request_finished(self, req_id: str) -> dict | None:
+        """Forget the request; a prefill request returns what its decode needs."""
+        st = self._requests.pop(req_id, None)
+        if st is None or not st.handoff_slots:
+            return None
+        return {
+            "dynkv": {
+                "fingerprint": self.layout.fingerprint_hex(),
+                "block_size": self.block_size,
+                "slots": st.handoff_slots,
+                "expires": time.time() + self.handoff_ttl,
+            }
+        }
 
     def apply_report(self, report: StoreReport) -> None:
         self.leader.apply_report(report)

@@ -55,6 +55,12 @@ class WorkerSide:
             if self.store.disk
             else "off",
         )
+        if self.store.handoff is not None:
+            log.info(
+                "KVBM handoff pool: %d blocks in %s",
+                self.store.handoff.slots,
+                self.store.handoff.directory,
+            )
 
     def start_load(self, ops: StepOps, unloadable: list[int]) -> None:
         self._load_errors.update(unloadable)
@@ -62,8 +68,12 @@ class WorkerSide:
             self._load_errors.update(self.store.load(ops.loads, self.device))
 
     def save(self, ops: StepOps) -> None:
-        if (ops.stores or ops.offloads) and self.store is not None and self.device is not None:
+        if self.store is None or self.device is None:
+            return
+        if ops.stores or ops.offloads:
             self.store.store(ops.stores, ops.offloads, self.device)
+        if ops.handoffs:
+            self.store.write_handoff(ops.handoffs, self.device)
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dynkv.infra.docker import etcd_docker_service, nats_docker_service
@@ -87,10 +87,10 @@ def _inherited(environ: Mapping[str, str]) -> dict[str, str]:
 def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     dep = resolved.deployment
     ddir = dep.deployment_dir
-    if dep.topology != "agg":
+    if dep.topology == "disagg" and host.device == "cpu" and len(host.cpus) < 2:
         raise PlanError(
-            f"topology {dep.topology} is not supported by `dynkv up` yet (agg only)",
-            "use --topology agg (export DYNKV_TOPOLOGY=agg)",
+            "disagg on CPU needs at least 2 cores (prefill and decode each get their own)",
+            "use --topology agg, or run on a host with more cores",
         )
     if host.device == "cpu" and dep.block_size % 32:
         raise PlanError(
@@ -159,8 +159,9 @@ def _workers(
     resolved: Resolved, host: HostFacts, endpoints: tuple[str, ...], depends_on: tuple[str, ...]
 ) -> list[Service]:
     dep, kvbm = resolved.deployment, resolved.kvbm
-    roles = ["agg"]  # disagg adds prefill + decode here
+    roles = ["agg"] if dep.topology == "agg" else ["prefill", "decode"]
     kv_bytes = None if dep.device_kv_gb is None else int(dep.device_kv_gb * 1e9)
+    handoff = handoff_dir(dep.name) if dep.topology == "disagg" else None
     workers = []
     for index, role in enumerate(roles):
         port = dep.worker_port + index
@@ -172,6 +173,15 @@ def _workers(
         # one pool per deployment and worker: pools are locked to one engine, and a restarted
         # deployment finds its own blocks again
         env["DYN_KVBM_DISK_CACHE_DIR"] = str(kvbm.disk_cache_dir / f"{dep.name}-{role}")
+        if handoff is not None:
+            env["DYN_KVBM_HANDOFF_DIR"] = str(handoff)
+        if role == "decode":
+            # the profile's tiers belong to the prefill worker, which sees every prompt; the
+            # decode worker receives prompts through the handoff pool only
+            for name in DECODE_TIERLESS:
+                env[name] = "0"
+        if host.device == "cuda" and role != "agg":
+            env["CUDA_VISIBLE_DEVICES"] = str(index)  # one GPU each (doctor checks there are 2)
         env_unset: tuple[str, ...] = ()
         if host.device == "cpu":
             cpu_env, env_unset = cpu_engine_env(
@@ -210,6 +220,8 @@ def _workers(
                 depends_on=depends_on,
             )
         )
+        if handoff is not None and role == "prefill":
+            workers[-1] = replace(workers[-1], data_dirs=(*workers[-1].data_dirs, str(handoff)))
     return workers
 
 
@@ -231,6 +243,20 @@ def _frontend(
         env=env,
         depends_on=workers,
     )
+
+
+DECODE_TIERLESS = (
+    "DYN_KVBM_CPU_CACHE_GB",
+    "DYN_KVBM_DISK_CACHE_GB",
+    "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS",
+    "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS",
+)
+
+
+def handoff_dir(name: str) -> Path:
+    """The prefill→decode handoff pool of a disagg deployment: shared memory when the host has it
+    (tmpfs, so the handoff costs memcpy, not I/O); `dynkv down` removes it."""
+    return Path("/dev/shm") / f"dynkv-{name}"
 
 
 def _check_port_clashes(services: tuple[Service, ...]) -> None:

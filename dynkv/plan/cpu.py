@@ -63,15 +63,27 @@ def cpu_engine_env(
 ) -> tuple[dict[str, str], tuple[str, ...]]:
     """(environment to set, variables to remove) for one CPU engine.
 
-    agg: the one engine gets every core the launcher may use, and none is reserved. A value the
-    user exported for one of these variables is kept (they asked for it), except that an explicit
-    G1 size (`kv_cache_bytes`, from DYNKV_DEVICE_KV_GB) always wins over VLLM_CPU_KVCACHE_SPACE.
+    agg: the one engine gets every core the launcher may use, and none is reserved. disagg: the
+    prefill engine gets the first half of the cores and the decode engine the rest, so neither
+    steals the other's (OpenMP threads spin). A value the user exported for one of these
+    variables is kept (they asked for it), except that an explicit G1 size (`kv_cache_bytes`,
+    from DYNKV_DEVICE_KV_GB) always wins over VLLM_CPU_KVCACHE_SPACE.
     """
-    if role != "agg":
-        raise ValueError(f"CPU core split for role {role!r} is not defined yet (agg only)")
+    ids = sorted(set(cpus))
+    if role == "agg":
+        mine = ids
+    elif role in ("prefill", "decode"):
+        if len(ids) < 2:
+            raise ValueError("prefill and decode each need a core of their own")
+        half = len(ids) // 2
+        mine = ids[:half] if role == "prefill" else ids[half:]
+    else:
+        raise ValueError(f"no CPU core split for role {role!r}")
     user = {k: v for k, v in (user_env or {}).items() if k in CPU_ENV_VARS and v != ""}
+    if role != "agg":
+        user.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # one binding cannot serve two engines
     env = {
-        "VLLM_CPU_OMP_THREADS_BIND": user.get("VLLM_CPU_OMP_THREADS_BIND", cpu_list(cpus)),
+        "VLLM_CPU_OMP_THREADS_BIND": user.get("VLLM_CPU_OMP_THREADS_BIND", cpu_list(mine)),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": user.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
     }
     unset: tuple[str, ...] = ()

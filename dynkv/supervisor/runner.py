@@ -384,11 +384,15 @@ def _stop_state(
 
 
 def _remove_inside(path: Path, root: Path) -> None:
-    """rmtree, but only below the deployment dir (a state file is not trusted to name /)."""
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return
+    """rmtree, but only below the deployment dir, or a disagg handoff pool in /dev/shm named
+    dynkv-<name> (a state file is not trusted to name anything else)."""
+    resolved = path.resolve()
+    shm_pool = resolved.parent == Path("/dev/shm") and resolved.name.startswith("dynkv-")
+    if not shm_pool:
+        try:
+            resolved.relative_to(root.resolve())
+        except ValueError:
+            return
     shutil.rmtree(path, ignore_errors=True)
 
 

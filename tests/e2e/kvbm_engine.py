@@ -138,6 +138,27 @@ def main() -> None:
         result["loaded_blocks"] = len(loaded)
         result["loaded_identical"] = sum(worker.device.block_bytes(b) in originals for b in loaded)
         result["cold_nonzero_blocks"] = len(nonzero)
+    elif cfg["scenario"] == "produce":  # the prefill half of disaggregated serving
+        produce = SamplingParams(
+            temperature=0.0,
+            max_tokens=1,
+            extra_args={"kv_transfer_params": {"dynkv": {"produce": True}}},
+        )
+        outs = llm.generate(prompts, produce)
+        result["params"] = [o.kv_transfer_params for o in outs]
+        settle()
+        result["metrics"] = _metrics(port)
+    elif cfg["scenario"] == "consume":  # the decode half: prefix from the handoff, then reference
+        handed = []
+        for prompt, params in zip(prompts, cfg["params"], strict=True):
+            sp = greedy.clone()
+            sp.extra_args = {"kv_transfer_params": params}
+            handed.append(llm.generate([prompt], sp)[0])
+        result["handoff"] = _outputs(handed)
+        settle()
+        result["metrics"] = _metrics(port)
+        llm.reset_prefix_cache()
+        result["reference"] = _outputs(llm.generate(prompts, greedy))
     elif cfg["scenario"] == "restart":
         result["run"] = _outputs(llm.generate(prompts, greedy))
         settle()

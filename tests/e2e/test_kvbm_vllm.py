@@ -171,3 +171,53 @@ def test_onboarded_kv_bytes_are_identical(tmp_path):
     assert result["loaded_identical"] == result["loaded_blocks"]
     assert result["cold_nonzero_blocks"] >= result["loaded_blocks"]
     assert result["kvbm_hit"] == result["cold"]
+
+
+@pytest.fixture(scope="module")
+def handoff_dir():
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dynkv-e2e-handoff-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def produced(handoff_dir, tmp_path_factory):
+    env = {"DYN_KVBM_CPU_CACHE_GB": "0.05", "DYN_KVBM_HANDOFF_DIR": str(handoff_dir)}
+    result, _ = run_engine("produce", env, tmp_path_factory.mktemp("prefill"))
+    return result
+
+
+def test_prefill_hands_its_prompt_to_decode(produced, handoff_dir, tmp_path):
+    params = produced["params"]
+    assert all(p and len(p["dynkv"]["slots"]) == PROMPT_TOKENS // 32 for p in params)
+    assert produced["metrics"]["kvbm_handoff_blocks_sent_total"] == len(PROMPTS) * (
+        PROMPT_TOKENS // 32
+    )
+    # the decode engine has no tier of its own: only the handoff pool
+    result, _ = run_engine(
+        "consume", {"DYN_KVBM_HANDOFF_DIR": str(handoff_dir)}, tmp_path, params=params
+    )
+    assert result["handoff"] == result["reference"]
+    assert result["metrics"]["kvbm_handoff_blocks_received_total"] == LOADABLE * len(PROMPTS)
+    assert result["metrics"]["kvbm_handoff_blocks_missed_total"] == 0
+
+
+def test_lost_handoff_blocks_are_recomputed(produced, handoff_dir, tmp_path):
+    from dynkv.kvbm.handoff import POOL_FILE
+
+    pool = handoff_dir / POOL_FILE
+    data = bytearray(pool.read_bytes())
+    slot = produced["params"][0]["dynkv"]["slots"][2]
+    data[slot * 65536 + 7] ^= 0xFF  # one block of the first prompt is damaged
+    pool.write_bytes(bytes(data))
+    expired = [dict(p) for p in produced["params"]]
+    expired[1] = {"dynkv": {**expired[1]["dynkv"], "expires": 0}}  # the second arrives too late
+    result, out = run_engine(
+        "consume", {"DYN_KVBM_HANDOFF_DIR": str(handoff_dir)}, tmp_path, params=expired
+    )
+    assert result["handoff"] == result["reference"]
+    assert result["metrics"]["kvbm_handoff_blocks_missed_total"] == 1
+    assert "recomputing" in out

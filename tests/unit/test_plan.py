@@ -205,9 +205,38 @@ def test_cpu_block_size_must_be_a_multiple_of_32():
     assert "multiple of 32" in exc.value.cause and "DYNKV_BLOCK_SIZE" in exc.value.fix
 
 
-def test_disagg_is_refused_with_a_fix():
+def test_disagg_on_cpu_splits_cores_and_hands_off_through_shared_memory():
+    plan = plan_for({"DYNKV_TOPOLOGY": "disagg"}, cpus=(0, 1, 2, 3))
+    prefill, decode = plan.service("prefill-0"), plan.service("decode-1")
+    assert [s.role for s in plan.services if s.role in ("prefill", "decode")] == [
+        "prefill",
+        "decode",
+    ]
+    assert prefill.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    assert decode.env["VLLM_CPU_OMP_THREADS_BIND"] == "2-3"
+    assert (
+        prefill.env["DYN_KVBM_HANDOFF_DIR"]
+        == decode.env["DYN_KVBM_HANDOFF_DIR"]
+        == "/dev/shm/dynkv-default"
+    )
+    assert "/dev/shm/dynkv-default" in prefill.data_dirs  # removed by `down`
+    # the profile's tiers serve the prefill worker; the decode worker reads the handoff only
+    assert prefill.env["DYN_KVBM_CPU_CACHE_GB"] == "4"
+    assert decode.env["DYN_KVBM_CPU_CACHE_GB"] == decode.env["DYN_KVBM_DISK_CACHE_GB"] == "0"
+    assert prefill.env["DYN_KVBM_DISK_CACHE_DIR"] != decode.env["DYN_KVBM_DISK_CACHE_DIR"]
+    assert (prefill.ports["http"], decode.ports["http"]) == (8100, 8101)
+    assert (prefill.ports["kvbm_metrics"], decode.ports["kvbm_metrics"]) == (6880, 6881)
+
+
+def test_disagg_on_cuda_puts_each_worker_on_its_own_gpu():
+    plan = plan_for({"DYNKV_TOPOLOGY": "disagg"}, device="cuda")
+    assert plan.service("prefill-0").env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert plan.service("decode-1").env["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_disagg_on_a_single_core_is_refused_with_a_fix():
     with pytest.raises(PlanError) as exc:
-        plan_for({"DYNKV_TOPOLOGY": "disagg"})
+        plan_for({"DYNKV_TOPOLOGY": "disagg"}, cpus=(0,))
     assert "--topology agg" in exc.value.fix
 
 
@@ -373,9 +402,17 @@ def test_cpu_list(cpus, text):
     assert cpu_list(cpus) == text
 
 
-def test_cpu_engine_env_is_agg_only_for_now():
+def test_cpu_engine_env_splits_cores_between_prefill_and_decode():
+    env, _ = cpu_engine_env((0, 1, 2), role="prefill", kv_cache_bytes=None)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    env, _ = cpu_engine_env(
+        (0, 1, 2), role="decode", kv_cache_bytes=None, user_env={"VLLM_CPU_OMP_THREADS_BIND": "0-2"}
+    )
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1-2"  # one binding cannot serve two engines
     with pytest.raises(ValueError):
-        cpu_engine_env((0, 1), role="prefill", kv_cache_bytes=None)
+        cpu_engine_env((0,), role="decode", kv_cache_bytes=None)
+    with pytest.raises(ValueError):
+        cpu_engine_env((0, 1), role="router", kv_cache_bytes=None)
 
 
 # ---- dry run through the CLI --------------------------------------------------------------------

@@ -88,6 +88,9 @@ GOOD = [
     ("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS", "1.5", "cache_stats_log_interval_secs", 1.5),
     ("DYN_KVBM_DISK_OFFLOAD_FILTER_DECAY_SECS", "60", "disk_offload_filter_decay_secs", 60.0),
     ("DYN_KVBM_DISK_OFFLOAD_FILTER_MAX_ENTRIES", "10", "disk_offload_filter_max_entries", 10),
+    ("DYN_KVBM_HANDOFF_DIR", "/dev/shm/dynkv-x", "handoff_dir", Path("/dev/shm/dynkv-x")),
+    ("DYN_KVBM_HANDOFF_GB", "0.5", "handoff_gb", 0.5),
+    ("DYN_KVBM_HANDOFF_TTL_SECS", "30", "handoff_ttl_secs", 30.0),
 ]
 
 

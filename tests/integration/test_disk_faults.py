@@ -1,0 +1,110 @@
+"""Disk-tier faults: whatever happens to the files, loads return correct bytes or a miss.
+
+Expected behaviour, written down:
+- truncated pool file: blocks past the end fail their read → recomputed, counted, logged;
+- disk full at start: the pool cannot be preallocated → a clear error naming the size setting;
+- read-only filesystem at start: a clear error naming the directory setting;
+- directory deleted under a running engine: the open pool keeps working (the kernel keeps the
+  unlinked files), and the next start begins with an empty pool — nothing wrong is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from kvbm_helpers import G1, LAYOUT, expected_bytes, keys_for, load, settings, store
+
+from dynkv.kvbm.errors import KvbmConfigError
+from dynkv.kvbm.manager import BlockManager
+
+pytestmark = pytest.mark.integration
+
+
+def g3(directory, blocks=16, **kw):
+    return BlockManager(
+        LAYOUT, settings(disk_cache_override_num_blocks=blocks, disk_cache_dir=directory, **kw)
+    )
+
+
+def mount_tmpfs(options: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix="dynkv-fault-"))
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if proc.returncode:
+        path.rmdir()
+        pytest.skip(f"cannot mount tmpfs here (needs root): {proc.stderr.strip()}")
+    return path
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+    path.rmdir()
+
+
+def test_truncated_pool_file_is_a_miss(tmp_path, caplog):
+    m = g3(tmp_path / "g3")
+    g1 = G1()
+    keys = keys_for(6)
+    store(m, g1, keys)
+    m.flush()
+    slots = {k: m.leader.disk.slot_of(k) for k in keys}
+    with open(tmp_path / "g3" / "blocks.bin", "r+b") as fh:
+        fh.truncate(3 * LAYOUT.slot_stride)  # slots 3.. are gone
+    with caplog.at_level(logging.WARNING, logger="dynkv.kvbm"):
+        failed, data = load(m, g1, keys, first_block=40)
+    lost = sorted(40 + i for i, k in enumerate(keys) if slots[k] >= 3)
+    assert failed == lost and lost
+    for i, k in enumerate(keys):
+        assert data[i] is None if slots[k] >= 3 else data[i] == expected_bytes(k)
+    assert m.metrics.load_failures._value.get() == len(lost)
+    assert any("reading a disk block failed" in r.message for r in caplog.records)
+    assert m.match(keys).blocks < len(keys)  # the lost blocks left the index
+    m.close()
+
+
+def test_disk_full_at_start_names_the_size_setting():
+    path = mount_tmpfs("size=32k")
+    try:
+        with pytest.raises(KvbmConfigError) as info:
+            g3(path / "g3", blocks=64)  # 64 × 4 KiB > 32 KiB
+        assert "not enough free space" in info.value.cause
+        assert "DYN_KVBM_DISK_CACHE_GB" in info.value.fix
+    finally:
+        unmount(path)
+
+
+def test_read_only_filesystem_names_the_directory_setting():
+    path = mount_tmpfs("size=1m,ro")
+    try:
+        with pytest.raises(KvbmConfigError) as info:
+            g3(path / "g3")
+        assert "DYN_KVBM_DISK_CACHE_DIR" in info.value.fix
+    finally:
+        unmount(path)
+
+
+def test_directory_deleted_under_a_running_pool(tmp_path):
+    directory = tmp_path / "g3"
+    m = g3(directory)
+    g1 = G1()
+    first = keys_for(3)
+    store(m, g1, first)
+    m.flush()
+    shutil.rmtree(directory)
+    # the engine keeps its open (now unlinked) pool: stores and loads stay correct
+    second = keys_for(3, salt="after")
+    store(m, g1, second, first_block=10)
+    m.flush()
+    failed, data = load(m, g1, first + second)
+    assert failed == [] and data == [expected_bytes(k) for k in first + second]
+    m.close()
+    # a restart finds nothing (the files are gone) and starts clean
+    m = g3(directory)
+    assert m.stats()["disk_blocks_used"] == 0 and m.match(first).blocks == 0
+    m.close()

@@ -1,0 +1,84 @@
+"""The prefill → decode handoff through the shared-memory pool, with two real block managers."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+from kvbm_helpers import G1, LAYOUT, expected_bytes, keys_for, settings
+
+from dynkv.kvbm.handoff import POOL_FILE, RECORD
+from dynkv.kvbm.manager import BlockManager
+
+
+@pytest.fixture
+def shm():
+    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dynkv-test-handoff-"))
+    yield path / "pool"
+    shutil.rmtree(path)
+
+
+def manager(pool, **kw):
+    return BlockManager(LAYOUT, settings(handoff_dir=pool, **kw))
+
+
+def test_prefill_hands_blocks_to_decode_byte_exact(shm):
+    prefill, decode = manager(shm, cpu_cache_override_num_blocks=8), manager(shm)
+    g1_p, g1_d = G1(), G1()
+    keys = keys_for(5)
+    for block, key in enumerate(keys):
+        g1_p.put(block, key)
+    slots = prefill.hand_off(keys, g1_p.dev, list(range(5)))
+    assert len(slots) == 5
+    failed = decode.receive(keys, slots, g1_d.dev, list(range(20, 25)))
+    assert failed == []
+    assert [g1_d.get(20 + i) for i in range(5)] == [expected_bytes(k) for k in keys]
+    assert prefill.metrics.handoff_sent._value.get() == 5
+    assert decode.metrics.handoff_received._value.get() == 5
+    # the same prefix handed off again reuses the slots: nothing copied twice
+    assert prefill.hand_off(keys, g1_p.dev, list(range(5))) == slots
+    assert prefill.metrics.handoff_sent._value.get() == 5
+    prefill.close()
+    decode.close()
+
+
+def test_rewritten_slots_are_recomputed_not_used(shm):
+    # a pool of 3 blocks: handing off 3 more rewrites every slot of the first handoff (a ring)
+    gb = 3 * (LAYOUT.slot_stride + RECORD.size) / 1e9
+    prefill, decode = manager(shm, handoff_gb=gb), manager(shm, handoff_gb=gb)
+    g1_p, g1_d = G1(), G1()
+    first, second = keys_for(3), keys_for(3, salt="other")
+    for block, key in enumerate(first + second):
+        g1_p.put(block, key)
+    slots = prefill.hand_off(first, g1_p.dev, [0, 1, 2])
+    prefill.hand_off(second, g1_p.dev, [3, 4, 5])
+    failed = decode.receive(first, slots, g1_d.dev, [10, 11, 12])
+    assert failed == [10, 11, 12]
+    assert decode.metrics.handoff_missed._value.get() == 3
+    prefill.close()
+    decode.close()
+
+
+def test_a_slot_claimed_for_another_key_is_refused(shm):
+    prefill, decode = manager(shm), manager(shm)
+    g1_p, g1_d = G1(), G1()
+    keys = keys_for(2)
+    for block, key in enumerate(keys):
+        g1_p.put(block, key)
+    slots = prefill.hand_off(keys, g1_p.dev, [0, 1])
+    # a forged or stale handoff: right slots, other keys (another prompt or salt)
+    assert decode.receive(keys_for(2, salt="x"), slots, g1_d.dev, [5, 6]) == [5, 6]
+    assert decode.receive(keys, [slots[1], slots[0]], g1_d.dev, [5, 6]) == [5, 6]
+    assert decode.receive(keys, [10_000_000, slots[1]], g1_d.dev, [5, 6]) == [5]
+    prefill.close()
+    decode.close()
+
+
+def test_pool_is_private(shm):
+    m = manager(shm)
+    assert stat.S_IMODE(shm.stat().st_mode) == 0o700
+    assert stat.S_IMODE((shm / POOL_FILE).stat().st_mode) == 0o600
+    m.close()
