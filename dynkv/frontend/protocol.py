@@ -18,6 +18,9 @@ from dynkv.frontend.errors import bad_request
 Endpoint = Literal["chat", "completions"]
 PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 _REQUIRED: dict[Endpoint, str] = {"chat": "messages", "completions": "prompt"}
+# Fields only the frontend may set: workers trust them (a KV handoff's slots), so a client's are
+# dropped before forwarding.
+INTERNAL_FIELDS = ("kv_transfer_params",)
 
 
 @dataclass(frozen=True)
@@ -34,10 +37,20 @@ class ApiRequest:
     def path(self) -> str:
         return PATHS[self.endpoint]
 
+    def forward_body(self) -> bytes:
+        """What a worker receives: the bytes as received, unless the client set an internal
+        field, which is removed."""
+        if not any(f in self.body for f in INTERNAL_FIELDS):
+            return self.raw
+        kept = {k: v for k, v in self.body.items() if k not in INTERNAL_FIELDS}
+        return json.dumps(kept, separators=(",", ":")).encode()
+
     def with_body(self, **changes: Any) -> bytes:
         """The body with some fields replaced, serialised (a strategy rewriting a request, such
-        as a disaggregated prefill with max_tokens=1)."""
-        return json.dumps({**self.body, **changes}, separators=(",", ":")).encode()
+        as a disaggregated prefill with max_tokens=1 and its own `kv_transfer_params`); a
+        client's internal fields are dropped unless `changes` sets them."""
+        kept = {k: v for k, v in self.body.items() if k not in INTERNAL_FIELDS}
+        return json.dumps({**kept, **changes}, separators=(",", ":")).encode()
 
 
 def parse_request(

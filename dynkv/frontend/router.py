@@ -57,8 +57,9 @@ class RouteContext:
     metrics: FrontendMetrics
 
     async def open(self, req: ApiRequest, role: str, body: bytes | None = None) -> Upstream:
-        """Send `body` (default: the request as received) to a healthy `role` worker of the
-        request's model; the answer's status and first chunk are in when this returns."""
+        """Send `body` (default: the request as received, less internal fields) to a healthy
+        `role` worker of the request's model; the answer's status and first chunk are in when
+        this returns."""
         tried: list[str] = []
         failures: list[str] = []
         for attempt in range(ATTEMPTS):
@@ -75,7 +76,7 @@ class RouteContext:
             lease.on_release.append(gauge.dec)
             try:
                 return await self.forwarder.open(
-                    worker, lease, req.path, req.raw if body is None else body,
+                    worker, lease, req.path, req.forward_body() if body is None else body,
                     request_id=req.request_id,
                 )  # fmt: skip
             except WorkerUnreachable as exc:

@@ -54,9 +54,19 @@ def test_a_valid_request_keeps_its_bytes_and_reads_stream():
     req = parse_request("chat", raw, request_id="r1")
     assert (req.model, req.stream, req.raw, req.path) == ("m", True, raw, "/v1/chat/completions")
     assert parse_request("completions", b'{"model":"m","prompt":"x","stream":1}').stream is False
+    assert req.forward_body() is raw
     rewritten = json.loads(req.with_body(max_tokens=1, stream=False))
     assert rewritten["max_tokens"] == 1 and rewritten["stream"] is False
     assert rewritten["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_a_clients_kv_transfer_params_never_reach_a_worker():
+    raw = b'{"model":"m","prompt":"x","kv_transfer_params":{"dynkv":{"consume":[1]}}}'
+    req = parse_request("completions", raw)
+    assert json.loads(req.forward_body()) == {"model": "m", "prompt": "x"}
+    assert "kv_transfer_params" not in json.loads(req.with_body(max_tokens=1))
+    mine = json.loads(req.with_body(kv_transfer_params={"dynkv": {"produce": True}}))
+    assert mine["kv_transfer_params"] == {"dynkv": {"produce": True}}
 
 
 # ---- pool ----------------------------------------------------------------------------------------
