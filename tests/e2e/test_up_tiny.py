@@ -65,6 +65,7 @@ def env(tmp_path) -> dict[str, str]:
         "DYNKV_NATS_PORT": str(free_port()),
         "DYNKV_NATS_MONITOR_PORT": str(free_port()),
         "DYNKV_WORKER_PORT": str(free_port()),
+        "DYNKV_FRONTEND_PORT": str(free_port()),
         "DYN_KVBM_METRICS_PORT": str(free_port()),
     }
 
@@ -78,7 +79,7 @@ def test_up_tiny_model_status_logs_down(env):
         assert "random weights" in up.stderr
         print(f"dynkv up -d: {time.monotonic() - started:.1f} s")
         state = read_state(ddir)
-        assert [s.name for s in state.services] == ["etcd", "nats", "worker"]
+        assert [s.name for s in state.services] == ["etcd", "nats", "worker", "frontend"]
 
         with EtcdClient(f"http://127.0.0.1:{env['DYNKV_ETCD_PORT']}") as etcd:
             record = etcd.get("/dynkv/e2e/workers/agg-0").json()

@@ -1,0 +1,237 @@
+"""The frontend on a real stack: `dynkv up -d --api-key …` with the generated tiny model on vLLM
+(CPU), driven with the official `openai` client. One stack for the module (each `up` costs a
+minute or more here): models, chat and completions streamed and not, every error shape, the KVBM
+host-tier hit visible in `dynkv status --json`, the frontend's metrics, and last, a killed worker
+(503 at once, out of the pool within the lease TTL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dynkv.bench.workloads import text
+from dynkv.ports import free_port
+from dynkv.supervisor import read_state
+from dynkv.supervisor.process import group_of, marked_processes, same_process
+from dynkv.supervisor.runner import marker_prefix
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.e2e
+MODEL = "dynkv-tiny"
+KEY = "sk-e2e-frontend-secret"
+TTL = 4  # DYNKV_LEASE_TTL_SECS of this stack
+
+
+def dynkv(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dynkv.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class Stack:
+    def __init__(self, env: dict[str, str], ddir: Path, up_s: float) -> None:
+        self.env, self.ddir, self.up_s = env, ddir, up_s
+        self.base = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key=KEY, max_retries=0)
+
+    def status(self) -> dict:
+        result = dynkv("status", "--json", env=self.env)
+        return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("frontend-e2e")
+    base = {
+        k: v for k, v in os.environ.items() if not k.upper().startswith(("DYN_KVBM_", "DYNKV_"))
+    }
+    env = base | {
+        "XDG_CACHE_HOME": str(tmp / "cache"),
+        "DYNKV_STATE_DIR": str(tmp / "state"),
+        "DYNKV_NAME": "fe2e",
+        "DYNKV_DEVICE": "cpu",
+        "DYNKV_PROFILE": "gpu-cpu",
+        "DYN_KVBM_CPU_CACHE_GB": "0.1",
+        # G1 small enough that five ~1,400-token prompts push the first out (DESIGN: the tiny
+        # model's 65,536-byte blocks → ~152 of them in 0.01 GB), so its repeat needs KVBM
+        "DYNKV_DEVICE_KV_GB": "0.01",
+        "DYNKV_MAX_MODEL_LEN": "2048",
+        "DYNKV_LEASE_TTL_SECS": str(TTL),
+        "DYNKV_STARTUP_TIMEOUT_SECS": "300",
+        "DYNKV_ETCD_PORT": str(free_port()),
+        "DYNKV_ETCD_PEER_PORT": str(free_port()),
+        "DYNKV_NATS_PORT": str(free_port()),
+        "DYNKV_NATS_MONITOR_PORT": str(free_port()),
+        "DYNKV_WORKER_PORT": str(free_port()),
+        "DYNKV_FRONTEND_PORT": str(free_port()),
+        "DYN_KVBM_METRICS_PORT": str(free_port()),
+    }
+    ddir = tmp / "state" / "fe2e"
+    started = time.monotonic()
+    up = dynkv("up", "-d", "--api-key", KEY, env=env, timeout=400)
+    up_s = time.monotonic() - started
+    try:
+        assert up.returncode == 0, up.stderr[-4000:]
+        assert KEY not in up.stdout + up.stderr
+        assert f"{env['DYNKV_FRONTEND_PORT']}/v1/chat/completions" in up.stderr  # the curl line
+        print(f"\ndynkv up -d (tiny model, frontend): {up_s:.1f} s")
+        state = read_state(ddir)
+        yield Stack(env, ddir, up_s)
+    finally:
+        down = dynkv("down", env=env, timeout=180)
+    assert down.returncode == 0, down.stderr
+    assert [s.pid for s in state.services if same_process(s.pid, s.create_time)] == []
+    assert [p.pid for s in state.services if s.pgid for p in group_of(s.pgid)] == []
+    assert marked_processes(marker_prefix(ddir)) == []
+
+
+def test_models(stack):
+    assert [m.id for m in stack.client.models.list()] == [MODEL]
+    assert stack.client.models.retrieve(MODEL).owned_by == "dynkv"
+
+
+def test_chat_completion(stack):
+    raw = stack.client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8
+    )
+    assert raw.headers["x-dynkv-worker"] == "agg-0"
+    done = raw.parse()
+    assert done.model == MODEL and isinstance(done.choices[0].message.content, str)
+    assert done.usage.completion_tokens == 8
+
+
+def test_chat_completion_streamed_chunk_by_chunk(stack):
+    stream = stack.client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        max_tokens=16,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    arrivals, pieces = [], []
+    for chunk in stream:
+        arrivals.append(time.monotonic())
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    assert len(pieces) >= 8  # one event per token or so, not one buffered blob
+    assert arrivals[-1] - arrivals[0] > 0  # they came over time
+
+
+def test_completions_streamed_and_not(stack):
+    done = stack.client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5)
+    assert done.usage.completion_tokens == 5 and isinstance(done.choices[0].text, str)
+    chunks = list(
+        stack.client.completions.create(
+            model=MODEL,
+            prompt="Once upon a time",
+            max_tokens=6,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert len(chunks) >= 6 and chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_error_shapes(stack):
+    def shape(body: dict) -> dict:
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        return body["error"]
+
+    anonymous = openai.OpenAI(base_url=stack.base + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        anonymous.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert info.value.code == "invalid_api_key" and shape({"error": info.value.body})
+    no_key = httpx.post(f"{stack.base}/v1/chat/completions", json={}, timeout=10)
+    assert no_key.status_code == 401 and shape(no_key.json())["code"] == "invalid_api_key"
+    assert httpx.get(f"{stack.base}/health", timeout=5).status_code == 200  # open
+
+    with pytest.raises(openai.NotFoundError) as info:
+        stack.client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "x"}]
+        )
+    assert info.value.status_code == 404 and info.value.code == "model_not_found"
+
+    auth = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    bad = httpx.post(f"{stack.base}/v1/chat/completions", content=b"{nope", headers=auth)
+    assert bad.status_code == 400 and shape(bad.json())["code"] == "invalid_json"
+    missing = httpx.post(f"{stack.base}/v1/completions", json={"model": MODEL}, headers=auth)
+    assert missing.status_code == 400 and shape(missing.json())["param"] == "prompt"
+
+    with pytest.raises(openai.BadRequestError) as info:  # vLLM's own 400, passed through
+        stack.client.completions.create(model=MODEL, prompt=" ".join(["word"] * 3000), max_tokens=4)
+    err = shape({"error": info.value.body})  # the client hands over the inner error object
+    assert info.value.status_code == 400 and err["type"] == "BadRequestError"  # vLLM's type
+    assert "2048" in err["message"]  # the model's context length, in vLLM's words
+
+
+def test_kvbm_host_hit_visible_in_status(stack):
+    docs = [text(random.Random(f"e2e-doc-{i}"), 1150) for i in range(5)]
+    before = _worker(stack.status())["kvbm"]
+    ttft = []
+    for doc in [*docs, docs[0]]:
+        t0 = time.monotonic()
+        done = stack.client.completions.create(model=MODEL, prompt=doc, max_tokens=1)
+        ttft.append(time.monotonic() - t0)
+        assert 1200 < done.usage.prompt_tokens < 2000
+    after = _worker(stack.status())["kvbm"]
+    print(f"\nlatency ms: first sends {[round(t * 1000) for t in ttft[:-1]]}, "
+          f"repeat {ttft[-1] * 1000:.0f}; kvbm {after}")  # fmt: skip
+    assert after["reachable"] is True
+    assert after["onboard_blocks_h2d"] > (before["onboard_blocks_h2d"] or 0)
+    assert after["host_cache_hit_rate"] > 0
+    assert after["matched_tokens"] > (before["matched_tokens"] or 0)
+
+
+def test_status_logs_and_metrics(stack):
+    data = stack.status()
+    frontend = next(s for s in data["services"] if s["name"] == "frontend")
+    assert frontend["healthy"] and frontend["url"] == stack.base
+    logs = dynkv("logs", "frontend", env=stack.env)
+    assert logs.returncode == 0 and "worker joined: agg-0" in logs.stdout
+    assert "GET /health" not in logs.stdout  # probes are not logged
+    for path in [stack.ddir / "state.json", *(stack.ddir / "logs").glob("*.log")]:
+        assert KEY not in path.read_text(errors="replace"), path
+    metrics = httpx.get(
+        f"{stack.base}/metrics", headers={"authorization": f"Bearer {KEY}"}, timeout=5
+    ).text
+    assert f'dynkv_frontend_ttft_seconds_count{{model="{MODEL}",worker="agg-0"}}' in metrics
+    assert 'kind="model_not_found"' in metrics
+
+
+def test_zz_killed_worker_is_503_then_leaves_the_pool(stack):
+    """Last: it kills the stack's worker (the fixture's `down` still has to clean up)."""
+    state = read_state(stack.ddir)
+    os.killpg(state.service("worker").pgid, signal.SIGKILL)
+    killed = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as info:
+        stack.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+    assert info.value.status_code == 503 and info.value.code == "no_worker_available"
+    while time.monotonic() - killed < TTL + 5:
+        if httpx.get(f"{stack.base}/health", timeout=5).json()["workers"] == 0:
+            break
+        time.sleep(0.2)
+    left = time.monotonic() - killed
+    print(f"\nkilled worker left the pool after {left:.1f} s (lease TTL {TTL} s)")
+    assert left <= TTL + 2
+    with pytest.raises(openai.InternalServerError):
+        stack.client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+
+
+def _worker(status: dict) -> dict:
+    return next(s for s in status["services"] if s["name"] == "worker")
