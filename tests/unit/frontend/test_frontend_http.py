@@ -310,3 +310,42 @@ def test_a_streaming_client_that_leaves_frees_the_worker(worker):
         assert pool_outstanding(fe) == 0
         assert sample(fe, "dynkv_frontend_requests_total", status="499") == 1
     fake.gates[1].set()
+
+
+def test_a_two_step_strategy_plugs_in_as_disagg_will():
+    """The router's extension point, exercised the way the disaggregated strategy will use it:
+    a prefill step whose answer is read by the strategy, then a decode step relayed to the
+    client with what the prefill returned."""
+    from dynkv.frontend.router import Aggregated, RouteContext, Strategy
+
+    class TwoStep(Strategy):
+        name = "two-step"
+
+        def can_serve(self, pool, model):
+            return bool(pool.workers(model, "prefill")) and bool(pool.workers(model, "decode"))
+
+        async def serve(self, ctx: RouteContext, req):
+            first = await ctx.open(req, "prefill", body=req.with_body(max_tokens=1, stream=False))
+            params = {"from": json.loads(await first.read())["id"]}
+            second = await ctx.open(req, "decode", body=req.with_body(kv_transfer_params=params))
+            return ctx.relay(second, req)
+
+    prefill, decode = FakeWorker("p"), FakeWorker("d")
+    with ServerThread(prefill.app()) as sp, ServerThread(decode.app()) as sd:
+        pool = pool_of(("prefill-0", sp.url), model="m", role="prefill")
+        pool.put("/dynkv/t/workers/decode-1", registration("decode-1", sd.url, role="decode"))
+        app = create_app(
+            FrontendConfig(), pool=pool, discover=False, strategies=(Aggregated(), TwoStep())
+        )
+        with ServerThread(app) as fe:
+            body = {**CHAT, "stream": True, "kv_transfer_params": {"forged": True}}
+            with httpx.stream(
+                "POST", fe.url + "/v1/chat/completions", json=body, timeout=10
+            ) as resp:
+                lines = [line for line in resp.iter_lines() if line]
+            assert resp.headers["x-dynkv-worker"] == "decode-1" and "d-0" in lines[0]
+            sent_to_prefill = json.loads(prefill.bodies[-1])
+            assert sent_to_prefill["max_tokens"] == 1 and sent_to_prefill["stream"] is False
+            assert "kv_transfer_params" not in sent_to_prefill  # the client's forgery is gone
+            assert json.loads(decode.bodies[-1])["kv_transfer_params"] == {"from": "cmpl-p"}
+            assert pool_outstanding(fe) == 0

@@ -287,3 +287,22 @@ def test_readme_documents_the_frontend_options_and_metrics():
     assert missing == []
     for metric in ("dynkv_frontend_ttft_seconds", "dynkv_frontend_requests_total"):
         assert metric in readme
+
+
+def test_the_kvbm_runtime_never_imports_the_frontend():
+    """dynkv.kvbm runs inside vLLM; the frontend outside it. The dependency goes one way only."""
+    import ast
+    from pathlib import Path
+
+    import dynkv.kvbm
+
+    offenders = []
+    for path in Path(dynkv.kvbm.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("dynkv.frontend")]
+    assert offenders == []
