@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -57,8 +58,40 @@ def port_owner(port: int) -> PortOwner | None:
     return None
 
 
+_EPHEMERAL_FALLBACK = (32768, 60999)
+_handed_out: set[int] = set()
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the source ports of outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return _EPHEMERAL_FALLBACK
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral port that was free a moment ago (tests and auto-assigned services)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port that is free now and outside the kernel's ephemeral range.
+
+    A port from bind(0) comes from the ephemeral range, so any outgoing connection may take it as
+    its source port before the server that was meant to listen on it starts (seen on a busy box:
+    a worker's etcd client held the port chosen for etcd). Ports below that range are never
+    handed out by the kernel; each is given out at most once per process."""
+    import random
+
+    low, high = ephemeral_range()
+    candidates = [(10000, low - 1)] if low > 11000 else []
+    if high < 65000:
+        candidates.append((high + 1, 65535))
+    rng = random.Random()
+    for _ in range(500):
+        lo, hi = rng.choice(candidates) if candidates else (1024, 65535)
+        port = rng.randint(lo, hi)
+        if port in _handed_out or not port_is_free(port, host):
+            continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # last resort
         sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
@@ -160,32 +161,38 @@ class DiskPool:
     def write(self, slot: int, buf, after: Future | None = None) -> Future:
         """Write one slot (`buf`: a C-contiguous, aligned buffer of `stride` bytes), once `after`
         (an earlier write to the same slot) has finished, so writes to a slot land in order."""
-        if after is None:
-            return self._pool.submit(self._write, slot, buf)
-
-        def chained() -> None:
-            futures_wait([after])
-            self._write(slot, buf)
-
-        return self._pool.submit(chained)
+        return self.write_run(slot, [buf], () if after is None else (after,))
 
     def read(self, slot: int, buf) -> Future:
         """Read one slot into `buf` (C-contiguous, aligned, `stride` bytes)."""
-        return self._pool.submit(self._read, slot, buf)
+        return self.read_run(slot, [buf])
 
-    def _write(self, slot: int, buf) -> None:
-        self._check(slot)
-        view = memoryview(buf).cast("B")
-        written = os.pwrite(self._fd, view, slot * self.stride)
-        if written != self.stride:
-            raise OSError(errno.EIO, f"short write to slot {slot}: {written}/{self.stride}")
+    def write_run(self, first_slot: int, bufs: Sequence, after: Iterable[Future] = ()) -> Future:
+        """Write consecutive slots from `bufs` (one buffer per slot, anywhere in memory) with one
+        pwritev, once every future in `after` has finished: few large requests, not many small."""
+        after = [f for f in after if f is not None]
 
-    def _read(self, slot: int, buf) -> None:
-        self._check(slot)
-        view = memoryview(buf).cast("B")
-        got = os.preadv(self._fd, [view], slot * self.stride)
-        if got != self.stride:
-            raise OSError(errno.EIO, f"short read of slot {slot}: {got}/{self.stride}")
+        def task() -> None:
+            if after:
+                futures_wait(after)
+            self._io(os.pwritev, first_slot, bufs)
+
+        return self._pool.submit(task)
+
+    def read_run(self, first_slot: int, bufs: Sequence) -> Future:
+        """Read consecutive slots into `bufs` (one buffer per slot) with one preadv. The future's
+        result is how many leading slots were read whole (fewer than asked: a truncated file)."""
+        return self._pool.submit(self._io, os.preadv, first_slot, bufs, False)
+
+    def _io(self, call, first_slot: int, bufs: Sequence, whole: bool = True) -> int:
+        self._check(first_slot)
+        self._check(first_slot + len(bufs) - 1)
+        views = [memoryview(b).cast("B") for b in bufs]
+        want = self.stride * len(views)
+        done = call(self._fd, views, first_slot * self.stride)
+        if done != want and whole:
+            raise OSError(errno.EIO, f"short I/O at slot {first_slot}: {done}/{want} bytes")
+        return done // self.stride
 
     def _check(self, slot: int) -> None:
         if not 0 <= slot < self.slots:
