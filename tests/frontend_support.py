@@ -77,6 +77,7 @@ class FakeWorker:
     break_after: int | None = None
     delay: float = 0.0
     health_status: int = 200
+    transfer_params: dict | None = None  # returned as kv_transfer_params (a prefill's handoff)
     bodies: list[bytes] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     disconnected: threading.Event = field(default_factory=threading.Event)
@@ -117,16 +118,17 @@ class FakeWorker:
             if chat
             else {"index": 0, "text": text, "finish_reason": "stop"}
         )
-        return JSONResponse(
-            {
-                "id": f"cmpl-{self.name}",
-                "object": "chat.completion" if chat else "text_completion",
-                "created": 1,
-                "model": body["model"],
-                "choices": [choice],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
-            }
-        )
+        answer = {
+            "id": f"cmpl-{self.name}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": 1,
+            "model": body["model"],
+            "choices": [choice],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+        }
+        if self.transfer_params is not None:
+            answer["kv_transfer_params"] = self.transfer_params
+        return JSONResponse(answer)
 
     async def _events(self, chat: bool):
         for i in range(self.chunks):

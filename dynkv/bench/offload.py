@@ -93,7 +93,7 @@ def cpu_binding() -> str:
     )
 
 
-def run_engine(config: Config, payload: dict, timeout: float) -> dict:
+def run_engine(config: Config, payload: dict, timeout: float, workdir: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}
     env.update(
         VLLM_CPU_OMP_THREADS_BIND=cpu_binding(),
@@ -101,7 +101,13 @@ def run_engine(config: Config, payload: dict, timeout: float) -> dict:
         DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS="3600",
         **config.env,
     )
-    cfg = {**payload, "device_kv_bytes": config.device_kv_bytes, **config.connector}
+    result_file = workdir / f"{config.name}.json"
+    cfg = {
+        **payload,
+        "device_kv_bytes": config.device_kv_bytes,
+        "result_file": str(result_file),
+        **config.connector,
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "dynkv.bench.offload_engine", json.dumps(cfg)],
         env=env,
@@ -109,11 +115,10 @@ def run_engine(config: Config, payload: dict, timeout: float) -> dict:
         text=True,
         timeout=timeout,
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
+    if proc.returncode != 0 or not result_file.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
         raise RuntimeError(f"engine {config.name!r} failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return json.loads(result_file.read_text())
 
 
 def run(
@@ -143,7 +148,7 @@ def run(
             if only and config.name not in only:
                 continue
             progress(f"{config.name}: starting an engine")
-            rounds = run_engine(config, payload, timeout)["rounds"]
+            rounds = run_engine(config, payload, timeout, workdir)["rounds"]
             results[config.name] = {
                 "round1_ms": [round(x, 1) for x in rounds[0]],
                 "round2_ms": [round(x, 1) for x in rounds[1]],

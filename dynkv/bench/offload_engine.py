@@ -1,7 +1,7 @@
 """One engine of the W1 benchmark: warm up, send every document (round 1), then every document
 again (round 2), one request at a time with max_tokens=1, and print the latencies as JSON.
 
-Run as `python -m dynkv.bench.offload_engine '<json>'` — vLLM spawns its workers, so the engine
+Run as `python -m dynkv.bench.offload_engine '<json>'` (the result goes to `result_file`) — vLLM spawns its workers, so the engine
 lives behind a __main__ guard in a process of its own, one per configuration.
 """
 
@@ -46,7 +46,9 @@ def main() -> None:
     rounds = []
     for _ in range(cfg.get("rounds", 2)):
         rounds.append([timed(doc) for doc in cfg["docs"]])
-    print("RESULT " + json.dumps({"rounds": rounds}), flush=True)
+    # a file, not stdout: vLLM's processes log to stdout too, and lines can interleave
+    with open(cfg["result_file"], "w") as fh:
+        json.dump({"rounds": rounds}, fh)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ from starlette.types import Receive
 
 from dynkv.frontend.auth import ApiKeyMiddleware
 from dynkv.frontend.config import FrontendConfig
+from dynkv.frontend.disagg import Disaggregated
 from dynkv.frontend.discovery import Discovery, HealthChecker, workers_prefix
 from dynkv.frontend.errors import SERVER_ERROR, ApiError, error_response, model_not_found
 from dynkv.frontend.metrics import CONTENT_TYPE, NO_WORKER, UNKNOWN_MODEL, FrontendMetrics
 from dynkv.frontend.policy import make_policy
 from dynkv.frontend.pool import WorkerPool
 from dynkv.frontend.protocol import Endpoint, parse_request
-from dynkv.frontend.router import RouteContext, Router, Strategy
+from dynkv.frontend.router import Aggregated, RouteContext, Router, Strategy
 from dynkv.frontend.upstream import Forwarder, make_client
 from dynkv.infra.etcd_client import AsyncEtcdClient
 
@@ -79,7 +80,10 @@ class Frontend:
             max_connections=cfg.max_connections,
         )
         ctx = RouteContext(self.pool, self.policy, Forwarder(self.client), self.metrics)
-        self.router = Router(ctx) if self.strategies is None else Router(ctx, self.strategies)
+        strategies = self.strategies
+        if strategies is None:
+            strategies = (Aggregated(), Disaggregated(fallback=cfg.disagg_fallback))
+        self.router = Router(ctx, strategies)
         if self.discover:
             self._etcd = AsyncEtcdClient(cfg.etcd_endpoints)
             self.discovery = Discovery(self._etcd, workers_prefix(cfg.deployment), self.pool)

@@ -31,6 +31,7 @@ class FrontendConfig:
     health_interval: float = 1.0
     max_connections: int = 256
     log_level: str = "info"
+    disagg_fallback: bool = False  # disagg: decode serves alone while no prefill worker can
     api_key: str | None = field(default=None, repr=False)
 
 
@@ -67,6 +68,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    p.add_argument(
+        "--disagg-fallback",
+        action="store_true",
+        help="disagg: when no prefill worker can take a request, the decode worker serves it alone",
+    )
     return p
 
 
@@ -96,5 +102,6 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         health_interval=args.health_interval,
         max_connections=args.max_connections,
         log_level=args.log_level,
+        disagg_fallback=args.disagg_fallback,
         api_key=env.get(API_KEY_ENV) or None,
     )

@@ -242,6 +242,7 @@ def _frontend(
         api_key=dep.api_key.get_secret_value() if dep.api_key else None,
         env=env,
         depends_on=workers,
+        disagg_fallback=dep.topology == "disagg" and dep.disagg_fallback,
     )
 
 

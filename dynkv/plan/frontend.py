@@ -43,6 +43,7 @@ def frontend_service(
     api_key: str | None,
     env: Mapping[str, str],
     depends_on: tuple[str, ...],
+    disagg_fallback: bool = False,
 ) -> Service:
     argv = [
         python,
@@ -61,6 +62,8 @@ def frontend_service(
     ]
     for model in models:
         argv += ["--model", model]
+    if disagg_fallback:
+        argv.append("--disagg-fallback")
     service_env = dict(env)
     env_unset: tuple[str, ...] = ()
     if api_key:

@@ -1,0 +1,87 @@
+"""Disaggregated serving: a prefill worker computes the prompt, a decode worker generates.
+
+Two steps per request (DESIGN §5):
+1. prefill: the request, with `max_tokens=1`, not streamed, and
+   `kv_transfer_params={"dynkv": {"produce": true}}`, to a `prefill` worker. Its connector copies
+   the prompt's KV blocks into the deployment's handoff pool and returns where they are in the
+   response's `kv_transfer_params`.
+2. decode: the client's request as sent, plus those `kv_transfer_params`, to a `decode` worker,
+   whose connector loads the blocks instead of computing the prompt; its answer (streamed or not)
+   is relayed to the client.
+If no prefill worker can take the request: a 503 that says so, or — with DYNKV_DISAGG_FALLBACK —
+the decode worker serves it alone (it computes the prompt itself). A prefill that answers with an
+error (a prompt too long) is passed to the client as the answer; a prefill whose answer carries no
+handoff still leads to a correct decode, which then computes the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from starlette.responses import Response
+
+from dynkv.frontend.errors import ApiError, no_worker
+from dynkv.frontend.pool import WorkerPool
+from dynkv.frontend.protocol import INTERNAL_FIELDS, ApiRequest
+from dynkv.frontend.router import RouteContext, Strategy
+
+log = logging.getLogger("dynkv.frontend")
+
+PRODUCE = {"dynkv": {"produce": True}}
+# fields that only make sense for the client's own (decode) request
+_PREFILL_DROP = (
+    "stream",
+    "stream_options",
+    "max_completion_tokens",
+    "n",
+    "best_of",
+    *INTERNAL_FIELDS,
+)
+
+
+def prefill_body(req: ApiRequest) -> bytes:
+    body: dict[str, Any] = {k: v for k, v in req.body.items() if k not in _PREFILL_DROP}
+    body.update(max_tokens=1, stream=False, kv_transfer_params=PRODUCE)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class Disaggregated(Strategy):
+    name = "disagg"
+
+    def __init__(self, fallback: bool = False) -> None:
+        self.fallback = fallback
+
+    def can_serve(self, pool: WorkerPool, model: str) -> bool:
+        return bool(pool.workers(model, "decode"))
+
+    async def serve(self, ctx: RouteContext, req: ApiRequest) -> Response:
+        params = None
+        try:
+            prefill = await ctx.open(req, "prefill", body=prefill_body(req))
+        except ApiError as exc:
+            if exc.status != 503:
+                raise
+            if not self.fallback:
+                raise no_worker(
+                    f"the prefill worker of model {req.model!r} is down ({exc.message}); set "
+                    "DYNKV_DISAGG_FALLBACK=true to let the decode worker serve alone meanwhile"
+                ) from None
+            log.warning("prefill unavailable (%s): decode serves %s alone", exc.message, req.model)
+        else:
+            answer = await prefill.read()
+            if prefill.status != 200:  # e.g. the prompt is too long: that is the answer
+                return Response(
+                    answer, status_code=prefill.status, headers=prefill.client_headers()
+                )
+            try:
+                params = json.loads(answer).get("kv_transfer_params")
+            except (ValueError, AttributeError):
+                params = None
+            if not params:
+                log.warning(
+                    "prefill of %s returned no KV handoff: decode computes the prompt", req.model
+                )
+        body = req.with_body(kv_transfer_params=params) if params else req.forward_body()
+        return ctx.relay(await ctx.open(req, "decode", body=body), req)

@@ -1,0 +1,97 @@
+"""The disaggregated strategy against fake prefill and decode workers over real sockets: the two
+steps, what each worker receives, and prefill failures (503, fallback, errors passed through)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from frontend_support import FakeWorker, ServerThread, dead_url, pool_of, registration
+
+from dynkv.frontend import create_app
+from dynkv.frontend.config import FrontendConfig
+
+HANDOFF = {"dynkv": {"fingerprint": "ab", "block_size": 32, "slots": [4, 5], "expires": 9e9}}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+def disagg_pool(prefill_url: str, decode_url: str):
+    pool = pool_of(("prefill-0", prefill_url), model="m", role="prefill")
+    pool.put("/dynkv/t/workers/decode-1", registration("decode-1", decode_url, role="decode"))
+    return pool
+
+
+def serve(pool, **config):
+    return ServerThread(create_app(FrontendConfig(**config), pool=pool, discover=False))
+
+
+def test_prefill_then_decode_with_the_handoff():
+    prefill, decode = FakeWorker("p", transfer_params=HANDOFF), FakeWorker("d")
+    with ServerThread(prefill.app()) as sp, ServerThread(decode.app()) as sd:
+        with serve(disagg_pool(sp.url, sd.url)) as fe:
+            body = {
+                **CHAT,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "kv_transfer_params": {"dynkv": {"slots": [0]}},  # a client's forgery
+            }
+            with httpx.stream("POST", fe.url + "/v1/chat/completions", json=body, timeout=10) as r:
+                lines = [line for line in r.iter_lines() if line]
+            assert r.status_code == 200 and r.headers["x-dynkv-worker"] == "decode-1"
+            assert "d-0" in lines[0]
+            to_prefill = json.loads(prefill.bodies[-1])
+            assert to_prefill["max_tokens"] == 1 and to_prefill["stream"] is False
+            assert to_prefill["kv_transfer_params"] == {"dynkv": {"produce": True}}
+            assert "stream_options" not in to_prefill
+            to_decode = json.loads(decode.bodies[-1])
+            assert to_decode["kv_transfer_params"] == HANDOFF  # the prefill's, not the client's
+            assert to_decode["stream"] is True and to_decode["max_tokens"] == 8
+
+
+def test_completions_too():
+    prefill, decode = FakeWorker("p", transfer_params=HANDOFF), FakeWorker("d")
+    with ServerThread(prefill.app()) as sp, ServerThread(decode.app()) as sd:
+        with serve(disagg_pool(sp.url, sd.url)) as fe:
+            r = httpx.post(
+                fe.url + "/v1/completions", json={"model": "m", "prompt": "x"}, timeout=10
+            )
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello from d"
+            assert json.loads(decode.bodies[-1])["kv_transfer_params"] == HANDOFF
+
+
+def test_prefill_down_is_a_503_that_names_the_fallback():
+    decode = FakeWorker("d")
+    with ServerThread(decode.app()) as sd, serve(disagg_pool(dead_url(), sd.url)) as fe:
+        r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 503
+        error = r.json()["error"]
+        assert "prefill" in error["message"] and "DYNKV_DISAGG_FALLBACK" in error["message"]
+        assert decode.bodies == []
+
+
+def test_fallback_lets_decode_serve_alone():
+    decode = FakeWorker("d")
+    with ServerThread(decode.app()) as sd:
+        with serve(disagg_pool(dead_url(), sd.url), disagg_fallback=True) as fe:
+            r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
+            assert r.status_code == 200 and r.headers["x-dynkv-worker"] == "decode-1"
+            assert "kv_transfer_params" not in json.loads(decode.bodies[-1])
+
+
+def test_a_prefill_error_is_the_answer():
+    too_long = {"error": {"message": "prompt too long", "type": "BadRequestError", "code": 400}}
+    prefill, decode = FakeWorker("p", fail=(400, too_long)), FakeWorker("d")
+    with ServerThread(prefill.app()) as sp, ServerThread(decode.app()) as sd:
+        with serve(disagg_pool(sp.url, sd.url)) as fe:
+            r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
+            assert r.status_code == 400 and r.json() == too_long
+            assert decode.bodies == []
+
+
+def test_no_handoff_in_the_answer_still_decodes():
+    prefill, decode = FakeWorker("p"), FakeWorker("d")
+    with ServerThread(prefill.app()) as sp, ServerThread(decode.app()) as sd:
+        with serve(disagg_pool(sp.url, sd.url)) as fe:
+            r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
+            assert r.status_code == 200
+            assert "kv_transfer_params" not in json.loads(decode.bodies[-1])
