@@ -3,6 +3,7 @@ steps, what each worker receives, and prefill failures (503, fallback, errors pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import httpx
@@ -21,47 +22,49 @@ def disagg_pool(prefill_url: str, decode_url: str):
     return pool
 
 
-def serve(pool, **config):
-    return ServerThread(create_app(FrontendConfig(**config), pool=pool, discover=False))
+@contextlib.contextmanager
+def disagg(prefill: FakeWorker | None, decode: FakeWorker, **config):
+    """A frontend over a prefill worker (None: registered but unreachable) and a decode worker."""
+    with contextlib.ExitStack() as stack:
+        sp = stack.enter_context(ServerThread(prefill.app())).url if prefill else dead_url()
+        sd = stack.enter_context(ServerThread(decode.app())).url
+        app = create_app(FrontendConfig(**config), pool=disagg_pool(sp, sd), discover=False)
+        yield stack.enter_context(ServerThread(app))
 
 
 def test_prefill_then_decode_with_the_handoff():
     prefill, decode = FakeWorker("p", transfer_params=HANDOFF), FakeWorker("d")
-    with ServerThread(prefill.app()) as sp, ServerThread(decode.app()) as sd:
-        with serve(disagg_pool(sp.url, sd.url)) as fe:
-            body = {
-                **CHAT,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "kv_transfer_params": {"dynkv": {"slots": [0]}},  # a client's forgery
-            }
-            with httpx.stream("POST", fe.url + "/v1/chat/completions", json=body, timeout=10) as r:
-                lines = [line for line in r.iter_lines() if line]
-            assert r.status_code == 200 and r.headers["x-dynkv-worker"] == "decode-1"
-            assert "d-0" in lines[0]
-            to_prefill = json.loads(prefill.bodies[-1])
-            assert to_prefill["max_tokens"] == 1 and to_prefill["stream"] is False
-            assert to_prefill["kv_transfer_params"] == {"dynkv": {"produce": True}}
-            assert "stream_options" not in to_prefill
-            to_decode = json.loads(decode.bodies[-1])
-            assert to_decode["kv_transfer_params"] == HANDOFF  # the prefill's, not the client's
-            assert to_decode["stream"] is True and to_decode["max_tokens"] == 8
+    with disagg(prefill, decode) as fe:
+        body = {
+            **CHAT,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "kv_transfer_params": {"dynkv": {"slots": [0]}},  # a client's forgery
+        }
+        with httpx.stream("POST", fe.url + "/v1/chat/completions", json=body, timeout=10) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200 and r.headers["x-dynkv-worker"] == "decode-1"
+        assert "d-0" in lines[0]
+        to_prefill = json.loads(prefill.bodies[-1])
+        assert to_prefill["max_tokens"] == 1 and to_prefill["stream"] is False
+        assert to_prefill["kv_transfer_params"] == {"dynkv": {"produce": True}}
+        assert "stream_options" not in to_prefill
+        to_decode = json.loads(decode.bodies[-1])
+        assert to_decode["kv_transfer_params"] == HANDOFF  # the prefill's, not the client's
+        assert to_decode["stream"] is True and to_decode["max_tokens"] == 8
 
 
 def test_completions_too():
     prefill, decode = FakeWorker("p", transfer_params=HANDOFF), FakeWorker("d")
-    with ServerThread(prefill.app()) as sp, ServerThread(decode.app()) as sd:
-        with serve(disagg_pool(sp.url, sd.url)) as fe:
-            r = httpx.post(
-                fe.url + "/v1/completions", json={"model": "m", "prompt": "x"}, timeout=10
-            )
-            assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello from d"
-            assert json.loads(decode.bodies[-1])["kv_transfer_params"] == HANDOFF
+    with disagg(prefill, decode) as fe:
+        r = httpx.post(fe.url + "/v1/completions", json={"model": "m", "prompt": "x"}, timeout=10)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hello from d"
+        assert json.loads(decode.bodies[-1])["kv_transfer_params"] == HANDOFF
 
 
 def test_prefill_down_is_a_503_that_names_the_fallback():
     decode = FakeWorker("d")
-    with ServerThread(decode.app()) as sd, serve(disagg_pool(dead_url(), sd.url)) as fe:
+    with disagg(None, decode) as fe:
         r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
         assert r.status_code == 503
         error = r.json()["error"]
@@ -71,27 +74,24 @@ def test_prefill_down_is_a_503_that_names_the_fallback():
 
 def test_fallback_lets_decode_serve_alone():
     decode = FakeWorker("d")
-    with ServerThread(decode.app()) as sd:
-        with serve(disagg_pool(dead_url(), sd.url), disagg_fallback=True) as fe:
-            r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
-            assert r.status_code == 200 and r.headers["x-dynkv-worker"] == "decode-1"
-            assert "kv_transfer_params" not in json.loads(decode.bodies[-1])
+    with disagg(None, decode, disagg_fallback=True) as fe:
+        r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 200 and r.headers["x-dynkv-worker"] == "decode-1"
+        assert "kv_transfer_params" not in json.loads(decode.bodies[-1])
 
 
 def test_a_prefill_error_is_the_answer():
     too_long = {"error": {"message": "prompt too long", "type": "BadRequestError", "code": 400}}
     prefill, decode = FakeWorker("p", fail=(400, too_long)), FakeWorker("d")
-    with ServerThread(prefill.app()) as sp, ServerThread(decode.app()) as sd:
-        with serve(disagg_pool(sp.url, sd.url)) as fe:
-            r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
-            assert r.status_code == 400 and r.json() == too_long
-            assert decode.bodies == []
+    with disagg(prefill, decode) as fe:
+        r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 400 and r.json() == too_long
+        assert decode.bodies == []
 
 
 def test_no_handoff_in_the_answer_still_decodes():
     prefill, decode = FakeWorker("p"), FakeWorker("d")
-    with ServerThread(prefill.app()) as sp, ServerThread(decode.app()) as sd:
-        with serve(disagg_pool(sp.url, sd.url)) as fe:
-            r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
-            assert r.status_code == 200
-            assert "kv_transfer_params" not in json.loads(decode.bodies[-1])
+    with disagg(prefill, decode) as fe:
+        r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 200
+        assert "kv_transfer_params" not in json.loads(decode.bodies[-1])

@@ -39,7 +39,8 @@ def lbnhc_layout(nb=16, layers=3):
     "src, rows",
     [
         ([0, 1, 2, 3], [0, 1, 2, 3]),  # one run
-        ([5, 1, 9, 2, 7, 3, 11], [6, 0, 3, 1, 5, 2, 4]),  # fragmented: gather/scatter path
+        ([5, 1, 9, 2, 7, 3, 11], [6, 0, 3, 1, 5, 2, 4]),  # fragmented both sides: run by run
+        ([5, 1, 9, 2, 7, 3, 11], [0, 1, 2, 3, 4, 5, 6]),  # scattered blocks, one run of rows
     ],
 )
 def test_round_trip_is_byte_exact(make, src, rows):
