@@ -11,7 +11,9 @@ Configurations (the device KV of all but `floor` cannot hold the working set):
   floor      no connector, device KV large enough: vLLM's own prefix cache (the floor)
   peer       vLLM's ExampleConnector (safetensors files per request), small device KV
   g2         dynkv, host tier (G2)
-  g3         dynkv, disk tier only (G3)
+  g3         dynkv, disk tier only (G3), buffered I/O: round 2 reads from a warm page cache, the
+             condition of the G3 target
+  g3_direct  the same with O_DIRECT (dynkv's default): round 2 reads the device itself
   g2g3       dynkv, host and disk tiers
 Reported: round-2 median latency per configuration (≈ TTFT, one output token), and
 cold_overhead = dynkv's round-1 median ÷ the recompute configuration's (same device KV, no
@@ -176,6 +178,7 @@ def summarize(results: dict[str, dict], **workload) -> dict:
         "peer_ms": r2("peer"),
         "g2_ms": r2("g2"),
         "g3_ms": r2("g3"),
+        "g3_direct_ms": r2("g3_direct"),
         "g2g3_ms": r2("g2g3"),
         "cold_overhead": None,
     }
@@ -185,7 +188,7 @@ def summarize(results: dict[str, dict], **workload) -> dict:
         )
     floor = out["floor_ms"]
     if floor:
-        for name in ("recompute", "peer", "g2", "g3", "g2g3"):
+        for name in ("recompute", "peer", "g2", "g3", "g3_direct", "g2g3"):
             if out[f"{name}_ms"] is not None:
                 out[f"{name}_vs_floor"] = round(out[f"{name}_ms"] / floor, 3)
     out["targets"] = {
