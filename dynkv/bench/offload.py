@@ -65,6 +65,16 @@ def configurations(small_kv: int, large_kv: int, tier_gb: float, workdir: Path) 
             {
                 "DYN_KVBM_DISK_CACHE_GB": str(tier_gb),
                 "DYN_KVBM_DISK_CACHE_DIR": str(workdir / "g3"),
+                "DYN_KVBM_DISK_DISABLE_O_DIRECT": "true",
+            },
+        ),
+        Config(
+            "g3_direct",
+            small_kv,
+            CONNECTOR,
+            {
+                "DYN_KVBM_DISK_CACHE_GB": str(tier_gb),
+                "DYN_KVBM_DISK_CACHE_DIR": str(workdir / "g3_direct"),
             },
         ),
         Config(
