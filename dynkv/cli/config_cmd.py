@@ -10,6 +10,7 @@ from dynkv.cli.options import (
     DiskDirOpt,
     DiskGbOpt,
     JsonOpt,
+    KvbmOpt,
     ModelOpt,
     NameOpt,
     ProfileOpt,
@@ -29,6 +30,7 @@ def config(
     cpu_cache_gb: CpuGbOpt = None,
     disk_cache_gb: DiskGbOpt = None,
     disk_cache_dir: DiskDirOpt = None,
+    kvbm: KvbmOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Print every resolved setting with its source, and the environment each worker receives."""
@@ -41,6 +43,7 @@ def config(
         cpu_cache_gb=cpu_cache_gb,
         disk_cache_gb=disk_cache_gb,
         disk_cache_dir=disk_cache_dir,
+        kvbm=kvbm,
         quiet=json_out,
     )
     data = resolved.to_json()

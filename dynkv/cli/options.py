@@ -53,6 +53,25 @@ RouterOpt = Annotated[
         "--router", help="How the frontend picks a worker: round_robin or least_outstanding."
     ),
 ]
+KvbmOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--kvbm/--no-kvbm",
+        help="Workers with the bundled KVBM connector (default), or plain vLLM (no offload).",
+        show_default=False,
+    ),
+]
+ObservabilityOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--observability/--no-observability",
+        help="Also start Prometheus (127.0.0.1:DYNKV_PROMETHEUS_PORT) scraping the stack.",
+        show_default=False,
+    ),
+]
+DeviceKvOpt = Annotated[
+    float | None, typer.Option("--device-kv-gb", help="G1 (vLLM's KV cache) per worker, GB.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
 
@@ -73,6 +92,9 @@ def resolve_from_options(
     disk_cache_dir: Path | None = None,
     api_key: str | None = None,
     router: RouterPolicy | None = None,
+    kvbm: bool | None = None,
+    observability: bool | None = None,
+    device_kv_gb: float | None = None,
     require_tier: bool = True,
     quiet: bool = False,
 ) -> Resolved:
@@ -96,6 +118,9 @@ def resolve_from_options(
             "frontend_port": port,
             "api_key": api_key,
             "router": router,
+            "kvbm": kvbm,
+            "observability": observability,
+            "device_kv_gb": device_kv_gb,
         },
         require_tier=require_tier,
     )

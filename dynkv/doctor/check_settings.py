@@ -11,10 +11,12 @@ from dynkv.settings.profiles import DEFAULT_PROFILE
 
 
 def profile(ctx: DoctorContext) -> Outcome:
-    r = ctx.resolved
+    r, k = ctx.resolved, ctx.kvbm
     tiers = " → ".join(
-        ["G1"] + (["G2"] if r.kvbm.has_host_tier else []) + (["G3"] if r.kvbm.has_disk_tier else [])
+        ["G1"] + (["G2"] if k.has_host_tier else []) + (["G3"] if k.has_disk_tier else [])
     )
+    if not r.deployment.kvbm:
+        tiers += " (no KVBM connector: DYNKV_KVBM=false)"
     detail = (
         f"profile {r.profile.name} ({r.profile_source}): {tiers}, {r.deployment.topology}, "
         f"device {ctx.device}"

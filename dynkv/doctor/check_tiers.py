@@ -20,6 +20,8 @@ def _device_kv(ctx: DoctorContext) -> tuple[int | None, str]:
 
 def blocks(ctx: DoctorContext) -> Outcome:
     k = ctx.kvbm
+    if not ctx.deployment.kvbm:
+        return ok(f"no KVBM connector (DYNKV_KVBM=false): G1 only ({_device_kv(ctx)[1]})")
     if not (k.has_host_tier or k.has_disk_tier):
         return fail(
             f"no KVBM tier is configured (profile {ctx.resolved.profile.name!r} and the environment "

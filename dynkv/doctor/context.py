@@ -39,6 +39,19 @@ class DoctorContext:
 
     @property
     def kvbm(self) -> KvbmSettings:
+        """The runtime's settings as the workers will see them: with the connector off
+        (DYNKV_KVBM=false) no tier and no metrics exist, so the tier, disk and metrics-port
+        checks find nothing to check instead of checking what will never start."""
+        if not self.resolved.deployment.kvbm:
+            return self.resolved.kvbm.model_copy(
+                update={
+                    "cpu_cache_gb": None,
+                    "disk_cache_gb": None,
+                    "cpu_cache_override_num_blocks": None,
+                    "disk_cache_override_num_blocks": None,
+                    "metrics": False,
+                }
+            )
         return self.resolved.kvbm
 
     @property

@@ -92,6 +92,12 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
             "disagg on CPU needs at least 2 cores (prefill and decode each get their own)",
             "use --topology agg, or run on a host with more cores",
         )
+    if dep.topology == "disagg" and not dep.kvbm:
+        raise PlanError(
+            "disagg hands the prompt's KV from prefill to decode through the KVBM connector, "
+            "and DYNKV_KVBM=false turns it off",
+            "use --topology agg for a deployment without KVBM, or drop --no-kvbm (DYNKV_KVBM)",
+        )
     if host.device == "cpu" and dep.block_size % 32:
         raise PlanError(
             f"block size {dep.block_size} does not work with vLLM on CPU (needs a multiple of 32)",
@@ -165,14 +171,15 @@ def _workers(
     workers = []
     for index, role in enumerate(roles):
         port = dep.worker_port + index
-        metrics_port = kvbm.metrics_port + index
-        env = kvbm.to_env()
-        if resolved.settings["DYN_KVBM_METRICS"].source == "default":
-            env["DYN_KVBM_METRICS"] = "true"  # `dynkv status` reads the worker's metrics
-        env["DYN_KVBM_METRICS_PORT"] = str(metrics_port)
-        # one pool per deployment and worker: pools are locked to one engine, and a restarted
-        # deployment finds its own blocks again
-        env["DYN_KVBM_DISK_CACHE_DIR"] = str(kvbm.disk_cache_dir / f"{dep.name}-{role}")
+        metrics_port: int | None = kvbm.metrics_port + index if dep.kvbm else None
+        env = kvbm.to_env() if dep.kvbm else {}
+        if metrics_port is not None:
+            if resolved.settings["DYN_KVBM_METRICS"].source == "default":
+                env["DYN_KVBM_METRICS"] = "true"  # `dynkv status` reads the worker's metrics
+            env["DYN_KVBM_METRICS_PORT"] = str(metrics_port)
+            # one pool per deployment and worker: pools are locked to one engine, and a
+            # restarted deployment finds its own blocks again
+            env["DYN_KVBM_DISK_CACHE_DIR"] = str(kvbm.disk_cache_dir / f"{dep.name}-{role}")
         if handoff is not None:
             env["DYN_KVBM_HANDOFF_DIR"] = str(handoff)
         if role == "decode":
@@ -200,6 +207,10 @@ def _workers(
             block_size=dep.block_size,
             max_model_len=dep.max_model_len,
             kv_cache_bytes=kv_bytes,
+            kv_connector=dep.kvbm,
+        )
+        served_metrics = (
+            None if metrics_port is None else metrics_url(kvbm.metrics_host, metrics_port)
         )
         workers.append(
             worker_service(
@@ -211,7 +222,7 @@ def _workers(
                 vllm=vllm,
                 port=port,
                 served_name=host.model.served_name,
-                metrics=metrics_url(kvbm.metrics_host, metrics_port),
+                metrics=served_metrics,
                 metrics_port=metrics_port,
                 env=env,
                 env_unset=env_unset,

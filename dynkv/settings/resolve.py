@@ -82,7 +82,8 @@ def resolve(
     deployment, dep_sources = _resolve_model(
         DeploymentSettings, "deployment", prof, _given(deployment_flags), environ
     )
-    if require_tier and not (kvbm.has_host_tier or kvbm.has_disk_tier):
+    # a deployment without the connector (DYNKV_KVBM=false) has no tiers to configure
+    if require_tier and deployment.kvbm and not (kvbm.has_host_tier or kvbm.has_disk_tier):
         raise SettingsError(
             f"no KVBM tier is configured (profile {prof.name!r} and the environment set neither "
             "DYN_KVBM_CPU_CACHE_GB nor DYN_KVBM_DISK_CACHE_GB, nor their *_OVERRIDE_NUM_BLOCKS)",

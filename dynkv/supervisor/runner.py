@@ -616,7 +616,7 @@ def deployment_status(
         else:
             healthy, detail = False, "not running"
         kvbm = None
-        if rec.role in WORKER_ROLES:
+        if rec.role in WORKER_ROLES and rec.meta.get("metrics_url"):  # "": a worker without KVBM
             kvbm = read_kvbm(rec.meta["metrics_url"], probe_timeout) if running else None
         services.append(
             ServiceStatus(

@@ -26,7 +26,7 @@ def registration_record(
     role: str,
     url: str,
     model: str,
-    metrics_url: str,
+    metrics_url: str | None,
     pid: int,
     started_at: float,
 ) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--worker-id", required=True)
     p.add_argument("--url", required=True, help="base URL of the vLLM server")
     p.add_argument("--served-model-name", required=True)
-    p.add_argument("--metrics-url", required=True)
+    p.add_argument("--metrics-url", default=None, help="KVBM metrics (absent without KVBM)")
     p.add_argument("--etcd-endpoints", required=True)
     p.add_argument("--lease-ttl", type=int, default=10)
     return p.parse_args(ours), child
