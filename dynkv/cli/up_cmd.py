@@ -44,7 +44,7 @@ from dynkv.cli.output import emit_json, err, failure, warn
 from dynkv.hardware import resolve_device
 from dynkv.infra.docker import DockerUnavailable
 from dynkv.plan import HostFacts, build_plan, choose_model
-from dynkv.preflight import preflight
+from dynkv.preflight import check_observability, preflight
 from dynkv.settings import SettingsError
 from dynkv.supervisor import AlreadyRunning, StartFailed, Supervisor, ensure_not_running
 from dynkv.supervisor.process import SpawnError
@@ -135,6 +135,9 @@ def up(
         warn(
             "--skip-checks: NOT checking ports, binaries, infra or the host; failures will be less clear"
         )
+        for problem in check_observability(plan):  # cheap, and nothing may start without it
+            failure(problem.cause, problem.fix)
+            raise typer.Exit(EXIT_FAILURE)
     else:
         warnings: list = []
         with err.status("checking the host (dynkv doctor)…"):
@@ -228,8 +231,9 @@ def _report_detached(supervisor: Supervisor, json_out: bool) -> None:
         return
     name = state.name
     err.print(f"[green]✓[/green] {escape(name)} is up (detached)")
+    width = max((len(rec.name) for rec in state.services), default=8)
     for rec in state.services:
-        err.print(f"  {rec.name:<8} pid {rec.pid or '-':<8} {rec.ports}", markup=False)
+        err.print(f"  {rec.name:<{width}} pid {rec.pid or '-':<8} {rec.ports}", markup=False)
     for line in frontend_lines(state):
         err.print(line, markup=False, soft_wrap=True, highlight=False)
     err.print(

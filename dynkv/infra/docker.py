@@ -141,6 +141,13 @@ class DockerBackend:
         """Start `spec`, replacing a leftover container of the same name (a crashed run's)."""
         for old in self.client.containers.list(all=True, filters={"name": f"^/{spec.name}$"}):
             old.remove(force=True)
+        extra: dict[str, Any] = {}
+        if spec.network_mode:
+            extra["network_mode"] = spec.network_mode
+        if spec.volumes:
+            extra["volumes"] = {h: {"bind": c, "mode": "rw"} for h, c in spec.volumes.items()}
+        if spec.user:
+            extra["user"] = spec.user
         container = self.client.containers.run(
             spec.image,
             list(spec.command),
@@ -149,6 +156,7 @@ class DockerBackend:
             ports=dict(spec.ports),
             environment=dict(spec.environment),
             detach=True,
+            **extra,
         )
         return str(container.id)
 

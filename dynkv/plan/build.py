@@ -8,6 +8,7 @@ one impure helper that gathers them, so tests build plans for a CUDA host on a C
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
 from dynkv.plan.frontend import API_KEY_ENV, frontend_service
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
+from dynkv.plan.prometheus import PROMETHEUS_BINARY, prometheus_service
 from dynkv.plan.worker import PASSTHROUGH_ENV, metrics_url, vllm_argv, worker_service
 from dynkv.settings.errors import SettingsError
 from dynkv.settings.resolve import Resolved
@@ -33,6 +35,7 @@ PORT_SETTINGS: dict[tuple[str, str], str] = {
     ("agg", "http"): "DYNKV_WORKER_PORT",
     ("agg", "kvbm_metrics"): "DYN_KVBM_METRICS_PORT",
     ("frontend", "http"): "DYNKV_FRONTEND_PORT",
+    ("prometheus", "http"): "DYNKV_PROMETHEUS_PORT",
 }
 _INHERITED = ("PYTHONPATH", *PASSTHROUGH_ENV, *CPU_ENV_VARS)
 
@@ -50,6 +53,8 @@ class HostFacts:
     etcd_binary: str = "etcd"
     nats_binary: str = "nats-server"
     environ: Mapping[str, str] = field(default_factory=dict)  # only the names in _INHERITED
+    prometheus_binary: str | None = None  # None: observability runs the docker image
+    user: str | None = None  # "uid:gid" a container runs as (reads the 0700 deployment dir)
 
     @classmethod
     def detect(cls, resolved: Resolved, model: ModelChoice, *, device: str) -> HostFacts:
@@ -71,7 +76,19 @@ class HostFacts:
             etcd_binary=etcd,
             nats_binary=nats,
             environ=_inherited(os.environ),
+            prometheus_binary=find_prometheus(),
+            user=f"{os.getuid()}:{os.getgid()}",
         )
+
+
+def find_prometheus() -> str | None:
+    """The prometheus binary on PATH, or Debian's /usr/bin/prometheus; None when neither."""
+    found = shutil.which("prometheus")
+    if found:
+        return str(Path(found).resolve())
+    if os.access(PROMETHEUS_BINARY, os.X_OK):
+        return PROMETHEUS_BINARY
+    return None
 
 
 def _inherited(environ: Mapping[str, str]) -> dict[str, str]:
@@ -142,7 +159,10 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     infra_names = tuple(s.name for s in services)
     workers = _workers(resolved, host, endpoints, infra_names)
     services += workers
-    services.append(_frontend(resolved, host, endpoints, tuple(w.name for w in workers)))
+    frontend = _frontend(resolved, host, endpoints, tuple(w.name for w in workers))
+    services.append(frontend)
+    if dep.observability:
+        services.append(_prometheus(resolved, host, workers, frontend))
 
     ordered = topological_order(tuple(services))
     _check_port_clashes(ordered)
@@ -254,6 +274,34 @@ def _frontend(
         env=env,
         depends_on=workers,
         disagg_fallback=dep.topology == "disagg" and dep.disagg_fallback,
+    )
+
+
+def _prometheus(
+    resolved: Resolved, host: HostFacts, workers: list[Service], frontend: Service
+) -> Service:
+    """Prometheus after the frontend, with every address the plan just chose as a target."""
+    dep = resolved.deployment
+
+    def address(url: str) -> str:
+        return url.split("://", 1)[1].split("/", 1)[0]
+
+    kvbm = {
+        w.meta["worker_id"]: address(w.meta["metrics_url"])
+        for w in workers
+        if w.meta["metrics_url"]  # "": a worker without KVBM
+    }
+    return prometheus_service(
+        deployment=dep.name,
+        deployment_dir=dep.deployment_dir,
+        binary=host.prometheus_binary,
+        port=dep.prometheus_port,
+        frontend=address(frontend.meta["url"]),
+        kvbm=kvbm,
+        vllm={w.meta["worker_id"]: address(w.meta["url"]) for w in workers},
+        api_key=dep.api_key.get_secret_value() if dep.api_key else None,
+        user=host.user,
+        depends_on=(frontend.name,),
     )
 
 

@@ -68,7 +68,9 @@ class Probe:
 @dataclass(frozen=True)
 class ContainerSpec:
     """A docker container, in the terms of the docker SDK's `containers.run` (published ports are
-    `{"4222/tcp": ("127.0.0.1", 4222)}`: loopback only)."""
+    `{"4222/tcp": ("127.0.0.1", 4222)}`: loopback only). `network_mode="host"` shares the host's
+    network (the container then binds 127.0.0.1 itself and publishes nothing); `volumes` are
+    bind mounts `{host path: container path}`; `user` is "uid:gid" to run as."""
 
     image: str
     name: str
@@ -76,13 +78,18 @@ class ContainerSpec:
     ports: Mapping[str, tuple[str, int]]
     labels: Mapping[str, str]
     environment: Mapping[str, str] = field(default_factory=dict)
+    network_mode: str | None = None
+    volumes: Mapping[str, str] = field(default_factory=dict)
+    user: str | None = None
 
 
 @dataclass(frozen=True)
 class Service:
     """One supervised unit. `env` is added to the inherited environment and `env_unset` removed
     from it; `ports` are the host ports it binds (checked free before anything starts);
-    `data_dirs` are created 0700 before start and removed by `down` (etcd data, NATS store)."""
+    `data_dirs` are created 0700 before start and removed by `down` (etcd data, NATS store);
+    `files` are written 0600 before start, path → content (a generated config), and a file whose
+    name looks secret (`*api_key*`, `*token*`) has its content masked in printouts."""
 
     name: str
     role: str
@@ -98,6 +105,7 @@ class Service:
     kind: ServiceKind = "process"
     container: ContainerSpec | None = None
     meta: Mapping[str, str] = field(default_factory=dict)
+    files: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self, *, mask: bool = True) -> dict[str, Any]:
         data = _plain(asdict(self))
@@ -105,6 +113,7 @@ class Service:
         if mask:
             data["env"] = mask_env(self.env)
             data["argv"] = mask_argv(self.argv)
+            data["files"] = mask_files(self.files)
             if self.container is not None:
                 data["container"]["environment"] = mask_env(self.container.environment)
         return data
@@ -160,6 +169,14 @@ def is_secret_name(name: str) -> bool:
 def mask_env(env: Mapping[str, str]) -> dict[str, str]:
     """The environment as it may be printed: secret-looking names keep their name, not value."""
     return {k: (MASK if is_secret_name(k) and v else v) for k, v in env.items()}
+
+
+def mask_files(files: Mapping[str, str]) -> dict[str, str]:
+    """Generated files as they may be printed: a secret-looking file name hides its content."""
+    return {
+        path: (MASK if is_secret_name(path.rsplit("/", 1)[-1]) and text else text)
+        for path, text in files.items()
+    }
 
 
 def mask_argv(argv: tuple[str, ...] | list[str]) -> list[str]:

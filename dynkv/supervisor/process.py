@@ -54,11 +54,24 @@ def open_log(path: Path) -> int:
     return fd
 
 
+def prepare(service: Service) -> None:
+    """What a service needs on disk before it starts: its data dirs (0700) and the files the plan
+    generated for it (0600, e.g. Prometheus's config and the key file it reads)."""
+    for d in service.data_dirs:
+        Path(d).mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name, text in service.files.items():
+        path = Path(name)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def spawn(
     service: Service, *, instance: str, log_path: Path
 ) -> tuple[subprocess.Popen, ServiceRecord]:
-    for d in service.data_dirs:
-        Path(d).mkdir(parents=True, exist_ok=True, mode=0o700)
+    prepare(service)
     log_fd = open_log(log_path)
     try:
         popen = subprocess.Popen(

@@ -38,6 +38,7 @@ from dynkv.supervisor.metrics import read_kvbm
 from dynkv.supervisor.process import (
     is_alive,
     marked_processes,
+    prepare,
     same_process,
     spawn,
     stop_service,
@@ -192,6 +193,7 @@ class Supervisor:
         log_path = Path(service.log_file) if service.log_file else self.store.log_path(service.name)
         if service.kind == "container":
             assert service.container is not None
+            prepare(service)
             container_id = self.docker.start(service.container)
             record = ServiceRecord(
                 name=service.name,
@@ -202,6 +204,7 @@ class Supervisor:
                 ports=dict(service.ports),
                 argv=list(service.container.command),
                 probes=[p.to_json() for p in service.probes],
+                data_dirs=list(service.data_dirs),
                 meta=dict(service.meta),
             )
             handle = _Handle(service, record)
@@ -486,7 +489,9 @@ def _remove_labelled_containers(
 ) -> int:
     """Containers labelled with the deployment, as compose finds its project's containers. Only
     asked of an engine when one is reachable (docker infra or no state to tell)."""
-    if state is not None and state.infra != "docker":
+    if state is not None and not (
+        state.infra == "docker" or any(s.kind == "container" for s in state.services)
+    ):
         return 0
     backend = docker or DockerBackend()
     try:

@@ -1,8 +1,9 @@
 """The frontend on a real stack: `dynkv up -d --api-key …` with the generated tiny model on vLLM
 (CPU), driven with the official `openai` client. One stack for the module (each `up` costs a
 minute or more here): models, chat and completions streamed and not, every error shape, the KVBM
-host-tier hit visible in `dynkv status --json`, the frontend's metrics, and last, a killed worker
-(503 at once, out of the pool within the lease TTL)."""
+host-tier hit visible in `dynkv status --json`, the frontend's metrics, Prometheus scraping the
+worker's KVBM metrics (`--observability`, when a prometheus binary is installed: CI installs it),
+and last, a killed worker (503 at once, out of the pool within the lease TTL)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from dynkv.bench.workloads import text
+from dynkv.plan.build import find_prometheus
 from dynkv.ports import free_port
 from dynkv.supervisor import read_state
 from dynkv.supervisor.process import group_of, marked_processes, same_process
@@ -46,6 +48,8 @@ class Stack:
     def __init__(self, env: dict[str, str], ddir: Path, up_s: float) -> None:
         self.env, self.ddir, self.up_s = env, ddir, up_s
         self.base = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"
+        port = env.get("DYNKV_PROMETHEUS_PORT")
+        self.prometheus = f"http://127.0.0.1:{port}" if port else None
         self.client = openai.OpenAI(base_url=self.base + "/v1", api_key=KEY, max_retries=0)
 
     def status(self) -> dict:
@@ -80,9 +84,13 @@ def stack(tmp_path_factory):
         "DYNKV_FRONTEND_PORT": str(free_port()),
         "DYN_KVBM_METRICS_PORT": str(free_port()),
     }
+    observability = []
+    if find_prometheus():  # one more service on the same stack: a second `up` costs a minute
+        env["DYNKV_PROMETHEUS_PORT"] = str(free_port())
+        observability = ["--observability"]
     ddir = tmp / "state" / "fe2e"
     started = time.monotonic()
-    up = dynkv("up", "-d", "--api-key", KEY, env=env, timeout=400)
+    up = dynkv("up", "-d", "--api-key", KEY, *observability, env=env, timeout=400)
     up_s = time.monotonic() - started
     try:
         assert up.returncode == 0, up.stderr[-4000:]
@@ -97,6 +105,7 @@ def stack(tmp_path_factory):
     assert [s.pid for s in state.services if same_process(s.pid, s.create_time)] == []
     assert [p.pid for s in state.services if s.pgid for p in group_of(s.pgid)] == []
     assert marked_processes(marker_prefix(ddir)) == []
+    assert not (ddir / "prometheus").exists()  # its config, key file and TSDB went with it
 
 
 def test_models(stack):
@@ -210,6 +219,32 @@ def test_status_logs_and_metrics(stack):
     ).text
     assert f'dynkv_frontend_ttft_seconds_count{{model="{MODEL}",worker="agg-0"}}' in metrics
     assert 'kind="model_not_found"' in metrics
+
+
+def test_prometheus_scrapes_the_worker_kvbm_metrics_and_the_frontend(stack):
+    if stack.prometheus is None:
+        pytest.skip("no prometheus binary: apt-get install -y prometheus (.ci/run does)")
+    prom = next(s for s in stack.status()["services"] if s["name"] == "prometheus")
+    assert prom["healthy"] and prom["url"] == stack.prometheus
+
+    def query(expr: str) -> list[dict]:
+        url = f"{stack.prometheus}/api/v1/query"
+        body = httpx.get(url, params={"query": expr}, timeout=5).json()
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    deadline = time.monotonic() + 30  # the scrape interval is 5 s
+    while not (found := query("kvbm_host_blocks_total")) and time.monotonic() < deadline:
+        time.sleep(1)
+    (series,) = found
+    assert series["metric"]["job"] == "kvbm" and series["metric"]["worker"] == "agg-0"
+    assert float(series["value"][1]) > 0  # the worker's G2 size in blocks
+    # the frontend wants the API key on /metrics too: Prometheus has it from its key file
+    while not (up := query('up{job="dynkv-frontend"}')) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert up and up[0]["value"][1] == "1"
+    config = (stack.ddir / "prometheus" / "prometheus.yml").read_text()
+    assert KEY not in config and "credentials_file" in config
 
 
 def test_zz_killed_worker_is_503_then_leaves_the_pool(stack):
