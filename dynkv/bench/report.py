@@ -181,9 +181,19 @@ def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
-def markdown(summaries: Sequence[dict[str, Any]], title: str | None = None) -> str:
-    """A summary table (one row per configuration) and a TTFT-per-round table (one column each)."""
+def markdown(
+    summaries: Sequence[dict[str, Any]],
+    title: str | None = None,
+    notes: Sequence[str] = (),
+) -> str:
+    """A summary table (one row per configuration) and a TTFT-per-round table (one column each).
+
+    `notes` are bullet lines under the title (a comparison's date, command and host); a
+    configuration whose stack did not come up (`summary["stack"]["error"]`) is named under the
+    table with its error's first line."""
     lines = [f"## {title}", ""] if title else []
+    if notes:
+        lines += [f"- {note}" for note in notes] + [""]
     header = (
         "| configuration | requests | errors | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms "
         "| ITL p50 ms | ITL p99 ms | latency p50 ms | latency p99 ms | req/s | output tok/s "
@@ -209,6 +219,10 @@ def markdown(summaries: Sequence[dict[str, Any]], title: str | None = None) -> s
             fmt_percent(s["hit_rates"]["disk"]),
         ]
         lines.append(_row(cells))
+    for s in summaries:
+        error = (s.get("stack") or {}).get("error")
+        if error:
+            lines.append(f"\n{s['label']}: the stack did not come up: {error.splitlines()[0]}")
     rounds = sorted({r["round"] for s in summaries for r in s.get("rounds", [])})
     if rounds:
         lines += ["", "TTFT p50 (ms) per round", ""]

@@ -17,8 +17,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dynkv.bench import report, runner, scrape, workloads
+from dynkv.bench import compare, report, runner, scrape, stacks, workloads
 from dynkv.bench.client import ENDPOINT_PATHS
+from dynkv.cli import bench_compare
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import JsonOpt
 from dynkv.cli.output import emit_json, err, warn
@@ -99,6 +100,39 @@ def _check_flags(
         raise _usage(f"--warmup must be ≥ 0, got {warmup}", "pass --warmup 0 or more")
 
 
+def _check_compare_flags(
+    comparing: bool,
+    stack_given: dict[str, Any],
+    url: str | None,
+    metrics_url: list[str] | None,
+    label: str | None,
+    model: str | None,
+) -> None:
+    """Stack options need a comparison; a comparison brings its own servers, URLs and labels."""
+    if not comparing:
+        wrong = [flag for flag, value in stack_given.items() if value is not None]
+        if wrong:
+            raise _usage(
+                f"{', '.join(wrong)} only {'applies' if len(wrong) == 1 else 'apply'} when "
+                "comparing stacks",
+                "add --compare PROFILE[,PROFILE…] or --compare-topology agg,disagg, or drop "
+                + ", ".join(wrong),
+            )
+        return
+    clashes = {
+        "--url": (url, "each stack's frontend is used"),
+        "--metrics-url": (metrics_url, "each stack's workers are scraped"),
+        "--label": (label, "each configuration is labelled by its name"),
+        "--model": (model, "pass the stacks' model with --stack-model"),
+    }
+    for flag, (value, why) in clashes.items():
+        if value:
+            raise _usage(
+                f"{flag} does not apply when comparing stacks ({why})",
+                f"drop {flag}" + (", and pass --stack-model M" if flag == "--model" else ""),
+            )
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -133,11 +167,20 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
 
 
+_STACK_PANEL = "Compare stacks (--compare / --compare-topology)"
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
 @bench_app.command("serve")
 def serve(
     url: Annotated[
-        str, typer.Option("--url", help="Base URL of the OpenAI-compatible server.")
-    ] = "http://127.0.0.1:8000",
+        str | None,
+        typer.Option(
+            "--url",
+            help=f"Base URL of the OpenAI-compatible server (default {DEFAULT_URL}).",
+            show_default=False,
+        ),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option("--model", "-m", help="Served model name (default: first in /v1/models)."),
@@ -214,9 +257,103 @@ def serve(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write a PNG of TTFT per round.")
     ] = None,
+    compare_profiles: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compare",
+            help="Bring up each PROFILE in turn (plus a no-offload baseline) and run the workload "
+            "against each (repeatable or comma-separated).",
+            rich_help_panel=_STACK_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    compare_topology: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compare-topology",
+            help="Bring up --profile as each topology in turn: agg,disagg.",
+            rich_help_panel=_STACK_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile", help="The profile of --compare-topology.", rich_help_panel=_STACK_PANEL
+        ),
+    ] = None,
+    baseline: Annotated[
+        bool | None,
+        typer.Option(
+            "--baseline/--no-baseline",
+            help="Also run a stack without KVBM (default: on with --compare, off with "
+            "--compare-topology).",
+            rich_help_panel=_STACK_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    stack_model: Annotated[
+        str | None,
+        typer.Option(
+            "--stack-model",
+            help="Model of every stack (directory or HF id; default the generated tiny model).",
+            rich_help_panel=_STACK_PANEL,
+        ),
+    ] = None,
+    device_kv_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--device-kv-gb",
+            help="G1 per worker, GB: keep it below the workload's working set.",
+            rich_help_panel=_STACK_PANEL,
+        ),
+    ] = None,
+    cpu_cache_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--cpu-cache-gb", help="G2 of profiles that have one, GB.", rich_help_panel=_STACK_PANEL
+        ),
+    ] = None,
+    disk_cache_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--disk-cache-gb",
+            help="G3 of profiles that have one, GB.",
+            rich_help_panel=_STACK_PANEL,
+        ),
+    ] = None,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(
+            "--max-model-len", help="vLLM's --max-model-len.", rich_help_panel=_STACK_PANEL
+        ),
+    ] = None,
+    stack_env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stack-env",
+            help="NAME=VALUE for every stack (repeatable); stacks inherit no DYNKV_*/DYN_KVBM_*.",
+            rich_help_panel=_STACK_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Directory of report.json, report.md, ttft.png and the stacks' logs "
+            "(default ./dynkv-compare-<time>).",
+            rich_help_panel=_STACK_PANEL,
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Stream a multi-turn or long-document workload; report TTFT, ITL, latency and hit rates."""
+    """Stream a multi-turn or long-document workload; report TTFT, ITL, latency and hit rates.
+
+    With --compare or --compare-topology, bring up each configuration with `dynkv up -d` in turn
+    (private name, ports and state dir), run the same workload against it, take it down, and
+    write one combined report."""
     given = {
         "--users": users,
         "--rounds": rounds,
@@ -228,6 +365,20 @@ def serve(
         "--mode": mode,
     }
     _check_flags(workload, given, endpoint, concurrency, rate, warmup)
+    comparing = bool(compare_profiles or compare_topology)
+    stack_given = {
+        "--profile": profile,
+        "--baseline/--no-baseline": baseline,
+        "--stack-model": stack_model,
+        "--device-kv-gb": device_kv_gb,
+        "--cpu-cache-gb": cpu_cache_gb,
+        "--disk-cache-gb": disk_cache_gb,
+        "--max-model-len": max_model_len,
+        "--stack-env": stack_env,
+        "--out": out,
+    }
+    _check_compare_flags(comparing, stack_given, url, metrics_url, label, model)
+    url = url or DEFAULT_URL
     _check_url(url, "--url")
     metrics_urls = [_check_url(u, "--metrics-url") for u in metrics_url or []]
     if concurrency is None and rate is None:
@@ -239,6 +390,57 @@ def serve(
         warm = workloads.warmup(warmup, seed=seed)
     except workloads.WorkloadError as exc:
         raise _usage(exc.cause, exc.fix) from None
+
+    if comparing:
+        try:
+            options_for_stacks = stacks.StackOptions(
+                model=stack_model,
+                device_kv_gb=device_kv_gb,
+                cpu_cache_gb=cpu_cache_gb,
+                disk_cache_gb=disk_cache_gb,
+                max_model_len=max_model_len,
+                env=stacks.parse_env_pairs(stack_env),
+            )
+        except compare.CompareError as exc:
+            raise _usage(exc.cause, exc.fix) from None
+        run_options = runner.RunOptions(
+            url="",  # each stack's frontend
+            model="",  # each stack's served model
+            endpoint=endpoint,  # type: ignore[arg-type]
+            concurrency=concurrency,
+            rate=rate,
+            seed=seed,
+            timeout_s=timeout,
+            ignore_eos=ignore_eos,
+        )
+        run_config = {
+            "endpoint": endpoint,
+            "workload": work.name,
+            "params": work.params,
+            "concurrency": concurrency,
+            "rate": rate,
+            "warmup": warmup,
+            "seed": seed,
+            "ignore_eos": ignore_eos,
+            "tokenizer": str(tokenizer) if tokenizer else None,
+        }
+        bench_compare.run(
+            profiles=compare.split_values(compare_profiles),
+            topologies=compare.split_values(compare_topology),
+            profile=profile,
+            baseline=baseline,
+            stack_options=options_for_stacks,
+            work=work,
+            warm=warm,
+            options=run_options,
+            run_config=run_config,
+            out_dir=out,
+            markdown=markdown,
+            plot=plot,
+            json_out=json_out,
+            progress_factory=_progress,
+        )
+        return
 
     try:
         served = model or runner.discover_model(url, api_key)

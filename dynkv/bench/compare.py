@@ -1,0 +1,201 @@
+"""Compare configurations: bring each stack up in turn, run the same workload against it, take it
+down, and keep one summary per configuration for `dynkv.bench.report`.
+
+What a configuration is (`StackConfig`): a tier profile, whether the workers carry the KVBM
+connector at all (the no-offload baseline: plain vLLM with only its own prefix cache), and a
+topology. `plan_configs` turns the CLI's `--compare PROFILE…` (plus the baseline) or
+`--compare-topology agg disagg` (one profile, each topology) into that list.
+
+How the stacks start and stop is injected (`Launcher`): the CLI uses `dynkv.bench.stacks`
+(`dynkv up -d` under a private name, ports and state dir); tests pass a fake. The rules kept here:
+every configuration runs the same workload object with the same seed; a stack is always taken
+down, after its run, after a failed run and on Ctrl-C; a stack that does not come up is recorded
+as a failed configuration and the comparison goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dynkv.bench import report, runner, scrape
+from dynkv.bench.workloads import Workload
+
+TOPOLOGIES = ("agg", "disagg")
+BASELINE_LABEL = "no offload"
+
+
+class CompareError(Exception):
+    """A comparison that cannot be set up as asked (a usage error: cause + fix)."""
+
+    def __init__(self, cause: str, fix: str) -> None:
+        super().__init__(cause)
+        self.cause, self.fix = cause, fix
+
+
+class StackFailed(Exception):
+    """A stack did not come up; `detail` says why (the end of `dynkv up`'s output)."""
+
+    def __init__(self, label: str, detail: str) -> None:
+        super().__init__(f"{label}: {detail}")
+        self.label, self.detail = label, detail
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """One configuration to compare. `profile` None: dynkv's default profile (the baseline's
+    profile does not matter: without KVBM it has no tiers)."""
+
+    label: str
+    profile: str | None = None
+    kvbm: bool = True
+    topology: str | None = None  # None: the profile's own topology
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunningStack:
+    """A stack that is up: where to send the workload, and whose KVBM metrics to scrape."""
+
+    url: str
+    model: str
+    metrics_urls: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # name, state dir, start-up time, ...
+
+
+class Launcher(Protocol):
+    def check(self, config: StackConfig) -> None:
+        """Raise CompareError when this configuration cannot start (before any stack starts)."""
+
+    def up(self, config: StackConfig) -> RunningStack:
+        """Start the stack and return once it serves; StackFailed when it does not."""
+
+    def down(self, stack: RunningStack) -> None:
+        """Stop everything of the stack; must not raise."""
+
+
+def split_values(values: Sequence[str] | None) -> list[str]:
+    """`--compare a,b --compare c` → [a, b, c] (repeated and comma-separated both work)."""
+    out: list[str] = []
+    for value in values or []:
+        out += [v.strip() for v in value.split(",") if v.strip()]
+    return out
+
+
+def plan_configs(
+    profiles: Sequence[str],
+    topologies: Sequence[str],
+    *,
+    profile: str | None = None,
+    baseline: bool | None = None,
+) -> list[StackConfig]:
+    """The configurations in the order they run: the baseline first (when asked; by default with
+    --compare, not with --compare-topology), then each profile or each topology."""
+    if profiles and topologies:
+        raise CompareError(
+            "--compare and --compare-topology cannot be combined",
+            "compare profiles (--compare gpu-cpu,gpu-cpu-disk) or topologies of one profile "
+            "(--compare-topology agg,disagg --profile gpu-cpu), in two runs",
+        )
+    if not profiles and not topologies:
+        raise CompareError(
+            "nothing to compare",
+            "pass --compare PROFILE[,PROFILE…] or --compare-topology agg,disagg",
+        )
+    if profile is not None and profiles:
+        raise CompareError(
+            "--profile names the one profile of --compare-topology",
+            "drop --profile, or list the profiles with --compare",
+        )
+    configs: list[StackConfig] = []
+    if baseline if baseline is not None else bool(profiles):
+        configs.append(StackConfig(BASELINE_LABEL, None, kvbm=False, topology="agg"))
+    for name in profiles:
+        configs.append(StackConfig(name, name))
+    for topology in topologies:
+        if topology not in TOPOLOGIES:
+            raise CompareError(
+                f"unknown topology {topology!r}", "use --compare-topology agg,disagg"
+            )
+        shown = profile or "default profile"
+        configs.append(StackConfig(f"{topology} ({shown})", profile, topology=topology))
+    labels = [c.label for c in configs]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise CompareError(f"{', '.join(repeated)} is listed twice", "name each configuration once")
+    return configs
+
+
+Measure = Callable[[StackConfig, RunningStack], dict[str, Any]]
+Event = Callable[[str, StackConfig, Any], None]  # ("up" | "measure" | "down" | "failed", config, x)
+
+
+def failed_summary(config: StackConfig, detail: str, run_config: dict[str, Any]) -> dict[str, Any]:
+    """A summary with no numbers for a configuration whose stack did not come up."""
+    empty = runner.RunResult([], 0.0)
+    summary = report.summarize(report.LabelledRun(config.label, empty, dict(run_config)))
+    summary["stack"] = {**config.to_json(), "error": detail}
+    return summary
+
+
+def run_compare(
+    configs: Sequence[StackConfig],
+    launcher: Launcher,
+    measure: Measure,
+    *,
+    run_config: dict[str, Any] | None = None,
+    on_event: Event | None = None,
+) -> list[dict[str, Any]]:
+    """One summary per configuration, in order. Every configuration is checked before the first
+    stack starts; each stack is taken down whatever happens to its run."""
+    for config in configs:
+        launcher.check(config)
+    notify = on_event or (lambda *_: None)
+    summaries = []
+    for config in configs:
+        notify("up", config, None)
+        try:
+            stack = launcher.up(config)
+        except StackFailed as exc:
+            notify("failed", config, exc.detail)
+            summaries.append(failed_summary(config, exc.detail, run_config or {}))
+            continue
+        try:
+            notify("measure", config, stack)
+            summary = measure(config, stack)
+        finally:
+            notify("down", config, stack)
+            launcher.down(stack)
+        summary["stack"] = {**config.to_json(), **stack.info, "error": None}
+        summaries.append(summary)
+    return summaries
+
+
+def measure_with(
+    work: Workload,
+    warm: Workload | None,
+    options: runner.RunOptions,
+    run_config: dict[str, Any],
+    progress: Callable[[StackConfig], runner.Progress | None] | None = None,
+) -> Measure:
+    """The measurement `bench serve` makes of one server, pointed at each stack in turn: its KVBM
+    metrics before and after, the workload (the same object, so the same prompts) in between."""
+
+    def measure(config: StackConfig, stack: RunningStack) -> dict[str, Any]:
+        opts = dataclasses.replace(options, url=stack.url, model=options.model or stack.model)
+        before = scrape.scrape_all(stack.metrics_urls)
+        result = runner.run(work, opts, warm, progress(config) if progress else None)
+        after = scrape.scrape_all(stack.metrics_urls)
+        cfg = {
+            **run_config,
+            "url": stack.url,
+            "model": opts.model,
+            "metrics_urls": list(stack.metrics_urls),
+        }
+        return report.summarize(report.LabelledRun(config.label, result, cfg, before, after))
+
+    return measure

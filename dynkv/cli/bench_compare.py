@@ -1,0 +1,199 @@
+"""`dynkv bench serve --compare PROFILE…` / `--compare-topology agg,disagg`: the rendering side.
+
+Thin: `serve` parses the flags and builds the workload; this module plans the configurations
+(`dynkv.bench.compare`), starts each stack with `dynkv.bench.stacks.UpLauncher`, shows progress,
+and writes the combined report (JSON with every run, markdown, PNG of TTFT per round) into the
+comparison's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from dynkv.bench import compare, report, runner, stacks
+from dynkv.bench.workloads import Workload
+from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
+from dynkv.cli.output import emit_json, err, warn
+
+
+def default_out_dir(now: dt.datetime | None = None) -> Path:
+    stamp = (now or dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return Path(f"dynkv-compare-{stamp}")
+
+
+def _usage(cause: str, fix: str) -> UserError:
+    return UserError(cause, fix, EXIT_USAGE)
+
+
+def _table(summaries: list[dict[str, Any]]) -> Table:
+    """The few numbers that fit a terminal; the markdown and JSON have the rest."""
+    table = Table(title="comparison (ms)", expand=False)
+    cols = ("configuration", "ok", "TTFT p50", "TTFT p90", "ITL p50", "tok/s", "G2 hit", "G3 hit")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    fmt = report.fmt_number
+    for s in summaries:
+        error = s.get("stack", {}).get("error")
+        table.add_row(
+            escape(s["label"]) + (" [red](failed)[/red]" if error else ""),
+            f"{s['completed']}/{s['requests']}",
+            fmt(s["ttft_ms"]["p50"]),
+            fmt(s["ttft_ms"]["p90"]),
+            fmt(s["itl_ms"]["p50"]),
+            fmt(s["output_tokens_per_s"]),
+            report.fmt_percent(s["hit_rates"]["host"]),
+            report.fmt_percent(s["hit_rates"]["disk"]),
+        )
+    return table
+
+
+def run(
+    *,
+    profiles: list[str],
+    topologies: list[str],
+    profile: str | None,
+    baseline: bool | None,
+    stack_options: stacks.StackOptions,
+    work: Workload,
+    warm: Workload | None,
+    options: runner.RunOptions,
+    run_config: dict[str, Any],
+    out_dir: Path | None,
+    markdown: Path | None,
+    plot: Path | None,
+    json_out: bool,
+    progress_factory,
+) -> None:
+    try:
+        configs = compare.plan_configs(profiles, topologies, profile=profile, baseline=baseline)
+    except compare.CompareError as exc:
+        raise _usage(exc.cause, exc.fix) from None
+    out = out_dir or default_out_dir()
+    if out.exists() and not out.is_dir():
+        raise _usage(f"--out {out} is not a directory", "pass --out with a directory path")
+    launcher = stacks.UpLauncher(stack_options, out.resolve() / "stacks")
+    try:
+        for config in configs:
+            launcher.check(config)
+    except compare.CompareError as exc:
+        raise _usage(exc.cause, exc.fix) from None
+
+    started = dt.datetime.now(dt.UTC)
+    command = "dynkv " + shlex.join(sys.argv[1:]) if sys.argv else "dynkv bench serve"
+    if not json_out:
+        names = ", ".join(c.label for c in configs)
+        err.print(
+            f"[bold]bench serve --compare[/bold] {escape(work.name)}: {len(configs)} "
+            f"configurations ({escape(names)}), {len(work.requests)} requests each, "
+            f"seed {options.seed}; reports in {escape(str(out))}",
+            soft_wrap=True,
+        )
+
+    bars: dict[str, Any] = {}
+
+    def on_event(kind: str, config: compare.StackConfig, detail: Any) -> None:
+        if json_out:
+            return
+        label = escape(config.label)
+        if kind == "up":
+            err.print(f"[bold]▶ {label}[/bold]: dynkv up -d …")
+        elif kind == "failed":
+            warn(f"{config.label}: the stack did not come up:\n{detail}")
+        elif kind == "measure":
+            err.print(
+                f"  up in {detail.info.get('up_s', 0):.0f} s at {escape(detail.url)} "
+                f"({escape(detail.model)}); sending the workload"
+            )
+        elif kind == "down":
+            bar = bars.pop(config.label, None)
+            if bar is not None:
+                bar.stop()
+            err.print(f"  {label}: down")
+
+    def progress(config: compare.StackConfig):
+        if json_out:
+            return None
+        bar = progress_factory()
+        bars[config.label] = bar
+        bar.start()
+        task = bar.add_task(config.label, total=len(work.requests))
+        return lambda done, _total: bar.update(task, completed=done)
+
+    measure = compare.measure_with(work, warm, options, run_config, progress)
+    try:
+        summaries = compare.run_compare(
+            configs, launcher, measure, run_config=run_config, on_event=on_event
+        )
+    finally:
+        for bar in bars.values():
+            bar.stop()
+        for message in launcher.warnings:
+            warn(message)
+
+    notes = [
+        f"date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
+        f"command: `{command}`",
+        f"host: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "
+        f"stacks: {_stack_note(stack_options)}",
+    ]
+    data = report.combined(summaries)
+    if "runs" not in data:
+        data = {"runs": [data]}
+    data["compare"] = {
+        "date": started.isoformat(timespec="seconds"),
+        "command": command,
+        "configurations": [c.to_json() for c in configs],
+        "stack_options": {**dataclasses.asdict(stack_options), "env": dict(stack_options.env)},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "report.json"
+    json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    md_path = markdown or out / "report.md"
+    md_path.write_text(
+        report.markdown(summaries, title=f"dynkv bench serve: {work.name}", notes=notes)
+    )
+    png_path = plot or out / "ttft.png"
+    report.plot(summaries, png_path, title=f"TTFT per round: {work.name}")
+
+    if json_out:
+        emit_json(data)
+    else:
+        err.print(_table(summaries))
+        for path in (json_path, md_path, png_path):
+            err.print(f"  wrote {escape(str(path))}")
+    failed = [
+        s["label"]
+        for s in summaries
+        if s["stack"].get("error") or (s["requests"] and not s["completed"])
+    ]
+    if failed:
+        raise UserError(
+            f"{', '.join(failed)}: no measurement (the stack did not come up, or every request "
+            "failed); the other configurations are in the report",
+            f"read the stack's logs under {out / 'stacks' / 'state'} and its error above",
+            EXIT_FAILURE,
+        )
+
+
+def _stack_note(o: stacks.StackOptions) -> str:
+    parts = [f"model {o.model or 'dynkv-tiny (generated)'}"]
+    if o.device_kv_gb is not None:
+        parts.append(f"G1 {o.device_kv_gb:g} GB per worker")
+    if o.cpu_cache_gb is not None:
+        parts.append(f"G2 {o.cpu_cache_gb:g} GB")
+    if o.disk_cache_gb is not None:
+        parts.append(f"G3 {o.disk_cache_gb:g} GB")
+    if o.max_model_len is not None:
+        parts.append(f"max model len {o.max_model_len}")
+    parts += [f"{k}={v}" for k, v in o.env.items()]
+    return ", ".join(parts)

@@ -1,0 +1,310 @@
+"""Compare mode with the stacks injected: which configurations run and in what order, every stack
+taken down whatever happens, a stack that does not come up recorded and skipped, the same
+workload for each; the real launcher's environment (isolation, pass-through, tier sizes); and
+`bench serve --compare` end to end against a local fake server standing in for each stack."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from dynkv.bench import compare, stacks
+from dynkv.bench.compare import (
+    BASELINE_LABEL,
+    CompareError,
+    RunningStack,
+    StackConfig,
+    StackFailed,
+    plan_configs,
+    run_compare,
+)
+from dynkv.cli.main import app
+
+
+class FakeLauncher:
+    def __init__(self, fail: set[str] = frozenset()) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.fail = fail
+
+    def check(self, config: StackConfig) -> None:
+        self.events.append(("check", config.label))
+
+    def up(self, config: StackConfig) -> RunningStack:
+        self.events.append(("up", config.label))
+        if config.label in self.fail:
+            raise StackFailed(config.label, "worker exited with code 1\nlast log line")
+        return RunningStack(f"http://{config.label}", "m", [], {"name": config.label})
+
+    def down(self, stack: RunningStack) -> None:
+        self.events.append(("down", stack.info["name"]))
+
+
+def fake_measure(seen: list):
+    def measure(config: StackConfig, stack: RunningStack) -> dict:
+        seen.append((config.label, stack.url))
+        return {"label": config.label, "requests": 1, "completed": 1}
+
+    return measure
+
+
+# ---- which configurations ----------------------------------------------------------------------
+
+
+def test_profiles_come_after_the_no_offload_baseline():
+    configs = plan_configs(["gpu-cpu", "gpu-cpu-disk"], [])
+    assert [(c.label, c.profile, c.kvbm) for c in configs] == [
+        (BASELINE_LABEL, None, False),
+        ("gpu-cpu", "gpu-cpu", True),
+        ("gpu-cpu-disk", "gpu-cpu-disk", True),
+    ]
+    assert configs[0].topology == "agg"
+    assert [c.label for c in plan_configs(["gpu-cpu"], [], baseline=False)] == ["gpu-cpu"]
+
+
+def test_topologies_of_one_profile_without_a_baseline_by_default():
+    configs = plan_configs([], ["agg", "disagg"], profile="gpu-cpu")
+    assert [(c.label, c.profile, c.topology) for c in configs] == [
+        ("agg (gpu-cpu)", "gpu-cpu", "agg"),
+        ("disagg (gpu-cpu)", "gpu-cpu", "disagg"),
+    ]
+    with_baseline = plan_configs([], ["agg"], baseline=True)
+    assert [c.kvbm for c in with_baseline] == [False, True]
+
+
+@pytest.mark.parametrize(
+    ("profiles", "topologies", "kw", "needle"),
+    [
+        (["gpu-cpu"], ["agg"], {}, "cannot be combined"),
+        ([], [], {}, "nothing to compare"),
+        ([], ["mesh"], {}, "unknown topology 'mesh'"),
+        (["gpu-cpu", "gpu-cpu"], [], {}, "listed twice"),
+        (["gpu-cpu"], [], {"profile": "gpu-cpu"}, "--profile names the one profile"),
+    ],
+)
+def test_bad_comparisons_are_usage_errors(profiles, topologies, kw, needle):
+    with pytest.raises(CompareError) as exc:
+        plan_configs(profiles, topologies, **kw)
+    assert needle in exc.value.cause and exc.value.fix
+
+
+def test_split_values_takes_repeats_and_commas():
+    assert compare.split_values(["a,b", " c ", ""]) == ["a", "b", "c"]
+
+
+# ---- running them ------------------------------------------------------------------------------
+
+
+def test_each_stack_up_measured_down_in_order_after_all_checks():
+    launcher, seen = FakeLauncher(), []
+    configs = plan_configs(["gpu-cpu"], [])
+    summaries = run_compare(configs, launcher, fake_measure(seen))
+    assert launcher.events == [
+        ("check", BASELINE_LABEL),
+        ("check", "gpu-cpu"),
+        ("up", BASELINE_LABEL),
+        ("down", BASELINE_LABEL),
+        ("up", "gpu-cpu"),
+        ("down", "gpu-cpu"),
+    ]
+    assert seen == [(BASELINE_LABEL, f"http://{BASELINE_LABEL}"), ("gpu-cpu", "http://gpu-cpu")]
+    assert [s["stack"]["error"] for s in summaries] == [None, None]
+    assert summaries[1]["stack"]["profile"] == "gpu-cpu" and summaries[1]["stack"]["kvbm"]
+
+
+def test_a_stack_that_does_not_come_up_is_recorded_and_the_next_runs():
+    launcher, seen = FakeLauncher(fail={"gpu-cpu"}), []
+    configs = plan_configs(["gpu-cpu", "gpu-cpu-disk"], [], baseline=False)
+    summaries = run_compare(configs, launcher, fake_measure(seen), run_config={"seed": 3})
+    assert [label for label, _ in seen] == ["gpu-cpu-disk"]
+    failed = summaries[0]
+    assert failed["label"] == "gpu-cpu" and failed["requests"] == 0
+    assert failed["ttft_ms"] == {"p50": None, "p90": None, "p99": None}
+    assert failed["stack"]["error"].startswith("worker exited") and failed["config"]["seed"] == 3
+    assert ("down", "gpu-cpu") not in launcher.events  # never came up: `up` cleaned after itself
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_the_stack_goes_down_when_its_run_fails_or_is_interrupted(error):
+    launcher = FakeLauncher()
+
+    def measure(config, stack):
+        raise error
+
+    with pytest.raises(type(error)):
+        run_compare(plan_configs(["gpu-cpu"], [], baseline=False), launcher, measure)
+    assert launcher.events[-1] == ("down", "gpu-cpu")
+
+
+def test_a_bad_configuration_stops_everything_before_the_first_stack():
+    class Picky(FakeLauncher):
+        def check(self, config):
+            if config.profile == "nope":
+                raise CompareError("nope: unknown profile", "use gpu-cpu")
+
+    launcher = Picky()
+    with pytest.raises(CompareError):
+        run_compare(plan_configs(["gpu-cpu", "nope"], []), launcher, fake_measure([]))
+    assert not [e for e in launcher.events if e[0] == "up"]
+
+
+# ---- the real launcher's settings --------------------------------------------------------------
+
+
+def launcher(tmp_path, environ=None, **options) -> stacks.UpLauncher:
+    return stacks.UpLauncher(stacks.StackOptions(**options), tmp_path, environ=environ or {})
+
+
+def test_stacks_do_not_inherit_the_callers_settings(tmp_path):
+    environ = {"PATH": "/bin", "DYN_KVBM_DISK_CACHE_GB": "8", "DYNKV_NAME": "prod", "HOME": "/h"}
+    up = launcher(tmp_path, environ)
+    assert up.base_env == {"PATH": "/bin", "HOME": "/h"}
+
+
+def test_tier_sizes_resize_only_the_tiers_a_profile_has(tmp_path):
+    up = launcher(tmp_path, cpu_cache_gb=0.5, disk_cache_gb=2, device_kv_gb=0.04, model="/m")
+    gpu_cpu = up.settings_env(StackConfig("gpu-cpu", "gpu-cpu"))
+    assert gpu_cpu["DYN_KVBM_CPU_CACHE_GB"] == "0.5" and "DYN_KVBM_DISK_CACHE_GB" not in gpu_cpu
+    assert gpu_cpu["DYNKV_PROFILE"] == "gpu-cpu" and gpu_cpu["DYNKV_KVBM"] == "true"
+    assert gpu_cpu["DYNKV_DEVICE_KV_GB"] == "0.04" and gpu_cpu["DYNKV_MODEL"] == "/m"
+    assert gpu_cpu["DYN_KVBM_DISK_CACHE_DIR"] == str(tmp_path / "kvbm-disk")
+    both = up.settings_env(StackConfig("gpu-cpu-disk", "gpu-cpu-disk"))
+    assert both["DYN_KVBM_CPU_CACHE_GB"] == "0.5" and both["DYN_KVBM_DISK_CACHE_GB"] == "2"
+    baseline = up.settings_env(StackConfig(BASELINE_LABEL, None, kvbm=False, topology="agg"))
+    assert baseline["DYNKV_KVBM"] == "false" and baseline["DYNKV_DEVICE_KV_GB"] == "0.04"
+    assert not [k for k in baseline if k.startswith("DYN_KVBM_")]
+
+
+def test_stack_env_wins_and_is_validated(tmp_path):
+    env = stacks.parse_env_pairs(["DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER=true", "A=b=c"])
+    assert env == {"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true", "A": "b=c"}
+    up = launcher(tmp_path, env={"DYNKV_DEVICE_KV_GB": "1"}, device_kv_gb=0.5)
+    assert up.settings_env(StackConfig("x", "gpu-cpu"))["DYNKV_DEVICE_KV_GB"] == "1"
+    with pytest.raises(CompareError, match="NAME=VALUE"):
+        stacks.parse_env_pairs(["nope"])
+
+
+def test_check_resolves_each_configuration_as_up_will(tmp_path):
+    up = launcher(tmp_path, device_kv_gb=0.04)
+    up.check(StackConfig("gpu-cpu", "gpu-cpu"))
+    with pytest.raises(CompareError) as exc:
+        launcher(tmp_path, env={"DYNKV_DEVICE_KV_GB": "lots"}).check(StackConfig("g", "gpu-cpu"))
+    assert exc.value.cause.startswith("g: DYNKV_DEVICE_KV_GB='lots' is invalid")
+    with pytest.raises(CompareError, match="no-such-profile"):
+        up.check(StackConfig("bad", "no-such-profile"))
+
+
+def test_running_stack_from_up_json(tmp_path):
+    state = {
+        "services": [
+            {"name": "etcd", "role": "etcd", "meta": {}},
+            {
+                "name": "worker",
+                "role": "agg",
+                "meta": {"metrics_url": "http://127.0.0.1:7/metrics", "url": "http://w"},
+            },
+            {"name": "frontend", "role": "frontend", "meta": {"url": "http://f:1", "model": "m"}},
+        ]
+    }
+    stack = launcher(tmp_path)._running(state, "cmp1-x", tmp_path, 12.34, {"DYNKV_KVBM": "true"})
+    assert (stack.url, stack.model, stack.metrics_urls) == (
+        "http://f:1",
+        "m",
+        ["http://127.0.0.1:7/metrics"],
+    )
+    assert stack.info["up_s"] == 12.3 and stack.info["workers"] == ["worker"]
+
+
+# ---- the CLI, with each stack a local fake server ----------------------------------------------
+
+
+@pytest.fixture
+def fake_stacks(monkeypatch, fake_server):
+    """UpLauncher replaced by one that 'starts' every configuration at the fake server."""
+    started: list[StackConfig] = []
+    real = stacks.UpLauncher
+
+    class Launcher(FakeLauncher):
+        def __init__(self, options, root, **kw):
+            super().__init__(fail={"gpu-cpu-disk"})
+            self.real = real(options, root, environ={})
+            self.warnings: list[str] = []
+
+        def check(self, config):
+            self.real.check(config)  # the real validation, no real stacks
+
+        def up(self, config):
+            started.append(config)
+            super().up(config)
+            return RunningStack(fake_server, "fake-model", [], {"name": config.label})
+
+    monkeypatch.setattr(stacks, "UpLauncher", Launcher)
+    return started
+
+
+def test_compare_cli_writes_one_combined_report(fake_stacks, tmp_path):
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(
+        app,
+        ["bench", "serve", "--compare", "gpu-cpu,gpu-cpu-disk", "--users", "2", "--rounds", "2"]
+        + ["--system-tokens", "16", "--question-tokens", "8", "--answer-tokens", "2"]
+        + ["--device-kv-gb", "0.04", "--stack-env", "X=1", "--seed", "5", "--out", str(out)]
+        + ["--json"],
+    )
+    # gpu-cpu-disk does not come up: the report is still written, and the exit code says so
+    assert result.exit_code == 1, result.stderr
+    assert "gpu-cpu-disk" in result.stderr.splitlines()[-2]
+    data = json.loads(result.stdout)
+    assert [r["label"] for r in data["runs"]] == [BASELINE_LABEL, "gpu-cpu", "gpu-cpu-disk"]
+    base, cpu, disk = data["runs"]
+    assert (base["completed"], cpu["completed"], disk["requests"]) == (4, 4, 0)
+    assert base["config"]["seed"] == cpu["config"]["seed"] == 5
+    assert base["prompt_tokens"] == cpu["prompt_tokens"]  # the same prompts for each
+    assert disk["stack"]["error"] and base["stack"]["kvbm"] is False
+    assert data["compare"]["stack_options"]["device_kv_gb"] == 0.04
+    assert data["compare"]["stack_options"]["env"] == {"X": "1"}
+    assert json.loads((out / "report.json").read_text()) == data
+    md = (out / "report.md").read_text()
+    assert re.search(r"- date: \d{4}-\d\d-\d\d \d\d:\d\d UTC", md) and "- command: `dynkv " in md
+    assert "| no offload | 4 | 0 |" in md and "gpu-cpu-disk: the stack did not come up" in md
+    assert (out / "ttft.png").read_bytes()[:4] == b"\x89PNG"
+    assert [c.label for c in fake_stacks] == [BASELINE_LABEL, "gpu-cpu", "gpu-cpu-disk"]
+
+
+def test_compare_topology_cli_human_output(fake_stacks, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["bench", "serve", "--compare-topology", "agg", "--compare-topology", "disagg"]
+        + ["--profile", "gpu-cpu", "-w", "long-doc", "--docs", "2", "--doc-tokens", "40"]
+        + ["--concurrency", "2", "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    assert "agg (gpu-cpu)" in result.stderr and "disagg (gpu-cpu)" in result.stderr
+    assert "comparison" in result.stderr and "report.md" in result.stderr
+    assert [(c.topology, c.profile) for c in fake_stacks] == [
+        ("agg", "gpu-cpu"),
+        ("disagg", "gpu-cpu"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--device-kv-gb", "0.1"], "--device-kv-gb only applies when comparing"),
+        (["--compare", "gpu-cpu", "--url", "http://x:1"], "--url does not apply"),
+        (["--compare", "gpu-cpu", "--model", "m"], "--stack-model"),
+        (["--compare", "gpu-cpu", "--metrics-url", "http://x/metrics"], "--metrics-url does"),
+        (["--compare", "gpu-cpu", "--compare-topology", "agg"], "cannot be combined"),
+        (["--compare-topology", "ring"], "unknown topology 'ring'"),
+        (["--compare", "no-such-profile"], "no-such-profile"),
+        (["--compare", "gpu-cpu", "--stack-env", "oops"], "NAME=VALUE"),
+    ],
+)
+def test_compare_usage_errors_exit_2(args, needle, fake_stacks):
+    result = CliRunner().invoke(app, ["bench", "serve", *args])
+    assert result.exit_code == 2, result.stderr
+    assert needle in result.stderr and "fix:" in result.stderr
+    assert fake_stacks == []  # nothing started
