@@ -12,9 +12,12 @@ Definitions:
 - throughput is successful requests (and their output tokens) over the wall time of the run,
   first send to last answer, warm-up excluded;
 - hit rates are the workers' `kvbm_{host,disk}_cache_hit_rate` gauges after the run (the runtime
-  computes them over its last requests), averaged over the targets that have them; counters are
-  after − before, summed over targets (a counter that went down, i.e. a restarted worker, counts
-  from zero).
+  computes them over its last requests), averaged over the targets that have that tier; counters
+  are after − before, summed over the targets that have a tier at all (a counter that went down,
+  i.e. a restarted worker, counts from zero). A target whose `kvbm_{host,disk}_blocks_total` are
+  both 0 has no tier: a disagg decode worker, whose matched tokens all come from the prefill's
+  handoff and whose hit rate reads 0. Counting it would double the matched tokens and halve the
+  hit rate; its own numbers stay in `kvbm.targets`.
 """
 
 from __future__ import annotations
@@ -70,15 +73,20 @@ def tier_stats(before: Sequence[Snapshot], after: Sequence[Snapshot]) -> dict[st
     for snap in after:
         old = previous.get(snap.url, Snapshot(snap.url, error="not scraped before the run"))
         target: dict[str, Any] = {"url": snap.url, "error": snap.error or old.error}
+        has = {
+            "kvbm_host_cache_hit_rate": snap.values.get("kvbm_host_blocks_total") != 0,
+            "kvbm_disk_cache_hit_rate": snap.values.get("kvbm_disk_blocks_total") != 0,
+        }  # unknown (an older runtime) counts as present
+        target["tiers"] = any(has.values())
         for name in GAUGES:
             value = snap.values.get(name)
             target[name] = value
-            if value is not None:
+            if value is not None and has[name]:
                 gauges[name].append(value)
         for name in COUNTERS:
             delta = counter_delta(old.values.get(name), snap.values.get(name))
             target[name] = delta
-            if delta is not None:
+            if delta is not None and target["tiers"]:
                 deltas[name] = (deltas[name] or 0.0) + delta
         targets.append(target)
 

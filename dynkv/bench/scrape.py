@@ -14,6 +14,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 GAUGES = ("kvbm_host_cache_hit_rate", "kvbm_disk_cache_hit_rate")
+# Tier capacities: a worker with neither (a disagg decode worker, fed by the handoff) has no tier
+# whose hit rate or matched tokens could mean anything.
+SIZES = ("kvbm_host_blocks_total", "kvbm_disk_blocks_total")
 COUNTERS = ("kvbm_onboard_blocks_h2d", "kvbm_onboard_blocks_d2d", "kvbm_matched_tokens")
 
 
@@ -26,7 +29,7 @@ class Snapshot:
     error: str | None = None
 
 
-def parse(text: str, families: tuple[str, ...] = GAUGES + COUNTERS) -> dict[str, float]:
+def parse(text: str, families: tuple[str, ...] = GAUGES + SIZES + COUNTERS) -> dict[str, float]:
     """Family name → value summed over label sets; `_created` and histogram parts are skipped."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):

@@ -37,7 +37,8 @@ def test_compare_baseline_and_gpu_cpu(tmp_path):
     for run in (base, cpu):
         assert (run["requests"], run["completed"], run["errors"]) == (4, 4, 0)
         assert run["output_tokens"] == 16 and run["stack"]["error"] is None
-    assert base["prompt_tokens"] == cpu["prompt_tokens"]  # the same prompts
+    # the same prompts (round 2 carries each stack's own answers, so allow a few tokens)
+    assert abs(base["prompt_tokens"] - cpu["prompt_tokens"]) < 0.1 * base["prompt_tokens"]
     assert base["config"]["metrics_urls"] == []
     assert base["hit_rates"] == {"host": None, "disk": None}
     (target,) = cpu["kvbm"]["targets"]

@@ -77,12 +77,41 @@ def test_tier_stats_over_two_workers_and_a_missing_one():
     assert empty["kvbm"]["matched_tokens"] is None
 
 
+def test_a_worker_without_tiers_is_left_out_of_the_aggregates():
+    """disagg: the prefill worker has the tiers, the decode worker only the handoff."""
+    before = [
+        Snapshot("prefill", {"kvbm_matched_tokens": 0}),
+        Snapshot("decode", {"kvbm_matched_tokens": 0}),
+    ]
+    sizes = {"kvbm_host_blocks_total": 0, "kvbm_disk_blocks_total": 0}
+    after = [
+        Snapshot(
+            "prefill",
+            {
+                "kvbm_matched_tokens": 200,
+                "kvbm_host_cache_hit_rate": 0.5,
+                "kvbm_disk_cache_hit_rate": 0.0,
+                "kvbm_host_blocks_total": 1000,
+                "kvbm_disk_blocks_total": 0,
+            },
+        ),
+        Snapshot("decode", {"kvbm_matched_tokens": 400, "kvbm_host_cache_hit_rate": 0.0, **sizes}),
+    ]
+    stats = report.tier_stats(before, after)
+    assert stats["hit_rates"] == {"host": 0.5, "disk": None}  # G3 exists nowhere
+    assert stats["kvbm"]["matched_tokens"] == 200
+    decode = stats["kvbm"]["targets"][1]
+    assert decode["tiers"] is False and decode["kvbm_matched_tokens"] == 400  # still reported
+
+
 def test_scrape_a_real_kvbm_registry_before_and_after():
     metrics = KvbmMetrics()
     port = free_port()
     metrics.serve("127.0.0.1", port)
     try:
         url = f"http://127.0.0.1:{port}/metrics"
+        metrics.host_blocks_total.set(100)  # a worker with both tiers
+        metrics.disk_blocks_total.set(200)
         metrics.matched_tokens.inc(32)
         before = scrape.scrape_all([url])
         metrics.matched_tokens.inc(96)
