@@ -33,7 +33,8 @@ def parse(text: str, families: tuple[str, ...] = GAUGES + SIZES + COUNTERS) -> d
     """Family name → value summed over label sets; `_created` and histogram parts are skipped."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        name = family.name.removesuffix("_total")
+        # a counter's family drops `_total`; a gauge named `…_total` (a tier's capacity) keeps it
+        name = family.name if family.name in families else family.name.removesuffix("_total")
         if name not in families:
             continue
         for sample in family.samples:

@@ -125,6 +125,8 @@ def test_scrape_a_real_kvbm_registry_before_and_after():
     assert stats["kvbm"]["matched_tokens"] == 96 and stats["kvbm"]["onboard_blocks_h2d"] == 3
     assert stats["kvbm"]["onboard_blocks_d2d"] == 0
     assert stats["hit_rates"] == {"host": 0.75, "disk": 0.25}
+    assert after[0].values["kvbm_host_blocks_total"] == 100  # read off the wire, as gauges
+    assert stats["kvbm"]["targets"][0]["tiers"] is True
 
 
 def test_parse_counts_total_suffix_with_or_without_type_lines_and_skips_others():
@@ -138,6 +140,8 @@ def test_parse_counts_total_suffix_with_or_without_type_lines_and_skips_others()
     )
     assert scrape.parse(typed) == {"kvbm_matched_tokens": 5.0, "kvbm_host_cache_hit_rate": 0.5}
     untyped = 'kvbm_onboard_blocks_d2d_total{a="1"} 2\nkvbm_onboard_blocks_d2d_total{a="2"} 3\n'
+    gauge = "# TYPE kvbm_host_blocks_total gauge\nkvbm_host_blocks_total 1525.0\n"
+    assert scrape.parse(gauge) == {"kvbm_host_blocks_total": 1525.0}  # a gauge keeps `_total`
     assert scrape.parse(untyped) == {"kvbm_onboard_blocks_d2d": 5.0}
 
 
