@@ -180,6 +180,9 @@ class UpLauncher:
         except subprocess.TimeoutExpired:
             self._stop(name, state_dir)
             raise StackFailed(config.label, "`dynkv up` did not return in time") from None
+        except BaseException:  # Ctrl-C while it starts: `up` is killed, its services are not
+            self._stop(name, state_dir)
+            raise
         up_s = time.monotonic() - started
         if proc.returncode != 0:
             self._stop(name, state_dir)

@@ -196,6 +196,21 @@ def test_check_resolves_each_configuration_as_up_will(tmp_path):
         up.check(StackConfig("bad", "no-such-profile"))
 
 
+def test_ctrl_c_while_a_stack_starts_stops_what_it_started(tmp_path, monkeypatch):
+    """subprocess.run kills `dynkv up` on KeyboardInterrupt, mid-start: its services would stay."""
+    up = launcher(tmp_path)
+    stopped = []
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stacks.subprocess, "run", interrupted)
+    monkeypatch.setattr(up, "_stop", lambda name, state_dir: stopped.append((name, state_dir)))
+    with pytest.raises(KeyboardInterrupt):
+        up.up(StackConfig("gpu-cpu", "gpu-cpu"))
+    assert stopped == [("cmp1-gpu-cpu", tmp_path / "state")]
+
+
 def test_running_stack_from_up_json(tmp_path):
     state = {
         "services": [
