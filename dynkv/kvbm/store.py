@@ -206,6 +206,7 @@ class BlockStore:
         good_stage: list[tuple[int, int]] = []
         good_handoff: list[tuple[int, int]] = []
         failed: list[int] = []
+        unread: list[object] = []  # why each unreadable disk block failed
         report = StoreReport()
         for i, op in enumerate(ops):
             if op.from_handoff:
@@ -222,8 +223,7 @@ class BlockStore:
             if i in reads and (
                 reads[i].exception() is not None or reads[i].result() <= run_position[i]
             ):
-                why = reads[i].exception() or "the pool file ends before this slot"
-                log.warning("KVBM: reading a disk block failed: %s", why)
+                unread.append(reads[i].exception() or "the pool file ends before this slot")
                 report.count("load_failures")
                 report.failures.append((DISK, op.disk_slot, op.key))
                 ok = False
@@ -249,6 +249,12 @@ class BlockStore:
             else:
                 report.count("onboard_h2d")
                 good_host.append((op.host_slot, op.device_block))
+        if unread:  # one line per load, not one per block (a truncated pool fails them all)
+            log.warning(
+                "KVBM: %d disk block(s) could not be read (%s); vLLM recomputes them",
+                len(unread),
+                unread[0],
+            )
         copies: list[tuple[np.ndarray, list[int], list[int]]] = []
         for array, good in (
             (self.host.array if self.host is not None else None, good_host),
