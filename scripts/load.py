@@ -13,7 +13,8 @@ deployment; without `--url` the script brings one up itself (`dynkv up -d`: tiny
 state dir and free ports, small tiers so they fill during the warm-up) and takes it down after.
 
 Output: a summary on stderr; with `--json` the report alone on stdout. Exit 0 when there were no
-errors and every service's RSS stayed flat, 1 otherwise, 2 for bad arguments.
+errors and no service's RSS was judged `growing` (flat or settling), 1 otherwise, 2 for bad
+arguments.
 """
 
 from __future__ import annotations
@@ -208,12 +209,22 @@ def report(args, results: list[RequestResult], wall: float, sampler: RssSampler)
         "e2e_ms": _rounded(percentiles([r.latency for r in ok if r.latency is not None], 1000)),
         "max_e2e_ms": round(max((r.latency or 0) for r in ok) * 1000, 1) if ok else None,
         "rss": rss,
-        "rss_flat": all(v.get("flat") is not False for v in rss.values()),
+        "rss_ok": all(v.get("verdict") != "growing" for v in rss.values()),
     }
-    if args.samples:
+    if args.samples:  # per service, and per process of each service's tree, in MiB
         out["rss_samples"] = [
             [round(t, 1), {k: (None if v is None else round(v / MIB, 1)) for k, v in s.items()}]
             for t, s in sampler.samples
+        ]
+        out["rss_processes"] = [
+            [
+                round(t, 1),
+                {
+                    svc: (None if p is None else {k: round(v / MIB, 1) for k, v in p.items()})
+                    for svc, p in parts.items()
+                },
+            ]
+            for t, parts in sampler.parts
         ]
     return out
 
@@ -236,11 +247,11 @@ def summary(rep: dict) -> None:
         if not r.get("samples"):
             say(f"RSS {name}: {r.get('reason')}")
             continue
-        verdict = "flat" if r["flat"] else "GROWING"
+        verdict = r["verdict"].upper() if r["verdict"] == "growing" else r["verdict"]
         say(
             f"RSS {name:<8} {r['start_mib']:>8} → {r['end_mib']:>8} MiB (max {r['max_mib']}); "
-            f"after warm-up {r['slope_mib_per_min']:+} MiB/min, {r['growth_mib']:+} MiB over "
-            f"{r['window_s']} s (limit {r['limit_mib']}): {verdict}"
+            f"after warm-up {r['growth_mib']:+} MiB over {r['window_s']} s, last half "
+            f"{r['last_half_growth_mib']:+} (limit {r['limit_mib']}): {verdict}"
         )
 
 
@@ -278,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     summary(rep)
     if args.json:
         print(json.dumps(rep, indent=2))
-    return 0 if rep["errors"] == 0 and rep["rss_flat"] else 1
+    return 0 if rep["errors"] == 0 and rep["rss_ok"] else 1
 
 
 if __name__ == "__main__":
