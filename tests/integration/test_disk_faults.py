@@ -4,7 +4,9 @@ Expected behaviour, written down:
 - truncated pool file: blocks past the end fail their read → recomputed, counted, one log line
   per load (not one per block);
 - disk full at start: the pool cannot be preallocated → a clear error naming the size setting;
-- read-only filesystem at start: a clear error naming the directory setting;
+- read-only filesystem at start: a clear error naming the directory setting; under a running
+  pool the kernel refuses a read-only remount (EBUSY: the pool is open for writing), and a
+  read-only bind mount over the directory only stops the journal (its next new file fails);
 - directory deleted under a running engine: the open pool keeps working (the kernel keeps the
   unlinked files), and the next start begins with an empty pool — nothing wrong is served; the
   index journal's next compaction (which writes a new file there) fails: journaling stops with one
@@ -181,4 +183,41 @@ def test_disk_full_under_a_running_pool(caplog):
         assert m.stats()["disk_blocks_used"] == 0 and m.match(last).blocks == 0
         m.close()
     finally:
+        unmount(path)
+
+
+def test_read_only_under_a_running_pool(caplog, monkeypatch):
+    """A remount read-only is refused while the pool is open for writing (EBUSY); a read-only
+    bind mount laid over the directory is not, and then the journal's next new file fails
+    (EROFS): journaling stops with one line and one count, the open pool keeps serving."""
+    path = mount_tmpfs("size=8m")
+    bound = False
+    try:
+        m = g3(path / "g3")
+        g1 = G1()
+        first = keys_for(3)
+        store(m, g1, first)
+        m.flush()
+        busy = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True)
+        assert busy.returncode != 0  # "mount point is busy"
+        for cmd in (["mount", "--bind"], ["mount", "-o", "remount,bind,ro"]):
+            proc = subprocess.run([*cmd, str(path / "g3"), str(path / "g3")], capture_output=True)
+            if cmd[1] == "--bind":
+                bound = proc.returncode == 0
+            if proc.returncode:
+                pytest.skip(f"cannot bind-mount read-only here: {proc.stderr.decode().strip()}")
+        monkeypatch.setattr(m.store.journal, "needs_compaction", lambda: True)
+        second = keys_for(3, salt="ro")
+        with caplog.at_level(logging.WARNING, logger="dynkv.kvbm"):
+            store(m, g1, second, first_block=10)
+            m.flush()
+        failed, data = load(m, g1, first + second)
+        assert failed == [] and data == [expected_bytes(k) for k in first + second]
+        assert _journal_failures(m) == 1
+        lines = [r.message for r in caplog.records if "cannot be written" in r.message]
+        assert len(lines) == 1 and "Read-only file system" in lines[0], lines
+        m.close()
+    finally:
+        if bound:
+            subprocess.run(["umount", str(path / "g3")], check=False)
         unmount(path)

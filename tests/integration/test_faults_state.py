@@ -10,7 +10,10 @@ Expected behaviour, written down per test and asserted:
   `up` starts normally over the stale state;
 - SIGTERM to `dynkv up` (foreground or `-d`) while a service is still starting: `up` exits 130
   within seconds and nothing it started is left — every process that was ever in its process
-  tree is gone (psutil), nothing carries the run's marker, and there is no state file.
+  tree is gone (psutil), nothing carries the run's marker, and there is no state file;
+- SIGKILL to `dynkv up` while starting (it cannot clean up): what it started keeps running, but
+  the state file written after each start names it — `dynkv status` shows the run as
+  `starting`, a new `up` refuses with the `dynkv down` fix, and `dynkv down` stops all of it.
 """
 
 from __future__ import annotations
@@ -185,3 +188,39 @@ def test_sigterm_while_starting_leaves_nothing(env, detach):
     assert still_running(seen) == []
     assert marked_processes(marker_prefix(ddir)) == []
     assert read_state(ddir) is None
+
+
+def test_sigkill_while_starting_is_cleaned_by_down(env):
+    ddir = Path(env["DDIR"])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FOREGROUND, "up", "-d", "--skip-checks", "--model", env["MODEL"]],
+        env={**os.environ, "FAKE_VLLM_READY_AFTER": "60"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            seen |= descendants(proc.pid)
+            state = read_state(ddir) if ddir.is_dir() else None
+            if state and "worker" in [s.name for s in state.services]:
+                break
+            time.sleep(0.1)
+        time.sleep(0.3)
+        seen |= descendants(proc.pid)
+        proc.kill()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert still_running(seen)  # nobody stopped them
+    status = runner.invoke(app, ["status", "--json"])
+    no_traceback(status)
+    assert status.exit_code == 1 and json.loads(status.stdout)["phase"] == "starting"
+    again = runner.invoke(app, ["up", "-d", "--skip-checks", "--model", env["MODEL"]])
+    assert again.exit_code == 1 and f"dynkv down --name {NAME}" in again.stderr
+    down = runner.invoke(app, ["down", "--timeout", "2"])
+    assert down.exit_code == 0, down.output
+    assert still_running(seen) == []
+    assert marked_processes(marker_prefix(ddir)) == [] and read_state(ddir) is None
