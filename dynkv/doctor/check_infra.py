@@ -4,7 +4,6 @@ endpoints are healthy. Plus the one known caveat of the embedded etcd (3.5.1).""
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +15,7 @@ from dynkv.doctor.context import DoctorContext
 from dynkv.doctor.result import Check, Outcome, fail, ok, warn
 from dynkv.infra.binaries import MissingBinary, etcd_binary, nats_server_binary
 from dynkv.settings.deployment import InfraMode
+from dynkv.supervisor import health
 
 TIMEOUT_S = 2.0
 # etcd 3.5.0–3.5.2 can lose writes' consistency after a crash (fixed in 3.5.3; etcd advisory).
@@ -89,19 +89,10 @@ def nats_info(url: str, timeout: float = TIMEOUT_S) -> str | None:
     parts = urlsplit(url if "://" in url else f"nats://{url}")
     host, port = parts.hostname or "127.0.0.1", parts.port or 4222
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            data = b""
-            while b"\n" not in data and len(data) < 65536:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+        greeted, detail = health.nats_info(host, port, timeout)
     except OSError as exc:
         return f"{host}:{port}: {exc.strerror or exc}"
-    if data.startswith(b"INFO "):
-        return None
-    return f"{host}:{port} did not greet with INFO (got {data[:40]!r})"
+    return None if greeted else detail
 
 
 def nats(ctx: DoctorContext) -> Outcome | None:

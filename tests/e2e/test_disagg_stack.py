@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import stat
 import subprocess
@@ -103,11 +104,19 @@ def urls(env):
     return front, prefill, decode_metrics
 
 
-PROMPT = text(__import__("random").Random(7), 600)
+def prompt(seed: int) -> str:
+    # a fresh prompt per test: a repeat would be served by the decode worker's own prefix cache
+    return text(random.Random(seed), 600)
 
 
-def completion(base: str, stream: bool, **extra) -> tuple[str, list]:
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 0.0, "logprobs": 1}
+def completion(base: str, stream: bool, seed: int, **extra) -> tuple[str, list]:
+    body = {
+        "model": MODEL,
+        "prompt": prompt(seed),
+        "max_tokens": 12,
+        "temperature": 0.0,
+        "logprobs": 1,
+    }
     body |= extra
     if not stream:
         r = httpx.post(f"{base}/completions", json=body, timeout=120)
@@ -127,10 +136,10 @@ def completion(base: str, stream: bool, **extra) -> tuple[str, list]:
     return "".join(texts), logprobs
 
 
-def chat(base: str, stream: bool) -> str:
+def chat(base: str, stream: bool, seed: int) -> str:
     body = {
         "model": MODEL,
-        "messages": [{"role": "user", "content": PROMPT}],
+        "messages": [{"role": "user", "content": prompt(seed)}],
         "max_tokens": 12,
         "temperature": 0.0,
     }
@@ -166,8 +175,9 @@ def test_completions_through_disagg_equal_aggregated(stack, stream):
     env, _ = stack
     front, prefill, decode_metrics = urls(env)
     before = counter(decode_metrics, "kvbm_handoff_blocks_received_total")
-    reference = completion(prefill, stream=False)  # one engine computes all of it
-    served = completion(front, stream=stream)
+    seed = 10 + stream
+    reference = completion(prefill, stream=False, seed=seed)  # one engine computes all of it
+    served = completion(front, stream=stream, seed=seed)
     assert served == reference
     received = counter(decode_metrics, "kvbm_handoff_blocks_received_total") - before
     assert received >= 10  # the prompt's blocks came through the handoff (~600 tokens / 32)
@@ -178,7 +188,8 @@ def test_completions_through_disagg_equal_aggregated(stack, stream):
 def test_chat_through_disagg_equals_aggregated(stack, stream):
     env, _ = stack
     front, prefill, _ = urls(env)
-    assert chat(front, stream=stream) == chat(prefill, stream=False)
+    seed = 20 + stream
+    assert chat(front, stream=stream, seed=seed) == chat(prefill, stream=False, seed=seed)
 
 
 def test_killed_prefill_worker_is_a_clear_503(stack):

@@ -200,7 +200,7 @@ def test_a_server_that_is_not_nats():
     problem = nats_info(f"nats://127.0.0.1:{server.getsockname()[1]}", timeout=2)
     thread.join(5)
     server.close()
-    assert problem is not None and "did not greet with INFO" in problem
+    assert problem is not None and "no INFO greeting" in problem
 
 
 def test_a_silent_server_times_out_instead_of_hanging(listener):

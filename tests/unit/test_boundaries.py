@@ -1,0 +1,43 @@
+"""The architecture's boundaries, checked on the source (DESIGN §2): `dynkv.kvbm` is a library vLLM
+loads inside its own processes, so it imports nothing else from dynkv; `dynkv.plan` is data."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "dynkv"
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_kvbm_imports_nothing_else_from_dynkv():
+    offenders = {
+        str(path.relative_to(PACKAGE)): sorted(
+            m
+            for m in imported_modules(path)
+            if m.startswith("dynkv") and not m.startswith("dynkv.kvbm")
+        )
+        for path in (PACKAGE / "kvbm").rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_plan_starts_nothing():
+    forbidden = ("subprocess", "dynkv.supervisor", "dynkv.frontend", "docker")
+    offenders = {
+        str(path.relative_to(PACKAGE)): sorted(
+            m for m in imported_modules(path) if m.startswith(forbidden)
+        )
+        for path in (PACKAGE / "plan").rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
