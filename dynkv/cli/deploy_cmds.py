@@ -21,6 +21,7 @@ from dynkv.cli.output import emit_json, err, warn
 from dynkv.infra.docker import DockerUnavailable
 from dynkv.supervisor import deployment_status, log_sources, stop_deployment
 from dynkv.supervisor.logs import follow
+from dynkv.supervisor.state import CorruptState
 
 WatchOpt = Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")]
 IntervalOpt = Annotated[float, typer.Option("--interval", help="Seconds between refreshes.")]
@@ -40,6 +41,13 @@ def _deployment(name: str | None) -> tuple[str, Path]:
     """The deployment name and dir, from --name / DYNKV_NAME and DYNKV_STATE_DIR."""
     dep = resolve_from_options(name=name, require_tier=False, quiet=True).deployment
     return dep.name, dep.deployment_dir
+
+
+def _corrupt(name: str, exc: CorruptState) -> UserError:
+    return UserError(
+        f"{exc} (a crash while it was written, or an edit)",
+        f"dynkv down --name {name} stops whatever it still names and removes it",
+    )
 
 
 def _no_deployment(name: str, ddir: Path) -> UserError:
@@ -93,6 +101,8 @@ def status(
             rep = deployment_status(ddir)
         except DockerUnavailable as exc:
             raise UserError(exc.cause, exc.fix) from None
+        except CorruptState as exc:
+            raise _corrupt(dep_name, exc) from None
         if rep is None:
             raise _no_deployment(dep_name, ddir)
         return rep
@@ -139,6 +149,8 @@ def logs(
         ) from None
     except DockerUnavailable as exc:
         raise UserError(exc.cause, exc.fix) from None
+    except CorruptState as exc:
+        raise _corrupt(dep_name, exc) from None
     if not heads:
         raise _no_deployment(dep_name, ddir)
     printer = LogPrinter(heads)

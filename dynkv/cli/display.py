@@ -243,6 +243,7 @@ def kvbm_lines(report: StatusReport) -> list[str]:
             f"hit rate host {_pct(k['host_cache_hit_rate'])}, disk {_pct(k['disk_cache_hit_rate'])}; "
             f"matched tokens {_num(k['matched_tokens'])}; offloaded d2h {_num(k['offload_blocks_d2h'])}, "
             f"h2d {_num(k['offload_blocks_h2d'])}; onboarded h2d {_num(k['onboard_blocks_h2d'])}, "
-            f"d2d {_num(k['onboard_blocks_d2d'])}; integrity failures {_num(k['integrity_failures'])}"
+            f"d2d {_num(k['onboard_blocks_d2d'])}; integrity failures {_num(k['integrity_failures'])}, "
+            f"read failures {_num(k.get('load_failures'))}"
         )
     return lines

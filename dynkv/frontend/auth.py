@@ -31,7 +31,10 @@ def check_bearer(header: str | None, key: str) -> str | None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return MISSING
-    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+    # the ASGI server decoded the header's bytes as latin-1: compare the bytes the client sent
+    # with the key's UTF-8 bytes (what a client sends for a key with non-ASCII characters)
+    sent = token.strip().encode("latin-1", "replace")
+    if not hmac.compare_digest(sent, key.encode("utf-8")):
         return INCORRECT
     return None
 

@@ -64,6 +64,12 @@ def parse_request(
     `received_at` (monotonic) starts the request's clock when it arrived, before its body."""
     try:
         body = json.loads(raw)
+    except RecursionError:  # `[[[[…` nested deeper than the parser's stack: not a request
+        raise bad_request(
+            "We could not parse the JSON body of your request (nested too deeply). The OpenAI "
+            "API expects a JSON payload.",
+            code="invalid_json",
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(
             f"We could not parse the JSON body of your request ({exc}). The OpenAI API expects "

@@ -141,9 +141,11 @@ class Forwarder:
     async def open(
         self, worker: Worker, lease: Lease, path: str, body: bytes, *, request_id: str | None
     ) -> Upstream:
-        headers = {"content-type": "application/json", "accept": "*/*"}
+        headers: dict[str, str | bytes] = {"content-type": "application/json", "accept": "*/*"}
         if request_id:
-            headers["x-request-id"] = request_id
+            # as received: the ASGI server decoded the header's bytes as latin-1, and httpx
+            # would refuse a str that is not ASCII (a 500 for a client's odd request id)
+            headers["x-request-id"] = request_id.encode("latin-1", "replace")
         request = self.client.build_request(
             "POST", worker.url + path, content=body, headers=headers
         )

@@ -7,10 +7,17 @@ points at a block that was not stored; a record torn by a crash fails its check 
 replay; and a block whose bytes were torn or overwritten fails its checksum on load (a miss).
 Replay keeps journal order as LRU order. On open the journal is compacted to the live entries.
 A different fingerprint (another model or layout) discards everything, with one log line.
+
+A journal that cannot be written (the disk filled up, the directory was deleted or remounted
+read-only under a running engine) must neither stop the engine nor be trusted by the next one:
+the first failed write truncates the file (which needs no free space), logs one line, and turns
+every later write into a no-op (`broken`). The pool keeps serving this run; a restart starts with
+an empty G3 instead of an index that lost track of what the slots hold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -48,11 +55,13 @@ class Journal:
         self._live = 0
         self._records = 0
         self._fh = None
+        self.broken: OSError | None = None  # the write that failed; nothing is journaled since
 
     def open(self) -> list[Entry]:
-        """Replay (or discard) the journal, compact it, and return live entries, oldest first."""
+        """Replay (or discard) the journal, compact it, and return live entries, oldest first.
+        The entries are valid for this run even when the compacted copy cannot be written."""
         entries = self._replay()
-        self._rewrite(entries)
+        self.compact(entries)
         return entries
 
     def read(self) -> list[Entry]:
@@ -61,9 +70,14 @@ class Journal:
         return self._replay(quiet=True)
 
     def _replay(self, quiet: bool = False) -> list[Entry]:
-        if not self.path.exists():
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
             return []
-        data = self.path.read_bytes()
+        except OSError as exc:
+            if not quiet:
+                log.warning("KVBM: cannot read the disk cache index %s (%s)", self.path, exc)
+            return []
         if len(data) < _HEADER.size:
             return []
         magic, version, fingerprint, stride, slots = _HEADER.unpack_from(data)
@@ -113,14 +127,19 @@ class Journal:
 
     def _rewrite(self, entries: list[Entry]) -> None:
         tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(self._header)
-            for e in entries:
-                fh.write(self._pack(PUT, e.key, e.slot, e.checksum))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(self._header)
+                for e in entries:
+                    fh.write(self._pack(PUT, e.key, e.slot, e.checksum))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         if self._fh is not None:
             self._fh.close()
         self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 (held open for appends)
@@ -133,27 +152,64 @@ class Journal:
         return _RECORD.pack(op, slot, checksum, kb, _check_word(op, slot, checksum, kb))
 
     def put(self, key: int, slot: int, checksum: int) -> None:
-        self._append(self._pack(PUT, key, slot, checksum))
-        self._live += 1
+        if self._append(self._pack(PUT, key, slot, checksum)):
+            self._live += 1
 
     def delete(self, key: int, slot: int) -> None:
-        self._append(self._pack(DEL, key, slot, 0))
-        self._live -= 1
+        if self._append(self._pack(DEL, key, slot, 0)):
+            self._live -= 1
 
-    def _append(self, record: bytes) -> None:
+    def _append(self, record: bytes) -> bool:
+        if self.broken is not None:
+            return False
         if self._fh is None:
             raise RuntimeError("journal is not open")
-        self._fh.write(record)
+        try:
+            written = self._fh.write(record)
+            if written != len(record):  # a full disk may take part of a record before ENOSPC
+                raise OSError(28, f"short write to the journal ({written}/{len(record)} bytes)")
+        except OSError as exc:
+            self._disable(exc)
+            return False
         self._records += 1
+        return True
 
     def needs_compaction(self) -> bool:
-        return self._records > 4 * max(self._live, 1024)
+        return self.broken is None and self._records > 4 * max(self._live, 1024)
 
     def compact(self, entries: list[Entry]) -> None:
-        self._rewrite(entries)
+        if self.broken is not None:
+            return
+        try:
+            self._rewrite(entries)
+        except OSError as exc:
+            self._disable(exc)
+
+    def _disable(self, exc: OSError) -> None:
+        """Stop journaling for the rest of the run, once, leaving nothing a restart could trust."""
+        if self.broken is not None:
+            return
+        self.broken = exc
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fh.fileno(), 0)  # shrinking needs no free space
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            self._fh = None
+        else:  # failed at start-up: the file on disk may hold the last run's index
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, 0)
+        log.warning(
+            "KVBM: the disk cache index %s cannot be written (%s); G3 keeps serving this run, "
+            "but its blocks will not be offered again after a restart",
+            self.path,
+            exc.strerror or exc,
+        )
 
     def close(self) -> None:
         if self._fh is not None:
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+            with contextlib.suppress(OSError):  # a failing disk must not fail the shutdown
+                os.fsync(self._fh.fileno())
+            with contextlib.suppress(OSError):
+                self._fh.close()
             self._fh = None

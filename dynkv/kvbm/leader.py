@@ -44,6 +44,7 @@ _REPORT_COUNTERS = {
     "integrity_failures": "integrity_failures",
     "load_failures": "load_failures",
     "offload_dropped": "offload_dropped",
+    "journal_failures": "journal_failures",
     "handoff_sent": "handoff_sent",
     "handoff_received": "handoff_received",
     "handoff_missed": "handoff_missed",

@@ -79,6 +79,12 @@ class KvbmMetrics:
             "Blocks not offloaded because every slot was busy or the disk queue was full",
             registry=r,
         )
+        self.journal_failures = Counter(
+            "kvbm_disk_journal_failures",
+            "Times the G3 index journal could not be written (G3 then serves without persisting "
+            "its index across restarts)",
+            registry=r,
+        )
         self.handoff_sent = Counter(
             "kvbm_handoff_blocks_sent",
             "Prefill: prompt blocks written to the shared handoff pool for a decode worker",

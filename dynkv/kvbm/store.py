@@ -149,6 +149,8 @@ class BlockStore:
         self._staged_bytes = 0
         self._stage: tuple[np.ndarray, mmap.mmap] | None = None
         self._warned: set[int] = set()
+        self._journal_counted = False
+        self._count_journal_failure()  # an index that could not be rewritten at start-up
 
     # ---- load --------------------------------------------------------------------------------------
     def load(self, ops: Sequence[LoadOp], device: Device) -> list[int]:
@@ -204,6 +206,7 @@ class BlockStore:
         good_stage: list[tuple[int, int]] = []
         good_handoff: list[tuple[int, int]] = []
         failed: list[int] = []
+        unread: list[object] = []  # why each unreadable disk block failed
         report = StoreReport()
         for i, op in enumerate(ops):
             if op.from_handoff:
@@ -220,8 +223,7 @@ class BlockStore:
             if i in reads and (
                 reads[i].exception() is not None or reads[i].result() <= run_position[i]
             ):
-                why = reads[i].exception() or "the pool file ends before this slot"
-                log.warning("KVBM: reading a disk block failed: %s", why)
+                unread.append(reads[i].exception() or "the pool file ends before this slot")
                 report.count("load_failures")
                 report.failures.append((DISK, op.disk_slot, op.key))
                 ok = False
@@ -247,6 +249,12 @@ class BlockStore:
             else:
                 report.count("onboard_h2d")
                 good_host.append((op.host_slot, op.device_block))
+        if unread:  # one line per load, not one per block (a truncated pool fails them all)
+            log.warning(
+                "KVBM: %d disk block(s) could not be read (%s); vLLM recomputes them",
+                len(unread),
+                unread[0],
+            )
         copies: list[tuple[np.ndarray, list[int], list[int]]] = []
         for array, good in (
             (self.host.array if self.host is not None else None, good_host),
@@ -309,6 +317,7 @@ class BlockStore:
                 if self._disk_index.get(slot, (None,))[0] == op.key:
                     del self._disk_index[slot]
                     self.journal.delete(op.key, slot)
+                    self._count_journal_failure()
         if op.key not in self._warned:
             self._warned.add(op.key)
             log.warning(
@@ -381,7 +390,7 @@ class BlockStore:
         every write still pending on any of its slots has finished: a slot's writes land in order.
         Each block is journaled, counted and reported when its run completes."""
         assert self.disk is not None and self.journal is not None
-        disk, journal = self.disk, self.journal
+        disk = self.disk
         for run in _runs(writes, lambda w: w.slot):
             t0 = time.perf_counter()
             with self._lock:
@@ -391,6 +400,8 @@ class BlockStore:
                     self._disk_writes[w.slot] = fut
 
             def done(f: Future, run=run, t0=t0, _keep=keep) -> None:
+                # Bookkeeping first and unconditionally: a slot left in _disk_writes would make
+                # flush() wait forever, a missing offload ack would pin its G2 slot for good.
                 exc = f.exception()
                 with self._lock:
                     for w in run:
@@ -402,7 +413,6 @@ class BlockStore:
                             self.disk_sums[w.slot] = w.checksum
                             self._disk_index.pop(w.slot, None)
                             self._disk_index[w.slot] = (w.key, w.checksum)
-                            journal.put(w.key, w.slot, w.checksum)
                         else:
                             self._report.failures.append((DISK, w.slot, w.key))
                         if w.host_slot >= 0:
@@ -410,14 +420,29 @@ class BlockStore:
                     if exc is None:
                         self._report.count(counter, len(run))
                         self._report.durations.append(("host_to_disk", time.perf_counter() - t0))
-                        if journal.needs_compaction():
-                            journal.compact(self._live_entries())
-                    else:
-                        log.warning(
-                            "KVBM: a disk write failed; %d blocks not offloaded: %s", len(run), exc
-                        )
+                        self._journal_puts(run)
+                if exc is not None:
+                    log.warning(
+                        "KVBM: a disk write failed; %d blocks not offloaded: %s", len(run), exc
+                    )
 
             fut.add_done_callback(done)
+
+    def _journal_puts(self, run: Sequence[_Write]) -> None:
+        """Journal written blocks (under the lock). The journal never raises: a write it cannot
+        make disables it (one log line); that is counted here, once."""
+        journal = self.journal
+        assert journal is not None
+        for w in run:
+            journal.put(w.key, w.slot, w.checksum)
+        if journal.needs_compaction():
+            journal.compact(self._live_entries())
+        self._count_journal_failure()
+
+    def _count_journal_failure(self) -> None:
+        if self.journal is not None and self.journal.broken and not self._journal_counted:
+            self._journal_counted = True
+            self._report.count("journal_failures")
 
     def _live_entries(self) -> list[Entry]:
         """What the journal must keep: the last block written to each slot, oldest first."""

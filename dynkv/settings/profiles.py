@@ -67,6 +67,11 @@ def load_profile(name_or_path: str) -> Profile:
             f"profile {path} is not valid TOML: {exc}",
             f"correct the TOML syntax in {path} (see profiles/gpu-cpu-disk.toml for an example)",
         ) from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(
+            f"profile {path} is not UTF-8 text (byte {exc.start}: {exc.reason})",
+            f"save {path} as UTF-8 (TOML files must be UTF-8)",
+        ) from None
     except OSError as exc:
         raise SettingsError(
             f"profile {path} cannot be read: {exc.strerror}", f"check the permissions of {path}"

@@ -29,6 +29,8 @@ COUNTERS = (
     "kvbm_onboard_blocks_h2d",
     "kvbm_onboard_blocks_d2d",
     "kvbm_integrity_failures",
+    "kvbm_load_failures",
+    "kvbm_disk_journal_failures",
 )
 _RATES = {"kvbm_host_cache_hit_rate", "kvbm_disk_cache_hit_rate"}
 

@@ -115,7 +115,7 @@ class StateStore:
             raise CorruptState(self.path, str(exc)) from None
         try:
             return DeploymentState.from_json(data)
-        except TypeError as exc:
+        except (TypeError, ValueError, AttributeError) as exc:  # valid JSON, not a state
             raise CorruptState(self.path, str(exc)) from None
 
     def write(self, state: DeploymentState) -> None:

@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
     code = exit_code_of(child.returncode)
     _log(f"vLLM exited with code {code}")
+    if stop_signal and code == 128 + signal.SIGTERM:
+        # asked to stop, it stopped: the group's SIGTERM and ours may both reach vLLM, and the
+        # second one can land after its handler is gone; that is a requested stop, not a crash
+        return 0
     return code
 
 

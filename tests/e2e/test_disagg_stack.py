@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -164,6 +165,9 @@ def test_both_workers_run_and_the_pool_is_in_shared_memory(stack):
     roles = {s["role"]: s["healthy"] for s in status["services"]}
     assert roles.get("prefill") is True and roles.get("decode") is True
     assert Path(f"/dev/shm/dynkv-{NAME}/handoff.bin").exists()
+    # private: prompts' KV bytes live there (a 0700 directory, a 0600 file)
+    assert stat.S_IMODE(os.stat(f"/dev/shm/dynkv-{NAME}").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(f"/dev/shm/dynkv-{NAME}/handoff.bin").st_mode) == 0o600
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -4,8 +4,11 @@ Accepts vLLM's flags (ignoring the ones it does not need), serves `/health`, `/v
 `/v1/chat/completions` and `/v1/completions` (streamed or not; the text names the port, so a test
 sees which worker answered; a prompt containing FAIL_400 gets vLLM's 400) on --port, and, like
 the KVBM runtime inside a real worker, `kvbm_*` Prometheus metrics on DYN_KVBM_METRICS_PORT. `--exit-after S --exit-code N` makes it die on its own; `--ready-after S`
-delays /health; FAKE_VLLM_SPAWN_ORPHAN=1 starts a grandchild in a new session (a process that
-escapes the process group, which teardown must still find).
+delays /health (FAKE_VLLM_READY_AFTER sets it through a plan, which passes no such flag);
+FAKE_VLLM_SPAWN_ORPHAN=1 starts a grandchild in a new session (a process that escapes the process
+group, which teardown must still find). FAKE_VLLM_TOKENS=N streams N chunks and
+FAKE_VLLM_TOKEN_DELAY=S waits S seconds before each, so a stream lasts long enough to be cut by
+a fault.
 """
 
 from __future__ import annotations
@@ -28,35 +31,50 @@ def main() -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--served-model-name", default="fake")
-    p.add_argument("--ready-after", type=float, default=0.0)
+    p.add_argument(
+        "--ready-after", type=float, default=float(os.environ.get("FAKE_VLLM_READY_AFTER", "0"))
+    )
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--exit-code", type=int, default=0)
     args, _ = p.parse_known_args()
     started = time.monotonic()
 
     class Handler(BaseHTTPRequestHandler):
+        # HTTP/1.1 with chunked streams, as vLLM's uvicorn answers: a worker that dies mid-stream
+        # leaves an incomplete chunked body, which the frontend can tell from a finished one
+        # (an HTTP/1.0 body that ends when the connection closes always looks complete).
+        protocol_version = "HTTP/1.1"
+
+        def _start(self, status, ctype=None, length=None):
+            self.send_response(status)
+            if ctype:
+                self.send_header("content-type", ctype)
+            if length is None:
+                self.send_header("transfer-encoding", "chunked")
+            else:
+                self.send_header("content-length", str(length))
+            self.send_header("connection", "close")
+            self.end_headers()
+
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
         def do_GET(self):  # noqa: N802
             if self.path == "/health":
                 ok = time.monotonic() - started >= args.ready_after
-                self.send_response(200 if ok else 503)
-                self.end_headers()
+                self._start(200 if ok else 503, length=0)
             elif self.path == "/v1/models":
-                body = json.dumps({"data": [{"id": args.served_model_name}]}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.end_headers()
-                self.wfile.write(body)
+                self._json(200, {"data": [{"id": args.served_model_name}]})
             else:
-                self.send_response(404)
-                self.end_headers()
+                self._start(404, length=0)
 
         def do_POST(self):  # noqa: N802
             length = int(self.headers.get("content-length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
             chat = self.path == "/v1/chat/completions"
             if not chat and self.path != "/v1/completions":
-                self.send_response(404)
-                self.end_headers()
+                self._start(404, length=0)
                 return
             if "FAIL_400" in json.dumps(body.get("messages") or body.get("prompt")):
                 self._json(400, {"error": {"message": "too long", "type": "BadRequestError",
@@ -73,22 +91,21 @@ def main() -> int:
                                  "object": "chat.completion" if chat else "text_completion",
                                  "choices": [{**choice, "finish_reason": "stop"}]})  # fmt: skip
                 return
-            self.send_response(200)
-            self.send_header("content-type", "text/event-stream")
-            self.end_headers()
-            for word in text.split():
+            self._start(200, "text/event-stream")
+            tokens = int(os.environ.get("FAKE_VLLM_TOKENS", "0")) or len(text.split())
+            delay = float(os.environ.get("FAKE_VLLM_TOKEN_DELAY", "0"))
+            words = (text.split() * tokens)[:tokens]
+            for word in words:
+                time.sleep(delay)
                 delta = {"delta": {"content": word + " "}} if chat else {"text": word + " "}
                 event = {"id": f"fake-{args.port}", "choices": [{"index": 0, **delta}]}
-                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-                self.wfile.flush()
-            self.wfile.write(b"data: [DONE]\n\n")
+                self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+            self._chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
 
         def _json(self, status, data):
             raw = json.dumps(data).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(raw)))
-            self.end_headers()
+            self._start(status, "application/json", len(raw))
             self.wfile.write(raw)
 
         def log_message(self, fmt, *a):

@@ -1,19 +1,31 @@
 """Disk-tier faults: whatever happens to the files, loads return correct bytes or a miss.
 
 Expected behaviour, written down:
-- truncated pool file: blocks past the end fail their read → recomputed, counted, logged;
+- truncated pool file: blocks past the end fail their read → recomputed, counted, one log line
+  per load (not one per block);
 - disk full at start: the pool cannot be preallocated → a clear error naming the size setting;
-- read-only filesystem at start: a clear error naming the directory setting;
+- read-only filesystem at start: a clear error naming the directory setting; under a running
+  pool the kernel refuses a read-only remount (EBUSY: the pool is open for writing), and a
+  read-only bind mount over the directory only stops the journal (its next new file fails);
 - directory deleted under a running engine: the open pool keeps working (the kernel keeps the
-  unlinked files), and the next start begins with an empty pool — nothing wrong is served.
+  unlinked files), and the next start begins with an empty pool — nothing wrong is served; the
+  index journal's next compaction (which writes a new file there) fails: journaling stops with one
+  log line and one count, and serving goes on;
+- disk full under a running pool (the preallocated pool cannot run out, the index journal can):
+  every write still completes its bookkeeping (flush returns, no G2 slot stays pinned), loads
+  stay correct, the failure is counted once and logged once, and a restart starts with an empty
+  G3 rather than trusting an index that stopped being written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,7 +75,8 @@ def test_truncated_pool_file_is_a_miss(tmp_path, caplog):
     for i, k in enumerate(keys):
         assert data[i] is None if slots[k] >= 3 else data[i] == expected_bytes(k)
     assert m.metrics.load_failures._value.get() == len(lost)
-    assert any("reading a disk block failed" in r.message for r in caplog.records)
+    lines = [r.message for r in caplog.records if "could not be read" in r.message]
+    assert len(lines) == 1 and f"{len(lost)} disk block(s)" in lines[0], lines
     assert m.match(keys).blocks < len(keys)  # the lost blocks left the index
     m.close()
 
@@ -108,3 +121,103 @@ def test_directory_deleted_under_a_running_pool(tmp_path):
     m = g3(directory)
     assert m.stats()["disk_blocks_used"] == 0 and m.match(first).blocks == 0
     m.close()
+
+
+def _journal_failures(m: BlockManager) -> float:
+    return m.metrics.journal_failures._value.get()
+
+
+def test_directory_deleted_then_the_journal_compacts(tmp_path, caplog, monkeypatch):
+    directory = tmp_path / "g3"
+    m = g3(directory)
+    g1 = G1()
+    first = keys_for(3)
+    store(m, g1, first)
+    m.flush()
+    shutil.rmtree(directory)
+    monkeypatch.setattr(m.store.journal, "needs_compaction", lambda: True)  # as after 4k writes
+    second = keys_for(3, salt="after")
+    with caplog.at_level(logging.WARNING, logger="dynkv.kvbm"):
+        store(m, g1, second, first_block=10)
+        m.flush()
+        store(m, g1, keys_for(2, salt="more"), first_block=20)
+        m.flush()
+    failed, data = load(m, g1, first + second)
+    assert failed == [] and data == [expected_bytes(k) for k in first + second]
+    assert _journal_failures(m) == 1
+    assert len([r for r in caplog.records if "cannot be written" in r.message]) == 1
+    m.close()
+
+
+def test_disk_full_under_a_running_pool(caplog):
+    """The pool file is preallocated; the journal beside it grows until the filesystem is full."""
+    stride = LAYOUT.slot_stride
+    path = mount_tmpfs(f"size={16 * stride + 64 * 1024}")
+    try:
+        kw = dict(cpu_cache_override_num_blocks=8, disable_disk_offload_filter=True)
+        m = g3(path / "g3", **kw)
+        filler = os.open(path / "filler", os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):  # ENOSPC: the filesystem is full now
+            while True:
+                os.write(filler, b"x" * 512)
+        os.close(filler)
+        g1 = G1()
+        batches = [keys_for(4, salt=str(i)) for i in range(300)]  # ~10 KB of journal records
+        with caplog.at_level(logging.WARNING, logger="dynkv.kvbm"):
+            for i, keys in enumerate(batches):
+                store(m, g1, keys, first_block=(i % 8) * 4)
+            flushed = threading.Thread(target=m.flush, daemon=True)
+            flushed.start()
+            flushed.join(10)
+        assert not flushed.is_alive(), "flush() hangs after a journal write failed"
+        assert m.stats()["offloads_in_flight"] == 0  # every G2 slot was released
+        assert _journal_failures(m) == 1
+        assert len([r for r in caplog.records if "cannot be written" in r.message]) == 1
+        assert not [r for r in caplog.records if r.exc_info]  # no traceback in the log
+        last = batches[-1]
+        failed, data = load(m, g1, last)
+        assert failed == [] and data == [expected_bytes(k) for k in last]
+        m.close()
+        os.unlink(path / "filler")
+        m = g3(path / "g3", **kw)  # the truncated journal: nothing stale is offered
+        assert m.stats()["disk_blocks_used"] == 0 and m.match(last).blocks == 0
+        m.close()
+    finally:
+        unmount(path)
+
+
+def test_read_only_under_a_running_pool(caplog, monkeypatch):
+    """A remount read-only is refused while the pool is open for writing (EBUSY); a read-only
+    bind mount laid over the directory is not, and then the journal's next new file fails
+    (EROFS): journaling stops with one line and one count, the open pool keeps serving."""
+    path = mount_tmpfs("size=8m")
+    bound = False
+    try:
+        m = g3(path / "g3")
+        g1 = G1()
+        first = keys_for(3)
+        store(m, g1, first)
+        m.flush()
+        busy = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True)
+        assert busy.returncode != 0  # "mount point is busy"
+        for cmd in (["mount", "--bind"], ["mount", "-o", "remount,bind,ro"]):
+            proc = subprocess.run([*cmd, str(path / "g3"), str(path / "g3")], capture_output=True)
+            if cmd[1] == "--bind":
+                bound = proc.returncode == 0
+            if proc.returncode:
+                pytest.skip(f"cannot bind-mount read-only here: {proc.stderr.decode().strip()}")
+        monkeypatch.setattr(m.store.journal, "needs_compaction", lambda: True)
+        second = keys_for(3, salt="ro")
+        with caplog.at_level(logging.WARNING, logger="dynkv.kvbm"):
+            store(m, g1, second, first_block=10)
+            m.flush()
+        failed, data = load(m, g1, first + second)
+        assert failed == [] and data == [expected_bytes(k) for k in first + second]
+        assert _journal_failures(m) == 1
+        lines = [r.message for r in caplog.records if "cannot be written" in r.message]
+        assert len(lines) == 1 and "Read-only file system" in lines[0], lines
+        m.close()
+    finally:
+        if bound:
+            subprocess.run(["umount", str(path / "g3")], check=False)
+        unmount(path)

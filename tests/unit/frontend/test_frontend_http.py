@@ -349,3 +349,22 @@ def test_a_two_step_strategy_plugs_in_as_disagg_will():
             assert "kv_transfer_params" not in sent_to_prefill  # the client's forgery is gone
             assert json.loads(decode.bodies[-1])["kv_transfer_params"] == {"from": "cmpl-p"}
             assert pool_outstanding(fe) == 0
+
+
+def test_inputs_that_were_500s_are_answered(worker):
+    """Found by tests/unit/frontend/test_frontend_fuzz.py: JSON nested deeper than the parser's
+    stack was a 500 (RecursionError), a non-ASCII x-request-id was a 500 (httpx refuses non-ASCII
+    str headers), and a non-ASCII API key could never match (latin-1 vs UTF-8)."""
+    fake, server = worker
+    with frontend(pool_of(("agg-0", server.url)), api_key="clé-secrète") as fe:
+        auth = {"authorization": "Bearer clé-secrète".encode()}
+        deep = post(fe, "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, headers=auth)
+        assert deep.status_code == 400 and error_of(deep)["code"] == "invalid_json"
+        odd_id = {**auth, "x-request-id": "req-é-1".encode("latin-1")}
+        resp = post(fe, "/v1/chat/completions", CHAT, headers=odd_id)
+        assert resp.status_code == 200, resp.text
+        assert fake.headers[-1]["x-request-id"] == "req-é-1"  # passed on byte for byte
+        wrong = post(
+            fe, "/v1/chat/completions", CHAT, headers={"authorization": "Bearer clé".encode()}
+        )
+        assert wrong.status_code == 401

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import tempfile
@@ -82,3 +83,13 @@ def test_pool_is_private(shm):
     assert stat.S_IMODE(shm.stat().st_mode) == 0o700
     assert stat.S_IMODE((shm / POOL_FILE).stat().st_mode) == 0o600
     m.close()
+
+
+def test_the_pool_is_private_even_in_a_directory_made_open(shm):
+    """Prompts' KV bytes live in the pool: 0700 directory and 0600 file, whatever existed."""
+    shm.mkdir(mode=0o777)
+    os.chmod(shm, 0o777)
+    prefill = manager(shm, cpu_cache_override_num_blocks=8)
+    assert stat.S_IMODE(os.stat(shm).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(shm / "handoff.bin").st_mode) == 0o600
+    prefill.close()

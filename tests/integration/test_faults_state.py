@@ -1,0 +1,226 @@
+"""Faults around the deployment's own bookkeeping: a stale or damaged state dir, and SIGTERM while
+`dynkv up` is still starting services.
+
+Expected behaviour, written down per test and asserted:
+- a state file that is not a state (garbage, or valid JSON of another shape): `status` and `logs`
+  exit 1 with one `error:` line and a `fix:` naming `dynkv down` — no traceback; `down` removes
+  it and still stops every process the run marked (they carry its DYNKV_INSTANCE);
+- a stale state whose recorded pid now belongs to an unrelated process (pid reuse after a crash
+  or a reboot): `status` reports it not running, `down` never signals that process, and the next
+  `up` starts normally over the stale state;
+- SIGTERM to `dynkv up` (foreground or `-d`) while a service is still starting: `up` exits 130
+  within seconds and nothing it started is left — every process that was ever in its process
+  tree is gone (psutil), nothing carries the run's marker, and there is no state file;
+- SIGKILL to `dynkv up` while starting (it cannot clean up): what it started keeps running, but
+  the state file written after each start names it — `dynkv status` shows the run as
+  `starting`, a new `up` refuses with the `dynkv down` fix, and `dynkv down` stops all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from fault_support import descendants, still_running
+from infra_helpers import FAKES, port_env
+from typer.testing import CliRunner
+
+from dynkv.cli.main import app
+from dynkv.supervisor import read_state
+from dynkv.supervisor.process import marked_processes
+from dynkv.supervisor.runner import marker_prefix
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+NAME = "stale"
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    for key in list(os.environ):
+        if key.upper().startswith(("DYN_KVBM_", "DYNKV_")):
+            monkeypatch.delenv(key)
+    values = port_env(tmp_path / "state", name=NAME)
+    values["DYN_KVBM_DISK_CACHE_DIR"] = str(tmp_path / "g3")
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(FAKES)) if p)
+    )
+    monkeypatch.setattr("dynkv.plan.worker.VLLM_MODULE", "fake_vllm")
+    model = tmp_path / "model"
+    model.mkdir()
+    values["MODEL"] = str(model)
+    values["DDIR"] = str(tmp_path / "state" / NAME)
+    yield values
+    runner.invoke(app, ["down", "--timeout", "2"])
+
+
+def sleeper(env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"],
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+def no_traceback(result) -> str:
+    out = (result.stdout or "") + (result.stderr or "")
+    assert (
+        "Traceback" not in out
+        and result.exception is None
+        or isinstance(result.exception, SystemExit)
+    ), out
+    return result.stderr
+
+
+@pytest.mark.parametrize("content", ["garbage{", "[]", '"abc"', '{"services": [1]}'])
+def test_a_state_file_that_is_not_a_state(env, content):
+    ddir = Path(env["DDIR"])
+    ddir.mkdir(parents=True)
+    (ddir / "state.json").write_text(content)
+    survivor = sleeper({"DYNKV_INSTANCE": marker_prefix(ddir) + "crashed-run"})
+    try:
+        for command in (["status", "--json"], ["logs"]):
+            result = runner.invoke(app, command)
+            err = no_traceback(result)
+            assert result.exit_code == 1, result.output
+            assert "error:" in err and "unreadable" in err and f"dynkv down --name {NAME}" in err
+        down = runner.invoke(app, ["down", "--timeout", "2"])
+        assert down.exit_code == 0 and "removed an unreadable state file" in down.stderr
+        assert survivor.wait(10) is not None  # the marked process was stopped too
+        assert not (ddir / "state.json").exists()
+    finally:
+        if survivor.poll() is None:
+            survivor.kill()
+
+
+def test_a_stale_state_naming_a_reused_pid(env):
+    """The state of a crashed run; its worker's pid now belongs to someone else's process."""
+    ddir = Path(env["DDIR"])
+    ddir.mkdir(parents=True)
+    stranger = sleeper()  # not ours: no DYNKV_INSTANCE marker
+    try:
+        record = {
+            "name": "worker",
+            "role": "agg",
+            "pid": stranger.pid,
+            "pgid": stranger.pid,
+            "create_time": psutil.Process(stranger.pid).create_time() - 1000,  # another process
+            "ports": {"http": int(env["DYNKV_WORKER_PORT"])},
+            "log": str(ddir / "logs" / "worker.log"),
+            "meta": {"metrics_url": "http://127.0.0.1:1/metrics", "url": "http://127.0.0.1:1"},
+        }
+        state = {
+            "name": NAME,
+            "instance": marker_prefix(ddir) + "old",
+            "infra": "embedded",
+            "phase": "running",
+            "mode": "detached",
+            "services": [record],
+        }
+        (ddir / "etcd-data").mkdir()
+        (ddir / "state.json").write_text(json.dumps(state))
+        status = runner.invoke(app, ["status", "--json"])
+        no_traceback(status)
+        worker = json.loads(status.stdout)["services"][0]
+        assert status.exit_code == 1 and worker["running"] is False
+
+        up = runner.invoke(app, ["up", "-d", "--skip-checks", "--model", env["MODEL"]])
+        assert up.exit_code == 0, up.output  # the stale state was cleaned, not blamed
+        assert stranger.poll() is None  # and the stranger was left alone
+        assert read_state(ddir).phase == "running"
+        assert runner.invoke(app, ["down", "--timeout", "2"]).exit_code == 0
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait(5)
+
+
+FOREGROUND = (
+    "import sys, dynkv.plan.worker as w; w.VLLM_MODULE = 'fake_vllm'; "
+    "from dynkv.cli.main import main; sys.argv[0] = 'dynkv'; main()"
+)
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["foreground", "detached"])
+def test_sigterm_while_starting_leaves_nothing(env, detach):
+    ddir = Path(env["DDIR"])
+    args = ["up", "--skip-checks", "--model", env["MODEL"], *(["-d"] if detach else [])]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FOREGROUND, *args],
+        env={**os.environ, "FAKE_VLLM_READY_AFTER": "60"},  # the worker never gets ready
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the worker and its fake vLLM run
+            seen |= descendants(proc.pid)
+            state = read_state(ddir) if ddir.is_dir() else None
+            names = [s.name for s in state.services] if state else []
+            if "worker" in names and len(descendants(state.service("worker").pid)) >= 1:
+                break
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        assert state is not None and state.phase == "starting", names
+        time.sleep(0.3)
+        seen |= descendants(proc.pid)
+        for record in state.services:
+            seen |= {record.pid} | descendants(record.pid)
+        assert len(seen) >= 4, seen  # etcd, nats, the wrapper and the fake vLLM at least
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert still_running(seen) == []
+    assert marked_processes(marker_prefix(ddir)) == []
+    assert read_state(ddir) is None
+
+
+def test_sigkill_while_starting_is_cleaned_by_down(env):
+    ddir = Path(env["DDIR"])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FOREGROUND, "up", "-d", "--skip-checks", "--model", env["MODEL"]],
+        env={**os.environ, "FAKE_VLLM_READY_AFTER": "60"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            seen |= descendants(proc.pid)
+            state = read_state(ddir) if ddir.is_dir() else None
+            if state and "worker" in [s.name for s in state.services]:
+                break
+            time.sleep(0.1)
+        time.sleep(0.3)
+        seen |= descendants(proc.pid)
+        proc.kill()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert still_running(seen)  # nobody stopped them
+    status = runner.invoke(app, ["status", "--json"])
+    no_traceback(status)
+    assert status.exit_code == 1 and json.loads(status.stdout)["phase"] == "starting"
+    again = runner.invoke(app, ["up", "-d", "--skip-checks", "--model", env["MODEL"]])
+    assert again.exit_code == 1 and f"dynkv down --name {NAME}" in again.stderr
+    down = runner.invoke(app, ["down", "--timeout", "1"])  # orphans: init reaps them late
+    assert down.exit_code == 0, down.output
+    assert still_running(seen) == []
+    assert marked_processes(marker_prefix(ddir)) == [] and read_state(ddir) is None
