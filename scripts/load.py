@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,19 +37,9 @@ from load_rss import MIB, RssSampler, flatness  # noqa: E402
 from dynkv.bench.client import RequestResult, request_body, stream_request  # noqa: E402
 from dynkv.bench.report import percentiles  # noqa: E402
 from dynkv.bench.workloads import text  # noqa: E402
-from dynkv.ports import free_port  # noqa: E402
+from dynkv.private_deployment import dynkv_cli, fresh_ports  # noqa: E402
 from dynkv.settings import resolve  # noqa: E402
 from dynkv.supervisor import read_state  # noqa: E402
-
-PORT_VARS = (
-    "DYNKV_ETCD_PORT",
-    "DYNKV_ETCD_PEER_PORT",
-    "DYNKV_NATS_PORT",
-    "DYNKV_NATS_MONITOR_PORT",
-    "DYNKV_WORKER_PORT",
-    "DYNKV_FRONTEND_PORT",
-    "DYN_KVBM_METRICS_PORT",
-)
 
 
 def say(message: str) -> None:
@@ -86,16 +75,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ---- the deployment ------------------------------------------------------------------------------
 
 
-def dynkv(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dynkv.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def own_stack_env(state_dir: Path) -> dict[str, str]:
     """A private deployment; DYNKV_*/DYN_KVBM_* you export win over these defaults."""
     env = dict(os.environ)
@@ -108,7 +87,7 @@ def own_stack_env(state_dir: Path) -> dict[str, str]:
         "DYNKV_MAX_MODEL_LEN": "2048",
         "DYNKV_STARTUP_TIMEOUT_SECS": "300",
         "DYN_KVBM_DISK_CACHE_DIR": str(state_dir.parent / "g3"),
-        **{name: str(free_port()) for name in PORT_VARS},
+        **fresh_ports(),
     }
     for key, value in defaults.items():
         env.setdefault(key, value)
@@ -274,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="dynkv-load-") as tmp:
             env = own_stack_env(Path(tmp) / "state")
             say(f"starting a deployment ({env['DYNKV_NAME']}) with the tiny model…")
-            up = dynkv("up", "-d", "--json", env=env, timeout=600)
+            up = dynkv_cli("up", "-d", "--json", env=env, timeout=600)
             if up.returncode != 0:
                 say(f"dynkv up failed:\n{up.stderr[-4000:]}")
                 return 1
@@ -284,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 services = {s["name"]: (s["pid"], s["create_time"]) for s in state["services"]}
                 rep = run(args, frontend["meta"]["url"], services)
             finally:
-                down = dynkv("down", env=env)
+                down = dynkv_cli("down", env=env, timeout=180)
                 say("down: " + (down.stderr.strip().splitlines() or ["?"])[-1])
     summary(rep)
     if args.json:

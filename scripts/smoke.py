@@ -26,9 +26,8 @@ from pathlib import Path
 import httpx
 
 from dynkv.bench.workloads import text
-from dynkv.ports import free_port
-from dynkv.supervisor.process import group_of, marked_processes, same_process
-from dynkv.supervisor.runner import marker_prefix
+from dynkv.private_deployment import dynkv_cli, fresh_ports
+from dynkv.supervisor import DeploymentState, processes_left
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS, DOC_WORDS = 5, 1150  # ~1,400 tokens each with the tiny model's 2,048-token vocabulary
@@ -37,16 +36,6 @@ UP_TIMEOUT = float(os.environ.get("SMOKE_UP_TIMEOUT", "600"))
 
 def say(message: str) -> None:
     print(f"smoke: {message}", file=sys.stderr, flush=True)
-
-
-def dynkv(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dynkv.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def smoke_env(state_dir: Path) -> dict[str, str]:
@@ -59,16 +48,7 @@ def smoke_env(state_dir: Path) -> dict[str, str]:
         "DYNKV_MAX_MODEL_LEN": "2048",
         "DYNKV_STARTUP_TIMEOUT_SECS": "300",
     }
-    for name in (
-        "DYNKV_ETCD_PORT",
-        "DYNKV_ETCD_PEER_PORT",
-        "DYNKV_NATS_PORT",
-        "DYNKV_NATS_MONITOR_PORT",
-        "DYNKV_WORKER_PORT",
-        "DYNKV_FRONTEND_PORT",
-        "DYN_KVBM_METRICS_PORT",
-    ):
-        defaults[name] = str(free_port())
+    defaults |= fresh_ports()
     env = dict(os.environ)
     env.pop("DYNKV_API_KEY", None)
     for key, value in defaults.items():
@@ -78,7 +58,7 @@ def smoke_env(state_dir: Path) -> dict[str, str]:
 
 
 def worker_kvbm(env: dict[str, str]) -> dict:
-    status = dynkv("status", "--json", env=env)
+    status = dynkv_cli("status", "--json", env=env)
     if status.returncode != 0:
         raise SystemExit(f"dynkv status failed: {status.stderr[-2000:]}")
     services = json.loads(status.stdout)["services"]
@@ -138,21 +118,6 @@ def run(env: dict[str, str]) -> dict:
     return result
 
 
-def nothing_left(state: dict, deployment_dir: Path) -> list[str]:
-    problems = []
-    for svc in state["services"]:
-        if svc.get("pid") and same_process(svc["pid"], svc.get("create_time")):
-            problems.append(f"{svc['name']} (pid {svc['pid']}) still runs")
-        if svc.get("pgid"):
-            problems += [
-                f"pid {p.pid} left in {svc['name']}'s group" for p in group_of(svc["pgid"])
-            ]
-    problems += [
-        f"pid {p.pid} still marked" for p in marked_processes(marker_prefix(deployment_dir))
-    ]
-    return problems
-
-
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dynkv-smoke-") as tmp:
         env = smoke_env(Path(tmp) / "state")
@@ -163,13 +128,14 @@ def main() -> int:
             result = run(env)
         except (SystemExit, Exception) as exc:  # always tear down, then report
             failure = str(exc) or type(exc).__name__
-            logs = dynkv("logs", "--tail", "30", env=env)
+            logs = dynkv_cli("logs", "--tail", "30", env=env)
             print(logs.stdout[-6000:], file=sys.stderr)
         finally:
-            down = dynkv("down", env=env, timeout=180)
+            down = dynkv_cli("down", env=env, timeout=180)
             say("down: " + (down.stderr.strip().splitlines() or ["?"])[-1])
         if result.get("state"):
-            left = nothing_left(result["state"], ddir)
+            services = DeploymentState.from_json(result["state"]).services
+            left = processes_left(services, ddir)
             if left:
                 failure = failure or "processes left after dynkv down: " + "; ".join(left)
             else:

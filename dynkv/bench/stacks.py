@@ -30,18 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from dynkv.bench.compare import CompareError, RunningStack, StackConfig, StackFailed
-from dynkv.ports import free_port, port_is_free
+from dynkv.private_deployment import NoFreePorts, fresh_ports, without_settings
 from dynkv.settings import SettingsError, load_profile, resolve
 
-# Each worker i of a stack takes base + i of these: a disagg stack needs two in a row.
-_RUN_PORTS = ("DYNKV_WORKER_PORT", "DYN_KVBM_METRICS_PORT")
-_SINGLE_PORTS = (
-    "DYNKV_ETCD_PORT",
-    "DYNKV_ETCD_PEER_PORT",
-    "DYNKV_NATS_PORT",
-    "DYNKV_NATS_MONITOR_PORT",
-    "DYNKV_FRONTEND_PORT",
-)
 _TAIL_LINES = 25
 
 
@@ -73,21 +64,6 @@ def parse_env_pairs(pairs: list[str] | None) -> dict[str, str]:
     return out
 
 
-def _clean_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in environ.items() if not k.upper().startswith(("DYNKV_", "DYN_KVBM_"))}
-
-
-def _port_run(length: int) -> int:
-    """A free port p such that p … p+length-1 are all free."""
-    for _ in range(200):
-        base = free_port()
-        if all(port_is_free(base + i) for i in range(1, length)):
-            return base
-    raise CompareError(
-        f"found no {length} free consecutive ports", "free some ports, or compare agg only"
-    )
-
-
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-.") or "stack"
 
@@ -106,7 +82,7 @@ class UpLauncher:
         self.options = options
         self.root = root
         self.python = python
-        self.base_env = _clean_environ(os.environ if environ is None else environ)
+        self.base_env = without_settings(os.environ if environ is None else environ)
         self.warnings: list[str] = []  # teardown problems, for the caller to show
         self._count = 0
 
@@ -163,10 +139,10 @@ class UpLauncher:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         env = self.base_env | self.settings_env(config)
         env |= {"DYNKV_NAME": name, "DYNKV_STATE_DIR": str(state_dir)}
-        for var in _SINGLE_PORTS:
-            env[var] = str(free_port())
-        for var in _RUN_PORTS:
-            env[var] = str(_port_run(2))
+        try:
+            env |= fresh_ports()
+        except NoFreePorts as exc:
+            raise CompareError(str(exc), "free some ports, or compare agg only") from None
         argv = [self.python, "-m", "dynkv.cli.main", "up", "-d", "--json"]
         started = time.monotonic()
         try:

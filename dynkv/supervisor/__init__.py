@@ -16,6 +16,7 @@ from dynkv.supervisor.runner import (
     ensure_not_running,
     live_detail,
     log_sources,
+    processes_left,
     read_state,
     stop_deployment,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "ensure_not_running",
     "live_detail",
     "log_sources",
+    "processes_left",
     "read_state",
     "stop_deployment",
 ]

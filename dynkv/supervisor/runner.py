@@ -22,7 +22,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from dynkv.supervisor.logs import FileFollower, IteratorFollower, LogSource, fol
 from dynkv.supervisor.logs import tail_lines as _tail_lines
 from dynkv.supervisor.metrics import read_kvbm
 from dynkv.supervisor.process import (
+    group_of,
     is_alive,
     marked_processes,
     prepare,
@@ -83,6 +84,26 @@ class Observer:
 def marker_prefix(deployment_dir: Path | str) -> str:
     """The DYNKV_INSTANCE prefix shared by every run of one deployment dir."""
     return f"{Path(deployment_dir).resolve()}#"
+
+
+def processes_left(services: Iterable[ServiceRecord], deployment_dir: Path | str) -> list[str]:
+    """What of a deployment still runs, one line each; empty after a clean `down`.
+
+    Three nets, because each misses something: a service's pid with its create-time (PID
+    reuse), the members of its process group (vLLM's engine processes rename themselves with
+    setproctitle), and any process carrying the deployment's DYNKV_INSTANCE marker (a child
+    that left the group)."""
+    problems = []
+    for svc in services:
+        if svc.pid and same_process(svc.pid, svc.create_time):
+            problems.append(f"{svc.name} (pid {svc.pid}) still runs")
+        if svc.pgid:
+            problems += [f"pid {p.pid} left in {svc.name}'s group" for p in group_of(svc.pgid)]
+    problems += [
+        f"pid {p.pid} still carries the deployment's marker"
+        for p in marked_processes(marker_prefix(deployment_dir))
+    ]
+    return problems
 
 
 @dataclass

@@ -14,32 +14,20 @@ import os
 import random
 import signal
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from stack_support import dynkv, stack_env
 
 from dynkv.bench.workloads import text
-from dynkv.ports import free_port, port_is_free
 from dynkv.supervisor import read_state
 
 pytestmark = pytest.mark.e2e
 MODEL = "dynkv-tiny"
 NAME = "dis2e"
-
-
-def dynkv(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dynkv.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def counter(url: str, name: str) -> float:
@@ -54,30 +42,17 @@ def counter(url: str, name: str) -> float:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("disagg-e2e")
-    base = {
-        k: v for k, v in os.environ.items() if not k.upper().startswith(("DYN_KVBM_", "DYNKV_"))
-    }
-    env = base | {
-        "XDG_CACHE_HOME": str(tmp / "cache"),
-        "DYNKV_STATE_DIR": str(tmp / "state"),
-        "DYNKV_NAME": NAME,
-        "DYNKV_DEVICE": "cpu",
-        "DYNKV_TOPOLOGY": "disagg",
-        "DYNKV_PROFILE": "gpu-cpu",
-        "DYN_KVBM_CPU_CACHE_GB": "0.1",
-        "DYN_KVBM_HANDOFF_GB": "0.05",
-        "DYNKV_DEVICE_KV_GB": "0.05",
-        "DYNKV_MAX_MODEL_LEN": "2048",
-        "DYNKV_LEASE_TTL_SECS": "4",
-        "DYNKV_STARTUP_TIMEOUT_SECS": "400",
-        "DYNKV_ETCD_PORT": str(free_port()),
-        "DYNKV_ETCD_PEER_PORT": str(free_port()),
-        "DYNKV_NATS_PORT": str(free_port()),
-        "DYNKV_NATS_MONITOR_PORT": str(free_port()),
-        "DYNKV_WORKER_PORT": str(pair_of_ports()),  # the decode worker takes the next one
-        "DYNKV_FRONTEND_PORT": str(free_port()),
-        "DYN_KVBM_METRICS_PORT": str(pair_of_ports()),
-    }
+    env = stack_env(
+        tmp,
+        NAME,
+        DYNKV_TOPOLOGY="disagg",
+        DYNKV_PROFILE="gpu-cpu",
+        DYN_KVBM_CPU_CACHE_GB="0.1",
+        DYN_KVBM_HANDOFF_GB="0.05",
+        DYNKV_DEVICE_KV_GB="0.05",
+        DYNKV_LEASE_TTL_SECS="4",
+        DYNKV_STARTUP_TIMEOUT_SECS="400",
+    )  # the decode worker takes the prefill worker's ports + 1
     up = dynkv("up", "-d", env=env, timeout=600)
     ddir = tmp / "state" / NAME
     try:
@@ -87,14 +62,6 @@ def stack(tmp_path_factory):
         down = dynkv("down", env=env, timeout=180)
         assert down.returncode == 0, down.stderr
     assert not Path(f"/dev/shm/dynkv-{NAME}").exists()  # the handoff pool goes with the stack
-
-
-def pair_of_ports() -> int:
-    """A free port whose successor is free too (prefill takes it, decode the next)."""
-    while True:
-        port = free_port()
-        if port < 65535 and port_is_free(port + 1):
-            return port
 
 
 def urls(env):

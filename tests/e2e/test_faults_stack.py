@@ -32,9 +32,9 @@ import httpx
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from stack_support import dynkv, stack_env
 
 from dynkv.bench.workloads import text
-from dynkv.ports import free_port
 from dynkv.supervisor import read_state
 
 pytestmark = pytest.mark.e2e
@@ -44,16 +44,6 @@ NAME = "faults2e"
 KEY = "sk-e2e-faults-do-not-leak"
 HF_TOKEN = "hf_e2eFaultsTokenDoNotLeak"
 LOOPBACK = {"127.0.0.1", "::1"}
-
-
-def dynkv(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dynkv.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 class Stack:
@@ -99,39 +89,22 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults-e2e")
-    base = {
-        k: v for k, v in os.environ.items() if not k.upper().startswith(("DYN_KVBM_", "DYNKV_"))
-    }
-    env = base | {
-        "XDG_CACHE_HOME": str(tmp / "cache"),
-        "DYNKV_STATE_DIR": str(tmp / "state"),
-        "DYNKV_NAME": NAME,
-        "DYNKV_DEVICE": "cpu",
-        "DYNKV_PROFILE": "gpu-cpu-disk",
-        "DYNKV_API_KEY": KEY,
-        "HF_TOKEN": HF_TOKEN,
-        # G2 holds ~2.8 prompts of ~56 blocks, G3 all of them; every block goes to disk too
-        "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "160",
-        "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "2000",
-        "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true",
-        "DYN_KVBM_DISK_CACHE_DIR": str(tmp / "g3"),
-        # G1 of ~73 blocks: each long prompt pushes most of the previous one out of vLLM's cache
-        "DYNKV_DEVICE_KV_GB": "0.0048",
-        "DYNKV_MAX_MODEL_LEN": "2048",
-        "DYNKV_STARTUP_TIMEOUT_SECS": "300",
+    env = stack_env(
+        tmp,
+        NAME,
         **{
-            name: str(free_port())
-            for name in (
-                "DYNKV_ETCD_PORT",
-                "DYNKV_ETCD_PEER_PORT",
-                "DYNKV_NATS_PORT",
-                "DYNKV_NATS_MONITOR_PORT",
-                "DYNKV_WORKER_PORT",
-                "DYNKV_FRONTEND_PORT",
-                "DYN_KVBM_METRICS_PORT",
-            )
+            "DYNKV_PROFILE": "gpu-cpu-disk",
+            "DYNKV_API_KEY": KEY,
+            "HF_TOKEN": HF_TOKEN,
+            # G2 holds ~2.8 prompts of ~56 blocks, G3 all of them; every block goes to disk too
+            "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "160",
+            "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "2000",
+            "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true",
+            "DYN_KVBM_DISK_CACHE_DIR": str(tmp / "g3"),
+            # G1 of ~73 blocks: each long prompt pushes most of the previous one out of vLLM's cache
+            "DYNKV_DEVICE_KV_GB": "0.0048",
         },
-    }
+    )
     up = dynkv("up", "-d", env=env, timeout=400)
     s = Stack(env, tmp)
     try:

@@ -11,20 +11,17 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from stack_support import assert_nothing_left, dynkv, stack_env
 
 from dynkv.bench.workloads import text
+from dynkv.infra.etcd_client import EtcdClient
 from dynkv.plan.build import find_prometheus
-from dynkv.ports import free_port
 from dynkv.supervisor import read_state
-from dynkv.supervisor.process import group_of, marked_processes, same_process
-from dynkv.supervisor.runner import marker_prefix
 
 openai = pytest.importorskip("openai")
 
@@ -34,22 +31,12 @@ KEY = "sk-e2e-frontend-secret"
 TTL = 4  # DYNKV_LEASE_TTL_SECS of this stack
 
 
-def dynkv(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dynkv.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 class Stack:
-    def __init__(self, env: dict[str, str], ddir: Path, up_s: float) -> None:
-        self.env, self.ddir, self.up_s = env, ddir, up_s
+    def __init__(self, env: dict[str, str], ddir: Path, up_s: float, up_output: str) -> None:
+        self.env, self.ddir, self.up_s, self.up_output = env, ddir, up_s, up_output
         self.base = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"
-        port = env.get("DYNKV_PROMETHEUS_PORT")
-        self.prometheus = f"http://127.0.0.1:{port}" if port else None
+        port = env["DYNKV_PROMETHEUS_PORT"]
+        self.prometheus = f"http://127.0.0.1:{port}" if find_prometheus() else None
         self.client = openai.OpenAI(base_url=self.base + "/v1", api_key=KEY, max_retries=0)
 
     def status(self) -> dict:
@@ -60,34 +47,18 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("frontend-e2e")
-    base = {
-        k: v for k, v in os.environ.items() if not k.upper().startswith(("DYN_KVBM_", "DYNKV_"))
-    }
-    env = base | {
-        "XDG_CACHE_HOME": str(tmp / "cache"),
-        "DYNKV_STATE_DIR": str(tmp / "state"),
-        "DYNKV_NAME": "fe2e",
-        "DYNKV_DEVICE": "cpu",
-        "DYNKV_PROFILE": "gpu-cpu",
-        "DYN_KVBM_CPU_CACHE_GB": "0.1",
+    env = stack_env(
+        tmp,
+        "fe2e",
+        DYNKV_PROFILE="gpu-cpu",
+        DYN_KVBM_CPU_CACHE_GB="0.1",
         # G1 small enough that five ~1,400-token prompts push the first out (DESIGN: the tiny
         # model's 65,536-byte blocks → ~152 of them in 0.01 GB), so its repeat needs KVBM
-        "DYNKV_DEVICE_KV_GB": "0.01",
-        "DYNKV_MAX_MODEL_LEN": "2048",
-        "DYNKV_LEASE_TTL_SECS": str(TTL),
-        "DYNKV_STARTUP_TIMEOUT_SECS": "300",
-        "DYNKV_ETCD_PORT": str(free_port()),
-        "DYNKV_ETCD_PEER_PORT": str(free_port()),
-        "DYNKV_NATS_PORT": str(free_port()),
-        "DYNKV_NATS_MONITOR_PORT": str(free_port()),
-        "DYNKV_WORKER_PORT": str(free_port()),
-        "DYNKV_FRONTEND_PORT": str(free_port()),
-        "DYN_KVBM_METRICS_PORT": str(free_port()),
-    }
-    observability = []
-    if find_prometheus():  # one more service on the same stack: a second `up` costs a minute
-        env["DYNKV_PROMETHEUS_PORT"] = str(free_port())
-        observability = ["--observability"]
+        DYNKV_DEVICE_KV_GB="0.01",
+        DYNKV_LEASE_TTL_SECS=str(TTL),
+    )
+    # one more service on the same stack (a second `up` costs a minute)
+    observability = ["--observability"] if find_prometheus() else []
     ddir = tmp / "state" / "fe2e"
     started = time.monotonic()
     up = dynkv("up", "-d", "--api-key", KEY, *observability, env=env, timeout=400)
@@ -98,13 +69,11 @@ def stack(tmp_path_factory):
         assert f"{env['DYNKV_FRONTEND_PORT']}/v1/chat/completions" in up.stderr  # the curl line
         print(f"\ndynkv up -d (tiny model, frontend): {up_s:.1f} s")
         state = read_state(ddir)
-        yield Stack(env, ddir, up_s)
+        yield Stack(env, ddir, up_s, up.stdout + up.stderr)
     finally:
         down = dynkv("down", env=env, timeout=180)
     assert down.returncode == 0, down.stderr
-    assert [s.pid for s in state.services if same_process(s.pid, s.create_time)] == []
-    assert [p.pid for s in state.services if s.pgid for p in group_of(s.pgid)] == []
-    assert marked_processes(marker_prefix(ddir)) == []
+    assert_nothing_left(state.services, ddir)
     assert not (ddir / "prometheus").exists()  # its config, key file and TSDB went with it
 
 
@@ -206,7 +175,17 @@ def test_kvbm_host_hit_visible_in_status(stack):
 
 
 def test_status_logs_and_metrics(stack):
+    assert "random weights" in stack.up_output  # the generated model is announced as such
+    with EtcdClient(f"http://127.0.0.1:{stack.env['DYNKV_ETCD_PORT']}") as etcd:
+        record = etcd.get("/dynkv/fe2e/workers/agg-0").json()
+    assert record["model"] == MODEL
+    assert record["url"] == f"http://127.0.0.1:{stack.env['DYNKV_WORKER_PORT']}"
     data = stack.status()
+    assert data["name"] == "fe2e" and all(s["healthy"] for s in data["services"])
+    assert _worker(data)["kvbm"]["reachable"] is True
+    worker_logs = dynkv("logs", "worker", "--tail", "400", env=stack.env)
+    assert worker_logs.returncode == 0 and "worker | " in worker_logs.stdout
+    assert "registered /dynkv/fe2e/workers/agg-0" in worker_logs.stdout
     frontend = next(s for s in data["services"] if s["name"] == "frontend")
     assert frontend["healthy"] and frontend["url"] == stack.base
     logs = dynkv("logs", "frontend", env=stack.env)
@@ -245,6 +224,51 @@ def test_prometheus_scrapes_the_worker_kvbm_metrics_and_the_frontend(stack):
     assert up and up[0]["value"][1] == "1"
     config = (stack.ddir / "prometheus" / "prometheus.yml").read_text()
     assert KEY not in config and "credentials_file" in config
+
+
+def bench(stack: Stack, *args: str) -> dict:
+    proc = dynkv(
+        "bench", "serve", "--url", stack.base, "--api-key", KEY, *args, "--json",
+        env=stack.env, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert KEY not in proc.stdout + proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_bench_serve_multi_turn_chat_through_the_frontend(stack, tmp_path):
+    tokenizer = Path(stack.env["XDG_CACHE_HOME"]) / "dynkv" / "models" / "tiny"
+    data = bench(
+        stack, "--users", "2", "--rounds", "2", "--system-tokens", "128",
+        "--question-tokens", "32", "--answer-tokens", "4", "--ignore-eos", "--warmup", "1",
+        "--concurrency", "2", "--tokenizer", str(tokenizer), "--plot", str(tmp_path / "p.png"),
+    )  # fmt: skip
+    for key in ("ttft_ms", "itl_ms", "latency_ms"):
+        assert set(data[key]) == {"p50", "p90", "p99"}
+        assert 0 < data[key]["p50"] <= data[key]["p90"] <= data[key]["p99"]
+    assert data["requests_per_s"] > 0 and data["hit_rates"] == {"host": None, "disk": None}
+    assert (data["requests"], data["completed"], data["errors"]) == (4, 4, 0)
+    assert data["output_tokens"] == 16  # --ignore-eos: exactly max_tokens each
+    assert [r["requests"] for r in data["rounds"]] == [2, 2]
+    assert data["config"]["model"] == MODEL  # asked of the frontend's /v1/models
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_serve_long_doc_scrapes_kvbm_and_a_target_without_it(stack):
+    kvbm = f"http://127.0.0.1:{stack.env['DYN_KVBM_METRICS_PORT']}/metrics"
+    plain = f"http://127.0.0.1:{stack.env['DYNKV_WORKER_PORT']}/metrics"  # vLLM's own
+    data = bench(
+        stack, "-w", "long-doc", "--docs", "2", "--doc-tokens", "300", "--repeats", "2",
+        "--mode", "interleave", "--endpoint", "completions", "--rate", "20",
+        "--metrics-url", kvbm, "--metrics-url", plain,
+    )  # fmt: skip
+    assert (data["requests"], data["errors"]) == (4, 0)
+    assert data["prompt_tokens"] > 4 * 300 * 0.9
+    assert [r["round"] for r in data["rounds"]] == [1, 2]
+    with_kvbm, without = data["kvbm"]["targets"]
+    assert with_kvbm["error"] is None and with_kvbm["kvbm_matched_tokens"] is not None
+    assert without["error"] is None and without["kvbm_matched_tokens"] is None
+    assert data["hit_rates"]["host"] is not None and data["hit_rates"]["disk"] is None
 
 
 def test_zz_killed_worker_is_503_then_leaves_the_pool(stack):

@@ -1,0 +1,38 @@
+"""Real stacks for the end-to-end tests: `dynkv up -d` of the generated tiny model on the CPU,
+under a deployment name, state dir, model cache and ports of the test's own, so that stacks of
+different test modules (and whatever the user runs) never meet."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dynkv.private_deployment import dynkv_cli as dynkv
+from dynkv.private_deployment import fresh_ports, without_settings
+from dynkv.supervisor import processes_left
+
+__all__ = ["assert_nothing_left", "dynkv", "stack_env"]
+
+
+def stack_env(tmp: Path, name: str, **settings: str) -> dict[str, str]:
+    """The environment of `dynkv up` for a private CPU stack: none of the caller's settings,
+    fresh ports, the tiny model generated under `tmp`, then `settings` (which win)."""
+    return (
+        without_settings(os.environ)
+        | {
+            "XDG_CACHE_HOME": str(tmp / "cache"),  # the tiny model and default G3 stay in tmp
+            "DYNKV_STATE_DIR": str(tmp / "state"),
+            "DYNKV_NAME": name,
+            "DYNKV_DEVICE": "cpu",
+            "DYNKV_MAX_MODEL_LEN": "2048",
+            "DYNKV_STARTUP_TIMEOUT_SECS": "300",
+        }
+        | fresh_ports()
+        | settings
+    )
+
+
+def assert_nothing_left(services, deployment_dir: Path) -> None:
+    """After `dynkv down`: no recorded pid, no member of their groups, no marked process."""
+    left = processes_left(services, deployment_dir)
+    assert left == [], left
