@@ -230,6 +230,19 @@ def topological_order(services: tuple[Service, ...]) -> tuple[Service, ...]:
     return tuple(done)
 
 
+def start_waves(services: tuple[Service, ...]) -> tuple[tuple[Service, ...], ...]:
+    """`services` grouped into waves that start together: each service
+    in the first wave after all of its dependencies. Independent services then load at the same
+    time (a disagg deployment's prefill and decode workers each take minutes to load a model on
+    their own GPU, or their own cores), and a service still never starts before what it needs
+    is healthy."""
+    wave_of: dict[str, int] = {}
+    for svc in topological_order(services):
+        wave_of[svc.name] = 1 + max((wave_of[d] for d in svc.depends_on), default=-1)
+    count = 1 + max(wave_of.values(), default=-1)
+    return tuple(tuple(s for s in services if wave_of[s.name] == i) for i in range(count))
+
+
 def _plain(value: Any) -> Any:
     """asdict() output → JSON types (tuples → lists, mappings → dicts)."""
     if isinstance(value, Mapping):

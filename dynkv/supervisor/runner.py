@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 
 from dynkv.infra.docker import DockerBackend, DockerUnavailable
-from dynkv.plan.model import Plan, Service
+from dynkv.plan.model import Plan, Service, start_waves
 from dynkv.supervisor import health
 from dynkv.supervisor.logs import FileFollower, IteratorFollower, LogSource, follow, last_line
 from dynkv.supervisor.logs import tail_lines as _tail_lines
@@ -161,8 +161,8 @@ class Supervisor:
         what was started, clear the state and re-raise."""
         self._claim(detach)
         try:
-            for service in self.plan.services:
-                self._start_one(service)
+            for wave in start_waves(self.plan.services):
+                self._wait_healthy([self._spawn_one(service) for service in wave])
         except BaseException:
             self.stop()
             raise
@@ -208,7 +208,7 @@ class Supervisor:
             return self._docker or DockerBackend()
         return None
 
-    def _start_one(self, service: Service) -> None:
+    def _spawn_one(self, service: Service) -> _Handle:
         assert self.state is not None
         self.observer.starting(service)
         log_path = Path(service.log_file) if service.log_file else self.store.log_path(service.name)
@@ -236,35 +236,42 @@ class Supervisor:
         with self.store.lock():
             self.state.services.append(record)
             self.store.write(self.state)
-        self._wait_healthy(handle)
+        return handle
 
-    def _wait_healthy(self, handle: _Handle) -> None:
-        service, record = handle.service, handle.record
+    def _wait_healthy(self, handles: list[_Handle]) -> None:
+        """Poll services started together until every one is healthy; the first that exits or
+        outlives DYNKV_STARTUP_TIMEOUT_SECS fails the start (the caller stops them all)."""
         started = time.monotonic()
         timeout = self.plan.startup_timeout_secs
-        while True:
-            elapsed = time.monotonic() - started
-            code = self._exit_code(handle)
-            if code is not None:
-                self.observer.failed(service, f"exited with code {code}")
-                raise StartFailed(
-                    service.name, f"exited with code {code} during start-up", *self._tail(record)
-                )
-            ok, detail = health.check_all(service.probes, self.probe_timeout)
-            if ok:
-                self.observer.healthy(service, elapsed)
-                return
-            if elapsed > timeout:
-                self.observer.failed(service, f"not healthy after {timeout:g} s")
-                raise StartFailed(
-                    service.name,
-                    f"was not healthy within {timeout:g} s (DYNKV_STARTUP_TIMEOUT_SECS): {detail}",
-                    *self._tail(record),
-                )
-            self.observer.waiting(
-                service, elapsed, last_line(record.log) if record.log else "", detail
+        pending = list(handles)
+        while pending:
+            for handle in list(pending):
+                if self._is_healthy(handle, time.monotonic() - started, timeout):
+                    pending.remove(handle)
+            if pending:
+                time.sleep(self.poll_interval)
+
+    def _is_healthy(self, handle: _Handle, elapsed: float, timeout: float) -> bool:
+        service, record = handle.service, handle.record
+        code = self._exit_code(handle)
+        if code is not None:
+            self.observer.failed(service, f"exited with code {code}")
+            raise StartFailed(
+                service.name, f"exited with code {code} during start-up", *self._tail(record)
             )
-            time.sleep(self.poll_interval)
+        ok, detail = health.check_all(service.probes, self.probe_timeout)
+        if ok:
+            self.observer.healthy(service, elapsed)
+            return True
+        if elapsed > timeout:
+            self.observer.failed(service, f"not healthy after {timeout:g} s")
+            raise StartFailed(
+                service.name,
+                f"was not healthy within {timeout:g} s (DYNKV_STARTUP_TIMEOUT_SECS): {detail}",
+                *self._tail(record),
+            )
+        self.observer.waiting(service, elapsed, last_line(record.log) if record.log else "", detail)
+        return False
 
     def _exit_code(self, handle: _Handle) -> int | None:
         if handle.popen is not None:

@@ -183,6 +183,38 @@ def test_a_service_failing_at_startup_fails_up_with_its_log_and_leaves_nothing(e
     assert not StateStore(plan.deployment_dir).exists()
 
 
+def test_independent_services_start_together_and_dependents_after_them(env):
+    """Prefill and decode workers each load a model for minutes: neither waits for the other,
+    and what depends on both (the frontend) starts only once both are healthy."""
+    plan = infra_plan(env)
+    slow = "import socket, sys, time; time.sleep(1.0); s = socket.socket(); "
+    slow += "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); time.sleep(600)"
+
+    def service(name: str, deps: tuple[str, ...]) -> Service:
+        port = free_port()
+        return Service(
+            name=name,
+            role="test",
+            argv=(sys.executable, "-c", slow, str(port)),
+            cwd=plan.deployment_dir,
+            probes=(Probe(kind="tcp", host="127.0.0.1", port=port),),
+            depends_on=deps,
+            log_file=f"{plan.deployment_dir}/logs/{name}.log",
+        )
+
+    services = (service("front", ("a", "b")), service("a", ()), service("b", ()))
+    plan = dataclasses.replace(plan, services=services)
+    state = Supervisor(plan, poll_interval=0.05).start(detach=True)
+    try:
+        started = {s.name: s.started_at for s in state.services}
+        assert list(started) == ["a", "b", "front"]
+        assert abs(started["a"] - started["b"]) < 0.9  # one after the other: ≥ 1 s apart
+        assert started["front"] >= max(started["a"], started["b"]) + 1.0
+    finally:
+        stop_deployment(plan.deployment_dir, grace=3)
+    assert_nothing_left(pids_of(state), plan.deployment_dir)
+
+
 def test_a_service_never_healthy_times_out_and_leaves_nothing(env):
     plan = infra_plan(env, startup_timeout_secs=1.0)
     hung = Service(

@@ -14,7 +14,7 @@ from dynkv.cli.main import app
 from dynkv.infra.docker import ETCD_IMAGE, NATS_IMAGE
 from dynkv.plan import HostFacts, ModelChoice, PlanError, build_plan, mask_argv, mask_env
 from dynkv.plan.cpu import cpu_engine_env, cpu_list
-from dynkv.plan.model import MASK, Service, topological_order
+from dynkv.plan.model import MASK, Service, start_waves, topological_order
 from dynkv.settings import SettingsError, resolve
 
 MODEL = ModelChoice("/models/tiny", "dynkv-tiny", random_weights=True)
@@ -226,6 +226,18 @@ def test_disagg_on_cpu_splits_cores_and_hands_off_through_shared_memory():
     assert prefill.env["DYN_KVBM_DISK_CACHE_DIR"] != decode.env["DYN_KVBM_DISK_CACHE_DIR"]
     assert (prefill.ports["http"], decode.ports["http"]) == (8100, 8101)
     assert (prefill.ports["kvbm_metrics"], decode.ports["kvbm_metrics"]) == (6880, 6881)
+
+
+def test_start_waves_load_independent_services_together():
+    def names(plan) -> list[list[str]]:
+        return [[s.name for s in wave] for wave in start_waves(plan.services)]
+
+    assert names(plan_for()) == [["etcd", "nats"], ["worker"], ["frontend"]]
+    disagg = plan_for({"DYNKV_TOPOLOGY": "disagg"}, cpus=(0, 1, 2, 3))
+    assert names(disagg) == [["etcd", "nats"], ["prefill-0", "decode-1"], ["frontend"]]
+    # any order in, dependencies first out
+    shuffled = tuple(reversed(disagg.services))
+    assert [len(w) for w in start_waves(shuffled)] == [2, 2, 1]
 
 
 def test_disagg_on_cuda_puts_each_worker_on_its_own_gpu():
