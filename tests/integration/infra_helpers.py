@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from pathlib import Path
 
 from dynkv.plan import HostFacts, ModelChoice, Plan, build_plan
-from dynkv.ports import free_port
+from dynkv.private_deployment import SETTING_PREFIXES, fresh_ports
 from dynkv.settings import resolve
 from dynkv.supervisor.process import group_of, marked_processes, same_process
 from dynkv.supervisor.runner import marker_prefix
@@ -18,16 +20,42 @@ def port_env(state_dir: Path, name: str = "it") -> dict[str, str]:
     return {
         "DYNKV_NAME": name,
         "DYNKV_STATE_DIR": str(state_dir),
-        "DYNKV_ETCD_PORT": str(free_port()),
-        "DYNKV_ETCD_PEER_PORT": str(free_port()),
-        "DYNKV_NATS_PORT": str(free_port()),
-        "DYNKV_NATS_MONITOR_PORT": str(free_port()),
-        "DYNKV_WORKER_PORT": str(free_port()),
-        "DYNKV_FRONTEND_PORT": str(free_port()),
-        "DYN_KVBM_METRICS_PORT": str(free_port()),
+        **fresh_ports(),
         "DYN_KVBM_CPU_CACHE_GB": "0.01",
         "DYN_KVBM_DISK_CACHE_GB": "0",
     }
+
+
+def use_fake_vllm(monkeypatch, tmp_path: Path, name: str, **extra: str) -> tuple[dict, Path]:
+    """Set this process's environment for a deployment `name` whose worker is the fake vLLM
+    (tests/fakes/fake_vllm.py): none of the caller's settings, private ports, state and G3 dirs
+    under `tmp_path`, then `extra`. Returns those settings and an empty model directory."""
+    for key in list(os.environ):
+        if key.upper().startswith(SETTING_PREFIXES):
+            monkeypatch.delenv(key)
+    env = port_env(tmp_path / "state", name=name)
+    env |= {"DYN_KVBM_DISK_CACHE_DIR": str(tmp_path / "g3"), **extra}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(FAKES)) if p)
+    )
+    monkeypatch.setattr("dynkv.plan.worker.VLLM_MODULE", "fake_vllm")
+    model = tmp_path / "model"
+    model.mkdir()
+    return env, model
+
+
+def wait_for(predicate, timeout: float = 15.0, step: float = 0.1):
+    """The first truthy value of `predicate()`, polled every `step` s; AssertionError after
+    `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
 
 
 def full_plan(env: dict[str, str]) -> Plan:

@@ -15,7 +15,7 @@ import time
 import httpx
 import psutil
 import pytest
-from infra_helpers import FAKES, assert_nothing_left, port_env
+from infra_helpers import assert_nothing_left, use_fake_vllm
 from typer.testing import CliRunner
 
 from dynkv.cli.main import app
@@ -28,19 +28,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def deployment(tmp_path, monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith(("DYN_KVBM_", "DYNKV_")):
-            monkeypatch.delenv(key)
-    env = port_env(tmp_path / "state", name="cli")
-    env["DYN_KVBM_DISK_CACHE_DIR"] = str(tmp_path / "g3")
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(FAKES)) if p)
-    )
-    monkeypatch.setattr("dynkv.plan.worker.VLLM_MODULE", "fake_vllm")
-    model = tmp_path / "model"
-    model.mkdir()
+    env, model = use_fake_vllm(monkeypatch, tmp_path, "cli")
     # the fake vLLM serves nothing real, but `up` checks the model like any other (dynkv doctor)
     config = {
         "architectures": ["LlamaForCausalLM"],

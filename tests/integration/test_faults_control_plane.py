@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fault_support import Load
-from infra_helpers import FAKES, assert_nothing_left, port_env
+from infra_helpers import assert_nothing_left, use_fake_vllm
 from typer.testing import CliRunner
 
 from dynkv.cli.main import app
@@ -75,24 +75,14 @@ def up() -> None:
 
 @pytest.fixture
 def stack(tmp_path, monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith(("DYN_KVBM_", "DYNKV_")):
-            monkeypatch.delenv(key)
-    env = port_env(tmp_path / "state", name="faults")
-    env |= {
-        "DYN_KVBM_DISK_CACHE_DIR": str(tmp_path / "g3"),
-        "DYNKV_LEASE_TTL_SECS": str(TTL),
-        "FAKE_VLLM_TOKENS": "20",
-        "FAKE_VLLM_TOKEN_DELAY": "0.03",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(FAKES)) if p)
+    env, model = use_fake_vllm(
+        monkeypatch,
+        tmp_path,
+        "faults",
+        DYNKV_LEASE_TTL_SECS=str(TTL),
+        FAKE_VLLM_TOKENS="20",
+        FAKE_VLLM_TOKEN_DELAY="0.03",
     )
-    monkeypatch.setattr("dynkv.plan.worker.VLLM_MODULE", "fake_vllm")
-    model = tmp_path / "model"
-    model.mkdir()
     monkeypatch.setenv("FAKE_MODEL", str(model))
     up()
     ddir = os.path.join(env["DYNKV_STATE_DIR"], "faults")

@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 from fault_support import descendants, still_running
-from infra_helpers import FAKES, port_env
+from infra_helpers import use_fake_vllm
 from typer.testing import CliRunner
 
 from dynkv.cli.main import app
@@ -44,19 +44,7 @@ NAME = "stale"
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    for key in list(os.environ):
-        if key.upper().startswith(("DYN_KVBM_", "DYNKV_")):
-            monkeypatch.delenv(key)
-    values = port_env(tmp_path / "state", name=NAME)
-    values["DYN_KVBM_DISK_CACHE_DIR"] = str(tmp_path / "g3")
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(FAKES)) if p)
-    )
-    monkeypatch.setattr("dynkv.plan.worker.VLLM_MODULE", "fake_vllm")
-    model = tmp_path / "model"
-    model.mkdir()
+    values, model = use_fake_vllm(monkeypatch, tmp_path, NAME)
     values["MODEL"] = str(model)
     values["DDIR"] = str(tmp_path / "state" / NAME)
     yield values

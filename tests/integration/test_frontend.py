@@ -13,7 +13,7 @@ import uuid
 
 import httpx
 import pytest
-from infra_helpers import FAKES
+from infra_helpers import FAKES, wait_for
 
 from dynkv.infra.etcd_client import EtcdClient
 from dynkv.ports import free_port
@@ -98,16 +98,6 @@ def _status(url: str) -> int | None:
         return httpx.get(url, timeout=1).status_code
     except httpx.HTTPError:
         return None
-
-
-def wait_for(predicate, timeout: float, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import uuid
 
 import psutil
 import pytest
-from infra_helpers import FAKES
+from infra_helpers import FAKES, wait_for
 
 from dynkv.infra.etcd_client import EtcdClient
 from dynkv.ports import free_port
@@ -44,16 +44,6 @@ def start_wrapper(etcd_url: str, tmp_path, *fake_args: str):
         argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     return proc, f"/dynkv/{deployment}/workers/agg-0", port
-
-
-def wait_for(predicate, timeout: float = 15.0, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture
