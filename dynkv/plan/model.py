@@ -231,10 +231,10 @@ def topological_order(services: tuple[Service, ...]) -> tuple[Service, ...]:
 
 
 def start_waves(services: tuple[Service, ...]) -> tuple[tuple[Service, ...], ...]:
-    """`services` grouped into waves that start together: each service
-    in the first wave after all of its dependencies. Independent services then load at the same
-    time (a disagg deployment's prefill and decode workers each take minutes to load a model on
-    their own GPU, or their own cores), and a service still never starts before what it needs
+    """`services` grouped into waves that start together: each service in the first wave after
+    all of its dependencies, plan order kept within a wave. Independent services then load at the
+    same time (a disagg deployment's prefill and decode workers each take minutes to load a model
+    on their own GPU, or their own cores), and a service still never starts before what it needs
     is healthy."""
     wave_of: dict[str, int] = {}
     for svc in topological_order(services):
