@@ -22,7 +22,7 @@ from dynkv.ports import free_port, port_is_free
 SETTING_PREFIXES = ("DYNKV_", "DYN_KVBM_")
 
 # Each worker i of a deployment takes base + i of these: a disagg stack needs two in a row.
-PER_WORKER_PORTS = ("DYNKV_WORKER_PORT", "DYN_KVBM_METRICS_PORT")
+PER_WORKER_PORTS = ("DYNKV_WORKER_PORT", "DYN_KVBM_METRICS_PORT", "DYNKV_NIXL_SIDE_CHANNEL_PORT")
 SHARED_PORTS = (
     "DYNKV_ETCD_PORT",
     "DYNKV_ETCD_PEER_PORT",

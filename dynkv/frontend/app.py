@@ -82,7 +82,10 @@ class Frontend:
         ctx = RouteContext(self.pool, self.policy, Forwarder(self.client), self.metrics)
         strategies = self.strategies
         if strategies is None:
-            strategies = (Aggregated(), Disaggregated(fallback=cfg.disagg_fallback))
+            strategies = (
+                Aggregated(),
+                Disaggregated(fallback=cfg.disagg_fallback, transfer=cfg.disagg_transfer),
+            )
         self.router = Router(ctx, strategies)
         if self.discover:
             self._etcd = AsyncEtcdClient(cfg.etcd_endpoints)

@@ -32,6 +32,7 @@ class FrontendConfig:
     max_connections: int = 256
     log_level: str = "info"
     disagg_fallback: bool = False  # disagg: decode serves alone while no prefill worker can
+    disagg_transfer: str = "handoff"  # disagg: "handoff" (dynkv's pool) or "nixl"
     api_key: str | None = field(default=None, repr=False)
 
 
@@ -73,6 +74,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="disagg: when no prefill worker can take a request, the decode worker serves it alone",
     )
+    p.add_argument(
+        "--disagg-transfer",
+        choices=["handoff", "nixl"],
+        default="handoff",
+        help="disagg: the KV transfer protocol the prefill request asks for (the plan's choice)",
+    )
     return p
 
 
@@ -103,5 +110,6 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         max_connections=args.max_connections,
         log_level=args.log_level,
         disagg_fallback=args.disagg_fallback,
+        disagg_transfer=args.disagg_transfer,
         api_key=env.get(API_KEY_ENV) or None,
     )

@@ -8,6 +8,8 @@ Two steps per request (DESIGN §5):
 2. decode: the client's request as sent, plus those `kv_transfer_params`, to a `decode` worker,
    whose connector loads the blocks instead of computing the prompt; its answer (streamed or not)
    is relayed to the client.
+Over NIXL (`--disagg-transfer nixl`, GPUs) step 1 asks for vLLM's NixlConnector protocol
+instead (`do_remote_decode`), and step 2 passes its answer's params on the same way.
 If no prefill worker can take the request: a 503 that says so, or — with DYNKV_DISAGG_FALLBACK —
 the decode worker serves it alone (it computes the prompt itself). A prefill that answers with an
 error (a prompt too long) is passed to the client as the answer; a prefill whose answer carries no
@@ -29,7 +31,20 @@ from dynkv.frontend.router import RouteContext, Strategy
 
 log = logging.getLogger("dynkv.frontend")
 
-PRODUCE = {"dynkv": {"produce": True}}
+# What the prefill request asks its connector for, by transfer: dynkv's connector copies the
+# prompt's blocks into the shared-memory pool; vLLM's NixlConnector keeps them on the device for
+# the decode worker to pull (its own protocol: the answer's params carry the remote block ids).
+PREFILL_PARAMS: dict[str, dict[str, Any]] = {
+    "handoff": {"dynkv": {"produce": True}},
+    "nixl": {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+    },
+}
 # fields that only make sense for the client's own (decode) request
 _PREFILL_DROP = (
     "stream",
@@ -41,17 +56,18 @@ _PREFILL_DROP = (
 )
 
 
-def prefill_body(req: ApiRequest) -> bytes:
+def prefill_body(req: ApiRequest, transfer: str = "handoff") -> bytes:
     body: dict[str, Any] = {k: v for k, v in req.body.items() if k not in _PREFILL_DROP}
-    body.update(max_tokens=1, stream=False, kv_transfer_params=PRODUCE)
+    body.update(max_tokens=1, stream=False, kv_transfer_params=PREFILL_PARAMS[transfer])
     return json.dumps(body, separators=(",", ":")).encode()
 
 
 class Disaggregated(Strategy):
     name = "disagg"
 
-    def __init__(self, fallback: bool = False) -> None:
+    def __init__(self, fallback: bool = False, transfer: str = "handoff") -> None:
         self.fallback = fallback
+        self.transfer = transfer
 
     def can_serve(self, pool: WorkerPool, model: str) -> bool:
         return bool(pool.workers(model, "decode"))
@@ -59,7 +75,7 @@ class Disaggregated(Strategy):
     async def serve(self, ctx: RouteContext, req: ApiRequest) -> Response:
         params = None
         try:
-            prefill = await ctx.open(req, "prefill", body=prefill_body(req))
+            prefill = await ctx.open(req, "prefill", body=prefill_body(req, self.transfer))
         except ApiError as exc:
             if exc.status != 503:
                 raise

@@ -7,6 +7,7 @@ one impure helper that gathers them, so tests build plans for a CUDA host on a C
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -22,7 +23,13 @@ from dynkv.plan.frontend import API_KEY_ENV, frontend_service
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
 from dynkv.plan.prometheus import PROMETHEUS_BINARY, prometheus_service
-from dynkv.plan.worker import PASSTHROUGH_ENV, metrics_url, vllm_argv, worker_service
+from dynkv.plan.worker import (
+    PASSTHROUGH_ENV,
+    kv_transfer_config,
+    metrics_url,
+    vllm_argv,
+    worker_service,
+)
 from dynkv.settings.errors import SettingsError
 from dynkv.settings.resolve import Resolved
 
@@ -54,6 +61,7 @@ class HostFacts:
     nats_binary: str = "nats-server"
     environ: Mapping[str, str] = field(default_factory=dict)  # only the names in _INHERITED
     prometheus_binary: str | None = None  # None: observability runs the docker image
+    nixl: bool = False  # the `nixl` package imports (vLLM's NixlConnector can run)
     user: str | None = None  # "uid:gid" a container runs as (reads the 0700 deployment dir)
 
     @classmethod
@@ -77,6 +85,7 @@ class HostFacts:
             nats_binary=nats,
             environ=_inherited(os.environ),
             prometheus_binary=find_prometheus(),
+            nixl=importlib.util.find_spec("nixl") is not None,
             user=f"{os.getuid()}:{os.getgid()}",
         )
 
@@ -181,18 +190,42 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     )
 
 
+def disagg_transfer(resolved: Resolved, host: HostFacts) -> str | None:
+    """How a disagg deployment moves the prompt's KV from prefill to decode: "handoff" (dynkv's
+    shared-memory pool) or "nixl" (vLLM's NixlConnector); None for agg."""
+    dep = resolved.deployment
+    if dep.topology != "disagg":
+        return None
+    nixl_ok = host.device == "cuda" and host.nixl
+    if dep.disagg_transfer == "auto":
+        return "nixl" if nixl_ok else "handoff"
+    if dep.disagg_transfer == "nixl" and not nixl_ok:
+        missing = "a CUDA device" if host.device != "cuda" else "the nixl package"
+        raise PlanError(
+            f"DYNKV_DISAGG_TRANSFER=nixl needs CUDA and the nixl package, and this host lacks "
+            f"{missing}",
+            "pip install nixl on a CUDA host, or export DYNKV_DISAGG_TRANSFER=handoff "
+            "(dynkv's shared-memory handoff, one host)",
+        )
+    return str(dep.disagg_transfer)
+
+
 def _workers(
     resolved: Resolved, host: HostFacts, endpoints: tuple[str, ...], depends_on: tuple[str, ...]
 ) -> list[Service]:
     dep, kvbm = resolved.deployment, resolved.kvbm
     roles = ["agg"] if dep.topology == "agg" else ["prefill", "decode"]
     kv_bytes = None if dep.device_kv_gb is None else int(dep.device_kv_gb * 1e9)
-    handoff = handoff_dir(dep.name) if dep.topology == "disagg" else None
+    transfer = disagg_transfer(resolved, host)
+    handoff = handoff_dir(dep.name) if transfer == "handoff" else None
     workers = []
     for index, role in enumerate(roles):
         port = dep.worker_port + index
-        metrics_port: int | None = kvbm.metrics_port + index if dep.kvbm else None
-        env = kvbm.to_env() if dep.kvbm else {}
+        # over NIXL the decode worker runs vLLM's NixlConnector alone: the profile's tiers
+        # serve the prefill worker, and no dynkv handoff pool exists to read
+        dynkv = dep.kvbm and not (transfer == "nixl" and role == "decode")
+        metrics_port: int | None = kvbm.metrics_port + index if dynkv else None
+        env = kvbm.to_env() if dynkv else {}
         if metrics_port is not None:
             if resolved.settings["DYN_KVBM_METRICS"].source == "default":
                 env["DYN_KVBM_METRICS"] = "true"  # `dynkv status` reads the worker's metrics
@@ -202,11 +235,14 @@ def _workers(
             env["DYN_KVBM_DISK_CACHE_DIR"] = str(kvbm.disk_cache_dir / f"{dep.name}-{role}")
         if handoff is not None:
             env["DYN_KVBM_HANDOFF_DIR"] = str(handoff)
-        if role == "decode":
+        if role == "decode" and dynkv:
             # the profile's tiers belong to the prefill worker, which sees every prompt; the
             # decode worker receives prompts through the handoff pool only
             for name in DECODE_TIERLESS:
                 env[name] = "0"
+        if transfer == "nixl":
+            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = LOOPBACK
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(dep.nixl_side_channel_port + index)
         if host.device == "cuda" and role != "agg":
             env["CUDA_VISIBLE_DEVICES"] = str(index)  # one GPU each (doctor checks there are 2)
         env_unset: tuple[str, ...] = ()
@@ -227,7 +263,7 @@ def _workers(
             block_size=dep.block_size,
             max_model_len=dep.max_model_len,
             kv_cache_bytes=kv_bytes,
-            kv_connector=dep.kvbm,
+            kv_transfer=kv_transfer_config(dynkv=dynkv, nixl=transfer == "nixl"),
         )
         served_metrics = (
             None if metrics_port is None else metrics_url(kvbm.metrics_host, metrics_port)
@@ -274,6 +310,7 @@ def _frontend(
         env=env,
         depends_on=workers,
         disagg_fallback=dep.topology == "disagg" and dep.disagg_fallback,
+        disagg_transfer=disagg_transfer(resolved, host),
     )
 
 

@@ -44,6 +44,7 @@ def frontend_service(
     env: Mapping[str, str],
     depends_on: tuple[str, ...],
     disagg_fallback: bool = False,
+    disagg_transfer: str | None = None,
 ) -> Service:
     argv = [
         python,
@@ -64,6 +65,8 @@ def frontend_service(
         argv += ["--model", model]
     if disagg_fallback:
         argv.append("--disagg-fallback")
+    if disagg_transfer == "nixl":
+        argv += ["--disagg-transfer", "nixl"]
     service_env = dict(env)
     env_unset: tuple[str, ...] = ()
     if api_key:

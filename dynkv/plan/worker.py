@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from dynkv.plan.model import Probe, Service
 
@@ -26,17 +27,38 @@ CONNECTOR_MODULE = "dynkv.kvbm.vllm_connector"
 PASSTHROUGH_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HOME")
 
 
-def kv_transfer_config() -> str:
-    return json.dumps(
-        {
-            "kv_connector": CONNECTOR_CLASS,
-            "kv_connector_module_path": CONNECTOR_MODULE,
+NIXL_CONNECTOR = "NixlConnector"
+MULTI_CONNECTOR = "MultiConnector"
+
+
+def _dynkv_connector() -> dict[str, Any]:
+    return {
+        "kv_connector": CONNECTOR_CLASS,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",  # a cache miss, never a failed request
+        "kv_connector_extra_config": {},
+    }
+
+
+def kv_transfer_config(*, dynkv: bool = True, nixl: bool = False) -> str | None:
+    """The worker's `--kv-transfer-config`: the bundled connector, vLLM's NixlConnector, or
+    both through vLLM's MultiConnector, as Dynamo's guide composes `kvbm` + `nixl` on a prefill
+    worker (KVBM for prefix reuse, NIXL for the device-to-device handoff). None: neither."""
+    parts: list[dict[str, Any]] = [_dynkv_connector()] if dynkv else []
+    if nixl:
+        parts.append({"kv_connector": NIXL_CONNECTOR, "kv_role": "kv_both"})
+    if not parts:
+        return None
+    config = parts[0]
+    if len(parts) > 1:
+        config = {
+            "kv_connector": MULTI_CONNECTOR,
             "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute",  # a cache miss, never a failed request
-            "kv_connector_extra_config": {},
-        },
-        separators=(",", ":"),
-    )
+            "kv_load_failure_policy": "recompute",  # the engine reads it from the outer config
+            "kv_connector_extra_config": {"connectors": parts},
+        }
+    return json.dumps(config, separators=(",", ":"))
 
 
 def vllm_argv(
@@ -48,7 +70,7 @@ def vllm_argv(
     block_size: int,
     max_model_len: int | None,
     kv_cache_bytes: int | None,
-    kv_connector: bool = True,
+    kv_transfer: str | None = None,
 ) -> tuple[str, ...]:
     argv = [
         python,
@@ -65,8 +87,8 @@ def vllm_argv(
         "--served-model-name",
         served_name,
     ]
-    if kv_connector:
-        argv += ["--kv-transfer-config", kv_transfer_config()]
+    if kv_transfer:
+        argv += ["--kv-transfer-config", kv_transfer]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
     if kv_cache_bytes is not None:

@@ -18,6 +18,12 @@ class Topology(StrEnum):
     DISAGG = "disagg"
 
 
+class DisaggTransfer(StrEnum):
+    AUTO = "auto"
+    HANDOFF = "handoff"
+    NIXL = "nixl"
+
+
 class InfraMode(StrEnum):
     EMBEDDED = "embedded"
     DOCKER = "docker"
@@ -178,6 +184,19 @@ class DeploymentSettings(BaseSettings):
         False,
         description="disagg: when the prefill worker is down, serve on the decode worker alone.",
         json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "false"),
+    )
+    disagg_transfer: DisaggTransfer = Field(
+        DisaggTransfer.AUTO,
+        description="disagg: how the prompt's KV reaches the decode worker: handoff (dynkv's "
+        "shared-memory pool, one host), nixl (vLLM's NixlConnector, CUDA), auto (nixl on CUDA "
+        "when the nixl package imports, else handoff).",
+        json_schema_extra=_expect("auto, handoff or nixl", "handoff"),
+    )
+    nixl_side_channel_port: int = Field(
+        5600,
+        description="disagg with nixl: first worker's NIXL side-channel port (127.0.0.1); "
+        "further workers take the next ones.",
+        **_PORT,
     )
 
     @classmethod

@@ -240,6 +240,50 @@ def test_start_waves_load_independent_services_together():
     assert [len(w) for w in start_waves(shuffled)] == [2, 2, 1]
 
 
+def test_disagg_on_cuda_with_nixl_composes_kvbm_and_nixl_on_prefill_and_nixl_on_decode():
+    plan = plan_for({"DYNKV_TOPOLOGY": "disagg"}, device="cuda", nixl=True)  # auto → nixl
+    prefill, decode = plan.service("prefill-0"), plan.service("decode-1")
+    config = json.loads(flag(vllm_part(prefill.argv), "--kv-transfer-config"))
+    assert config["kv_connector"] == "MultiConnector"
+    assert config["kv_load_failure_policy"] == "recompute"
+    children = config["kv_connector_extra_config"]["connectors"]
+    assert [c["kv_connector"] for c in children] == ["DynkvConnector", "NixlConnector"]
+    decode_config = json.loads(flag(vllm_part(decode.argv), "--kv-transfer-config"))
+    assert decode_config == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    # no dynkv on decode: no KVBM variables, no metrics port, no handoff pool anywhere
+    assert not any(k.startswith("DYN_KVBM_") for k in decode.env)
+    assert "kvbm_metrics" not in decode.ports and decode.meta["metrics_url"] == ""
+    assert "DYN_KVBM_HANDOFF_DIR" not in prefill.env and prefill.data_dirs == ()
+    assert prefill.env["DYN_KVBM_CPU_CACHE_GB"] == "4"  # the profile's tiers, for prefix reuse
+    sides = [(w.env["VLLM_NIXL_SIDE_CHANNEL_HOST"], w.env["VLLM_NIXL_SIDE_CHANNEL_PORT"])
+             for w in (prefill, decode)]  # fmt: skip
+    assert sides == [("127.0.0.1", "5600"), ("127.0.0.1", "5601")]
+    assert (prefill.env["CUDA_VISIBLE_DEVICES"], decode.env["CUDA_VISIBLE_DEVICES"]) == ("0", "1")
+    frontend = plan.service("frontend").argv
+    assert flag(frontend, "--disagg-transfer") == "nixl"
+
+
+def test_disagg_transfer_auto_is_the_handoff_without_nixl_or_cuda():
+    for device, nixl in (("cuda", False), ("cpu", True)):
+        kw = {"cpus": (0, 1, 2, 3)} if device == "cpu" else {}
+        plan = plan_for({"DYNKV_TOPOLOGY": "disagg"}, device=device, nixl=nixl, **kw)
+        assert plan.service("decode-1").env["DYN_KVBM_HANDOFF_DIR"] == "/dev/shm/dynkv-default"
+        assert "--disagg-transfer" not in plan.service("frontend").argv
+    handoff = plan_for(
+        {"DYNKV_TOPOLOGY": "disagg", "DYNKV_DISAGG_TRANSFER": "handoff"}, device="cuda", nixl=True
+    )
+    assert "NixlConnector" not in " ".join(handoff.service("prefill-0").argv)
+
+
+def test_disagg_transfer_nixl_without_it_is_a_usage_error_with_the_fix():
+    env = {"DYNKV_TOPOLOGY": "disagg", "DYNKV_DISAGG_TRANSFER": "nixl"}
+    with pytest.raises(PlanError) as info:
+        plan_for(env, device="cuda", nixl=False)
+    assert "the nixl package" in info.value.cause and "pip install nixl" in info.value.fix
+    with pytest.raises(PlanError, match="a CUDA device"):
+        plan_for(env, cpus=(0, 1, 2, 3), nixl=True)
+
+
 def test_disagg_on_cuda_puts_each_worker_on_its_own_gpu():
     plan = plan_for({"DYNKV_TOPOLOGY": "disagg"}, device="cuda")
     assert plan.service("prefill-0").env["CUDA_VISIBLE_DEVICES"] == "0"

@@ -54,6 +54,25 @@ def test_prefill_then_decode_with_the_handoff():
         assert to_decode["stream"] is True and to_decode["max_tokens"] == 8
 
 
+def test_over_nixl_prefill_asks_for_a_remote_decode_and_decode_gets_its_answer():
+    nixl_answer = {
+        "do_remote_prefill": True,
+        "do_remote_decode": False,
+        "remote_engine_id": "e1",
+        "remote_block_ids": [3, 4],
+        "remote_host": "127.0.0.1",
+        "remote_port": 5600,
+    }
+    prefill, decode = FakeWorker("p", transfer_params=nixl_answer), FakeWorker("d")
+    with disagg(prefill, decode, disagg_transfer="nixl") as fe:
+        r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 200 and r.headers["x-dynkv-worker"] == "decode-1"
+    to_prefill = json.loads(prefill.bodies[-1])["kv_transfer_params"]
+    assert to_prefill["do_remote_decode"] is True and to_prefill["do_remote_prefill"] is False
+    assert "dynkv" not in to_prefill
+    assert json.loads(decode.bodies[-1])["kv_transfer_params"] == nixl_answer
+
+
 def test_completions_too():
     prefill, decode = FakeWorker("p", transfer_params=HANDOFF), FakeWorker("d")
     with disagg(prefill, decode) as fe:
