@@ -5,49 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
+from plan_support import flag, plan_for, vllm_part
 from typer.testing import CliRunner
 
 from dynkv.cli.main import app
 from dynkv.infra.docker import ETCD_IMAGE, NATS_IMAGE
-from dynkv.plan import HostFacts, ModelChoice, PlanError, build_plan, mask_argv, mask_env
+from dynkv.plan import PlanError, mask_argv, mask_env
 from dynkv.plan.cpu import cpu_engine_env, cpu_list
 from dynkv.plan.model import MASK, Service, start_waves, topological_order
-from dynkv.settings import SettingsError, resolve
-
-MODEL = ModelChoice("/models/tiny", "dynkv-tiny", random_weights=True)
-
-
-def host(device: str = "cpu", **kw) -> HostFacts:
-    base = dict(
-        device=device,
-        cpus=(0, 1),
-        python="/venv/bin/python",
-        model=MODEL,
-        etcd_binary="/bin/etcd",
-        nats_binary="/bin/nats-server",
-        environ={},
-    )
-    base.update(kw)
-    return HostFacts(**base)
-
-
-def plan_for(env: dict[str, str] | None = None, device: str = "cpu", tmp: Path | None = None, **kw):
-    env = {"DYNKV_STATE_DIR": str(tmp or "/state"), **(env or {})}
-    return build_plan(resolve(env=env), host(device, **kw))
-
-
-def vllm_part(argv) -> list[str]:
-    argv = list(argv)
-    return argv[argv.index("--") + 1 :]
-
-
-def flag(argv, name: str) -> str:
-    argv = list(argv)
-    return argv[argv.index(name) + 1]
-
+from dynkv.settings import SettingsError
 
 # ---- embedded (default) ------------------------------------------------------------------------
 

@@ -7,38 +7,22 @@ from __future__ import annotations
 import json
 import shlex
 
+import plan_support
 import pytest
+from plan_support import flag
 from typer.testing import CliRunner
 
 from dynkv.cli.display import curl_example, frontend_lines
 from dynkv.cli.main import app
-from dynkv.plan import HostFacts, ModelChoice, PlanError, build_plan
+from dynkv.plan import PlanError
 from dynkv.plan.frontend import connect_host
 from dynkv.plan.model import MASK
 from dynkv.preflight import check_ports
-from dynkv.settings import resolve
 from dynkv.supervisor.state import DeploymentState, ServiceRecord
-
-MODEL = ModelChoice("/models/tiny", "dynkv-tiny", random_weights=True)
 
 
 def plan_for(env: dict[str, str] | None = None, **flags):
-    env = {"DYNKV_STATE_DIR": "/state", **(env or {})}
-    resolved = resolve(env=env, deployment_flags=flags)
-    host = HostFacts(
-        device="cpu",
-        cpus=(0, 1),
-        python="/venv/bin/python",
-        model=MODEL,
-        etcd_binary="/bin/etcd",
-        nats_binary="/bin/nats-server",
-        environ={"PYTHONPATH": "/wt"},
-    )
-    return build_plan(resolved, host)
-
-
-def flag(argv, name: str) -> str:
-    return argv[list(argv).index(name) + 1]
+    return plan_support.plan_for(env, flags=flags, environ={"PYTHONPATH": "/wt"})
 
 
 def test_frontend_service_runs_after_the_workers_on_loopback():

@@ -6,35 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from plan_support import flag, plan_for, vllm_part
 from typer.testing import CliRunner
 
 from dynkv.cli.main import app
 from dynkv.doctor.check_tiers import blocks
 from dynkv.doctor.context import DoctorContext
-from dynkv.plan import HostFacts, ModelChoice, PlanError, build_plan
+from dynkv.plan import PlanError
 from dynkv.settings import SettingsError, resolve
 
-HOST = HostFacts(
-    device="cpu",
-    cpus=(0, 1),
-    python="/venv/bin/python",
-    model=ModelChoice("/models/tiny", "dynkv-tiny", random_weights=True),
-    etcd_binary="/bin/etcd",
-    nats_binary="/bin/nats-server",
-)
 NO_TIERS = {"DYNKV_PROFILE": "gpu-cpu", "DYN_KVBM_CPU_CACHE_GB": "0"}
-
-
-def plan_for(env: dict[str, str] | None = None):
-    return build_plan(resolve(env={"DYNKV_STATE_DIR": "/state", **(env or {})}), HOST)
-
-
-def vllm_part(argv) -> list[str]:
-    return list(argv)[list(argv).index("--") + 1 :]
-
-
-def flag(argv, name: str) -> str:
-    return list(argv)[list(argv).index(name) + 1]
 
 
 def test_no_kvbm_worker_runs_plain_vllm_without_metrics():

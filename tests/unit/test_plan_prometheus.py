@@ -9,12 +9,13 @@ import os
 import stat
 from pathlib import Path
 
+import plan_support
 import pytest
 from typer.testing import CliRunner
 
 from dynkv.cli.main import app
 from dynkv.infra.docker import DockerUnavailable
-from dynkv.plan import HostFacts, ModelChoice, build_plan
+from dynkv.plan import HostFacts, build_plan
 from dynkv.plan.model import MASK
 from dynkv.plan.prometheus import PROMETHEUS_IMAGE
 from dynkv.preflight import check_infra, check_observability
@@ -26,16 +27,7 @@ PROM = "/usr/bin/prometheus"
 
 
 def host(prometheus: str | None = PROM) -> HostFacts:
-    return HostFacts(
-        device="cpu",
-        cpus=(0, 1),
-        python="/venv/bin/python",
-        model=ModelChoice("/models/tiny", "dynkv-tiny", random_weights=True),
-        etcd_binary="/bin/etcd",
-        nats_binary="/bin/nats-server",
-        prometheus_binary=prometheus,
-        user="1000:1000",
-    )
+    return plan_support.host(prometheus_binary=prometheus, user="1000:1000")
 
 
 def plan_for(env: dict[str, str] | None = None, prometheus: str | None = PROM):
