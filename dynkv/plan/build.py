@@ -166,9 +166,10 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
                 ),
             ]
     infra_names = tuple(s.name for s in services)
-    workers = _workers(resolved, host, endpoints, infra_names)
+    transfer = disagg_transfer(resolved, host)  # workers and frontend must agree on it
+    workers = _workers(resolved, host, endpoints, infra_names, transfer)
     services += workers
-    frontend = _frontend(resolved, host, endpoints, tuple(w.name for w in workers))
+    frontend = _frontend(resolved, host, endpoints, tuple(w.name for w in workers), transfer)
     services.append(frontend)
     if dep.observability:
         services.append(_prometheus(resolved, host, workers, frontend))
@@ -211,12 +212,15 @@ def disagg_transfer(resolved: Resolved, host: HostFacts) -> str | None:
 
 
 def _workers(
-    resolved: Resolved, host: HostFacts, endpoints: tuple[str, ...], depends_on: tuple[str, ...]
+    resolved: Resolved,
+    host: HostFacts,
+    endpoints: tuple[str, ...],
+    depends_on: tuple[str, ...],
+    transfer: str | None,
 ) -> list[Service]:
     dep, kvbm = resolved.deployment, resolved.kvbm
     roles = ["agg"] if dep.topology == "agg" else ["prefill", "decode"]
     kv_bytes = None if dep.device_kv_gb is None else int(dep.device_kv_gb * 1e9)
-    transfer = disagg_transfer(resolved, host)
     handoff = handoff_dir(dep.name) if transfer == "handoff" else None
     workers = []
     for index, role in enumerate(roles):
@@ -293,7 +297,11 @@ def _workers(
 
 
 def _frontend(
-    resolved: Resolved, host: HostFacts, endpoints: tuple[str, ...], workers: tuple[str, ...]
+    resolved: Resolved,
+    host: HostFacts,
+    endpoints: tuple[str, ...],
+    workers: tuple[str, ...],
+    transfer: str | None,
 ) -> Service:
     dep = resolved.deployment
     env = {"PYTHONPATH": host.environ["PYTHONPATH"]} if host.environ.get("PYTHONPATH") else {}
@@ -310,7 +318,7 @@ def _frontend(
         env=env,
         depends_on=workers,
         disagg_fallback=dep.topology == "disagg" and dep.disagg_fallback,
-        disagg_transfer=disagg_transfer(resolved, host),
+        disagg_transfer=transfer,
     )
 
 
