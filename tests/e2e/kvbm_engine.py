@@ -2,21 +2,29 @@
 
 Run as a script (vLLM spawns workers, so its entry point needs a __main__ guard):
     python kvbm_engine.py '<json config>'
-Config: {"model": path, "scenario": "tiers"|"roundtrip"|"restart", "prompts": [[ids…], …],
-         "device_kv_bytes": int, "inproc": bool, "metrics_port": int}
-The DYN_KVBM_* environment configures the tiers, exactly as in production.
+Config: {"model": path, "scenario": "tiers"|"restart"|"produce"|"consume",
+         "prompts": [[ids…], …], "device_kv_bytes": int, "metrics_port": int,
+         "reference_digests": [sha256 hex, …] (restart, consume), "params": [...] (consume)}
+The DYN_KVBM_* environment configures the tiers, exactly as in production. The engine runs in
+this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by the test) so that the connector's view of
+the device KV tensors can be read: every scenario reports, for the blocks it onboarded, how many
+hold exactly the bytes vLLM computed (`*_identical` of `*_loaded`).
 
 Scenarios
-- tiers: cold run, a repeat served by vLLM's own prefix cache (the reference), then the device
-  prefix cache is reset and the same prompts are served again — their prefixes now come from
-  KVBM. Also: the same prompt under two cache salts. Greedy outputs and logprobs are returned.
-- roundtrip (in-process engine): the device KV bytes of the onboarded blocks compared with the
-  bytes vLLM computed in the cold run (the device cache is zeroed in between).
-- restart: a single pass (a fresh engine reusing an existing disk pool).
+- tiers: cold run (the digests of every block vLLM computed are kept), a repeat served by vLLM's
+  own prefix cache, then the device prefix cache is reset and the device KV zeroed and the same
+  prompts are served again — their prefixes now come from KVBM — and once more the same way
+  (`kvbm_hit_again`: the same bytes loaded into the same batch, so the same computation). Also:
+  the same prompt under two cache salts. Greedy token ids and logprobs are returned.
+- restart: a single pass (a fresh engine reusing an existing disk pool); its onboarded blocks are
+  checked against the first engine's `computed_digests`.
+- produce / consume: the prefill and decode halves of disaggregated serving; the decode engine's
+  onboarded blocks are checked against the prefill engine's `computed_digests`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -40,23 +48,67 @@ def _metrics(port: int) -> dict[str, float]:
 
 
 def _outputs(results) -> list[dict]:
+    """Per request: the greedy token ids, the logprob of each chosen token, and the top-3."""
     out = []
     for r in results:
         o = r.outputs[0]
-        logprobs = [
-            {str(k): round(v.logprob, 6) for k, v in sorted(step.items())}
-            for step in o.logprobs or []
-        ]
-        out.append({"ids": list(o.token_ids), "logprobs": logprobs})
+        steps = o.logprobs or []
+        top = [{str(k): v.logprob for k, v in sorted(step.items())} for step in steps]
+        chosen = [step[t].logprob for t, step in zip(o.token_ids, steps, strict=True)]
+        out.append({"ids": list(o.token_ids), "logprobs": chosen, "top": top})
     return out
 
 
 def _worker_device():
-    """In-process engines only: the worker connector's view of the KV tensors."""
+    """The worker connector's view of the KV tensors (the engine runs in this process)."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     connector = get_kv_transfer_group()
     return connector._worker  # noqa: SLF001 (test introspection)
+
+
+def _digest(worker, block: int) -> str:
+    return hashlib.sha256(worker.device.block_bytes(block)).hexdigest()
+
+
+def _computed_digests(worker) -> list[str]:
+    """Digests of every device block that holds KV. Blocks no request wrote hash to zeros and are
+    left out; a block holding whatever the allocator gave it would only add a digest that no
+    onboarded block matches by chance."""
+    zero = hashlib.sha256(bytes(worker.layout.bytes_per_block)).hexdigest()
+    digests = {_digest(worker, b) for b in range(worker.num_blocks)}
+    return sorted(digests - {zero})
+
+
+def _zero_device(worker) -> None:
+    for layer in worker.device.layers:
+        layer.blocks.zero_()
+
+
+class LoadSpy:
+    """Digests of the device blocks the connector onboarded, taken right after each load and
+    before the forward pass: vLLM later recomputes every block from the first failed one of a
+    request on, so afterwards a block may hold recomputed rather than onboarded bytes. A block
+    that failed its check is not onboarded (vLLM recomputes it) and is not recorded."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+        self.digests: list[str] = []
+        original = worker.start_load
+
+        def spy(ops, unloadable):
+            original(ops, unloadable)
+            failed = self.worker._load_errors  # noqa: SLF001 (test introspection)
+            for op in ops.loads:
+                if op.device_block not in failed:
+                    self.digests.append(_digest(self.worker, op.device_block))
+
+        worker.start_load = spy
+
+    def check(self, reference: set[str]) -> tuple[int, int]:
+        """(onboarded, identical to one of `reference`) since the last check."""
+        digests, self.digests = self.digests, []
+        return len(digests), sum(d in reference for d in digests)
 
 
 def main() -> None:
@@ -90,15 +142,31 @@ def main() -> None:
         llm.generate([{"prompt_token_ids": [7, 8, 9]}], SamplingParams(max_tokens=1))
         time.sleep(0.5)
 
+    worker = _worker_device()
+    spy = LoadSpy(worker)
+    reference = set(cfg.get("reference_digests", ()))
+
+    def onboarded(name: str) -> None:
+        result[f"{name}_loaded"], result[f"{name}_identical"] = spy.check(reference)
+
     if cfg["scenario"] == "tiers":
         result["cold"] = _outputs(llm.generate(prompts, greedy))
+        result["computed_digests"] = _computed_digests(worker)
+        reference = set(result["computed_digests"])
         result["device_hit"] = _outputs(llm.generate(prompts, greedy))
         settle()
         result["metrics_before"] = _metrics(port)
         llm.reset_prefix_cache()
+        _zero_device(worker)  # what the requests find on the device can only come from KVBM
+        spy.check(reference)
         result["kvbm_hit"] = _outputs(llm.generate(prompts, greedy))
+        onboarded("kvbm_hit")
         settle()
         result["metrics_after"] = _metrics(port)
+        llm.reset_prefix_cache()
+        _zero_device(worker)
+        result["kvbm_hit_again"] = _outputs(llm.generate(prompts, greedy))
+        onboarded("kvbm_hit_again")
         # tenants: the same prompt under two salts never shares blocks
         salted = cfg["prompts"][0][:]
         llm.reset_prefix_cache()
@@ -113,31 +181,6 @@ def main() -> None:
         llm.generate([{"prompt_token_ids": salted, "cache_salt": "tenant-a"}], greedy)
         settle()
         result["salt"] = {"before": before, "after_b": mid, "after_a_again": _metrics(port)}
-    elif cfg["scenario"] == "roundtrip":
-        worker = _worker_device()
-        layers = worker.device.layers
-        result["cold"] = _outputs(llm.generate(prompts, greedy))
-        nonzero = {}
-        for b in range(worker.num_blocks):
-            data = worker.device.block_bytes(b)
-            if any(data):
-                nonzero[b] = data
-        llm.reset_prefix_cache()
-        for layer in layers:
-            layer.blocks.zero_()
-        loaded: list[int] = []
-        original = worker.start_load
-
-        def spy(ops, unloadable):
-            loaded.extend(op.device_block for op in ops.loads)
-            return original(ops, unloadable)
-
-        worker.start_load = spy
-        result["kvbm_hit"] = _outputs(llm.generate(prompts, greedy))
-        originals = set(nonzero.values())
-        result["loaded_blocks"] = len(loaded)
-        result["loaded_identical"] = sum(worker.device.block_bytes(b) in originals for b in loaded)
-        result["cold_nonzero_blocks"] = len(nonzero)
     elif cfg["scenario"] == "produce":  # the prefill half of disaggregated serving
         produce = SamplingParams(
             temperature=0.0,
@@ -146,6 +189,7 @@ def main() -> None:
         )
         outs = llm.generate(prompts, produce)
         result["params"] = [o.kv_transfer_params for o in outs]
+        result["computed_digests"] = _computed_digests(worker)
         settle()
         result["metrics"] = _metrics(port)
     elif cfg["scenario"] == "consume":  # the decode half: prefix from the handoff, then reference
@@ -155,12 +199,14 @@ def main() -> None:
             sp.extra_args = {"kv_transfer_params": params}
             handed.append(llm.generate([prompt], sp)[0])
         result["handoff"] = _outputs(handed)
+        onboarded("handoff")
         settle()
         result["metrics"] = _metrics(port)
         llm.reset_prefix_cache()
         result["reference"] = _outputs(llm.generate(prompts, greedy))
     elif cfg["scenario"] == "restart":
         result["run"] = _outputs(llm.generate(prompts, greedy))
+        onboarded("run")
         settle()
         result["metrics"] = _metrics(port)
     print("RESULT " + json.dumps(result), flush=True)

