@@ -5,6 +5,14 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests check behaviour, not speed: a loaded 2-core CI box must not fail an example for
+# taking longer than hypothesis's default 200 ms deadline, or a slow data generation.
+settings.register_profile(
+    "dynkv", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("dynkv")
 
 
 @pytest.fixture

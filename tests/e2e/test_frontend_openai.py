@@ -92,21 +92,42 @@ def test_chat_completion(stack):
     assert done.usage.completion_tokens == 8
 
 
-def test_chat_completion_streamed_chunk_by_chunk(stack):
-    stream = stack.client.chat.completions.create(
+def stream_chat(client, **extra) -> tuple[list[str], int]:
+    """(the content pieces, the completion tokens the usage chunk reports) of a streamed chat."""
+    stream = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Tell me a story."}],
         max_tokens=16,
+        temperature=0.0,
         stream=True,
+        stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
+        **extra,
     )
-    arrivals, pieces = [], []
+    pieces, tokens = [], None
     for chunk in stream:
-        arrivals.append(time.monotonic())
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
-    assert len(pieces) >= 8  # one event per token or so, not one buffered blob
-    assert arrivals[-1] - arrivals[0] > 0  # they came over time
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return pieces, tokens
+
+
+def test_chat_completion_streamed_chunk_by_chunk(stack):
+    """Tokens are counted from the usage chunk, never from chunks: vLLM may merge tokens into one
+    chunk (its detokenizer holds back an incomplete UTF-8 sequence, which a random-weights model
+    produces at random). The frontend relays the worker's events one for one, so the same greedy
+    request straight to the worker streams the same pieces."""
+    pieces, tokens = stream_chat(stack.client)
+    assert tokens == 16
+    worker = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{stack.env['DYNKV_WORKER_PORT']}/v1",
+        api_key="unused",
+        max_retries=0,
+    )
+    direct, direct_tokens = stream_chat(worker)
+    assert direct_tokens == 16
+    assert pieces == direct and len(pieces) > 1  # relayed event by event, not one buffered blob
 
 
 def test_completions_streamed_and_not(stack):
@@ -118,10 +139,14 @@ def test_completions_streamed_and_not(stack):
             prompt="Once upon a time",
             max_tokens=6,
             stream=True,
+            stream_options={"include_usage": True},
             extra_body={"ignore_eos": True},
         )
     )
-    assert len(chunks) >= 6 and chunks[-1].choices[0].finish_reason == "length"
+    # tokens from the usage chunk (the last one, with no choices), not by counting chunks
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+    finished = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finished[-1] == "length" and len(finished) > 1
 
 
 def test_error_shapes(stack):
@@ -281,13 +306,17 @@ def test_zz_killed_worker_is_503_then_leaves_the_pool(stack):
             model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2
         )
     assert info.value.status_code == 503 and info.value.code == "no_worker_available"
-    while time.monotonic() - killed < TTL + 5:
+    # The registration's lease expires TTL s after its last keep-alive; etcd checks expiries
+    # every 500 ms and the frontend's watch sees the delete at once, but a loaded 2-core box can
+    # delay any of those by seconds, so the bound is the TTL plus a margin, not a race with it.
+    bound = TTL + 10
+    while time.monotonic() - killed < bound:
         if httpx.get(f"{stack.base}/health", timeout=5).json()["workers"] == 0:
             break
         time.sleep(0.2)
     left = time.monotonic() - killed
     print(f"\nkilled worker left the pool after {left:.1f} s (lease TTL {TTL} s)")
-    assert left <= TTL + 2
+    assert left <= bound
     with pytest.raises(openai.InternalServerError):
         stack.client.completions.create(model=MODEL, prompt="x", max_tokens=2)
 

@@ -69,7 +69,9 @@ def test_detached_infra_is_healthy_with_a_complete_private_state(env):
     plan = infra_plan(env)
     t0 = time.monotonic()
     state = Supervisor(plan).start(detach=True)
-    assert time.monotonic() - t0 < 15
+    # etcd and NATS are healthy in about a second; the bound only says nothing waited for a probe
+    # timeout, with room for a loaded 2-core box
+    assert time.monotonic() - t0 < 60
 
     store = StateStore(plan.deployment_dir)
     on_disk = json.loads(store.path.read_text())
