@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from plan_support import flag, plan_for, vllm_part
@@ -364,8 +368,40 @@ def test_external_endpoints_are_validated(env):
 # ---- purity, masking, ordering ------------------------------------------------------------------
 
 
-def test_plans_are_deterministic():
-    assert plan_for().to_json() == plan_for().to_json()
+_PLAN_IN_A_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from plan_support import plan_for
+env = dict(json.loads(sys.argv[2]))
+print(json.dumps(plan_for(env).to_json(), sort_keys=False))
+"""
+
+
+def test_plans_are_identical_across_processes_hash_seeds_and_environment_order():
+    """`up --dry-run` in one shell and `up` in another must agree: nothing in a plan may depend
+    on set iteration order (PYTHONHASHSEED) or on the order the environment lists variables."""
+    env = [
+        ("DYNKV_TOPOLOGY", "disagg"),
+        ("DYNKV_NAME", "det"),
+        ("DYN_KVBM_CPU_CACHE_GB", "2"),
+        ("DYN_KVBM_DISK_CACHE_GB", "3"),
+        ("DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER", "true"),
+        ("DYNKV_API_KEY", "sk-det"),
+    ]
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    outputs = []
+    for seed, order in (("1", env), ("2", env[::-1]), ("3", sorted(env))):
+        child = subprocess.run(
+            [sys.executable, "-c", _PLAN_IN_A_CHILD, tests_dir, json.dumps(order)],
+            env=os.environ | {"PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        outputs.append(child.stdout)
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert json.loads(outputs[0])["services"]  # a whole plan, not an empty one
 
 
 def test_secrets_are_masked_in_the_printout_only():

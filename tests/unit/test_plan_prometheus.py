@@ -11,6 +11,7 @@ from pathlib import Path
 
 import plan_support
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from dynkv.cli.main import app
@@ -22,7 +23,6 @@ from dynkv.preflight import check_infra, check_observability
 from dynkv.settings import resolve
 from dynkv.supervisor.process import prepare
 
-yaml = pytest.importorskip("yaml")  # PyYAML comes with vLLM; dynkv itself does not need it
 PROM = "/usr/bin/prometheus"
 
 
