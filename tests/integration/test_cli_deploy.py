@@ -193,7 +193,7 @@ def test_foreground_up_streams_logs_and_stops_everything_on_a_signal(deployment,
     )
     ddir = os.path.join(env["DYNKV_STATE_DIR"], "cli")
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         state = None
         while time.monotonic() < deadline:
             state = read_state(ddir)
@@ -227,7 +227,7 @@ def test_down_stops_a_foreground_up_from_another_terminal(deployment):
     )
     ddir = os.path.join(env["DYNKV_STATE_DIR"], "cli")
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             state = read_state(ddir)
             if state is not None and state.phase == "running":

@@ -120,7 +120,7 @@ def etcd_server(tmp_path_factory):
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{client}"
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=1).json().get("health") == "true":
@@ -143,7 +143,7 @@ def nats_server():
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while nats_info(f"nats://127.0.0.1:{port}", timeout=0.5) is not None:
         if time.monotonic() > deadline:
             proc.kill()

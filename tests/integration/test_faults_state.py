@@ -151,7 +151,7 @@ def test_sigterm_while_starting_leaves_nothing(env, detach):
     )
     seen: set[int] = set()
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # until the worker and its fake vLLM run
             seen |= descendants(proc.pid)
             state = read_state(ddir) if ddir.is_dir() else None
@@ -188,7 +188,7 @@ def test_sigkill_while_starting_is_cleaned_by_down(env):
     )
     seen: set[int] = set()
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             seen |= descendants(proc.pid)
             state = read_state(ddir) if ddir.is_dir() else None
