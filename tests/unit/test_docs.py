@@ -298,3 +298,17 @@ def test_every_dynkv_path_a_page_names_exists():
             if not (ROOT / path).exists():
                 missing.append(f"{page.name}: {path}")
     assert missing == []
+
+
+def test_no_comment_cites_a_document_outside_the_repository():
+    """Comments point at docs/ or give the reason themselves (the old design notes are not here)."""
+    cite = re.compile("DESIGN" + r"(\s*§|:)")
+    files = [*(ROOT / "dynkv").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]
+    files += [p for p in (ROOT / "scripts").iterdir() if p.is_file()]
+    offenders = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in files
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if cite.search(line)
+    ]
+    assert offenders == []
