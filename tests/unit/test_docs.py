@@ -312,3 +312,23 @@ def test_no_comment_cites_a_document_outside_the_repository():
         if cite.search(line)
     ]
     assert offenders == []
+
+
+def test_every_command_option_is_documented():
+    import typer.main
+
+    from dynkv.cli.main import app
+
+    text = "\n".join(p.read_text() for p in PAGES)
+    missing = []
+
+    def walk(cmd, prefix: str) -> None:
+        for name, sub in (getattr(cmd, "commands", None) or {}).items():
+            walk(sub, f"{prefix} {name}".strip())
+        for param in getattr(cmd, "params", []):
+            for opt in (*param.opts, *param.secondary_opts):
+                if opt.startswith("--") and opt != "--help" and opt not in text:
+                    missing.append(f"dynkv {prefix} {opt}".replace("  ", " "))
+
+    walk(typer.main.get_command(app), "")
+    assert missing == []
