@@ -1,4 +1,4 @@
-"""`dynkv bench offload`: workload W1 (DESIGN §6) in real vLLM engines, side by side in one run.
+"""`dynkv bench offload`: workload W1 (docs/benchmarks.md) in real vLLM engines, side by side in one run.
 
 W1: D documents of ~L tokens, each sent twice (round 1, then round 2), max_tokens=1, block size
 32, prefix caching on. Each configuration runs in an engine of its own, with the same pinned

@@ -1,7 +1,7 @@
 """`dynkv bench tiers`: how fast blocks move between tiers, beside what this machine can do raw.
 
 Measured in one run, with the same bytes: raw memcpy vs G1→G2 / G2→G1 through the runtime's
-device adapter (CPU-layout KV tensors of DESIGN §6's bench model), and raw file write/read (same
+device adapter (CPU-layout KV tensors of the `bench` model), and raw file write/read (same
 block-sized chunks, same O_DIRECT mode, same directory) vs G3 writes/reads through the block
 manager (checksums, journal and thread pool included). Each figure is the best of `repeats`.
 Targets (issue 3): G1↔G2 ≥ 0.5 × memcpy; G3 read ≥ 0.7 × raw read.

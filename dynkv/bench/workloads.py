@@ -247,7 +247,7 @@ def long_doc(
     seed: int = 0,
     count: TokenCounter | None = None,
 ) -> Workload:
-    """Defaults are DESIGN §6's workload W1: 6 documents × ~3.6k tokens, each sent twice."""
+    """Defaults are workload W1 (docs/benchmarks.md): 6 documents × ~3.6k tokens, each sent twice."""
     _positive("docs", docs, "--docs")
     _positive("doc tokens", doc_tokens, "--doc-tokens")
     _positive("repeats", repeats, "--repeats")

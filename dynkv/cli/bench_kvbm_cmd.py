@@ -90,7 +90,7 @@ def offload(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Workload W1 (DESIGN §6): round-2 TTFT for recompute, the floor, the peer and dynkv's tiers.
+    """Workload W1 (docs/benchmarks.md): round-2 TTFT for recompute, the floor, the peer and dynkv's tiers.
 
     The last line of stdout is the JSON summary."""
     from dynkv.bench.offload import configurations, run

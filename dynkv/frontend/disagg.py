@@ -1,6 +1,6 @@
 """Disaggregated serving: a prefill worker computes the prompt, a decode worker generates.
 
-Two steps per request (DESIGN §5):
+Two steps per request (docs/disagg.md):
 1. prefill: the request, with `max_tokens=1`, not streamed, and
    `kv_transfer_params={"dynkv": {"produce": true}}`, to a `prefill` worker. Its connector copies
    the prompt's KV blocks into the deployment's handoff pool and returns where they are in the

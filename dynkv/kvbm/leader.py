@@ -2,7 +2,7 @@
 
 Runs beside vLLM's scheduler. It never touches block bytes: it plans `LoadOp`/`StoreOp`/
 `OffloadOp` records that the store executes in the worker, and learns from the store's reports
-which blocks failed. Policies (DESIGN §4):
+which blocks failed. Policies (docs/kvbm.md):
 - write-through G1→G2 for every completed block; G1→G3 directly when there is no G2;
 - G2→G3 through the SSD frequency filter when both tiers exist: every sighting of a block (a
   store, a hit) is observed, and a block goes to disk once its frequency reaches 2; with the

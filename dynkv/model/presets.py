@@ -1,6 +1,6 @@
 """The shapes of the generated test models, and the arithmetic every sizing decision needs.
 
-`bench` is the model of DESIGN §6, on which the reference TTFTs were measured: changing it makes
+`bench` is the model of docs/benchmarks.md, on which the reference TTFTs were measured: changing it makes
 the benchmark targets meaningless. Its 76M parameters count the embedding once, because input and
 output embeddings are tied (as in Llama 3.2 1B); that is also what keeps the file small.
 `tiny` keeps head_dim 64 (what vLLM's CPU attention kernels are built for) and block-friendly

@@ -1,7 +1,7 @@
 """How a vLLM engine on the CPU backend gets its cores and its KV cache (G1) size.
 
 All CPU tuning of an engine is chosen here, in one function, so that the disaggregated topology
-(two engines sharing one host's cores) can extend it in one place. DESIGN §6: pin the threads in
+(two engines sharing one host's cores) can extend it in one place. Pin the threads in
 every configuration, because vLLM otherwise reserves a core when no KV connector is set and uses
 all of them when one is, which alone halves prefill time.
 

@@ -1,7 +1,7 @@
 """A worker's KVBM numbers for `dynkv status`, read from its Prometheus endpoint.
 
 Parsed with prometheus_client's text parser and looked up by family name (Dynamo's metric
-names; DESIGN §4). Tolerant by design: the runtime may expose only some families (or none yet),
+names; docs/kvbm.md#metrics). Tolerant by design: the runtime may expose only some families (or none yet),
 so a missing family is None, never an error. Counters are exposed as `<name>_total`; the parser
 reports the family without the suffix, and only the `_total` samples are summed (not `_created`).
 """

@@ -52,7 +52,7 @@ def stack(tmp_path_factory):
         "fe2e",
         DYNKV_PROFILE="gpu-cpu",
         DYN_KVBM_CPU_CACHE_GB="0.1",
-        # G1 small enough that five ~1,400-token prompts push the first out (DESIGN: the tiny
+        # G1 small enough that five ~1,400-token prompts push the first out (the tiny
         # model's 65,536-byte blocks → ~152 of them in 0.01 GB), so its repeat needs KVBM
         DYNKV_DEVICE_KV_GB="0.01",
         DYNKV_LEASE_TTL_SECS=str(TTL),

@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent(
 
 
 def _cpu_bind() -> str:
-    """Pin two cores, as DESIGN §6 asks of every run (vLLM otherwise reserves one)."""
+    """Pin two cores, as every benchmark run does (vLLM otherwise reserves one)."""
     return ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:2])
 
 

@@ -6,7 +6,7 @@ clients stream completions back to back (20 chunks, 30 ms apart: a request lasts
 are always in flight when a service dies). Each test writes down the expected behaviour in its
 docstring — what clients see, how long at most, what recovers and how, what `dynkv status --json`
 says — and asserts it. Nothing restarts a dead service by itself in a detached deployment: the
-recovery is `dynkv down && dynkv up -d` (the README's "Failure behaviour" table).
+recovery is `dynkv down && dynkv up -d` (the "Failure behaviour" table of docs/operations.md).
 """
 
 from __future__ import annotations

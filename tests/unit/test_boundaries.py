@@ -1,4 +1,4 @@
-"""The architecture's boundaries, checked on the source (DESIGN §2): `dynkv.kvbm` is a library vLLM
+"""The architecture's boundaries, checked on the source (docs/architecture.md): `dynkv.kvbm` is a library vLLM
 loads inside its own processes, so it imports nothing else from dynkv; `dynkv.plan` is data."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from doctor_support import base_env, cuda_build, gpus, run
 from dynkv.doctor import Status
 from dynkv.doctor.model import doctor_kv_bytes_per_token, hf_snapshot, locate_model
 
-# DESIGN §6 model: hidden 768, 12 layers, 12 heads, 3 KV heads, bf16 → 9,216 bytes per token.
+# the `bench` model: hidden 768, 12 layers, 12 heads, 3 KV heads, bf16 → 9,216 bytes per token.
 BENCH = {
     "num_hidden_layers": 12,
     "num_attention_heads": 12,

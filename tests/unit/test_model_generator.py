@@ -49,7 +49,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_bench_is_the_design_model():
-    """DESIGN §6: the reference TTFTs were measured on exactly this shape."""
+    """docs/benchmarks.md: the reference TTFTs were measured on exactly this shape."""
     s = PRESETS["bench"]
     assert (s.hidden_size, s.num_hidden_layers, s.num_attention_heads) == (768, 12, 12)
     assert (s.num_key_value_heads, s.head_dim, s.intermediate_size) == (3, 64, 2048)
@@ -123,7 +123,7 @@ def test_safetensors_layout_and_values(tiny):
     assert {k: tuple(v["shape"]) for k, v in header.items()} == shapes
     assert all(v["dtype"] == "BF16" for v in header.values())
     assert len(data) == 2 * PRESETS["tiny"].params
-    assert "lm_head.weight" not in header  # tied, as the 76M of DESIGN §6 counts
+    assert "lm_head.weight" not in header  # tied, as the bench model's 76M counts
 
     def tensor(name: str) -> np.ndarray:
         start, end = header[name]["data_offsets"]

@@ -28,7 +28,7 @@ def test_no_kvbm_worker_runs_plain_vllm_without_metrics():
     assert worker.ports == {"http": 8100}
     assert worker.meta["metrics_url"] == ""
     assert not [k for k in worker.env if k.startswith("DYN_KVBM_")]
-    # the same CPU pinning as with a connector (DESIGN §6: else the comparison lies)
+    # the same CPU pinning as with a connector (else the comparison lies)
     assert worker.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
     assert worker.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
 

@@ -276,17 +276,17 @@ def test_probe_access_lines_are_dropped_from_the_log():
     assert quiet.filter(line("GET", "/v1/models"))
 
 
-def test_readme_documents_the_frontend_options_and_metrics():
+def test_the_frontend_docs_document_its_options_and_metrics():
     from pathlib import Path
 
     from dynkv.frontend.config import parser
 
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "frontend.md").read_text()
     options = [o for a in parser()._actions for o in a.option_strings if o.startswith("--")]
-    missing = [o for o in options if o != "--help" and o not in readme]
+    missing = [o for o in options if o != "--help" and o not in doc]
     assert missing == []
     for metric in ("dynkv_frontend_ttft_seconds", "dynkv_frontend_requests_total"):
-        assert metric in readme
+        assert metric in doc
 
 
 def test_the_kvbm_runtime_never_imports_the_frontend():
