@@ -320,10 +320,16 @@ def compare_cmd(
     timeout: TimeoutOpt = 600.0,
     markdown: MarkdownOpt = None,
     plot: PlotOpt = None,
+    served_model: Annotated[str | None, typer.Option("--model", "-m", hidden=True)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Bring up each profile (or topology) in turn with `dynkv up -d`, run the same workload
     against it, take it down, and write one combined report."""
+    if served_model is not None:
+        raise _usage(
+            "--model names a running server's model; the stacks' model is --stack-model",
+            f"pass --stack-model {served_model}",
+        )
     given = {
         "--users": users,
         "--rounds": rounds,
