@@ -118,9 +118,7 @@ def plan_configs(
         configs.append(StackConfig(name, name))
     for topology in topologies:
         if topology not in TOPOLOGIES:
-            raise CompareError(
-                f"unknown topology {topology!r}", "use --topologies agg,disagg"
-            )
+            raise CompareError(f"unknown topology {topology!r}", "use --topologies agg,disagg")
         shown = profile or "default profile"
         configs.append(StackConfig(f"{topology} ({shown})", profile, topology=topology))
     labels = [c.label for c in configs]

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dynkv.bench import report, runner, scrape, target
-from dynkv.cli import bench_compare
+from dynkv.cli import bench_compare, bench_load_cmd
 from dynkv.cli.bench_options import (
     AnswerTokensOpt,
     ConcurrencyOpt,
@@ -304,3 +304,4 @@ def serve(
 
 
 bench_app.command("compare")(bench_compare.compare_cmd)
+bench_app.command("load")(bench_load_cmd.bench_load)
