@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dynkv.doctor import BuildInfo, CheckResult, FakeNvml, GpuInfo, NvmlSnapshot, run_checks
+from fakes.fake_nvml import FakeNvml
+
+from dynkv.doctor import BuildInfo, CheckResult, GpuInfo, NvmlSnapshot, run_checks
 from dynkv.doctor.nvml import GpuProcess
 from dynkv.ports import free_port
 from dynkv.settings import resolve

@@ -81,7 +81,7 @@ def run_checks(
 ) -> list[CheckResult]:
     """Every applicable check, in report order.
 
-    nvml: the NVML implementation (default: the real one through pynvml; tests pass FakeNvml).
+    nvml: the NVML implementation (default: the real one through pynvml; tests pass a fake).
     owned_pids: processes of this deployment; ports they hold count as free (`up` on a restart).
     env: the environment to read HF_*, CUDA_VISIBLE_DEVICES… from (default: os.environ).
     build: the installed vLLM/torch builds (default: read from package metadata).
