@@ -41,7 +41,9 @@ from dynkv.cli.bench_options import (
     WorkloadOpt,
     build_workload,
     progress,
+    run_config,
     usage,
+    workload_flags,
 )
 from dynkv.cli.bench_options import Endpoint as EndpointName
 from dynkv.cli.bench_options import WorkloadName as Workload
@@ -200,16 +202,9 @@ def serve(
             f"{_MOVED}: `bench serve` loads a server that already runs",
             "dynkv bench compare --profiles PROFILE[,PROFILE…] (or --topologies agg,disagg)",
         )
-    given = {
-        "--users": users,
-        "--rounds": rounds,
-        "--system-tokens": system_tokens,
-        "--question-tokens": question_tokens,
-        "--docs": docs,
-        "--doc-tokens": doc_tokens,
-        "--repeats": repeats,
-        "--mode": mode,
-    }
+    given = workload_flags(
+        users, rounds, system_tokens, question_tokens, docs, doc_tokens, repeats, mode
+    )
     if url is not None:
         _check_url(url, "--url")
     for u in metrics_url or []:
@@ -251,15 +246,16 @@ def serve(
     config = {
         "url": url,
         "model": served,
-        "endpoint": str(endpoint),
-        "workload": work.name,
-        "params": work.params,
-        "concurrency": concurrency,
-        "rate": rate,
-        "warmup": warmup,
-        "seed": seed,
-        "ignore_eos": ignore_eos,
-        "tokenizer": str(tokenizer) if tokenizer else None,
+        **run_config(
+            work,
+            endpoint=endpoint,
+            concurrency=concurrency,
+            rate=rate,
+            warmup=warmup,
+            seed=seed,
+            ignore_eos=ignore_eos,
+            tokenizer=tokenizer,
+        ),
         "metrics_urls": metrics_urls,
         "deployment": found.deployment,
     }

@@ -50,6 +50,8 @@ from dynkv.cli.bench_options import (
     WorkloadOpt,
     build_workload,
     progress,
+    run_config,
+    workload_flags,
 )
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import JsonOpt
@@ -330,16 +332,9 @@ def compare_cmd(
             "--model names a running server's model; the stacks' model is --stack-model",
             f"pass --stack-model {served_model}",
         )
-    given = {
-        "--users": users,
-        "--rounds": rounds,
-        "--system-tokens": system_tokens,
-        "--question-tokens": question_tokens,
-        "--docs": docs,
-        "--doc-tokens": doc_tokens,
-        "--repeats": repeats,
-        "--mode": mode,
-    }
+    given = workload_flags(
+        users, rounds, system_tokens, question_tokens, docs, doc_tokens, repeats, mode
+    )
     work, warm = build_workload(
         workload,
         given,
@@ -371,17 +366,16 @@ def compare_cmd(
         timeout_s=timeout,
         ignore_eos=ignore_eos,
     )
-    run_config = {
-        "endpoint": str(endpoint),
-        "workload": work.name,
-        "params": work.params,
-        "concurrency": concurrency,
-        "rate": rate,
-        "warmup": warmup,
-        "seed": seed,
-        "ignore_eos": ignore_eos,
-        "tokenizer": str(tokenizer) if tokenizer else None,
-    }
+    config = run_config(
+        work,
+        endpoint=endpoint,
+        concurrency=concurrency,
+        rate=rate,
+        warmup=warmup,
+        seed=seed,
+        ignore_eos=ignore_eos,
+        tokenizer=tokenizer,
+    )
     run(
         profiles=compare.split_values(profiles),
         topologies=compare.split_values(topologies),
@@ -391,7 +385,7 @@ def compare_cmd(
         work=work,
         warm=warm,
         options=options,
-        run_config=run_config,
+        run_config=config,
         out_dir=out,
         markdown=markdown,
         plot=plot,

@@ -96,6 +96,54 @@ _ONLY = {
 }
 
 
+def workload_flags(
+    users: int | None,
+    rounds: int | None,
+    system_tokens: int | None,
+    question_tokens: int | None,
+    docs: int | None,
+    doc_tokens: int | None,
+    repeats: int | None,
+    mode: RepeatMode | None,
+) -> dict[str, Any]:
+    """The workload options by flag, for `build_workload` (None: not given)."""
+    return {
+        "--users": users,
+        "--rounds": rounds,
+        "--system-tokens": system_tokens,
+        "--question-tokens": question_tokens,
+        "--docs": docs,
+        "--doc-tokens": doc_tokens,
+        "--repeats": repeats,
+        "--mode": mode,
+    }
+
+
+def run_config(
+    work: workloads.Workload,
+    *,
+    endpoint: Endpoint,
+    concurrency: int | None,
+    rate: float | None,
+    warmup: int,
+    seed: int,
+    ignore_eos: bool,
+    tokenizer: Path | None,
+) -> dict[str, Any]:
+    """How a run was made, as the report records it."""
+    return {
+        "endpoint": str(endpoint),
+        "workload": work.name,
+        "params": work.params,
+        "concurrency": concurrency,
+        "rate": rate,
+        "warmup": warmup,
+        "seed": seed,
+        "ignore_eos": ignore_eos,
+        "tokenizer": str(tokenizer) if tokenizer else None,
+    }
+
+
 def usage(cause: str, fix: str) -> UserError:
     return UserError(cause, fix, EXIT_USAGE)
 
