@@ -3,9 +3,9 @@ caller's settings, and the CLI run as a child process.
 
 `dynkv bench serve --compare`, `scripts/smoke`, `scripts/load` and the end-to-end tests all start
 whole stacks with `dynkv up -d` next to the user's (or another test's) deployment. They share
-three needs, kept here so the list of a deployment's ports lives in one place:
-- every port variable set to a free port, the per-worker ones with room for a second worker
-  (disagg gives worker i the port base + i);
+three needs, kept here:
+- every port variable of the plan's port layout (`dynkv.plan.ports`) set to a free port, the
+  per-worker ones with room for a second worker;
 - the caller's exported `DYNKV_*`/`DYN_KVBM_*` removed when the stack must be exactly what was
   asked (an exported `DYN_KVBM_DISK_CACHE_GB` would give every profile a disk tier);
 - `python -m dynkv.cli.main …` with this interpreter, output captured.
@@ -17,20 +17,15 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
+from dynkv.plan.ports import PER_WORKER_VARIABLES, SHARED_VARIABLES
 from dynkv.ports import free_port, port_is_free
 
 SETTING_PREFIXES = ("DYNKV_", "DYN_KVBM_")
 
-# Each worker i of a deployment takes base + i of these: a disagg stack needs two in a row.
-PER_WORKER_PORTS = ("DYNKV_WORKER_PORT", "DYN_KVBM_METRICS_PORT", "DYNKV_NIXL_SIDE_CHANNEL_PORT")
-SHARED_PORTS = (
-    "DYNKV_ETCD_PORT",
-    "DYNKV_ETCD_PEER_PORT",
-    "DYNKV_NATS_PORT",
-    "DYNKV_NATS_MONITOR_PORT",
-    "DYNKV_FRONTEND_PORT",
-    "DYNKV_PROMETHEUS_PORT",  # used only with --observability
-)
+# Each worker i of a deployment takes value + i of the per-worker ones: disagg needs two in a
+# row. The list is the plan's port layout (the Prometheus port is used only with --observability).
+PER_WORKER_PORTS = PER_WORKER_VARIABLES
+SHARED_PORTS = SHARED_VARIABLES
 WORKERS_PER_STACK = 2
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dynkv.doctor import BuildInfo, CheckResult, FakeNvml, GpuInfo, NvmlSnapshot, run_checks
+from fakes.fake_nvml import FakeNvml
+
+from dynkv.doctor import BuildInfo, CheckResult, GpuInfo, NvmlSnapshot, run_checks
 from dynkv.doctor.nvml import GpuProcess
 from dynkv.ports import free_port
 from dynkv.settings import resolve
@@ -88,3 +90,17 @@ def run(
     ids = [r.id for r in results]
     assert len(ids) == len(set(ids)), ids
     return {r.id: r for r in results}
+
+
+def plan_check(check_id: str, plan, owned_pids=(), resolved=None) -> CheckResult | None:
+    """One doctor check run as `up`'s preflight runs it: with `plan` in hand."""
+    from dynkv.doctor.context import DoctorContext
+    from dynkv.doctor.runner import CHECKS, run_check
+
+    ctx = DoctorContext(
+        resolved=resolved if resolved is not None else resolve(env={}),
+        nvml=no_gpu(),
+        owned_pids=frozenset(owned_pids),
+        plan=plan,
+    )
+    return run_check(next(c for c in CHECKS if c.id == check_id), ctx)

@@ -3,8 +3,8 @@ down, and keep one summary per configuration for `dynkv.bench.report`.
 
 What a configuration is (`StackConfig`): a tier profile, whether the workers carry the KVBM
 connector at all (the no-offload baseline: plain vLLM with only its own prefix cache), and a
-topology. `plan_configs` turns the CLI's `--compare PROFILE…` (plus the baseline) or
-`--compare-topology agg disagg` (one profile, each topology) into that list.
+topology. `plan_configs` turns the CLI's `--profiles PROFILE…` (plus the baseline) or
+`--topologies agg disagg` (one profile, each topology) into that list.
 
 How the stacks start and stop is injected (`Launcher`): the CLI uses `dynkv.bench.stacks`
 (`dynkv up -d` under a private name, ports and state dir); tests pass a fake. The rules kept here:
@@ -79,7 +79,7 @@ class Launcher(Protocol):
 
 
 def split_values(values: Sequence[str] | None) -> list[str]:
-    """`--compare a,b --compare c` → [a, b, c] (repeated and comma-separated both work)."""
+    """`--profiles a,b --profiles c` → [a, b, c] (repeated and comma-separated both work)."""
     out: list[str] = []
     for value in values or []:
         out += [v.strip() for v in value.split(",") if v.strip()]
@@ -94,22 +94,22 @@ def plan_configs(
     baseline: bool | None = None,
 ) -> list[StackConfig]:
     """The configurations in the order they run: the baseline first (when asked; by default with
-    --compare, not with --compare-topology), then each profile or each topology."""
+    --profiles, not with --topologies), then each profile or each topology."""
     if profiles and topologies:
         raise CompareError(
-            "--compare and --compare-topology cannot be combined",
-            "compare profiles (--compare gpu-cpu,gpu-cpu-disk) or topologies of one profile "
-            "(--compare-topology agg,disagg --profile gpu-cpu), in two runs",
+            "--profiles and --topologies cannot be combined",
+            "compare profiles (--profiles gpu-cpu,gpu-cpu-disk) or topologies of one profile "
+            "(--topologies agg,disagg --profile gpu-cpu), in two runs",
         )
     if not profiles and not topologies:
         raise CompareError(
             "nothing to compare",
-            "pass --compare PROFILE[,PROFILE…] or --compare-topology agg,disagg",
+            "pass --profiles PROFILE[,PROFILE…] or --topologies agg,disagg",
         )
     if profile is not None and profiles:
         raise CompareError(
-            "--profile names the one profile of --compare-topology",
-            "drop --profile, or list the profiles with --compare",
+            "--profile names the one profile of --topologies",
+            "drop --profile, or list the profiles with --profiles",
         )
     configs: list[StackConfig] = []
     if baseline if baseline is not None else bool(profiles):
@@ -118,9 +118,7 @@ def plan_configs(
         configs.append(StackConfig(name, name))
     for topology in topologies:
         if topology not in TOPOLOGIES:
-            raise CompareError(
-                f"unknown topology {topology!r}", "use --compare-topology agg,disagg"
-            )
+            raise CompareError(f"unknown topology {topology!r}", "use --topologies agg,disagg")
         shown = profile or "default profile"
         configs.append(StackConfig(f"{topology} ({shown})", profile, topology=topology))
     labels = [c.label for c in configs]

@@ -1,7 +1,7 @@
 """Turn runs into numbers, a markdown table and a plot, for one configuration or several.
 
 Every function here takes a list of summaries (`summarize(...)`: a plain JSON-able dict per
-labelled run), so comparing configurations (a later `bench serve --compare PROFILE…`, or runs
+labelled run), so comparing configurations (a later `bench compare --profiles PROFILE…`, or runs
 saved as JSON and loaded again) is the same call as reporting one.
 
 Definitions:

@@ -1,4 +1,4 @@
-"""Real stacks for `dynkv bench serve --compare`: `dynkv up -d` under a private deployment name,
+"""Real stacks for `dynkv bench compare`: `dynkv up -d` under a private deployment name,
 ports and state dir, and `dynkv down` afterwards.
 
 Why a child `dynkv up -d --json` rather than the supervisor in this process: it is exactly what a

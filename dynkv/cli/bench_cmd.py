@@ -1,49 +1,62 @@
-"""`dynkv bench serve`: load a running OpenAI-compatible server with a prefix-reuse workload.
+"""`dynkv bench serve`: load one running OpenAI-compatible server with a prefix-reuse workload.
 
-Thin: check the flags (bad input → cause + fix, exit 2), build the workload
-(`dynkv.bench.workloads`), send it (`dynkv.bench.runner`), scrape the workers' KVBM metrics before
-and after (`dynkv.bench.scrape`), and render `dynkv.bench.report` as JSON, markdown, a plot and a
-table on stderr.
+Thin: build the workload (`dynkv.bench.workloads`), find the server and its workers' metrics
+(`dynkv.bench.target`: `--url` with or without `/v1`, `--name` or a URL a local deployment
+serves), send it (`dynkv.bench.runner`), scrape the metrics before and after
+(`dynkv.bench.scrape`), and render `dynkv.bench.report` as JSON, markdown, a plot and a table on
+stderr. `dynkv bench compare` (cli/bench_compare.py) brings up stacks of its own instead.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dynkv.bench import compare, report, runner, scrape, stacks, workloads
-from dynkv.bench.client import ENDPOINT_PATHS
-from dynkv.cli import bench_compare
-from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
+from dynkv.bench import report, runner, scrape, target
+from dynkv.cli import bench_compare, bench_load_cmd
+from dynkv.cli.bench_options import (
+    AnswerTokensOpt,
+    ConcurrencyOpt,
+    DocsOpt,
+    DocTokensOpt,
+    EndpointOpt,
+    IgnoreEosOpt,
+    MarkdownOpt,
+    ModeOpt,
+    PlotOpt,
+    QuestionTokensOpt,
+    RateOpt,
+    RepeatsOpt,
+    RoundsOpt,
+    SeedOpt,
+    SystemTokensOpt,
+    TimeoutOpt,
+    TokenizerOpt,
+    UsersOpt,
+    WarmupOpt,
+    WorkloadOpt,
+    build_workload,
+    progress,
+    run_config,
+    usage,
+    workload_flags,
+)
+from dynkv.cli.bench_options import Endpoint as EndpointName
+from dynkv.cli.bench_options import WorkloadName as Workload
+from dynkv.cli.group import EXIT_FAILURE, UserError
 from dynkv.cli.options import JsonOpt
 from dynkv.cli.output import emit_json, err, warn
 
 bench_app = typer.Typer(
     name="bench",
-    help="Benchmarks: load a running server with prefix-reuse workloads.",
+    help="Benchmarks: load a running server with prefix-reuse workloads, or compare stacks.",
     no_args_is_help=True,
 )
-
-# Options of one workload only; giving one to the other workload is a usage error.
-_ONLY = {
-    "multi-turn": ("--users", "--rounds", "--system-tokens", "--question-tokens"),
-    "long-doc": ("--docs", "--doc-tokens", "--repeats", "--mode"),
-}
-
-
-def _params(given: dict[str, Any]) -> dict[str, Any]:
-    """--doc-tokens → doc_tokens: the builders' keyword names."""
-    return {flag[2:].replace("-", "_"): value for flag, value in given.items()}
-
-
-def _usage(cause: str, fix: str) -> UserError:
-    return UserError(cause, fix, EXIT_USAGE)
+DEFAULT_URL = target.DEFAULT_URL
 
 
 def _check_url(url: str, flag: str) -> str:
@@ -52,96 +65,49 @@ def _check_url(url: str, flag: str) -> str:
     except (httpx.InvalidURL, TypeError, ValueError):
         parsed = None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
-        raise _usage(
+        raise usage(
             f"{flag} {url!r} is not an http(s) URL",
             f"pass {flag} like http://127.0.0.1:8000"
-            + ("/metrics" if flag == "--metrics-url" else ""),
+            + ("/metrics" if flag == "--metrics-url" else "/v1"),
         )
     return url
 
 
-def _check_flags(
-    workload: str,
-    given: dict[str, Any],
-    endpoint: str,
-    concurrency: int | None,
-    rate: float | None,
-    warmup: int,
-) -> None:
-    try:
-        workloads.check_name(workload)
-    except workloads.WorkloadError as exc:
-        raise _usage(exc.cause, exc.fix) from None
-    for other, flags in _ONLY.items():
-        if other == workload:
-            continue
-        wrong = [f for f in flags if given.get(f) is not None]
-        if wrong:
-            raise _usage(
-                f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to "
-                f"--workload {other}, not {workload}",
-                f"drop {', '.join(wrong)}, or pass --workload {other}",
+def _find_target(url: str | None, name: str | None, metrics_urls: list[str]) -> target.Target:
+    """The server and the metrics to scrape: --metrics-url when given, else the workers of the
+    deployment --name names, or of the local deployment that serves --url."""
+    from dynkv.cli.options import resolve_from_options
+
+    if name is not None:
+        dep = resolve_from_options(name=name, require_tier=False, quiet=True).deployment
+        from dynkv.supervisor import read_state
+
+        state = read_state(dep.deployment_dir)
+        if state is None:
+            raise UserError(
+                f"no deployment named {name!r} is running (no state in {dep.deployment_dir})",
+                f"start it with `dynkv up -d --name {name}`, or pass --url of the server",
             )
-    if endpoint not in ENDPOINT_PATHS:
-        raise _usage(
-            f"unknown endpoint {endpoint!r}", "use --endpoint chat or --endpoint completions"
-        )
-    if concurrency is not None and concurrency < 1:
-        raise _usage(
-            f"--concurrency must be ≥ 1, got {concurrency}",
-            "pass --concurrency 1 or more (requests in flight at once)",
-        )
-    if rate is not None and not rate > 0:
-        raise _usage(
-            f"--rate must be > 0 requests/s, got {rate}",
-            "pass --rate 0.5 (for example), or leave it out to send as fast as --concurrency allows",
-        )
-    if warmup < 0:
-        raise _usage(f"--warmup must be ≥ 0, got {warmup}", "pass --warmup 0 or more")
+        found = target.of_deployment(state)
+        if url is not None:
+            found = target.Target(target.base_url(url), found.metrics_urls, state.name)
+    else:
+        base = target.base_url(url or DEFAULT_URL)
+        found = target.Target(base, ())
+        if not metrics_urls:
+            try:
+                dep = resolve_from_options(require_tier=False, quiet=True).deployment
+                state = target.serving(base, dep.state_dir)
+            except Exception:  # noqa: BLE001 - no settings, no deployment: nothing to scrape
+                state = None
+            if state is not None:
+                found = target.Target(base, target.worker_metrics(state), state.name)
+    if metrics_urls:
+        found = target.Target(found.url, tuple(metrics_urls), found.deployment)
+    return found
 
 
-def _check_compare_flags(
-    comparing: bool,
-    stack_given: dict[str, Any],
-    url: str | None,
-    metrics_url: list[str] | None,
-    label: str | None,
-    model: str | None,
-) -> None:
-    """Stack options need a comparison; a comparison brings its own servers, URLs and labels."""
-    if not comparing:
-        wrong = [flag for flag, value in stack_given.items() if value is not None]
-        if wrong:
-            raise _usage(
-                f"{', '.join(wrong)} only {'applies' if len(wrong) == 1 else 'apply'} when "
-                "comparing stacks",
-                "add --compare PROFILE[,PROFILE…] or --compare-topology agg,disagg, or drop "
-                + ", ".join(wrong),
-            )
-        return
-    clashes = {
-        "--url": (url, "each stack's frontend is used"),
-        "--metrics-url": (metrics_url, "each stack's workers are scraped"),
-        "--label": (label, "each configuration is labelled by its name"),
-        "--model": (model, "pass the stacks' model with --stack-model"),
-    }
-    for flag, (value, why) in clashes.items():
-        if value:
-            raise _usage(
-                f"{flag} does not apply when comparing stacks ({why})",
-                f"drop {flag}" + (", and pass --stack-model M" if flag == "--model" else ""),
-            )
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
-    )
+_MOVED = "comparing stacks is `dynkv bench compare`"
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -167,17 +133,22 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
 
 
-_STACK_PANEL = "Compare stacks (--compare / --compare-topology)"
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
 @bench_app.command("serve")
 def serve(
     url: Annotated[
         str | None,
         typer.Option(
             "--url",
-            help=f"Base URL of the OpenAI-compatible server (default {DEFAULT_URL}).",
+            help=f"The server's base URL, with or without /v1 (default {DEFAULT_URL}).",
+            show_default=False,
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="A local dynkv deployment: its frontend is loaded and its workers' KVBM "
+            "metrics scraped (a --url that a local deployment serves finds it by itself).",
             show_default=False,
         ),
     ] = None,
@@ -185,262 +156,71 @@ def serve(
         str | None,
         typer.Option("--model", "-m", help="Served model name (default: first in /v1/models)."),
     ] = None,
-    workload: Annotated[
-        str, typer.Option("--workload", "-w", help="multi-turn or long-doc.")
-    ] = "multi-turn",
-    endpoint: Annotated[
-        str, typer.Option("--endpoint", help="chat (/v1/chat/completions) or completions.")
-    ] = "chat",
-    users: Annotated[int | None, typer.Option(help="multi-turn: users (default 4).")] = None,
-    rounds: Annotated[
-        int | None, typer.Option(help="multi-turn: rounds per user (default 4).")
-    ] = None,
-    system_tokens: Annotated[
-        int | None, typer.Option(help="multi-turn: shared system prompt tokens (default 512).")
-    ] = None,
-    question_tokens: Annotated[
-        int | None, typer.Option(help="multi-turn: tokens of each new question (default 64).")
-    ] = None,
-    docs: Annotated[int | None, typer.Option(help="long-doc: documents (default 6).")] = None,
-    doc_tokens: Annotated[
-        int | None, typer.Option(help="long-doc: tokens per document (default 3600).")
-    ] = None,
-    repeats: Annotated[
-        int | None, typer.Option(help="long-doc: sends of each document (default 2).")
-    ] = None,
-    mode: Annotated[
-        str | None,
-        typer.Option(help="long-doc: repeat order tile, random or interleave (default tile)."),
-    ] = None,
-    answer_tokens: Annotated[
-        int | None,
-        typer.Option(help="max_tokens of each answer (default multi-turn 32, long-doc 1)."),
-    ] = None,
-    tokenizer: Annotated[
-        Path | None,
-        typer.Option(help="Local tokenizer directory: size prompts exactly (else an estimate)."),
-    ] = None,
-    concurrency: Annotated[
-        int | None,
-        typer.Option(
-            "--concurrency", "-c", help="Requests in flight (default 1; no cap with --rate)."
-        ),
-    ] = None,
-    rate: Annotated[
-        float | None, typer.Option("--rate", help="Requests/s, Poisson arrivals (seeded).")
-    ] = None,
-    warmup: Annotated[
-        int, typer.Option("--warmup", help="Warm-up requests first, not counted.")
-    ] = 0,
-    seed: Annotated[
-        int, typer.Option("--seed", help="Prompts and arrivals; same seed, same run.")
-    ] = 0,
-    ignore_eos: Annotated[
-        bool,
-        typer.Option("--ignore-eos", help="Always generate --answer-tokens (vLLM extension)."),
-    ] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per request.")] = 600.0,
+    workload: WorkloadOpt = Workload.MULTI_TURN,
+    endpoint: EndpointOpt = EndpointName.CHAT,
+    users: UsersOpt = None,
+    rounds: RoundsOpt = None,
+    system_tokens: SystemTokensOpt = None,
+    question_tokens: QuestionTokensOpt = None,
+    docs: DocsOpt = None,
+    doc_tokens: DocTokensOpt = None,
+    repeats: RepeatsOpt = None,
+    mode: ModeOpt = None,
+    answer_tokens: AnswerTokensOpt = None,
+    tokenizer: TokenizerOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    rate: RateOpt = None,
+    warmup: WarmupOpt = 0,
+    seed: SeedOpt = 0,
+    ignore_eos: IgnoreEosOpt = False,
+    timeout: TimeoutOpt = 600.0,
     api_key: Annotated[
         str | None,
         typer.Option("--api-key", envvar="DYNKV_API_KEY", show_default=False, help="Bearer token."),
     ] = None,
     metrics_url: Annotated[
         list[str] | None,
-        typer.Option("--metrics-url", help="A worker's KVBM /metrics URL (repeatable)."),
+        typer.Option(
+            "--metrics-url",
+            help="A worker's KVBM /metrics URL (repeatable; default: found from the deployment).",
+        ),
     ] = None,
     label: Annotated[
         str | None, typer.Option("--label", help="Configuration name in reports (default the URL).")
     ] = None,
-    markdown: Annotated[
-        Path | None, typer.Option("--markdown", help="Write the report as a markdown table.")
-    ] = None,
-    plot: Annotated[
-        Path | None, typer.Option("--plot", help="Write a PNG of TTFT per round.")
-    ] = None,
-    compare_profiles: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--compare",
-            help="Bring up each PROFILE in turn (plus a no-offload baseline) and run the workload "
-            "against each (repeatable or comma-separated).",
-            rich_help_panel=_STACK_PANEL,
-            show_default=False,
-        ),
-    ] = None,
-    compare_topology: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--compare-topology",
-            help="Bring up --profile as each topology in turn: agg,disagg.",
-            rich_help_panel=_STACK_PANEL,
-            show_default=False,
-        ),
-    ] = None,
-    profile: Annotated[
-        str | None,
-        typer.Option(
-            "--profile", help="The profile of --compare-topology.", rich_help_panel=_STACK_PANEL
-        ),
-    ] = None,
-    baseline: Annotated[
-        bool | None,
-        typer.Option(
-            "--baseline/--no-baseline",
-            help="Also run a stack without KVBM (default: on with --compare, off with "
-            "--compare-topology).",
-            rich_help_panel=_STACK_PANEL,
-            show_default=False,
-        ),
-    ] = None,
-    stack_model: Annotated[
-        str | None,
-        typer.Option(
-            "--stack-model",
-            help="Model of every stack (directory or HF id; default the generated tiny model).",
-            rich_help_panel=_STACK_PANEL,
-        ),
-    ] = None,
-    device_kv_gb: Annotated[
-        float | None,
-        typer.Option(
-            "--device-kv-gb",
-            help="G1 per worker, GB: keep it below the workload's working set.",
-            rich_help_panel=_STACK_PANEL,
-        ),
-    ] = None,
-    cpu_cache_gb: Annotated[
-        float | None,
-        typer.Option(
-            "--cpu-cache-gb", help="G2 of profiles that have one, GB.", rich_help_panel=_STACK_PANEL
-        ),
-    ] = None,
-    disk_cache_gb: Annotated[
-        float | None,
-        typer.Option(
-            "--disk-cache-gb",
-            help="G3 of profiles that have one, GB.",
-            rich_help_panel=_STACK_PANEL,
-        ),
-    ] = None,
-    max_model_len: Annotated[
-        int | None,
-        typer.Option(
-            "--max-model-len", help="vLLM's --max-model-len.", rich_help_panel=_STACK_PANEL
-        ),
-    ] = None,
-    stack_env: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--stack-env",
-            help="NAME=VALUE for every stack (repeatable); stacks inherit no DYNKV_*/DYN_KVBM_*.",
-            rich_help_panel=_STACK_PANEL,
-            show_default=False,
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Directory of report.json, report.md, ttft.png and the stacks' logs "
-            "(default ./dynkv-compare-<time>).",
-            rich_help_panel=_STACK_PANEL,
-            show_default=False,
-        ),
+    markdown: MarkdownOpt = None,
+    plot: PlotOpt = None,
+    moved: Annotated[
+        list[str] | None, typer.Option("--compare", "--compare-topology", hidden=True)
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Stream a multi-turn or long-document workload; report TTFT, ITL, latency and hit rates.
-
-    With --compare or --compare-topology, bring up each configuration with `dynkv up -d` in turn
-    (private name, ports and state dir), run the same workload against it, take it down, and
-    write one combined report."""
-    given = {
-        "--users": users,
-        "--rounds": rounds,
-        "--system-tokens": system_tokens,
-        "--question-tokens": question_tokens,
-        "--docs": docs,
-        "--doc-tokens": doc_tokens,
-        "--repeats": repeats,
-        "--mode": mode,
-    }
-    _check_flags(workload, given, endpoint, concurrency, rate, warmup)
-    comparing = bool(compare_profiles or compare_topology)
-    stack_given = {
-        "--profile": profile,
-        "--baseline/--no-baseline": baseline,
-        "--stack-model": stack_model,
-        "--device-kv-gb": device_kv_gb,
-        "--cpu-cache-gb": cpu_cache_gb,
-        "--disk-cache-gb": disk_cache_gb,
-        "--max-model-len": max_model_len,
-        "--stack-env": stack_env,
-        "--out": out,
-    }
-    _check_compare_flags(comparing, stack_given, url, metrics_url, label, model)
-    url = url or DEFAULT_URL
-    _check_url(url, "--url")
-    metrics_urls = [_check_url(u, "--metrics-url") for u in metrics_url or []]
+    """Stream a multi-turn or long-document workload to a running server; report TTFT, ITL,
+    latency and the KVBM hit rates."""
+    if moved:
+        raise usage(
+            f"{_MOVED}: `bench serve` loads a server that already runs",
+            "dynkv bench compare --profiles PROFILE[,PROFILE…] (or --topologies agg,disagg)",
+        )
+    given = workload_flags(
+        users, rounds, system_tokens, question_tokens, docs, doc_tokens, repeats, mode
+    )
+    if url is not None:
+        _check_url(url, "--url")
+    for u in metrics_url or []:
+        _check_url(u, "--metrics-url")
+    work, warm = build_workload(
+        workload,
+        given,
+        seed=seed,
+        tokenizer=tokenizer,
+        answer_tokens=answer_tokens,
+        warmup=warmup,
+    )
     if concurrency is None and rate is None:
         concurrency = 1
-
-    try:
-        count = workloads.tokenizer_counter(tokenizer) if tokenizer else None
-        work = workloads.build(workload, seed, count, answer_tokens=answer_tokens, **_params(given))
-        warm = workloads.warmup(warmup, seed=seed)
-    except workloads.WorkloadError as exc:
-        raise _usage(exc.cause, exc.fix) from None
-
-    if comparing:
-        try:
-            options_for_stacks = stacks.StackOptions(
-                model=stack_model,
-                device_kv_gb=device_kv_gb,
-                cpu_cache_gb=cpu_cache_gb,
-                disk_cache_gb=disk_cache_gb,
-                max_model_len=max_model_len,
-                env=stacks.parse_env_pairs(stack_env),
-            )
-        except compare.CompareError as exc:
-            raise _usage(exc.cause, exc.fix) from None
-        run_options = runner.RunOptions(
-            url="",  # each stack's frontend
-            model="",  # each stack's served model
-            endpoint=endpoint,  # type: ignore[arg-type]
-            concurrency=concurrency,
-            rate=rate,
-            seed=seed,
-            timeout_s=timeout,
-            ignore_eos=ignore_eos,
-        )
-        run_config = {
-            "endpoint": endpoint,
-            "workload": work.name,
-            "params": work.params,
-            "concurrency": concurrency,
-            "rate": rate,
-            "warmup": warmup,
-            "seed": seed,
-            "ignore_eos": ignore_eos,
-            "tokenizer": str(tokenizer) if tokenizer else None,
-        }
-        bench_compare.run(
-            profiles=compare.split_values(compare_profiles),
-            topologies=compare.split_values(compare_topology),
-            profile=profile,
-            baseline=baseline,
-            stack_options=options_for_stacks,
-            work=work,
-            warm=warm,
-            options=run_options,
-            run_config=run_config,
-            out_dir=out,
-            markdown=markdown,
-            plot=plot,
-            json_out=json_out,
-            progress_factory=_progress,
-        )
-        return
+    found = _find_target(url, name, list(metrics_url or []))
+    url, metrics_urls = found.url, list(found.metrics_urls)
 
     try:
         served = model or runner.discover_model(url, api_key)
@@ -455,7 +235,7 @@ def serve(
     options = runner.RunOptions(
         url=url,
         model=served,
-        endpoint=endpoint,  # type: ignore[arg-type]
+        endpoint=str(endpoint),  # type: ignore[arg-type]
         concurrency=concurrency,
         rate=rate,
         seed=seed,
@@ -466,16 +246,18 @@ def serve(
     config = {
         "url": url,
         "model": served,
-        "endpoint": endpoint,
-        "workload": work.name,
-        "params": work.params,
-        "concurrency": concurrency,
-        "rate": rate,
-        "warmup": warmup,
-        "seed": seed,
-        "ignore_eos": ignore_eos,
-        "tokenizer": str(tokenizer) if tokenizer else None,
+        **run_config(
+            work,
+            endpoint=endpoint,
+            concurrency=concurrency,
+            rate=rate,
+            warmup=warmup,
+            seed=seed,
+            ignore_eos=ignore_eos,
+            tokenizer=tokenizer,
+        ),
         "metrics_urls": metrics_urls,
+        "deployment": found.deployment,
     }
     if not json_out:
         err.print(
@@ -485,7 +267,7 @@ def serve(
         )
 
     before = scrape.scrape_all(metrics_urls)
-    with _progress() as bar:
+    with progress() as bar:
         task = bar.add_task(work.name, total=len(work.requests))
         result = runner.run(
             work, options, warm, progress=lambda done, _total: bar.update(task, completed=done)
@@ -515,3 +297,7 @@ def serve(
             f"all {summary['requests']} requests failed",
             "check the server's log; the first errors are listed above",
         )
+
+
+bench_app.command("compare")(bench_compare.compare_cmd)
+bench_app.command("load")(bench_load_cmd.bench_load)

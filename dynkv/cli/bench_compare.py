@@ -1,9 +1,11 @@
-"""`dynkv bench serve --compare PROFILE…` / `--compare-topology agg,disagg`: the rendering side.
+"""`dynkv bench compare --profiles PROFILE… | --topologies agg,disagg`: bring up each
+configuration with `dynkv up -d` in turn (private name, ports and state dir), run the same
+workload against it, take it down, and write one combined report.
 
-Thin: `serve` parses the flags and builds the workload; this module plans the configurations
-(`dynkv.bench.compare`), starts each stack with `dynkv.bench.stacks.UpLauncher`, shows progress,
-and writes the combined report (JSON with every run, markdown, PNG of TTFT per round) into the
-comparison's directory.
+Thin: the options (shared with `bench serve`, `dynkv.cli.bench_options`) build the workload; this
+module plans the configurations (`dynkv.bench.compare`), starts each stack with
+`dynkv.bench.stacks.UpLauncher`, shows progress, and writes the combined report (JSON with every
+run, markdown, PNG of TTFT per round) into the comparison's directory.
 """
 
 from __future__ import annotations
@@ -15,14 +17,44 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from rich.markup import escape
 from rich.table import Table
 
 from dynkv.bench import compare, report, runner, stacks
 from dynkv.bench.workloads import Workload
+from dynkv.cli.bench_options import (
+    AnswerTokensOpt,
+    ConcurrencyOpt,
+    DocsOpt,
+    DocTokensOpt,
+    Endpoint,
+    EndpointOpt,
+    IgnoreEosOpt,
+    MarkdownOpt,
+    ModeOpt,
+    PlotOpt,
+    QuestionTokensOpt,
+    RateOpt,
+    RepeatsOpt,
+    RoundsOpt,
+    SeedOpt,
+    SystemTokensOpt,
+    TimeoutOpt,
+    TokenizerOpt,
+    UsersOpt,
+    WarmupOpt,
+    WorkloadName,
+    WorkloadOpt,
+    build_workload,
+    progress,
+    run_config,
+    workload_flags,
+)
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
+from dynkv.cli.options import JsonOpt
 from dynkv.cli.output import emit_json, err, warn
 
 
@@ -89,11 +121,11 @@ def run(
         raise _usage(exc.cause, exc.fix) from None
 
     started = dt.datetime.now(dt.UTC)
-    command = "dynkv " + shlex.join(sys.argv[1:]) if sys.argv else "dynkv bench serve"
+    command = "dynkv " + shlex.join(sys.argv[1:]) if sys.argv else "dynkv bench compare"
     if not json_out:
         names = ", ".join(c.label for c in configs)
         err.print(
-            f"[bold]bench serve --compare[/bold] {escape(work.name)}: {len(configs)} "
+            f"[bold]bench compare[/bold] {escape(work.name)}: {len(configs)} "
             f"configurations ({escape(names)}), {len(work.requests)} requests each, "
             f"seed {options.seed}; reports in {escape(str(out))}",
             soft_wrap=True,
@@ -120,7 +152,7 @@ def run(
                 bar.stop()
             err.print(f"  {label}: down")
 
-    def progress(config: compare.StackConfig):
+    def progress_of(config: compare.StackConfig):
         if json_out:
             return None
         bar = progress_factory()
@@ -129,7 +161,7 @@ def run(
         task = bar.add_task(config.label, total=len(work.requests))
         return lambda done, _total: bar.update(task, completed=done)
 
-    measure = compare.measure_with(work, warm, options, run_config, progress)
+    measure = compare.measure_with(work, warm, options, run_config, progress_of)
     try:
         summaries = compare.run_compare(
             configs, launcher, measure, run_config=run_config, on_event=on_event
@@ -160,7 +192,7 @@ def run(
     json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     md_path = markdown or out / "report.md"
     md_path.write_text(
-        report.markdown(summaries, title=f"dynkv bench serve: {work.name}", notes=notes)
+        report.markdown(summaries, title=f"dynkv bench compare: {work.name}", notes=notes)
     )
     png_path = plot or out / "ttft.png"
     report.plot(summaries, png_path, title=f"TTFT per round: {work.name}")
@@ -197,3 +229,166 @@ def _stack_note(o: stacks.StackOptions) -> str:
         parts.append(f"max model len {o.max_model_len}")
     parts += [f"{k}={v}" for k, v in o.env.items()]
     return ", ".join(parts)
+
+
+def compare_cmd(
+    profiles: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--profiles",
+            help="Bring up each PROFILE in turn (plus a no-offload baseline) and run the workload "
+            "against each (repeatable or comma-separated).",
+            show_default=False,
+        ),
+    ] = None,
+    topologies: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--topologies",
+            help="Bring up --profile as each topology in turn: agg,disagg.",
+            show_default=False,
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="The profile of --topologies.")
+    ] = None,
+    baseline: Annotated[
+        bool | None,
+        typer.Option(
+            "--baseline/--no-baseline",
+            help="Also run a stack without KVBM (default: on with --profiles, off with "
+            "--topologies).",
+            show_default=False,
+        ),
+    ] = None,
+    stack_model: Annotated[
+        str | None,
+        typer.Option(
+            "--stack-model",
+            help="Model of every stack (directory or HF id; default the generated tiny model).",
+        ),
+    ] = None,
+    device_kv_gb: Annotated[
+        float | None,
+        typer.Option(
+            "--device-kv-gb", min=0, help="G1 per worker, GB: keep it below the working set."
+        ),
+    ] = None,
+    cpu_cache_gb: Annotated[
+        float | None,
+        typer.Option("--cpu-cache-gb", min=0, help="G2 of profiles that have one, GB."),
+    ] = None,
+    disk_cache_gb: Annotated[
+        float | None,
+        typer.Option("--disk-cache-gb", min=0, help="G3 of profiles that have one, GB."),
+    ] = None,
+    max_model_len: Annotated[
+        int | None, typer.Option("--max-model-len", min=1, help="vLLM's --max-model-len.")
+    ] = None,
+    stack_env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stack-env",
+            help="NAME=VALUE for every stack (repeatable); stacks inherit no DYNKV_*/DYN_KVBM_*.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Directory of report.json, report.md, ttft.png and the stacks' logs "
+            "(default ./dynkv-compare-<time>).",
+            show_default=False,
+        ),
+    ] = None,
+    workload: WorkloadOpt = WorkloadName.MULTI_TURN,
+    endpoint: EndpointOpt = Endpoint.CHAT,
+    users: UsersOpt = None,
+    rounds: RoundsOpt = None,
+    system_tokens: SystemTokensOpt = None,
+    question_tokens: QuestionTokensOpt = None,
+    docs: DocsOpt = None,
+    doc_tokens: DocTokensOpt = None,
+    repeats: RepeatsOpt = None,
+    mode: ModeOpt = None,
+    answer_tokens: AnswerTokensOpt = None,
+    tokenizer: TokenizerOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    rate: RateOpt = None,
+    warmup: WarmupOpt = 0,
+    seed: SeedOpt = 0,
+    ignore_eos: IgnoreEosOpt = False,
+    timeout: TimeoutOpt = 600.0,
+    markdown: MarkdownOpt = None,
+    plot: PlotOpt = None,
+    served_model: Annotated[str | None, typer.Option("--model", "-m", hidden=True)] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Bring up each profile (or topology) in turn with `dynkv up -d`, run the same workload
+    against it, take it down, and write one combined report."""
+    if served_model is not None:
+        raise _usage(
+            "--model names a running server's model; the stacks' model is --stack-model",
+            f"pass --stack-model {served_model}",
+        )
+    given = workload_flags(
+        users, rounds, system_tokens, question_tokens, docs, doc_tokens, repeats, mode
+    )
+    work, warm = build_workload(
+        workload,
+        given,
+        seed=seed,
+        tokenizer=tokenizer,
+        answer_tokens=answer_tokens,
+        warmup=warmup,
+    )
+    if concurrency is None and rate is None:
+        concurrency = 1
+    try:
+        stack_options = stacks.StackOptions(
+            model=stack_model,
+            device_kv_gb=device_kv_gb,
+            cpu_cache_gb=cpu_cache_gb,
+            disk_cache_gb=disk_cache_gb,
+            max_model_len=max_model_len,
+            env=stacks.parse_env_pairs(stack_env),
+        )
+    except compare.CompareError as exc:
+        raise _usage(exc.cause, exc.fix) from None
+    options = runner.RunOptions(
+        url="",  # each stack's frontend
+        model="",  # each stack's served model
+        endpoint=str(endpoint),  # type: ignore[arg-type]
+        concurrency=concurrency,
+        rate=rate,
+        seed=seed,
+        timeout_s=timeout,
+        ignore_eos=ignore_eos,
+    )
+    config = run_config(
+        work,
+        endpoint=endpoint,
+        concurrency=concurrency,
+        rate=rate,
+        warmup=warmup,
+        seed=seed,
+        ignore_eos=ignore_eos,
+        tokenizer=tokenizer,
+    )
+    run(
+        profiles=compare.split_values(profiles),
+        topologies=compare.split_values(topologies),
+        profile=profile,
+        baseline=baseline,
+        stack_options=stack_options,
+        work=work,
+        warm=warm,
+        options=options,
+        run_config=config,
+        out_dir=out,
+        markdown=markdown,
+        plot=plot,
+        json_out=json_out,
+        progress_factory=progress,
+    )

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
+from dynkv.cli.check_report import render_report
 from dynkv.cli.options import (
     CpuGbOpt,
     DeviceOpt,
@@ -23,10 +22,8 @@ from dynkv.cli.options import (
     TopologyOpt,
     resolve_from_options,
 )
-from dynkv.cli.output import emit_json, err
-from dynkv.doctor import CheckResult, Status, exit_code, run_checks, to_json
-
-SYMBOLS = {Status.OK: ("✓", "green"), Status.WARN: ("!", "yellow"), Status.FAIL: ("✗", "bold red")}
+from dynkv.cli.output import emit_json
+from dynkv.doctor import exit_code, run_checks, to_json
 
 
 def doctor(
@@ -68,31 +65,5 @@ def doctor(
     if json_out:
         emit_json(to_json(results))
     else:
-        render(results)
+        render_report(results)
     raise typer.Exit(exit_code(results))
-
-
-def render(results: list[CheckResult]) -> None:
-    """One table row per check (symbol, id, wrapped detail). The fix goes under its row as a
-    soft-wrapped line outside the table: a table would break a long command at the column edge,
-    and a fix must survive copy and paste."""
-    id_width = max((len(r.id) for r in results), default=8)
-    indent = " " * (1 + 2 + id_width + 2)
-    for r in results:
-        symbol, style = SYMBOLS[r.status]
-        row = Table.grid(padding=(0, 2))
-        row.add_column(width=1, no_wrap=True)
-        row.add_column(width=id_width, no_wrap=True)
-        row.add_column(overflow="fold")
-        row.add_row(Text(symbol, style=style), Text(r.id, style="bold"), Text(r.detail))
-        err.print(row)
-        if r.fix:
-            err.print(Text(f"{indent}fix: {r.fix}", style=style), soft_wrap=True)
-    counts = {s: sum(1 for r in results if r.status is s) for s in Status}
-    summary = f"{counts[Status.OK]} ok, {counts[Status.WARN]} warning(s), {counts[Status.FAIL]} failure(s)"
-    if counts[Status.FAIL]:
-        err.print(f"[bold red]✗ doctor: {summary}[/bold red]: `dynkv up` would stop here")
-    elif counts[Status.WARN]:
-        err.print(f"[yellow]! doctor: {summary}[/yellow]: `dynkv up` can start")
-    else:
-        err.print(f"[green]✓ doctor: {summary}[/green]")

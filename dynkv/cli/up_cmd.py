@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from dynkv.cli.check_report import render_problems
 from dynkv.cli.display import (
     LogPrinter,
     ProgressObserver,
@@ -40,11 +41,12 @@ from dynkv.cli.options import (
     TopologyOpt,
     resolve_from_options,
 )
-from dynkv.cli.output import emit_json, err, failure, warn
+from dynkv.cli.output import emit_json, err, warn
+from dynkv.doctor import Status
 from dynkv.hardware import resolve_device
 from dynkv.infra.docker import DockerUnavailable
 from dynkv.plan import HostFacts, build_plan, choose_model
-from dynkv.preflight import check_observability, preflight
+from dynkv.preflight import observability_problems, preflight, problems
 from dynkv.settings import SettingsError
 from dynkv.supervisor import AlreadyRunning, StartFailed, Supervisor, ensure_not_running
 from dynkv.supervisor.process import SpawnError
@@ -135,20 +137,16 @@ def up(
         warn(
             "--skip-checks: NOT checking ports, binaries, infra or the host; failures will be less clear"
         )
-        for problem in check_observability(plan):  # cheap, and nothing may start without it
-            failure(problem.cause, problem.fix)
-            raise typer.Exit(EXIT_FAILURE)
+        blocking = observability_problems(plan)  # cheap, and nothing may start without it
     else:
-        warnings: list = []
         with err.status("checking the host (dynkv doctor)…"):
-            problems = preflight(resolved, plan, warnings=warnings)
+            results = preflight(resolved, plan)
+        blocking = problems(results)
         if not json_out:
-            for item in warnings:
-                warn(f"{item.cause}\n  fix: {item.fix}")
-        if problems:
-            for problem in problems:
-                failure(problem.cause, problem.fix)
-            raise typer.Exit(EXIT_FAILURE)
+            render_problems(r for r in results if r.status is Status.WARN)
+    if blocking:
+        render_problems(blocking)
+        raise typer.Exit(EXIT_FAILURE)
 
     if not json_out:
         for note in plan.notes:

@@ -5,12 +5,11 @@
 
 Each check looks at one thing (NVIDIA driver vs CUDA build, vLLM build, RAM, disk tier, tier
 sizes, model, ports, etcd/NATS) and says ok / warn / fail with one line of detail and, for a
-problem, one line of fix. NVML sits behind `Nvml` so GPU scenarios are tested with `FakeNvml`.
+problem, one line of fix. NVML sits behind `Nvml` so tests drive GPU scenarios with a fake (tests/fakes/fake_nvml.py).
 """
 
 from dynkv.doctor.builds import BuildInfo, detect_build
 from dynkv.doctor.nvml import (
-    FakeNvml,
     GpuInfo,
     GpuProcess,
     Nvml,
@@ -24,7 +23,6 @@ from dynkv.doctor.runner import check_ids, run_checks
 __all__ = [
     "BuildInfo",
     "CheckResult",
-    "FakeNvml",
     "GpuInfo",
     "GpuProcess",
     "Nvml",

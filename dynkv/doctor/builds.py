@@ -42,10 +42,6 @@ class BuildInfo:
         return self.dists[self.dist] if self.dist else None
 
     @property
-    def is_cuda_build(self) -> bool:
-        return self.dist == CUDA_DIST
-
-    @property
     def vllm_cuda_label(self) -> tuple[int, int] | None:
         """CUDA named by a local version label (`0.32.0+cu130`, GitHub release wheels)."""
         match = re.search(r"\+cu(\d+)(\d)\b", self.version or "")

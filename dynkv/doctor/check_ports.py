@@ -1,57 +1,24 @@
 """Every port `up` will bind: free now, or held by this deployment (`owned_pids`). A port held by
-something else is reported with its owner, so a stale dynkv is told apart from another server."""
+something else is reported with its owner, so a stale dynkv is told apart from another server.
+Which ports those are is the plan's port layout (`dynkv.plan.ports`), read from the plan when
+`up` runs the doctor as its preflight."""
 
 from __future__ import annotations
 
 import errno
 from collections import Counter
-from dataclasses import dataclass
 
 from dynkv.doctor.context import DoctorContext
 from dynkv.doctor.result import Check, Outcome, fail, ok
+from dynkv.plan.ports import LOOPBACK, PortUse
 from dynkv.ports import port_is_free, port_owner
-from dynkv.settings.deployment import InfraMode
-
-LOOPBACK = "127.0.0.1"
-
-
-@dataclass(frozen=True)
-class PortUse:
-    label: str  # what binds it, e.g. "frontend", "worker 1"
-    port: int
-    host: str
-    variable: str  # the setting that moves it
-    offset: int = 0  # position in a run of ports that one variable places (worker i = base + i)
 
 
 def planned_ports(ctx: DoctorContext) -> dict[str, list[PortUse]]:
-    """Ports by check id; only those this configuration binds."""
-    d, k, n = ctx.deployment, ctx.kvbm, ctx.workers
-    groups: dict[str, list[PortUse]] = {
-        "ports.frontend": [
-            PortUse("frontend", d.frontend_port, d.frontend_host, "DYNKV_FRONTEND_PORT")
-        ],
-        "ports.workers": [
-            PortUse(f"worker {i}", d.worker_port + i, LOOPBACK, "DYNKV_WORKER_PORT", i)
-            for i in range(n)
-        ],
-    }
-    if k.metrics:
-        groups["ports.kvbm_metrics"] = [
-            PortUse(
-                f"KVBM metrics {i}", k.metrics_port + i, k.metrics_host, "DYN_KVBM_METRICS_PORT", i
-            )
-            for i in range(n)
-        ]
-    if d.infra in (InfraMode.EMBEDDED, InfraMode.DOCKER):
-        groups["ports.etcd"] = [
-            PortUse("etcd client", d.etcd_port, LOOPBACK, "DYNKV_ETCD_PORT"),
-            PortUse("etcd peer", d.etcd_peer_port, LOOPBACK, "DYNKV_ETCD_PEER_PORT"),
-        ]
-        groups["ports.nats"] = [
-            PortUse("NATS client", d.nats_port, LOOPBACK, "DYNKV_NATS_PORT"),
-            PortUse("NATS monitor", d.nats_monitor_port, LOOPBACK, "DYNKV_NATS_MONITOR_PORT"),
-        ]
+    """Ports by check id; only those this deployment binds (from the plan when `up` runs us)."""
+    groups: dict[str, list[PortUse]] = {}
+    for use in ctx.ports:
+        groups.setdefault(use.group, []).append(use)
     return groups
 
 
@@ -60,43 +27,72 @@ def _next_free_base(use: PortUse, run: int, taken: set[int]) -> int | None:
     base = use.port - use.offset
     for candidate in range(base + 1, min(base + 200, 65536 - run)):
         ports = range(candidate, candidate + run)
-        if not taken.intersection(ports) and all(_free(p, use.host) for p in ports):
+        if not taken.intersection(ports) and all(
+            _free(p, host) for p in ports for host in use.hosts
+        ):
             return candidate
     return None
 
 
 def _free(port: int, host: str) -> bool:
+    """Free on `host`; an address this host cannot bind at all is reported on its own and does
+    not rule a port out."""
     try:
         return port_is_free(port, host)
     except OSError:
-        return False
+        return True
 
 
-def check_group(ctx: DoctorContext, uses: list[PortUse]) -> Outcome:
-    owned, problems, fixes = [], [], []
-    all_ports = {u.port for group in planned_ports(ctx).values() for u in group}
-    for use in uses:
+def _unbindable(use: PortUse, host: str, exc: OSError, taken: set[int]) -> tuple[str, str]:
+    """Cause and fix for a bind address that is not this host's: move it to loopback, on a
+    port that is free there (a service meant for other hosts is a choice to make on purpose)."""
+    if exc.errno == errno.EADDRNOTAVAIL:
+        cause = f"{host} is not an address of this host ({use.label} port {use.port})"
+    else:
+        cause = f"{use.label} cannot bind {host}:{use.port}: {exc.strerror or exc}"
+    where = use.host_variable or "its address setting"
+    if _free(use.port, LOOPBACK):
+        return cause, f"export {where}=127.0.0.1"
+    loopback = PortUse(use.label, use.port, (LOOPBACK,), use.variable, use.group, use.offset)
+    alt = _next_free_base(loopback, 1, taken)
+    return cause, f"export {where}=127.0.0.1 {use.variable}={alt or '<a free port>'}"
+
+
+def _taken(ctx: DoctorContext, use: PortUse, uses: list[PortUse], all_ports: set[int]):
+    """None when `use.port` is free (or this deployment's) on every host, else cause and fix;
+    a string alone: held by this deployment."""
+    for host in use.hosts:
         try:
-            free = port_is_free(use.port, use.host)
+            free = port_is_free(use.port, host)
         except OSError as exc:
-            if exc.errno == errno.EADDRNOTAVAIL:
-                problems.append(f"{use.host} is not an address of this host ({use.label})")
-                fixes.append("use an address of this host, e.g. 127.0.0.1 or 0.0.0.0")
-                continue
-            raise
+            return _unbindable(use, host, exc, all_ports)
         if free:
             continue
         owner = port_owner(use.port)
         if owner is not None and owner.pid is not None and owner.pid in ctx.owned_pids:
-            owned.append(f"{use.port} (this deployment, pid {owner.pid})")
-            continue
+            return f"{use.port} (this deployment, pid {owner.pid})"
         who = owner.describe() if owner else "a process this user cannot see (or a privileged port)"
-        problems.append(f"{use.label} port {use.port} is taken by {who}")
         run = sum(1 for u in uses if u.variable == use.variable)
         alt = _next_free_base(use, run, all_ports)
         kill = f"kill {owner.pid}   # or: " if owner and owner.pid else ""
-        fixes.append(f"{kill}export {use.variable}={alt or '<a free port>'}")
-    ports = ", ".join(f"{u.label} {u.host}:{u.port}" for u in uses)
+        return (
+            f"{use.label} port {use.port} is taken by {who}",
+            f"{kill}export {use.variable}={alt or '<a free port>'}",
+        )
+    return None
+
+
+def check_group(ctx: DoctorContext, uses: list[PortUse]) -> Outcome:
+    owned, problems, fixes = [], [], []
+    all_ports = {u.port for u in ctx.ports}
+    for use in uses:
+        found = _taken(ctx, use, uses, all_ports)
+        if isinstance(found, str):
+            owned.append(found)
+        elif found is not None:
+            problems.append(found[0])
+            fixes.append(found[1])
+    ports = ", ".join(f"{u.label} {u.hosts[-1]}:{u.port}" for u in uses)
     if problems:
         return fail("; ".join(problems), fixes[0])
     detail = (
@@ -116,7 +112,7 @@ def _group_check(check_id: str):  # type: ignore[no-untyped-def]
 
 
 def distinct(ctx: DoctorContext) -> Outcome:
-    uses = [u for group in planned_ports(ctx).values() for u in group]
+    uses = ctx.ports
     counts = Counter(u.port for u in uses)
     clashes = [p for p, c in counts.items() if c > 1]
     if not clashes:
@@ -136,4 +132,6 @@ CHECKS = [
     Check("ports.kvbm_metrics", "KVBM metrics ports", _group_check("ports.kvbm_metrics")),
     Check("ports.etcd", "etcd ports", _group_check("ports.etcd")),
     Check("ports.nats", "NATS ports", _group_check("ports.nats")),
+    Check("ports.prometheus", "Prometheus port", _group_check("ports.prometheus")),
+    Check("ports.other", "other ports", _group_check("ports.other")),
 ]

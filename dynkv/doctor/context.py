@@ -12,12 +12,17 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dynkv.doctor import builds, model, vllm_probe
 from dynkv.doctor.nvml import Nvml, NvmlSnapshot, NvmlUnavailable, PynvmlNvml
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.settings import Resolved
 from dynkv.settings.deployment import DeploymentSettings, Device, Topology
+
+if TYPE_CHECKING:
+    from dynkv.plan import Plan
+    from dynkv.plan.ports import PortUse
 
 
 @dataclass
@@ -36,6 +41,15 @@ class DoctorContext:
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     build_info: builds.BuildInfo | None = None
     import_vllm: bool = True
+    plan: Plan | None = None  # `up`'s preflight: the plan it is about to start
+
+    @cached_property
+    def ports(self) -> list[PortUse]:
+        """Every port the deployment binds: read from the plan when there is one, else laid out
+        from the settings by the same rules (`dynkv.plan.ports`)."""
+        from dynkv.plan.ports import plan_ports, settings_ports
+
+        return plan_ports(self.plan) if self.plan is not None else settings_ports(self.resolved)
 
     @property
     def kvbm(self) -> KvbmSettings:

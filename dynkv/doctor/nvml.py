@@ -4,7 +4,7 @@ The real implementation reads NVML through `pynvml` (package nvidia-ml-py); no C
 needed, so it works in a CPU-only venv and never initialises a CUDA context. Everything is read in
 one `snapshot()` so handles never outlive `nvmlShutdown`, and a fake only has to hand back data:
 the GPU scenarios (old driver, MIG, one GPU for disagg, compute capability 7.0) are tested on a
-machine without a GPU through `FakeNvml`.
+machine without a GPU through the fake in tests/fakes/fake_nvml.py.
 """
 
 from __future__ import annotations
@@ -124,25 +124,6 @@ class PynvmlNvml:
             mig_enabled=mig,
             processes=procs,
         )
-
-
-class FakeNvml:
-    """Canned NVML for tests (and for `up`'s tests): a snapshot, or the error NVML would raise."""
-
-    def __init__(
-        self, snapshot: NvmlSnapshot | None = None, error: NvmlUnavailable | None = None
-    ) -> None:
-        if snapshot is None and error is None:
-            error = NvmlUnavailable("library", "libnvidia-ml.so not found (fake)")
-        self._snapshot, self._error = snapshot, error
-        self.calls = 0
-
-    def snapshot(self) -> NvmlSnapshot:
-        self.calls += 1
-        if self._error is not None:
-            raise self._error
-        assert self._snapshot is not None
-        return self._snapshot
 
 
 def _text(value: str | bytes) -> str:

@@ -2,13 +2,14 @@
 
 `dynkv doctor` prints the results; `dynkv up` calls `run_checks` first and starts nothing when
 `has_failures` says so. Checks run in a fixed order (settings, GPU, vLLM, memory, disk, tiers,
-model, ports, infra) so the report reads top-down from "what did you ask for" to "can it start".
+model, ports, infra, plan) so the report reads top-down from "what did you ask for" to "can it start".
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING
 
 from dynkv.doctor import (
     check_disk,
@@ -16,6 +17,7 @@ from dynkv.doctor import (
     check_infra,
     check_memory,
     check_model,
+    check_plan,
     check_ports,
     check_settings,
     check_tiers,
@@ -27,6 +29,9 @@ from dynkv.doctor.nvml import Nvml, PynvmlNvml
 from dynkv.doctor.result import Check, CheckResult, Status
 from dynkv.settings import Resolved
 
+if TYPE_CHECKING:
+    from dynkv.plan import Plan
+
 CHECKS: list[Check] = [
     *check_settings.CHECKS,
     *check_gpu.CHECKS,
@@ -37,6 +42,7 @@ CHECKS: list[Check] = [
     *check_model.CHECKS,
     *check_ports.CHECKS,
     *check_infra.CHECKS,
+    *check_plan.CHECKS,
 ]
 CRASH_FIX = "a dynkv bug: please report it with the output of `dynkv doctor --json`"
 
@@ -71,15 +77,18 @@ def run_checks(
     build: BuildInfo | None = None,
     import_vllm: bool = True,
     skip: Collection[str] = (),
+    plan: Plan | None = None,
 ) -> list[CheckResult]:
     """Every applicable check, in report order.
 
-    nvml: the NVML implementation (default: the real one through pynvml; tests pass FakeNvml).
+    nvml: the NVML implementation (default: the real one through pynvml; tests pass a fake).
     owned_pids: processes of this deployment; ports they hold count as free (`up` on a restart).
     env: the environment to read HF_*, CUDA_VISIBLE_DEVICES… from (default: os.environ).
     build: the installed vLLM/torch builds (default: read from package metadata).
     import_vllm: import vLLM and the connector in a child process (~4 s); False only looks.
     skip: check ids not to run.
+    plan: the plan `up` is about to start (its preflight): ports are read from it, and the
+      checks that need a plan (binaries, Prometheus) run.
     """
     ctx = DoctorContext(
         resolved=resolved,
@@ -88,6 +97,7 @@ def run_checks(
         env=dict(os.environ if env is None else env),
         build_info=build,
         import_vllm=import_vllm,
+        plan=plan,
     )
     return run_in(ctx, skip=skip)
 

@@ -22,6 +22,7 @@ from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
 from dynkv.plan.frontend import API_KEY_ENV, frontend_service
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
+from dynkv.plan.ports import PORT_SETTINGS, worker_port, worker_roles
 from dynkv.plan.prometheus import PROMETHEUS_BINARY, prometheus_service
 from dynkv.plan.worker import (
     PASSTHROUGH_ENV,
@@ -33,17 +34,6 @@ from dynkv.plan.worker import (
 from dynkv.settings.errors import SettingsError
 from dynkv.settings.resolve import Resolved
 
-# The setting to change when a port is taken, by (service role, port name).
-PORT_SETTINGS: dict[tuple[str, str], str] = {
-    ("etcd", "client"): "DYNKV_ETCD_PORT",
-    ("etcd", "peer"): "DYNKV_ETCD_PEER_PORT",
-    ("nats", "client"): "DYNKV_NATS_PORT",
-    ("nats", "monitor"): "DYNKV_NATS_MONITOR_PORT",
-    ("agg", "http"): "DYNKV_WORKER_PORT",
-    ("agg", "kvbm_metrics"): "DYN_KVBM_METRICS_PORT",
-    ("frontend", "http"): "DYNKV_FRONTEND_PORT",
-    ("prometheus", "http"): "DYNKV_PROMETHEUS_PORT",
-}
 _INHERITED = ("PYTHONPATH", *PASSTHROUGH_ENV, *CPU_ENV_VARS)
 
 
@@ -219,16 +209,16 @@ def _workers(
     transfer: str | None,
 ) -> list[Service]:
     dep, kvbm = resolved.deployment, resolved.kvbm
-    roles = ["agg"] if dep.topology == "agg" else ["prefill", "decode"]
+    roles = worker_roles(dep.topology)
     kv_bytes = None if dep.device_kv_gb is None else int(dep.device_kv_gb * 1e9)
     handoff = handoff_dir(dep.name) if transfer == "handoff" else None
     workers = []
     for index, role in enumerate(roles):
-        port = dep.worker_port + index
+        port = worker_port(dep.worker_port, index)
         # over NIXL the decode worker runs vLLM's NixlConnector alone: the profile's tiers
         # serve the prefill worker, and no dynkv handoff pool exists to read
         dynkv = dep.kvbm and not (transfer == "nixl" and role == "decode")
-        metrics_port: int | None = kvbm.metrics_port + index if dynkv else None
+        metrics_port: int | None = worker_port(kvbm.metrics_port, index) if dynkv else None
         env = kvbm.to_env() if dynkv else {}
         if metrics_port is not None:
             if resolved.settings["DYN_KVBM_METRICS"].source == "default":
@@ -246,7 +236,7 @@ def _workers(
                 env[name] = "0"
         if transfer == "nixl":
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = LOOPBACK
-            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(dep.nixl_side_channel_port + index)
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(worker_port(dep.nixl_side_channel_port, index))
         if host.device == "cuda" and role != "agg":
             env["CUDA_VISIBLE_DEVICES"] = str(index)  # one GPU each (doctor checks there are 2)
         env_unset: tuple[str, ...] = ()

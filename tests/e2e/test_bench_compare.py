@@ -1,4 +1,4 @@
-"""`dynkv bench serve --compare gpu-cpu` for real, kept short: two stacks (the no-offload
+"""`dynkv bench compare --profiles gpu-cpu` for real, kept short: two stacks (the no-offload
 baseline and gpu-cpu) of the generated tiny model, each brought up with `dynkv up -d`, loaded
 with the same tiny multi-turn workload, and taken down. About 100 s here (two `up`s); the
 measurements themselves are not judged (a benchmark is not a test): the shape is, the baseline
@@ -21,14 +21,14 @@ pytestmark = pytest.mark.e2e
 
 def test_compare_baseline_and_gpu_cpu(tmp_path):
     out = tmp_path / "cmp"
-    argv = [sys.executable, "-m", "dynkv.cli.main", "bench", "serve", "--compare", "gpu-cpu"]
+    argv = [sys.executable, "-m", "dynkv.cli.main", "bench", "compare", "--profiles", "gpu-cpu"]
     argv += ["--users", "2", "--rounds", "2", "--system-tokens", "128", "--question-tokens", "32"]
     argv += ["--answer-tokens", "4", "--ignore-eos", "--concurrency", "2"]
     argv += ["--device-kv-gb", "0.01", "--cpu-cache-gb", "0.1", "--max-model-len", "2048"]
     argv += ["--stack-env", "DYNKV_STARTUP_TIMEOUT_SECS=300", "--out", str(out), "--json"]
     started = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    print(f"\nbench serve --compare (2 stacks): {time.monotonic() - started:.1f} s")
+    print(f"\nbench compare (2 stacks): {time.monotonic() - started:.1f} s")
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads(proc.stdout)
     assert json.loads((out / "report.json").read_text()) == data

@@ -271,7 +271,11 @@ def test_bench_serve_multi_turn_chat_through_the_frontend(stack, tmp_path):
     for key in ("ttft_ms", "itl_ms", "latency_ms"):
         assert set(data[key]) == {"p50", "p90", "p99"}
         assert 0 < data[key]["p50"] <= data[key]["p90"] <= data[key]["p99"]
-    assert data["requests_per_s"] > 0 and data["hit_rates"] == {"host": None, "disk": None}
+    assert data["requests_per_s"] > 0
+    # no --metrics-url: the worker's KVBM metrics are found from the deployment serving --url
+    kvbm = f"http://127.0.0.1:{stack.env['DYN_KVBM_METRICS_PORT']}/metrics"
+    assert data["config"]["metrics_urls"] == [kvbm]
+    assert data["hit_rates"]["host"] is not None and data["hit_rates"]["disk"] is None
     assert (data["requests"], data["completed"], data["errors"]) == (4, 4, 0)
     assert data["output_tokens"] == 16  # --ignore-eos: exactly max_tokens each
     assert [r["requests"] for r in data["rounds"]] == [2, 2]

@@ -274,3 +274,23 @@ def test_up_with_an_api_key_serves_only_bearers_and_never_shows_the_key(deployme
     worker_pid = state.service("worker").pid
     with open(f"/proc/{worker_pid}/environ", "rb") as f:
         assert b"DYNKV_API_KEY" not in f.read()
+
+
+def test_bench_serve_finds_the_workers_metrics_from_the_deployment(deployment):
+    """`--url` in the openai client's form (with /v1), or `--name`: either way the workers'
+    KVBM metrics come from the deployment itself, with no --metrics-url."""
+    env, model = deployment
+    assert invoke("up", "-d", "--model", str(model), "--device", "cpu").exit_code == 0
+    small = ["--users", "1", "--rounds", "1", "--system-tokens", "8", "--question-tokens", "4"]
+    worker_metrics = f"http://127.0.0.1:{env['DYN_KVBM_METRICS_PORT']}/metrics"
+    for target in (
+        ["--url", f"http://localhost:{env['DYNKV_FRONTEND_PORT']}/v1"],
+        ["--name", "cli"],
+    ):
+        result = invoke("bench", "serve", *target, *small, "--json")
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["completed"] == 1, data
+        assert data["config"]["metrics_urls"] == [worker_metrics]
+        assert data["config"]["deployment"] == "cli"
+        assert data["hit_rates"]["host"] == 0.25  # the fake's gauge

@@ -15,11 +15,13 @@ import time
 
 import psutil
 import pytest
+from doctor_support import plan_check
 from infra_helpers import assert_nothing_left, full_plan, infra_plan, port_env
 
+from dynkv.doctor import Status
 from dynkv.plan import Probe, Service
 from dynkv.ports import free_port
-from dynkv.preflight import check_infra, check_ports
+from dynkv.settings import resolve
 from dynkv.supervisor import (
     AlreadyRunning,
     StartFailed,
@@ -296,12 +298,11 @@ def test_preflight_names_the_owner_of_a_taken_port(env):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", taken))
         sock.listen()
-        problems = check_ports(plan)
-        assert len(problems) == 1
-        assert f"port {taken} (nats monitor)" in problems[0].cause
-        assert f"pid {os.getpid()}" in problems[0].cause
-        assert "DYNKV_NATS_MONITOR_PORT" in problems[0].fix
-        assert check_ports(plan, owned_pids={os.getpid()}) == []
+        result = plan_check("ports.nats", plan)
+        assert result.status is Status.FAIL
+        assert f"nats monitor port {taken} is taken by pid {os.getpid()}" in result.detail
+        assert f"kill {os.getpid()}" in result.fix and "DYNKV_NATS_MONITOR_PORT=" in result.fix
+        assert plan_check("ports.nats", plan, owned_pids={os.getpid()}).status is Status.OK
 
 
 def test_preflight_checks_external_endpoints(env, tmp_path):
@@ -314,17 +315,24 @@ def test_preflight_checks_external_endpoints(env, tmp_path):
             DYNKV_ETCD_ENDPOINTS=infra.etcd_endpoints[0],
             DYNKV_NATS_URL=infra.nats_url,
         )
-        assert check_infra(full_plan(ext_env)) == []
+        results = preflight_infra(ext_env)
+        assert [r.status for r in results] == [Status.OK, Status.OK]
         monitor = infra.service("nats").ports["monitor"]
         ext_env.update(
             DYNKV_ETCD_ENDPOINTS=f"http://127.0.0.1:{free_port()}",
             DYNKV_NATS_URL=f"nats://127.0.0.1:{monitor}",  # HTTP, not NATS: no INFO greeting
         )
-        problems = check_infra(full_plan(ext_env))
-        assert [p.cause.split(":")[0] for p in problems] == [
-            "external etcd is not reachable",
-            "external nats is not reachable",
+        results = preflight_infra(ext_env)
+        assert [(r.status, r.detail.split(":")[0]) for r in results] == [
+            (Status.FAIL, "external etcd unhealthy"),
+            (Status.FAIL, "external NATS unreachable"),
         ]
-        assert "--etcd-endpoints" in problems[0].fix and "--nats-url" in problems[1].fix
+        assert "DYNKV_ETCD_ENDPOINTS" in results[0].fix and "DYNKV_NATS_URL" in results[1].fix
     finally:
         stop_deployment(infra.deployment_dir, grace=5)
+
+
+def preflight_infra(env) -> list:
+    """`up`'s preflight of the external etcd and NATS of the deployment `env` describes."""
+    plan, resolved = full_plan(env), resolve(env=env)
+    return [plan_check(c, plan, resolved=resolved) for c in ("infra.etcd", "infra.nats")]

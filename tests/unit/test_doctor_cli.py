@@ -14,10 +14,11 @@ import socket
 
 import pytest
 from doctor_support import CPU_BUILD, base_env
+from fakes.fake_nvml import FakeNvml
 from typer.testing import CliRunner
 
 from dynkv.cli.main import app
-from dynkv.doctor import FakeNvml, check_ids, check_vllm, runner, vllm_probe
+from dynkv.doctor import check_ids, check_vllm, runner, vllm_probe
 from dynkv.doctor.vllm_probe import ProbeResult
 
 runner_ = CliRunner()

@@ -6,8 +6,9 @@ import os
 
 import pytest
 from doctor_support import CPU_BUILD, base_env, cuda_build, gpus, no_gpu, run
+from fakes.fake_nvml import FakeNvml
 
-from dynkv.doctor import FakeNvml, NvmlUnavailable, PynvmlNvml, Status
+from dynkv.doctor import NvmlUnavailable, PynvmlNvml, Status
 from dynkv.doctor.nvml import GpuProcess
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 
 import psutil
 import pytest
 from doctor_support import base_env, cuda_build, gpus, run
 
-from dynkv.doctor import Status
+from dynkv.doctor import Status, check_memory
 from dynkv.doctor.model import doctor_kv_bytes_per_token, hf_snapshot, locate_model
 
 # the `bench` model: hidden 768, 12 layers, 12 heads, 3 KV heads, bf16 → 9,216 bytes per token.
@@ -152,9 +153,41 @@ def test_memlock_only_matters_with_a_gpu(tmp_path):
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
 
 
-def test_shm_is_reported(tmp_path):
-    check = run(base_env(tmp_path, DYNKV_TOPOLOGY="disagg"))["memory.shm"]
-    assert check.status in (Status.OK, Status.WARN) and "/dev/shm" in check.detail
+def _shm(monkeypatch, free: float | None, total: float = 64e9) -> None:
+    """/dev/shm as a given size (None: missing): the one fact of this host a test cannot set."""
+    monkeypatch.setattr(
+        check_memory.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(total, 0, free)
+    )
+    real_isdir = check_memory.os.path.isdir
+    monkeypatch.setattr(
+        check_memory.os.path,
+        "isdir",
+        lambda p: free is not None if p == "/dev/shm" else real_isdir(p),
+    )
+
+
+@pytest.mark.parametrize(
+    ("topology", "free", "status", "words"),
+    [
+        ("agg", 8e9, Status.OK, "/dev/shm: 8.0 GB free of 64.0 GB"),
+        ("agg", 0.5e9, Status.WARN, "below 1.0 GB: vLLM's worker processes"),
+        ("disagg", 8e9, Status.OK, "/dev/shm: 8.0 GB free"),
+        # the handoff of two 131,072-token prompts of the reference model: 2 × 9,216 B × 131,072
+        ("disagg", 2e9, Status.WARN, "below 2.4 GB: the disagg prefill → decode handoff"),
+        ("agg", None, Status.WARN, "/dev/shm does not exist"),
+        ("disagg", None, Status.FAIL, "/dev/shm does not exist"),
+    ],
+)
+def test_shm_status_for_each_situation(tmp_path, monkeypatch, topology, free, status, words):
+    model = write_model(tmp_path / "m")
+    env = base_env(
+        tmp_path, DYNKV_TOPOLOGY=topology, DYNKV_MODEL=str(model), DYNKV_MAX_MODEL_LEN="131072"
+    )
+    _shm(monkeypatch, free)
+    check = run(env)["memory.shm"]
+    assert check.status is status, check
+    assert words in check.detail
+    assert (check.fix == check_memory.SHM_FIX) is (status is not Status.OK)
 
 
 # --- settings ----------------------------------------------------------------------------------

@@ -9,15 +9,16 @@ import shlex
 
 import plan_support
 import pytest
+from doctor_support import plan_check
 from plan_support import flag
 from typer.testing import CliRunner
 
 from dynkv.cli.display import curl_example, frontend_lines
 from dynkv.cli.main import app
+from dynkv.doctor import Status
 from dynkv.plan import PlanError
 from dynkv.plan.frontend import connect_host
 from dynkv.plan.model import MASK
-from dynkv.preflight import check_ports
 from dynkv.supervisor.state import DeploymentState, ServiceRecord
 
 
@@ -81,9 +82,25 @@ def test_preflight_reports_an_address_that_cannot_be_bound():
     from dynkv.ports import free_port
 
     plan = plan_for({"DYNKV_FRONTEND_HOST": "192.0.2.1", "DYNKV_FRONTEND_PORT": str(free_port())})
-    problems = [p for p in check_ports(plan) if "frontend" in p.cause]
-    assert problems and "192.0.2.1" in problems[0].cause
-    assert "DYNKV_FRONTEND_HOST" in problems[0].fix
+    result = plan_check("ports.frontend", plan)
+    assert result.status is Status.FAIL and "192.0.2.1" in result.detail
+    assert result.fix == "export DYNKV_FRONTEND_HOST=127.0.0.1"  # loopback, never 0.0.0.0
+
+
+def test_an_unbindable_address_whose_port_is_taken_on_loopback_gets_a_free_loopback_port():
+    import socket
+
+    from dynkv.settings import resolve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        env = {"DYNKV_FRONTEND_HOST": "192.0.2.1", "DYNKV_FRONTEND_PORT": str(port)}
+        result = plan_check("ports.frontend", None, resolved=resolve(env=env))  # `dynkv doctor`
+    assert result.status is Status.FAIL and "0.0.0.0" not in result.fix
+    assert result.fix.startswith("export DYNKV_FRONTEND_HOST=127.0.0.1 DYNKV_FRONTEND_PORT=")
+    assert int(result.fix.rsplit("=", 1)[1]) > port
 
 
 def test_preflight_names_the_frontend_port_setting():
@@ -94,9 +111,10 @@ def test_preflight_names_the_frontend_port_setting():
         sock.listen()
         port = sock.getsockname()[1]
         plan = plan_for({"DYNKV_FRONTEND_PORT": str(port)})
-        (problem,) = [p for p in check_ports(plan) if "frontend" in p.cause]
-    assert f"port {port} (frontend http)" in problem.cause
-    assert "DYNKV_FRONTEND_PORT" in problem.fix
+        result = plan_check("ports.frontend", plan)
+    assert result.status is Status.FAIL
+    assert f"frontend http port {port} is taken" in result.detail
+    assert "DYNKV_FRONTEND_PORT=" in result.fix
 
 
 def test_curl_example_pastes_into_a_shell():

@@ -15,11 +15,12 @@ import yaml
 from typer.testing import CliRunner
 
 from dynkv.cli.main import app
+from dynkv.doctor.check_plan import observability
+from dynkv.doctor.result import Status
 from dynkv.infra.docker import DockerUnavailable
 from dynkv.plan import HostFacts, build_plan
 from dynkv.plan.model import MASK
 from dynkv.plan.prometheus import PROMETHEUS_IMAGE
-from dynkv.preflight import check_infra, check_observability
 from dynkv.settings import resolve
 from dynkv.supervisor.process import prepare
 
@@ -148,17 +149,19 @@ class _NoEngine:
 
 def test_neither_binary_nor_docker_fails_before_anything_starts():
     plan = plan_for(prometheus=None)
-    (problem,) = check_observability(plan, docker=_NoEngine())
-    assert "no prometheus binary" in problem.cause and "no socket" in problem.cause
-    assert problem.fix.startswith("apt-get install -y prometheus")
-    assert check_infra(plan, docker=_NoEngine()) == []  # reported once, with its own fix
-    assert check_observability(plan_for(), docker=_NoEngine()) == []  # the binary needs no engine
+    outcome = observability(plan, docker=_NoEngine())
+    assert outcome.status is Status.FAIL
+    assert "no prometheus binary" in outcome.detail and "no socket" in outcome.detail
+    assert outcome.fix.startswith("apt-get install -y prometheus")
+    assert observability(plan_for(), docker=_NoEngine()) is None  # the binary needs no engine
 
 
 def test_up_observability_without_prometheus_exits_1_with_cause_and_fix(clean_env, tmp_path):
     clean_env.setenv("DYNKV_STATE_DIR", str(tmp_path))
     clean_env.setattr("dynkv.plan.build.find_prometheus", lambda: None)
-    clean_env.setattr("dynkv.preflight.DockerBackend", lambda: _NoEngine())  # no engine either
+    clean_env.setattr(
+        "dynkv.doctor.check_plan.DockerBackend", lambda: _NoEngine()
+    )  # no engine either
     result = CliRunner().invoke(
         app, ["up", "-d", "--observability", "--skip-checks", "--device", "cpu"]
     )

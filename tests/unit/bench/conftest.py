@@ -10,9 +10,12 @@ import pytest
 
 from dynkv.ports import free_port
 
+METRICS = "kvbm_host_cache_hit_rate 0.5\nkvbm_disk_cache_hit_rate 0.25\n"
+
 
 class _Handler(BaseHTTPRequestHandler):
-    """Just enough of an OpenAI server: /v1/models and streamed chat completions."""
+    """Just enough of an OpenAI server: /v1/models, streamed chat completions, and a KVBM
+    /metrics."""
 
     protocol_version = "HTTP/1.1"
     tokens = 3
@@ -28,7 +31,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        self._send(200, json.dumps({"data": [{"id": "fake-model"}]}).encode())
+        if self.path == "/metrics":  # a KVBM worker's exposition, for the metrics discovery
+            self._send(200, METRICS.encode(), "text/plain; version=0.0.4")
+        elif self.path == "/v1/models":
+            self._send(200, json.dumps({"data": [{"id": "fake-model"}]}).encode())
+        else:
+            self._send(404, b'{"detail": "Not Found"}')
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))

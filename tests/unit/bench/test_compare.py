@@ -1,7 +1,7 @@
 """Compare mode with the stacks injected: which configurations run and in what order, every stack
 taken down whatever happens, a stack that does not come up recorded and skipped, the same
 workload for each; the real launcher's environment (isolation, pass-through, tier sizes); and
-`bench serve --compare` end to end against a local fake server standing in for each stack."""
+`bench compare` end to end against a local fake server standing in for each stack."""
 
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ def test_compare_cli_writes_one_combined_report(fake_stacks, tmp_path):
     out = tmp_path / "cmp"
     result = CliRunner().invoke(
         app,
-        ["bench", "serve", "--compare", "gpu-cpu,gpu-cpu-disk", "--users", "2", "--rounds", "2"]
+        ["bench", "compare", "--profiles", "gpu-cpu,gpu-cpu-disk", "--users", "2", "--rounds", "2"]
         + ["--system-tokens", "16", "--question-tokens", "8", "--answer-tokens", "2"]
         + ["--device-kv-gb", "0.04", "--stack-env", "X=1", "--seed", "5", "--out", str(out)]
         + ["--json"],
@@ -291,7 +291,7 @@ def test_compare_cli_writes_one_combined_report(fake_stacks, tmp_path):
 def test_compare_topology_cli_human_output(fake_stacks, tmp_path):
     result = CliRunner().invoke(
         app,
-        ["bench", "serve", "--compare-topology", "agg", "--compare-topology", "disagg"]
+        ["bench", "compare", "--topologies", "agg", "--topologies", "disagg"]
         + ["--profile", "gpu-cpu", "-w", "long-doc", "--docs", "2", "--doc-tokens", "40"]
         + ["--concurrency", "2", "--out", str(tmp_path)],
     )
@@ -308,18 +308,32 @@ def test_compare_topology_cli_human_output(fake_stacks, tmp_path):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--device-kv-gb", "0.1"], "--device-kv-gb only applies when comparing"),
-        (["--compare", "gpu-cpu", "--url", "http://x:1"], "--url does not apply"),
-        (["--compare", "gpu-cpu", "--model", "m"], "--stack-model"),
-        (["--compare", "gpu-cpu", "--metrics-url", "http://x/metrics"], "--metrics-url does"),
-        (["--compare", "gpu-cpu", "--compare-topology", "agg"], "cannot be combined"),
-        (["--compare-topology", "ring"], "unknown topology 'ring'"),
-        (["--compare", "no-such-profile"], "no-such-profile"),
-        (["--compare", "gpu-cpu", "--stack-env", "oops"], "NAME=VALUE"),
+        (["--profiles", "gpu-cpu", "--url", "http://x:1"], "an option of `dynkv bench serve`"),
+        (["--profiles", "gpu-cpu", "--model", "m"], "--stack-model m"),
+        (["--profiles", "gpu-cpu", "--metrics-url", "http://x/metrics"], "bench serve"),
+        (["--profiles", "gpu-cpu", "--topologies", "agg"], "cannot be combined"),
+        (["--topologies", "ring"], "unknown topology 'ring'"),
+        (["--profiles", "no-such-profile"], "no-such-profile"),
+        (["--profiles", "gpu-cpu", "--stack-env", "oops"], "NAME=VALUE"),
+        (["--profiles", "gpu-cpu", "--device-kv-gb", "-1"], "pass --device-kv-gb 0 or more"),
+        ([], "nothing to compare"),
     ],
 )
 def test_compare_usage_errors_exit_2(args, needle, fake_stacks):
-    result = CliRunner().invoke(app, ["bench", "serve", *args])
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["bench", "compare", *args])
     assert result.exit_code == 2, result.stderr
     assert needle in result.stderr and "fix:" in result.stderr
     assert fake_stacks == []  # nothing started
+
+
+@pytest.mark.parametrize("flag", ["--compare", "--compare-topology"])
+def test_serve_points_the_old_compare_flags_at_bench_compare(flag, fake_stacks):
+    result = CliRunner().invoke(app, ["bench", "serve", flag, "gpu-cpu"])
+    assert result.exit_code == 2 and "dynkv bench compare --profiles" in result.stderr
+    assert fake_stacks == []
+
+
+def test_a_stack_option_given_to_serve_names_bench_compare():
+    result = CliRunner().invoke(app, ["bench", "serve", "--stack-model", "m"])
+    assert result.exit_code == 2
+    assert "--stack-model is an option of `dynkv bench compare`" in result.stderr
