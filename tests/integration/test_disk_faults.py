@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from kvbm_helpers import G1, LAYOUT, expected_bytes, keys_for, load, settings, store
 
+from dynkv.kvbm.counters import Count
 from dynkv.kvbm.errors import KvbmConfigError
 from dynkv.kvbm.manager import BlockManager
 
@@ -74,7 +75,7 @@ def test_truncated_pool_file_is_a_miss(tmp_path, caplog):
     assert failed == lost and lost
     for i, k in enumerate(keys):
         assert data[i] is None if slots[k] >= 3 else data[i] == expected_bytes(k)
-    assert m.metrics.load_failures._value.get() == len(lost)
+    assert m.metrics.value(Count.LOAD_FAILURES) == len(lost)
     lines = [r.message for r in caplog.records if "could not be read" in r.message]
     assert len(lines) == 1 and f"{len(lost)} disk block(s)" in lines[0], lines
     assert m.match(keys).blocks < len(keys)  # the lost blocks left the index
@@ -124,7 +125,7 @@ def test_directory_deleted_under_a_running_pool(tmp_path):
 
 
 def _journal_failures(m: BlockManager) -> float:
-    return m.metrics.journal_failures._value.get()
+    return m.metrics.value(Count.JOURNAL_FAILURES)
 
 
 def test_directory_deleted_then_the_journal_compacts(tmp_path, caplog, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 from kvbm_helpers import G1, LAYOUT, expected_bytes, keys_for, load, settings, store
 from prometheus_client import generate_latest
 
+from dynkv.kvbm.counters import Count
 from dynkv.kvbm.errors import KvbmConfigError
 from dynkv.kvbm.journal import JOURNAL_FILE
 from dynkv.kvbm.manager import BlockManager, Tier
@@ -69,8 +70,8 @@ def test_write_through_to_host_and_byte_exact_load(g1):
     failed, data = load(m, g1, keys)
     assert failed == [] and data == [expected_bytes(k) for k in keys]
     assert store(m, g1, keys) == 0  # already held: touched, not copied again
-    assert m.metrics.offload_d2h._value.get() == 5
-    assert m.metrics.onboard_h2d._value.get() == 5
+    assert m.metrics.value(Count.OFFLOAD_D2H) == 5
+    assert m.metrics.value(Count.ONBOARD_H2D) == 5
     m.close()
 
 
@@ -110,7 +111,7 @@ def test_filter_sends_only_reused_blocks_to_disk(g1, disk_dir):
     load(m, g1, keys[:2])  # a hit doubles the frequency to 2 → offloaded
     m.flush()
     assert m.stats()["disk_blocks_used"] == 2
-    assert m.metrics.offload_h2d._value.get() == 2
+    assert m.metrics.value(Count.OFFLOAD_H2D) == 2
     assert m.stats()["offloads_in_flight"] == 0  # G2 slots released once written
     m.close()
 
@@ -129,10 +130,10 @@ def test_disk_only_is_direct_and_unfiltered(g1, disk_dir):
     store(m, g1, keys)
     m.flush()
     assert m.leader.filter is None and m.stats()["disk_blocks_used"] == 4
-    assert m.metrics.offload_d2d._value.get() == 4
+    assert m.metrics.value(Count.OFFLOAD_D2D) == 4
     failed, data = load(m, g1, keys)
     assert failed == [] and data == [expected_bytes(k) for k in keys]
-    assert m.metrics.onboard_d2d._value.get() == 4
+    assert m.metrics.value(Count.ONBOARD_D2D) == 4
     m.close()
 
 
@@ -158,7 +159,7 @@ def test_host_corruption_is_a_miss_counted_and_freed(g1):
     m.store.host.array[slot, 10] ^= 0xFF
     failed, data = load(m, g1, keys, first_block=40)
     assert failed == [41] and data[0] == expected_bytes(keys[0]) and data[2] is not None
-    assert m.metrics.integrity_failures._value.get() == 1
+    assert m.metrics.value(Count.INTEGRITY_FAILURES) == 1
     assert m.match(keys).blocks == 1  # the bad block is gone
     assert m.leader.host.free_count == 8 - 2  # and its slot is free again
     m.close()
@@ -180,7 +181,7 @@ def test_flipped_byte_in_the_disk_file_is_a_miss(g1, disk_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="dynkv.kvbm"):
         failed, _ = load(m, g1, keys, first_block=40)
     assert failed == [40]
-    assert m.metrics.integrity_failures._value.get() == 1
+    assert m.metrics.value(Count.INTEGRITY_FAILURES) == 1
     assert sum("failed its checksum" in r.message for r in caplog.records) == 1
     assert m.match(keys).blocks == 0
     m.close()
@@ -315,7 +316,7 @@ def test_full_pool_drops_instead_of_blocking(disk_dir):
     m.leader.end_step()
     assert stores == [] and len(offloads) == 2
     stores, _ = m.leader.plan_store(keys_for(1, salt="z"), [5])  # first sighting, G2 full
-    assert stores == [] and m.metrics.offload_dropped._value.get() == 1
+    assert stores == [] and m.metrics.value(Count.OFFLOAD_DROPPED) == 1
     # once the writes are reported done, the slots are evictable again
     from dynkv.kvbm.ops import StoreReport
 
