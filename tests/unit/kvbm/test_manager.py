@@ -325,3 +325,28 @@ def test_full_pool_drops_instead_of_blocking(disk_dir):
     assert len(stores) == 1
     m.leader.end_step()
     m.store.close()
+
+
+def test_journal_slots_outside_the_pool_are_ignored_on_replay(tmp_path, caplog):
+    """A journal whose records check out but name slots past the pool (corrupt, or written by
+    hand) must not make the store index outside its arrays: those records are skipped."""
+    from dynkv.kvbm.journal import Journal
+
+    directory = tmp_path / "g3"
+    m = BlockManager(LAYOUT, settings(disk_cache_override_num_blocks=4, disk_cache_dir=directory))
+    g1 = G1()
+    keys = keys_for(2)
+    store(m, g1, keys)
+    m.close()
+    journal = Journal(directory, LAYOUT.fingerprint(), LAYOUT.slot_stride, 4)
+    entries = journal.open()
+    journal.put(keys_for(1, salt="forged")[0], 4, 123)  # slot 4 of a 4-slot pool
+    journal.put(keys_for(1, salt="forged2")[0], 2**31, 456)
+    journal.close()
+    with caplog.at_level(logging.WARNING, logger="dynkv.kvbm"):
+        assert Journal(directory, LAYOUT.fingerprint(), LAYOUT.slot_stride, 4).open() == entries
+    assert any("outside its 4-slot pool" in r.getMessage() for r in caplog.records)
+    m = BlockManager(LAYOUT, settings(disk_cache_override_num_blocks=4, disk_cache_dir=directory))
+    failed, data = load(m, g1, keys)
+    assert failed == [] and data == [expected_bytes(k) for k in keys]
+    m.close()
