@@ -1,6 +1,6 @@
 """The SSD frequency filter: only blocks that are reused earn a place on disk.
 
-Semantics (docs/kvbm.md, Dynamo's filter): a block's frequency starts at 1 when it is first seen and
+Semantics (Dynamo's filter; docs/kvbm.md): a block's frequency starts at 1 when it is first seen and
 doubles on each further sighting (a hit, or a store of a block seen before); every decay period
 all frequencies drop by 1 and zeros are forgotten; a block is offloaded to disk only when its
 frequency is ≥ 2. The table is bounded: past `max_entries` the least recently seen entry goes.

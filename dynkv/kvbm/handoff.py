@@ -1,6 +1,6 @@
 """The handoff pool: how a prefill worker gives a prompt's KV blocks to a decode worker.
 
-Disaggregated serving on one host (docs/kvbm.md): the prefill engine computes the prompt, copies
+Disaggregated serving on one host (docs/disagg.md): the prefill engine computes the prompt, copies
 its full blocks into this pool, and returns the slots in `kv_transfer_params`; the frontend passes
 them to the decode engine, which reads the blocks instead of recomputing the prompt. The pool is
 one file in shared memory (`DYN_KVBM_HANDOFF_DIR`, under /dev/shm), mapped by both processes:

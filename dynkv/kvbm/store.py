@@ -48,6 +48,9 @@ from dynkv.kvbm.ops import HandoffOp, LoadOp, OffloadOp, StoreOp, StoreReport, T
 __all__ = ["MAX_RUN", "MAX_STAGED_BYTES", "BlockStore", "Device", "Fetched", "staging"]
 
 
+LOAD_CHUNK_BYTES = 256 << 20  # a load is fetched and copied in chunks of about this many bytes
+
+
 def source(op: LoadOp) -> Tier:
     """The tier a load reads from (a G3 hit with a G2 promotion slot still reads the disk)."""
     if op.from_handoff:
@@ -128,17 +131,19 @@ class BlockStore:
     # ---- load --------------------------------------------------------------------------------------
     def load(self, ops: Sequence[LoadOp], device: Device) -> list[int]:
         """Onboard `ops` into the device; returns the device blocks that could not be loaded."""
-        if not ops:
-            return []
-        fetched = self.fetch(ops)
-        t1 = time.perf_counter()
-        for array, rows, blocks in fetched.copies:
-            device.from_host(array, rows, blocks)
-        device.synchronize()
-        fetched.report.durations.append(("host_to_device", time.perf_counter() - t1))
-        with self._lock:
-            self._report.merge(fetched.report)
-        return fetched.failed
+        failed: list[int] = []
+        step = max(1, LOAD_CHUNK_BYTES // self.stride)
+        for first in range(0, len(ops), step):  # bounded staging memory, however long the prompt
+            fetched = self.fetch(ops[first : first + step])
+            t1 = time.perf_counter()
+            for array, rows, blocks in fetched.copies:
+                device.from_host(array, rows, blocks)
+            device.synchronize()
+            fetched.report.durations.append(("host_to_device", time.perf_counter() - t1))
+            with self._lock:
+                self._report.merge(fetched.report)
+            failed += fetched.failed
+        return failed
 
     def fetch(self, ops: Sequence[LoadOp]) -> Fetched:
         """The host half of a load: each source's handler reads and verifies its blocks. Returns

@@ -350,3 +350,26 @@ def test_journal_slots_outside_the_pool_are_ignored_on_replay(tmp_path, caplog):
     failed, data = load(m, g1, keys)
     assert failed == [] and data == [expected_bytes(k) for k in keys]
     m.close()
+
+
+def test_a_load_from_host_and_disk_at_once_in_small_chunks(g1, disk_dir, monkeypatch):
+    """One load mixing G2 hits and G3 hits, fetched three blocks at a time: every block
+    arrives, and what was promoted serves later loads from G2."""
+    from dynkv.kvbm import store as store_module
+
+    monkeypatch.setattr(store_module, "LOAD_CHUNK_BYTES", 3 * LAYOUT.slot_stride)
+    m = g2g3(disk_dir, host=4, disable_disk_offload_filter=True)
+    first, second = keys_for(4), keys_for(4, salt="x")
+    store(m, g1, first)
+    m.flush()
+    store(m, g1, second, first_block=10)  # `first` now only on disk, `second` in G2
+    m.flush()
+    keys = second[:2] + first
+    assert m.match(keys).tiers == (Tier.HOST,) * 2 + (Tier.DISK,) * 4
+    failed, data = load(m, g1, keys)
+    assert failed == [] and data == [expected_bytes(k) for k in keys]
+    assert m.metrics.value(Count.ONBOARD_D2D) == 4
+    assert Tier.HOST in m.match(first).tiers  # promoted (G2 holds 4: the rest read via staging)
+    failed, data = load(m, g1, first, first_block=40)
+    assert failed == [] and data == [expected_bytes(k) for k in first]
+    m.close()
