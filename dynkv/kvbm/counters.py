@@ -16,6 +16,12 @@ class Count(Enum):
     """A KVBM counter. `metric` is the Prometheus family name, `help` its description."""
 
     MATCHED_TOKENS = ("kvbm_matched_tokens", "Tokens whose KV was onboarded instead of computed")
+    LOOKUP_BLOCKS = (
+        "kvbm_lookup_blocks",
+        "Blocks asked of KVBM (those vLLM's own prefix cache did not hold): hit rates' denominator",
+    )
+    HOST_HIT_BLOCKS = ("kvbm_host_hit_blocks", "Blocks asked of KVBM that G2 held")
+    DISK_HIT_BLOCKS = ("kvbm_disk_hit_blocks", "Blocks asked of KVBM that G3 held (and G2 did not)")
     OFFLOAD_D2H = ("kvbm_offload_blocks_d2h", "Blocks offloaded device → host (G1→G2)")
     OFFLOAD_H2D = ("kvbm_offload_blocks_h2d", "Blocks offloaded host → disk (G2→G3)")
     OFFLOAD_D2D = ("kvbm_offload_blocks_d2d", "Blocks offloaded device → disk (G1→G3)")

@@ -3,8 +3,11 @@
 The registry is private to the runtime (vLLM has its own in the same process) and served on
 DYN_KVBM_METRICS_HOST:DYN_KVBM_METRICS_PORT when DYN_KVBM_METRICS is true. Counters follow the
 Prometheus client convention (`kvbm_offload_blocks_d2h_total` on the wire; the family name is
-Dynamo's `kvbm_offload_blocks_d2h`). Hit rates are over a sliding window of the last requests,
-as blocks hit / blocks asked of KVBM (the blocks vLLM's own prefix cache did not already hold).
+Dynamo's `kvbm_offload_blocks_d2h`; every counter is a `dynkv.kvbm.counters.Count`). The hit-rate
+gauges are over a sliding window of the last requests, as blocks hit / blocks asked of KVBM (the
+blocks vLLM's own prefix cache did not already hold); the same numbers are also counted
+(`kvbm_lookup_blocks`, `kvbm_{host,disk}_hit_blocks`), which is what `dynkv status` and
+`dynkv bench` aggregate (a ratio of sums: ratios themselves cannot be averaged across workers).
 """
 
 from __future__ import annotations
@@ -86,6 +89,11 @@ class KvbmMetrics:
 
     # ---- request-level hit rates ----------------------------------------------------------------
     def record_request(self, queried: int, host_hits: int, disk_hits: int) -> None:
+        # the counters give the lifetime (and, across workers, the aggregate) ratio; the gauges
+        # below are the recent window the log line shows
+        self.count(Count.LOOKUP_BLOCKS, queried)
+        self.count(Count.HOST_HIT_BLOCKS, host_hits)
+        self.count(Count.DISK_HIT_BLOCKS, disk_hits)
         with self._lock:
             self._window.append((queried, host_hits, disk_hits))
             self._version += 1

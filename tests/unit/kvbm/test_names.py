@@ -10,7 +10,8 @@ from dynkv.kvbm.metrics import KvbmMetrics
 from dynkv.kvbm.ops import StoreReport, Tier
 from dynkv.kvbm.roles import Role
 
-# Exactly what was exposed before the counters became an enum, plus the disk read deadline.
+# Exactly what was exposed before the counters became an enum, plus the disk read deadline's
+# misses and the lookup/hit counters that hit rates are aggregated from.
 EXPOSED = {
     "kvbm_matched_tokens_total",
     "kvbm_offload_blocks_d2h_total",
@@ -26,6 +27,9 @@ EXPOSED = {
     "kvbm_handoff_blocks_received_total",
     "kvbm_handoff_blocks_missed_total",
     "kvbm_disk_read_timeouts_total",
+    "kvbm_lookup_blocks_total",
+    "kvbm_host_hit_blocks_total",
+    "kvbm_disk_hit_blocks_total",
 }
 
 
