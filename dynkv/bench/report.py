@@ -11,8 +11,8 @@ Definitions:
   successful request (as vLLM's benchmark does);
 - throughput is successful requests (and their output tokens) over the wall time of the run,
   first send to last answer, warm-up excluded;
-- hit rates are the workers' `kvbm_{host,disk}_cache_hit_rate` gauges after the run (the runtime
-  computes them over its last requests), averaged over the targets that have that tier; counters
+- hit rates are blocks hit / blocks asked of KVBM during the run, summed over the workers that
+  have the tier (`dynkv.metrics_text.hit_rates`, the rule `dynkv status` uses too); counters
   are after − before, summed over the targets that have a tier at all (a counter that went down,
   i.e. a restarted worker, counts from zero). A target whose `kvbm_{host,disk}_blocks_total` are
   both 0 has no tier: a disagg decode worker, whose matched tokens all come from the prefill's
@@ -30,7 +30,8 @@ from typing import Any
 
 from dynkv.bench.client import RequestResult
 from dynkv.bench.runner import RunResult
-from dynkv.bench.scrape import COUNTERS, GAUGES, Snapshot
+from dynkv.bench.scrape import COUNTERS, GAUGES, SIZES, Snapshot
+from dynkv.metrics_text import hit_rates
 
 QUANTILES = (50, 90, 99)
 _ERROR_SAMPLES = 5
@@ -67,37 +68,28 @@ def counter_delta(before: float | None, after: float | None) -> float | None:
 def tier_stats(before: Sequence[Snapshot], after: Sequence[Snapshot]) -> dict[str, Any]:
     """Hit rates and counter deltas over the metrics targets (paired by URL)."""
     previous = {s.url: s for s in before}
-    gauges: dict[str, list[float]] = {g: [] for g in GAUGES}
     deltas: dict[str, float | None] = dict.fromkeys(COUNTERS)
     targets = []
     for snap in after:
         old = previous.get(snap.url, Snapshot(snap.url, error="not scraped before the run"))
         target: dict[str, Any] = {"url": snap.url, "error": snap.error or old.error}
-        has = {
-            "kvbm_host_cache_hit_rate": snap.values.get("kvbm_host_blocks_total") != 0,
-            "kvbm_disk_cache_hit_rate": snap.values.get("kvbm_disk_blocks_total") != 0,
-        }  # unknown (an older runtime) counts as present
-        target["tiers"] = any(has.values())
+        sizes = {n: snap.values.get(n) for n in SIZES}
+        target["tiers"] = any(v != 0 for v in sizes.values())  # unknown counts as present
         for name in GAUGES:
-            value = snap.values.get(name)
-            target[name] = value
-            if value is not None and has[name]:
-                gauges[name].append(value)
+            target[name] = snap.values.get(name)
         for name in COUNTERS:
             delta = counter_delta(old.values.get(name), snap.values.get(name))
             target[name] = delta
             if delta is not None and target["tiers"]:
                 deltas[name] = (deltas[name] or 0.0) + delta
         targets.append(target)
-
-    def mean(xs: list[float]) -> float | None:
-        return sum(xs) / len(xs) if xs else None
+    readable = [
+        {**t, **{n: s.values.get(n) for n in SIZES}} for t, s in zip(targets, after, strict=True)
+    ]
+    rates = hit_rates([t for t in readable if not t["error"]])
 
     return {
-        "hit_rates": {
-            "host": mean(gauges["kvbm_host_cache_hit_rate"]),
-            "disk": mean(gauges["kvbm_disk_cache_hit_rate"]),
-        },
+        "hit_rates": rates,
         "kvbm": {
             "onboard_blocks_h2d": deltas["kvbm_onboard_blocks_h2d"],
             "onboard_blocks_d2d": deltas["kvbm_onboard_blocks_d2d"],

@@ -89,6 +89,14 @@ class KvbmSettings(BaseSettings):
         description="Directory of the G3 pool files (created 0700).",
         json_schema_extra=_expect("a directory path", "/mnt/nvme/dynkv"),
     )
+    disk_read_timeout_ms: float = Field(
+        5000.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Deadline of one load's G3 reads: blocks not read by then are recomputed "
+        "(a stalled disk costs this much per load instead of freezing the engine).",
+        json_schema_extra=_expect("a number of milliseconds > 0", "5000"),
+    )
     leader_worker_init_timeout_secs: float = Field(
         120.0,
         gt=0,

@@ -133,34 +133,45 @@ class DeviceKV:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
     def _copy_on_current(self, block_ids, host: torch.Tensor, rows, to_host: bool) -> None:
-        nb = self.is_cuda
         grouped = runs(block_ids, rows)
         if self._np_blocks is not None and len(grouped) > _RUN_COPY_MAX_RUNS:
             if self._wide is not None and _one_run(rows):
                 self._indexed_copy(block_ids, host, rows[0], to_host)
-                return
-            cpu = host.numpy()
-            for layer, blocks in zip(self.layers, self._np_blocks, strict=True):
-                cols = cpu[:, layer.offset : layer.offset + layer.nbytes]
-                for b0, r0, n in grouped:
-                    dev = blocks[b0 : b0 + n]
-                    if to_host:
-                        cols[r0 : r0 + n] = dev.reshape(n, layer.nbytes)
-                    else:
-                        dev[...] = cols[r0 : r0 + n].reshape(dev.shape)
-            return
-        if len(grouped) <= _RUN_COPY_MAX_RUNS:
-            for layer in self.layers:
-                for b0, r0, n in grouped:
-                    dev = layer.blocks[b0 : b0 + n]
-                    cpu = host[r0 : r0 + n, layer.offset : layer.offset + layer.nbytes].view(
-                        dev.shape
-                    )
-                    if to_host:
-                        cpu.copy_(dev, non_blocking=nb)
-                    else:
-                        dev.copy_(cpu, non_blocking=nb)
-            return
+            else:
+                self._numpy_run_copy(grouped, host, to_host)
+        elif len(grouped) <= _RUN_COPY_MAX_RUNS:
+            self._run_copy(grouped, host, to_host)
+        else:
+            self._gather_copy(block_ids, host, rows, to_host)
+
+    def _numpy_run_copy(self, grouped, host: torch.Tensor, to_host: bool) -> None:
+        """Many runs on a CPU device: numpy slices (no per-run torch dispatch)."""
+        assert self._np_blocks is not None
+        cpu = host.numpy()
+        for layer, blocks in zip(self.layers, self._np_blocks, strict=True):
+            cols = cpu[:, layer.offset : layer.offset + layer.nbytes]
+            for b0, r0, n in grouped:
+                dev = blocks[b0 : b0 + n]
+                if to_host:
+                    cols[r0 : r0 + n] = dev.reshape(n, layer.nbytes)
+                else:
+                    dev[...] = cols[r0 : r0 + n].reshape(dev.shape)
+
+    def _run_copy(self, grouped, host: torch.Tensor, to_host: bool) -> None:
+        """Few runs: one tensor copy per run and layer."""
+        nb = self.is_cuda
+        for layer in self.layers:
+            for b0, r0, n in grouped:
+                dev = layer.blocks[b0 : b0 + n]
+                cpu = host[r0 : r0 + n, layer.offset : layer.offset + layer.nbytes].view(dev.shape)
+                if to_host:
+                    cpu.copy_(dev, non_blocking=nb)
+                else:
+                    dev.copy_(cpu, non_blocking=nb)
+
+    def _gather_copy(self, block_ids, host: torch.Tensor, rows, to_host: bool) -> None:
+        """Many scattered runs on a GPU: one gather/scatter kernel per layer."""
+        nb = self.is_cuda
         dev_idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
         row_idx = torch.as_tensor(list(rows), dtype=torch.long)
         n = len(block_ids)

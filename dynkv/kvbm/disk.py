@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -139,8 +140,24 @@ class DiskPool:
                 self.directory,
                 self.nbytes / 1e9,
             )
-            self._zero_fill()
+            self._zero_fill_or_explain()
         return False
+
+    def _zero_fill_or_explain(self) -> None:
+        """The zero-fill fallback; a disk too small for the pool is a configuration error, and
+        the half-written pool is given back (truncated) rather than left filling the disk."""
+        try:
+            self._zero_fill()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            raise KvbmConfigError(
+                f"not enough free space in {self.directory} for a "
+                f"{self.nbytes / 1e9:.2f} GB disk pool (ran out while zero-filling it)",
+                "lower DYN_KVBM_DISK_CACHE_GB or point DYN_KVBM_DISK_CACHE_DIR elsewhere",
+            ) from None
 
     def _zero_fill(self) -> None:
         if not self.o_direct:

@@ -52,6 +52,7 @@ class Journal:
         self.path = Path(directory) / JOURNAL_FILE
         self._header = _HEADER.pack(_MAGIC, _VERSION, fingerprint, stride, slots)
         self._fingerprint = fingerprint
+        self.slots = slots
         self._live = 0
         self._records = 0
         self._fh = None
@@ -80,28 +81,39 @@ class Journal:
             return []
         if len(data) < _HEADER.size:
             return []
-        magic, version, fingerprint, stride, slots = _HEADER.unpack_from(data)
         if data[: _HEADER.size] != self._header:
-            if magic == _MAGIC and fingerprint != self._fingerprint:
-                reason = "another model or KV layout (fingerprint differs)"
-            else:
-                reason = "another pool geometry or format"
-            live = self._count_live(data)
-            if quiet:
-                return []
-            log.warning(
-                "KVBM: disk cache %s was written for %s; discarding its %d blocks",
-                self.path.parent,
-                reason,
-                live,
-            )
+            if not quiet:
+                self._log_discarded(data)
             return []
+        return self._replay_records(data, quiet)
+
+    def _log_discarded(self, data: bytes) -> None:
+        magic, _version, fingerprint, _stride, _slots = _HEADER.unpack_from(data)
+        if magic == _MAGIC and fingerprint != self._fingerprint:
+            reason = "another model or KV layout (fingerprint differs)"
+        else:
+            reason = "another pool geometry or format"
+        log.warning(
+            "KVBM: disk cache %s was written for %s; discarding its %d blocks",
+            self.path.parent,
+            reason,
+            self._count_live(data),
+        )
+
+    def _replay_records(self, data: bytes, quiet: bool) -> list[Entry]:
+        """Apply the records in order; a torn record ends the replay, and a record naming a slot
+        outside the pool (a corrupt or forged journal whose check word still holds) is skipped:
+        the pool must never be asked to read or write outside itself."""
         table: dict[int, Entry] = {}  # key -> entry, insertion order = LRU order
         by_slot: dict[int, int] = {}  # slot -> key
+        outside = 0
         for offset in range(_HEADER.size, len(data) - _RECORD.size + 1, _RECORD.size):
             op, slot, checksum, key, word = _RECORD.unpack_from(data, offset)
             if op not in (PUT, DEL) or word != _check_word(op, slot, checksum, key):
                 break  # torn tail: everything after it is untrusted
+            if not 0 <= slot < self.slots:
+                outside += 1
+                continue
             k = int.from_bytes(key, "little")
             if op == PUT:
                 # a slot holds one block: a PUT into a slot supersedes its previous key
@@ -116,6 +128,14 @@ class Journal:
             elif k in table and table[k].slot == slot:
                 del table[k]
                 del by_slot[slot]
+        if outside and not quiet:
+            log.warning(
+                "KVBM: the disk cache index %s names %d slot(s) outside its %d-slot pool; "
+                "ignoring them",
+                self.path,
+                outside,
+                self.slots,
+            )
         return list(table.values())
 
     def _count_live(self, data: bytes) -> int:

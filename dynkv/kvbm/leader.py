@@ -24,36 +24,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 from dynkv.kvbm.config import KvbmSettings
+from dynkv.kvbm.counters import Count
 from dynkv.kvbm.errors import KvbmConfigError
 from dynkv.kvbm.filter import FrequencyFilter
 from dynkv.kvbm.handoff import handoff_slots
 from dynkv.kvbm.layout import BlockLayout
 from dynkv.kvbm.metrics import KvbmMetrics
-from dynkv.kvbm.ops import DISK, HANDOFF, HOST, HandoffOp, LoadOp, OffloadOp, StoreOp, StoreReport
+from dynkv.kvbm.ops import HandoffOp, LoadOp, OffloadOp, StoreOp, StoreReport, Tier
 from dynkv.kvbm.slots import PoolFull, SlotIndex
-
-_REPORT_COUNTERS = {
-    "onboard_h2d": "onboard_h2d",
-    "onboard_d2d": "onboard_d2d",
-    "offload_d2h": "offload_d2h",
-    "offload_h2d": "offload_h2d",
-    "offload_d2d": "offload_d2d",
-    "integrity_failures": "integrity_failures",
-    "load_failures": "load_failures",
-    "offload_dropped": "offload_dropped",
-    "journal_failures": "journal_failures",
-    "handoff_sent": "handoff_sent",
-    "handoff_received": "handoff_received",
-    "handoff_missed": "handoff_missed",
-}
-
-
-class Tier(StrEnum):
-    HOST = "host"
-    DISK = "disk"
 
 
 @dataclass(frozen=True)
@@ -207,7 +187,7 @@ class BlockLeader:
                     # earned its place on disk goes there directly rather than being dropped
                     direct = self._direct_to_disk(key, block)
                     if direct is None:
-                        self.metrics.offload_dropped.inc()
+                        self.metrics.count(Count.OFFLOAD_DROPPED)
                     else:
                         stores.append(direct)
                     continue
@@ -220,7 +200,7 @@ class BlockLeader:
                     continue
                 dslot = self._reserve_disk()
                 if dslot < 0:
-                    self.metrics.offload_dropped.inc()
+                    self.metrics.count(Count.OFFLOAD_DROPPED)
                     continue
                 self.disk.publish(dslot, key)
                 stores.append(StoreOp(key, block, disk_slot=dslot))
@@ -269,7 +249,9 @@ class BlockLeader:
     # ---- reports ---------------------------------------------------------------------------------
     def apply_report(self, report: StoreReport) -> None:
         for tier, slot, key in report.failures:
-            index = {HOST: self.host, DISK: self.disk, HANDOFF: self.handoff}.get(tier)
+            index = {Tier.HOST: self.host, Tier.DISK: self.disk, Tier.HANDOFF: self.handoff}.get(
+                tier
+            )
             if index is not None and index.slot_of(key) == slot:
                 index.remove(key)
         for slot in report.offloads_done:
@@ -280,10 +262,8 @@ class BlockLeader:
                 del self._offload_acks[slot]
                 assert self.host is not None
                 self.host.unpin(slot)
-        for name, attr in _REPORT_COUNTERS.items():
-            n = report.counts.get(name)
-            if n:
-                getattr(self.metrics, attr).inc(n)
+        for counter, n in report.counts.items():
+            self.metrics.count(counter, n)
         for direction, seconds in report.durations:
             self.metrics.transfer_seconds.labels(direction).observe(seconds)
 
@@ -296,7 +276,7 @@ class BlockLeader:
             return []
         dslot = self._reserve_disk()
         if dslot < 0:
-            self.metrics.offload_dropped.inc()
+            self.metrics.count(Count.OFFLOAD_DROPPED)
             return []
         self.disk.publish(dslot, key)
         assert self.host is not None

@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.layout import BlockLayout
-from dynkv.kvbm.leader import BlockLeader, Match, Tier
+from dynkv.kvbm.leader import BlockLeader, Match
 from dynkv.kvbm.metrics import KvbmMetrics
+from dynkv.kvbm.ops import Tier
 from dynkv.kvbm.store import BlockStore, Device
 
 __all__ = ["BlockManager", "Match", "Tier"]

@@ -3,8 +3,11 @@
 The registry is private to the runtime (vLLM has its own in the same process) and served on
 DYN_KVBM_METRICS_HOST:DYN_KVBM_METRICS_PORT when DYN_KVBM_METRICS is true. Counters follow the
 Prometheus client convention (`kvbm_offload_blocks_d2h_total` on the wire; the family name is
-Dynamo's `kvbm_offload_blocks_d2h`). Hit rates are over a sliding window of the last requests,
-as blocks hit / blocks asked of KVBM (the blocks vLLM's own prefix cache did not already hold).
+Dynamo's `kvbm_offload_blocks_d2h`; every counter is a `dynkv.kvbm.counters.Count`). The hit-rate
+gauges are over a sliding window of the last requests, as blocks hit / blocks asked of KVBM (the
+blocks vLLM's own prefix cache did not already hold); the same numbers are also counted
+(`kvbm_lookup_blocks`, `kvbm_{host,disk}_hit_blocks`), which is what `dynkv status` and
+`dynkv bench` aggregate (a ratio of sums: ratios themselves cannot be averaged across workers).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from dynkv.kvbm.counters import Count
 
 log = logging.getLogger("dynkv.kvbm")
 
@@ -48,58 +53,7 @@ class KvbmMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, window: int = WINDOW) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.matched_tokens = Counter(
-            "kvbm_matched_tokens", "Tokens whose KV was onboarded instead of computed", registry=r
-        )
-        self.offload_d2h = Counter(
-            "kvbm_offload_blocks_d2h", "Blocks offloaded device → host (G1→G2)", registry=r
-        )
-        self.offload_h2d = Counter(
-            "kvbm_offload_blocks_h2d", "Blocks offloaded host → disk (G2→G3)", registry=r
-        )
-        self.offload_d2d = Counter(
-            "kvbm_offload_blocks_d2d", "Blocks offloaded device → disk (G1→G3)", registry=r
-        )
-        self.onboard_h2d = Counter(
-            "kvbm_onboard_blocks_h2d", "Blocks onboarded host → device (G2→G1)", registry=r
-        )
-        self.onboard_d2d = Counter(
-            "kvbm_onboard_blocks_d2d", "Blocks onboarded disk → device (G3→G1)", registry=r
-        )
-        self.integrity_failures = Counter(
-            "kvbm_integrity_failures",
-            "Stored blocks whose checksum did not match on load (recomputed instead)",
-            registry=r,
-        )
-        self.load_failures = Counter(
-            "kvbm_load_failures", "Blocks that could not be onboarded (I/O, eviction)", registry=r
-        )
-        self.offload_dropped = Counter(
-            "kvbm_offload_dropped_blocks",
-            "Blocks not offloaded because every slot was busy or the disk queue was full",
-            registry=r,
-        )
-        self.journal_failures = Counter(
-            "kvbm_disk_journal_failures",
-            "Times the G3 index journal could not be written (G3 then serves without persisting "
-            "its index across restarts)",
-            registry=r,
-        )
-        self.handoff_sent = Counter(
-            "kvbm_handoff_blocks_sent",
-            "Prefill: prompt blocks written to the shared handoff pool for a decode worker",
-            registry=r,
-        )
-        self.handoff_received = Counter(
-            "kvbm_handoff_blocks_received",
-            "Decode: prompt blocks read from the handoff pool instead of computed",
-            registry=r,
-        )
-        self.handoff_missed = Counter(
-            "kvbm_handoff_blocks_missed",
-            "Decode: handed-off blocks that were gone or overwritten (recomputed)",
-            registry=r,
-        )
+        self.counters = {c: Counter(c.metric, c.help, registry=r) for c in Count}
         self.host_hit_rate = Gauge(
             "kvbm_host_cache_hit_rate", "Host (G2) hit rate over the request window", registry=r
         )
@@ -125,8 +79,21 @@ class KvbmMetrics:
         self._stop = threading.Event()
         self._server = None
 
+    # ---- counters ---------------------------------------------------------------------------------
+    def count(self, counter: Count, n: float = 1) -> None:
+        self.counters[counter].inc(n)
+
+    def value(self, counter: Count) -> float:
+        """The counter's current value, as a scrape would read it."""
+        return self.registry.get_sample_value(counter.sample) or 0.0
+
     # ---- request-level hit rates ----------------------------------------------------------------
     def record_request(self, queried: int, host_hits: int, disk_hits: int) -> None:
+        # the counters give the lifetime (and, across workers, the aggregate) ratio; the gauges
+        # below are the recent window the log line shows
+        self.count(Count.LOOKUP_BLOCKS, queried)
+        self.count(Count.HOST_HIT_BLOCKS, host_hits)
+        self.count(Count.DISK_HIT_BLOCKS, disk_hits)
         with self._lock:
             self._window.append((queried, host_hits, disk_hits))
             self._version += 1

@@ -12,6 +12,17 @@ Slots are numbers in the host pool (G2) or the disk pool (G3); -1 means "not inv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+from dynkv.kvbm.counters import Count
+
+
+class Tier(StrEnum):
+    """Where a block lives outside the device: G2, G3, or the disaggregated handoff pool."""
+
+    HOST = "host"
+    DISK = "disk"
+    HANDOFF = "handoff"
 
 
 @dataclass(frozen=True)
@@ -80,21 +91,20 @@ class StepOps:
         return bool(self.loads or self.stores or self.offloads or self.handoffs)
 
 
-HOST, DISK, HANDOFF = "host", "disk", "handoff"
-
-
 @dataclass
 class StoreReport:
     """Worker → leader, once per step: what failed, which offloads finished, and counters."""
 
-    failures: list[tuple[str, int, int]] = field(default_factory=list)  # (tier, slot, key)
+    failures: list[tuple[Tier, int, int]] = field(default_factory=list)  # (tier, slot, key)
     offloads_done: list[int] = field(default_factory=list)  # host slots free to reuse
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[Count, int] = field(default_factory=dict)
     durations: list[tuple[str, float]] = field(default_factory=list)
 
-    def count(self, name: str, n: int = 1) -> None:
+    def count(self, counter: Count, n: int = 1) -> None:
+        if not isinstance(counter, Count):  # a plain string would be silently lost later
+            raise TypeError(f"not a KVBM counter: {counter!r}")
         if n:
-            self.counts[name] = self.counts.get(name, 0) + n
+            self.counts[counter] = self.counts.get(counter, 0) + n
 
     def merge(self, other: StoreReport) -> StoreReport:
         self.failures.extend(other.failures)

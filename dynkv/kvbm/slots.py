@@ -41,9 +41,6 @@ class SlotIndex:
     def slot_of(self, key: int) -> int | None:
         return self._lru.get(key)
 
-    def key_of(self, slot: int) -> int | None:
-        return self._slot_key.get(slot)
-
     @property
     def used(self) -> int:
         return len(self._lru) + len(self._reserved)
@@ -55,9 +52,6 @@ class SlotIndex:
     def keys_lru(self) -> list[int]:
         """Indexed keys, least recently used first."""
         return list(self._lru)
-
-    def is_pinned(self, slot: int) -> bool:
-        return self._pins[slot] > 0
 
     # ---- mutations -----------------------------------------------------------------------------
     def touch(self, key: int) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dynkv.kvbm.config import KvbmSettings
+from dynkv.kvbm.counters import Count
 from dynkv.kvbm.journal import Journal
 from dynkv.kvbm.keys import BlockHasher
 from dynkv.kvbm.layout import BlockLayout
@@ -208,14 +209,14 @@ class SchedulerSide:
                 keys[start : start + n], device_blocks, st.receive[start : start + n]
             )
             self._plan.ops.loads.extend(loads)
-            self.metrics.matched_tokens.inc(len(loads) * self.block_size)
+            self.metrics.count(Count.MATCHED_TOKENS, len(loads) * self.block_size)
             st.stored = max(st.stored, start + n)
             return
         loads, offloads = self.leader.plan_load(keys[start : start + n], device_blocks)
         self._plan.ops.loads.extend(loads)
         self._plan.ops.offloads.extend(offloads)
         self._plan.unloadable.extend(device_blocks[len(loads) :])
-        self.metrics.matched_tokens.inc(len(loads) * self.block_size)
+        self.metrics.count(Count.MATCHED_TOKENS, len(loads) * self.block_size)
         # onboarded blocks are already held: write-through resumes after them
         st.stored = max(st.stored, start + n)
 

@@ -1,9 +1,10 @@
 """A worker's KVBM numbers for `dynkv status`, read from its Prometheus endpoint.
 
-Parsed with prometheus_client's text parser and looked up by family name (Dynamo's metric
-names; docs/kvbm.md#metrics). Tolerant by design: the runtime may expose only some families (or none yet),
-so a missing family is None, never an error. Counters are exposed as `<name>_total`; the parser
-reports the family without the suffix, and only the `_total` samples are summed (not `_created`).
+Parsing and the hit-rate rule are `dynkv.metrics_text`'s, shared with `dynkv bench`: the hit
+rates shown are the worker's hits / lookups since it started (its counters); the runtime's own
+window gauges are the fallback for a runtime without those counters (docs/kvbm.md#metrics).
+Tolerant by design: the
+runtime may expose only some families (or none yet), so a missing family is None, never an error.
 """
 
 from __future__ import annotations
@@ -11,17 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-GAUGES = (
-    "kvbm_host_cache_hit_rate",
-    "kvbm_disk_cache_hit_rate",
+from dynkv import metrics_text
+
+RATES = {"host": "kvbm_host_cache_hit_rate", "disk": "kvbm_disk_cache_hit_rate"}
+SHOWN = (
     "kvbm_host_blocks_used",
     "kvbm_host_blocks_total",
     "kvbm_disk_blocks_used",
     "kvbm_disk_blocks_total",
-)
-COUNTERS = (
     "kvbm_matched_tokens",
     "kvbm_offload_blocks_d2h",
     "kvbm_offload_blocks_h2d",
@@ -31,44 +30,37 @@ COUNTERS = (
     "kvbm_integrity_failures",
     "kvbm_load_failures",
     "kvbm_disk_journal_failures",
+    "kvbm_disk_read_timeouts",
 )
-_RATES = {"kvbm_host_cache_hit_rate", "kvbm_disk_cache_hit_rate"}
+KEYS = tuple(n.removeprefix("kvbm_") for n in (*RATES.values(), *SHOWN))
+
+
+def _number(value: float | None) -> float | int | None:
+    if value is None:
+        return None
+    return int(value) if float(value).is_integer() else value
+
+
+def summarize(values: dict[str, float]) -> dict[str, float | int | None]:
+    """{"host_cache_hit_rate": 0.5, "matched_tokens": 96, ...} with None for absent families."""
+    out: dict[str, float | int | None] = {}
+    rates = metrics_text.hit_rates([values])
+    for tier, name in RATES.items():
+        out[name.removeprefix("kvbm_")] = rates[tier]
+    for name in SHOWN:
+        out[name.removeprefix("kvbm_")] = _number(values.get(name))
+    return out
 
 
 def parse_kvbm(text: str) -> dict[str, float | int | None]:
-    """{"host_cache_hit_rate": 0.5, "matched_tokens": 96, ...} with None for absent families."""
-    families = {}
-    for family in text_string_to_metric_families(text):
-        families[family.name] = family
-    out: dict[str, float | int | None] = {}
-    for name in GAUGES + COUNTERS:
-        family = families.get(name) or families.get(name + "_total")  # untyped exposition
-        key = name.removeprefix("kvbm_")
-        if family is None:
-            out[key] = None
-            continue
-        values = [
-            s.value
-            for s in family.samples
-            if s.name in (name, name + "_total") and not s.name.endswith("_created")
-        ]
-        if not values:
-            out[key] = None
-        elif name in _RATES:
-            out[key] = sum(values) / len(values)
-        else:
-            total = sum(values)
-            out[key] = int(total) if float(total).is_integer() else total
-    return out
+    return summarize(metrics_text.parse(text))
 
 
 def read_kvbm(url: str, timeout: float = 1.0) -> dict[str, Any]:
     """The parsed metrics plus `reachable`, and `error` when the endpoint did not answer."""
     try:
-        resp = httpx.get(url, timeout=timeout)
-        resp.raise_for_status()
-        data: dict[str, Any] = {"reachable": True, **parse_kvbm(resp.text)}
+        data: dict[str, Any] = {"reachable": True, **summarize(metrics_text.fetch(url, timeout))}
     except (httpx.HTTPError, ValueError) as exc:
         data = {"reachable": False, "error": f"{url}: {exc}"}
-        data.update({n.removeprefix("kvbm_"): None for n in GAUGES + COUNTERS})
+        data.update(dict.fromkeys(KEYS))
     return data

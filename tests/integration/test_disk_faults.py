@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from kvbm_helpers import G1, LAYOUT, expected_bytes, keys_for, load, settings, store
 
+from dynkv.kvbm.counters import Count
 from dynkv.kvbm.errors import KvbmConfigError
 from dynkv.kvbm.manager import BlockManager
 
@@ -74,7 +75,7 @@ def test_truncated_pool_file_is_a_miss(tmp_path, caplog):
     assert failed == lost and lost
     for i, k in enumerate(keys):
         assert data[i] is None if slots[k] >= 3 else data[i] == expected_bytes(k)
-    assert m.metrics.load_failures._value.get() == len(lost)
+    assert m.metrics.value(Count.LOAD_FAILURES) == len(lost)
     lines = [r.message for r in caplog.records if "could not be read" in r.message]
     assert len(lines) == 1 and f"{len(lost)} disk block(s)" in lines[0], lines
     assert m.match(keys).blocks < len(keys)  # the lost blocks left the index
@@ -90,6 +91,62 @@ def test_disk_full_at_start_names_the_size_setting():
         assert "DYN_KVBM_DISK_CACHE_GB" in info.value.fix
     finally:
         unmount(path)
+
+
+def test_disk_full_while_zero_filling_names_the_size_setting(monkeypatch):
+    """A filesystem without fallocate(2) and the zero-fill fallback on: running out of space
+    while writing the zeros is the same cause + fix as above, and gives the space back."""
+    import errno
+
+    from dynkv.kvbm import disk
+
+    def no_fallocate(fd, length, offset=0):
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(disk, "fallocate", no_fallocate)  # tmpfs has it; ramfs has no size limit
+    path = mount_tmpfs("size=32k")
+    try:
+        with pytest.raises(KvbmConfigError) as info:
+            g3(path / "g3", blocks=64, disk_disable_o_direct=True, disk_zerofill_fallback=True)
+        assert "not enough free space" in info.value.cause
+        assert "DYN_KVBM_DISK_CACHE_GB" in info.value.fix
+        assert (path / "g3" / "blocks.bin").stat().st_size == 0  # nothing left filling the disk
+    finally:
+        unmount(path)
+
+
+def test_a_stalled_disk_read_is_a_counted_miss_not_a_frozen_engine(tmp_path, caplog):
+    """A read that never completes (a hung device) costs one deadline: the blocks are
+    recomputed, counted, and the engine goes on."""
+    from concurrent.futures import Future
+
+    m = g3(tmp_path / "g3", disk_read_timeout_ms=50)
+    g1 = G1()
+    keys = keys_for(4)
+    store(m, g1, keys)
+    m.flush()
+    stalled: Future = Future()
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(m.store.disk, "read_run", lambda first, bufs: stalled)
+    result: list = []
+    loader = threading.Thread(target=lambda: result.append(load(m, g1, keys)), daemon=True)
+    with caplog.at_level(logging.WARNING, logger="dynkv.kvbm"):
+        loader.start()
+        loader.join(timeout=10)
+    frozen = loader.is_alive()
+    stalled.set_result(4)  # let the old code's wait end, so the thread does not outlive the test
+    loader.join(timeout=10)
+    monkeypatch.undo()
+    assert not frozen, "the load waited for the stalled disk"
+    failed, data = result[0]
+    assert failed == [32, 33, 34, 35] and data == [None] * 4
+    assert m.metrics.value(Count.DISK_READ_TIMEOUTS) == 4
+    assert m.metrics.value(Count.LOAD_FAILURES) == 0
+    assert any("DYN_KVBM_DISK_READ_TIMEOUT_MS" in r.getMessage() for r in caplog.records)
+    # the blocks are still on disk (a slow disk is not a bad block): a later load finds them
+    failed, data = load(m, g1, keys)
+    assert failed == [] and data == [expected_bytes(k) for k in keys]
+    m.close()
 
 
 def test_read_only_filesystem_names_the_directory_setting():
@@ -124,7 +181,7 @@ def test_directory_deleted_under_a_running_pool(tmp_path):
 
 
 def _journal_failures(m: BlockManager) -> float:
-    return m.metrics.journal_failures._value.get()
+    return m.metrics.value(Count.JOURNAL_FAILURES)
 
 
 def test_directory_deleted_then_the_journal_compacts(tmp_path, caplog, monkeypatch):

@@ -83,6 +83,7 @@ GOOD = [
     ("DYN_KVBM_DISK_DISABLE_O_DIRECT", "YES", "disk_disable_o_direct", True),
     ("DYN_KVBM_METRICS", "False", "metrics", False),
     ("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "30", "leader_worker_init_timeout_secs", 30.0),
+    ("DYN_KVBM_DISK_READ_TIMEOUT_MS", "250", "disk_read_timeout_ms", 250.0),
     ("DYN_KVBM_METRICS_PORT", "7001", "metrics_port", 7001),
     ("DYN_KVBM_DISK_CACHE_DIR", "/var/tmp/kv", "disk_cache_dir", Path("/var/tmp/kv")),
     ("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS", "1.5", "cache_stats_log_interval_secs", 1.5),

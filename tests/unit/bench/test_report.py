@@ -11,6 +11,7 @@ from dynkv.bench import report, scrape
 from dynkv.bench.client import RequestResult
 from dynkv.bench.runner import RunResult
 from dynkv.bench.scrape import Snapshot
+from dynkv.kvbm.counters import Count
 from dynkv.kvbm.metrics import KvbmMetrics
 from dynkv.ports import free_port
 
@@ -112,10 +113,10 @@ def test_scrape_a_real_kvbm_registry_before_and_after():
         url = f"http://127.0.0.1:{port}/metrics"
         metrics.host_blocks_total.set(100)  # a worker with both tiers
         metrics.disk_blocks_total.set(200)
-        metrics.matched_tokens.inc(32)
+        metrics.count(Count.MATCHED_TOKENS, 32)
         before = scrape.scrape_all([url])
-        metrics.matched_tokens.inc(96)
-        metrics.onboard_h2d.inc(3)
+        metrics.count(Count.MATCHED_TOKENS, 96)
+        metrics.count(Count.ONBOARD_H2D, 3)
         metrics.record_request(queried=4, host_hits=3, disk_hits=1)
         after = scrape.scrape_all([url])
     finally:

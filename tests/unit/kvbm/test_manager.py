@@ -13,6 +13,7 @@ import pytest
 from kvbm_helpers import G1, LAYOUT, expected_bytes, keys_for, load, settings, store
 from prometheus_client import generate_latest
 
+from dynkv.kvbm.counters import Count
 from dynkv.kvbm.errors import KvbmConfigError
 from dynkv.kvbm.journal import JOURNAL_FILE
 from dynkv.kvbm.manager import BlockManager, Tier
@@ -69,8 +70,8 @@ def test_write_through_to_host_and_byte_exact_load(g1):
     failed, data = load(m, g1, keys)
     assert failed == [] and data == [expected_bytes(k) for k in keys]
     assert store(m, g1, keys) == 0  # already held: touched, not copied again
-    assert m.metrics.offload_d2h._value.get() == 5
-    assert m.metrics.onboard_h2d._value.get() == 5
+    assert m.metrics.value(Count.OFFLOAD_D2H) == 5
+    assert m.metrics.value(Count.ONBOARD_H2D) == 5
     m.close()
 
 
@@ -110,7 +111,7 @@ def test_filter_sends_only_reused_blocks_to_disk(g1, disk_dir):
     load(m, g1, keys[:2])  # a hit doubles the frequency to 2 → offloaded
     m.flush()
     assert m.stats()["disk_blocks_used"] == 2
-    assert m.metrics.offload_h2d._value.get() == 2
+    assert m.metrics.value(Count.OFFLOAD_H2D) == 2
     assert m.stats()["offloads_in_flight"] == 0  # G2 slots released once written
     m.close()
 
@@ -129,10 +130,10 @@ def test_disk_only_is_direct_and_unfiltered(g1, disk_dir):
     store(m, g1, keys)
     m.flush()
     assert m.leader.filter is None and m.stats()["disk_blocks_used"] == 4
-    assert m.metrics.offload_d2d._value.get() == 4
+    assert m.metrics.value(Count.OFFLOAD_D2D) == 4
     failed, data = load(m, g1, keys)
     assert failed == [] and data == [expected_bytes(k) for k in keys]
-    assert m.metrics.onboard_d2d._value.get() == 4
+    assert m.metrics.value(Count.ONBOARD_D2D) == 4
     m.close()
 
 
@@ -158,7 +159,7 @@ def test_host_corruption_is_a_miss_counted_and_freed(g1):
     m.store.host.array[slot, 10] ^= 0xFF
     failed, data = load(m, g1, keys, first_block=40)
     assert failed == [41] and data[0] == expected_bytes(keys[0]) and data[2] is not None
-    assert m.metrics.integrity_failures._value.get() == 1
+    assert m.metrics.value(Count.INTEGRITY_FAILURES) == 1
     assert m.match(keys).blocks == 1  # the bad block is gone
     assert m.leader.host.free_count == 8 - 2  # and its slot is free again
     m.close()
@@ -180,7 +181,7 @@ def test_flipped_byte_in_the_disk_file_is_a_miss(g1, disk_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="dynkv.kvbm"):
         failed, _ = load(m, g1, keys, first_block=40)
     assert failed == [40]
-    assert m.metrics.integrity_failures._value.get() == 1
+    assert m.metrics.value(Count.INTEGRITY_FAILURES) == 1
     assert sum("failed its checksum" in r.message for r in caplog.records) == 1
     assert m.match(keys).blocks == 0
     m.close()
@@ -315,7 +316,7 @@ def test_full_pool_drops_instead_of_blocking(disk_dir):
     m.leader.end_step()
     assert stores == [] and len(offloads) == 2
     stores, _ = m.leader.plan_store(keys_for(1, salt="z"), [5])  # first sighting, G2 full
-    assert stores == [] and m.metrics.offload_dropped._value.get() == 1
+    assert stores == [] and m.metrics.value(Count.OFFLOAD_DROPPED) == 1
     # once the writes are reported done, the slots are evictable again
     from dynkv.kvbm.ops import StoreReport
 
@@ -324,3 +325,51 @@ def test_full_pool_drops_instead_of_blocking(disk_dir):
     assert len(stores) == 1
     m.leader.end_step()
     m.store.close()
+
+
+def test_journal_slots_outside_the_pool_are_ignored_on_replay(tmp_path, caplog):
+    """A journal whose records check out but name slots past the pool (corrupt, or written by
+    hand) must not make the store index outside its arrays: those records are skipped."""
+    from dynkv.kvbm.journal import Journal
+
+    directory = tmp_path / "g3"
+    m = BlockManager(LAYOUT, settings(disk_cache_override_num_blocks=4, disk_cache_dir=directory))
+    g1 = G1()
+    keys = keys_for(2)
+    store(m, g1, keys)
+    m.close()
+    journal = Journal(directory, LAYOUT.fingerprint(), LAYOUT.slot_stride, 4)
+    entries = journal.open()
+    journal.put(keys_for(1, salt="forged")[0], 4, 123)  # slot 4 of a 4-slot pool
+    journal.put(keys_for(1, salt="forged2")[0], 2**31, 456)
+    journal.close()
+    with caplog.at_level(logging.WARNING, logger="dynkv.kvbm"):
+        assert Journal(directory, LAYOUT.fingerprint(), LAYOUT.slot_stride, 4).open() == entries
+    assert any("outside its 4-slot pool" in r.getMessage() for r in caplog.records)
+    m = BlockManager(LAYOUT, settings(disk_cache_override_num_blocks=4, disk_cache_dir=directory))
+    failed, data = load(m, g1, keys)
+    assert failed == [] and data == [expected_bytes(k) for k in keys]
+    m.close()
+
+
+def test_a_load_from_host_and_disk_at_once_in_small_chunks(g1, disk_dir, monkeypatch):
+    """One load mixing G2 hits and G3 hits, fetched three blocks at a time: every block
+    arrives, and what was promoted serves later loads from G2."""
+    from dynkv.kvbm import store as store_module
+
+    monkeypatch.setattr(store_module, "LOAD_CHUNK_BYTES", 3 * LAYOUT.slot_stride)
+    m = g2g3(disk_dir, host=4, disable_disk_offload_filter=True)
+    first, second = keys_for(4), keys_for(4, salt="x")
+    store(m, g1, first)
+    m.flush()
+    store(m, g1, second, first_block=10)  # `first` now only on disk, `second` in G2
+    m.flush()
+    keys = second[:2] + first
+    assert m.match(keys).tiers == (Tier.HOST,) * 2 + (Tier.DISK,) * 4
+    failed, data = load(m, g1, keys)
+    assert failed == [] and data == [expected_bytes(k) for k in keys]
+    assert m.metrics.value(Count.ONBOARD_D2D) == 4
+    assert Tier.HOST in m.match(first).tiers  # promoted (G2 holds 4: the rest read via staging)
+    failed, data = load(m, g1, first, first_block=40)
+    assert failed == [] and data == [expected_bytes(k) for k in first]
+    m.close()

@@ -1,0 +1,68 @@
+"""The KVBM counters: one enum member per counter, its Prometheus family name and help beside it.
+
+The store counts events in its `StoreReport` by member, the leader adds them to the metrics by
+member, and the metrics module registers one `prometheus_client.Counter` per member. A misspelt
+counter is an `AttributeError` where it is written, not a metric that silently stays at zero.
+The family names are Dynamo's (`kvbm_offload_blocks_d2h`; `_total` on the wire); dashboards and
+tests read them, so a name here changes only together with them.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Count(Enum):
+    """A KVBM counter. `metric` is the Prometheus family name, `help` its description."""
+
+    MATCHED_TOKENS = ("kvbm_matched_tokens", "Tokens whose KV was onboarded instead of computed")
+    LOOKUP_BLOCKS = (
+        "kvbm_lookup_blocks",
+        "Blocks asked of KVBM (those vLLM's own prefix cache did not hold): hit rates' denominator",
+    )
+    HOST_HIT_BLOCKS = ("kvbm_host_hit_blocks", "Blocks asked of KVBM that G2 held")
+    DISK_HIT_BLOCKS = ("kvbm_disk_hit_blocks", "Blocks asked of KVBM that G3 held (and G2 did not)")
+    OFFLOAD_D2H = ("kvbm_offload_blocks_d2h", "Blocks offloaded device → host (G1→G2)")
+    OFFLOAD_H2D = ("kvbm_offload_blocks_h2d", "Blocks offloaded host → disk (G2→G3)")
+    OFFLOAD_D2D = ("kvbm_offload_blocks_d2d", "Blocks offloaded device → disk (G1→G3)")
+    ONBOARD_H2D = ("kvbm_onboard_blocks_h2d", "Blocks onboarded host → device (G2→G1)")
+    ONBOARD_D2D = ("kvbm_onboard_blocks_d2d", "Blocks onboarded disk → device (G3→G1)")
+    INTEGRITY_FAILURES = (
+        "kvbm_integrity_failures",
+        "Stored blocks whose checksum did not match on load (recomputed instead)",
+    )
+    LOAD_FAILURES = ("kvbm_load_failures", "Blocks that could not be onboarded (I/O, eviction)")
+    DISK_READ_TIMEOUTS = (
+        "kvbm_disk_read_timeouts",
+        "Disk (G3) blocks not read within DYN_KVBM_DISK_READ_TIMEOUT_MS (recomputed instead)",
+    )
+    OFFLOAD_DROPPED = (
+        "kvbm_offload_dropped_blocks",
+        "Blocks not offloaded because every slot was busy or the disk queue was full",
+    )
+    JOURNAL_FAILURES = (
+        "kvbm_disk_journal_failures",
+        "Times the G3 index journal could not be written (G3 then serves without persisting "
+        "its index across restarts)",
+    )
+    HANDOFF_SENT = (
+        "kvbm_handoff_blocks_sent",
+        "Prefill: prompt blocks written to the shared handoff pool for a decode worker",
+    )
+    HANDOFF_RECEIVED = (
+        "kvbm_handoff_blocks_received",
+        "Decode: prompt blocks read from the handoff pool instead of computed",
+    )
+    HANDOFF_MISSED = (
+        "kvbm_handoff_blocks_missed",
+        "Decode: handed-off blocks that were gone or overwritten (recomputed)",
+    )
+
+    def __init__(self, metric: str, help: str) -> None:  # noqa: A002 (prometheus' own word)
+        self.metric = metric
+        self.help = help
+
+    @property
+    def sample(self) -> str:
+        """The sample name on the wire (`prometheus_client` appends `_total` to counters)."""
+        return self.metric + "_total"

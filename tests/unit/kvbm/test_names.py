@@ -1,0 +1,77 @@
+"""The names other code reads: counters (dashboards, `status`, `bench`), tiers and roles."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import generate_latest
+
+from dynkv.kvbm.counters import Count
+from dynkv.kvbm.metrics import KvbmMetrics
+from dynkv.kvbm.ops import StoreReport, Tier
+from dynkv.kvbm.roles import Role
+
+# Exactly what was exposed before the counters became an enum, plus the disk read deadline's
+# misses and the lookup/hit counters that hit rates are aggregated from.
+EXPOSED = {
+    "kvbm_matched_tokens_total",
+    "kvbm_offload_blocks_d2h_total",
+    "kvbm_offload_blocks_h2d_total",
+    "kvbm_offload_blocks_d2d_total",
+    "kvbm_onboard_blocks_h2d_total",
+    "kvbm_onboard_blocks_d2d_total",
+    "kvbm_integrity_failures_total",
+    "kvbm_load_failures_total",
+    "kvbm_offload_dropped_blocks_total",
+    "kvbm_disk_journal_failures_total",
+    "kvbm_handoff_blocks_sent_total",
+    "kvbm_handoff_blocks_received_total",
+    "kvbm_handoff_blocks_missed_total",
+    "kvbm_disk_read_timeouts_total",
+    "kvbm_lookup_blocks_total",
+    "kvbm_host_hit_blocks_total",
+    "kvbm_disk_hit_blocks_total",
+}
+
+
+def test_every_counter_is_exposed_under_its_name():
+    metrics = KvbmMetrics()
+    for i, counter in enumerate(Count, start=1):
+        metrics.count(counter, i)
+    text = generate_latest(metrics.registry).decode()
+    assert {c.sample for c in Count} == EXPOSED
+    for i, counter in enumerate(Count, start=1):
+        assert f"\n{counter.sample} {float(i)}\n" in text
+        assert metrics.value(counter) == i
+
+
+def test_a_misspelt_counter_fails_where_it_is_written():
+    report = StoreReport()
+    with pytest.raises(AttributeError):
+        report.count(Count.ONBOARD_H2X)  # type: ignore[attr-defined]
+    with pytest.raises(TypeError):
+        report.count("onboard_h2d")  # type: ignore[arg-type]
+
+
+def test_reports_merge_by_counter():
+    a, b = StoreReport(), StoreReport()
+    a.count(Count.ONBOARD_H2D, 2)
+    b.count(Count.ONBOARD_H2D, 3)
+    b.count(Count.HANDOFF_SENT)
+    assert a.merge(b).counts == {Count.ONBOARD_H2D: 5, Count.HANDOFF_SENT: 1}
+
+
+def test_tier_and_role_values_are_the_strings_on_the_wire():
+    assert [t.value for t in Tier] == ["host", "disk", "handoff"]
+    assert [r.value for r in Role] == ["agg", "prefill", "decode"]
+    assert Role("prefill") is Role.PREFILL and Role.DECODE == "decode"
+
+
+def test_a_report_survives_the_trip_between_vllm_processes():
+    import pickle
+
+    report = StoreReport()
+    report.count(Count.HANDOFF_MISSED, 2)
+    report.failures.append((Tier.HANDOFF, 3, 7))
+    back = pickle.loads(pickle.dumps(report))
+    assert back.counts == {Count.HANDOFF_MISSED: 2} and back.failures == [(Tier.HANDOFF, 3, 7)]
+    assert next(iter(back.counts)) is Count.HANDOFF_MISSED
