@@ -3,8 +3,8 @@
 Parsing and the hit-rate rule are `dynkv.metrics_text`'s, shared with `dynkv bench`: the hit
 rates shown are the worker's hits / lookups since it started (its counters); the runtime's own
 window gauges are the fallback for a runtime without those counters (docs/kvbm.md#metrics).
-Tolerant by design: the
-runtime may expose only some families (or none yet), so a missing family is None, never an error.
+Tolerant by design: the runtime may expose only some families (or none yet), so a missing family
+is None, never an error.
 """
 
 from __future__ import annotations
