@@ -23,7 +23,9 @@ from dynkv.plan.frontend import API_KEY_ENV, frontend_service
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
 from dynkv.plan.prometheus import PROMETHEUS_BINARY, prometheus_service
+from dynkv.plan.secret import read_or_new, secret_path
 from dynkv.plan.worker import (
+    DEPLOYMENT_SECRET_ENV,
     PASSTHROUGH_ENV,
     kv_transfer_config,
     metrics_url,
@@ -63,6 +65,7 @@ class HostFacts:
     prometheus_binary: str | None = None  # None: observability runs the docker image
     nixl: bool = False  # the `nixl` package imports (vLLM's NixlConnector can run)
     user: str | None = None  # "uid:gid" a container runs as (reads the 0700 deployment dir)
+    secret: str | None = None  # the deployment secret (dynkv.plan.secret); None: unsigned
 
     @classmethod
     def detect(cls, resolved: Resolved, model: ModelChoice, *, device: str) -> HostFacts:
@@ -87,6 +90,7 @@ class HostFacts:
             prometheus_binary=find_prometheus(),
             nixl=importlib.util.find_spec("nixl") is not None,
             user=f"{os.getuid()}:{os.getgid()}",
+            secret=read_or_new(resolved.deployment.deployment_dir),
         )
 
 
@@ -256,6 +260,8 @@ def _workers(
             )
             env.update(cpu_env)
         env_unset += (API_KEY_ENV,)  # the frontend's secret; a worker has no use for it
+        if host.secret:
+            env[DEPLOYMENT_SECRET_ENV] = host.secret  # signs its registration (docs/security.md)
         for name in ("PYTHONPATH", *PASSTHROUGH_ENV):
             if host.environ.get(name):
                 env[name] = host.environ[name]
@@ -319,6 +325,8 @@ def _frontend(
         depends_on=workers,
         disagg_fallback=dep.topology == "disagg" and dep.disagg_fallback,
         disagg_transfer=transfer,
+        secret=host.secret,
+        secret_file=str(secret_path(dep.deployment_dir)) if host.secret else None,
     )
 
 

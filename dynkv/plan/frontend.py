@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dynkv.plan.model import Probe, Service
+from dynkv.worker.record import DEPLOYMENT_SECRET_ENV
 
 FRONTEND_MODULE = "dynkv.frontend"
 API_KEY_ENV = "DYNKV_API_KEY"
@@ -45,6 +46,8 @@ def frontend_service(
     depends_on: tuple[str, ...],
     disagg_fallback: bool = False,
     disagg_transfer: str | None = None,
+    secret: str | None = None,
+    secret_file: str | None = None,
 ) -> Service:
     argv = [
         python,
@@ -73,6 +76,8 @@ def frontend_service(
         service_env[API_KEY_ENV] = api_key
     else:
         env_unset = (API_KEY_ENV,)  # the frontend gets exactly what the settings say
+    if secret:
+        service_env[DEPLOYMENT_SECRET_ENV] = secret  # verifies registrations, keys the workers
     url = frontend_url(host, port)
     return Service(
         name="frontend",
@@ -85,6 +90,7 @@ def frontend_service(
         probes=(Probe(kind="http", url=f"{url}/health", expect_json={"status": "ok"}),),
         depends_on=depends_on,
         log_file=str(deployment_dir / "logs" / "frontend.log"),
+        files={secret_file: secret} if secret and secret_file else {},
         meta={
             "url": url,
             "openai_url": f"{url}/v1",

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from dynkv.plan.model import Probe, Service
+from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, worker_key, workers_prefix
+
+__all__ = ["DEPLOYMENT_SECRET_ENV", "worker_key", "worker_service", "workers_prefix"]
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 WORKER_MODULE = "dynkv.worker"
@@ -94,15 +97,6 @@ def vllm_argv(
     if kv_cache_bytes is not None:
         argv += ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
     return tuple(argv)
-
-
-def worker_key(deployment: str, worker_id: str) -> str:
-    """etcd key of a worker registration (README: "etcd key layout")."""
-    return f"{workers_prefix(deployment)}{worker_id}"
-
-
-def workers_prefix(deployment: str) -> str:
-    return f"/dynkv/{deployment}/workers/"
 
 
 def metrics_url(host: str, port: int) -> str:

@@ -8,6 +8,10 @@ reaches all of them. A SIGTERM/SIGINT/SIGHUP sent to the wrapper alone is passed
 SIGTERM: a second SIGINT would make uvicorn skip its shutdown), after the registration is withdrawn
 so that no client is routed to a worker that is going away. When vLLM exits on its own the wrapper
 withdraws and exits with vLLM's code.
+
+Secrets (docs/security.md): the deployment secret arrives in `DYNKV_DEPLOYMENT_SECRET`; the
+wrapper signs its registration with it and gives vLLM, instead of the secret, the key derived from
+it (`VLLM_API_KEY`), so that vLLM's `/v1` routes answer only the frontend.
 """
 
 from __future__ import annotations
@@ -23,13 +27,8 @@ import time
 import httpx
 
 from dynkv.infra.etcd_client import EtcdClient
-from dynkv.worker.registration import (
-    Registrar,
-    _log,
-    register_until_done,
-    registration_record,
-    worker_key,
-)
+from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, WorkerRecord, worker_api_key, worker_key
+from dynkv.worker.registration import Registrar, _log, register_until_done
 
 POLL = 0.2
 
@@ -68,11 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
 
-    child = subprocess.Popen(child_argv)
+    secret = os.environ.get(DEPLOYMENT_SECRET_ENV) or None
+    child = subprocess.Popen(child_argv, env=child_env(os.environ, secret))
     _log(f"started {child_argv[0]} (pid {child.pid}); waiting for {args.url}/health")
+    if secret is None:
+        _log(f"no {DEPLOYMENT_SECRET_ENV}: the registration is unsigned, vLLM takes any caller")
     client = EtcdClient(args.etcd_endpoints)
-    record = registration_record(
-        worker_id=args.worker_id,
+    record = WorkerRecord(
+        id=args.worker_id,
         role=args.role,
         url=args.url,
         model=args.served_model_name,
@@ -81,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         started_at=time.time(),
     )
     registrar = Registrar(
-        client, worker_key(args.deployment, args.worker_id), record, args.lease_ttl
+        client,
+        worker_key(args.deployment, args.worker_id),
+        record,
+        args.lease_ttl,
+        secret=secret,
     )
     forwarded = False
     try:
@@ -106,8 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def child_env(environ: dict[str, str] | os._Environ, secret: str | None) -> dict[str, str]:
+    """vLLM's environment: ours without the deployment secret, with the derived API key."""
+    env = {k: v for k, v in environ.items() if k != DEPLOYMENT_SECRET_ENV}
+    if secret:
+        env["VLLM_API_KEY"] = worker_api_key(secret)
+    return env
+
+
 def _wait_healthy(child: subprocess.Popen, url: str, stop_signal: list[int]) -> bool:
-    with httpx.Client(timeout=2.0) as http:
+    with httpx.Client(timeout=2.0, trust_env=False) as http:
         while child.poll() is None and not stop_signal:
             try:
                 if http.get(f"{url}/health").status_code == 200:

@@ -281,7 +281,8 @@ def test_readme_documents_the_frontend_options_and_metrics():
 
     from dynkv.frontend.config import parser
 
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    root = Path(__file__).resolve().parents[3]
+    readme = "\n".join(p.read_text() for p in [root / "README.md", *root.glob("docs/*.md")])
     options = [o for a in parser()._actions for o in a.option_strings if o.startswith("--")]
     missing = [o for o in options if o != "--help" and o not in readme]
     assert missing == []
