@@ -61,6 +61,35 @@ class Registrar:
                 _log(f"etcd not reachable to re-register: {err}")
                 self._withdrawn.wait(1.0)
 
+    @property
+    def registered(self) -> bool:
+        return self.lease is not None
+
+    def suspend(self) -> None:
+        """Take the registration out (vLLM stopped answering) without giving up: `register`
+        brings it back once vLLM is healthy again."""
+        with self._lock:
+            keeper, lease = self._keeper, self.lease
+            self._keeper = self.lease = None
+        if keeper is not None:
+            keeper.stop()
+        if lease is not None:
+            try:
+                self.client.lease_revoke(lease)
+                _log(f"suspended {self.key}: vLLM does not answer /health")
+            except EtcdError as exc:
+                _log(f"could not suspend {self.key} ({exc}); it expires within {self.ttl}s")
+
+    def ensure(self) -> None:
+        """Put the record back if someone deleted the key while our lease lives (etcd on
+        loopback has no ACLs; docs/security.md)."""
+        with self._lock:
+            lease = self.lease
+            if lease is None or self.client.get(self.key) is not None:
+                return
+            self.client.put(self.key, self.record, lease=lease)
+        _log(f"{self.key} was deleted by someone else; registered again")
+
     def withdraw(self) -> None:
         """Revoke the lease (etcd deletes the key with it); safe to call twice."""
         self._withdrawn.set()

@@ -66,7 +66,11 @@ class Stack:
         return self._spawn(argv, f"{worker_id}-{port}.log", self._secret_env())
 
     def _secret_env(self) -> dict[str, str]:
-        return {DEPLOYMENT_SECRET_ENV: self.secret} if self.secret else {}
+        """With a secret, also a dead proxy in every variable: loopback clients ignore it."""
+        if not self.secret:
+            return {}
+        proxies = {k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
+        return {DEPLOYMENT_SECRET_ENV: self.secret, **proxies}
 
     def frontend(self, *args: str, **env: str) -> subprocess.Popen:
         argv = [
