@@ -19,6 +19,7 @@ from dynkv.cli.display import (
 )
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
+    ApiKeyFileOpt,
     ApiKeyOpt,
     CpuGbOpt,
     DeviceKvOpt,
@@ -28,6 +29,7 @@ from dynkv.cli.options import (
     EtcdOpt,
     HostOpt,
     InfraOpt,
+    InsecureOpt,
     JsonOpt,
     KvbmOpt,
     ModelOpt,
@@ -37,6 +39,8 @@ from dynkv.cli.options import (
     PortOpt,
     ProfileOpt,
     RouterOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
     TopologyOpt,
     resolve_from_options,
 )
@@ -75,6 +79,10 @@ def up(
     disk_cache_gb: DiskGbOpt = None,
     disk_cache_dir: DiskDirOpt = None,
     api_key: ApiKeyOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    insecure: InsecureOpt = None,
     router: RouterOpt = None,
     kvbm: KvbmOpt = None,
     device_kv_gb: DeviceKvOpt = None,
@@ -106,6 +114,10 @@ def up(
         disk_cache_gb=disk_cache_gb,
         disk_cache_dir=disk_cache_dir,
         api_key=api_key,
+        api_key_file=api_key_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        insecure=insecure,
         router=router,
         kvbm=kvbm,
         observability=observability,

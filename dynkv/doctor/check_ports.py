@@ -81,7 +81,7 @@ def check_group(ctx: DoctorContext, uses: list[PortUse]) -> Outcome:
         except OSError as exc:
             if exc.errno == errno.EADDRNOTAVAIL:
                 problems.append(f"{use.host} is not an address of this host ({use.label})")
-                fixes.append("use an address of this host, e.g. 127.0.0.1 or 0.0.0.0")
+                fixes.append("use an address of this host, e.g. 127.0.0.1 (see docs/security.md)")
                 continue
             raise
         if free:

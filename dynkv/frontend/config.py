@@ -12,7 +12,6 @@ the settings that change what the frontend trusts.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvError
 
+from dynkv.plan.frontend import exposure_problem, is_loopback
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV
 
 API_KEY_ENV = "DYNKV_API_KEY"
@@ -97,15 +97,6 @@ class FrontendConfig(BaseModel):
         from dynkv.worker.record import worker_api_key
 
         return worker_api_key(self.deployment_secret) if self.deployment_secret else None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class FrontendSettings(BaseSettings, FrontendConfig):
@@ -216,12 +207,10 @@ def bind_problem(config: FrontendConfig) -> str | None:
     without an API key serves anyone on the network (docs/security.md)."""
     if bool(config.tls_cert) != bool(config.tls_key):
         return "--tls-cert and --tls-key go together; give both (or neither)"
-    if not config.loopback and not config.api_key and not config.insecure:
-        return (
-            f"refusing to serve on non-loopback address {config.host} without an API key; "
-            "set DYNKV_API_KEY (or --api-key-file), bind 127.0.0.1, or pass --insecure"
-        )
-    return None
+    problem = exposure_problem(
+        host=config.host, api_key=bool(config.api_key), insecure=config.insecure
+    )
+    return None if problem is None else "; ".join(problem)
 
 
 def plaintext_key_warning(config: FrontendConfig) -> str | None:

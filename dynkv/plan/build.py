@@ -19,7 +19,12 @@ from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
 from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
-from dynkv.plan.frontend import API_KEY_ENV, frontend_service
+from dynkv.plan.frontend import (
+    API_KEY_ENV,
+    exposure_problem,
+    frontend_service,
+    read_key_file,
+)
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
 from dynkv.plan.prometheus import PROMETHEUS_BINARY, prometheus_service
@@ -311,6 +316,22 @@ def _frontend(
 ) -> Service:
     dep = resolved.deployment
     env = {"PYTHONPATH": host.environ["PYTHONPATH"]} if host.environ.get("PYTHONPATH") else {}
+    api_key = dep.api_key.get_secret_value() if dep.api_key else None
+    if api_key is None and dep.api_key_file is not None:
+        try:
+            api_key = read_key_file(dep.api_key_file)
+        except ValueError as exc:
+            raise PlanError(str(exc), "point --api-key-file at a file holding the key") from None
+    if (dep.tls_cert is None) != (dep.tls_key is None):
+        raise PlanError("--tls-cert and --tls-key go together", "give both, or neither")
+    problem = exposure_problem(
+        host=dep.frontend_host,
+        api_key=bool(api_key),
+        insecure=dep.insecure,
+        metrics_host=resolved.kvbm.metrics_host if dep.kvbm else None,
+    )
+    if problem:
+        raise PlanError(*problem)
     return frontend_service(
         deployment=dep.name,
         deployment_dir=dep.deployment_dir,
@@ -320,13 +341,15 @@ def _frontend(
         router=str(dep.router),
         etcd_endpoints=endpoints,
         models=(host.model.served_name,),
-        api_key=dep.api_key.get_secret_value() if dep.api_key else None,
+        api_key=api_key,
         env=env,
         depends_on=workers,
         disagg_fallback=dep.topology == "disagg" and dep.disagg_fallback,
         disagg_transfer=transfer,
         secret=host.secret,
         secret_file=str(secret_path(dep.deployment_dir)) if host.secret else None,
+        tls=(str(dep.tls_cert), str(dep.tls_key)) if dep.tls_cert and dep.tls_key else None,
+        insecure=dep.insecure,
     )
 
 
@@ -352,7 +375,7 @@ def _prometheus(
         frontend=address(frontend.meta["url"]),
         kvbm=kvbm,
         vllm={w.meta["worker_id"]: address(w.meta["url"]) for w in workers},
-        api_key=dep.api_key.get_secret_value() if dep.api_key else None,
+        api_key=frontend.env.get(API_KEY_ENV),
         user=host.user,
         depends_on=(frontend.name,),
     )

@@ -8,6 +8,7 @@ it), never in argv, which every user of the machine can read and the state file 
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +17,45 @@ from dynkv.worker.record import DEPLOYMENT_SECRET_ENV
 
 FRONTEND_MODULE = "dynkv.frontend"
 API_KEY_ENV = "DYNKV_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach `host` (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(
+    *, host: str, api_key: bool, insecure: bool, metrics_host: str | None = None
+) -> tuple[str, str] | None:
+    """(cause, fix) when the settings would expose the deployment to the network without a
+    key (docs/security.md), else None. Checked while planning, before anything starts."""
+    if not is_loopback(host) and not api_key and not insecure:
+        return (
+            f"the frontend would serve anyone who reaches {host} (not loopback) without an API key",
+            "set DYNKV_API_KEY (or --api-key-file), bind 127.0.0.1, or pass --insecure",
+        )
+    if metrics_host is not None and not is_loopback(metrics_host) and not insecure:
+        return (
+            f"the KVBM metrics would be served on {metrics_host} (not loopback), with no key",
+            "unset DYN_KVBM_METRICS_HOST (127.0.0.1), or pass --insecure (DYNKV_INSECURE=true)",
+        )
+    return None
+
+
+def read_key_file(path: Path) -> str:
+    """The API key in `path` (stripped); ValueError with the reason."""
+    try:
+        key = path.expanduser().read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the API key file {path}: {exc.strerror}") from None
+    if not key:
+        raise ValueError(f"the API key file {path} is empty")
+    return key
 
 
 def connect_host(host: str) -> str:
@@ -27,8 +67,8 @@ def connect_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def frontend_url(host: str, port: int) -> str:
-    return f"http://{connect_host(host)}:{port}"
+def frontend_url(host: str, port: int, tls: bool = False) -> str:
+    return f"{'https' if tls else 'http'}://{connect_host(host)}:{port}"
 
 
 def frontend_service(
@@ -48,6 +88,8 @@ def frontend_service(
     disagg_transfer: str | None = None,
     secret: str | None = None,
     secret_file: str | None = None,
+    tls: tuple[str, str] | None = None,
+    insecure: bool = False,
 ) -> Service:
     argv = [
         python,
@@ -70,6 +112,10 @@ def frontend_service(
         argv.append("--disagg-fallback")
     if disagg_transfer == "nixl":
         argv += ["--disagg-transfer", "nixl"]
+    if tls is not None:
+        argv += ["--tls-cert", tls[0], "--tls-key", tls[1]]
+    if insecure:
+        argv.append("--insecure")
     service_env = dict(env)
     env_unset: tuple[str, ...] = ()
     if api_key:
@@ -78,7 +124,13 @@ def frontend_service(
         env_unset = (API_KEY_ENV,)  # the frontend gets exactly what the settings say
     if secret:
         service_env[DEPLOYMENT_SECRET_ENV] = secret  # verifies registrations, keys the workers
-    url = frontend_url(host, port)
+    url = frontend_url(host, port, tls is not None)
+    # over TLS the supervisor cannot verify a self-signed certificate: it waits for the port
+    ready = (
+        Probe(kind="http", url=f"{url}/health", expect_json={"status": "ok"})
+        if tls is None
+        else Probe(kind="tcp", host=connect_host(host).strip("[]"), port=port)
+    )
     return Service(
         name="frontend",
         role="frontend",
@@ -87,7 +139,7 @@ def frontend_service(
         env_unset=env_unset,
         cwd=str(deployment_dir),
         ports={"http": port},
-        probes=(Probe(kind="http", url=f"{url}/health", expect_json={"status": "ok"}),),
+        probes=(ready,),
         depends_on=depends_on,
         log_file=str(deployment_dir / "logs" / "frontend.log"),
         files={secret_file: secret} if secret and secret_file else {},

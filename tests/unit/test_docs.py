@@ -1,11 +1,12 @@
-"""The README is the user's reference: it must name every variable the code reads."""
+"""The README and docs/ are the user's reference: they must name every variable the code reads."""
 
 from pathlib import Path
 
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.settings.deployment import DeploymentSettings
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[2]
+README = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md"))])
 
 
 def test_readme_documents_every_kvbm_variable():

@@ -146,7 +146,7 @@ def test_a_non_loopback_bind_needs_a_key_or_insecure(capsys, tmp_path):
         parse_args([*ETCD, "--host", "0.0.0.0"], {})
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "without an API key" in err and "--insecure" in err
+    assert "without an API key" in err and "--insecure" in err and "not loopback" in err
     assert parse_args([*ETCD, "--host", "0.0.0.0", "--insecure"], {}).insecure
     keyed = parse_args([*ETCD, "--host", "0.0.0.0"], {"DYNKV_API_KEY": "k"})
     assert "plaintext" in (plaintext_key_warning(keyed) or "")
