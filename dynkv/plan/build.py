@@ -19,18 +19,11 @@ from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
 from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
-from dynkv.plan.frontend import (
-    API_KEY_ENV,
-    exposure_problem,
-    frontend_service,
-    read_key_file,
-)
+from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service, read_or_new
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
 from dynkv.plan.prometheus import PROMETHEUS_BINARY, prometheus_service
-from dynkv.plan.secret import read_or_new, secret_path
 from dynkv.plan.worker import (
-    DEPLOYMENT_SECRET_ENV,
     PASSTHROUGH_ENV,
     kv_transfer_config,
     metrics_url,
@@ -265,8 +258,6 @@ def _workers(
             )
             env.update(cpu_env)
         env_unset += (API_KEY_ENV,)  # the frontend's secret; a worker has no use for it
-        if host.secret:
-            env[DEPLOYMENT_SECRET_ENV] = host.secret  # signs its registration (docs/security.md)
         for name in ("PYTHONPATH", *PASSTHROUGH_ENV):
             if host.environ.get(name):
                 env[name] = host.environ[name]
@@ -300,6 +291,7 @@ def _workers(
                 etcd_endpoints=endpoints,
                 lease_ttl=dep.lease_ttl_secs,
                 depends_on=depends_on,
+                secret=host.secret,
             )
         )
         if handoff is not None and role == "prefill":
@@ -316,22 +308,6 @@ def _frontend(
 ) -> Service:
     dep = resolved.deployment
     env = {"PYTHONPATH": host.environ["PYTHONPATH"]} if host.environ.get("PYTHONPATH") else {}
-    api_key = dep.api_key.get_secret_value() if dep.api_key else None
-    if api_key is None and dep.api_key_file is not None:
-        try:
-            api_key = read_key_file(dep.api_key_file)
-        except ValueError as exc:
-            raise PlanError(str(exc), "point --api-key-file at a file holding the key") from None
-    if (dep.tls_cert is None) != (dep.tls_key is None):
-        raise PlanError("--tls-cert and --tls-key go together", "give both, or neither")
-    problem = exposure_problem(
-        host=dep.frontend_host,
-        api_key=bool(api_key),
-        insecure=dep.insecure,
-        metrics_host=resolved.kvbm.metrics_host if dep.kvbm else None,
-    )
-    if problem:
-        raise PlanError(*problem)
     return frontend_service(
         deployment=dep.name,
         deployment_dir=dep.deployment_dir,
@@ -341,15 +317,12 @@ def _frontend(
         router=str(dep.router),
         etcd_endpoints=endpoints,
         models=(host.model.served_name,),
-        api_key=api_key,
+        access=checked_access(resolved),
         env=env,
         depends_on=workers,
         disagg_fallback=dep.topology == "disagg" and dep.disagg_fallback,
         disagg_transfer=transfer,
         secret=host.secret,
-        secret_file=str(secret_path(dep.deployment_dir)) if host.secret else None,
-        tls=(str(dep.tls_cert), str(dep.tls_key)) if dep.tls_cert and dep.tls_key else None,
-        insecure=dep.insecure,
     )
 
 

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynkv.plan.model import Probe, Service
+from dynkv.plan.secret import read_or_new, secret_path
+from dynkv.settings.errors import SettingsError
+from dynkv.settings.resolve import Resolved
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV
+
+__all__ = ["Access", "checked_access", "frontend_service", "read_or_new"]  # read_or_new: build
 
 FRONTEND_MODULE = "dynkv.frontend"
 API_KEY_ENV = "DYNKV_API_KEY"
@@ -58,6 +64,42 @@ def read_key_file(path: Path) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class Access:
+    """Who may call the frontend and how: its API key, TLS (cert, key), --insecure."""
+
+    api_key: str | None = field(default=None, repr=False)
+    tls: tuple[str, str] | None = None
+    insecure: bool = False
+
+
+def checked_access(resolved: Resolved) -> Access:
+    """The frontend's `Access`, or a SettingsError (exit 2, nothing started) when the settings
+    would expose the deployment to the network without a key (docs/security.md)."""
+    dep = resolved.deployment
+    metrics_host = resolved.kvbm.metrics_host if dep.kvbm else None
+    api_key = dep.api_key.get_secret_value() if dep.api_key else None
+    if api_key is None and dep.api_key_file is not None:
+        try:
+            api_key = read_key_file(dep.api_key_file)
+        except ValueError as exc:
+            raise SettingsError(
+                str(exc), "point --api-key-file at a file holding the key"
+            ) from None
+    if (dep.tls_cert is None) != (dep.tls_key is None):
+        raise SettingsError("--tls-cert and --tls-key go together", "give both, or neither")
+    problem = exposure_problem(
+        host=dep.frontend_host,
+        api_key=bool(api_key),
+        insecure=dep.insecure,
+        metrics_host=metrics_host,
+    )
+    if problem:
+        raise SettingsError(*problem)
+    tls = (str(dep.tls_cert), str(dep.tls_key)) if dep.tls_cert and dep.tls_key else None
+    return Access(api_key=api_key, tls=tls, insecure=dep.insecure)
+
+
 def connect_host(host: str) -> str:
     """An address a client on this machine can reach for a server bound to `host`."""
     if host in ("0.0.0.0", "", "*"):
@@ -81,16 +123,14 @@ def frontend_service(
     router: str,
     etcd_endpoints: tuple[str, ...],
     models: tuple[str, ...],
-    api_key: str | None,
+    access: Access,
     env: Mapping[str, str],
     depends_on: tuple[str, ...],
     disagg_fallback: bool = False,
     disagg_transfer: str | None = None,
     secret: str | None = None,
-    secret_file: str | None = None,
-    tls: tuple[str, str] | None = None,
-    insecure: bool = False,
 ) -> Service:
+    api_key, tls = access.api_key, access.tls
     argv = [
         python,
         "-m",
@@ -114,7 +154,7 @@ def frontend_service(
         argv += ["--disagg-transfer", "nixl"]
     if tls is not None:
         argv += ["--tls-cert", tls[0], "--tls-key", tls[1]]
-    if insecure:
+    if access.insecure:
         argv.append("--insecure")
     service_env = dict(env)
     env_unset: tuple[str, ...] = ()
@@ -142,7 +182,7 @@ def frontend_service(
         probes=(ready,),
         depends_on=depends_on,
         log_file=str(deployment_dir / "logs" / "frontend.log"),
-        files={secret_file: secret} if secret and secret_file else {},
+        files={str(secret_path(deployment_dir)): secret} if secret else {},
         meta={
             "url": url,
             "openai_url": f"{url}/v1",

@@ -123,7 +123,10 @@ def worker_service(
     etcd_endpoints: tuple[str, ...],
     lease_ttl: int,
     depends_on: tuple[str, ...],
+    secret: str | None = None,
 ) -> Service:
+    """`secret`: the deployment secret, which the wrapper signs its registration with and
+    derives vLLM's API key from (docs/security.md)."""
     worker_id = f"{role}-{index}"
     name = "worker" if role == "agg" and index == 0 else worker_id
     url = f"http://127.0.0.1:{port}"
@@ -157,7 +160,7 @@ def worker_service(
         name=name,
         role=role,
         argv=argv,
-        env=dict(env),
+        env={**env, DEPLOYMENT_SECRET_ENV: secret} if secret else dict(env),
         env_unset=env_unset,
         cwd=str(deployment_dir),
         ports=ports,

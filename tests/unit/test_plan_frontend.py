@@ -18,6 +18,7 @@ from dynkv.plan import PlanError
 from dynkv.plan.frontend import connect_host
 from dynkv.plan.model import MASK
 from dynkv.preflight import check_ports
+from dynkv.settings import SettingsError
 from dynkv.supervisor.state import DeploymentState, ServiceRecord
 
 
@@ -164,7 +165,7 @@ def test_up_router_flag(clean_env, tmp_path):
     ],
 )
 def test_a_network_bind_without_a_key_is_refused_before_anything_starts(env):
-    with pytest.raises(PlanError) as exc:
+    with pytest.raises(SettingsError) as exc:
         plan_for(env)
     assert "not loopback" in exc.value.cause and "--insecure" in exc.value.fix
 
@@ -183,7 +184,7 @@ def test_the_api_key_file_is_read_into_the_environment_never_argv(tmp_path):
     fe = plan.service("frontend")
     assert fe.env["DYNKV_API_KEY"] == "sk-from-file" and "sk-from-file" not in fe.argv
     assert "sk-from-file" not in json.dumps(plan.to_json())
-    with pytest.raises(PlanError) as exc:
+    with pytest.raises(SettingsError) as exc:
         plan_for({"DYNKV_API_KEY_FILE": str(tmp_path / "missing")})
     assert "cannot read the API key file" in exc.value.cause
 
@@ -194,7 +195,7 @@ def test_tls_reaches_the_frontend_and_its_urls(tmp_path):
     assert flag(fe.argv, "--tls-cert") == "/c.pem" and flag(fe.argv, "--tls-key") == "/k.pem"
     assert fe.meta["openai_url"] == "https://127.0.0.1:8000/v1"
     assert fe.probes[0].kind == "tcp"
-    with pytest.raises(PlanError):
+    with pytest.raises(SettingsError):
         plan_for({"DYNKV_TLS_CERT": "/c.pem"})
 
 
