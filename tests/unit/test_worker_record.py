@@ -77,3 +77,22 @@ def test_the_worker_api_key_is_derived_and_not_the_secret():
     key = worker_api_key(SECRET)
     assert key == worker_api_key(SECRET) and key != SECRET and len(key) == 64
     assert worker_api_key("t" * 64) != key
+
+
+def test_the_deployment_secret_is_reused_only_from_a_private_file(tmp_path):
+    from dynkv.plan.secret import read_or_new, secret_path
+
+    fresh = read_or_new(tmp_path)
+    assert len(fresh) == 64 and not secret_path(tmp_path).exists()  # planning writes nothing
+    assert read_or_new(tmp_path) != fresh
+    path = secret_path(tmp_path)
+    path.write_text(fresh)
+    path.chmod(0o600)
+    assert read_or_new(tmp_path) == fresh  # the same deployment keeps its secret
+    path.chmod(0o640)
+    assert read_or_new(tmp_path) != fresh  # readable by the group: not trusted, replaced
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").write_text(fresh)
+    (tmp_path / "elsewhere").chmod(0o600)
+    assert read_or_new(tmp_path) != fresh  # a planted symlink is not followed
