@@ -126,7 +126,7 @@ def test_completions_streamed_and_not(stack):
 
 def test_error_shapes(stack):
     def shape(body: dict) -> dict:
-        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert set(body["error"]) == {"message", "type", "param", "code", "request_id"}, body
         return body["error"]
 
     anonymous = openai.OpenAI(base_url=stack.base + "/v1", api_key="wrong", max_retries=0)
@@ -180,6 +180,11 @@ def test_status_logs_and_metrics(stack):
         record = etcd.get("/dynkv/fe2e/workers/agg-0").json()
     assert record["model"] == MODEL
     assert record["url"] == f"http://127.0.0.1:{stack.env['DYNKV_WORKER_PORT']}"
+    assert "signature" in record  # signed with the deployment secret (docs/security.md)
+    # vLLM's /v1 answers only the frontend (the key derived from the secret); /health is open
+    direct = f"http://127.0.0.1:{stack.env['DYNKV_WORKER_PORT']}"
+    assert httpx.get(f"{direct}/v1/models", timeout=5).status_code == 401
+    assert httpx.get(f"{direct}/health", timeout=5).status_code == 200
     data = stack.status()
     assert data["name"] == "fe2e" and all(s["healthy"] for s in data["services"])
     assert _worker(data)["kvbm"]["reachable"] is True
