@@ -287,7 +287,8 @@ def test_zz_killed_worker_is_503_then_leaves_the_pool(stack):
         )
     assert info.value.status_code == 503 and info.value.code == "no_worker_available"
     while time.monotonic() - killed < TTL + 5:
-        if httpx.get(f"{stack.base}/health", timeout=5).json()["workers"] == 0:
+        auth = {"authorization": f"Bearer {KEY}"}  # without the key: healthy or not, no more
+        if httpx.get(f"{stack.base}/health", headers=auth, timeout=5).json()["workers"] == 0:
             break
         time.sleep(0.2)
     left = time.monotonic() - killed
