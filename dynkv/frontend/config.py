@@ -51,10 +51,10 @@ class FrontendConfig(BaseModel):
     connect_timeout: float = Field(3.0, gt=0)
     health_interval: float = Field(1.0, gt=0, description="re-probe of unhealthy workers")
     probe_timeout: float = Field(
-        2.0, gt=0, description="a worker's /health slower than this is unhealthy (hung)"
+        5.0, gt=0, description="a worker's /health slower than this is unhealthy (hung)"
     )
     stall_probe_after: float = Field(
-        5.0, gt=0, description="waiting this long for a worker's first byte probes its /health"
+        10.0, gt=0, description="waiting this long for a worker's first byte probes its /health"
     )
     max_connections: int = Field(256, ge=1, description="to all workers together")
     max_concurrency: int = Field(

@@ -56,7 +56,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--etcd-endpoints", required=True)
     p.add_argument("--lease-ttl", type=int, default=10)
     p.add_argument("--health-interval", type=float, default=2.0, help="seconds between probes")
-    p.add_argument("--probe-timeout", type=float, default=2.0, help="a slower /health failed")
+    # generous: a busy CPU engine can answer /health late, and withdrawing it would be worse
+    p.add_argument("--probe-timeout", type=float, default=5.0, help="a slower /health failed")
     p.add_argument(
         "--unhealthy-after", type=int, default=3, help="consecutive failed probes to withdraw"
     )
