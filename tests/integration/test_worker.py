@@ -170,15 +170,17 @@ def test_a_hung_vllm_is_withdrawn_and_comes_back(etcd, etcd_url, tmp_path):
         vllm = children_of(proc)[0]
         vllm.suspend()
         stopped = time.monotonic()
+        log = tmp_path / "worker.log"
+        wait_for(lambda: "withdrawing" in log.read_text(), 10)
         wait_for(lambda: etcd.get(key) is None, 5)
-        assert time.monotonic() - stopped < 3.5  # 2 probes × (0.3 s + 0.5 s timeout), + slack
+        assert time.monotonic() - stopped < 6  # 2 probes × (0.3 s + 0.5 s timeout), + slack
         assert proc.poll() is None  # withdrawn, not stopped
         vllm.resume()
         wait_for(lambda: etcd.get(key), 5)
         etcd.delete(key)  # a local process deletes the real registration
         wait_for(lambda: etcd.get(key), 3)  # put back under the same lease
-        log = (tmp_path / "worker.log").read_text()
-        assert "withdrawing" in log and "answers again" in log and "deleted by someone" in log
+        wait_for(lambda: "deleted by someone" in log.read_text(), 5)
+        assert "answers again" in log.read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
