@@ -47,6 +47,22 @@ ApiKeyOpt = Annotated[
         show_default=False,
     ),
 ]
+ApiKeyFileOpt = Annotated[
+    Path | None,
+    typer.Option("--api-key-file", help="Read the frontend's API key from this file."),
+]
+TlsCertOpt = Annotated[
+    Path | None, typer.Option("--tls-cert", help="Serve the frontend over HTTPS (PEM cert).")
+]
+TlsKeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="Private key of --tls-cert.")]
+InsecureOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--insecure",
+        help="Allow a non-loopback frontend without an API key (docs/security.md).",
+        show_default=False,
+    ),
+]
 RouterOpt = Annotated[
     RouterPolicy | None,
     typer.Option(
@@ -91,6 +107,10 @@ def resolve_from_options(
     disk_cache_gb: float | None = None,
     disk_cache_dir: Path | None = None,
     api_key: str | None = None,
+    api_key_file: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    insecure: bool | None = None,
     router: RouterPolicy | None = None,
     kvbm: bool | None = None,
     observability: bool | None = None,
@@ -117,6 +137,10 @@ def resolve_from_options(
             "frontend_host": host,
             "frontend_port": port,
             "api_key": api_key,
+            "api_key_file": api_key_file,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "insecure": insecure,
             "router": router,
             "kvbm": kvbm,
             "observability": observability,

@@ -20,6 +20,7 @@ from dynkv.cli.display import (
 )
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
+    ApiKeyFileOpt,
     ApiKeyOpt,
     CpuGbOpt,
     DeviceKvOpt,
@@ -29,6 +30,7 @@ from dynkv.cli.options import (
     EtcdOpt,
     HostOpt,
     InfraOpt,
+    InsecureOpt,
     JsonOpt,
     KvbmOpt,
     ModelOpt,
@@ -38,6 +40,8 @@ from dynkv.cli.options import (
     PortOpt,
     ProfileOpt,
     RouterOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
     TopologyOpt,
     resolve_from_options,
 )
@@ -77,6 +81,10 @@ def up(
     disk_cache_gb: DiskGbOpt = None,
     disk_cache_dir: DiskDirOpt = None,
     api_key: ApiKeyOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    insecure: InsecureOpt = None,
     router: RouterOpt = None,
     kvbm: KvbmOpt = None,
     device_kv_gb: DeviceKvOpt = None,
@@ -108,6 +116,10 @@ def up(
         disk_cache_gb=disk_cache_gb,
         disk_cache_dir=disk_cache_dir,
         api_key=api_key,
+        api_key_file=api_key_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        insecure=insecure,
         router=router,
         kvbm=kvbm,
         observability=observability,

@@ -5,7 +5,9 @@ rotation, and routes `/v1/chat/completions` and `/v1/completions` to them, relay
 answers chunk by chunk. Modules, from the wire inwards:
 
 - `app`: FastAPI routes, `/health`, `/metrics`, lifespan (background tasks, the shared client);
-- `auth`: the optional bearer API key (from `DYNKV_API_KEY` only);
+- `config`: typed settings (`DYNKV_FRONTEND_*` or `--flags`; secrets from the environment or a
+  file only);
+- `auth`: the optional bearer API key (docs/security.md);
 - `protocol` / `errors`: what the frontend reads of a request; OpenAI-shaped errors;
 - `router`: serving strategies (`Aggregated`; disagg plugs in here), worker choice and retry;
 - `policy`: round_robin / least_outstanding;

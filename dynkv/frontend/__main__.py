@@ -13,7 +13,7 @@ import sys
 import uvicorn
 
 from dynkv.frontend.app import create_app
-from dynkv.frontend.config import parse_args
+from dynkv.frontend.config import parse_args, plaintext_key_warning
 from dynkv.frontend.logs import log_config
 
 GRACEFUL_SHUTDOWN_SECS = 5
@@ -23,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(sys.argv[1:] if argv is None else argv)
     logs = log_config(config.log_level)
     logging.config.dictConfig(logs)
-    logging.getLogger("dynkv.frontend").info(
-        "serving the OpenAI API on %s:%d for deployment %r (router %s, API key %s, etcd %s)",
+    log = logging.getLogger("dynkv.frontend")
+    log.info(
+        "serving the OpenAI API on %s://%s:%d for deployment %r (router %s, API key %s, etcd %s)",
+        "https" if config.tls_cert else "http",
         config.host,
         config.port,
         config.deployment,
@@ -32,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         "required" if config.api_key else "not required",
         ",".join(config.etcd_endpoints),
     )
+    warning = plaintext_key_warning(config)
+    if warning:
+        log.warning(warning)
+    if not config.loopback and not config.api_key:
+        log.warning("--insecure: anyone who reaches %s may use this frontend", config.host)
     uvicorn.run(
         create_app(config),
         host=config.host,
@@ -39,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         log_config=logs,
         log_level=config.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECS,
+        ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
+        ssl_keyfile=str(config.tls_key) if config.tls_key else None,
     )
     return 0
 

@@ -8,6 +8,11 @@ never runs; the few checks the frontend makes itself are in `dynkv.frontend.prot
 While a request waits for its worker's first byte, the frontend also watches the client: one that
 disconnects cancels the upstream request, so vLLM stops generating for nobody (StreamingResponse
 does the same once the response has started).
+
+Bounded (docs/security.md): a body over `max_body_bytes` is a 413 before it is read whole, more
+than `max_concurrency` requests at once get a 503 with `Retry-After`, and a `max_tokens` over
+`max_tokens_limit` is a 400. Every error the frontend answers carries a request id, and its 5xx
+messages are generic: the details (worker ids, transport errors) go to the log with that id.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -25,11 +31,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
-from dynkv.frontend.auth import ApiKeyMiddleware
+from dynkv.frontend.auth import ApiKeyMiddleware, check_bearer
 from dynkv.frontend.config import FrontendConfig
 from dynkv.frontend.disagg import Disaggregated
 from dynkv.frontend.discovery import Discovery, HealthChecker, workers_prefix
-from dynkv.frontend.errors import SERVER_ERROR, ApiError, error_response, model_not_found
+from dynkv.frontend.errors import (
+    SERVER_ERROR,
+    ApiError,
+    bad_request,
+    error_response,
+    model_not_found,
+    overloaded,
+    too_large,
+)
 from dynkv.frontend.metrics import CONTENT_TYPE, NO_WORKER, UNKNOWN_MODEL, FrontendMetrics
 from dynkv.frontend.policy import make_policy
 from dynkv.frontend.pool import WorkerPool
@@ -59,6 +73,9 @@ class Frontend:
     ) -> None:
         self.config = config
         self.pool = pool if pool is not None else WorkerPool(config.models)
+        if config.deployment_secret and self.pool.secret is None:
+            self.pool.secret = config.deployment_secret  # only signed registrations join
+        self.active = 0  # requests being served (bounded by max_concurrency)
         self.pool.expect(config.models)
         self.metrics = FrontendMetrics(self.pool)
         self.policy = make_policy(config.router)
@@ -78,8 +95,14 @@ class Frontend:
             connect_timeout=cfg.connect_timeout,
             request_timeout=cfg.request_timeout,
             max_connections=cfg.max_connections,
+            api_key=cfg.worker_api_key,
         )
-        ctx = RouteContext(self.pool, self.policy, Forwarder(self.client), self.metrics)
+        forwarder = Forwarder(
+            self.client,
+            stall_probe_after=cfg.stall_probe_after,
+            probe_timeout=cfg.probe_timeout,
+        )
+        ctx = RouteContext(self.pool, self.policy, forwarder, self.metrics)
         strategies = self.strategies
         if strategies is None:
             strategies = (
@@ -91,7 +114,14 @@ class Frontend:
             self._etcd = AsyncEtcdClient(cfg.etcd_endpoints)
             self.discovery = Discovery(self._etcd, workers_prefix(cfg.deployment), self.pool)
             self._tasks.append(asyncio.create_task(self.discovery.run(), name="discovery"))
-        checker = HealthChecker(self.pool, self.client, interval=cfg.health_interval)
+        if not cfg.deployment_secret:
+            log.warning(
+                "no deployment secret (%s): worker registrations are not verified",
+                "DYNKV_DEPLOYMENT_SECRET",
+            )
+        checker = HealthChecker(
+            self.pool, self.client, interval=cfg.health_interval, timeout=cfg.probe_timeout
+        )
         self._tasks.append(asyncio.create_task(checker.run(), name="health-checker"))
 
     async def stop(self) -> None:
@@ -111,25 +141,40 @@ class Frontend:
     async def serve(self, request: Request, endpoint: Endpoint) -> Response:
         started = time.monotonic()
         label = UNKNOWN_MODEL
+        client_id = request.headers.get("x-request-id")
+        rid = _request_id(client_id)
+        if self.active >= self.config.max_concurrency:
+            return self._failed(overloaded(), label, endpoint, started, rid)
+        self.active += 1
         try:
             req = parse_request(
                 endpoint,
-                await request.body(),
-                request_id=request.headers.get("x-request-id"),
+                await _read_body(request, self.config.max_body_bytes),
+                request_id=client_id,
                 received_at=started,
             )
             if self.pool.knows(req.model):
                 label = req.model
+            _check_max_tokens(req.body, self.config.max_tokens_limit)
             assert self.router is not None, "the frontend has not started"
             return await _until_disconnect(request.receive, self.router.route(req))
         except ApiError as exc:
-            worker = exc.worker or NO_WORKER
-            self.metrics.error(model=label, worker=worker, kind=exc.kind)
-            self._finished(label, worker, endpoint, exc.status, started)
-            return exc.response()
+            return self._failed(exc, label, endpoint, started, rid)
         except ClientGone:
             self._finished(label, NO_WORKER, endpoint, CLIENT_CLOSED, started)
             return Response(status_code=CLIENT_CLOSED)
+        finally:
+            self.active -= 1
+
+    def _failed(
+        self, exc: ApiError, label: str, endpoint: Endpoint, started: float, rid: str
+    ) -> Response:
+        worker = exc.worker or NO_WORKER
+        self.metrics.error(model=label, worker=worker, kind=exc.kind)
+        self._finished(label, worker, endpoint, exc.status, started)
+        if exc.status >= 500:
+            log.warning("request %s: %d %s: %s", rid, exc.status, exc.code, exc.message)
+        return exc.response(request_id=rid)
 
     def _finished(self, model: str, worker: str, endpoint: str, status: int, t0: float) -> None:
         self.metrics.finished(
@@ -140,15 +185,23 @@ class Frontend:
             duration=time.monotonic() - t0,
         )
 
-    def health(self) -> tuple[int, dict[str, Any]]:
+    def health(self, *, detail: bool = True) -> tuple[int, dict[str, Any]]:
+        """`{"status": "ok"|"starting"}`, and the pool's figures when `detail` (a caller with
+        the API key, or any caller when there is no key)."""
+        status = (
+            (200 if self.pool.synced else 503),
+            {"status": "ok" if self.pool.synced else "starting"},
+        )
+        if not detail:
+            return status
         workers = self.pool.workers()
         body = {
-            "status": "ok" if self.pool.synced else "starting",
+            **status[1],
             "workers": len(workers),
             "healthy_workers": sum(w.healthy for w in workers),
             "models": self.pool.models(),
         }
-        return (200 if self.pool.synced else 503), body
+        return status[0], body
 
     def model_cards(self) -> list[dict[str, Any]]:
         cards = []
@@ -163,6 +216,42 @@ class Frontend:
                 }
             )
         return cards
+
+
+def _request_id(sent: str | None) -> str:
+    """The client's `x-request-id` when it is a short printable token, else a fresh one."""
+    if sent and len(sent) <= 128 and sent.isascii() and sent.isprintable():
+        return sent
+    return uuid.uuid4().hex
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed `limit`: from its
+    Content-Length before reading, or while reading a chunked one."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_max_tokens(body: dict[str, Any], limit: int | None) -> None:
+    if limit is None:
+        return
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise bad_request(
+                f"{name} is {value}, and this server allows at most {limit}.",
+                param=name,
+                code="max_tokens_too_large",
+            )
 
 
 async def _until_disconnect(receive: Receive, work: Awaitable[Response]) -> Response:
@@ -215,8 +304,10 @@ def create_app(
     app.state.frontend = frontend
 
     @app.get("/health")
-    async def health() -> Response:
-        status, body = frontend.health()
+    async def health(request: Request) -> Response:
+        key = config.api_key
+        detail = not key or check_bearer(request.headers.get("authorization"), key) is None
+        status, body = frontend.health(detail=detail)
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
@@ -246,12 +337,18 @@ def create_app(
     async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = str(exc.detail) if exc.status_code != 404 else "Unknown request URL."
-        return error_response(exc.status_code, message, code=code)
+        return error_response(exc.status_code, message, code=code, request_id=uuid.uuid4().hex)
 
     @app.exception_handler(Exception)
-    async def crash(_request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error")
-        return error_response(500, f"internal error in the frontend: {exc}", type=SERVER_ERROR)
+    async def crash(_request: Request, _exc: Exception) -> Response:
+        rid = uuid.uuid4().hex
+        log.exception("request %s: unexpected error", rid)
+        return error_response(
+            500,
+            "The server had an error while processing your request.",
+            type=SERVER_ERROR,
+            request_id=rid,
+        )
 
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, key=config.api_key, metrics=frontend.metrics)

@@ -3,12 +3,14 @@
 A plain ASGI middleware rather than a per-route dependency, so that no route (including 404s for
 unknown paths, which would otherwise tell a stranger what exists) can forget it. `/health` stays
 open because the supervisor and load balancers probe it without credentials. The comparison is
-constant-time, and the key never appears in a response or a log line.
+constant-time, and the key never appears in a response or a log line. `/health` answers
+only healthy or not to a caller without the key (`dynkv.frontend.app`).
 """
 
 from __future__ import annotations
 
 import hmac
+import uuid
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -53,4 +55,4 @@ class ApiKeyMiddleware:
             return
         if self.metrics is not None:
             self.metrics.error(model=UNKNOWN_MODEL, worker=NO_WORKER, kind="unauthorized")
-        await unauthorized(problem).response()(scope, receive, send)
+        await unauthorized(problem).response(request_id=uuid.uuid4().hex)(scope, receive, send)

@@ -23,7 +23,7 @@ import httpx
 
 from dynkv.frontend.pool import WorkerPool
 from dynkv.infra.etcd_client import EtcdError, RangeResult, WatchEvent
-from dynkv.plan.worker import workers_prefix
+from dynkv.worker.record import workers_prefix
 
 __all__ = ["Discovery", "EtcdSource", "HealthChecker", "workers_prefix"]
 
@@ -86,16 +86,19 @@ class Discovery:
 
 class HealthChecker:
     def __init__(
-        self, pool: WorkerPool, client: httpx.AsyncClient, *, interval: float = 1.0
+        self,
+        pool: WorkerPool,
+        client: httpx.AsyncClient,
+        *,
+        interval: float = 1.0,
+        timeout: float = 2.0,
     ) -> None:
-        self.pool, self.client, self.interval = pool, client, interval
+        self.pool, self.client, self.interval, self.timeout = pool, client, interval, timeout
 
     async def check_once(self) -> None:
         for worker in self.pool.unhealthy():
             try:
-                resp = await self.client.get(
-                    worker.url + "/health", timeout=min(2.0, max(self.interval, 0.5))
-                )
+                resp = await self.client.get(worker.url + "/health", timeout=self.timeout)
             except httpx.HTTPError as exc:
                 worker.reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 continue

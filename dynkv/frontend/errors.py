@@ -2,7 +2,10 @@
 
 Clients (the official `openai` package first) pick their exception class from the status and
 read `error.message` / `error.code` from the body, so every error the frontend itself produces
-has this shape. Errors a worker returns (vLLM's own 400 for a prompt that is too long, say) are
+has this shape, plus `request_id` (also in the `x-request-id` header) so that an operator can find
+the log line that says what happened. A 5xx the frontend produces says what the client may do
+(retry later), never why in the frontend's words: worker ids, addresses and transport errors go to
+the log only (`public_message`, docs/security.md). Errors a worker returns (vLLM's own 400 for a prompt that is too long, say) are
 passed through untouched: they already have it.
 """
 
@@ -15,7 +18,6 @@ from starlette.responses import Response
 
 # OpenAI's `type` values for the statuses the frontend produces itself.
 INVALID_REQUEST = "invalid_request_error"
-AUTHENTICATION = "authentication_error"
 SERVER_ERROR = "server_error"
 SERVICE_UNAVAILABLE = "service_unavailable_error"
 
@@ -33,24 +35,58 @@ class ApiError(Exception):
         code: str | None = None,
         kind: str | None = None,
         worker: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.worker = worker  # the worker involved, if any (metrics label)
+        self.headers = headers or {}
         self.status, self.message, self.type = status, message, type
         self.param, self.code = param, code
         self.kind = kind or code or type  # the `kind` label of the errors metric
 
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
+    @property
+    def public_message(self) -> str:
+        """What the client reads: the message itself for its own mistakes (4xx), a generic
+        sentence for the frontend's and the workers' troubles (5xx)."""
+        if self.status < 500:
+            return self.message
+        return GENERIC.get(self.code or "", GENERIC[""])
 
-    def response(self) -> Response:
-        return error_response(self.status, self.message, self.type, self.param, self.code)
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
+        return error_body(self.public_message, self.type, self.param, self.code, request_id)
+
+    def response(self, request_id: str | None = None) -> Response:
+        return error_response(
+            self.status,
+            self.public_message,
+            self.type,
+            self.param,
+            self.code,
+            request_id=request_id,
+            headers=self.headers,
+        )
+
+
+GENERIC = {
+    "": "The server had an error while processing your request; retry later.",
+    "no_worker_available": "No model server can take this request right now; retry later.",
+    "upstream_timeout": "The model server did not answer in time; retry later.",
+    "frontend_busy": "The server is handling too many requests; retry later.",
+    "overloaded": "The server is handling too many requests; retry later.",
+}
 
 
 def error_body(
-    message: str, type: str, param: str | None = None, code: str | None = None
+    message: str,
+    type: str,
+    param: str | None = None,
+    code: str | None = None,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    error = {"message": message, "type": type, "param": param, "code": code}
+    if request_id:
+        error["request_id"] = request_id
+    return {"error": error}
 
 
 def error_response(
@@ -59,10 +95,17 @@ def error_response(
     type: str = INVALID_REQUEST,
     param: str | None = None,
     code: str | None = None,
+    *,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response:
-    headers = {"www-authenticate": "Bearer"} if status == 401 else None
+    headers = dict(headers or {})
+    if status == 401:
+        headers["www-authenticate"] = "Bearer"
+    if request_id:
+        headers["x-request-id"] = request_id
     return Response(
-        json.dumps(error_body(message, type, param, code)),
+        json.dumps(error_body(message, type, param, code, request_id)),
         status_code=status,
         media_type="application/json",
         headers=headers,
@@ -75,6 +118,26 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = No
 
 def unauthorized(message: str) -> ApiError:
     return ApiError(401, message, type=INVALID_REQUEST, code="invalid_api_key", kind="unauthorized")
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"The request body is larger than this server accepts ({limit} bytes).",
+        code="request_too_large",
+        kind="too_large",
+    )
+
+
+def overloaded() -> ApiError:
+    return ApiError(
+        503,
+        "too many requests in flight",
+        type=SERVICE_UNAVAILABLE,
+        code="overloaded",
+        kind="overloaded",
+        headers={"retry-after": "1"},
+    )
 
 
 def model_not_found(model: str) -> ApiError:

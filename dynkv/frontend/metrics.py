@@ -19,6 +19,8 @@ label space.
   to first token visible from outside and are not observed here.
 - `dynkv_frontend_inflight_requests{model, worker}` and `dynkv_frontend_workers{model, role,
   state}` (state `healthy`/`unhealthy`, read from the pool at scrape time).
+- `dynkv_frontend_registrations_rejected_total{reason}`: etcd records under the workers prefix
+  that were ignored: malformed, unsigned, bad_signature (docs/security.md).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 from collections import Counter as Tally
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dynkv.frontend.pool import WorkerPool
 
@@ -55,6 +57,14 @@ class _PoolCollector:
         for (model, role, state), n in sorted(counts.items()):
             family.add_metric([model, role, state], n)
         yield family
+        rejected = CounterMetricFamily(
+            "dynkv_frontend_registrations_rejected",
+            "Worker registrations ignored (not a record, unsigned, or mis-signed).",
+            labels=["reason"],
+        )
+        for reason in ("malformed", "unsigned", "bad_signature"):
+            rejected.add_metric([reason], self.pool.rejected[reason])
+        yield rejected
 
 
 class FrontendMetrics:

@@ -14,19 +14,17 @@ Single-threaded by design: everything runs on the frontend's event loop, so no l
 
 from __future__ import annotations
 
-import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dynkv.worker.record import ROLES, BadRegistration, decode
+
+__all__ = ["ROLES", "BadRegistration", "Lease", "Worker", "WorkerPool"]
+
 log = logging.getLogger("dynkv.frontend")
-
-ROLES = ("agg", "prefill", "decode")
-
-
-class BadRegistration(ValueError):
-    """An etcd value under the workers prefix that is not a worker record."""
 
 
 @dataclass
@@ -44,29 +42,21 @@ class Worker:
     outstanding: int = 0  # requests sent to it and not finished
 
     @classmethod
-    def from_registration(cls, key: str, value: bytes | str | Mapping[str, Any]) -> Worker:
-        """A record of `dynkv.worker.registration.registration_record`, read from etcd."""
-        try:
-            data = value if isinstance(value, Mapping) else json.loads(value)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRegistration(f"{key}: not JSON ({exc})") from None
-        if not isinstance(data, Mapping):
-            raise BadRegistration(f"{key}: not a JSON object")
-        missing = [f for f in ("url", "model") if not isinstance(data.get(f), str) or not data[f]]
-        if missing:
-            raise BadRegistration(f"{key}: missing {', '.join(missing)}")
-        role = data.get("role", "agg")
-        if role not in ROLES:
-            raise BadRegistration(f"{key}: unknown role {role!r}")
+    def from_registration(
+        cls, key: str, value: bytes | str | Mapping[str, Any], secret: str | None = None
+    ) -> Worker:
+        """A `dynkv.worker.record.WorkerRecord` read from etcd; with `secret`, only a signed
+        one (BadRegistration otherwise)."""
+        record = decode(key, value, secret)
         return cls(
             key=key,
-            id=str(data.get("id") or key.rsplit("/", 1)[-1]),
-            role=role,
-            url=str(data["url"]).rstrip("/"),
-            model=data["model"],
-            metrics_url=data.get("metrics_url"),
-            pid=data.get("pid"),
-            started_at=data.get("started_at"),
+            id=record.id or key.rsplit("/", 1)[-1],
+            role=record.role,
+            url=record.url.rstrip("/"),
+            model=record.model,
+            metrics_url=record.metrics_url,
+            pid=record.pid,
+            started_at=record.started_at,
         )
 
     def describe(self) -> str:
@@ -92,10 +82,17 @@ class Lease:
 
 
 class WorkerPool:
-    def __init__(self, models: Iterable[str] = ()) -> None:
+    """`secret`: the deployment secret; when set, only records signed with it join (see
+    `dynkv.worker.record`), and the others are counted in `rejected` by reason and logged once
+    per key."""
+
+    def __init__(self, models: Iterable[str] = (), *, secret: str | None = None) -> None:
         self._workers: dict[str, Worker] = {}
         self._known: set[str] = set(models)
         self.synced = False  # the first etcd listing has been applied
+        self.secret = secret
+        self.rejected: Counter[str] = Counter()  # reason → records ignored
+        self._rejected_keys: set[str] = set()
 
     # ---- membership (from etcd) --------------------------------------------------------------
 
@@ -104,11 +101,16 @@ class WorkerPool:
         lost and renewed, or a restart on the same URL) keeps the in-flight count and makes the
         worker healthy again: the wrapper registers only a healthy vLLM."""
         try:
-            worker = Worker.from_registration(key, value)
+            worker = Worker.from_registration(key, value, self.secret)
         except BadRegistration as exc:
-            log.warning("ignoring a registration that is not a worker record: %s", exc)
-            self.remove(key)
+            self.rejected[exc.reason] += 1
+            logged = key in self._rejected_keys
+            self.remove(key)  # a good record replaced by a bad one: the worker leaves
+            if not logged:
+                log.warning("ignoring a registration that is not a valid worker record: %s", exc)
+            self._rejected_keys.add(key)
             return None
+        self._rejected_keys.discard(key)
         old = self._workers.get(key)
         if old is not None and old.url == worker.url:
             worker.outstanding = old.outstanding
@@ -121,6 +123,7 @@ class WorkerPool:
         return worker
 
     def remove(self, key: str) -> Worker | None:
+        self._rejected_keys.discard(key)
         worker = self._workers.pop(key, None)
         if worker is not None:
             log.info("worker left: %s", worker.describe())
@@ -133,7 +136,7 @@ class WorkerPool:
                 self.remove(key)
         for key, value in registrations.items():
             old = self._workers.get(key)
-            if old is None or _changed(old, value):
+            if old is None or _changed(old, value, self.secret):
                 self.put(key, value)
         self.synced = True
 
@@ -192,9 +195,9 @@ class WorkerPool:
         return len(self._workers)
 
 
-def _changed(worker: Worker, value: bytes | str) -> bool:
+def _changed(worker: Worker, value: bytes | str, secret: str | None) -> bool:
     try:
-        fresh = Worker.from_registration(worker.key, value)
+        fresh = Worker.from_registration(worker.key, value, secret)
     except BadRegistration:
         return True
     return (fresh.url, fresh.pid, fresh.model, fresh.role, fresh.started_at) != (

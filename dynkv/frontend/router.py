@@ -86,6 +86,8 @@ class RouteContext:
                 failures.append(f"{worker.id}: {exc.detail}")
             except UpstreamTimeout as exc:
                 lease.release()
+                # out of rotation until its /health answers again (the health checker re-probes)
+                self.pool.mark_unhealthy(worker, f"timeout: {exc.detail}")
                 raise ApiError(
                     504,
                     f"worker {worker.id} sent nothing within the request timeout ({exc.detail})",

@@ -19,6 +19,8 @@ worker fails, or when the client goes away.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -53,14 +55,19 @@ WORKER_HEADER = "x-dynkv-worker"
 
 
 def make_client(
-    *, connect_timeout: float, request_timeout: float, max_connections: int
+    *,
+    connect_timeout: float,
+    request_timeout: float,
+    max_connections: int,
+    api_key: str | None = None,
 ) -> httpx.AsyncClient:
     """The one client for all worker traffic. `read` is the longest silence between two chunks
     (a non-streamed request's whole generation, or a long prefill), so it is the request timeout;
     connecting is fast on a healthy worker, so a short connect timeout makes a dead one cheap.
     `trust_env=False`: worker URLs are direct, and a proxy from the environment must not carry
-    them."""
+    them. `api_key`: the workers' `VLLM_API_KEY` (docs/security.md), sent on every request."""
     return httpx.AsyncClient(
+        headers={"authorization": f"Bearer {api_key}"} if api_key else None,
         timeout=httpx.Timeout(connect=connect_timeout, read=request_timeout, write=30.0, pool=30.0),
         limits=httpx.Limits(
             max_connections=max_connections,
@@ -135,11 +142,55 @@ def _detail(exc: Exception) -> str:
 
 
 class Forwarder:
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    """`stall_probe_after`: while a worker has sent nothing for that long, its `/health` is
+    probed (with `probe_timeout`); a worker that does not answer it is hung (a stopped process,
+    a wedged engine still accepting connections), and the request fails over at once instead of
+    waiting out the request timeout (docs/security.md, "faults")."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        stall_probe_after: float | None = None,
+        probe_timeout: float = 2.0,
+    ) -> None:
         self.client = client
+        self.stall_probe_after, self.probe_timeout = stall_probe_after, probe_timeout
 
     async def open(
         self, worker: Worker, lease: Lease, path: str, body: bytes, *, request_id: str | None
+    ) -> Upstream:
+        attempt = asyncio.ensure_future(self._open(worker, lease, path, body, request_id))
+        if self.stall_probe_after is None:
+            return await attempt
+        try:
+            while True:
+                done, _ = await asyncio.wait({attempt}, timeout=self.stall_probe_after)
+                if done:
+                    return attempt.result()
+                problem = await self._probe(worker)
+                if problem is not None and not attempt.done():
+                    attempt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await attempt
+                    raise WorkerUnreachable(worker, f"hung: {problem}")
+        except BaseException:
+            if not attempt.done():
+                attempt.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await attempt
+            raise
+
+    async def _probe(self, worker: Worker) -> str | None:
+        """None when the worker's /health answers 200 within the probe timeout."""
+        try:
+            resp = await self.client.get(worker.url + "/health", timeout=self.probe_timeout)
+        except httpx.HTTPError as exc:
+            return f"/health: {_detail(exc)}"
+        return None if resp.status_code == 200 else f"/health answered {resp.status_code}"
+
+    async def _open(
+        self, worker: Worker, lease: Lease, path: str, body: bytes, request_id: str | None
     ) -> Upstream:
         headers: dict[str, str | bytes] = {"content-type": "application/json", "accept": "*/*"}
         if request_id:
@@ -210,7 +261,7 @@ class Relay:
             if not up.is_sse:
                 raise  # cut the response off: the client must not take it for complete
             yield sse_error_event(
-                f"worker {up.worker.id} failed while streaming: {self.outcome.broken}",
+                "The model server failed while streaming; retry the request.",
                 code="stream_broken",
             )
         finally:

@@ -19,7 +19,7 @@ from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
 from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
-from dynkv.plan.frontend import API_KEY_ENV, frontend_service
+from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service, read_or_new
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
 from dynkv.plan.ports import PORT_SETTINGS, worker_port, worker_roles
@@ -53,6 +53,7 @@ class HostFacts:
     prometheus_binary: str | None = None  # None: observability runs the docker image
     nixl: bool = False  # the `nixl` package imports (vLLM's NixlConnector can run)
     user: str | None = None  # "uid:gid" a container runs as (reads the 0700 deployment dir)
+    secret: str | None = None  # the deployment secret (dynkv.plan.secret); None: unsigned
 
     @classmethod
     def detect(cls, resolved: Resolved, model: ModelChoice, *, device: str) -> HostFacts:
@@ -77,6 +78,7 @@ class HostFacts:
             prometheus_binary=find_prometheus(),
             nixl=importlib.util.find_spec("nixl") is not None,
             user=f"{os.getuid()}:{os.getgid()}",
+            secret=read_or_new(resolved.deployment.deployment_dir),
         )
 
 
@@ -279,6 +281,7 @@ def _workers(
                 etcd_endpoints=endpoints,
                 lease_ttl=dep.lease_ttl_secs,
                 depends_on=depends_on,
+                secret=host.secret,
             )
         )
         if handoff is not None and role == "prefill":
@@ -304,11 +307,12 @@ def _frontend(
         router=str(dep.router),
         etcd_endpoints=endpoints,
         models=(host.model.served_name,),
-        api_key=dep.api_key.get_secret_value() if dep.api_key else None,
+        access=checked_access(resolved),
         env=env,
         depends_on=workers,
         disagg_fallback=dep.topology == "disagg" and dep.disagg_fallback,
         disagg_transfer=transfer,
+        secret=host.secret,
     )
 
 
@@ -334,7 +338,7 @@ def _prometheus(
         frontend=address(frontend.meta["url"]),
         kvbm=kvbm,
         vllm={w.meta["worker_id"]: address(w.meta["url"]) for w in workers},
-        api_key=dep.api_key.get_secret_value() if dep.api_key else None,
+        api_key=frontend.env.get(API_KEY_ENV),
         user=host.user,
         depends_on=(frontend.name,),
     )

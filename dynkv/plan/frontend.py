@@ -8,13 +8,96 @@ it), never in argv, which every user of the machine can read and the state file 
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynkv.plan.model import Probe, Service
+from dynkv.plan.secret import read_or_new, secret_path
+from dynkv.settings.errors import SettingsError
+from dynkv.settings.resolve import Resolved
+from dynkv.worker.record import DEPLOYMENT_SECRET_ENV
+
+__all__ = ["Access", "checked_access", "frontend_service", "read_or_new"]  # read_or_new: build
 
 FRONTEND_MODULE = "dynkv.frontend"
 API_KEY_ENV = "DYNKV_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach `host` (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(
+    *, host: str, api_key: bool, insecure: bool, metrics_host: str | None = None
+) -> tuple[str, str] | None:
+    """(cause, fix) when the settings would expose the deployment to the network without a
+    key (docs/security.md), else None. Checked while planning, before anything starts."""
+    if not is_loopback(host) and not api_key and not insecure:
+        return (
+            f"the frontend would serve anyone who reaches {host} (not loopback) without an API key",
+            "set DYNKV_API_KEY (or --api-key-file), bind 127.0.0.1, or pass --insecure",
+        )
+    if metrics_host is not None and not is_loopback(metrics_host) and not insecure:
+        return (
+            f"the KVBM metrics would be served on {metrics_host} (not loopback), with no key",
+            "unset DYN_KVBM_METRICS_HOST (127.0.0.1), or pass --insecure (DYNKV_INSECURE=true)",
+        )
+    return None
+
+
+def read_key_file(path: Path) -> str:
+    """The API key in `path` (stripped); ValueError with the reason."""
+    try:
+        key = path.expanduser().read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the API key file {path}: {exc.strerror}") from None
+    if not key:
+        raise ValueError(f"the API key file {path} is empty")
+    return key
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call the frontend and how: its API key, TLS (cert, key), --insecure."""
+
+    api_key: str | None = field(default=None, repr=False)
+    tls: tuple[str, str] | None = None
+    insecure: bool = False
+
+
+def checked_access(resolved: Resolved) -> Access:
+    """The frontend's `Access`, or a SettingsError (exit 2, nothing started) when the settings
+    would expose the deployment to the network without a key (docs/security.md)."""
+    dep = resolved.deployment
+    metrics_host = resolved.kvbm.metrics_host if dep.kvbm else None
+    api_key = dep.api_key.get_secret_value() if dep.api_key else None
+    if api_key is None and dep.api_key_file is not None:
+        try:
+            api_key = read_key_file(dep.api_key_file)
+        except ValueError as exc:
+            raise SettingsError(
+                str(exc), "point --api-key-file at a file holding the key"
+            ) from None
+    if (dep.tls_cert is None) != (dep.tls_key is None):
+        raise SettingsError("--tls-cert and --tls-key go together", "give both, or neither")
+    problem = exposure_problem(
+        host=dep.frontend_host,
+        api_key=bool(api_key),
+        insecure=dep.insecure,
+        metrics_host=metrics_host,
+    )
+    if problem:
+        raise SettingsError(*problem)
+    tls = (str(dep.tls_cert), str(dep.tls_key)) if dep.tls_cert and dep.tls_key else None
+    return Access(api_key=api_key, tls=tls, insecure=dep.insecure)
 
 
 def connect_host(host: str) -> str:
@@ -26,8 +109,8 @@ def connect_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def frontend_url(host: str, port: int) -> str:
-    return f"http://{connect_host(host)}:{port}"
+def frontend_url(host: str, port: int, tls: bool = False) -> str:
+    return f"{'https' if tls else 'http'}://{connect_host(host)}:{port}"
 
 
 def frontend_service(
@@ -40,12 +123,14 @@ def frontend_service(
     router: str,
     etcd_endpoints: tuple[str, ...],
     models: tuple[str, ...],
-    api_key: str | None,
+    access: Access,
     env: Mapping[str, str],
     depends_on: tuple[str, ...],
     disagg_fallback: bool = False,
     disagg_transfer: str | None = None,
+    secret: str | None = None,
 ) -> Service:
+    api_key, tls = access.api_key, access.tls
     argv = [
         python,
         "-m",
@@ -67,13 +152,25 @@ def frontend_service(
         argv.append("--disagg-fallback")
     if disagg_transfer == "nixl":
         argv += ["--disagg-transfer", "nixl"]
+    if tls is not None:
+        argv += ["--tls-cert", tls[0], "--tls-key", tls[1]]
+    if access.insecure:
+        argv.append("--insecure")
     service_env = dict(env)
     env_unset: tuple[str, ...] = ()
     if api_key:
         service_env[API_KEY_ENV] = api_key
     else:
         env_unset = (API_KEY_ENV,)  # the frontend gets exactly what the settings say
-    url = frontend_url(host, port)
+    if secret:
+        service_env[DEPLOYMENT_SECRET_ENV] = secret  # verifies registrations, keys the workers
+    url = frontend_url(host, port, tls is not None)
+    # over TLS the supervisor cannot verify a self-signed certificate: it waits for the port
+    ready = (
+        Probe(kind="http", url=f"{url}/health", expect_json={"status": "ok"})
+        if tls is None
+        else Probe(kind="tcp", host=connect_host(host).strip("[]"), port=port)
+    )
     return Service(
         name="frontend",
         role="frontend",
@@ -82,9 +179,10 @@ def frontend_service(
         env_unset=env_unset,
         cwd=str(deployment_dir),
         ports={"http": port},
-        probes=(Probe(kind="http", url=f"{url}/health", expect_json={"status": "ok"}),),
+        probes=(ready,),
         depends_on=depends_on,
         log_file=str(deployment_dir / "logs" / "frontend.log"),
+        files={str(secret_path(deployment_dir)): secret} if secret else {},
         meta={
             "url": url,
             "openai_url": f"{url}/v1",

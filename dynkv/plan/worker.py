@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from dynkv.plan.model import Probe, Service
+from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, worker_key, workers_prefix
+
+__all__ = ["DEPLOYMENT_SECRET_ENV", "worker_key", "worker_service", "workers_prefix"]
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 WORKER_MODULE = "dynkv.worker"
@@ -96,15 +99,6 @@ def vllm_argv(
     return tuple(argv)
 
 
-def worker_key(deployment: str, worker_id: str) -> str:
-    """etcd key of a worker registration (README: "etcd key layout")."""
-    return f"{workers_prefix(deployment)}{worker_id}"
-
-
-def workers_prefix(deployment: str) -> str:
-    return f"/dynkv/{deployment}/workers/"
-
-
 def metrics_url(host: str, port: int) -> str:
     reachable = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
     if ":" in reachable:
@@ -129,7 +123,10 @@ def worker_service(
     etcd_endpoints: tuple[str, ...],
     lease_ttl: int,
     depends_on: tuple[str, ...],
+    secret: str | None = None,
 ) -> Service:
+    """`secret`: the deployment secret, which the wrapper signs its registration with and
+    derives vLLM's API key from (docs/security.md)."""
     worker_id = f"{role}-{index}"
     name = "worker" if role == "agg" and index == 0 else worker_id
     url = f"http://127.0.0.1:{port}"
@@ -163,7 +160,7 @@ def worker_service(
         name=name,
         role=role,
         argv=argv,
-        env=dict(env),
+        env={**env, DEPLOYMENT_SECRET_ENV: secret} if secret else dict(env),
         env_unset=env_unset,
         cwd=str(deployment_dir),
         ports=ports,

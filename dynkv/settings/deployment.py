@@ -152,6 +152,27 @@ class DeploymentSettings(BaseSettings):
         description="When set, the frontend requires 'Authorization: Bearer <key>'. Never printed.",
         json_schema_extra=_expect("a string", "<secret>"),
     )
+    api_key_file: Path | None = Field(
+        None,
+        description="Read the frontend's API key from this file (keeps it out of `ps`).",
+        json_schema_extra=_expect("a file path", "~/.config/dynkv/api-key"),
+    )
+    tls_cert: Path | None = Field(
+        None,
+        description="Serve the frontend over HTTPS with this certificate (PEM; with tls_key).",
+        json_schema_extra=_expect("a PEM file path", "/etc/dynkv/cert.pem"),
+    )
+    tls_key: Path | None = Field(
+        None,
+        description="Private key of tls_cert (PEM).",
+        json_schema_extra=_expect("a PEM file path", "/etc/dynkv/key.pem"),
+    )
+    insecure: bool = Field(
+        False,
+        description="Allow a non-loopback frontend without an API key, or a non-loopback KVBM "
+        "metrics address (see docs/security.md).",
+        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "false"),
+    )
     lease_ttl_secs: int = Field(
         10,
         ge=2,

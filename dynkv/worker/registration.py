@@ -1,8 +1,7 @@
 """A worker's registration: one etcd key under a lease that lives as long as the worker.
 
-Key `/dynkv/<deployment>/workers/<worker_id>` → JSON
-`{"id", "role", "url", "model", "metrics_url", "pid", "started_at"}` with lease TTL
-`DYNKV_LEASE_TTL_SECS`. The frontend discovers workers with a prefix watch on
+Key `/dynkv/<deployment>/workers/<worker_id>` → a signed `dynkv.worker.record.WorkerRecord`,
+with lease TTL `DYNKV_LEASE_TTL_SECS`. The frontend discovers workers with a prefix watch on
 `/dynkv/<deployment>/workers/`. A worker that dies without withdrawing (SIGKILL, power loss)
 disappears when its lease expires; one that stops cleanly revokes the lease at once.
 """
@@ -15,30 +14,9 @@ import time
 from typing import Any
 
 from dynkv.infra.etcd_client import EtcdClient, EtcdError, LeaseKeeper
-from dynkv.plan.worker import worker_key
+from dynkv.worker.record import WorkerRecord, signed, worker_key
 
-__all__ = ["Registrar", "registration_record", "worker_key"]
-
-
-def registration_record(
-    *,
-    worker_id: str,
-    role: str,
-    url: str,
-    model: str,
-    metrics_url: str | None,
-    pid: int,
-    started_at: float,
-) -> dict[str, Any]:
-    return {
-        "id": worker_id,
-        "role": role,
-        "url": url,
-        "model": model,
-        "metrics_url": metrics_url,
-        "pid": pid,
-        "started_at": started_at,
-    }
+__all__ = ["Registrar", "WorkerRecord", "worker_key"]
 
 
 def _log(message: str) -> None:
@@ -49,8 +27,17 @@ class Registrar:
     """Registers `record` at `key` under a fresh lease, keeps it alive, re-registers when the
     lease is lost while the worker still runs, and withdraws on request."""
 
-    def __init__(self, client: EtcdClient, key: str, record: dict[str, Any], ttl: int) -> None:
-        self.client, self.key, self.record, self.ttl = client, key, record, ttl
+    def __init__(
+        self,
+        client: EtcdClient,
+        key: str,
+        record: WorkerRecord,
+        ttl: int,
+        *,
+        secret: str | None = None,
+    ) -> None:
+        self.client, self.key, self.ttl = client, key, ttl
+        self.record: dict[str, Any] = signed(key, record, secret)
         self.lease: int | None = None
         self._keeper: LeaseKeeper | None = None
         self._withdrawn = threading.Event()
@@ -73,6 +60,35 @@ class Registrar:
             except EtcdError as err:
                 _log(f"etcd not reachable to re-register: {err}")
                 self._withdrawn.wait(1.0)
+
+    @property
+    def registered(self) -> bool:
+        return self.lease is not None
+
+    def suspend(self) -> None:
+        """Take the registration out (vLLM stopped answering) without giving up: `register`
+        brings it back once vLLM is healthy again."""
+        with self._lock:
+            keeper, lease = self._keeper, self.lease
+            self._keeper = self.lease = None
+        if keeper is not None:
+            keeper.stop()
+        if lease is not None:
+            try:
+                self.client.lease_revoke(lease)
+                _log(f"suspended {self.key}: vLLM does not answer /health")
+            except EtcdError as exc:
+                _log(f"could not suspend {self.key} ({exc}); it expires within {self.ttl}s")
+
+    def ensure(self) -> None:
+        """Put the record back if someone deleted the key while our lease lives (etcd on
+        loopback has no ACLs; docs/security.md)."""
+        with self._lock:
+            lease = self.lease
+            if lease is None or self.client.get(self.key) is not None:
+                return
+            self.client.put(self.key, self.record, lease=lease)
+        _log(f"{self.key} was deleted by someone else; registered again")
 
     def withdraw(self) -> None:
         """Revoke the lease (etcd deletes the key with it); safe to call twice."""

@@ -8,6 +8,16 @@ reaches all of them. A SIGTERM/SIGINT/SIGHUP sent to the wrapper alone is passed
 SIGTERM: a second SIGINT would make uvicorn skip its shutdown), after the registration is withdrawn
 so that no client is routed to a worker that is going away. When vLLM exits on its own the wrapper
 withdraws and exits with vLLM's code.
+
+Secrets (docs/security.md): the deployment secret arrives in `DYNKV_DEPLOYMENT_SECRET`; the
+wrapper signs its registration with it and gives vLLM, instead of the secret, the key derived from
+it (`VLLM_API_KEY`), so that vLLM's `/v1` routes answer only the frontend.
+
+A vLLM that stops answering without exiting (SIGSTOP, a wedged engine) keeps its port open: the
+wrapper probes `/health` every `--health-interval` seconds and suspends the registration after
+`--unhealthy-after` consecutive failures (each a timeout of `--probe-timeout` or a non-200), and
+registers again once `/health` answers. A registration key deleted by someone else while the lease
+lives is put back at the next probe.
 """
 
 from __future__ import annotations
@@ -22,14 +32,9 @@ import time
 
 import httpx
 
-from dynkv.infra.etcd_client import EtcdClient
-from dynkv.worker.registration import (
-    Registrar,
-    _log,
-    register_until_done,
-    registration_record,
-    worker_key,
-)
+from dynkv.infra.etcd_client import EtcdClient, EtcdError
+from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, WorkerRecord, worker_api_key, worker_key
+from dynkv.worker.registration import Registrar, _log, register_until_done
 
 POLL = 0.2
 
@@ -50,7 +55,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--metrics-url", default=None, help="KVBM metrics (absent without KVBM)")
     p.add_argument("--etcd-endpoints", required=True)
     p.add_argument("--lease-ttl", type=int, default=10)
-    return p.parse_args(ours), child
+    p.add_argument("--health-interval", type=float, default=2.0, help="seconds between probes")
+    # generous: a busy CPU engine can answer /health late, and withdrawing it would be worse
+    p.add_argument("--probe-timeout", type=float, default=5.0, help="a slower /health failed")
+    p.add_argument(
+        "--unhealthy-after", type=int, default=3, help="consecutive failed probes to withdraw"
+    )
+    args = p.parse_args(ours)
+    for name in ("health_interval", "probe_timeout", "unhealthy_after"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0")
+    return args, child
 
 
 def exit_code_of(returncode: int) -> int:
@@ -68,11 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
 
-    child = subprocess.Popen(child_argv)
+    secret = os.environ.get(DEPLOYMENT_SECRET_ENV) or None
+    child = subprocess.Popen(child_argv, env=child_env(os.environ, secret))
     _log(f"started {child_argv[0]} (pid {child.pid}); waiting for {args.url}/health")
+    if secret is None:
+        _log(f"no {DEPLOYMENT_SECRET_ENV}: the registration is unsigned, vLLM takes any caller")
     client = EtcdClient(args.etcd_endpoints)
-    record = registration_record(
-        worker_id=args.worker_id,
+    record = WorkerRecord(
+        id=args.worker_id,
         role=args.role,
         url=args.url,
         model=args.served_model_name,
@@ -81,9 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         started_at=time.time(),
     )
     registrar = Registrar(
-        client, worker_key(args.deployment, args.worker_id), record, args.lease_ttl
+        client,
+        worker_key(args.deployment, args.worker_id),
+        record,
+        args.lease_ttl,
+        secret=secret,
     )
     forwarded = False
+    watch = HealthWatch(args.url, args.health_interval, args.probe_timeout, args.unhealthy_after)
     try:
         if _wait_healthy(child, args.url, stop_signal):
             register_until_done(registrar, lambda: bool(stop_signal) or child.poll() is not None)
@@ -93,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"signal {stop_signal[0]}: stopping vLLM (pid {child.pid})")
                 _signal(child, signal.SIGTERM)
                 forwarded = True
-            time.sleep(0.2)
+            if not forwarded:
+                watch.step(registrar)
+            time.sleep(POLL)
     finally:
+        watch.close()
         registrar.withdraw()
         client.close()
     code = exit_code_of(child.returncode)
@@ -106,8 +132,59 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+class HealthWatch:
+    """vLLM's /health, probed while it runs; the registration follows it (see module doc)."""
+
+    def __init__(self, url: str, interval: float, timeout: float, unhealthy_after: int) -> None:
+        self.url, self.interval, self.unhealthy_after = url, interval, unhealthy_after
+        self.http = httpx.Client(timeout=timeout, trust_env=False)
+        self.failures = 0
+        self.next_at = time.monotonic() + interval
+
+    def probe(self) -> str | None:
+        try:
+            status = self.http.get(f"{self.url}/health").status_code
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        return None if status == 200 else f"status {status}"
+
+    def step(self, registrar: Registrar) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            return
+        self.next_at = now + self.interval
+        problem = self.probe()
+        if problem is None:
+            if self.failures >= self.unhealthy_after:
+                _log(f"{self.url}/health answers again")
+            self.failures = 0
+            try:
+                if registrar.registered:
+                    registrar.ensure()
+                else:
+                    registrar.register()
+            except EtcdError as exc:
+                _log(f"etcd not reachable ({exc}); retrying")
+            return
+        self.failures += 1
+        if self.failures == self.unhealthy_after and registrar.registered:
+            _log(f"{self.url}/health failed {self.failures} times ({problem}); withdrawing")
+            registrar.suspend()
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def child_env(environ: dict[str, str] | os._Environ, secret: str | None) -> dict[str, str]:
+    """vLLM's environment: ours without the deployment secret, with the derived API key."""
+    env = {k: v for k, v in environ.items() if k != DEPLOYMENT_SECRET_ENV}
+    if secret:
+        env["VLLM_API_KEY"] = worker_api_key(secret)
+    return env
+
+
 def _wait_healthy(child: subprocess.Popen, url: str, stop_signal: list[int]) -> bool:
-    with httpx.Client(timeout=2.0) as http:
+    with httpx.Client(timeout=2.0, trust_env=False) as http:
         while child.poll() is None and not stop_signal:
             try:
                 if http.get(f"{url}/health").status_code == 200:

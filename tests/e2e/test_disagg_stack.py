@@ -25,6 +25,7 @@ from stack_support import dynkv, stack_env
 
 from dynkv.bench.workloads import text
 from dynkv.supervisor import read_state
+from dynkv.worker.record import worker_api_key
 
 pytestmark = pytest.mark.e2e
 MODEL = "dynkv-tiny"
@@ -58,11 +59,17 @@ def stack(tmp_path_factory):
     ddir = tmp / "state" / NAME
     try:
         assert up.returncode == 0, up.stderr[-4000:]
+        # the workers' vLLM answers /v1 only with the key derived from the deployment secret
+        secret = (ddir / "deployment.secret").read_text().strip()
+        WORKER_AUTH["authorization"] = f"Bearer {worker_api_key(secret)}"
         yield env, ddir
     finally:
         down = dynkv("down", env=env, timeout=180)
         assert down.returncode == 0, down.stderr
     assert not Path(f"/dev/shm/dynkv-{NAME}").exists()  # the handoff pool goes with the stack
+
+
+WORKER_AUTH: dict[str, str] = {}  # sent to the frontend too, which has no key here
 
 
 def urls(env):
@@ -87,13 +94,17 @@ def completion(base: str, stream: bool, seed: int, **extra) -> tuple[str, list]:
     }
     body |= extra
     if not stream:
-        r = httpx.post(f"{base}/completions", json=body, timeout=120)
+        r = httpx.post(f"{base}/completions", json=body, headers=WORKER_AUTH, timeout=120)
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
         return choice["text"], choice["logprobs"]["token_logprobs"]
     texts, logprobs = [], []
     with httpx.stream(
-        "POST", f"{base}/completions", json={**body, "stream": True}, timeout=120
+        "POST",
+        f"{base}/completions",
+        json={**body, "stream": True},
+        headers=WORKER_AUTH,
+        timeout=120,
     ) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
@@ -112,12 +123,16 @@ def chat(base: str, stream: bool, seed: int) -> str:
         "temperature": 0.0,
     }
     if not stream:
-        r = httpx.post(f"{base}/chat/completions", json=body, timeout=120)
+        r = httpx.post(f"{base}/chat/completions", json=body, headers=WORKER_AUTH, timeout=120)
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["message"]["content"]
     parts = []
     with httpx.stream(
-        "POST", f"{base}/chat/completions", json={**body, "stream": True}, timeout=120
+        "POST",
+        f"{base}/chat/completions",
+        json={**body, "stream": True},
+        headers=WORKER_AUTH,
+        timeout=120,
     ) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
@@ -180,4 +195,7 @@ def test_killed_prefill_worker_is_a_clear_503(stack):
             break
         time.sleep(0.5)
     assert r.status_code == 503, r.text
-    assert "prefill" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "no_worker_available" and "prefill-0" not in r.text
+    rid = r.json()["error"]["request_id"]  # the cause is in the frontend's log, under its id
+    line = next(x for x in (ddir / "logs" / "frontend.log").read_text().splitlines() if rid in x)
+    assert "prefill" in line

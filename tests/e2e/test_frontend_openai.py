@@ -22,6 +22,7 @@ from dynkv.bench.workloads import text
 from dynkv.infra.etcd_client import EtcdClient
 from dynkv.plan.build import find_prometheus
 from dynkv.supervisor import read_state
+from dynkv.worker.record import worker_api_key
 
 openai = pytest.importorskip("openai")
 
@@ -120,9 +121,10 @@ def test_chat_completion_streamed_chunk_by_chunk(stack):
     request straight to the worker streams the same pieces."""
     pieces, tokens = stream_chat(stack.client)
     assert tokens == 16
+    secret = (stack.ddir / "deployment.secret").read_text().strip()
     worker = openai.OpenAI(
         base_url=f"http://127.0.0.1:{stack.env['DYNKV_WORKER_PORT']}/v1",
-        api_key="unused",
+        api_key=worker_api_key(secret),  # the key only the frontend sends (docs/security.md)
         max_retries=0,
     )
     direct, direct_tokens = stream_chat(worker)
@@ -151,7 +153,7 @@ def test_completions_streamed_and_not(stack):
 
 def test_error_shapes(stack):
     def shape(body: dict) -> dict:
-        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert set(body["error"]) == {"message", "type", "param", "code", "request_id"}, body
         return body["error"]
 
     anonymous = openai.OpenAI(base_url=stack.base + "/v1", api_key="wrong", max_retries=0)
@@ -205,6 +207,11 @@ def test_status_logs_and_metrics(stack):
         record = etcd.get("/dynkv/fe2e/workers/agg-0").json()
     assert record["model"] == MODEL
     assert record["url"] == f"http://127.0.0.1:{stack.env['DYNKV_WORKER_PORT']}"
+    assert "signature" in record  # signed with the deployment secret (docs/security.md)
+    # vLLM's /v1 answers only the frontend (the key derived from the secret); /health is open
+    direct = f"http://127.0.0.1:{stack.env['DYNKV_WORKER_PORT']}"
+    assert httpx.get(f"{direct}/v1/models", timeout=5).status_code == 401
+    assert httpx.get(f"{direct}/health", timeout=5).status_code == 200
     data = stack.status()
     assert data["name"] == "fe2e" and all(s["healthy"] for s in data["services"])
     assert _worker(data)["kvbm"]["reachable"] is True
@@ -314,8 +321,9 @@ def test_zz_killed_worker_is_503_then_leaves_the_pool(stack):
     # every 500 ms and the frontend's watch sees the delete at once, but a loaded 2-core box can
     # delay any of those by seconds, so the bound is the TTL plus a margin, not a race with it.
     bound = TTL + 10
+    auth = {"authorization": f"Bearer {KEY}"}  # without the key: healthy or not, no more
     while time.monotonic() - killed < bound:
-        if httpx.get(f"{stack.base}/health", timeout=5).json()["workers"] == 0:
+        if httpx.get(f"{stack.base}/health", headers=auth, timeout=5).json()["workers"] == 0:
             break
         time.sleep(0.2)
     left = time.monotonic() - killed

@@ -8,7 +8,9 @@ delays /health (FAKE_VLLM_READY_AFTER sets it through a plan, which passes no su
 FAKE_VLLM_SPAWN_ORPHAN=1 starts a grandchild in a new session (a process that escapes the process
 group, which teardown must still find). FAKE_VLLM_TOKENS=N streams N chunks and
 FAKE_VLLM_TOKEN_DELAY=S waits S seconds before each, so a stream lasts long enough to be cut by
-a fault.
+a fault. Like vLLM (its AuthenticationMiddleware), with VLLM_API_KEY set (or --api-key) every
+path under /v1, /v2, /inference and /cohere needs `Authorization: Bearer <key>` (else 401
+{"error": "Unauthorized"}); /health and /metrics stay open.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def main() -> int:
     )
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--exit-code", type=int, default=0)
+    p.add_argument("--api-key", default=None)
     args, _ = p.parse_known_args()
+    api_key = args.api_key or os.environ.get("VLLM_API_KEY") or None
     started = time.monotonic()
 
     class Handler(BaseHTTPRequestHandler):
@@ -60,7 +64,19 @@ def main() -> int:
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
 
+        def _refused(self) -> bool:
+            """vLLM's rule: a guarded path without the bearer key is a 401."""
+            if not api_key or not self.path.startswith(("/v1", "/v2", "/inference", "/cohere")):
+                return False
+            scheme, _, token = (self.headers.get("authorization") or "").partition(" ")
+            if scheme.lower() == "bearer" and token == api_key:
+                return False
+            self._json(401, {"error": "Unauthorized"})
+            return True
+
         def do_GET(self):  # noqa: N802
+            if self._refused():
+                return
             if self.path == "/health":
                 ok = time.monotonic() - started >= args.ready_after
                 self._start(200 if ok else 503, length=0)
@@ -71,6 +87,9 @@ def main() -> int:
 
         def do_POST(self):  # noqa: N802
             length = int(self.headers.get("content-length") or 0)
+            if self._refused():
+                self.rfile.read(length)
+                return
             body = json.loads(self.rfile.read(length) or b"{}")
             chat = self.path == "/v1/chat/completions"
             if not chat and self.path != "/v1/completions":

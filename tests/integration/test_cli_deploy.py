@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 from dynkv.cli.main import app
 from dynkv.infra.etcd_client import EtcdClient
 from dynkv.supervisor import read_state
+from dynkv.worker.record import decode
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -61,6 +63,20 @@ def test_up_detached_status_logs_down(deployment):
         (kv,) = etcd.get_prefix("/dynkv/cli/workers/").kvs
         assert kv.key == "/dynkv/cli/workers/agg-0"
         assert kv.json()["model"] == "model"  # a directory serves under its name
+        assert "signature" in kv.json()  # signed with the deployment secret
+
+    # the deployment secret: created once, private, never in argv, the state file or a log
+    secret_file = os.path.join(ddir, "deployment.secret")
+    assert os.stat(secret_file).st_mode & 0o777 == 0o600
+    secret = Path(secret_file).read_text().strip()
+    assert len(secret) == 64
+    assert decode(kv.key, kv.value, secret).id == "agg-0"
+    for log in Path(ddir, "logs").iterdir():
+        assert secret not in log.read_text()
+    assert secret not in json.dumps(state)
+    worker_url = f"http://127.0.0.1:{env['DYNKV_WORKER_PORT']}"
+    assert httpx.get(f"{worker_url}/v1/models", timeout=5).status_code == 401  # keyed
+    assert httpx.get(f"{worker_url}/health", timeout=5).status_code == 200
 
     # the OpenAI API through the frontend, which found the worker in etcd
     frontend = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from dynkv.cli.main import app
 from dynkv.infra.etcd_client import EtcdClient, EtcdError
 from dynkv.supervisor import read_state
+from dynkv.worker.record import signed, worker_api_key
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -66,6 +67,11 @@ class Stack:
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=2).json()
+
+    @property
+    def secret(self) -> str:
+        """The deployment secret `up` created (signs registrations, keys the workers)."""
+        return Path(self.ddir, "deployment.secret").read_text().strip()
 
 
 def up() -> None:
@@ -161,7 +167,11 @@ def test_frontend_killed_during_load(stack):
     assert code == 1 and services["frontend"]["running"] is False
     assert services["worker"]["healthy"] and stack.registered() == 1
     worker_url = services["worker"]["url"]
-    direct = httpx.post(f"{worker_url}/v1/completions", json={**BODY, "stream": False}, timeout=5)
+    body = {**BODY, "stream": False}
+    direct = httpx.post(f"{worker_url}/v1/completions", json=body, timeout=5)
+    assert direct.status_code == 401  # the worker answers only the frontend's key
+    auth = {"authorization": f"Bearer {worker_api_key(stack.secret)}"}
+    direct = httpx.post(f"{worker_url}/v1/completions", json=body, headers=auth, timeout=5)
     assert direct.status_code == 200
 
 
@@ -205,8 +215,9 @@ def test_nats_then_etcd_killed_during_load(stack):
         wait_until(lambda: stack.registered() == 1, 10)  # the lease survived etcd's absence
         # discovery follows etcd again (its watch resumed, or it listed again)
         with EtcdClient(stack.etcd) as client:
-            client.put("/dynkv/faults/workers/agg-9", {"id": "agg-9", "url": "http://127.0.0.1:9",
-                                                       "model": "model"})  # fmt: skip
+            key = "/dynkv/faults/workers/agg-9"
+            record = {"id": "agg-9", "url": "http://127.0.0.1:9", "model": "model"}
+            client.put(key, signed(key, record, stack.secret))  # only signed records join
             wait_until(lambda: stack.health()["workers"] == 2, 10)
             client.delete("/dynkv/faults/workers/agg-9")
             wait_until(lambda: stack.health()["workers"] == 1, 10)

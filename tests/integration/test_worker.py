@@ -1,5 +1,7 @@
 """The worker wrapper against real etcd, with a fake vLLM: registration only once healthy,
-withdrawal on SIGTERM (to the wrapper or its whole group) and when vLLM dies, vLLM's exit code."""
+withdrawal on SIGTERM (to the wrapper or its whole group) and when vLLM dies, vLLM's exit code,
+a signed record and a keyed vLLM with a deployment secret, a hung vLLM (SIGSTOP) withdrawn and
+registered again, and a key deleted by someone else put back."""
 
 from __future__ import annotations
 
@@ -10,20 +12,22 @@ import sys
 import time
 import uuid
 
+import httpx
 import psutil
 import pytest
 from infra_helpers import FAKES, wait_for
 
 from dynkv.infra.etcd_client import EtcdClient
 from dynkv.ports import free_port
+from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, decode, worker_api_key
 
 pytestmark = pytest.mark.integration
 
 
-def start_wrapper(etcd_url: str, tmp_path, *fake_args: str):
+def start_wrapper(etcd_url: str, tmp_path, *fake_args: str, wrapper_args=(), env_extra=None):
     deployment = f"w{uuid.uuid4().hex[:6]}"
     port = free_port()
-    env = dict(os.environ)
+    env = {**os.environ, **(env_extra or {})}
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (os.environ.get("PYTHONPATH", ""), str(FAKES)) if p
     )
@@ -36,7 +40,7 @@ def start_wrapper(etcd_url: str, tmp_path, *fake_args: str):
         "--served-model-name", "fake-model",
         "--metrics-url", "http://127.0.0.1:1/metrics",
         "--etcd-endpoints", etcd_url,
-        "--lease-ttl", "5",
+        "--lease-ttl", "5", *wrapper_args,
         "--", sys.executable, "-m", "fake_vllm", "--port", str(port), *fake_args,
     ]  # fmt: skip
     log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
@@ -120,4 +124,63 @@ def test_usage_errors():
     out = subprocess.run(
         [sys.executable, "-m", "dynkv.worker", "--role", "agg"], capture_output=True, text=True
     )
-    assert out.returncode != 0 and "--" in out.stderr
+    assert out.returncode == 1
+    assert out.stderr.strip() == "usage: python -m dynkv.worker [options] -- <vllm command line>"
+    out = subprocess.run(
+        [sys.executable, "-m", "dynkv.worker", "--role", "agg", "--", "true"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "the following arguments are required: --deployment" in (
+        out.stderr
+    )
+
+
+SECRET = "ab" * 32
+# a dead proxy: a client that honoured it could not reach loopback at all
+PROXIES = {k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
+
+
+def test_signed_record_keyed_vllm_and_no_secret_in_vllms_env(etcd, etcd_url, tmp_path):
+    proc, key, port = start_wrapper(
+        etcd_url, tmp_path, env_extra={DEPLOYMENT_SECRET_ENV: SECRET, **PROXIES}
+    )
+    try:
+        kv = wait_for(lambda: etcd.get(key))
+        assert decode(key, kv.value, SECRET).id == "agg-0"  # signed with the deployment secret
+        vllm = children_of(proc)[0]
+        env = vllm.environ()
+        assert DEPLOYMENT_SECRET_ENV not in env and env["VLLM_API_KEY"] == worker_api_key(SECRET)
+        assert SECRET not in " ".join(vllm.cmdline()) + " ".join(psutil.Process(proc.pid).cmdline())
+        url = f"http://127.0.0.1:{port}/v1/models"
+        assert httpx.get(url, timeout=5).status_code == 401
+        auth = {"authorization": f"Bearer {worker_api_key(SECRET)}"}
+        assert httpx.get(url, headers=auth, timeout=5).status_code == 200
+        assert SECRET not in (tmp_path / "worker.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_hung_vllm_is_withdrawn_and_comes_back(etcd, etcd_url, tmp_path):
+    fast = ("--health-interval", "0.3", "--probe-timeout", "0.5", "--unhealthy-after", "2")
+    proc, key, _ = start_wrapper(etcd_url, tmp_path, wrapper_args=fast, env_extra=PROXIES)
+    try:
+        wait_for(lambda: etcd.get(key))
+        vllm = children_of(proc)[0]
+        vllm.suspend()
+        stopped = time.monotonic()
+        log = tmp_path / "worker.log"
+        wait_for(lambda: "withdrawing" in log.read_text(), 10)
+        wait_for(lambda: etcd.get(key) is None, 5)
+        assert time.monotonic() - stopped < 6  # 2 probes × (0.3 s + 0.5 s timeout), + slack
+        assert proc.poll() is None  # withdrawn, not stopped
+        vllm.resume()
+        wait_for(lambda: etcd.get(key), 5)
+        etcd.delete(key)  # a local process deletes the real registration
+        wait_for(lambda: etcd.get(key), 3)  # put back under the same lease
+        wait_for(lambda: "deleted by someone" in log.read_text(), 5)
+        assert "answers again" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -19,6 +19,7 @@ from dynkv.doctor import Status
 from dynkv.plan import PlanError
 from dynkv.plan.frontend import connect_host
 from dynkv.plan.model import MASK
+from dynkv.settings import SettingsError
 from dynkv.supervisor.state import DeploymentState, ServiceRecord
 
 
@@ -66,7 +67,7 @@ def test_the_api_key_travels_in_the_environment_only():
 
 
 def test_a_wildcard_bind_is_reached_on_loopback():
-    fe = plan_for({"DYNKV_FRONTEND_HOST": "0.0.0.0"}).service("frontend")
+    fe = plan_for({"DYNKV_FRONTEND_HOST": "0.0.0.0", "DYNKV_API_KEY": "k"}).service("frontend")
     assert flag(fe.argv, "--host") == "0.0.0.0"
     assert fe.meta["url"] == "http://127.0.0.1:8000" and fe.meta["bind_host"] == "0.0.0.0"
     assert connect_host("::") == "[::1]" and connect_host("fe80::1") == "[fe80::1]"
@@ -81,7 +82,13 @@ def test_a_frontend_port_clash_names_its_setting():
 def test_preflight_reports_an_address_that_cannot_be_bound():
     from dynkv.ports import free_port
 
-    plan = plan_for({"DYNKV_FRONTEND_HOST": "192.0.2.1", "DYNKV_FRONTEND_PORT": str(free_port())})
+    plan = plan_for(
+        {
+            "DYNKV_FRONTEND_HOST": "192.0.2.1",
+            "DYNKV_FRONTEND_PORT": str(free_port()),
+            "DYNKV_API_KEY": "k",  # a non-loopback frontend needs one
+        }
+    )
     result = plan_check("ports.frontend", plan)
     assert result.status is Status.FAIL and "192.0.2.1" in result.detail
     assert result.fix == "export DYNKV_FRONTEND_HOST=127.0.0.1"  # loopback, never 0.0.0.0
@@ -161,3 +168,59 @@ def test_up_router_flag(clean_env, tmp_path):
     assert result.exit_code == 0, result.output
     argv = json.loads(result.stdout)["services"][-1]["argv"]
     assert flag(argv, "--router") == "least_outstanding"
+
+
+# ---- exposure (docs/security.md) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"DYNKV_FRONTEND_HOST": "0.0.0.0"},
+        {"DYNKV_FRONTEND_HOST": "192.168.1.5"},
+        {"DYN_KVBM_METRICS_HOST": "0.0.0.0"},
+        {"DYN_KVBM_METRICS_HOST": "0.0.0.0", "DYNKV_API_KEY": "k"},  # metrics have no key
+    ],
+)
+def test_a_network_bind_without_a_key_is_refused_before_anything_starts(env):
+    with pytest.raises(SettingsError) as exc:
+        plan_for(env)
+    assert "not loopback" in exc.value.cause and "--insecure" in exc.value.fix
+
+
+def test_insecure_or_a_key_allows_a_network_bind():
+    fe = plan_for({"DYNKV_FRONTEND_HOST": "0.0.0.0", "DYNKV_INSECURE": "true"}).service("frontend")
+    assert "--insecure" in fe.argv
+    fe = plan_for({"DYNKV_FRONTEND_HOST": "0.0.0.0", "DYNKV_API_KEY": "k"}).service("frontend")
+    assert "--insecure" not in fe.argv
+
+
+def test_the_api_key_file_is_read_into_the_environment_never_argv(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("sk-from-file\n")
+    plan = plan_for({"DYNKV_API_KEY_FILE": str(key), "DYNKV_FRONTEND_HOST": "0.0.0.0"})
+    fe = plan.service("frontend")
+    assert fe.env["DYNKV_API_KEY"] == "sk-from-file" and "sk-from-file" not in fe.argv
+    assert "sk-from-file" not in json.dumps(plan.to_json())
+    with pytest.raises(SettingsError) as exc:
+        plan_for({"DYNKV_API_KEY_FILE": str(tmp_path / "missing")})
+    assert "cannot read the API key file" in exc.value.cause
+
+
+def test_tls_reaches_the_frontend_and_its_urls(tmp_path):
+    plan = plan_for({"DYNKV_TLS_CERT": "/c.pem", "DYNKV_TLS_KEY": "/k.pem"})
+    fe = plan.service("frontend")
+    assert flag(fe.argv, "--tls-cert") == "/c.pem" and flag(fe.argv, "--tls-key") == "/k.pem"
+    assert fe.meta["openai_url"] == "https://127.0.0.1:8000/v1"
+    assert fe.probes[0].kind == "tcp"
+    with pytest.raises(SettingsError):
+        plan_for({"DYNKV_TLS_CERT": "/c.pem"})
+
+
+def test_the_deployment_secret_reaches_workers_and_frontend_masked():
+    plan = plan_support.plan_for(None, flags={}, environ={}, secret="f" * 64)
+    fe, worker = plan.service("frontend"), plan.service("worker")
+    assert fe.env["DYNKV_DEPLOYMENT_SECRET"] == worker.env["DYNKV_DEPLOYMENT_SECRET"] == "f" * 64
+    assert "f" * 64 not in json.dumps(plan.to_json())
+    assert list(fe.files) == [f"{plan.deployment_dir}/deployment.secret"]
+    assert all("f" * 64 not in arg for s in plan.services for arg in s.argv)

@@ -101,7 +101,9 @@ def test_config_scrapes_the_frontend_and_every_worker():
 
 
 def test_a_frontend_on_all_interfaces_is_scraped_on_loopback():
-    prom = plan_for({"DYNKV_FRONTEND_HOST": "0.0.0.0"}).service("prometheus")
+    prom = plan_for({"DYNKV_FRONTEND_HOST": "0.0.0.0", "DYNKV_INSECURE": "true"}).service(
+        "prometheus"
+    )
     jobs = {j["job_name"]: j for j in config_of(prom)["scrape_configs"]}
     assert jobs["dynkv-frontend"]["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
 

@@ -81,13 +81,15 @@ def test_completions_too():
         assert json.loads(decode.bodies[-1])["kv_transfer_params"] == HANDOFF
 
 
-def test_prefill_down_is_a_503_that_names_the_fallback():
+def test_prefill_down_is_a_503_whose_log_names_the_fallback(caplog):
     decode = FakeWorker("d")
     with disagg(None, decode) as fe:
         r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
         assert r.status_code == 503
         error = r.json()["error"]
-        assert "prefill" in error["message"] and "DYNKV_DISAGG_FALLBACK" in error["message"]
+        assert error["code"] == "no_worker_available" and "prefill-0" not in r.text
+        logged = [m.getMessage() for m in caplog.records if error["request_id"] in m.getMessage()]
+        assert "prefill" in logged[0] and "DYNKV_DISAGG_FALLBACK" in logged[0]
         assert decode.bodies == []
 
 
