@@ -19,10 +19,12 @@ from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
 from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
+from dynkv.plan.engine_args import check_engine_args, detect_spec, role_argv, unchecked_note
 from dynkv.plan.frontend import API_KEY_ENV, frontend_service
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
 from dynkv.plan.prometheus import PROMETHEUS_BINARY, prometheus_service
+from dynkv.plan.vllm_parser import VllmArgSpec
 from dynkv.plan.worker import (
     PASSTHROUGH_ENV,
     kv_transfer_config,
@@ -63,6 +65,8 @@ class HostFacts:
     prometheus_binary: str | None = None  # None: observability runs the docker image
     nixl: bool = False  # the `nixl` package imports (vLLM's NixlConnector can run)
     user: str | None = None  # "uid:gid" a container runs as (reads the 0700 deployment dir)
+    vllm_args: VllmArgSpec | None = None  # vLLM's parser, read only when there are engine args
+    vllm_args_unchecked: str = "vLLM's parser was not read on the host that built this plan"
 
     @classmethod
     def detect(cls, resolved: Resolved, model: ModelChoice, *, device: str) -> HostFacts:
@@ -76,6 +80,7 @@ class HostFacts:
             nats = str(nats_server_binary())
         except MissingBinary:
             nats = "nats-server"
+        spec, unchecked = detect_spec(resolved, sys.executable)
         return cls(
             device=device,
             cpus=tuple(sorted(os.sched_getaffinity(0))),
@@ -87,6 +92,8 @@ class HostFacts:
             prometheus_binary=find_prometheus(),
             nixl=importlib.util.find_spec("nixl") is not None,
             user=f"{os.getuid()}:{os.getgid()}",
+            vllm_args=spec,
+            vllm_args_unchecked=unchecked,
         )
 
 
@@ -129,6 +136,7 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
             f"block size {dep.block_size} does not work with vLLM on CPU (needs a multiple of 32)",
             "export DYNKV_BLOCK_SIZE=32 (or 64, 96, ...)",
         )
+    check_engine_args(resolved, host.vllm_args)
 
     services: list[Service] = []
     external = ()
@@ -186,7 +194,7 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
         nats_url=nats_url,
         services=ordered,
         external=external,
-        notes=_notes(host, ordered),
+        notes=_notes(host, ordered) + _engine_notes(resolved, host),
         startup_timeout_secs=dep.startup_timeout_secs,
     )
 
@@ -268,6 +276,7 @@ def _workers(
             max_model_len=dep.max_model_len,
             kv_cache_bytes=kv_bytes,
             kv_transfer=kv_transfer_config(dynkv=dynkv, nixl=transfer == "nixl"),
+            engine=role_argv(resolved, role, host.vllm_args),
         )
         served_metrics = (
             None if metrics_port is None else metrics_url(kvbm.metrics_host, metrics_port)
@@ -377,6 +386,12 @@ def _check_port_clashes(services: tuple[Service, ...]) -> None:
                     f"give {label} another port (export {setting}=<free port>)",
                 )
             seen[port] = label
+
+
+def _engine_notes(resolved: Resolved, host: HostFacts) -> tuple[str, ...]:
+    if resolved.engine_args and host.vllm_args is None:
+        return (unchecked_note(host.vllm_args_unchecked),)
+    return ()
 
 
 def _notes(host: HostFacts, services: tuple[Service, ...]) -> tuple[str, ...]:
