@@ -67,6 +67,7 @@ def detect_spec(resolved: Resolved, python: str) -> tuple[VllmArgSpec | None, st
     costs seconds); else None and why the arguments go unchecked ("" when there are none)."""
     if not resolved.engine_args:
         return None, ""
+    check_engine_args(resolved, None)  # owned options fail fast, before paying for the import
     try:
         spec = load_spec(python)
     except ParserUnavailable as exc:
