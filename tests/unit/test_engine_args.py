@@ -305,3 +305,9 @@ def test_config_shows_engine_arguments_with_their_source(clean_env, tmp_path):
     assert text.exit_code == 0, text.output
     for shown in ("profile [vllm]", "profile [vllm.prefill]", "command line", "decode workers get"):
         assert shown in text.output
+
+
+def test_docs_list_every_refused_option():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "engine-args.md").read_text()
+    missing = [o for o in owned_options() if f"`{o}`" not in doc]
+    assert missing == []
