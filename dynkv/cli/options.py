@@ -76,9 +76,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on 
 EngineArgsArg = Annotated[
     list[str] | None,
     typer.Argument(
-        metavar="[-- VLLM_ARGS...]",
+        metavar="-- VLLM_ARGS",
         help="vLLM engine arguments after --, e.g. `-- --max-num-seqs 8` "
-        "(win over the profile's [vllm] tables; see docs/engine-args.md).",
+        "(they win over the profile's vllm tables; see docs/engine-args.md).",
         show_default=False,
     ),
 ]
