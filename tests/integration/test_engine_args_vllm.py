@@ -4,6 +4,8 @@ process the way `dynkv up` does, and cached by vLLM version. Skips where vLLM is
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 import sys
 
 import pytest
@@ -77,3 +79,70 @@ def test_valid_arguments_pass_and_the_plan_says_nothing_about_checking(env):
     assert result.exit_code == 0, result.output
     assert "not checked" not in result.stdout
     assert '"--no-enforce-eager"' in result.stdout
+
+
+_PARSE = """
+import json, sys
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+args = make_arg_parser(FlexibleArgumentParser()).parse_args(sys.argv[1:])
+engine = AsyncEngineArgs.from_cli_args(args)
+print("DYNKV-PARSED " + json.dumps({k: getattr(engine, k) for k in
+      ("max_model_len", "max_num_seqs", "enforce_eager", "block_size", "tensor_parallel_size")}))
+"""
+
+
+def test_vllm_parses_the_planned_worker_argv_into_the_engine_arguments(env, tmp_path):
+    """The worker's vLLM command line, as planned, read by vLLM's own parser into its engine
+    arguments: the user's values arrive, dynkv's own stay dynkv's."""
+    profile = tmp_path / "p.toml"
+    profile.write_text(
+        "[kvbm]\ncpu_cache_gb = 1\n[vllm]\nmax_num_seqs = 3\nenforce_eager = true\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "up",
+            "--dry-run",
+            "--json",
+            "--device",
+            "cpu",
+            "-p",
+            str(profile),
+            "--",
+            "--max-model-len",
+            "1024",
+            "--no-enforce-eager",
+            "-tp",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    worker = next(s for s in json.loads(result.stdout)["services"] if s["name"] == "worker")
+    argv = worker["argv"]
+    vllm_words = argv[argv.index(vllm_parser_module()) + 1 :]
+    child = subprocess.run(
+        [sys.executable, "-c", _PARSE, *vllm_words],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    line = next((x for x in child.stdout.splitlines() if x.startswith("DYNKV-PARSED ")), None)
+    assert line, child.stderr[-3000:]
+    parsed = json.loads(line.split(" ", 1)[1])
+    assert parsed == {
+        "max_model_len": 1024,
+        "max_num_seqs": 3,
+        "enforce_eager": False,
+        "block_size": 32,
+        "tensor_parallel_size": 1,
+    }
+
+
+def vllm_parser_module() -> str:
+    from dynkv.plan.worker import VLLM_MODULE
+
+    return VLLM_MODULE
