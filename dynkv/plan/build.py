@@ -24,7 +24,6 @@ from dynkv.plan.frontend import API_KEY_ENV, frontend_service
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
 from dynkv.plan.prometheus import PROMETHEUS_BINARY, prometheus_service
-from dynkv.plan.vllm_parser import VllmArgSpec
 from dynkv.plan.worker import (
     PASSTHROUGH_ENV,
     kv_transfer_config,
@@ -34,6 +33,7 @@ from dynkv.plan.worker import (
 )
 from dynkv.settings.errors import SettingsError
 from dynkv.settings.resolve import Resolved
+from dynkv.vllm_args import VllmArgSpec
 
 # The setting to change when a port is taken, by (service role, port name).
 PORT_SETTINGS: dict[tuple[str, str], str] = {

@@ -13,11 +13,11 @@ import difflib
 import json
 from typing import Any
 
-from dynkv.plan.vllm_parser import ParserUnavailable, VllmArgSpec, load_spec
 from dynkv.plan.worker import vllm_argv
 from dynkv.settings.engine_args import EngineArg
 from dynkv.settings.errors import SettingsError
 from dynkv.settings.resolve import Resolved
+from dynkv.vllm_args import ParserUnavailable, VllmArgSpec, load_spec
 
 # What to use instead of an option dynkv sets, by vLLM destination.
 OWNED_FIX: dict[str, str] = {

@@ -11,8 +11,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from dynkv import vllm_args as vllm_parser
 from dynkv.cli.main import app
-from dynkv.plan import vllm_parser
 
 pytestmark = [
     pytest.mark.integration,

@@ -12,12 +12,13 @@ import pytest
 from plan_support import host, vllm_part
 from typer.testing import CliRunner
 
+from dynkv import vllm_args as vllm_parser
 from dynkv.cli.main import app
-from dynkv.plan import build_plan, vllm_parser
+from dynkv.plan import build_plan
 from dynkv.plan.engine_args import OPTIONAL_SETTING, OWNED_FIX, arg_key, owned_options
-from dynkv.plan.vllm_parser import VllmArgSpec
 from dynkv.settings import SettingsError, resolve
 from dynkv.settings.engine_args import parse_command_line
+from dynkv.vllm_args import VllmArgSpec
 
 SPEC = VllmArgSpec(
     version="0.test",
