@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+
+from rich.markup import escape
 from rich.table import Table
 
 from dynkv.cli.options import (
@@ -9,6 +12,7 @@ from dynkv.cli.options import (
     DeviceOpt,
     DiskDirOpt,
     DiskGbOpt,
+    EngineArgsArg,
     JsonOpt,
     KvbmOpt,
     ModelOpt,
@@ -18,6 +22,7 @@ from dynkv.cli.options import (
     resolve_from_options,
 )
 from dynkv.cli.output import emit_json, err
+from dynkv.plan.engine_args import role_argv
 from dynkv.settings import list_profiles
 
 
@@ -32,8 +37,10 @@ def config(
     disk_cache_dir: DiskDirOpt = None,
     kvbm: KvbmOpt = None,
     json_out: JsonOpt = False,
+    engine_args: EngineArgsArg = None,
 ) -> None:
-    """Print every resolved setting with its source, and the environment each worker receives."""
+    """Print every resolved setting with its source, the environment each worker receives, and
+    the vLLM engine arguments (profile [vllm] tables, words after --)."""
     resolved = resolve_from_options(
         profile=profile,
         topology=topology,
@@ -45,6 +52,7 @@ def config(
         disk_cache_dir=disk_cache_dir,
         kvbm=kvbm,
         quiet=json_out,
+        engine_args=engine_args,
     )
     data = resolved.to_json()
     if json_out:
@@ -62,6 +70,30 @@ def config(
     err.print("[bold]worker environment[/bold]")
     for key, value in data["worker_env"].items():
         err.print(f"  {key}={value}", markup=False)
+    _print_engine_args(data["engine_args"])
+    if resolved.engine_args:
+        roles = ["agg"] if resolved.deployment.topology == "agg" else ["prefill", "decode"]
+        for role in roles:  # what each worker's vLLM gets, layers merged
+            words = shlex.join(role_argv(resolved, role, None))
+            err.print(f"  {role} workers get: {words}", markup=False, soft_wrap=True)
+
+
+def _print_engine_args(rows: list[dict]) -> None:
+    """One row per argument as written; for one worker the command line wins over its role's
+    table, which wins over [vllm] (docs/engine-args.md)."""
+    if not rows:
+        err.print("[bold]vLLM engine arguments[/bold] none", markup=True)
+        return
+    table = Table(title="vLLM engine arguments", expand=False)
+    for col in ("argument", "value", "workers", "source"):
+        table.add_column(col)
+    for row in rows:
+        if row["source"] == "command-line":
+            source = "command line (after --)"
+        else:
+            source = "profile " + row["where"].split(" of ", 1)[0]
+        table.add_row(escape(row["name"]), escape(row["value"]), row["role"], escape(source))
+    err.print(table)
 
 
 def profiles(json_out: JsonOpt = False) -> None:

@@ -89,6 +89,15 @@ DeviceKvOpt = Annotated[
     float | None, typer.Option("--device-kv-gb", help="G1 (vLLM's KV cache) per worker, GB.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+EngineArgsArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="-- VLLM_ARGS",
+        help="vLLM engine arguments after --, e.g. `-- --max-num-seqs 8` "
+        "(they win over the profile's vllm tables; see docs/engine-args.md).",
+        show_default=False,
+    ),
+]
 
 
 def resolve_from_options(
@@ -117,6 +126,7 @@ def resolve_from_options(
     device_kv_gb: float | None = None,
     require_tier: bool = True,
     quiet: bool = False,
+    engine_args: list[str] | None = None,
 ) -> Resolved:
     """Flags become the strongest layer; warnings (unknown DYN_KVBM_* names) go to stderr."""
     resolved = resolve(
@@ -147,6 +157,7 @@ def resolve_from_options(
             "device_kv_gb": device_kv_gb,
         },
         require_tier=require_tier,
+        engine_args=engine_args,
     )
     if not quiet:
         for message in resolved.warnings:

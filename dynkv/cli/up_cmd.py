@@ -27,6 +27,7 @@ from dynkv.cli.options import (
     DeviceOpt,
     DiskDirOpt,
     DiskGbOpt,
+    EngineArgsArg,
     EtcdOpt,
     HostOpt,
     InfraOpt,
@@ -93,8 +94,11 @@ def up(
     dry_run: DryRunOpt = False,
     skip_checks: SkipChecksOpt = False,
     json_out: JsonOpt = False,
+    engine_args: EngineArgsArg = None,
 ) -> None:
-    """Start etcd, NATS, the vLLM worker with the bundled KVBM connector, and the OpenAI frontend."""
+    """Start etcd, NATS, the vLLM worker with the bundled KVBM connector, and the OpenAI frontend.
+
+    Words after `--` go to every worker's vLLM: `dynkv up -- --max-num-seqs 8`."""
     if json_out and not (dry_run or detach):
         raise UserError(
             "--json needs --dry-run or --detach (the foreground streams logs on stdout)",
@@ -125,11 +129,17 @@ def up(
         observability=observability,
         device_kv_gb=device_kv_gb,
         quiet=json_out,
+        engine_args=engine_args,
     )
     dep = resolved.deployment
     dev = resolve_device(str(dep.device))
     choice = _model(dep.model, dev, dry_run=dry_run, quiet=json_out)
-    plan = build_plan(resolved, HostFacts.detect(resolved, choice, device=dev))
+    if resolved.engine_args and not json_out:
+        with err.status("reading vLLM's engine arguments (once per vLLM version)…"):
+            facts = HostFacts.detect(resolved, choice, device=dev)
+    else:
+        facts = HostFacts.detect(resolved, choice, device=dev)
+    plan = build_plan(resolved, facts)
 
     if dry_run:
         if json_out:

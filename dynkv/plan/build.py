@@ -19,6 +19,7 @@ from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
 from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
+from dynkv.plan.engine_args import check_engine_args, detect_spec, role_argv, unchecked_note
 from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service, read_or_new
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
@@ -33,6 +34,7 @@ from dynkv.plan.worker import (
 )
 from dynkv.settings.errors import SettingsError
 from dynkv.settings.resolve import Resolved
+from dynkv.vllm_args import VllmArgSpec
 
 _INHERITED = ("PYTHONPATH", *PASSTHROUGH_ENV, *CPU_ENV_VARS)
 
@@ -54,6 +56,8 @@ class HostFacts:
     nixl: bool = False  # the `nixl` package imports (vLLM's NixlConnector can run)
     user: str | None = None  # "uid:gid" a container runs as (reads the 0700 deployment dir)
     secret: str | None = None  # the deployment secret (dynkv.plan.secret); None: unsigned
+    vllm_args: VllmArgSpec | None = None  # vLLM's parser, read only when there are engine args
+    vllm_args_unchecked: str = "vLLM's parser was not read on the host that built this plan"
 
     @classmethod
     def detect(cls, resolved: Resolved, model: ModelChoice, *, device: str) -> HostFacts:
@@ -67,6 +71,7 @@ class HostFacts:
             nats = str(nats_server_binary())
         except MissingBinary:
             nats = "nats-server"
+        spec, unchecked = detect_spec(resolved, sys.executable)
         return cls(
             device=device,
             cpus=tuple(sorted(os.sched_getaffinity(0))),
@@ -79,6 +84,8 @@ class HostFacts:
             nixl=importlib.util.find_spec("nixl") is not None,
             user=f"{os.getuid()}:{os.getgid()}",
             secret=read_or_new(resolved.deployment.deployment_dir),
+            vllm_args=spec,
+            vllm_args_unchecked=unchecked,
         )
 
 
@@ -121,6 +128,7 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
             f"block size {dep.block_size} does not work with vLLM on CPU (needs a multiple of 32)",
             "export DYNKV_BLOCK_SIZE=32 (or 64, 96, ...)",
         )
+    check_engine_args(resolved, host.vllm_args)
 
     services: list[Service] = []
     external = ()
@@ -178,7 +186,7 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
         nats_url=nats_url,
         services=ordered,
         external=external,
-        notes=_notes(host, ordered),
+        notes=_notes(host, ordered) + _engine_notes(resolved, host),
         startup_timeout_secs=dep.startup_timeout_secs,
     )
 
@@ -260,6 +268,7 @@ def _workers(
             max_model_len=dep.max_model_len,
             kv_cache_bytes=kv_bytes,
             kv_transfer=kv_transfer_config(dynkv=dynkv, nixl=transfer == "nixl"),
+            engine=role_argv(resolved, role, host.vllm_args),
         )
         served_metrics = (
             None if metrics_port is None else metrics_url(kvbm.metrics_host, metrics_port)
@@ -371,6 +380,12 @@ def _check_port_clashes(services: tuple[Service, ...]) -> None:
                     f"give {label} another port (export {setting}=<free port>)",
                 )
             seen[port] = label
+
+
+def _engine_notes(resolved: Resolved, host: HostFacts) -> tuple[str, ...]:
+    if resolved.engine_args and host.vllm_args is None:
+        return (unchecked_note(host.vllm_args_unchecked),)
+    return ()
 
 
 def _notes(host: HostFacts, services: tuple[Service, ...]) -> tuple[str, ...]:

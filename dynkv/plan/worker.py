@@ -74,6 +74,7 @@ def vllm_argv(
     max_model_len: int | None,
     kv_cache_bytes: int | None,
     kv_transfer: str | None = None,
+    engine: tuple[str, ...] = (),
 ) -> tuple[str, ...]:
     argv = [
         python,
@@ -96,6 +97,7 @@ def vllm_argv(
         argv += ["--max-model-len", str(max_model_len)]
     if kv_cache_bytes is not None:
         argv += ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
+    argv += engine  # the user's engine arguments, last (docs/engine-args.md)
     return tuple(argv)
 
 

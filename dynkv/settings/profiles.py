@@ -1,8 +1,9 @@
 """Tier profiles: TOML files that name a tier layout (G1→G2, G1→G2→G3, G1→G3) and its sizes.
 
 A profile has a description, an `experimental` flag, a `[kvbm]` section (fields of `KvbmSettings`)
-and a `[deployment]` section (fields of `DeploymentSettings`). Unknown keys are errors: a typo in a
-profile must not silently fall back to a default.
+a `[deployment]` section (fields of `DeploymentSettings`) and a `[vllm]` section of vLLM engine
+arguments (docs/engine-args.md). Unknown keys are errors: a typo in a profile must not silently fall
+back to a default; `[vllm]` names are checked against vLLM's own parser when the plan is built.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any
 
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.settings.deployment import DeploymentSettings
+from dynkv.settings.engine_args import EngineArgs, parse_profile_table
 from dynkv.settings.errors import SettingsError
 
 DEFAULT_PROFILE = "gpu-cpu-disk"
-_TOP_LEVEL_KEYS = {"description", "experimental", "kvbm", "deployment"}
+_TOP_LEVEL_KEYS = {"description", "experimental", "kvbm", "deployment", "vllm"}
 _SECTIONS: dict[str, type] = {"kvbm": KvbmSettings, "deployment": DeploymentSettings}
 
 
@@ -37,6 +39,7 @@ class Profile:
     experimental: bool = False
     kvbm: dict[str, Any] = field(default_factory=dict)
     deployment: dict[str, Any] = field(default_factory=dict)
+    vllm: EngineArgs = field(default_factory=EngineArgs)
 
     @property
     def tiers(self) -> list[str]:
@@ -138,6 +141,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Profile:
         experimental=experimental,
         kvbm=sections["kvbm"],
         deployment=sections["deployment"],
+        vllm=parse_profile_table(raw.get("vllm", {}), path),
     )
 
 

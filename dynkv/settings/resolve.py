@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource
 from dynkv.kvbm.config import ENV_PREFIX as KVBM_PREFIX
 from dynkv.kvbm.config import KvbmSettings, format_env_value
 from dynkv.settings.deployment import DeploymentSettings
+from dynkv.settings.engine_args import EngineArgs
 from dynkv.settings.errors import SettingsError
 from dynkv.settings.profiles import DEFAULT_PROFILE, Profile, load_profile
 
@@ -47,6 +48,8 @@ class Resolved:
     deployment: DeploymentSettings
     settings: dict[str, Setting] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # vLLM engine arguments: the profile's [vllm] tables, then the words after `--`
+    engine_args: EngineArgs = field(default_factory=EngineArgs)
 
     def worker_env(self) -> dict[str, str]:
         """The `DYN_KVBM_*` environment every worker receives (the runtime's only input)."""
@@ -61,6 +64,7 @@ class Resolved:
                 for name, s in self.settings.items()
             },
             "worker_env": self.worker_env(),
+            "engine_args": self.engine_args.to_json(),
             "warnings": list(self.warnings),
         }
 
@@ -72,8 +76,10 @@ def resolve(
     deployment_flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     require_tier: bool = True,
+    engine_args: Sequence[str] | None = None,
 ) -> Resolved:
-    """Resolve everything `dynkv` needs. Flags with value None count as not given."""
+    """Resolve everything `dynkv` needs. Flags with value None count as not given;
+    `engine_args` are the words after `--` (vLLM options, strongest over the profile's)."""
     environ = dict(os.environ if env is None else env)
     profile_name, profile_source = _pick_profile(profile, environ)
     prof = load_profile(profile_name)
@@ -102,6 +108,7 @@ def resolve(
         deployment=deployment,
         settings=settings,
         warnings=unknown_kvbm_variables(environ),
+        engine_args=prof.vllm.with_command_line(engine_args or ()),
     )
 
 
