@@ -296,7 +296,7 @@ def serve(
         str | None,
         typer.Option(
             "--stack-model",
-            help="Model of every stack (directory or HF id; default the generated tiny model).",
+            help="Model of every stack (directory, HF id or catalogue name; default as `dynkv up`).",
             rich_help_panel=_STACK_PANEL,
         ),
     ] = None,

