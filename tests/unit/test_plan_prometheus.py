@@ -159,9 +159,8 @@ def test_up_observability_without_prometheus_exits_1_with_cause_and_fix(clean_en
     clean_env.setenv("DYNKV_STATE_DIR", str(tmp_path))
     clean_env.setattr("dynkv.plan.build.find_prometheus", lambda: None)
     clean_env.setattr("dynkv.preflight.DockerBackend", lambda: _NoEngine())  # no engine either
-    result = CliRunner().invoke(
-        app, ["up", "-d", "--observability", "--skip-checks", "--device", "cpu"]
-    )
+    argv = ["up", "-d", "--observability", "--skip-checks", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*argv, "--model", "dynkv-tiny"])  # no fetch
     assert result.exit_code == 1, result.output
     assert "no prometheus binary" in result.stderr and "apt-get install" in result.stderr
     assert not (tmp_path / "default" / "state.json").exists()  # nothing started
