@@ -4,6 +4,8 @@ Run as a script (vLLM spawns workers, so its entry point needs a __main__ guard)
     python kvbm_engine.py '<json config>'
 Config: {"model": path, "scenario": "tiers"|"roundtrip"|"restart", "prompts": [[ids…], …],
          "device_kv_bytes": int, "inproc": bool, "metrics_port": int}
+Optional: "sequential_reference": true (consume: the reference is computed one prompt at a time,
+as the handoffs are; batched decoding may round differently on a real model's near-ties).
 The DYN_KVBM_* environment configures the tiers, exactly as in production.
 
 Scenarios
@@ -158,7 +160,10 @@ def main() -> None:
         settle()
         result["metrics"] = _metrics(port)
         llm.reset_prefix_cache()
-        result["reference"] = _outputs(llm.generate(prompts, greedy))
+        if cfg.get("sequential_reference"):  # one prompt at a time, as the handoffs above ran
+            result["reference"] = [_outputs(llm.generate([p], greedy))[0] for p in prompts]
+        else:
+            result["reference"] = _outputs(llm.generate(prompts, greedy))
     elif cfg["scenario"] == "restart":
         result["run"] = _outputs(llm.generate(prompts, greedy))
         settle()

@@ -181,7 +181,11 @@ def test_after_a_restart_disk_hits_give_the_same_tokens(g3, g3_dir, model, promp
     assert result["metrics"]["kvbm_onboard_blocks_d2d_total"] == full_blocks(prompts)
 
 
-def test_disaggregated_handoff_gives_the_same_tokens(g2, model, prompts, tmp_path):
+def test_disaggregated_handoff_gives_the_same_tokens(model, prompts, tmp_path):
+    """The decode engine decodes each handed-off prompt alone; its reference (the same prompts
+    recomputed after its prefix cache is reset) is computed alone too. Compared with a batch of
+    two, single-request decoding may round differently where two tokens nearly tie: seen here once
+    on the 16th token, so the batched outputs of the other engines are not the reference."""
     handoff = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dynkv-e2e-real-handoff-"))
     try:
         env = {
@@ -191,12 +195,24 @@ def test_disaggregated_handoff_gives_the_same_tokens(g2, model, prompts, tmp_pat
         }
         produced, _ = run_engine(model, prompts, "produce", env, tmp_path / "prefill")
         params = produced["params"]
-        assert all(p and len(p["dynkv"]["slots"]) == len(q) // 32 for p, q in zip(params, prompts))
+        assert all(
+            p and len(p["dynkv"]["slots"]) == len(q) // 32
+            for p, q in zip(params, prompts, strict=True)
+        )
         env = {"DYN_KVBM_HANDOFF_DIR": str(handoff), "DYN_KVBM_HANDOFF_GB": "0.3"}
-        result, _ = run_engine(model, prompts, "consume", env, tmp_path / "decode", params=params)
+        result, _ = run_engine(
+            model,
+            prompts,
+            "consume",
+            env,
+            tmp_path / "decode",
+            params=params,
+            sequential_reference=True,
+        )
     finally:
         shutil.rmtree(handoff, ignore_errors=True)
-    assert ids(result["handoff"]) == ids(result["reference"]) == ids(g2["cold"])
+    assert ids(result["handoff"]) == ids(result["reference"])
+    assert all(len(o["ids"]) == MAX_TOKENS for o in result["handoff"])
     metrics = result["metrics"]
     assert metrics["kvbm_handoff_blocks_received_total"] == full_blocks(prompts)
     assert metrics.get("kvbm_handoff_blocks_missed_total", 0) == 0
