@@ -212,3 +212,5 @@ def test_up_dry_run_serves_the_default_under_its_name(clean_env):
     assert served() == "smollm2-135m-instruct"
     assert served("--served-model-name", "assistant") == "assistant"
     assert served("--model", "dynkv-tiny") == "dynkv-tiny"
+    tiny = CliRunner().invoke(app, ["up", "--dry-run", "--json", "--model", "dynkv-tiny"])
+    assert "random weights" in " ".join(json.loads(tiny.stdout)["notes"])
