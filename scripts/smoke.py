@@ -46,6 +46,7 @@ def smoke_env(state_dir: Path) -> dict[str, str]:
         "DYN_KVBM_CPU_CACHE_GB": "0.1",
         "DYNKV_DEVICE_KV_GB": "0.01",
         "DYNKV_MAX_MODEL_LEN": "2048",
+        "DYNKV_MODEL": "dynkv-tiny",  # the sizes above are the tiny model's
         "DYNKV_STARTUP_TIMEOUT_SECS": "300",
     }
     defaults |= fresh_ports()

@@ -24,6 +24,7 @@ def stack_env(tmp: Path, name: str, **settings: str) -> dict[str, str]:
             "DYNKV_STATE_DIR": str(tmp / "state"),
             "DYNKV_NAME": name,
             "DYNKV_DEVICE": "cpu",
+            "DYNKV_MODEL": "dynkv-tiny",  # fast; tests/e2e/test_real_model.py covers the real one
             "DYNKV_MAX_MODEL_LEN": "2048",
             "DYNKV_STARTUP_TIMEOUT_SECS": "300",
         }

@@ -59,6 +59,7 @@ def own_stack_env(state_dir: Path) -> dict[str, str]:
         "DYN_KVBM_DISK_CACHE_GB": "0.2",
         "DYNKV_DEVICE_KV_GB": "0.05",
         "DYNKV_MAX_MODEL_LEN": "2048",
+        "DYNKV_MODEL": "dynkv-tiny",  # the tier sizes above are the tiny model's
         "DYNKV_STARTUP_TIMEOUT_SECS": "300",
         "DYN_KVBM_DISK_CACHE_DIR": str(state_dir.parent / "g3"),
         **fresh_ports(),

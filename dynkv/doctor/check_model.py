@@ -23,9 +23,17 @@ def _offline(ctx: DoctorContext) -> str | None:
 
 def source(ctx: DoctorContext) -> Outcome:
     m = ctx.model
+    if m.kind == "catalog":
+        where = (
+            f"in the model cache at {m.path}"
+            if m.path
+            else f"fetched on first start (`dynkv model fetch {m.spec}`: ~100 MB, a few minutes)"
+        )
+        lead = f"--model {m.spec}" if ctx.deployment.model else f"no --model: {m.spec}"
+        return ok(f"{lead}, {where}")
     if m.kind == "generated":
         where = f" (already at {m.path})" if m.path else " (`dynkv model create`, on first start)"
-        detail = f"no --model: the generated tiny test model (random weights) will be used{where}"
+        detail = f"{m.spec or 'dynkv-tiny'}: the generated tiny test model (random weights) will be used{where}"
         if ctx.device == "cuda":
             return warn(
                 detail + " on a GPU host",

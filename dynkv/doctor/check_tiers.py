@@ -31,7 +31,7 @@ def blocks(ctx: DoctorContext) -> Outcome:
     bpb = ctx.bytes_per_block
     g1_bytes, g1_text = _device_kv(ctx)
     if bpb is None:
-        model = ctx.deployment.model or "the generated tiny model (not generated yet)"
+        model = ctx.deployment.model or "the default model (not fetched yet)"
         sizes = [f"G1 {g1_text}"]
         if k.has_host_tier:
             sizes.append(f"G2 {_tier_text(k.cpu_cache_gb, k.cpu_cache_override_num_blocks)}")

@@ -88,7 +88,29 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1
 
 
+def _catalog_entry(spec: str | None) -> Any:
+    """The dynkv.model catalogue entry `spec` names (no spec: the CPU default), if installed."""
+    try:
+        from dynkv.model.catalog import DEFAULT_CPU_MODEL, lookup
+    except ImportError:
+        return None
+    return lookup(spec or DEFAULT_CPU_MODEL)
+
+
 def locate_model(spec: str | None, env: Mapping[str, str]) -> ModelSource:
+    """kind `generated` (dynkv-tiny, dynkv-bench) or `catalog` (fetched on first use, the CPU
+    default) for a catalogue name; `path` is set once it is in the model cache."""
+    local = bool(spec) and (looks_like_path(spec or "") or Path(spec or "").expanduser().exists())
+    entry = None if local else _catalog_entry(spec)
+    if entry is not None:
+        from dynkv.model.catalog import shape_config
+
+        kind = "generated" if entry.generated else "catalog"
+        path = generated_models_root(env) / (entry.preset or entry.name)
+        config = _read_config(path / "config.json") or shape_config(entry)
+        if not path.is_dir():
+            return ModelSource(kind, spec or entry.name, None, config)
+        return ModelSource(kind, spec or entry.name, path, config, weights_size(path))
     if not spec:
         path = generated_models_root(env) / "tiny"
         config = _read_config(path / "config.json")

@@ -393,7 +393,8 @@ def _notes(host: HostFacts, services: tuple[Service, ...]) -> tuple[str, ...]:
     if host.model.random_weights:
         notes.append(
             f"model {host.model.served_name} is a generated tiny model with random weights: "
-            "it exercises the KV cache, its text is noise (pass --model for a real one)"
+            "it exercises the KV cache, its text is noise (without --model, CPU hosts serve "
+            "smollm2-135m-instruct, a real one)"
         )
     for svc in services:
         if "openai_url" in svc.meta:

@@ -76,7 +76,7 @@ class DeploymentSettings(BaseSettings):
     )
     model: str | None = Field(
         None,
-        description="Model path or Hugging Face id; unset on a CPU host: the generated tiny model.",
+        description="Model path, Hugging Face id or catalogue name (docs/models.md); unset on a CPU host: smollm2-135m-instruct.",
         json_schema_extra=_expect("a model directory or a Hugging Face id", "Qwen/Qwen3-0.6B"),
     )
     topology: Topology = Field(

@@ -9,6 +9,8 @@ The DYN_KVBM_* environment configures the tiers, exactly as in production. The e
 this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by the test) so that the connector's view of
 the device KV tensors can be read: every scenario reports, for the blocks it onboarded, how many
 hold exactly the bytes vLLM computed (`*_identical` of `*_loaded`).
+Optional: "sequential_reference": true (consume: the reference is computed one prompt at a time,
+as the handoffs are; batched decoding may round differently on a real model's near-ties).
 
 Scenarios
 - tiers: cold run (the digests of every block vLLM computed are kept), a repeat served by vLLM's
@@ -203,7 +205,10 @@ def main() -> None:
         settle()
         result["metrics"] = _metrics(port)
         llm.reset_prefix_cache()
-        result["reference"] = _outputs(llm.generate(prompts, greedy))
+        if cfg.get("sequential_reference"):  # one prompt at a time, as the handoffs above ran
+            result["reference"] = [_outputs(llm.generate([p], greedy))[0] for p in prompts]
+        else:
+            result["reference"] = _outputs(llm.generate(prompts, greedy))
     elif cfg["scenario"] == "restart":
         result["run"] = _outputs(llm.generate(prompts, greedy))
         onboarded("run")

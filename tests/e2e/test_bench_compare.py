@@ -26,6 +26,7 @@ def test_compare_baseline_and_gpu_cpu(tmp_path):
     argv += ["--answer-tokens", "4", "--ignore-eos", "--concurrency", "2"]
     argv += ["--device-kv-gb", "0.01", "--cpu-cache-gb", "0.1", "--max-model-len", "2048"]
     argv += ["--stack-env", "DYNKV_STARTUP_TIMEOUT_SECS=300", "--out", str(out), "--json"]
+    argv += ["--stack-model", "dynkv-tiny"]  # fast; the default (a real model) is not needed here
     started = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     print(f"\nbench compare (2 stacks): {time.monotonic() - started:.1f} s")

@@ -247,17 +247,29 @@ def test_uncached_model_warns_and_fails_offline(tmp_path):
     assert offline.status is Status.FAIL and "HF_HUB_OFFLINE" in offline.detail
 
 
-def test_no_model_on_cpu_means_the_generated_one(tmp_path):
+def test_no_model_on_cpu_means_smollm2_fetched_on_first_start(tmp_path):
     res = run(base_env(tmp_path))
+    check = res["model.source"]
+    assert check.status is Status.OK and "smollm2-135m-instruct" in check.detail
+    assert "fetched on first start" in check.detail
+    # its shape is known before the fetch: 30 layers × 3 KV heads × 64 × 2 × bf16
+    assert f"{32 * 23040:,} B per block" in res["tiers.blocks"].detail
+    write_model(tmp_path / "cache" / "dynkv" / "models" / "smollm2-135m-instruct")
+    assert "in the model cache" in run(base_env(tmp_path))["model.source"].detail
+
+
+def test_the_tiny_model_by_name_is_the_generated_one(tmp_path):
+    env = base_env(tmp_path, DYNKV_MODEL="dynkv-tiny")
+    res = run(env)
     assert res["model.source"].status is Status.OK and "generated" in res["model.source"].detail
-    on_gpu = run(base_env(tmp_path), nvml=gpus(1), build=cuda_build())
+    on_gpu = run(env, nvml=gpus(1), build=cuda_build())
     assert on_gpu["model.source"].status is Status.WARN
 
 
 def test_generated_model_already_present_gives_block_counts(tmp_path):
-    env = base_env(tmp_path)
+    env = base_env(tmp_path, DYNKV_MODEL="dynkv-tiny")
     write_model(tmp_path / "cache" / "dynkv" / "models" / "tiny")
-    assert locate_model(None, env).config == BENCH
+    assert locate_model("dynkv-tiny", env).config == BENCH
     assert "blocks" in run(env)["tiers.blocks"].detail
 
 

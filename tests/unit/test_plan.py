@@ -489,7 +489,8 @@ def test_up_dry_run_json_starts_nothing_and_masks(clean_env, tmp_path):
     assert [s["name"] for s in data["services"]] == ["etcd", "nats", "worker", "frontend"]
     assert data["services"][2]["env"]["HF_TOKEN"] == MASK
     assert data["services"][3]["env"]["DYNKV_API_KEY"] == MASK
-    assert "random weights" in " ".join(data["notes"])
+    notes = " ".join(data["notes"])  # the CPU default is a real model (docs/models.md)
+    assert "random weights" not in notes and "smollm2-135m-instruct" in notes
     assert not (tmp_path / "state").exists()  # nothing created, nothing started
 
 

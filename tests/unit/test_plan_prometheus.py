@@ -165,7 +165,17 @@ def test_up_observability_without_prometheus_exits_1_with_cause_and_fix(clean_en
         "dynkv.doctor.check_plan.DockerBackend", lambda: _NoEngine()
     )  # no engine either
     result = CliRunner().invoke(
-        app, ["up", "-d", "--observability", "--skip-checks", "--device", "cpu"]
+        app,
+        [
+            "up",
+            "-d",
+            "--observability",
+            "--skip-checks",
+            "--device",
+            "cpu",
+            "--model",
+            "dynkv-tiny",
+        ],
     )
     assert result.exit_code == 1, result.output
     assert "no prometheus binary" in result.stderr and "apt-get install" in result.stderr
