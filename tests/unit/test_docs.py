@@ -29,6 +29,7 @@ OTHER_VARIABLES = {
     "DYNKV_PROFILE": "dynkv/settings/resolve.py",
     "DYNKV_LOG_LEVEL": "dynkv/kvbm/logs.py",
     "DYNKV_INSTANCE": "dynkv/supervisor/state.py",
+    "DYNKV_DEPLOYMENT_SECRET": "dynkv/worker/record.py",
     "DYNKV_VENV": "scripts/up",
     "DYNKV_EXTRA": "scripts/setup-env",
 }
