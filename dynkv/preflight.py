@@ -123,7 +123,7 @@ def check_ports(plan: Plan, *, owned_pids: Collection[int] = ()) -> list[Problem
     problems = []
     for svc in plan.services:
         hosts = ["127.0.0.1"]
-        bind = svc.meta.get("bind_host")
+        bind = svc.info.bind_host
         if bind and bind not in hosts:
             hosts.append(bind)
         for pname, port in svc.ports.items():

@@ -186,18 +186,19 @@ def frontend_lines(state: DeploymentState) -> list[str]:
     """Where the OpenAI API is, and a request to try it (after `up`); where Prometheus is."""
     lines = []
     for rec in state.services:
-        if "prometheus_url" in rec.meta:
+        info = rec.info
+        if info.prometheus_url:
             lines.append(
-                f"  Prometheus: {rec.meta['prometheus_url']}  (Grafana: add it as a data source, "
+                f"  Prometheus: {info.prometheus_url}  (Grafana: add it as a data source, "
                 "import deploy/grafana/dynkv-kvbm.json)"
             )
-        if "openai_url" not in rec.meta:
+        if not info.openai_url:
             continue
-        bearer = rec.meta.get("auth") == "bearer"
+        bearer = info.auth == "bearer"
         key = " (API key required)" if bearer else ""
-        lines.append(f"  OpenAI API: {rec.meta['openai_url']}  model {rec.meta['model']}{key}")
+        lines.append(f"  OpenAI API: {info.openai_url}  model {info.model}{key}")
         lines.append("  try it:" + (" (export DYNKV_API_KEY=<the key> first)" if bearer else ""))
-        lines.append("  " + curl_example(rec.meta["openai_url"], rec.meta["model"], bearer=bearer))
+        lines.append("  " + curl_example(info.openai_url, info.model or "", bearer=bearer))
     return lines
 
 

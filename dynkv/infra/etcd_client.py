@@ -205,7 +205,7 @@ class EtcdClient:
     def __init__(self, endpoints: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT):
         self.endpoints = _endpoints(endpoints)
         self.timeout = timeout
-        self._http = httpx.Client(timeout=timeout)
+        self._http = httpx.Client(timeout=timeout, trust_env=False)  # no HTTP_PROXY
         self._current = 0
 
     def __enter__(self) -> EtcdClient:
@@ -324,7 +324,7 @@ class AsyncEtcdClient:
     def __init__(self, endpoints: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT):
         self.endpoints = _endpoints(endpoints)
         self.timeout = timeout
-        self._http = httpx.AsyncClient(timeout=timeout)
+        self._http = httpx.AsyncClient(timeout=timeout, trust_env=False)  # no HTTP_PROXY
         self._current = 0
 
     async def __aenter__(self) -> AsyncEtcdClient:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from dynkv.plan.model import Probe, Service
+from dynkv.plan.model import HttpProbe, Service, ServiceInfo
 
 FRONTEND_MODULE = "dynkv.frontend"
 API_KEY_ENV = "DYNKV_API_KEY"
@@ -82,14 +82,14 @@ def frontend_service(
         env_unset=env_unset,
         cwd=str(deployment_dir),
         ports={"http": port},
-        probes=(Probe(kind="http", url=f"{url}/health", expect_json={"status": "ok"}),),
+        probes=(HttpProbe(url=f"{url}/health", expect_json={"status": "ok"}),),
         depends_on=depends_on,
         log_file=str(deployment_dir / "logs" / "frontend.log"),
-        meta={
-            "url": url,
-            "openai_url": f"{url}/v1",
-            "model": models[0] if models else "",
-            "bind_host": host,
-            "auth": "bearer" if api_key else "none",
-        },
+        info=ServiceInfo(
+            url=url,
+            openai_url=f"{url}/v1",
+            model=models[0] if models else "",
+            bind_host=host,
+            auth="bearer" if api_key else "none",
+        ),
     )

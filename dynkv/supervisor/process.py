@@ -8,6 +8,12 @@ create_time with the recorded one (pids are reused). Stopping is SIGTERM to the 
 `psutil.wait_procs` for the grace period → SIGKILL to whatever is left. Because a process can
 leave its group (setsid) or outlive its parent, the set to stop also includes the recorded
 descendants and every process whose environment carries this run's `DYNKV_INSTANCE` marker.
+
+A service's environment is built here, not inherited whole: the infrastructure binaries (etcd,
+NATS, Prometheus) get only the basics a program needs (PATH, HOME, locale, ...), and the python
+services get the launcher's environment without anything secret-looking that the plan did not
+give them (vLLM reads many variables of its own, which a fixed list would silently drop). So the
+frontend's API key or an HF token never sits in etcd's or NATS's environment.
 """
 
 from __future__ import annotations
@@ -17,12 +23,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import psutil
 
-from dynkv.plan.model import Service, mask_argv
+from dynkv.plan.model import Service, is_secret_name, mask_argv, probe_json
 from dynkv.supervisor.state import INSTANCE_ENV, ServiceRecord
 
 CREATE_TIME_TOLERANCE = 0.05  # seconds; create_time is derived from boot time + jiffies
@@ -35,10 +41,24 @@ class SpawnError(Exception):
         self.detail = detail
 
 
+# Roles whose program is not ours (a Go binary): the basics only.
+BINARY_ROLES = frozenset({"etcd", "nats", "prometheus"})
+BASIC_ENV = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR"}
+)
+
+
+def inherited_env(service: Service, environ: Mapping[str, str]) -> dict[str, str]:
+    """What `service` inherits from the launcher's environment (before the plan's own `env`)."""
+    if service.role in BINARY_ROLES:
+        return {k: v for k, v in environ.items() if k in BASIC_ENV or k.startswith("LC_")}
+    return {k: v for k, v in environ.items() if not is_secret_name(k)}
+
+
 def child_env(
-    service: Service, instance: str, base: dict[str, str] | None = None
+    service: Service, instance: str, base: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
+    env = inherited_env(service, os.environ if base is None else base)
     for name in service.env_unset:
         env.pop(name, None)
     env.update(service.env)
@@ -103,29 +123,32 @@ def spawn(
         ports=dict(service.ports),
         log=str(log_path),
         argv=mask_argv(service.argv),
-        probes=[p.to_json() for p in service.probes],
+        probes=[probe_json(p) for p in service.probes],
         data_dirs=list(service.data_dirs),
-        meta=dict(service.meta),
+        info=service.info,
     )
     return popen, record
 
 
 def same_process(pid: int | None, create_time: float | None) -> psutil.Process | None:
-    """The live process `pid` if it is the one recorded (not a zombie, not a reused pid)."""
-    if pid is None:
+    """The live process `pid` if it is the one recorded (not a zombie, not a reused pid). Without
+    a recorded create_time nothing proves it is ours: None (a pid alone may be anyone's now)."""
+    if pid is None or create_time is None:
         return None
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
-        if (
-            create_time is not None
-            and abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE
-        ):
+        if abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE:
             return None
         return proc
     except psutil.Error:
         return None
+
+
+def marker_prefix(deployment_dir: Path | str) -> str:
+    """The DYNKV_INSTANCE prefix shared by every run of one deployment dir."""
+    return f"{Path(deployment_dir).resolve()}#"
 
 
 def is_alive(record: ServiceRecord) -> bool:
@@ -195,9 +218,19 @@ def with_descendants(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
     return list(found.values())
 
 
-def terminate(procs: Iterable[psutil.Process], *, grace: float, pgids: Iterable[int] = ()) -> int:
+def terminate(
+    procs: Iterable[psutil.Process],
+    *,
+    grace: float,
+    pgids: Iterable[int] = (),
+    marker: str | None = None,
+) -> int:
     """SIGTERM (groups, then each process) → wait `grace` → SIGKILL the rest. Returns how many
-    processes had to be killed."""
+    processes had to be killed.
+
+    The groups get their SIGKILL only while they are still ours: a member we were stopping is
+    still in it, or a member carries the run's `marker`. Once every member has gone, the group id
+    is free for the kernel to hand to someone else's new session."""
     procs = [p for p in procs if p.pid != os.getpid()]
     for pgid in set(pgids):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -206,15 +239,37 @@ def terminate(procs: Iterable[psutil.Process], *, grace: float, pgids: Iterable[
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=grace)
+    for pgid in set(pgids):
+        if group_is_ours(pgid, alive, marker):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    for pgid in set(pgids):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
     if alive:
         psutil.wait_procs(alive, timeout=5)
     return len(alive)
+
+
+def group_is_ours(pgid: int, known: Iterable[psutil.Process], marker: str | None) -> bool:
+    """Process group `pgid` still holds one of the `known` processes (same pid and create_time:
+    then the group id cannot have been reused), or a member carrying the run's `marker`."""
+    mine = {(p.pid, _create_time(p)) for p in known}
+    for member in group_of(pgid):
+        if (member.pid, _create_time(member)) in mine:
+            return True
+        if marker is not None:
+            with contextlib.suppress(psutil.Error):
+                if member.environ().get(INSTANCE_ENV, "").startswith(marker):
+                    return True
+    return False
+
+
+def _create_time(proc: psutil.Process) -> float | None:
+    try:
+        return round(proc.create_time(), 2)
+    except psutil.Error:
+        return None
 
 
 def stop_service(record: ServiceRecord, *, instance: str, grace: float) -> int:
@@ -223,5 +278,28 @@ def stop_service(record: ServiceRecord, *, instance: str, grace: float) -> int:
         return 0
     leader_alive = is_alive(record)
     return terminate(
-        procs, grace=grace, pgids=[record.pgid] if leader_alive and record.pgid else []
+        procs,
+        grace=grace,
+        pgids=[record.pgid] if leader_alive and record.pgid else [],
+        marker=instance,
     )
+
+
+def processes_left(services: Iterable[ServiceRecord], deployment_dir: Path | str) -> list[str]:
+    """What of a deployment still runs, one line each; empty after a clean `down`.
+
+    Three nets, because each misses something: a service's pid with its create-time (PID
+    reuse), the members of its process group (vLLM's engine processes rename themselves with
+    setproctitle), and any process carrying the deployment's DYNKV_INSTANCE marker (a child
+    that left the group)."""
+    problems = []
+    for svc in services:
+        if svc.pid and same_process(svc.pid, svc.create_time):
+            problems.append(f"{svc.name} (pid {svc.pid}) still runs")
+        if svc.pgid:
+            problems += [f"pid {p.pid} left in {svc.name}'s group" for p in group_of(svc.pgid)]
+    problems += [
+        f"pid {p.pid} still carries the deployment's marker"
+        for p in marked_processes(marker_prefix(deployment_dir))
+    ]
+    return problems

@@ -34,8 +34,7 @@ from typer.testing import CliRunner
 
 from dynkv.cli.main import app
 from dynkv.supervisor import read_state
-from dynkv.supervisor.process import marked_processes
-from dynkv.supervisor.runner import marker_prefix
+from dynkv.supervisor.process import marked_processes, marker_prefix
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
