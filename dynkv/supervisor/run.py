@@ -54,7 +54,7 @@ class _Handle:
 
 @dataclass
 class WatchResult:
-    reason: str  # "died" | "removed" (state gone: `dynkv down` elsewhere)
+    reason: str  # "died" | "removed" (state gone: `dynkv down` elsewhere) | "output_closed"
     service: str | None = None
     exit_code: int | None = None
     log_tail: list[str] = field(default_factory=list)
@@ -187,9 +187,15 @@ class Supervisor:
     def log_sources(self, *, from_end: bool = True) -> dict[str, LogSource]:
         return {s.service.name: s.unit.follow(from_end=from_end) for s in self.handles}
 
-    def watch(self, on_line: Callable[[str, str], None]) -> WatchResult:
-        """Stream log lines to `on_line(service, line)` until a service dies or the state is
-        removed by `dynkv down` elsewhere. Ctrl-C / SIGTERM / SIGHUP arrive as exceptions."""
+    def watch(
+        self,
+        on_line: Callable[[str, str], None],
+        *,
+        output_closed: Callable[[], bool] = lambda: False,
+    ) -> WatchResult:
+        """Stream log lines to `on_line(service, line)` until a service dies, the state is
+        removed by `dynkv down` elsewhere, or `output_closed()` says nobody reads the lines any
+        more. Ctrl-C / SIGTERM / SIGHUP arrive as exceptions."""
         check_every, next_check = 1.0, time.monotonic() + 1.0
         result: WatchResult | None = None
 
@@ -198,7 +204,7 @@ class Supervisor:
             if time.monotonic() < next_check:
                 return False
             next_check = time.monotonic() + check_every
-            result = self._check_running()
+            result = WatchResult("output_closed") if output_closed() else self._check_running()
             return result is not None
 
         for name, line in follow(self.log_sources(), should_stop=should_stop):

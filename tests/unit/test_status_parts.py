@@ -90,3 +90,29 @@ def test_file_follower_sees_new_lines_truncation_and_late_files(tmp_path):
     assert follower.poll() == ["new"]
     existing = FileFollower(log)  # from the end: old lines are not repeated
     assert existing.poll() == []
+
+
+def test_state_keeps_what_a_newer_dynkv_wrote(tmp_path):
+    """Forward compatible at both levels: unknown keys survive a read and a rewrite."""
+    store = StateStore(tmp_path / "d")
+    store.ensure()
+    store.path.write_text(
+        json.dumps(
+            {
+                "name": "d",
+                "instance": "i",
+                "infra": "embedded",
+                "fleet": {"nodes": 2},
+                "services": [
+                    {"name": "w", "role": "agg", "kind": "vm", "shard": 3, "meta": {"x": "y"}}
+                ],
+            }
+        )
+    )
+    with store.lock():
+        state = store.read()
+        assert state is not None and state.services[0].kind == "vm"
+        store.write(state)
+    data = json.loads(store.path.read_text())
+    assert data["fleet"] == {"nodes": 2}
+    assert data["services"][0]["shard"] == 3 and data["services"][0]["meta"] == {"x": "y"}
