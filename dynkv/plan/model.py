@@ -24,6 +24,8 @@ MASK = "***"
 # Names whose values are never printed: HF tokens, the frontend API key, anything secret-looking.
 _SECRET_NAME = re.compile(r"(TOKEN|API_KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 _SECRET_FLAGS = ("--api-key", "--hf-token", "--token", "--password")
+# The password of a URL's userinfo (`http://user:pw@host`): external etcd and NATS URLs may carry one.
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@,]*):[^@/\s,]*@")
 
 
 class _Frozen(BaseModel):
@@ -80,7 +82,7 @@ class EtcdHealthProbe(_Frozen):
     endpoints: tuple[str, ...]
 
     def describe(self) -> str:
-        return "etcd health at " + ",".join(self.endpoints)
+        return "etcd health at " + redact_urls(",".join(self.endpoints))
 
 
 class EtcdKeyProbe(_Frozen):
@@ -102,9 +104,13 @@ ProbeKind = Literal["http", "tcp", "nats", "etcd_health", "etcd_key"]
 _PROBE = TypeAdapter(Probe)
 
 
-def probe_json(probe: Probe) -> dict[str, Any]:
-    """A probe as JSON: its kind and the fields it uses (a null-filled record reads as noise)."""
-    return probe.model_dump(mode="json", exclude_none=True)
+def probe_json(probe: Probe, *, mask: bool = False) -> dict[str, Any]:
+    """A probe as JSON: its kind and the fields it uses (a null-filled record reads as noise);
+    with `mask`, as it may be printed (URL passwords hidden)."""
+    data = probe.model_dump(mode="json", exclude_none=True)
+    if mask and "endpoints" in data:
+        data["endpoints"] = [redact_urls(e) for e in data["endpoints"]]
+    return data
 
 
 def probe_from_json(data: Mapping[str, Any]) -> Probe | None:
@@ -191,7 +197,7 @@ class Service(_Frozen):
 
     def to_json(self, *, mask: bool = True) -> dict[str, Any]:
         data = self.model_dump(mode="json", by_alias=True)
-        data["probes"] = [probe_json(p) for p in self.probes]
+        data["probes"] = [probe_json(p, mask=mask) for p in self.probes]
         data["meta"] = self.info.to_json()
         if mask:
             data["env"] = mask_env(self.env)
@@ -229,16 +235,17 @@ class Plan(_Frozen):
         return tuple(s for s in self.services if s.role in ("agg", "prefill", "decode"))
 
     def to_json(self, *, mask: bool = True) -> dict[str, Any]:
+        url = redact_urls if mask else str
         return {
             "name": self.name,
             "deployment_dir": self.deployment_dir,
             "device": self.device,
             "topology": self.topology,
             "infra": self.infra,
-            "etcd_endpoints": list(self.etcd_endpoints),
-            "nats_url": self.nats_url,
+            "etcd_endpoints": [url(e) for e in self.etcd_endpoints],
+            "nats_url": url(self.nats_url),
             "services": [s.to_json(mask=mask) for s in self.services],
-            "external": [probe_json(p) for p in self.external],
+            "external": [probe_json(p, mask=mask) for p in self.external],
             "notes": list(self.notes),
             "startup_timeout_secs": self.startup_timeout_secs,
         }
@@ -261,8 +268,15 @@ def mask_files(files: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def redact_urls(text: str) -> str:
+    """`text` with the password of every URL in it masked (`http://user:***@host:2379`), as doctor
+    reports endpoints: an external etcd or NATS URL may carry credentials."""
+    return _URL_PASSWORD.sub(rf"\1:{MASK}@", text)
+
+
 def mask_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
-    """argv as it may be printed: the value after `--api-key` (or `--api-key=...`) is masked."""
+    """argv as it may be printed: the value after `--api-key` (or `--api-key=...`) is masked,
+    and so is the password of any URL."""
     out: list[str] = []
     hide_next = False
     for arg in argv:
@@ -278,7 +292,7 @@ def mask_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
                 out.append(arg)
                 hide_next = True
             continue
-        out.append(arg)
+        out.append(redact_urls(arg))
     return out
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from dynkv.infra.docker import DockerBackend
-from dynkv.plan.model import Plan, Service, start_waves
+from dynkv.plan.model import Plan, Service, redact_urls, start_waves
 from dynkv.supervisor import health
 from dynkv.supervisor.logs import LogSource, follow, last_line
 from dynkv.supervisor.process import marked_processes, marker_prefix
@@ -126,7 +126,7 @@ class Supervisor:
                 created_at=time.time(),
                 supervisor_pid=me.pid,
                 supervisor_create_time=me.create_time(),
-                etcd_endpoints=list(self.plan.etcd_endpoints),
+                etcd_endpoints=[redact_urls(e) for e in self.plan.etcd_endpoints],
             )
             self.store.write(self.state)
 
