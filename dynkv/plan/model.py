@@ -16,7 +16,16 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
 
 ServiceKind = Literal["process", "container"]
 
@@ -146,8 +155,14 @@ class ServiceInfo(BaseModel):
     auth: Literal["bearer", "none"] | None = None  # frontend: API key required or not
     container: str | None = None  # docker infra: the container's name
 
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # what a service does not have is absent, not null: the state file and the dry-run
+        # JSON show `meta` as it always was
+        return {k: v for k, v in handler(self).items() if v is not None}
+
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+        return self.model_dump(mode="json")
 
 
 class ContainerSpec(_Frozen):

@@ -22,13 +22,16 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from dynkv.plan.model import Service, is_secret_name, mask_argv, probe_json
+from dynkv.supervisor.logs import LOG_KEEP, LOG_MAX_BYTES, writer_argv
 from dynkv.supervisor.state import INSTANCE_ENV, ServiceRecord
 
 CREATE_TIME_TOLERANCE = 0.05  # seconds; create_time is derived from boot time + jiffies
@@ -66,14 +69,6 @@ def child_env(
     return env
 
 
-def open_log(path: Path) -> int:
-    """Truncate-or-create the log, private to the user."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-    os.fchmod(fd, 0o600)
-    return fd
-
-
 def prepare(service: Service) -> None:
     """What a service needs on disk before it starts: its data dirs (0700) and the files the plan
     generated for it (0600, e.g. Prometheus's config and the key file it reads)."""
@@ -88,18 +83,39 @@ def prepare(service: Service) -> None:
             f.write(text)
 
 
-def spawn(
-    service: Service, *, instance: str, log_path: Path
-) -> tuple[subprocess.Popen, ServiceRecord]:
+@dataclass
+class Spawned:
+    """A started service: its process, and the writer of its log (None: it writes the file)."""
+
+    popen: subprocess.Popen
+    writer: subprocess.Popen | None
+    record: ServiceRecord
+
+
+def spawn(service: Service, *, instance: str, log_path: Path) -> Spawned:
+    """Start `service` in a session of its own, its stdout and stderr going through a pipe to the
+    rotating writer of its log (`supervisor.logs`), which carries the run's marker too."""
     prepare(service)
-    log_fd = open_log(log_path)
+    read_end, write_end = os.pipe()
+    try:
+        writer = subprocess.Popen(
+            writer_argv(sys.executable, log_path, LOG_MAX_BYTES, LOG_KEEP),
+            env={INSTANCE_ENV: instance, "PATH": os.environ.get("PATH", os.defpath)},
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in the terminal must not cut a log short
+            close_fds=True,
+        )
+    finally:
+        os.close(read_end)
     try:
         popen = subprocess.Popen(
             list(service.argv),
             cwd=service.cwd,
             env=child_env(service, instance),
             stdin=subprocess.DEVNULL,
-            stdout=log_fd,
+            stdout=write_end,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
@@ -107,27 +123,44 @@ def spawn(
     except OSError as exc:
         raise SpawnError(service.name, f"{service.argv[0]}: {exc.strerror or exc}") from None
     finally:
-        os.close(log_fd)
-    try:
-        create_time = psutil.Process(popen.pid).create_time()
-    except psutil.NoSuchProcess:
-        create_time = None  # died at once; the health wait reports it with its log
+        os.close(write_end)  # the writer ends once the service and its children have gone
     record = ServiceRecord(
         name=service.name,
         role=service.role,
         kind="process",
         pid=popen.pid,
         pgid=popen.pid,  # session leader
-        create_time=create_time,
+        create_time=_started(popen.pid),  # None: died at once; the health wait reports it
         started_at=time.time(),
         ports=dict(service.ports),
         log=str(log_path),
+        log_writer_pid=writer.pid,
+        log_writer_create_time=_started(writer.pid),
         argv=mask_argv(service.argv),
         probes=[probe_json(p) for p in service.probes],
         data_dirs=list(service.data_dirs),
         info=service.info,
     )
-    return popen, record
+    return Spawned(popen, writer, record)
+
+
+def _started(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def await_log_writer(record: ServiceRecord, timeout: float = 3.0) -> None:
+    """Let the writer of a stopped service's log drain the pipe and end; killed after `timeout`
+    (a child that escaped the service may still hold the pipe: the marker sweep gets it)."""
+    writer = same_process(record.log_writer_pid, record.log_writer_create_time)
+    if writer is None:
+        return
+    _, alive = psutil.wait_procs([writer], timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def same_process(pid: int | None, create_time: float | None) -> psutil.Process | None:
@@ -296,6 +329,8 @@ def processes_left(services: Iterable[ServiceRecord], deployment_dir: Path | str
     for svc in services:
         if svc.pid and same_process(svc.pid, svc.create_time):
             problems.append(f"{svc.name} (pid {svc.pid}) still runs")
+        if same_process(svc.log_writer_pid, svc.log_writer_create_time):
+            problems.append(f"{svc.name}'s log writer (pid {svc.log_writer_pid}) still runs")
         if svc.pgid:
             problems += [f"pid {p.pid} left in {svc.name}'s group" for p in group_of(svc.pgid)]
     problems += [

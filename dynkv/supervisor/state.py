@@ -48,6 +48,8 @@ class ServiceRecord(_Kept):
     started_at: float | None = None
     ports: dict[str, int] = Field(default_factory=dict)
     log: str = ""
+    log_writer_pid: int | None = None  # the rotating writer of `log` (supervisor.logs)
+    log_writer_create_time: float | None = None
     argv: list[str] = Field(default_factory=list)
     probes: list[dict[str, Any]] = Field(default_factory=list)  # plan.model.probe_json
     data_dirs: list[str] = Field(default_factory=list)

@@ -19,7 +19,7 @@ from typing import Protocol
 from dynkv.infra.docker import DockerBackend, DockerUnavailable
 from dynkv.plan.model import Service, probe_json
 from dynkv.supervisor.logs import FileFollower, IteratorFollower, LogSource, tail_lines
-from dynkv.supervisor.process import is_alive, prepare, spawn, stop_service
+from dynkv.supervisor.process import await_log_writer, is_alive, prepare, spawn, stop_service
 from dynkv.supervisor.state import ServiceRecord
 
 
@@ -59,11 +59,18 @@ class Unit(Protocol):
 
 
 class ProcessUnit:
-    """A process group started by `process.spawn`; `popen` only in the process that started it."""
+    """A process group started by `process.spawn`, and the writer of its log; the Popen objects
+    only in the process that started them."""
 
-    def __init__(self, record: ServiceRecord, popen: subprocess.Popen | None = None) -> None:
+    def __init__(
+        self,
+        record: ServiceRecord,
+        popen: subprocess.Popen | None = None,
+        writer: subprocess.Popen | None = None,
+    ) -> None:
         self.record = record
         self.popen = popen
+        self.writer = writer
 
     @property
     def log_path(self) -> str:
@@ -78,18 +85,25 @@ class ProcessUnit:
         return is_alive(self.record)
 
     def tail(self, n: int | None, *, end: int | None = None) -> list[str]:
+        if self.writer is not None and self.exit_code() is not None:
+            # it has exited: its last lines may still be in the pipe, on their way to the file
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.writer.wait(timeout=2)
         return tail_lines(self.record.log, n, end=end)
 
     def follow(self, *, from_end: bool = True) -> LogSource:
         return FileFollower(self.record.log, from_end=from_end)
 
     def stop(self, *, instance: str, grace: float) -> int:
-        return stop_service(self.record, instance=instance, grace=grace)
+        killed = stop_service(self.record, instance=instance, grace=grace)
+        await_log_writer(self.record)
+        return killed
 
     def reap(self) -> None:
-        if self.popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=1)
+        for child in (self.popen, self.writer):
+            if child is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=1)
 
 
 class ContainerUnit:
@@ -163,5 +177,5 @@ def start_unit(service: Service, *, instance: str, log_path: Path, docker: Docke
             info=service.info,
         )
         return ContainerUnit(record, docker)
-    popen, record = spawn(service, instance=instance, log_path=log_path)
-    return ProcessUnit(record, popen)
+    spawned = spawn(service, instance=instance, log_path=log_path)
+    return ProcessUnit(spawned.record, spawned.popen, spawned.writer)

@@ -5,25 +5,31 @@ Expected:
   now belongs to someone else's process (not one we stop, no run marker) is left alone;
 - probes and the etcd client talk to loopback control endpoints directly: a dead HTTP proxy in
   the environment changes nothing;
-- etcd and NATS started by the supervisor carry no API key or HF token in their environment.
+- etcd and NATS started by the supervisor carry no API key or HF token in their environment;
+- a service's log is size-capped: past the cap it rotates, and only so many files are kept.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import psutil
 import pytest
 from infra_helpers import infra_plan
 
 from dynkv.infra.etcd_client import EtcdClient
-from dynkv.plan import HttpProbe
-from dynkv.supervisor import Supervisor, health, stop_deployment
+from dynkv.plan import HttpProbe, Service, TcpProbe
+from dynkv.ports import free_port
+from dynkv.supervisor import Supervisor, health, processes_left, stop_deployment
+from dynkv.supervisor.logs import tail_lines
 from dynkv.supervisor.process import terminate
 
 pytestmark = pytest.mark.integration
@@ -117,3 +123,42 @@ def test_infrastructure_gets_no_secret_from_the_launcher(env, monkeypatch):
     finally:
         stop_deployment(plan.deployment_dir, grace=5)
     assert os.environ["HF_TOKEN"] == "hf_launcher_secret"  # the launcher's own is untouched
+
+
+CHATTY = (
+    "import socket, sys, time\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "for i in range(3000): print(f'line {i:05d} ' + 'x' * 40)\n"
+    "print('done', flush=True); time.sleep(600)\n"
+)
+
+
+def test_a_service_log_rotates_at_its_size_cap(env, monkeypatch):
+    monkeypatch.setattr("dynkv.supervisor.process.LOG_MAX_BYTES", 16 * 1024)
+    monkeypatch.setattr("dynkv.supervisor.process.LOG_KEEP", 2)
+    plan = infra_plan(env)
+    port = free_port()
+    chatty = Service(
+        name="chatty",
+        role="test",
+        argv=(sys.executable, "-c", CHATTY, str(port)),
+        cwd=plan.deployment_dir,
+        probes=(TcpProbe(host="127.0.0.1", port=port),),
+        log_file=f"{plan.deployment_dir}/logs/chatty.log",
+    )
+    plan = plan.replace(services=(chatty,))
+    sup = Supervisor(plan, poll_interval=0.1)
+    state = sup.start(detach=True)
+    try:
+        log = Path(state.services[0].log)
+        deadline = time.monotonic() + 20
+        while "done" not in tail_lines(log, 1) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        files = [log, Path(f"{log}.1"), Path(f"{log}.2")]
+        assert tail_lines(log, 1) == ["done"]
+        assert all(f.stat().st_size <= 16 * 1024 for f in files)
+        assert not Path(f"{log}.3").exists()
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    finally:
+        stop_deployment(plan.deployment_dir, grace=5)
+    assert processes_left(state.services, plan.deployment_dir) == []  # the writer ended too
