@@ -99,7 +99,7 @@ class ProgressObserver(Observer):
         self.progress.update(task, completed=1, failed=True, line=f"FAILED: {reason}")
 
     def stopping(self, name: str) -> None:
-        err.print(f"[dim]stopping {escape(name)}[/dim]")
+        say(f"[dim]stopping {escape(name)}[/dim]")
 
 
 class QuietObserver(Observer):

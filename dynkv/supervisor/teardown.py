@@ -74,7 +74,10 @@ def stop_state(
     report = StopReport(found=True)
     for record in reversed(state.services):
         if observer:
-            observer.stopping(record.name)
+            # a display that lost its terminal (EIO) or its reader (rich: SystemExit) must not
+            # cut the teardown short
+            with contextlib.suppress(OSError, SystemExit):
+                observer.stopping(record.name)
         try:
             report.killed += unit_for(record, docker).stop(instance=state.instance, grace=grace)
         except DockerUnavailable as exc:
