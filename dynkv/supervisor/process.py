@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from dynkv.plan.model import Service, is_secret_name, mask_argv, probe_json
+from dynkv.plan.model import Service, mask_argv, probe_json
 from dynkv.supervisor.logs import LOG_KEEP, LOG_MAX_BYTES, writer_argv
 from dynkv.supervisor.state import INSTANCE_ENV, ServiceRecord
 
@@ -51,11 +52,21 @@ BASIC_ENV = frozenset(
 )
 
 
+# A secret's name ends in one of these words (HF_TOKEN, DYNKV_API_KEY, DB_PASSWORD,
+# AWS_SECRET_ACCESS_KEY) or has SECRET as a word; a name that merely mentions one is no secret
+# (FAKE_VLLM_TOKEN_DELAY, VLLM_MAX_TOKENS).
+SECRET_WORDS = re.compile(
+    r"(^|_)(TOKEN|API_?KEY|ACCESS_KEY|PRIVATE_KEY|PASSWORD|PASSWD|CREDENTIALS?|SECRET)$"
+    r"|(^|_)SECRET(_|$)",
+    re.IGNORECASE,
+)
+
+
 def inherited_env(service: Service, environ: Mapping[str, str]) -> dict[str, str]:
     """What `service` inherits from the launcher's environment (before the plan's own `env`)."""
     if service.role in BINARY_ROLES:
         return {k: v for k, v in environ.items() if k in BASIC_ENV or k.startswith("LC_")}
-    return {k: v for k, v in environ.items() if not is_secret_name(k)}
+    return {k: v for k, v in environ.items() if not SECRET_WORDS.search(k)}
 
 
 def child_env(

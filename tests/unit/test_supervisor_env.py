@@ -26,6 +26,9 @@ LAUNCHER = {
     "AWS_SECRET_ACCESS_KEY": "aws",
     "ETCD_DATA_DIR": "/elsewhere",
     "VLLM_LOGGING_LEVEL": "DEBUG",
+    "FAKE_VLLM_TOKENS": "20",  # a count, not a secret
+    "FAKE_VLLM_TOKEN_DELAY": "0.03",
+    "DB_PASSWORD": "pw",
 }
 
 
@@ -39,6 +42,8 @@ def test_python_services_keep_the_environment_but_no_secret_they_were_not_given(
     worker = Service(name="worker", role="agg", env={"HF_TOKEN": "hf_plan"}, env_unset=("X",))
     env = child_env(worker, "inst", base=LAUNCHER)
     assert env["HF_TOKEN"] == "hf_plan" and env["VLLM_LOGGING_LEVEL"] == "DEBUG"
+    assert env["FAKE_VLLM_TOKENS"] == "20" and env["FAKE_VLLM_TOKEN_DELAY"] == "0.03"
+    assert "DB_PASSWORD" not in env
     assert "DYNKV_API_KEY" not in env and "AWS_SECRET_ACCESS_KEY" not in env
     frontend = child_env(Service(name="frontend", role="frontend"), "inst", base=LAUNCHER)
     assert "HF_TOKEN" not in frontend and "DYNKV_API_KEY" not in frontend
