@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynkv.infra.docker import etcd_docker_service, nats_docker_service
@@ -294,7 +294,7 @@ def _workers(
             )
         )
         if handoff is not None and role == "prefill":
-            workers[-1] = replace(workers[-1], data_dirs=(*workers[-1].data_dirs, str(handoff)))
+            workers[-1] = workers[-1].replace(data_dirs=(*workers[-1].data_dirs, str(handoff)))
     return workers
 
 
@@ -335,18 +335,18 @@ def _prometheus(
         return url.split("://", 1)[1].split("/", 1)[0]
 
     kvbm = {
-        w.meta["worker_id"]: address(w.meta["metrics_url"])
+        w.info.worker_id or w.name: address(w.info.metrics_url)
         for w in workers
-        if w.meta["metrics_url"]  # "": a worker without KVBM
+        if w.info.metrics_url  # None: a worker without KVBM
     }
     return prometheus_service(
         deployment=dep.name,
         deployment_dir=dep.deployment_dir,
         binary=host.prometheus_binary,
         port=dep.prometheus_port,
-        frontend=address(frontend.meta["url"]),
+        frontend=address(frontend.info.url or ""),
         kvbm=kvbm,
-        vllm={w.meta["worker_id"]: address(w.meta["url"]) for w in workers},
+        vllm={w.info.worker_id or w.name: address(w.info.url or "") for w in workers},
         api_key=frontend.env.get(API_KEY_ENV),
         user=host.user,
         depends_on=(frontend.name,),
@@ -397,10 +397,10 @@ def _notes(host: HostFacts, services: tuple[Service, ...]) -> tuple[str, ...]:
             "smollm2-135m-instruct, a real one)"
         )
     for svc in services:
-        if "openai_url" in svc.meta:
-            auth = " with an API key (Authorization: Bearer)" if svc.meta["auth"] != "none" else ""
+        info = svc.info
+        if info.openai_url:
+            auth = " with an API key (Authorization: Bearer)" if info.auth == "bearer" else ""
             notes.append(
-                f"the OpenAI API will be at {svc.meta['openai_url']} "
-                f"(model {svc.meta['model']!r}){auth}"
+                f"the OpenAI API will be at {info.openai_url} (model {info.model!r}){auth}"
             )
     return tuple(notes)
