@@ -19,7 +19,7 @@ from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
 from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
-from dynkv.plan.engine_args import check_engine_args, detect_spec, role_argv, unchecked_note
+from dynkv.plan.engine_args import check_engine_args, detect_spec, engine_notes, role_argv
 from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service, read_or_new
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
@@ -27,6 +27,7 @@ from dynkv.plan.ports import PORT_SETTINGS, worker_port, worker_roles
 from dynkv.plan.prometheus import PROMETHEUS_BINARY, prometheus_service
 from dynkv.plan.worker import (
     PASSTHROUGH_ENV,
+    handoff_dir,
     kv_transfer_config,
     metrics_url,
     vllm_argv,
@@ -186,7 +187,8 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
         nats_url=nats_url,
         services=ordered,
         external=external,
-        notes=_notes(host, ordered) + _engine_notes(resolved, host),
+        notes=_notes(host, ordered)
+        + engine_notes(resolved.engine_args, host.vllm_args, host.vllm_args_unchecked),
         startup_timeout_secs=dep.startup_timeout_secs,
     )
 
@@ -361,12 +363,6 @@ DECODE_TIERLESS = (
 )
 
 
-def handoff_dir(name: str) -> Path:
-    """The prefill→decode handoff pool of a disagg deployment: shared memory when the host has it
-    (tmpfs, so the handoff costs memcpy, not I/O); `dynkv down` removes it."""
-    return Path("/dev/shm") / f"dynkv-{name}"
-
-
 def _check_port_clashes(services: tuple[Service, ...]) -> None:
     seen: dict[int, str] = {}
     for svc in services:
@@ -380,12 +376,6 @@ def _check_port_clashes(services: tuple[Service, ...]) -> None:
                     f"give {label} another port (export {setting}=<free port>)",
                 )
             seen[port] = label
-
-
-def _engine_notes(resolved: Resolved, host: HostFacts) -> tuple[str, ...]:
-    if resolved.engine_args and host.vllm_args is None:
-        return (unchecked_note(host.vllm_args_unchecked),)
-    return ()
 
 
 def _notes(host: HostFacts, services: tuple[Service, ...]) -> tuple[str, ...]:

@@ -180,3 +180,9 @@ def worker_service(
             etcd_key=key,
         ),
     )
+
+
+def handoff_dir(name: str) -> Path:
+    """The prefill→decode handoff pool of a disagg deployment: shared memory when the host has it
+    (tmpfs, so the handoff costs memcpy, not I/O); `dynkv down` removes it."""
+    return Path("/dev/shm") / f"dynkv-{name}"
