@@ -35,14 +35,12 @@ class Target:
     deployment: str | None = None  # the local deployment it belongs to, when found
 
 
-# The two reads of a service record's untyped details, kept here alone: the record's fields
-# are being typed, and this is the one place to follow them.
 def _frontend_url(rec: ServiceRecord) -> str | None:
-    return rec.meta.get("url") or None
+    return rec.info.url or None
 
 
 def _metrics_url(rec: ServiceRecord) -> str | None:
-    return rec.meta.get("metrics_url") or None
+    return rec.info.metrics_url or None
 
 
 def worker_metrics(state: DeploymentState) -> tuple[str, ...]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import select
 import shlex
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -96,18 +99,26 @@ class ProgressObserver(Observer):
         self.progress.update(task, completed=1, failed=True, line=f"FAILED: {reason}")
 
     def stopping(self, name: str) -> None:
-        err.print(f"[dim]stopping {escape(name)}[/dim]")
+        say(f"[dim]stopping {escape(name)}[/dim]")
 
 
 class QuietObserver(Observer):
     def stopping(self, name: str) -> None:
-        err.print(f"[dim]stopping {escape(name)}[/dim]")
+        say(f"[dim]stopping {escape(name)}[/dim]")
+
+
+def say(message: str) -> None:
+    """A line on stderr that may find no terminal (closed: EIO) or no reader (EPIPE): teardown
+    goes on either way."""
+    with contextlib.suppress(OSError):
+        err.print(message)
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM to `dynkv up` tears down like Ctrl-C (the services are in other sessions and get
-    no signal of their own). Restored afterwards; a no-op off the main thread."""
+def signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (the terminal was closed) to `dynkv up` tear down like Ctrl-C: the
+    services run in sessions of their own and get no signal themselves, so without this they
+    would outlive `up`. Restored afterwards; a no-op off the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -115,25 +126,51 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
 def uninterruptible() -> Iterator[None]:
-    """Teardown must finish: a second Ctrl-C would leave half the services running."""
+    """Teardown must finish: a second Ctrl-C (or the SIGHUP that follows a closed terminal)
+    would leave half the services running."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, *STOP_SIGNALS)}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def stdout_closed() -> bool:
+    """Nobody reads our stdout any more (`dynkv up | head` after head exited): the write end of
+    a pipe whose reader is gone polls as an error, before a write fails with EPIPE."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test runner's buffer)
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # errors and hang-ups are reported whatever the mask
+    return any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in poller.poll(0))
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush into a closed pipe does
+    not print a BrokenPipeError on the way out."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def render_plan(plan: Plan) -> None:
@@ -186,18 +223,19 @@ def frontend_lines(state: DeploymentState) -> list[str]:
     """Where the OpenAI API is, and a request to try it (after `up`); where Prometheus is."""
     lines = []
     for rec in state.services:
-        if "prometheus_url" in rec.meta:
+        info = rec.info
+        if info.prometheus_url:
             lines.append(
-                f"  Prometheus: {rec.meta['prometheus_url']}  (Grafana: add it as a data source, "
+                f"  Prometheus: {info.prometheus_url}  (Grafana: add it as a data source, "
                 "import deploy/grafana/dynkv-kvbm.json)"
             )
-        if "openai_url" not in rec.meta:
+        if not info.openai_url:
             continue
-        bearer = rec.meta.get("auth") == "bearer"
+        bearer = info.auth == "bearer"
         key = " (API key required)" if bearer else ""
-        lines.append(f"  OpenAI API: {rec.meta['openai_url']}  model {rec.meta['model']}{key}")
+        lines.append(f"  OpenAI API: {info.openai_url}  model {info.model}{key}")
         lines.append("  try it:" + (" (export DYNKV_API_KEY=<the key> first)" if bearer else ""))
-        lines.append("  " + curl_example(rec.meta["openai_url"], rec.meta["model"], bearer=bearer))
+        lines.append("  " + curl_example(info.openai_url, info.model or "", bearer=bearer))
     return lines
 
 

@@ -14,8 +14,11 @@ from dynkv.cli.display import (
     ProgressObserver,
     QuietObserver,
     frontend_lines,
+    quiet_stdout,
     render_plan,
-    sigterm_as_interrupt,
+    say,
+    signals_as_interrupt,
+    stdout_closed,
     uninterruptible,
 )
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
@@ -53,7 +56,13 @@ from dynkv.infra.docker import DockerUnavailable
 from dynkv.plan import HostFacts, build_plan, choose_model
 from dynkv.preflight import observability_problems, preflight, problems
 from dynkv.settings import SettingsError
-from dynkv.supervisor import AlreadyRunning, StartFailed, Supervisor, ensure_not_running
+from dynkv.supervisor import (
+    AlreadyRunning,
+    StartFailed,
+    Supervisor,
+    WatchResult,
+    ensure_not_running,
+)
 from dynkv.supervisor.process import SpawnError
 
 DetachOpt = Annotated[
@@ -183,7 +192,7 @@ def up(
             err.print(f"[yellow]note:[/yellow] {escape(note)}")
 
     supervisor = Supervisor(plan, observer=QuietObserver())
-    with sigterm_as_interrupt():
+    with signals_as_interrupt():
         _start(supervisor, plan.name, detach=detach, quiet=json_out)
         if detach:
             _report_detached(supervisor, json_out)
@@ -290,27 +299,39 @@ def _report_detached(supervisor: Supervisor, json_out: bool) -> None:
 
 
 def _foreground(supervisor: Supervisor) -> None:
+    """Stream the logs until a service dies, `dynkv down` runs elsewhere, Ctrl-C, SIGTERM, SIGHUP
+    or our stdout closes; whatever ends it (an exception included), the services are stopped."""
     state = supervisor.state
     assert state is not None
-    for line in frontend_lines(state):
-        err.print(line, markup=False, soft_wrap=True, highlight=False)
-    err.print(f"[green]✓[/green] all services healthy; streaming logs (Ctrl-C stops {state.name})")
-    printer = LogPrinter([s.name for s in state.services])
     try:
-        result = supervisor.watch(printer)
+        for line in frontend_lines(state):
+            err.print(line, markup=False, soft_wrap=True, highlight=False)
+        err.print(
+            f"[green]✓[/green] all services healthy; streaming logs (Ctrl-C stops {state.name})"
+        )
+        printer = LogPrinter([s.name for s in state.services])
+        result = supervisor.watch(printer, output_closed=stdout_closed)
+        if result.reason == "died":
+            printer = LogPrinter([result.service or "?"], console=err)
+            for line in result.log_tail:
+                printer(result.service or "?", line)
     except KeyboardInterrupt:
-        err.print("\n[yellow]stopping…[/yellow]")
+        say("\n[yellow]stopping…[/yellow]")
+        raise
+    except (OSError, SystemExit):  # EPIPE (rich turns it into SystemExit) or EIO
+        result = WatchResult("output_closed")
+    finally:
+        # rich answers EPIPE on stdout with SystemExit, a closed terminal makes writes fail
+        # with EIO: neither may leave the services running
         with uninterruptible():
             supervisor.stop()
-        raise
+    if result.reason == "output_closed":
+        quiet_stdout()
+        say(f"stdout was closed: {state.name} was stopped")
+        raise typer.Exit(EXIT_FAILURE)
     if result.reason == "removed":
         err.print(f"{state.name} was stopped by `dynkv down`")
         return
-    printer = LogPrinter([result.service or "?"], console=err)
-    for line in result.log_tail:
-        printer(result.service or "?", line)
-    with uninterruptible():
-        supervisor.stop()
     raise UserError(
         f"{result.service} exited with code {result.exit_code}; everything was stopped",
         f"read its log: dynkv logs {result.service} --name {state.name}",

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dynkv.infra.embedded import LOOPBACK, etcd_health_probe, nats_health_probe
-from dynkv.plan.model import ContainerSpec, Service
+from dynkv.plan.model import ContainerSpec, Service, ServiceInfo
 
 NATS_IMAGE = "nats:2.11.4"
 ETCD_IMAGE = "quay.io/coreos/etcd:v3.6.1"
@@ -84,7 +84,7 @@ def etcd_docker_service(*, deployment: str, client_port: int, peer_port: int) ->
         container=spec,
         ports={"client": client_port, "peer": peer_port},
         probes=(etcd_health_probe(client_port),),
-        meta={"container": spec.name},
+        info=ServiceInfo(container=spec.name),
     )
 
 
@@ -97,7 +97,7 @@ def nats_docker_service(*, deployment: str, port: int, monitor_port: int) -> Ser
         container=spec,
         ports={"client": port, "monitor": monitor_port},
         probes=(nats_health_probe(monitor_port),),
-        meta={"container": spec.name},
+        info=ServiceInfo(container=spec.name),
     )
 
 

@@ -13,19 +13,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynkv.plan.model import Probe, Service
+from dynkv.plan.model import HttpProbe, Service
 
 LOOPBACK = "127.0.0.1"
 ETCD_HEALTH = {"health": "true"}
 NATS_HEALTH = {"status": "ok"}
 
 
-def etcd_health_probe(client_port: int, host: str = LOOPBACK) -> Probe:
-    return Probe(kind="http", url=f"http://{host}:{client_port}/health", expect_json=ETCD_HEALTH)
+def etcd_health_probe(client_port: int, host: str = LOOPBACK) -> HttpProbe:
+    return HttpProbe(url=f"http://{host}:{client_port}/health", expect_json=ETCD_HEALTH)
 
 
-def nats_health_probe(monitor_port: int, host: str = LOOPBACK) -> Probe:
-    return Probe(kind="http", url=f"http://{host}:{monitor_port}/healthz", expect_json=NATS_HEALTH)
+def nats_health_probe(monitor_port: int, host: str = LOOPBACK) -> HttpProbe:
+    return HttpProbe(url=f"http://{host}:{monitor_port}/healthz", expect_json=NATS_HEALTH)
 
 
 def etcd_service(

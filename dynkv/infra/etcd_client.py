@@ -15,195 +15,41 @@ that history: `EtcdCompacted`, then re-list with `get_prefix` and watch from its
 
 from __future__ import annotations
 
-import base64
-import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
-DEFAULT_TIMEOUT = 5.0
-
-
-class EtcdError(Exception):
-    """etcd answered with an error."""
-
-
-class EtcdUnavailable(EtcdError):
-    """No endpoint could be reached."""
-
-
-class EtcdCompacted(EtcdError):
-    """A watch asked for history etcd has compacted away."""
-
-    def __init__(self, compact_revision: int) -> None:
-        super().__init__(f"revision compacted (oldest available: {compact_revision})")
-        self.compact_revision = compact_revision
-
-
-class LeaseExpired(EtcdError):
-    """The lease is gone (expired or revoked): keys attached to it were deleted."""
-
-
-@dataclass(frozen=True)
-class KeyValue:
-    key: str
-    value: bytes
-    lease: int = 0
-    create_revision: int = 0
-    mod_revision: int = 0
-    version: int = 0
-
-    def json(self) -> Any:
-        return json.loads(self.value)
-
-
-@dataclass(frozen=True)
-class RangeResult:
-    kvs: list[KeyValue]
-    revision: int  # the store revision the read saw; watch from revision + 1 to miss nothing
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    type: Literal["PUT", "DELETE"]
-    key: str
-    value: bytes  # empty for DELETE
-    revision: int  # mod_revision of the change
-    kv: KeyValue
-
-
-def _b64(data: str | bytes) -> str:
-    raw = data.encode() if isinstance(data, str) else data
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _unb64(data: str | None) -> bytes:
-    return base64.b64decode(data) if data else b""
-
-
-def prefix_range_end(prefix: str | bytes) -> bytes:
-    """The exclusive end of the range of keys starting with `prefix` (etcd's GetPrefixRangeEnd)."""
-    raw = bytearray(prefix.encode() if isinstance(prefix, str) else prefix)
-    while raw and raw[-1] == 0xFF:
-        raw.pop()
-    if not raw:
-        return b"\0"  # every key
-    raw[-1] += 1
-    return bytes(raw)
-
-
-def _kv(raw: dict[str, Any]) -> KeyValue:
-    return KeyValue(
-        key=_unb64(raw.get("key")).decode("utf-8", "replace"),
-        value=_unb64(raw.get("value")),
-        lease=int(raw.get("lease", 0)),
-        create_revision=int(raw.get("create_revision", 0)),
-        mod_revision=int(raw.get("mod_revision", 0)),
-        version=int(raw.get("version", 0)),
-    )
-
-
-def _revision(resp: dict[str, Any]) -> int:
-    return int(resp.get("header", {}).get("revision", 0))
-
-
-def _encode(value: str | bytes | Any) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
-# Request bodies and response parsers, shared by the sync and async clients.
-
-
-def _put(key: str, value: Any, lease: int) -> tuple[str, dict[str, Any]]:
-    body: dict[str, Any] = {"key": _b64(key), "value": _b64(_encode(value))}
-    if lease:
-        body["lease"] = str(lease)
-    return "/v3/kv/put", body
-
-
-def _range(key: str, prefix: bool) -> tuple[str, dict[str, Any]]:
-    body = {"key": _b64(key)}
-    if prefix:
-        body["range_end"] = _b64(prefix_range_end(key))
-    return "/v3/kv/range", body
-
-
-def _parse_range(resp: dict[str, Any]) -> RangeResult:
-    return RangeResult([_kv(kv) for kv in resp.get("kvs", [])], _revision(resp))
-
-
-def _delete(key: str, prefix: bool) -> tuple[str, dict[str, Any]]:
-    path, body = _range(key, prefix)
-    return "/v3/kv/deleterange", body
-
-
-def _parse_keepalive(resp: dict[str, Any], lease: int) -> int:
-    result = resp.get("result", resp)
-    if "error" in resp:
-        raise EtcdError(str(resp["error"]))
-    ttl = int(result.get("TTL", 0))
-    if ttl <= 0:
-        raise LeaseExpired(f"lease {lease:x} has expired or was revoked")
-    return ttl
-
-
-def _watch_body(prefix: str, start_revision: int | None) -> dict[str, Any]:
-    create: dict[str, Any] = {"key": _b64(prefix), "range_end": _b64(prefix_range_end(prefix))}
-    if start_revision:
-        create["start_revision"] = str(start_revision)
-    return {"create_request": create}
-
-
-def _parse_watch_line(line: str) -> list[WatchEvent]:
-    """One line of the watch stream → its events; raises on cancel/compaction/error."""
-    msg = json.loads(line)
-    if "error" in msg:
-        raise EtcdError(f"watch failed: {msg['error']}")
-    result = msg.get("result", {})
-    if result.get("compact_revision") and int(result["compact_revision"]) > 0:
-        raise EtcdCompacted(int(result["compact_revision"]))
-    if result.get("canceled"):
-        raise EtcdError(f"watch canceled: {result.get('cancel_reason', 'no reason given')}")
-    events = []
-    for ev in result.get("events", []):
-        kv = _kv(ev.get("kv", {}))
-        kind = "DELETE" if ev.get("type") == "DELETE" else "PUT"
-        events.append(WatchEvent(kind, kv.key, kv.value, kv.mod_revision, kv))
-    return events
-
-
-def _raise_for(resp: httpx.Response) -> dict[str, Any]:
-    try:
-        data = resp.json()
-    except ValueError:
-        data = {}
-    if resp.status_code >= 400:
-        message = data.get("message") or data.get("error") or resp.text[:200]
-        raise EtcdError(f"etcd {resp.request.url.path}: HTTP {resp.status_code}: {message}")
-    return data
-
-
-def _endpoints(endpoints: str | Sequence[str]) -> list[str]:
-    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
-    out = [e.strip().rstrip("/") for e in items if e.strip()]
-    if not out:
-        raise ValueError("no etcd endpoint given")
-    return out
+from dynkv.infra.etcd_wire import (  # noqa: F401 (the public names are re-exported)
+    DEFAULT_TIMEOUT,
+    EtcdCompacted,
+    EtcdError,
+    EtcdUnavailable,
+    KeyValue,
+    LeaseExpired,
+    RangeResult,
+    WatchEvent,
+    checked_json,
+    delete_request,
+    endpoint_list,
+    parse_keepalive,
+    parse_range,
+    parse_watch_line,
+    prefix_range_end,
+    put_request,
+    range_request,
+    revision_of,
+    watch_request,
+)
 
 
 class EtcdClient:
     """Synchronous client. Use as a context manager, or call close()."""
 
     def __init__(self, endpoints: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT):
-        self.endpoints = _endpoints(endpoints)
+        self.endpoints = endpoint_list(endpoints)
         self.timeout = timeout
         self._http = httpx.Client(timeout=timeout, trust_env=False)  # loopback: no proxy
         self._current = 0
@@ -227,7 +73,7 @@ class EtcdClient:
                 errors.append(f"{self.endpoints[idx]}: {exc}")
                 continue
             self._current = idx
-            return _raise_for(resp)
+            return checked_json(resp)
         raise EtcdUnavailable("no etcd endpoint answered: " + "; ".join(errors))
 
     def health(self) -> bool:
@@ -242,27 +88,27 @@ class EtcdClient:
 
     def put(self, key: str, value: Any, *, lease: int = 0) -> int:
         """Store `value` (bytes, str, or anything JSON-serialisable); returns the new revision."""
-        return _revision(self._call(*_put(key, value, lease)))
+        return revision_of(self._call(*put_request(key, value, lease)))
 
     def get(self, key: str) -> KeyValue | None:
-        kvs = _parse_range(self._call(*_range(key, False))).kvs
+        kvs = parse_range(self._call(*range_request(key, False))).kvs
         return kvs[0] if kvs else None
 
     def get_prefix(self, prefix: str) -> RangeResult:
-        return _parse_range(self._call(*_range(prefix, True)))
+        return parse_range(self._call(*range_request(prefix, True)))
 
     def delete(self, key: str) -> int:
-        return int(self._call(*_delete(key, False)).get("deleted", 0))
+        return int(self._call(*delete_request(key, False)).get("deleted", 0))
 
     def delete_prefix(self, prefix: str) -> int:
-        return int(self._call(*_delete(prefix, True)).get("deleted", 0))
+        return int(self._call(*delete_request(prefix, True)).get("deleted", 0))
 
     def lease_grant(self, ttl: int) -> int:
         return int(self._call("/v3/lease/grant", {"TTL": str(ttl)})["ID"])
 
     def lease_keepalive(self, lease: int) -> int:
         """Refresh the lease once; returns its new TTL, or raises LeaseExpired."""
-        return _parse_keepalive(self._call("/v3/lease/keepalive", {"ID": str(lease)}), lease)
+        return parse_keepalive(self._call("/v3/lease/keepalive", {"ID": str(lease)}), lease)
 
     def lease_revoke(self, lease: int) -> None:
         """Revoke the lease (deleting its keys); a lease already gone is not an error."""
@@ -293,17 +139,17 @@ class EtcdClient:
                 with self._http.stream(
                     "POST",
                     endpoint + "/v3/watch",
-                    json=_watch_body(prefix, next_rev),
+                    json=watch_request(prefix, next_rev),
                     timeout=timeout,
                 ) as resp:
                     if resp.status_code >= 400:
                         resp.read()
-                        _raise_for(resp)
+                        checked_json(resp)
                     failing_since = None
                     for line in resp.iter_lines():
                         if not line.strip():
                             continue
-                        for event in _parse_watch_line(line):
+                        for event in parse_watch_line(line):
                             next_rev = event.revision + 1
                             yield event
             except httpx.ReadTimeout:
@@ -322,7 +168,7 @@ class AsyncEtcdClient:
     task cancels to stop."""
 
     def __init__(self, endpoints: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT):
-        self.endpoints = _endpoints(endpoints)
+        self.endpoints = endpoint_list(endpoints)
         self.timeout = timeout
         self._http = httpx.AsyncClient(timeout=timeout, trust_env=False)  # no proxy
         self._current = 0
@@ -346,30 +192,30 @@ class AsyncEtcdClient:
                 errors.append(f"{self.endpoints[idx]}: {exc}")
                 continue
             self._current = idx
-            return _raise_for(resp)
+            return checked_json(resp)
         raise EtcdUnavailable("no etcd endpoint answered: " + "; ".join(errors))
 
     async def put(self, key: str, value: Any, *, lease: int = 0) -> int:
-        return _revision(await self._call(*_put(key, value, lease)))
+        return revision_of(await self._call(*put_request(key, value, lease)))
 
     async def get(self, key: str) -> KeyValue | None:
-        kvs = _parse_range(await self._call(*_range(key, False))).kvs
+        kvs = parse_range(await self._call(*range_request(key, False))).kvs
         return kvs[0] if kvs else None
 
     async def get_prefix(self, prefix: str) -> RangeResult:
-        return _parse_range(await self._call(*_range(prefix, True)))
+        return parse_range(await self._call(*range_request(prefix, True)))
 
     async def delete(self, key: str) -> int:
-        return int((await self._call(*_delete(key, False))).get("deleted", 0))
+        return int((await self._call(*delete_request(key, False))).get("deleted", 0))
 
     async def delete_prefix(self, prefix: str) -> int:
-        return int((await self._call(*_delete(prefix, True))).get("deleted", 0))
+        return int((await self._call(*delete_request(prefix, True))).get("deleted", 0))
 
     async def lease_grant(self, ttl: int) -> int:
         return int((await self._call("/v3/lease/grant", {"TTL": str(ttl)}))["ID"])
 
     async def lease_keepalive(self, lease: int) -> int:
-        return _parse_keepalive(await self._call("/v3/lease/keepalive", {"ID": str(lease)}), lease)
+        return parse_keepalive(await self._call("/v3/lease/keepalive", {"ID": str(lease)}), lease)
 
     async def lease_revoke(self, lease: int) -> None:
         try:
@@ -393,17 +239,17 @@ class AsyncEtcdClient:
                 async with self._http.stream(
                     "POST",
                     endpoint + "/v3/watch",
-                    json=_watch_body(prefix, next_rev),
+                    json=watch_request(prefix, next_rev),
                     timeout=timeout,
                 ) as resp:
                     if resp.status_code >= 400:
                         await resp.aread()
-                        _raise_for(resp)
+                        checked_json(resp)
                     failing_since = None
                     async for line in resp.aiter_lines():
                         if not line.strip():
                             continue
-                        for event in _parse_watch_line(line):
+                        for event in parse_watch_line(line):
                             next_rev = event.revision + 1
                             yield event
             except httpx.TransportError as exc:

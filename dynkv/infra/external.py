@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from dynkv.plan.model import Probe
+from dynkv.plan.model import EtcdHealthProbe, NatsProbe, Probe
 from dynkv.settings.errors import SettingsError
 
 
@@ -39,6 +39,6 @@ def nats_host_port(url: str) -> tuple[str, int]:
 def external_probes(etcd_endpoints: tuple[str, ...], nats_url: str) -> tuple[Probe, ...]:
     host, port = nats_host_port(nats_url)
     return (
-        Probe(kind="etcd_health", endpoints=etcd_endpoints),
-        Probe(kind="nats", host=host, port=port),
+        EtcdHealthProbe(endpoints=etcd_endpoints),
+        NatsProbe(host=host, port=port),
     )

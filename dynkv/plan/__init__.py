@@ -7,7 +7,20 @@ The builder is imported lazily: `dynkv.infra` describes its services with the da
 
 from typing import Any
 
-from dynkv.plan.model import ContainerSpec, Plan, Probe, Service, mask_argv, mask_env
+from dynkv.plan.model import (
+    ContainerSpec,
+    EtcdHealthProbe,
+    EtcdKeyProbe,
+    HttpProbe,
+    NatsProbe,
+    Plan,
+    Probe,
+    Service,
+    ServiceInfo,
+    TcpProbe,
+    mask_argv,
+    mask_env,
+)
 from dynkv.plan.model_source import ModelChoice, choose_model
 
 _LAZY = {"PORT_SETTINGS", "HostFacts", "PlanError", "build_plan"}
@@ -15,12 +28,18 @@ _LAZY = {"PORT_SETTINGS", "HostFacts", "PlanError", "build_plan"}
 __all__ = [
     "PORT_SETTINGS",
     "ContainerSpec",
+    "EtcdHealthProbe",
+    "EtcdKeyProbe",
+    "HttpProbe",
+    "NatsProbe",
     "HostFacts",
     "ModelChoice",
     "Plan",
     "PlanError",
     "Probe",
     "Service",
+    "ServiceInfo",
+    "TcpProbe",
     "build_plan",
     "choose_model",
     "mask_argv",

@@ -12,14 +12,14 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
 from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
-from dynkv.plan.engine_args import check_engine_args, detect_spec, role_argv, unchecked_note
+from dynkv.plan.engine_args import check_engine_args, detect_spec, engine_notes, role_argv
 from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service, read_or_new
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
@@ -27,6 +27,7 @@ from dynkv.plan.ports import PORT_SETTINGS, worker_port, worker_roles
 from dynkv.plan.prometheus import PROMETHEUS_BINARY, prometheus_service
 from dynkv.plan.worker import (
     PASSTHROUGH_ENV,
+    handoff_dir,
     kv_transfer_config,
     metrics_url,
     vllm_argv,
@@ -186,7 +187,8 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
         nats_url=nats_url,
         services=ordered,
         external=external,
-        notes=_notes(host, ordered) + _engine_notes(resolved, host),
+        notes=_notes(host, ordered)
+        + engine_notes(resolved.engine_args, host.vllm_args, host.vllm_args_unchecked),
         startup_timeout_secs=dep.startup_timeout_secs,
     )
 
@@ -294,7 +296,7 @@ def _workers(
             )
         )
         if handoff is not None and role == "prefill":
-            workers[-1] = replace(workers[-1], data_dirs=(*workers[-1].data_dirs, str(handoff)))
+            workers[-1] = workers[-1].replace(data_dirs=(*workers[-1].data_dirs, str(handoff)))
     return workers
 
 
@@ -335,18 +337,18 @@ def _prometheus(
         return url.split("://", 1)[1].split("/", 1)[0]
 
     kvbm = {
-        w.meta["worker_id"]: address(w.meta["metrics_url"])
+        w.info.worker_id or w.name: address(w.info.metrics_url)
         for w in workers
-        if w.meta["metrics_url"]  # "": a worker without KVBM
+        if w.info.metrics_url  # None: a worker without KVBM
     }
     return prometheus_service(
         deployment=dep.name,
         deployment_dir=dep.deployment_dir,
         binary=host.prometheus_binary,
         port=dep.prometheus_port,
-        frontend=address(frontend.meta["url"]),
+        frontend=address(frontend.info.url or ""),
         kvbm=kvbm,
-        vllm={w.meta["worker_id"]: address(w.meta["url"]) for w in workers},
+        vllm={w.info.worker_id or w.name: address(w.info.url or "") for w in workers},
         api_key=frontend.env.get(API_KEY_ENV),
         user=host.user,
         depends_on=(frontend.name,),
@@ -359,12 +361,6 @@ DECODE_TIERLESS = (
     "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS",
     "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS",
 )
-
-
-def handoff_dir(name: str) -> Path:
-    """The prefill→decode handoff pool of a disagg deployment: shared memory when the host has it
-    (tmpfs, so the handoff costs memcpy, not I/O); `dynkv down` removes it."""
-    return Path("/dev/shm") / f"dynkv-{name}"
 
 
 def _check_port_clashes(services: tuple[Service, ...]) -> None:
@@ -382,12 +378,6 @@ def _check_port_clashes(services: tuple[Service, ...]) -> None:
             seen[port] = label
 
 
-def _engine_notes(resolved: Resolved, host: HostFacts) -> tuple[str, ...]:
-    if resolved.engine_args and host.vllm_args is None:
-        return (unchecked_note(host.vllm_args_unchecked),)
-    return ()
-
-
 def _notes(host: HostFacts, services: tuple[Service, ...]) -> tuple[str, ...]:
     notes = []
     if host.model.random_weights:
@@ -397,10 +387,10 @@ def _notes(host: HostFacts, services: tuple[Service, ...]) -> tuple[str, ...]:
             "smollm2-135m-instruct, a real one)"
         )
     for svc in services:
-        if "openai_url" in svc.meta:
-            auth = " with an API key (Authorization: Bearer)" if svc.meta["auth"] != "none" else ""
+        info = svc.info
+        if info.openai_url:
+            auth = " with an API key (Authorization: Bearer)" if info.auth == "bearer" else ""
             notes.append(
-                f"the OpenAI API will be at {svc.meta['openai_url']} "
-                f"(model {svc.meta['model']!r}){auth}"
+                f"the OpenAI API will be at {info.openai_url} (model {info.model!r}){auth}"
             )
     return tuple(notes)

@@ -132,6 +132,11 @@ def unchecked_note(reason: str) -> str:
     return f"engine arguments were not checked against vLLM's parser: {reason}"
 
 
+def engine_notes(engine_args: Any, spec: Any, unchecked: str) -> tuple[str, ...]:
+    """The plan's note when there are engine arguments that vLLM's parser did not check."""
+    return (unchecked_note(unchecked),) if engine_args and spec is None else ()
+
+
 def _scalar(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynkv.plan.model import Probe, Service
+from dynkv.plan.model import HttpProbe, Service, ServiceInfo, TcpProbe
 from dynkv.plan.secret import read_or_new, secret_path
 from dynkv.settings.errors import SettingsError
 from dynkv.settings.resolve import Resolved
@@ -167,9 +167,9 @@ def frontend_service(
     url = frontend_url(host, port, tls is not None)
     # over TLS the supervisor cannot verify a self-signed certificate: it waits for the port
     ready = (
-        Probe(kind="http", url=f"{url}/health", expect_json={"status": "ok"})
+        HttpProbe(url=f"{url}/health", expect_json={"status": "ok"})
         if tls is None
-        else Probe(kind="tcp", host=connect_host(host).strip("[]"), port=port)
+        else TcpProbe(host=connect_host(host).strip("[]"), port=port)
     )
     return Service(
         name="frontend",
@@ -183,11 +183,11 @@ def frontend_service(
         depends_on=depends_on,
         log_file=str(deployment_dir / "logs" / "frontend.log"),
         files={str(secret_path(deployment_dir)): secret} if secret else {},
-        meta={
-            "url": url,
-            "openai_url": f"{url}/v1",
-            "model": models[0] if models else "",
-            "bind_host": host,
-            "auth": "bearer" if api_key else "none",
-        },
+        info=ServiceInfo(
+            url=url,
+            openai_url=f"{url}/v1",
+            model=models[0] if models else "",
+            bind_host=host,
+            auth="bearer" if api_key else "none",
+        ),
     )

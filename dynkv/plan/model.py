@@ -4,69 +4,168 @@ A plan is built by a pure function (`dynkv.plan.build`) and consumed by the supe
 `up --dry-run` and by tests. Everything a service needs to run is in its record (argv, env, cwd,
 ports, how to tell it is healthy, what it waits for), so a test can assert on a plan without
 starting anything and the supervisor needs no settings of its own.
+
+The records are pydantic models, defined here once: the supervisor copies a service's probes and
+`info` into the state file (`dynkv.supervisor.state`), and `status`/`down` read them back from
+another process.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-ProbeKind = Literal["http", "tcp", "nats", "etcd_health", "etcd_key"]
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
+
 ServiceKind = Literal["process", "container"]
 
 MASK = "***"
 # Names whose values are never printed: HF tokens, the frontend API key, anything secret-looking.
 _SECRET_NAME = re.compile(r"(TOKEN|API_KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 _SECRET_FLAGS = ("--api-key", "--hf-token", "--token", "--password")
+# The password of a URL's userinfo (`http://user:pw@host`): external etcd and NATS URLs may carry one.
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@,]*):[^@/\s,]*@")
 
 
-@dataclass(frozen=True)
-class Probe:
-    """One readiness check; a service is healthy when all of its probes pass.
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    http: GET `url`, status `expect_status`, and when `expect_json` is set, the body must contain
-    those key/value pairs (etcd's `/health` → {"health": "true"}, NATS `/healthz` → {"status": "ok"}).
-    tcp: a connection to host:port is accepted. nats: the server greets with an `INFO ` line.
-    etcd_health: at least one of `endpoints` answers `/health` with {"health": "true"} (an
-    external cluster may have a member down). etcd_key: `key` exists in etcd at `endpoints` (a
-    worker is registered, not merely listening).
-    """
+    def replace(self, **changes: Any) -> Self:
+        """A copy with `changes`, validated like a new record."""
+        return self.model_validate({**dict(self), **changes})
 
-    kind: ProbeKind
-    url: str | None = None
+
+# ---- probes: one readiness check each; a service is healthy when all of its probes pass ------
+
+
+class HttpProbe(_Frozen):
+    """GET `url` answers `expect_status`, and when `expect_json` is set, the body contains those
+    key/value pairs (etcd's `/health` → {"health": "true"}, NATS `/healthz` → {"status": "ok"})."""
+
+    kind: Literal["http"] = "http"
+    url: str
     expect_status: int = 200
-    expect_json: Mapping[str, Any] | None = None
-    host: str | None = None
-    port: int | None = None
-    endpoints: tuple[str, ...] = ()
-    key: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """Only the fields this kind of probe uses (a null-filled record reads as noise)."""
-        data = _plain(asdict(self))
-        used = {
-            "http": ("url", "expect_status", "expect_json"),
-            "tcp": ("host", "port"),
-            "nats": ("host", "port"),
-            "etcd_health": ("endpoints",),
-            "etcd_key": ("endpoints", "key"),
-        }[self.kind]
-        return {"kind": self.kind, **{k: data[k] for k in used if data[k] is not None}}
+    expect_json: dict[str, Any] | None = None
 
     def describe(self) -> str:
-        if self.kind == "http":
-            return f"GET {self.url}"
-        if self.kind in ("tcp", "nats"):
-            return f"{self.kind} {self.host}:{self.port}"
-        if self.kind == "etcd_health":
-            return "etcd health at " + ",".join(self.endpoints)
+        return f"GET {self.url}"
+
+
+class TcpProbe(_Frozen):
+    """A connection to host:port is accepted."""
+
+    kind: Literal["tcp"] = "tcp"
+    host: str
+    port: int
+
+    def describe(self) -> str:
+        return f"tcp {self.host}:{self.port}"
+
+
+class NatsProbe(_Frozen):
+    """The server at host:port greets with an `INFO ` line (it is NATS, not just a socket)."""
+
+    kind: Literal["nats"] = "nats"
+    host: str
+    port: int
+
+    def describe(self) -> str:
+        return f"nats {self.host}:{self.port}"
+
+
+class EtcdHealthProbe(_Frozen):
+    """At least one of `endpoints` answers `/health` with {"health": "true"} (an external
+    cluster may have a member down)."""
+
+    kind: Literal["etcd_health"] = "etcd_health"
+    endpoints: tuple[str, ...]
+
+    def describe(self) -> str:
+        return "etcd health at " + redact_urls(",".join(self.endpoints))
+
+
+class EtcdKeyProbe(_Frozen):
+    """`key` exists in etcd at `endpoints` (a worker is registered, not merely listening)."""
+
+    kind: Literal["etcd_key"] = "etcd_key"
+    endpoints: tuple[str, ...]
+    key: str
+
+    def describe(self) -> str:
         return f"etcd key {self.key}"
 
 
-@dataclass(frozen=True)
-class ContainerSpec:
+Probe = Annotated[
+    HttpProbe | TcpProbe | NatsProbe | EtcdHealthProbe | EtcdKeyProbe,
+    Field(discriminator="kind"),
+]
+ProbeKind = Literal["http", "tcp", "nats", "etcd_health", "etcd_key"]
+_PROBE = TypeAdapter(Probe)
+
+
+def probe_json(probe: Probe, *, mask: bool = False) -> dict[str, Any]:
+    """A probe as JSON: its kind and the fields it uses (a null-filled record reads as noise);
+    with `mask`, as it may be printed (URL passwords hidden)."""
+    data = probe.model_dump(mode="json", exclude_none=True)
+    if mask and "endpoints" in data:
+        data["endpoints"] = [redact_urls(e) for e in data["endpoints"]]
+    return data
+
+
+def probe_from_json(data: Mapping[str, Any]) -> Probe | None:
+    """A probe read back from a state file; None for one this dynkv does not know (a state
+    written by a newer dynkv), which `status` then reports as not understood."""
+    try:
+        return _PROBE.validate_python(dict(data))
+    except ValidationError:
+        return None
+
+
+# ---- services ---------------------------------------------------------------------------------
+
+
+class ServiceInfo(BaseModel):
+    """What the rest of dynkv needs to know about a service beyond how to run it: where it
+    answers and what it serves. Each field is set only for the services it applies to.
+
+    Stored with the service in the state file under its historical name `meta`; unknown keys
+    (a state written by a newer dynkv) are kept."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    worker_id: str | None = None  # a worker's id, the last part of its etcd key
+    url: str | None = None  # base URL of the service's HTTP endpoint
+    openai_url: str | None = None  # frontend: the OpenAI API base (`url` + /v1)
+    prometheus_url: str | None = None  # prometheus: where to point Grafana
+    config: str | None = None  # prometheus: its generated config file
+    model: str | None = None  # the served model name (workers and frontend)
+    metrics_url: str | None = None  # a worker's KVBM metrics; None: KVBM off for it
+    etcd_key: str | None = None  # a worker's registration key
+    bind_host: str | None = None  # frontend: the address it binds (may be non-loopback)
+    auth: Literal["bearer", "none"] | None = None  # frontend: API key required or not
+    container: str | None = None  # docker infra: the container's name
+
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # what a service does not have is absent, not null: the state file and the dry-run
+        # JSON show `meta` as it always was
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ContainerSpec(_Frozen):
     """A docker container, in the terms of the docker SDK's `containers.run` (published ports are
     `{"4222/tcp": ("127.0.0.1", 4222)}`: loopback only). `network_mode="host"` shares the host's
     network (the container then binds 127.0.0.1 itself and publishes nothing); `volumes` are
@@ -75,41 +174,46 @@ class ContainerSpec:
     image: str
     name: str
     command: tuple[str, ...]
-    ports: Mapping[str, tuple[str, int]]
-    labels: Mapping[str, str]
-    environment: Mapping[str, str] = field(default_factory=dict)
+    ports: dict[str, tuple[str, int]]
+    labels: dict[str, str]
+    environment: dict[str, str] = Field(default_factory=dict)
     network_mode: str | None = None
-    volumes: Mapping[str, str] = field(default_factory=dict)
+    volumes: dict[str, str] = Field(default_factory=dict)
     user: str | None = None
 
 
-@dataclass(frozen=True)
-class Service:
-    """One supervised unit. `env` is added to the inherited environment and `env_unset` removed
+class Service(_Frozen):
+    """One supervised unit. `env` is added to the service's environment and `env_unset` removed
     from it; `ports` are the host ports it binds (checked free before anything starts);
     `data_dirs` are created 0700 before start and removed by `down` (etcd data, NATS store);
     `files` are written 0600 before start, path → content (a generated config), and a file whose
-    name looks secret (`*api_key*`, `*token*`) has its content masked in printouts."""
+    name looks secret (`*api_key*`, `*token*`) has its content masked in printouts; `info` says
+    where it answers (JSON: `meta`)."""
 
     name: str
     role: str
     argv: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
     env_unset: tuple[str, ...] = ()
     cwd: str = "."
-    ports: Mapping[str, int] = field(default_factory=dict)
+    ports: dict[str, int] = Field(default_factory=dict)
     probes: tuple[Probe, ...] = ()
     depends_on: tuple[str, ...] = ()
     log_file: str = ""
     data_dirs: tuple[str, ...] = ()
     kind: ServiceKind = "process"
     container: ContainerSpec | None = None
-    meta: Mapping[str, str] = field(default_factory=dict)
-    files: Mapping[str, str] = field(default_factory=dict)
+    info: ServiceInfo = Field(
+        default_factory=ServiceInfo,
+        validation_alias=AliasChoices("info", "meta"),
+        serialization_alias="meta",
+    )
+    files: dict[str, str] = Field(default_factory=dict)
 
     def to_json(self, *, mask: bool = True) -> dict[str, Any]:
-        data = _plain(asdict(self))
-        data["probes"] = [p.to_json() for p in self.probes]
+        data = self.model_dump(mode="json", by_alias=True)
+        data["probes"] = [probe_json(p, mask=mask) for p in self.probes]
+        data["meta"] = self.info.to_json()
         if mask:
             data["env"] = mask_env(self.env)
             data["argv"] = mask_argv(self.argv)
@@ -119,8 +223,7 @@ class Service:
         return data
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(_Frozen):
     """A deployment as data. `services` are in start order (dependencies first); `external` are
     probes of endpoints someone else runs (external infra mode): checked, never started."""
 
@@ -147,16 +250,17 @@ class Plan:
         return tuple(s for s in self.services if s.role in ("agg", "prefill", "decode"))
 
     def to_json(self, *, mask: bool = True) -> dict[str, Any]:
+        url = redact_urls if mask else str
         return {
             "name": self.name,
             "deployment_dir": self.deployment_dir,
             "device": self.device,
             "topology": self.topology,
             "infra": self.infra,
-            "etcd_endpoints": list(self.etcd_endpoints),
-            "nats_url": self.nats_url,
+            "etcd_endpoints": [url(e) for e in self.etcd_endpoints],
+            "nats_url": url(self.nats_url),
             "services": [s.to_json(mask=mask) for s in self.services],
-            "external": [p.to_json() for p in self.external],
+            "external": [probe_json(p, mask=mask) for p in self.external],
             "notes": list(self.notes),
             "startup_timeout_secs": self.startup_timeout_secs,
         }
@@ -179,8 +283,15 @@ def mask_files(files: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def redact_urls(text: str) -> str:
+    """`text` with the password of every URL in it masked (`http://user:***@host:2379`), as doctor
+    reports endpoints: an external etcd or NATS URL may carry credentials."""
+    return _URL_PASSWORD.sub(rf"\1:{MASK}@", text)
+
+
 def mask_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
-    """argv as it may be printed: the value after `--api-key` (or `--api-key=...`) is masked."""
+    """argv as it may be printed: the value after `--api-key` (or `--api-key=...`) is masked,
+    and so is the password of any URL."""
     out: list[str] = []
     hide_next = False
     for arg in argv:
@@ -196,7 +307,7 @@ def mask_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
                 out.append(arg)
                 hide_next = True
             continue
-        out.append(arg)
+        out.append(redact_urls(arg))
     return out
 
 
@@ -241,12 +352,3 @@ def start_waves(services: tuple[Service, ...]) -> tuple[tuple[Service, ...], ...
         wave_of[svc.name] = 1 + max((wave_of[d] for d in svc.depends_on), default=-1)
     count = 1 + max(wave_of.values(), default=-1)
     return tuple(tuple(s for s in services if wave_of[s.name] == i) for i in range(count))
-
-
-def _plain(value: Any) -> Any:
-    """asdict() output → JSON types (tuples → lists, mappings → dicts)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value

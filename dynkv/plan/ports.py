@@ -99,9 +99,8 @@ def setting_of(role: str, name: str) -> PortSetting | None:
 
 
 def _bind_host(svc: Service) -> str | None:
-    """The one read of the service record this module needs: the address a service binds when
-    it is not loopback (the frontend's DYNKV_FRONTEND_HOST)."""
-    return svc.meta.get("bind_host")
+    """The address a service binds when it is not loopback (the frontend's DYNKV_FRONTEND_HOST)."""
+    return svc.info.bind_host
 
 
 def plan_ports(plan: Plan) -> list[PortUse]:

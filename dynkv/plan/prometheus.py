@@ -17,12 +17,11 @@ Prometheus reads it from `frontend_api_key` (0600) there, never from the config.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 
 from dynkv.infra.docker import container_name, labels
 from dynkv.observability import prometheus_config
-from dynkv.plan.model import ContainerSpec, Probe, Service
+from dynkv.plan.model import ContainerSpec, HttpProbe, Service, ServiceInfo
 
 LOOPBACK = "127.0.0.1"
 # The version Debian 12 packages, so both backends behave alike.
@@ -75,12 +74,12 @@ def prometheus_service(
         argv=(binary or PROMETHEUS_BINARY, *flags),
         cwd=str(deployment_dir),
         ports={"http": port},
-        probes=(Probe(kind="http", url=f"{url}/-/ready"),),
+        probes=(HttpProbe(url=f"{url}/-/ready"),),
         depends_on=depends_on,
         log_file=str(deployment_dir / "logs" / "prometheus.log"),
         data_dirs=(str(pdir),),
         files=files,
-        meta={"url": url, "prometheus_url": url, "config": str(config)},
+        info=ServiceInfo(url=url, prometheus_url=url, config=str(config)),
     )
     if binary is not None:
         return service
@@ -94,4 +93,4 @@ def prometheus_service(
         volumes={str(pdir): str(pdir)},
         user=user,
     )
-    return replace(service, argv=(), kind="container", container=container)
+    return service.replace(argv=(), kind="container", container=container)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dynkv.plan.model import Probe, Service
+from dynkv.plan.model import EtcdKeyProbe, HttpProbe, Service, ServiceInfo
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, worker_key, workers_prefix
 
 __all__ = ["DEPLOYMENT_SECRET_ENV", "worker_key", "worker_service", "workers_prefix"]
@@ -167,16 +167,22 @@ def worker_service(
         cwd=str(deployment_dir),
         ports=ports,
         probes=(
-            Probe(kind="http", url=f"{url}/health"),
-            Probe(kind="etcd_key", endpoints=etcd_endpoints, key=key),
+            HttpProbe(url=f"{url}/health"),
+            EtcdKeyProbe(endpoints=etcd_endpoints, key=key),
         ),
         depends_on=depends_on,
         log_file=str(deployment_dir / "logs" / f"{name}.log"),
-        meta={
-            "worker_id": worker_id,
-            "url": url,
-            "model": served_name,
-            "metrics_url": metrics or "",  # "": no KVBM (status shows none)
-            "etcd_key": key,
-        },
+        info=ServiceInfo(
+            worker_id=worker_id,
+            url=url,
+            model=served_name,
+            metrics_url=metrics or None,  # None: no KVBM (status shows none)
+            etcd_key=key,
+        ),
     )
+
+
+def handoff_dir(name: str) -> Path:
+    """The prefill→decode handoff pool of a disagg deployment: shared memory when the host has it
+    (tmpfs, so the handoff costs memcpy, not I/O); `dynkv down` removes it."""
+    return Path("/dev/shm") / f"dynkv-{name}"

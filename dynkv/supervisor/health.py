@@ -10,45 +10,47 @@ or in the error when the wait times out.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 import httpx
 
 from dynkv.infra.etcd_client import EtcdClient, EtcdError
-from dynkv.plan.model import Probe
+from dynkv.plan.model import (
+    EtcdHealthProbe,
+    EtcdKeyProbe,
+    HttpProbe,
+    NatsProbe,
+    Probe,
+    TcpProbe,
+    probe_from_json,
+)
 
 DEFAULT_TIMEOUT = 1.0
 
-
-def probe_from_json(data: Mapping[str, Any]) -> Probe:
-    """A probe read back from state.json."""
-    fields = dict(data)
-    if "endpoints" in fields:
-        fields["endpoints"] = tuple(fields["endpoints"])
-    return Probe(**fields)
+__all__ = ["DEFAULT_TIMEOUT", "check", "check_all", "nats_info", "probe_from_json"]
 
 
 def check(probe: Probe, timeout: float = DEFAULT_TIMEOUT) -> tuple[bool, str]:
     try:
-        if probe.kind == "http":
-            return _http(probe, timeout)
-        if probe.kind == "tcp":
-            with socket.create_connection((probe.host, probe.port), timeout=timeout):
-                return True, "accepting connections"
-        if probe.kind == "nats":
-            return nats_info(probe.host or "127.0.0.1", probe.port or 4222, timeout)
-        if probe.kind == "etcd_health":
-            with EtcdClient(probe.endpoints, timeout=timeout) as client:
-                ok = client.health()
-            return ok, "healthy" if ok else "no endpoint reports healthy"
-        if probe.kind == "etcd_key":
-            with EtcdClient(probe.endpoints, timeout=timeout) as client:
-                kv = client.get(probe.key or "")
-            return (kv is not None), ("registered" if kv else f"{probe.key} not registered yet")
+        match probe:
+            case HttpProbe():
+                return _http(probe, timeout)
+            case TcpProbe():
+                with socket.create_connection((probe.host, probe.port), timeout=timeout):
+                    return True, "accepting connections"
+            case NatsProbe():
+                return nats_info(probe.host, probe.port, timeout)
+            case EtcdHealthProbe():
+                with EtcdClient(probe.endpoints, timeout=timeout) as client:
+                    ok = client.health()
+                return ok, "healthy" if ok else "no endpoint reports healthy"
+            case EtcdKeyProbe():
+                with EtcdClient(probe.endpoints, timeout=timeout) as client:
+                    kv = client.get(probe.key)
+                return (kv is not None), ("registered" if kv else f"{probe.key} not registered yet")
     except (OSError, httpx.HTTPError, EtcdError) as exc:
         return False, f"{probe.describe()}: {exc}"
-    return False, f"unknown probe kind {probe.kind!r}"
+    return False, f"unknown probe {probe!r}"
 
 
 def check_all(probes: Iterable[Probe], timeout: float = DEFAULT_TIMEOUT) -> tuple[bool, str]:
@@ -60,8 +62,9 @@ def check_all(probes: Iterable[Probe], timeout: float = DEFAULT_TIMEOUT) -> tupl
     return True, "healthy"
 
 
-def _http(probe: Probe, timeout: float) -> tuple[bool, str]:
-    resp = httpx.get(probe.url or "", timeout=timeout)
+def _http(probe: HttpProbe, timeout: float) -> tuple[bool, str]:
+    # trust_env=False: a control endpoint on loopback is never reached through HTTP_PROXY
+    resp = httpx.get(probe.url, timeout=timeout, trust_env=False)
     if resp.status_code != probe.expect_status:
         return False, f"{probe.describe()}: HTTP {resp.status_code}"
     if probe.expect_json:

@@ -4,17 +4,103 @@ Every process writes its stdout and stderr to its own file under `<deployment>/l
 foreground `up`, `dynkv logs` and `dynkv logs -f` all read the same files, whether or not the
 `up` that started the services is still running. Containers' logs come from the docker SDK
 through the same small `poll()` interface.
+
+The files are size-capped: a service writes into a pipe, and a small writer process (this file
+run as a script: `python logs.py PATH MAX_BYTES KEEP`, standard library only, so it starts in
+milliseconds) appends to PATH and, past MAX_BYTES, renames PATH → PATH.1 → … → PATH.KEEP (the
+oldest is dropped), cutting at a line end. It ignores SIGTERM/SIGINT/SIGHUP and ends when every
+writer of the pipe has gone, so it still records a service's last words while it shuts down.
+Readers follow the rotation (a new inode restarts a follower at the top of the new file).
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
+
+LOG_MAX_BYTES = 64 << 20  # per file
+LOG_KEEP = 3  # rotated files kept beside the current one
+
+
+class RotatingLog:
+    """Appends to `path` (0600, truncated at open: one run's log); past `max_bytes` it rotates."""
+
+    def __init__(self, path: Path | str, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP):
+        self.path, self.max_bytes, self.keep = Path(path), max(1, max_bytes), max(1, keep)
+        for old in self.rotated():  # a previous run's: this run starts clean
+            old.unlink(missing_ok=True)
+        self.fd = self._open()
+        self.size = 0
+
+    def rotated(self) -> list[Path]:
+        return [Path(f"{self.path}.{i}") for i in range(1, self.keep + 1)]
+
+    def _open(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        return fd
+
+    def write(self, data: bytes) -> None:
+        while data:
+            room = self.max_bytes - self.size
+            if len(data) <= room:
+                self._put(data)
+                return
+            cut = data.rfind(b"\n", 0, max(room, 0)) + 1  # after the last whole line that fits
+            if cut == 0 and self.size > 0:
+                self.rotate()  # the line starts the next file
+                continue
+            cut = cut or room  # a line longer than a whole file: split it
+            self._put(data[:cut])
+            data = data[cut:]
+            self.rotate()
+
+    def _put(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.size += len(data)
+
+    def rotate(self) -> None:
+        os.close(self.fd)
+        names = [self.path, *self.rotated()]
+        for newer, older in reversed(list(zip(names, names[1:], strict=False))):
+            if newer.exists():
+                os.replace(newer, older)
+        self.fd = self._open()
+        self.size = 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def pump(source_fd: int, log: RotatingLog) -> None:
+    """Copy `source_fd` into `log` until every writer has closed it."""
+    while True:
+        try:
+            chunk = os.read(source_fd, 1 << 16)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
+            continue
+        if not chunk:
+            break
+        log.write(chunk)
+    log.close()
+
+
+WRITER_SCRIPT = str(Path(__file__).resolve())
+
+
+def writer_argv(python: str, path: Path | str, max_bytes: int, keep: int) -> list[str]:
+    """The command that runs the writer of one service's log, reading its stdin."""
+    return [python, "-I", "-S", WRITER_SCRIPT, str(path), str(max_bytes), str(keep)]
 
 
 class LogSource(Protocol):
@@ -121,3 +207,9 @@ def follow(
                 yield name, line
         if idle:
             time.sleep(interval)
+
+
+if __name__ == "__main__":  # the log writer of one service (see the module docstring)
+    for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(_sig, signal.SIG_IGN)  # first: the log file appearing means "ignored"
+    pump(sys.stdin.fileno(), RotatingLog(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))

@@ -19,34 +19,53 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from dynkv.plan.model import ServiceInfo
 
 STATE_VERSION = 1
 INSTANCE_ENV = "DYNKV_INSTANCE"
 
 
-@dataclass
-class ServiceRecord:
+class _Kept(BaseModel):
+    """Forward compatible: keys this dynkv does not know (written by a newer one) are kept and
+    written back, never an error: a state that reads as corrupt would be deleted by `down`
+    while its processes still run."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=False)
+
+
+class ServiceRecord(_Kept):
     name: str
     role: str
-    kind: str = "process"
+    kind: str = "process"  # "process" | "container"; anything else is treated as a process
     pid: int | None = None
     pgid: int | None = None
     create_time: float | None = None
     started_at: float | None = None
-    ports: dict[str, int] = field(default_factory=dict)
+    ports: dict[str, int] = Field(default_factory=dict)
     log: str = ""
-    argv: list[str] = field(default_factory=list)
-    probes: list[dict[str, Any]] = field(default_factory=list)
-    data_dirs: list[str] = field(default_factory=list)
+    log_writer_pid: int | None = None  # the rotating writer of `log` (supervisor.logs)
+    log_writer_create_time: float | None = None
+    argv: list[str] = Field(default_factory=list)
+    probes: list[dict[str, Any]] = Field(default_factory=list)  # plan.model.probe_json
+    data_dirs: list[str] = Field(default_factory=list)
     container_id: str | None = None
-    meta: dict[str, str] = field(default_factory=dict)
+    info: ServiceInfo = Field(
+        default_factory=ServiceInfo,
+        validation_alias=AliasChoices("info", "meta"),
+        serialization_alias="meta",
+    )
+
+    @property
+    def is_container(self) -> bool:
+        return self.kind == "container"
 
 
-@dataclass
-class DeploymentState:
+class DeploymentState(_Kept):
     name: str
     instance: str
     infra: str
@@ -55,22 +74,25 @@ class DeploymentState:
     created_at: float = 0.0
     supervisor_pid: int | None = None
     supervisor_create_time: float | None = None
-    etcd_endpoints: list[str] = field(default_factory=list)
-    services: list[ServiceRecord] = field(default_factory=list)
+    etcd_endpoints: list[str] = Field(default_factory=list)
+    services: list[ServiceRecord] = Field(default_factory=list)
     version: int = STATE_VERSION
 
     def service(self, name: str) -> ServiceRecord | None:
         return next((s for s in self.services if s.name == name), None)
 
+    @property
+    def uses_docker(self) -> bool:
+        """Whether `down`/`status` need the Docker engine: a container service, or docker infra
+        (whose containers are found by label even when the state lost their ids)."""
+        return self.infra == "docker" or any(s.is_container for s in self.services)
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump(mode="json", by_alias=True)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DeploymentState:
-        data = dict(data)
-        services = [ServiceRecord(**s) for s in data.pop("services", [])]
-        known = set(cls.__dataclass_fields__)
-        return cls(services=services, **{k: v for k, v in data.items() if k in known})
+    def from_json(cls, data: Any) -> DeploymentState:
+        return cls.model_validate(data)
 
 
 class StateStore:
@@ -115,8 +137,26 @@ class StateStore:
             raise CorruptState(self.path, str(exc)) from None
         try:
             return DeploymentState.from_json(data)
-        except (TypeError, ValueError, AttributeError) as exc:  # valid JSON, not a state
-            raise CorruptState(self.path, str(exc)) from None
+        except ValidationError as exc:  # valid JSON, not a state
+            detail = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'state'}: {e['msg']}" for e in exc.errors()
+            )
+            raise CorruptState(self.path, detail) from None
+
+    def read_or_none(self) -> DeploymentState | None:
+        """`read`, with an unreadable file counted as no state (call under lock()). Only `down`
+        must tell the two apart (it reports and removes the file); everyone else uses this."""
+        try:
+            return self.read()
+        except CorruptState:
+            return None
+
+    def snapshot(self) -> DeploymentState | None:
+        """The state as it is now, read under the lock; unreadable counts as none."""
+        if not self.dir.is_dir():
+            return None
+        with self.lock():
+            return self.read_or_none()
 
     def write(self, state: DeploymentState) -> None:
         """Atomic replace; call under lock()."""

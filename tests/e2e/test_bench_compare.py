@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from dynkv.supervisor.process import marked_processes
-from dynkv.supervisor.runner import marker_prefix
+from dynkv.supervisor.process import marked_processes, marker_prefix
 
 pytestmark = pytest.mark.e2e
 

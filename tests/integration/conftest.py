@@ -5,7 +5,6 @@ tests on this box at the same time, so no fixed port such as 2379, 4222 or 8000 
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def etcd_url(tmp_path_factory):
     """One embedded etcd for the client tests, started and stopped through the supervisor."""
     env = port_env(tmp_path_factory.mktemp("etcd-state"), name="etcd-client")
     plan = infra_plan(env)
-    plan = dataclasses.replace(plan, services=plan.services[:1])
+    plan = plan.replace(services=plan.services[:1])
     Supervisor(plan).start(detach=True)
     yield plan.etcd_endpoints[0]
     stop_deployment(plan.deployment_dir, grace=5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -10,8 +9,7 @@ from pathlib import Path
 from dynkv.plan import HostFacts, ModelChoice, Plan, build_plan
 from dynkv.private_deployment import SETTING_PREFIXES, fresh_ports
 from dynkv.settings import resolve
-from dynkv.supervisor.process import group_of, marked_processes, same_process
-from dynkv.supervisor.runner import marker_prefix
+from dynkv.supervisor.process import group_of, marked_processes, marker_prefix, same_process
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 
@@ -67,8 +65,8 @@ def full_plan(env: dict[str, str]) -> Plan:
 def infra_plan(env: dict[str, str], **changes) -> Plan:
     """etcd + NATS only (the worker needs vLLM or the fake; the frontend needs a worker)."""
     plan = full_plan(env)
-    return dataclasses.replace(
-        plan, services=tuple(s for s in plan.services if s.role in ("etcd", "nats")), **changes
+    return plan.replace(
+        services=tuple(s for s in plan.services if s.role in ("etcd", "nats")), **changes
     )
 
 

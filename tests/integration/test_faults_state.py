@@ -34,8 +34,7 @@ from typer.testing import CliRunner
 
 from dynkv.cli.main import app
 from dynkv.supervisor import read_state
-from dynkv.supervisor.process import marked_processes
-from dynkv.supervisor.runner import marker_prefix
+from dynkv.supervisor.process import marked_processes, marker_prefix
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -130,6 +129,53 @@ def test_a_stale_state_naming_a_reused_pid(env):
     finally:
         stranger.kill()
         stranger.wait(5)
+
+
+def test_a_state_written_by_a_newer_dynkv_is_read_and_down_stops_its_processes(env):
+    """Keys this dynkv does not know, at the top level and in a service, and a readiness check of
+    a kind it does not know: `status` reads the state and `down` stops the recorded process (it
+    carries no marker, so only the state leads to it) instead of discarding the state."""
+    ddir = Path(env["DDIR"])
+    ddir.mkdir(parents=True)
+    service = sleeper()  # no DYNKV_INSTANCE: found through the state file only
+    try:
+        record = {
+            "name": "router",
+            "role": "router",
+            "pid": service.pid,
+            "pgid": service.pid,
+            "create_time": psutil.Process(service.pid).create_time(),
+            "log": str(ddir / "logs" / "router.log"),
+            "probes": [{"kind": "grpc", "target": "127.0.0.1:1"}],
+            "meta": {"url": "http://127.0.0.1:1", "shard": "3"},
+            "restart_policy": {"max": 3},  # a field of a later version
+        }
+        state = {
+            "name": NAME,
+            "instance": marker_prefix(ddir) + "newer",
+            "infra": "embedded",
+            "phase": "running",
+            "mode": "detached",
+            "services": [record],
+            "version": 2,
+            "fleet": {"nodes": ["a", "b"]},
+        }
+        (ddir / "state.json").write_text(json.dumps(state))
+        status = runner.invoke(app, ["status", "--json"])
+        no_traceback(status)
+        (router,) = json.loads(status.stdout)["services"]
+        assert router["running"] is True and router["url"] == "http://127.0.0.1:1"
+        assert "does not know" in router["detail"]
+
+        down = runner.invoke(app, ["down", "--timeout", "2"])
+        assert down.exit_code == 0, down.output
+        assert "unreadable" not in down.stderr
+        assert service.wait(10) is not None  # stopped through its record
+        assert not (ddir / "state.json").exists()
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait(5)
 
 
 FOREGROUND = (

@@ -3,7 +3,6 @@ private state dir: start-up, the state file, failures, stale state, teardown lea
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ from doctor_support import plan_check
 from infra_helpers import assert_nothing_left, full_plan, infra_plan, port_env
 
 from dynkv.doctor import Status
-from dynkv.plan import Probe, Service
+from dynkv.plan import Service, TcpProbe
 from dynkv.ports import free_port
 from dynkv.settings import resolve
 from dynkv.supervisor import (
@@ -57,7 +56,7 @@ def listener(name: str, plan, *, lifetime: float = 600, orphan: bool = False, de
         argv=tuple(argv),
         cwd=plan.deployment_dir,
         ports={"tcp": port},
-        probes=(Probe(kind="tcp", host="127.0.0.1", port=port),),
+        probes=(TcpProbe(host="127.0.0.1", port=port),),
         depends_on=deps,
         log_file=f"{plan.deployment_dir}/logs/{name}.log",
     )
@@ -171,11 +170,11 @@ def test_a_service_failing_at_startup_fails_up_with_its_log_and_leaves_nothing(e
             "import sys; print('loading model'); print('boom: no GPU', file=sys.stderr); sys.exit(3)",
         ),
         cwd=plan.deployment_dir,
-        probes=(Probe(kind="tcp", host="127.0.0.1", port=free_port()),),
+        probes=(TcpProbe(host="127.0.0.1", port=free_port()),),
         depends_on=("etcd", "nats"),
         log_file=f"{plan.deployment_dir}/logs/broken.log",
     )
-    plan = dataclasses.replace(plan, services=plan.services + (failing,))
+    plan = plan.replace(services=plan.services + (failing,))
     sup = Supervisor(plan)
     with pytest.raises(StartFailed) as exc:
         sup.start(detach=True)
@@ -201,13 +200,13 @@ def test_independent_services_start_together_and_dependents_after_them(env):
             role="test",
             argv=(sys.executable, "-c", slow, str(port)),
             cwd=plan.deployment_dir,
-            probes=(Probe(kind="tcp", host="127.0.0.1", port=port),),
+            probes=(TcpProbe(host="127.0.0.1", port=port),),
             depends_on=deps,
             log_file=f"{plan.deployment_dir}/logs/{name}.log",
         )
 
     services = (service("front", ("a", "b")), service("a", ()), service("b", ()))
-    plan = dataclasses.replace(plan, services=services)
+    plan = plan.replace(services=services)
     state = Supervisor(plan, poll_interval=0.05).start(detach=True)
     try:
         started = {s.name: s.started_at for s in state.services}
@@ -230,10 +229,10 @@ def test_a_service_never_healthy_times_out_and_leaves_nothing(env):
             "import time; print('still loading', flush=True); time.sleep(600)",
         ),
         cwd=plan.deployment_dir,
-        probes=(Probe(kind="tcp", host="127.0.0.1", port=free_port()),),
+        probes=(TcpProbe(host="127.0.0.1", port=free_port()),),
         log_file=f"{plan.deployment_dir}/logs/hung.log",
     )
-    plan = dataclasses.replace(plan, services=(hung,))
+    plan = plan.replace(services=(hung,))
     sup = Supervisor(plan)
     with pytest.raises(StartFailed, match="not healthy within 1 s") as exc:
         sup.start(detach=True)
@@ -245,7 +244,7 @@ def test_a_service_never_healthy_times_out_and_leaves_nothing(env):
 
 def test_down_sweeps_descendants_that_left_the_process_group(env):
     plan = infra_plan(env)
-    plan = dataclasses.replace(plan, services=(listener("escaper", plan, orphan=True, deps=()),))
+    plan = plan.replace(services=(listener("escaper", plan, orphan=True, deps=()),))
     state = Supervisor(plan).start(detach=True)
     time.sleep(0.3)
     leader = psutil.Process(state.services[0].pid)
@@ -260,9 +259,7 @@ def test_down_sweeps_descendants_that_left_the_process_group(env):
 
 def test_foreground_watch_reports_a_service_that_dies(env):
     plan = infra_plan(env)
-    plan = dataclasses.replace(
-        plan, services=plan.services[:1] + (listener("short", plan, lifetime=1.5),)
-    )
+    plan = plan.replace(services=plan.services[:1] + (listener("short", plan, lifetime=1.5),))
     sup = Supervisor(plan, poll_interval=0.1)
     sup.start(detach=False)
     assert read_state(plan.deployment_dir).mode == "foreground"

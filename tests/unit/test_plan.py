@@ -3,7 +3,6 @@ anything (HostFacts are given, so a CUDA host's plan is built on this CPU box)."
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ from dynkv.cli.main import app
 from dynkv.infra.docker import ETCD_IMAGE, NATS_IMAGE
 from dynkv.plan import PlanError, mask_argv, mask_env
 from dynkv.plan.cpu import cpu_engine_env, cpu_list
-from dynkv.plan.model import MASK, Service, start_waves, topological_order
+from dynkv.plan.model import MASK, Plan, Service, start_waves, topological_order
 from dynkv.settings import SettingsError
 
 # ---- embedded (default) ------------------------------------------------------------------------
@@ -105,12 +104,11 @@ def test_worker_wraps_vllm_module_with_the_bundled_connector():
     }
     assert "--max-model-len" not in vllm and "--kv-cache-memory-bytes" not in vllm
     assert worker.ports == {"http": 8100, "kvbm_metrics": 6880}
-    kinds = [(p.kind, p.url or p.key) for p in worker.probes]
-    assert kinds == [
-        ("http", "http://127.0.0.1:8100/health"),
-        ("etcd_key", "/dynkv/default/workers/agg-0"),
+    assert [p.describe() for p in worker.probes] == [
+        "GET http://127.0.0.1:8100/health",
+        "etcd key /dynkv/default/workers/agg-0",
     ]
-    assert worker.meta["etcd_key"] == "/dynkv/default/workers/agg-0"
+    assert worker.info.etcd_key == "/dynkv/default/workers/agg-0"
 
 
 def test_worker_optional_vllm_flags():
@@ -224,7 +222,7 @@ def test_disagg_on_cuda_with_nixl_composes_kvbm_and_nixl_on_prefill_and_nixl_on_
     assert decode_config == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
     # no dynkv on decode: no KVBM variables, no metrics port, no handoff pool anywhere
     assert not any(k.startswith("DYN_KVBM_") for k in decode.env)
-    assert "kvbm_metrics" not in decode.ports and decode.meta["metrics_url"] == ""
+    assert "kvbm_metrics" not in decode.ports and decode.info.metrics_url is None
     assert "DYN_KVBM_HANDOFF_DIR" not in prefill.env and prefill.data_dirs == ()
     assert prefill.env["DYN_KVBM_CPU_CACHE_GB"] == "4"  # the profile's tiers, for prefix reuse
     sides = [(w.env["VLLM_NIXL_SIDE_CHANNEL_HOST"], w.env["VLLM_NIXL_SIDE_CHANNEL_PORT"])
@@ -429,13 +427,18 @@ def test_mask_helpers():
 
 
 def test_topological_order_and_its_errors():
-    a, b, c = Service("a", "r"), Service("b", "r", depends_on=("c",)), Service("c", "r")
+    a = Service(name="a", role="r")
+    b = Service(name="b", role="r", depends_on=("c",))
+    c = Service(name="c", role="r")
     assert [s.name for s in topological_order((a, b, c))] == ["a", "c", "b"]
     with pytest.raises(ValueError, match="unknown"):
-        topological_order((Service("x", "r", depends_on=("nope",)),))
+        topological_order((Service(name="x", role="r", depends_on=("nope",)),))
     with pytest.raises(ValueError, match="cycle"):
         topological_order(
-            (Service("x", "r", depends_on=("y",)), Service("y", "r", depends_on=("x",)))
+            (
+                Service(name="x", role="r", depends_on=("y",)),
+                Service(name="y", role="r", depends_on=("x",)),
+            )
         )
 
 
@@ -449,7 +452,9 @@ def test_plan_json_is_plain_json():
             "expect_json": {"health": "true"},
         }
     ]
-    assert dataclasses.is_dataclass(plan_for())
+    # the JSON parses back into the same plan: one typed model on both sides of it
+    for plan in (plan_for(), plan_for({"DYNKV_INFRA": "docker", "DYNKV_TOPOLOGY": "disagg"})):
+        assert Plan.model_validate(plan.to_json(mask=False)) == plan
 
 
 # ---- cpu ----------------------------------------------------------------------------------------

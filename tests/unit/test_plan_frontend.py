@@ -42,7 +42,7 @@ def test_frontend_service_runs_after_the_workers_on_loopback():
     }
     assert fe.env == {"PYTHONPATH": "/wt"} and fe.env_unset == ("DYNKV_API_KEY",)
     assert fe.log_file == "/state/default/logs/frontend.log"
-    assert fe.meta["openai_url"] == "http://127.0.0.1:8000/v1" and fe.meta["auth"] == "none"
+    assert fe.info.openai_url == "http://127.0.0.1:8000/v1" and fe.info.auth == "none"
 
 
 def test_settings_reach_the_frontend():
@@ -60,7 +60,7 @@ def test_the_api_key_travels_in_the_environment_only():
     fe = plan.service("frontend")
     assert "sk-flag-secret" not in " ".join(fe.argv)
     assert fe.env["DYNKV_API_KEY"] == "sk-flag-secret" and fe.env_unset == ()
-    assert fe.meta["auth"] == "bearer"
+    assert fe.info.auth == "bearer"
     assert "sk-flag-secret" not in json.dumps(plan.to_json())
     assert plan.to_json()["services"][-1]["env"]["DYNKV_API_KEY"] == MASK
     assert "DYNKV_API_KEY" in plan.service("worker").env_unset
@@ -69,7 +69,7 @@ def test_the_api_key_travels_in_the_environment_only():
 def test_a_wildcard_bind_is_reached_on_loopback():
     fe = plan_for({"DYNKV_FRONTEND_HOST": "0.0.0.0", "DYNKV_API_KEY": "k"}).service("frontend")
     assert flag(fe.argv, "--host") == "0.0.0.0"
-    assert fe.meta["url"] == "http://127.0.0.1:8000" and fe.meta["bind_host"] == "0.0.0.0"
+    assert fe.info.url == "http://127.0.0.1:8000" and fe.info.bind_host == "0.0.0.0"
     assert connect_host("::") == "[::1]" and connect_host("fe80::1") == "[fe80::1]"
 
 

@@ -26,7 +26,7 @@ def test_no_kvbm_worker_runs_plain_vllm_without_metrics():
     assert flag(vllm, "--kv-cache-memory-bytes") == "50000000"  # G1 sized as with KVBM
     assert "--metrics-url" not in worker.argv
     assert worker.ports == {"http": 8100}
-    assert worker.meta["metrics_url"] == ""
+    assert worker.info.metrics_url is None
     assert not [k for k in worker.env if k.startswith("DYN_KVBM_")]
     # the same CPU pinning as with a connector (else the comparison lies)
     assert worker.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"

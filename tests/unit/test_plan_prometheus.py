@@ -41,7 +41,7 @@ def flags(argv) -> dict[str, str]:
 
 
 def config_of(svc) -> dict:
-    return yaml.safe_load(svc.files[svc.meta["config"]])
+    return yaml.safe_load(svc.files[svc.info.config])
 
 
 def test_off_by_default():
@@ -64,7 +64,7 @@ def test_prometheus_runs_last_on_loopback_with_its_data_under_the_state_dir():
     assert prom.depends_on == ("frontend",)
     assert prom.data_dirs == ("/state/obs/prometheus",)  # created 0700, removed by down
     assert prom.log_file == "/state/obs/logs/prometheus.log"
-    assert prom.meta["prometheus_url"] == "http://127.0.0.1:9090"
+    assert prom.info.prometheus_url == "http://127.0.0.1:9090"
 
 
 def test_port_setting_and_its_clash_check():
@@ -121,7 +121,7 @@ def test_the_api_key_reaches_prometheus_through_a_private_file_never_the_config(
     assert prom.files[key_file] == "sk-obs-secret"
     frontend_job = config_of(prom)["scrape_configs"][0]
     assert frontend_job["authorization"] == {"type": "Bearer", "credentials_file": key_file}
-    assert "sk-obs-secret" not in prom.files[prom.meta["config"]]
+    assert "sk-obs-secret" not in prom.files[prom.info.config]
     assert "sk-obs-secret" not in " ".join(prom.argv)
     shown = json.dumps(plan.to_json())
     assert "sk-obs-secret" not in shown

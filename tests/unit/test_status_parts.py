@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from dynkv.supervisor.logs import FileFollower, last_line, tail_lines
+from dynkv.supervisor.logs import FileFollower, RotatingLog, last_line, tail_lines, writer_argv
 from dynkv.supervisor.metrics import parse_kvbm, read_kvbm
 from dynkv.supervisor.state import CorruptState, DeploymentState, ServiceRecord, StateStore
 
@@ -90,3 +94,69 @@ def test_file_follower_sees_new_lines_truncation_and_late_files(tmp_path):
     assert follower.poll() == ["new"]
     existing = FileFollower(log)  # from the end: old lines are not repeated
     assert existing.poll() == []
+
+
+def test_state_keeps_what_a_newer_dynkv_wrote(tmp_path):
+    """Forward compatible at both levels: unknown keys survive a read and a rewrite."""
+    store = StateStore(tmp_path / "d")
+    store.ensure()
+    store.path.write_text(
+        json.dumps(
+            {
+                "name": "d",
+                "instance": "i",
+                "infra": "embedded",
+                "fleet": {"nodes": 2},
+                "services": [
+                    {"name": "w", "role": "agg", "kind": "vm", "shard": 3, "meta": {"x": "y"}}
+                ],
+            }
+        )
+    )
+    with store.lock():
+        state = store.read()
+        assert state is not None and state.services[0].kind == "vm"
+        store.write(state)
+    data = json.loads(store.path.read_text())
+    assert data["fleet"] == {"nodes": 2}
+    assert data["services"][0]["shard"] == 3 and data["services"][0]["meta"] == {"x": "y"}
+
+
+def test_rotating_log_caps_each_file_and_keeps_the_newest(tmp_path):
+    path = tmp_path / "svc.log"
+    (tmp_path / "svc.log.2").write_text("a previous run's\n")
+    log = RotatingLog(path, max_bytes=100, keep=2)
+    assert not (tmp_path / "svc.log.2").exists()  # this run starts clean
+    lines = [f"line {i:03d} ".ljust(29, "x") + "\n" for i in range(20)]  # 30 bytes each
+    for line in lines:
+        log.write(line.encode())
+    log.write(b"y" * 150 + b"\n")  # longer than a whole file: split, never lost
+    log.close()
+    files = [path, tmp_path / "svc.log.1", tmp_path / "svc.log.2"]
+    assert all(f.stat().st_size <= 100 for f in files)
+    assert not (tmp_path / "svc.log.3").exists()  # keep=2: the oldest went
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    text = "".join(f.read_text() for f in reversed(files))
+    assert text.endswith("y" * 150 + "\n")
+    kept = [line for line in text.splitlines() if line.startswith("line")]
+    assert kept and kept == [line.rstrip("\n") for line in lines][-len(kept) :]  # whole lines
+
+
+def test_the_log_writer_process_drains_its_pipe_and_ignores_sigterm(tmp_path):
+    path = tmp_path / "w.log"
+    writer = subprocess.Popen(writer_argv(sys.executable, path, 64, 3), stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:  # its signals are set by then
+            time.sleep(0.05)
+        writer.send_signal(signal.SIGTERM)  # ignored: it ends with its input, not before
+        writer.stdin.write(b"".join(f"{i:09d}\n".encode() for i in range(20)))
+        writer.stdin.close()
+        assert writer.wait(10) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    oldest_first = [tmp_path / f"w.log.{i}" for i in (3, 2, 1)] + [path]
+    lines = "".join(f.read_text() for f in oldest_first).splitlines()
+    assert lines == [f"{i:09d}" for i in range(20 - len(lines), 20)]  # the newest, in order
+    assert all(f.stat().st_size <= 64 for f in oldest_first)

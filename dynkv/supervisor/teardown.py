@@ -1,0 +1,184 @@
+"""Stop a deployment, from the process that runs it or from any other (`dynkv down`).
+
+The rules this module keeps:
+- Stopping goes in reverse start order, then sweeps every process carrying the run's
+  `DYNKV_INSTANCE` marker (descendants that escaped their process group) and removes the
+  services' data dirs (etcd data, NATS store). Logs are kept for a post-mortem.
+- A foreground or still-starting `up` tears its own services down when told to (SIGTERM): `down`
+  asks it first and gives it the time, rather than racing it.
+- `down` is idempotent and stops what it can find even without a readable state: processes
+  that carry the deployment's marker, containers that carry its label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from dynkv.infra.docker import DockerBackend, DockerUnavailable
+from dynkv.plan.model import Service
+from dynkv.supervisor.process import (
+    marked_processes,
+    marker_prefix,
+    same_process,
+    terminate,
+    with_descendants,
+)
+from dynkv.supervisor.state import CorruptState, DeploymentState, StateStore
+from dynkv.supervisor.units import unit_for
+
+DEFAULT_GRACE = 10.0
+
+
+class Observer:
+    """What `up` shows while it works; the CLI renders it with rich, tests ignore it."""
+
+    def starting(self, service: Service) -> None: ...
+
+    def waiting(self, service: Service, elapsed: float, last_line: str, detail: str) -> None: ...
+
+    def healthy(self, service: Service, elapsed: float) -> None: ...
+
+    def failed(self, service: Service, reason: str) -> None: ...
+
+    def stopping(self, name: str) -> None: ...
+
+
+@dataclass
+class StopReport:
+    found: bool
+    stopped: list[str] = field(default_factory=list)
+    killed: int = 0  # processes that needed SIGKILL
+    stragglers: int = 0  # processes found only by their DYNKV_INSTANCE marker
+    containers: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def stop_state(
+    state: DeploymentState,
+    store: StateStore,
+    *,
+    grace: float,
+    docker: DockerBackend | None = None,
+    observer: Observer | None = None,
+    clear: bool = True,
+) -> StopReport:
+    """Stop every service of `state` (call under the state lock)."""
+    docker = docker or DockerBackend()  # contacted only for a container service
+    report = StopReport(found=True)
+    for record in reversed(state.services):
+        if observer:
+            # a display that lost its terminal (EIO) or its reader (rich: SystemExit) must not
+            # cut the teardown short
+            with contextlib.suppress(OSError, SystemExit):
+                observer.stopping(record.name)
+        try:
+            report.killed += unit_for(record, docker).stop(instance=state.instance, grace=grace)
+        except DockerUnavailable as exc:
+            report.warnings.append(f"{record.name}: {exc.cause}")
+        else:
+            report.containers += int(record.is_container and bool(record.container_id))
+        report.stopped.append(record.name)
+    stragglers = with_descendants(marked_processes(state.instance))
+    if stragglers:
+        report.stragglers = len(stragglers)
+        report.killed += terminate(stragglers, grace=min(grace, 3.0))
+    for record in state.services:
+        for d in record.data_dirs:
+            _remove_inside(Path(d), store.dir)
+    if clear:
+        store.clear()
+    return report
+
+
+def _remove_inside(path: Path, root: Path) -> None:
+    """rmtree, but only below the deployment dir, or a disagg handoff pool in /dev/shm named
+    dynkv-<name> (a state file is not trusted to name anything else)."""
+    resolved = path.resolve()
+    shm_pool = resolved.parent == Path("/dev/shm") and resolved.name.startswith("dynkv-")
+    if not shm_pool:
+        try:
+            resolved.relative_to(root.resolve())
+        except ValueError:
+            return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def stop_deployment(
+    deployment_dir: Path | str,
+    *,
+    grace: float = DEFAULT_GRACE,
+    docker: DockerBackend | None = None,
+    observer: Observer | None = None,
+) -> StopReport:
+    """`dynkv down`: stop everything of the deployment, whoever started it; idempotent."""
+    store = StateStore(deployment_dir)
+    if not store.dir.is_dir():
+        return StopReport(found=False)
+    docker = docker or DockerBackend()
+    state = store.snapshot()
+    if state is not None:
+        _stop_supervisor(state, grace)
+    with store.lock():
+        try:
+            state = store.read()
+        except CorruptState as exc:
+            state = None
+            store.clear()
+            warning = f"removed an unreadable state file ({exc})"
+        else:
+            warning = None
+        report = StopReport(found=False)
+        if state is not None:
+            report = stop_state(state, store, grace=grace, docker=docker, observer=observer)
+        if warning:
+            report.warnings.append(warning)
+        orphans = with_descendants(marked_processes(marker_prefix(deployment_dir)))
+        if orphans:
+            report.found = True
+            report.stragglers += len(orphans)
+            report.killed += terminate(orphans, grace=min(grace, 3.0))
+        report.containers += _remove_labelled_containers(store.name, docker, grace, report, state)
+    return report
+
+
+def _stop_supervisor(state: DeploymentState, grace: float) -> None:
+    """Ask a foreground or still-starting `up` (SIGTERM) to tear down its own services, and give
+    it the time to, rather than race it."""
+    if state.supervisor_pid is None or state.supervisor_pid == os.getpid():
+        return
+    proc = same_process(state.supervisor_pid, state.supervisor_create_time)
+    if proc is None:
+        return
+    with contextlib.suppress(psutil.Error):
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=grace * 2 + 5)
+
+
+def _remove_labelled_containers(
+    name: str,
+    docker: DockerBackend,
+    grace: float,
+    report: StopReport,
+    state: DeploymentState | None,
+) -> int:
+    """Containers labelled with the deployment, as compose finds its project's containers. Only
+    asked of an engine when one is expected (docker infra, or no state to tell)."""
+    if state is not None and not state.uses_docker:
+        return 0
+    try:
+        found = docker.find(name)
+    except DockerUnavailable as exc:
+        if state is not None:  # a docker deployment whose engine went away
+            report.warnings.append(exc.cause)
+        return 0
+    for container in found:
+        docker.remove(container, grace)
+        report.found = True
+    return len(found)
