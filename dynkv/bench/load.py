@@ -1,5 +1,5 @@
 """Bounded loopback load on a dynkv deployment: errors, latency percentiles, and the memory of
-every service over time (`dynkv bench load`; docs/checks-and-bench.md says how to run it).
+every service over time (`dynkv bench load`; docs/benchmarks.md#load-and-memory-bench-load says how to run it).
 
 `clients` concurrent streaming chat clients send requests back to back for `duration` seconds:
 a shared system prompt (so the KV caches and KVBM are exercised) plus a question of their own,

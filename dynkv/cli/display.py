@@ -209,9 +209,9 @@ def render_plan(plan: Plan) -> None:
 
 def curl_example(openai_url: str, model: str, *, bearer: bool) -> str:
     """A chat completion to paste into a shell; the key stays a variable reference."""
-    body = json.dumps(
-        {"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}
-    )
+    question = {"role": "user", "content": "What is the capital of France?"}
+    # greedy: the answer does not depend on the model's own sampling defaults
+    body = json.dumps({"model": model, "messages": [question], "max_tokens": 32, "temperature": 0})
     auth = ' -H "Authorization: Bearer $DYNKV_API_KEY"' if bearer else ""
     return (
         f"curl -s {shlex.quote(openai_url + '/chat/completions')} "

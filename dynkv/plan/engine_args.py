@@ -22,7 +22,7 @@ from dynkv.vllm_args import ParserUnavailable, VllmArgSpec, load_spec
 # What to use instead of an option dynkv sets, by vLLM destination.
 OWNED_FIX: dict[str, str] = {
     "model": "pass --model (DYNKV_MODEL, or model in the profile's [deployment])",
-    "served_model_name": "dynkv serves the model under the name it derives from --model",
+    "served_model_name": "dynkv up --served-model-name NAME",
     "host": "workers listen on 127.0.0.1 behind the frontend; set the frontend's address with "
     "--host (DYNKV_FRONTEND_HOST)",
     "port": "export DYNKV_WORKER_PORT=<port> (the first worker's port; the others follow it)",
