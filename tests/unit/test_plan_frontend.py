@@ -211,7 +211,7 @@ def test_tls_reaches_the_frontend_and_its_urls(tmp_path):
     plan = plan_for({"DYNKV_TLS_CERT": "/c.pem", "DYNKV_TLS_KEY": "/k.pem"})
     fe = plan.service("frontend")
     assert flag(fe.argv, "--tls-cert") == "/c.pem" and flag(fe.argv, "--tls-key") == "/k.pem"
-    assert fe.meta["openai_url"] == "https://127.0.0.1:8000/v1"
+    assert fe.info.openai_url == "https://127.0.0.1:8000/v1"
     assert fe.probes[0].kind == "tcp"
     with pytest.raises(SettingsError):
         plan_for({"DYNKV_TLS_CERT": "/c.pem"})
