@@ -6,7 +6,7 @@ Config: {"model": path, "scenario": "tiers"|"restart"|"produce"|"consume",
          "prompts": [[ids…], …], "device_kv_bytes": int, "metrics_port": int,
          "reference_digests": [sha256 hex, …] (restart, consume), "params": [...] (consume)}
 The DYN_KVBM_* environment configures the tiers, exactly as in production. The engine runs in
-this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by the test) so that the connector's view of
+this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set below) so that the connector's view of
 the device KV tensors can be read: every scenario reports, for the blocks it onboarded, how many
 hold exactly the bytes vLLM computed (`*_identical` of `*_loaded`).
 Optional: "sequential_reference": true (consume: the reference is computed one prompt at a time,
@@ -219,4 +219,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS", "0.5")
+    # the engine in this process: the driver reads the device KV tensors the connector sees
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     main()

@@ -65,8 +65,6 @@ def run_engine(scenario: str, env: dict[str, str], tmp: Path, **cfg) -> tuple[di
         "DYN_KVBM_METRICS": "true",
         "DYN_KVBM_METRICS_PORT": str(port),
         "DYN_KVBM_DISK_CACHE_DIR": str(tmp / "g3"),
-        # in this process, so the driver can read the device KV tensors the connector sees
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "PYTHONPATH": os.pathsep.join(
             filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")])
         ),

@@ -166,6 +166,8 @@ def test_cold_prefix_cache_and_g2_give_the_same_tokens(g2, prompts):
     assert all(len(o["ids"]) == MAX_TOKENS for o in g2["cold"])
     m0, m1 = g2["metrics_before"], g2["metrics_after"]
     assert delta(m1, m0, "kvbm_onboard_blocks_h2d_total") == full_blocks(prompts)
+    # every onboarded block holds exactly the bytes vLLM computed (kvbm_engine digests them)
+    assert g2["kvbm_hit_loaded"] == g2["kvbm_hit_identical"] == full_blocks(prompts)
 
 
 def test_g3_gives_the_same_tokens(g3, g2, prompts):
@@ -173,12 +175,21 @@ def test_g3_gives_the_same_tokens(g3, g2, prompts):
     assert ids(g3["kvbm_hit"]) == ids(g3["device_hit"]) == ids(g3["cold"])
     m0, m1 = g3["metrics_before"], g3["metrics_after"]
     assert delta(m1, m0, "kvbm_onboard_blocks_d2d_total") == full_blocks(prompts)
+    assert g3["kvbm_hit_loaded"] == g3["kvbm_hit_identical"] == full_blocks(prompts)
 
 
 def test_after_a_restart_disk_hits_give_the_same_tokens(g3, g3_dir, model, prompts):
-    result, _ = run_engine(model, prompts, "restart", {"DYN_KVBM_DISK_CACHE_GB": "0.3"}, g3_dir)
+    result, _ = run_engine(
+        model,
+        prompts,
+        "restart",
+        {"DYN_KVBM_DISK_CACHE_GB": "0.3"},
+        g3_dir,
+        reference_digests=g3["computed_digests"],
+    )
     assert ids(result["run"]) == ids(g3["cold"])
     assert result["metrics"]["kvbm_onboard_blocks_d2d_total"] == full_blocks(prompts)
+    assert result["run_loaded"] == result["run_identical"] == full_blocks(prompts)
 
 
 def test_disaggregated_handoff_gives_the_same_tokens(model, prompts, tmp_path):
@@ -208,6 +219,7 @@ def test_disaggregated_handoff_gives_the_same_tokens(model, prompts, tmp_path):
             tmp_path / "decode",
             params=params,
             sequential_reference=True,
+            reference_digests=produced["computed_digests"],
         )
     finally:
         shutil.rmtree(handoff, ignore_errors=True)
@@ -216,6 +228,7 @@ def test_disaggregated_handoff_gives_the_same_tokens(model, prompts, tmp_path):
     metrics = result["metrics"]
     assert metrics["kvbm_handoff_blocks_received_total"] == full_blocks(prompts)
     assert metrics.get("kvbm_handoff_blocks_missed_total", 0) == 0
+    assert result["handoff_loaded"] == result["handoff_identical"] == full_blocks(prompts)
 
 
 def test_the_answer_reads_the_beginning(g2, model):
