@@ -197,5 +197,10 @@ def test_killed_prefill_worker_is_a_clear_503(stack):
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "no_worker_available" and "prefill-0" not in r.text
     rid = r.json()["error"]["request_id"]  # the cause is in the frontend's log, under its id
-    line = next(x for x in (ddir / "logs" / "frontend.log").read_text().splitlines() if rid in x)
-    assert "prefill" in line
+    log = ddir / "logs" / "frontend.log"
+    lines: list[str] = []
+    deadline = time.monotonic() + 30  # the log reaches its file through the rotating writer
+    while not lines and time.monotonic() < deadline:
+        lines = [x for x in log.read_text().splitlines() if rid in x]
+        time.sleep(0.2)
+    assert lines and "prefill" in lines[0]

@@ -9,6 +9,7 @@ import pytest
 from stack_support import assert_nothing_left, dynkv, stack_env
 
 from dynkv.supervisor import read_state
+from dynkv.worker.record import worker_api_key
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +31,10 @@ def test_max_model_len_after_dashdash_reaches_the_engine(tmp_path):
         )
         assert up.returncode == 0, up.stderr[-4000:]
         port = env["DYNKV_WORKER_PORT"]
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+        # a worker's /v1 answers only the key derived from the deployment secret
+        secret = (ddir / "deployment.secret").read_text().strip()
+        auth = {"authorization": f"Bearer {worker_api_key(secret)}"}
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=auth, timeout=30).json()
         assert [m["max_model_len"] for m in models["data"]] == [1024]
         worker = next(s for s in read_state(ddir).services if s.name == "worker")
         assert "--max-num-seqs" in worker.argv  # as planned, checked by vLLM's own parser
