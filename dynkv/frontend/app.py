@@ -319,11 +319,12 @@ def create_app(
         return JSONResponse({"object": "list", "data": frontend.model_cards()})
 
     @app.get("/v1/models/{model:path}")
-    async def get_model(model: str) -> Response:
+    async def get_model(model: str, request: Request) -> Response:
         for card in frontend.model_cards():
             if card["id"] == model:
                 return JSONResponse(card)
-        return model_not_found(model).response()
+        rid = _request_id(request.headers.get("x-request-id"))
+        return model_not_found(model).response(request_id=rid)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

@@ -117,8 +117,8 @@ def stream_chat(client, **extra) -> tuple[list[str], int]:
 def test_chat_completion_streamed_chunk_by_chunk(stack):
     """Tokens are counted from the usage chunk, never from chunks: vLLM may merge tokens into one
     chunk (its detokenizer holds back an incomplete UTF-8 sequence, which a random-weights model
-    produces at random). The frontend relays the worker's events one for one, so the same greedy
-    request straight to the worker streams the same pieces."""
+    produces at random, and it merges the deltas of steps not yet read). Through the frontend the
+    stream carries the same greedy text as straight from the worker, in more than one event."""
     pieces, tokens = stream_chat(stack.client)
     assert tokens == 16
     secret = (stack.ddir / "deployment.secret").read_text().strip()
@@ -129,7 +129,10 @@ def test_chat_completion_streamed_chunk_by_chunk(stack):
     )
     direct, direct_tokens = stream_chat(worker)
     assert direct_tokens == 16
-    assert pieces == direct and len(pieces) > 1  # relayed event by event, not one buffered blob
+    # The same greedy text; where vLLM cuts it into chunks depends on timing (its output
+    # collector merges the deltas of steps its consumer has not read yet), so only the text and
+    # more than one chunk are asserted: the first one is sent right after the prefill.
+    assert "".join(pieces) == "".join(direct) and len(pieces) > 1
 
 
 def test_completions_streamed_and_not(stack):
@@ -178,7 +181,8 @@ def test_error_shapes(stack):
 
     with pytest.raises(openai.BadRequestError) as info:  # vLLM's own 400, passed through
         stack.client.completions.create(model=MODEL, prompt=" ".join(["word"] * 3000), max_tokens=4)
-    err = shape({"error": info.value.body})  # the client hands over the inner error object
+    err = info.value.body  # the client hands over the inner error object: vLLM's own, as it is
+    assert {"message", "type", "param", "code"} <= set(err)
     assert info.value.status_code == 400 and err["type"] == "BadRequestError"  # vLLM's type
     assert "2048" in err["message"]  # the model's context length, in vLLM's words
 

@@ -226,6 +226,7 @@ def test_fuzzed_requests_get_a_2xx_or_4xx_and_leave_the_frontend_healthy(fronten
     @example(
         ("POST", PATHS[1]), b'{"model": "m", "prompt": "x"}', "application/json", GOOD_AUTH[0], "é"
     )
+    @example(("GET", "/v1/models/%ff%00"), b"", "application/json", GOOD_AUTH[0], None)  # 404 + id
     def one_request(target, body, content_type, auth, request_id):
         method, path = target
         headers = {"content-type": _header(content_type)}
