@@ -42,6 +42,7 @@ from dynkv.frontend.upstream import (
     UpstreamTimeout,
     WorkerUnreachable,
 )
+from dynkv.kvbm.roles import Role
 
 log = logging.getLogger("dynkv.frontend")
 ATTEMPTS = 2  # the first worker, and one other after a connection failure
@@ -164,10 +165,10 @@ class Aggregated(Strategy):
     name = "agg"
 
     def can_serve(self, pool: WorkerPool, model: str) -> bool:
-        return bool(pool.workers(model, "agg"))
+        return bool(pool.workers(model, Role.AGG))
 
     async def serve(self, ctx: RouteContext, req: ApiRequest) -> Response:
-        return ctx.relay(await ctx.open(req, "agg"), req)
+        return ctx.relay(await ctx.open(req, Role.AGG), req)
 
 
 class Router:

@@ -33,6 +33,7 @@ import time
 import httpx
 
 from dynkv.infra.etcd_client import EtcdClient, EtcdError
+from dynkv.kvbm.roles import Role
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, WorkerRecord, worker_api_key, worker_key
 from dynkv.worker.registration import Registrar, _log, register_until_done
 
@@ -47,7 +48,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if not child:
         raise SystemExit("dynkv.worker: no command after --")
     p = argparse.ArgumentParser(prog="python -m dynkv.worker")
-    p.add_argument("--role", required=True, choices=["agg", "prefill", "decode"])
+    p.add_argument("--role", required=True, choices=list(Role))
     p.add_argument("--deployment", required=True)
     p.add_argument("--worker-id", required=True)
     p.add_argument("--url", required=True, help="base URL of the vLLM server")
