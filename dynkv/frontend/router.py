@@ -5,9 +5,9 @@ Two layers, so that the disaggregated topology is one more class and nothing els
 - A `Strategy` decides *which steps* serve a request. `Aggregated` is one step: an `agg` worker
   takes the request as it is. A disaggregated strategy (next issue) would be two: a `prefill`
   worker with the body rewritten to `max_tokens=1`, `stream=false` and
-  `kv_transfer_params={"do_remote_decode": true}` (`ctx.open(req, "prefill",
+  `kv_transfer_params={"do_remote_decode": true}` (`ctx.open(req, Role.PREFILL,
   body=req.with_body(...))`, then `await upstream.read()` for the `kv_transfer_params` it
-  returns), then a `decode` worker with those params (`ctx.open(req, "decode", body=...)`),
+  returns), then a `decode` worker with those params (`ctx.open(req, Role.DECODE, body=...)`),
   relayed to the client with `ctx.relay(...)`. `Router.strategies` is tried in order; the first
   whose `can_serve(pool, model)` is true serves, so disagg goes before or after `Aggregated` in
   that tuple.
