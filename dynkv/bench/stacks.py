@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dynkv.bench.compare import CompareError, RunningStack, StackConfig, StackFailed
+from dynkv.kvbm.roles import ROLE_NAMES
 from dynkv.private_deployment import NoFreePorts, fresh_ports, without_settings
 from dynkv.settings import SettingsError, load_profile, resolve
 
@@ -179,7 +180,7 @@ class UpLauncher:
         self, state: dict[str, Any], name: str, state_dir: Path, up_s: float, env: dict[str, str]
     ) -> RunningStack:
         frontend = next(s for s in state["services"] if s["role"] == "frontend")
-        workers = [s for s in state["services"] if s["role"] in ("agg", "prefill", "decode")]
+        workers = [s for s in state["services"] if s["role"] in ROLE_NAMES]
         settings = {k: v for k, v in env.items() if k.startswith(("DYNKV_", "DYN_KVBM_"))}
         return RunningStack(
             url=frontend["meta"]["url"],

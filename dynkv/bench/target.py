@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from dynkv.plan.ports import WORKER_ROLES
+from dynkv.kvbm.roles import ROLE_NAMES
 from dynkv.supervisor import read_state
 from dynkv.supervisor.state import DeploymentState, ServiceRecord
 
@@ -46,7 +46,7 @@ def _metrics_url(rec: ServiceRecord) -> str | None:
 def worker_metrics(state: DeploymentState) -> tuple[str, ...]:
     """The KVBM metrics URL of every worker that has one (a worker without KVBM has none)."""
     return tuple(
-        url for rec in state.services if rec.role in WORKER_ROLES if (url := _metrics_url(rec))
+        url for rec in state.services if rec.role in ROLE_NAMES if (url := _metrics_url(rec))
     )
 
 

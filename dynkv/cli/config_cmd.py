@@ -23,6 +23,7 @@ from dynkv.cli.options import (
 )
 from dynkv.cli.output import emit_json, err
 from dynkv.plan.engine_args import role_argv
+from dynkv.plan.ports import worker_roles
 from dynkv.settings import list_profiles
 
 
@@ -72,8 +73,9 @@ def config(
         err.print(f"  {key}={value}", markup=False)
     _print_engine_args(data["engine_args"])
     if resolved.engine_args:
-        roles = ["agg"] if resolved.deployment.topology == "agg" else ["prefill", "decode"]
-        for role in roles:  # what each worker's vLLM gets, layers merged
+        for role in worker_roles(
+            resolved.deployment.topology
+        ):  # what each worker's vLLM gets, layers merged
             words = shlex.join(role_argv(resolved, role, None))
             err.print(f"  {role} workers get: {words}", markup=False, soft_wrap=True)
 

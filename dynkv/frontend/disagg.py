@@ -28,6 +28,7 @@ from dynkv.frontend.errors import ApiError, no_worker
 from dynkv.frontend.pool import WorkerPool
 from dynkv.frontend.protocol import INTERNAL_FIELDS, ApiRequest
 from dynkv.frontend.router import RouteContext, Strategy
+from dynkv.kvbm.roles import Role
 
 log = logging.getLogger("dynkv.frontend")
 
@@ -70,12 +71,12 @@ class Disaggregated(Strategy):
         self.transfer = transfer
 
     def can_serve(self, pool: WorkerPool, model: str) -> bool:
-        return bool(pool.workers(model, "decode"))
+        return bool(pool.workers(model, Role.DECODE))
 
     async def serve(self, ctx: RouteContext, req: ApiRequest) -> Response:
         params = None
         try:
-            prefill = await ctx.open(req, "prefill", body=prefill_body(req, self.transfer))
+            prefill = await ctx.open(req, Role.PREFILL, body=prefill_body(req, self.transfer))
         except ApiError as exc:
             if exc.status != 503:
                 raise
@@ -100,4 +101,4 @@ class Disaggregated(Strategy):
                     "prefill of %s returned no KV handoff: decode computes the prompt", req.model
                 )
         body = req.with_body(kv_transfer_params=params) if params else req.forward_body()
-        return ctx.relay(await ctx.open(req, "decode", body=body), req)
+        return ctx.relay(await ctx.open(req, Role.DECODE, body=body), req)

@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dynkv.worker.record import ROLES, BadRegistration, decode
+from dynkv.kvbm.roles import Role
+from dynkv.worker.record import BadRegistration, decode
 
-__all__ = ["ROLES", "BadRegistration", "Lease", "Worker", "WorkerPool"]
+__all__ = ["BadRegistration", "Lease", "Worker", "WorkerPool"]
 
 log = logging.getLogger("dynkv.frontend")
 
@@ -31,7 +32,7 @@ log = logging.getLogger("dynkv.frontend")
 class Worker:
     key: str
     id: str
-    role: str
+    role: Role
     url: str
     model: str
     metrics_url: str | None = None

@@ -5,9 +5,9 @@ Two layers, so that the disaggregated topology is one more class and nothing els
 - A `Strategy` decides *which steps* serve a request. `Aggregated` is one step: an `agg` worker
   takes the request as it is. A disaggregated strategy (next issue) would be two: a `prefill`
   worker with the body rewritten to `max_tokens=1`, `stream=false` and
-  `kv_transfer_params={"do_remote_decode": true}` (`ctx.open(req, "prefill",
+  `kv_transfer_params={"do_remote_decode": true}` (`ctx.open(req, Role.PREFILL,
   body=req.with_body(...))`, then `await upstream.read()` for the `kv_transfer_params` it
-  returns), then a `decode` worker with those params (`ctx.open(req, "decode", body=...)`),
+  returns), then a `decode` worker with those params (`ctx.open(req, Role.DECODE, body=...)`),
   relayed to the client with `ctx.relay(...)`. `Router.strategies` is tried in order; the first
   whose `can_serve(pool, model)` is true serves, so disagg goes before or after `Aggregated` in
   that tuple.
@@ -42,6 +42,7 @@ from dynkv.frontend.upstream import (
     UpstreamTimeout,
     WorkerUnreachable,
 )
+from dynkv.kvbm.roles import Role
 
 log = logging.getLogger("dynkv.frontend")
 ATTEMPTS = 2  # the first worker, and one other after a connection failure
@@ -164,10 +165,10 @@ class Aggregated(Strategy):
     name = "agg"
 
     def can_serve(self, pool: WorkerPool, model: str) -> bool:
-        return bool(pool.workers(model, "agg"))
+        return bool(pool.workers(model, Role.AGG))
 
     async def serve(self, ctx: RouteContext, req: ApiRequest) -> Response:
-        return ctx.relay(await ctx.open(req, "agg"), req)
+        return ctx.relay(await ctx.open(req, Role.AGG), req)
 
 
 class Router:

@@ -15,3 +15,8 @@ class Role(StrEnum):
     AGG = "agg"
     PREFILL = "prefill"
     DECODE = "decode"
+
+
+# The names as plain strings, in this order: `"agg" in Role` raises TypeError on Python 3.11, so a
+# membership test on a string (a service's role, a TOML table name) uses this.
+ROLE_NAMES: tuple[str, ...] = tuple(role.value for role in Role)

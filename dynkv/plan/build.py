@@ -18,6 +18,7 @@ from pathlib import Path
 from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
+from dynkv.kvbm.roles import Role
 from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
 from dynkv.plan.engine_args import check_engine_args, detect_spec, engine_notes, role_argv
 from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service, read_or_new
@@ -229,7 +230,7 @@ def _workers(
         port = worker_port(dep.worker_port, index)
         # over NIXL the decode worker runs vLLM's NixlConnector alone: the profile's tiers
         # serve the prefill worker, and no dynkv handoff pool exists to read
-        dynkv = dep.kvbm and not (transfer == "nixl" and role == "decode")
+        dynkv = dep.kvbm and not (transfer == "nixl" and role == Role.DECODE)
         metrics_port: int | None = worker_port(kvbm.metrics_port, index) if dynkv else None
         env = kvbm.to_env() if dynkv else {}
         if metrics_port is not None:
@@ -241,7 +242,7 @@ def _workers(
             env["DYN_KVBM_DISK_CACHE_DIR"] = str(kvbm.disk_cache_dir / f"{dep.name}-{role}")
         if handoff is not None:
             env["DYN_KVBM_HANDOFF_DIR"] = str(handoff)
-        if role == "decode" and dynkv:
+        if role == Role.DECODE and dynkv:
             # the profile's tiers belong to the prefill worker, which sees every prompt; the
             # decode worker receives prompts through the handoff pool only
             for name in DECODE_TIERLESS:
@@ -249,7 +250,7 @@ def _workers(
         if transfer == "nixl":
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = LOOPBACK
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(worker_port(dep.nixl_side_channel_port, index))
-        if host.device == "cuda" and role != "agg":
+        if host.device == "cuda" and role != Role.AGG:
             env["CUDA_VISIBLE_DEVICES"] = str(index)  # one GPU each (doctor checks there are 2)
         env_unset: tuple[str, ...] = ()
         if host.device == "cpu":
@@ -295,7 +296,7 @@ def _workers(
                 secret=host.secret,
             )
         )
-        if handoff is not None and role == "prefill":
+        if handoff is not None and role == Role.PREFILL:
             workers[-1] = workers[-1].replace(data_dirs=(*workers[-1].data_dirs, str(handoff)))
     return workers
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from dynkv.kvbm.roles import Role
+
 DEFAULT_CPU_KV_GIB = 2
+
 CPU_ENV_VARS = (
     "VLLM_CPU_OMP_THREADS_BIND",
     "VLLM_CPU_NUM_OF_RESERVED_CPU",
@@ -70,17 +73,17 @@ def cpu_engine_env(
     from DYNKV_DEVICE_KV_GB) always wins over VLLM_CPU_KVCACHE_SPACE.
     """
     ids = sorted(set(cpus))
-    if role == "agg":
+    if role == Role.AGG:
         mine = ids
-    elif role in ("prefill", "decode"):
+    elif role in (Role.PREFILL, Role.DECODE):
         if len(ids) < 2:
             raise ValueError("prefill and decode each need a core of their own")
         half = len(ids) // 2
-        mine = ids[:half] if role == "prefill" else ids[half:]
+        mine = ids[:half] if role == Role.PREFILL else ids[half:]
     else:
         raise ValueError(f"no CPU core split for role {role!r}")
     user = {k: v for k, v in (user_env or {}).items() if k in CPU_ENV_VARS and v != ""}
-    if role != "agg":
+    if role != Role.AGG:
         user.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # one binding cannot serve two engines
     env = {
         "VLLM_CPU_OMP_THREADS_BIND": user.get("VLLM_CPU_OMP_THREADS_BIND", cpu_list(mine)),

@@ -27,6 +27,8 @@ from pydantic import (
     model_serializer,
 )
 
+from dynkv.kvbm.roles import ROLE_NAMES
+
 ServiceKind = Literal["process", "container"]
 
 MASK = "***"
@@ -247,7 +249,7 @@ class Plan(_Frozen):
 
     @property
     def workers(self) -> tuple[Service, ...]:
-        return tuple(s for s in self.services if s.role in ("agg", "prefill", "decode"))
+        return tuple(s for s in self.services if s.role in ROLE_NAMES)
 
     def to_json(self, *, mask: bool = True) -> dict[str, Any]:
         url = redact_urls if mask else str

@@ -12,12 +12,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dynkv.kvbm.roles import ROLE_NAMES, Role
+
 if TYPE_CHECKING:
     from dynkv.plan.model import Plan, Service
     from dynkv.settings import Resolved
 
 LOOPBACK = "127.0.0.1"
-WORKER_ROLES = ("agg", "prefill", "decode")
+WORKER_ROLES = ROLE_NAMES  # the roles whose services are vLLM workers
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def worker_port(base: int, index: int) -> int:
 
 
 def worker_roles(topology: str) -> tuple[str, ...]:
-    return ("agg",) if str(topology) == "agg" else ("prefill", "decode")
+    return (Role.AGG,) if str(topology) == "agg" else (Role.PREFILL, Role.DECODE)
 
 
 @dataclass(frozen=True)

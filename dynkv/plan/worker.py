@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dynkv.kvbm.roles import Role
 from dynkv.plan.model import EtcdKeyProbe, HttpProbe, Service, ServiceInfo
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, worker_key, workers_prefix
 
@@ -112,7 +113,7 @@ def worker_service(
     *,
     deployment: str,
     deployment_dir: Path,
-    role: str,
+    role: Role,
     index: int,
     python: str,
     vllm: tuple[str, ...],
@@ -130,7 +131,7 @@ def worker_service(
     """`secret`: the deployment secret, which the wrapper signs its registration with and
     derives vLLM's API key from (docs/security.md)."""
     worker_id = f"{role}-{index}"
-    name = "worker" if role == "agg" and index == 0 else worker_id
+    name = "worker" if role == Role.AGG and index == 0 else worker_id
     url = f"http://127.0.0.1:{port}"
     key = worker_key(deployment, worker_id)
     argv = (

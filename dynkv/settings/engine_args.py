@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dynkv.kvbm.roles import ROLE_NAMES
 from dynkv.settings.errors import SettingsError
 
-ROLES = ("agg", "prefill", "decode")
 Layer = Literal["profile", "profile-role", "command-line"]
 # weakest first: a later layer replaces an argument an earlier one set
 _LAYER_ORDER: dict[str, int] = {"profile": 0, "profile-role": 1, "command-line": 2}
@@ -98,7 +98,7 @@ def parse_profile_table(body: Any, path: Path) -> EngineArgs:
         )
     args: list[EngineArg] = []
     for key, value in body.items():
-        if key in ROLES:  # [vllm.prefill]: that role's workers only
+        if key in ROLE_NAMES:  # [vllm.prefill]: that role's workers only
             if not isinstance(value, dict):
                 raise SettingsError(
                     f"'{key}' in [vllm] of profile {path} names a role and must be a table",

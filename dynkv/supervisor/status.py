@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from dynkv.infra.docker import DockerBackend
+from dynkv.kvbm.roles import ROLE_NAMES
 from dynkv.supervisor import health
 from dynkv.supervisor.logs import LogSource
 from dynkv.supervisor.metrics import read_kvbm
 from dynkv.supervisor.process import same_process
 from dynkv.supervisor.state import DeploymentState, ServiceRecord, StateStore
 from dynkv.supervisor.units import unit_for
-
-WORKER_ROLES = ("agg", "prefill", "decode")
 
 
 class AlreadyRunning(Exception):
@@ -135,7 +134,7 @@ def service_status(
     healthy, detail = _health(rec, probe_timeout) if running else (False, "not running")
     metrics_url = rec.info.metrics_url  # None or "": a worker without KVBM
     kvbm = None
-    if rec.role in WORKER_ROLES and metrics_url and running:
+    if rec.role in ROLE_NAMES and metrics_url and running:
         kvbm = read_kvbm(metrics_url, probe_timeout)
     return ServiceStatus(
         name=rec.name,

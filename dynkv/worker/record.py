@@ -24,12 +24,12 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-Role = Literal["agg", "prefill", "decode"]
-ROLES: tuple[str, ...] = ("agg", "prefill", "decode")
+from dynkv.kvbm.roles import Role
+
 SIGNATURE_FIELD = "signature"
 # The per-deployment secret, in the environment of the worker wrappers and the frontend only.
 DEPLOYMENT_SECRET_ENV = "DYNKV_DEPLOYMENT_SECRET"
@@ -51,7 +51,7 @@ class WorkerRecord(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     id: str | None = Field(None, description="Worker id; the key's last segment when absent.")
-    role: Role = "agg"
+    role: Role = Role.AGG
     url: str = Field(min_length=1, description="Base URL of the worker's vLLM server.")
     model: str = Field(min_length=1, description="Served model name.")
     metrics_url: str | None = None

@@ -18,11 +18,12 @@ wrapper probes `/health` every `--health-interval` seconds and suspends the regi
 `--unhealthy-after` consecutive failures (each a timeout of `--probe-timeout` or a non-200), and
 registers again once `/health` answers. A registration key deleted by someone else while the lease
 lives is put back at the next probe.
+
+Settings (flags or `DYNKV_WORKER_*`, with their defaults): `dynkv.worker.config`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
@@ -33,39 +34,11 @@ import time
 import httpx
 
 from dynkv.infra.etcd_client import EtcdClient, EtcdError
+from dynkv.worker.config import parse_args
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, WorkerRecord, worker_api_key, worker_key
 from dynkv.worker.registration import Registrar, _log, register_until_done
 
 POLL = 0.2
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    if "--" not in argv:
-        raise SystemExit("usage: python -m dynkv.worker [options] -- <vllm command line>")
-    split = argv.index("--")
-    ours, child = argv[:split], argv[split + 1 :]
-    if not child:
-        raise SystemExit("dynkv.worker: no command after --")
-    p = argparse.ArgumentParser(prog="python -m dynkv.worker")
-    p.add_argument("--role", required=True, choices=["agg", "prefill", "decode"])
-    p.add_argument("--deployment", required=True)
-    p.add_argument("--worker-id", required=True)
-    p.add_argument("--url", required=True, help="base URL of the vLLM server")
-    p.add_argument("--served-model-name", required=True)
-    p.add_argument("--metrics-url", default=None, help="KVBM metrics (absent without KVBM)")
-    p.add_argument("--etcd-endpoints", required=True)
-    p.add_argument("--lease-ttl", type=int, default=10)
-    p.add_argument("--health-interval", type=float, default=2.0, help="seconds between probes")
-    # generous: a busy CPU engine can answer /health late, and withdrawing it would be worse
-    p.add_argument("--probe-timeout", type=float, default=5.0, help="a slower /health failed")
-    p.add_argument(
-        "--unhealthy-after", type=int, default=3, help="consecutive failed probes to withdraw"
-    )
-    args = p.parse_args(ours)
-    for name in ("health_interval", "probe_timeout", "unhealthy_after"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0")
-    return args, child
 
 
 def exit_code_of(returncode: int) -> int:
@@ -74,7 +47,7 @@ def exit_code_of(returncode: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, child_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg, child_argv = parse_args(sys.argv[1:] if argv is None else argv)
     stop_signal: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -85,30 +58,30 @@ def main(argv: list[str] | None = None) -> int:
 
     secret = os.environ.get(DEPLOYMENT_SECRET_ENV) or None
     child = subprocess.Popen(child_argv, env=child_env(os.environ, secret))
-    _log(f"started {child_argv[0]} (pid {child.pid}); waiting for {args.url}/health")
+    _log(f"started {child_argv[0]} (pid {child.pid}); waiting for {cfg.url}/health")
     if secret is None:
         _log(f"no {DEPLOYMENT_SECRET_ENV}: the registration is unsigned, vLLM takes any caller")
-    client = EtcdClient(args.etcd_endpoints)
+    client = EtcdClient(cfg.etcd_endpoints)
     record = WorkerRecord(
-        id=args.worker_id,
-        role=args.role,
-        url=args.url,
-        model=args.served_model_name,
-        metrics_url=args.metrics_url,
+        id=cfg.worker_id,
+        role=cfg.role,
+        url=cfg.url,
+        model=cfg.served_model_name,
+        metrics_url=cfg.metrics_url,
         pid=child.pid,
         started_at=time.time(),
     )
     registrar = Registrar(
         client,
-        worker_key(args.deployment, args.worker_id),
+        worker_key(cfg.deployment, cfg.worker_id),
         record,
-        args.lease_ttl,
+        cfg.lease_ttl,
         secret=secret,
     )
     forwarded = False
-    watch = HealthWatch(args.url, args.health_interval, args.probe_timeout, args.unhealthy_after)
+    watch = HealthWatch(cfg.url, cfg.health_interval, cfg.probe_timeout, cfg.unhealthy_after)
     try:
-        if _wait_healthy(child, args.url, stop_signal):
+        if _wait_healthy(child, cfg.url, stop_signal):
             register_until_done(registrar, lambda: bool(stop_signal) or child.poll() is not None)
         while child.poll() is None:
             if stop_signal and not forwarded:
