@@ -8,7 +8,9 @@ paths"):
 
 - a directory is created with `os.mkdir(path, 0o700)`; one that already exists is reused only when
   it is a real directory (not a symlink), owned by us and not writable by group or other; any
-  group/other read or search bit is then removed (nothing could have been planted in it);
+  group/other read or search bit is then removed (nothing could have been planted in it). Its
+  parent must be owned by us or root and not writable by others unless sticky (/tmp, /dev/shm),
+  else another user could swap the directory after the check;
 - a file in such a directory is opened with O_NOFOLLOW: created with O_CREAT|O_EXCL (0600), or,
   when it exists, reused only when it is a regular file owned by us and not writable by group or
   other (read bits are then removed too). Its directory being ours and closed to others, nobody
@@ -66,6 +68,22 @@ def _refuse(path: Path, why: str, fix: str) -> UnsafePath:
     return UnsafePath(f"refusing to use {path}: it {why}", fix, path)
 
 
+def _check_parent(path: Path, fix: str) -> None:
+    """The directory holding `path` must not let another user rename or replace it: owned by us
+    or root, and not writable by group or other unless sticky (like /tmp and /dev/shm)."""
+    parent = path.parent
+    try:
+        info = os.stat(parent)  # a symlinked parent is the user's own set-up: follow it
+    except FileNotFoundError:
+        return  # not `create`: the missing path itself is reported by the caller
+    if info.st_uid not in (os.getuid(), 0):
+        why = f"is inside {parent}, which is owned by {owner_name(info.st_uid)}"
+        raise _refuse(path, why, fix)
+    if info.st_mode & GROUP_OTHER_WRITE and not info.st_mode & stat.S_ISVTX:
+        why = f"is inside {parent}, which other users can write (mode {stat.S_IMODE(info.st_mode):04o})"
+        raise _refuse(path, why, fix)
+
+
 def private_dir(
     path: str | os.PathLike, fix: str, *, create: bool = True, tighten: bool = True
 ) -> None:
@@ -77,6 +95,8 @@ def private_dir(
     created = False
     if create:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_parent(path, fix)
+    if create:
         try:
             os.mkdir(path, 0o700)
             created = True

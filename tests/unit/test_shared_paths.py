@@ -189,3 +189,35 @@ def test_teardown_leaves_another_users_shm_pool_alone(tmp_path):
         assert not pool.exists()
     finally:
         shutil.rmtree(pool, ignore_errors=True)
+
+
+@needs_chown
+def test_a_g3_pool_inside_another_users_directory_is_refused(shm):
+    """DYN_KVBM_DISK_CACHE_DIR=/tmp/dynkv-g3 made first by someone else: each worker's pool dir
+    below it could be swapped by them after our check, so it is refused too."""
+    theirs = shm / "dynkv-g3"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    with pytest.raises(KvbmConfigError, match="owned by") as info:
+        _disk(theirs / "default-agg")
+    assert str(theirs) in info.value.cause
+    assert not (theirs / "default-agg").exists()
+
+
+def test_a_pool_dir_inside_a_non_sticky_open_directory_is_refused(shm):
+    open_parent = shm / "open"
+    open_parent.mkdir()
+    os.chmod(open_parent, 0o777)
+    with pytest.raises(KvbmConfigError, match="other users can write"):
+        _handoff(open_parent / "dynkv-x")
+
+
+def test_the_handoff_pool_directly_in_dev_shm_is_fine():
+    """/dev/shm is world-writable but sticky: nobody can rename our dynkv-<name> there."""
+    path = Path(tempfile.mktemp(dir="/dev/shm", prefix="dynkv-test-direct-"))
+    try:
+        _handoff(path)
+        _handoff(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
