@@ -43,7 +43,7 @@ from dynkv.kvbm.paths import open_private_file, private_dir
 
 POOL_FILE = "handoff.bin"
 RECORD = struct.Struct("<16sQ8x")  # key, checksum, pad → 32 bytes
-_FIX = (
+HANDOFF_FIX = (
     "remove it if it is a leftover of yours, or choose another deployment name "
     "(--name / DYNKV_NAME; the pool is /dev/shm/dynkv-<name>)"
 )
@@ -64,15 +64,15 @@ class HandoffPool:
         path = self.directory / POOL_FILE
         create = slots is not None
         if create:
-            private_dir(self.directory, _FIX)
-            fd, _ = open_private_file(path, os.O_RDWR, _FIX)
+            private_dir(self.directory, HANDOFF_FIX)
+            fd, _ = open_private_file(path, os.O_RDWR, HANDOFF_FIX)
             size = slots * (stride + RECORD.size)
             if os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)
         else:
             try:
-                private_dir(self.directory, _FIX, create=False)
-                fd, _ = open_private_file(path, os.O_RDONLY, _FIX, create=False)
+                private_dir(self.directory, HANDOFF_FIX, create=False)
+                fd, _ = open_private_file(path, os.O_RDONLY, HANDOFF_FIX, create=False)
             except FileNotFoundError:
                 raise KvbmConfigError(
                     f"no handoff pool at {path}: the prefill worker has not created it",

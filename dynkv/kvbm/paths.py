@@ -68,20 +68,26 @@ def _refuse(path: Path, why: str, fix: str) -> UnsafePath:
     return UnsafePath(f"refusing to use {path}: it {why}", fix, path)
 
 
+def holder_problem(directory: str | os.PathLike) -> str | None:
+    """Why another user could rename or replace what `directory` holds, or None: it must be owned
+    by us or root, and not writable by group or other unless sticky (like /tmp and /dev/shm).
+    A symlinked `directory` is the user's own set-up: it is followed."""
+    info = os.stat(directory)
+    if info.st_uid not in (os.getuid(), 0):
+        return f"is owned by {owner_name(info.st_uid)}"
+    if info.st_mode & GROUP_OTHER_WRITE and not info.st_mode & stat.S_ISVTX:
+        return f"is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}, not sticky)"
+    return None
+
+
 def _check_parent(path: Path, fix: str) -> None:
-    """The directory holding `path` must not let another user rename or replace it: owned by us
-    or root, and not writable by group or other unless sticky (like /tmp and /dev/shm)."""
-    parent = path.parent
+    """UnsafePath when `path`'s parent would let another user swap `path` after our check."""
     try:
-        info = os.stat(parent)  # a symlinked parent is the user's own set-up: follow it
+        why = holder_problem(path.parent)
     except FileNotFoundError:
         return  # not `create`: the missing path itself is reported by the caller
-    if info.st_uid not in (os.getuid(), 0):
-        why = f"is inside {parent}, which is owned by {owner_name(info.st_uid)}"
-        raise _refuse(path, why, fix)
-    if info.st_mode & GROUP_OTHER_WRITE and not info.st_mode & stat.S_ISVTX:
-        why = f"is inside {parent}, which other users can write (mode {stat.S_IMODE(info.st_mode):04o})"
-        raise _refuse(path, why, fix)
+    if why is not None:
+        raise _refuse(path, f"is inside {path.parent}, which {why}", fix)
 
 
 def private_dir(
