@@ -208,7 +208,7 @@ def test_a_pool_dir_inside_a_non_sticky_open_directory_is_refused(shm):
     open_parent = shm / "open"
     open_parent.mkdir()
     os.chmod(open_parent, 0o777)
-    with pytest.raises(KvbmConfigError, match="other users can write"):
+    with pytest.raises(KvbmConfigError, match="writable by other users"):
         _handoff(open_parent / "dynkv-x")
 
 
