@@ -49,6 +49,8 @@ def disk_dir(ctx: DoctorContext) -> Outcome | None:
         fix = (
             f"sudo chown -R $(id -u):$(id -g) {state.path}   # or export DYN_KVBM_DISK_CACHE_DIR=<a writable dir>"
             if "ermission" in (state.error or "")
+            else "export DYN_KVBM_DISK_CACHE_DIR=<a directory of your own>"
+            if "other users could" in (state.error or "")
             else "export DYN_KVBM_DISK_CACHE_DIR=<a writable directory on a local disk>"
         )
         return fail(f"{state.path}: {state.error}", fix)

@@ -12,7 +12,10 @@ import psutil
 
 from dynkv.doctor.context import DoctorContext
 from dynkv.doctor.result import Check, Outcome, fail, gb, ok, warn
+from dynkv.kvbm.handoff import HANDOFF_FIX
+from dynkv.kvbm.paths import UnsafePath, private_dir
 from dynkv.plan.cpu import cpu_kv_cache_bytes
+from dynkv.plan.worker import handoff_dir
 from dynkv.settings.deployment import Topology
 
 GiB = 1 << 30
@@ -80,6 +83,14 @@ def shm(ctx: DoctorContext) -> Outcome:
     if not os.path.isdir(path):
         detail = f"{path} does not exist: vLLM's worker processes and the disagg handoff use it"
         return (fail if disagg else warn)(detail, SHM_FIX)
+    if disagg:
+        pool = handoff_dir(ctx.deployment.name)
+        try:  # a pool dir another user made first would fail the prefill worker (docs/security.md)
+            private_dir(pool, HANDOFF_FIX, create=False, tighten=False)
+        except UnsafePath as exc:
+            return fail(exc.cause, exc.fix)
+        except OSError:
+            pass  # not there yet: the prefill worker creates it
     usage = shutil.disk_usage(path)
     need = SHM_MIN_BYTES
     why = "vLLM's worker processes exchange data through it"

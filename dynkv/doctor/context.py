@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from dynkv.doctor import builds, model, vllm_probe
 from dynkv.doctor.nvml import Nvml, NvmlSnapshot, NvmlUnavailable, PynvmlNvml
 from dynkv.kvbm.config import KvbmSettings
+from dynkv.kvbm.paths import holder_problem
 from dynkv.settings import Resolved
 from dynkv.settings.deployment import DeploymentSettings, Device, Topology
 
@@ -153,6 +154,16 @@ class DoctorContext:
         """The G3 directory, created 0700 (it holds KV of users' prompts) when missing."""
         path = Path(self.kvbm.disk_cache_dir).expanduser()
         existed = path.is_dir()
+        try:
+            # each worker's pool dir goes inside: nobody else may be able to swap it
+            # (docs/security.md, Shared paths)
+            why = holder_problem(path) if existed else None
+        except OSError:
+            why = None
+        if why is not None:
+            return DiskDirState(
+                path, False, error=f"it {why}: other users could swap the pool directories in it"
+            )
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:

@@ -1,6 +1,8 @@
 """G3 storage: one preallocated pool file of block slots, read and written by a thread pool.
 
-- The directory is created private (0700) and the pool file 0600; an exclusive `flock` on the
+- The directory is created private (0700) and the pool file 0600; an existing directory or file
+  is reused only when it is ours and closed to other users, never through a symlink
+  (dynkv/kvbm/paths.py, docs/security.md "Shared paths"); an exclusive `flock` on the
   directory's lock file keeps two engines from sharing one pool (they would overwrite each
   other's blocks).
 - Preallocation uses the real `fallocate(2)`: where the filesystem lacks it the pool is
@@ -24,11 +26,16 @@ from pathlib import Path
 
 from dynkv.kvbm.diskio import fallocate, fallocate_unsupported, zero_fill
 from dynkv.kvbm.errors import KvbmConfigError
+from dynkv.kvbm.paths import open_private_file, private_dir
 
 log = logging.getLogger("dynkv.kvbm")
 
 POOL_FILE = "blocks.bin"
 LOCK_FILE = ".lock"
+_UNSAFE_FIX = (
+    "remove it if it is a leftover of yours, or set DYN_KVBM_DISK_CACHE_DIR to a directory "
+    "of your own"
+)
 
 
 class DiskPool:
@@ -68,8 +75,7 @@ class DiskPool:
     # ---- set-up --------------------------------------------------------------------------------
     def _make_private_dir(self) -> None:
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.directory, 0o700)
+            private_dir(self.directory, _UNSAFE_FIX)
         except OSError as exc:
             raise KvbmConfigError(
                 f"cannot create the disk cache directory {self.directory}: {exc.strerror}",
@@ -78,7 +84,7 @@ class DiskPool:
 
     def _take_lock(self) -> None:
         path = self.directory / LOCK_FILE
-        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd, _ = open_private_file(path, os.O_RDWR, _UNSAFE_FIX)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -97,12 +103,11 @@ class DiskPool:
         """Open (and if needed create and preallocate) the pool; True when an existing pool of
         the right size was reused (its blocks may be valid: the journal decides)."""
         path = self.path
-        existed = path.exists() and path.stat().st_size == self.nbytes
-        flags = os.O_RDWR | os.O_CREAT
+        flags = os.O_RDWR
         if self.o_direct:
             flags |= os.O_DIRECT
         try:
-            self._fd = os.open(path, flags, 0o600)
+            self._fd, created = open_private_file(path, flags, _UNSAFE_FIX)
         except OSError as exc:
             if exc.errno == errno.EINVAL and self.o_direct:
                 raise KvbmConfigError(
@@ -113,8 +118,7 @@ class DiskPool:
                 f"cannot open {path}: {exc.strerror}",
                 "set DYN_KVBM_DISK_CACHE_DIR to a writable directory",
             ) from None
-        os.fchmod(self._fd, 0o600)
-        if existed:
+        if not created and os.fstat(self._fd).st_size == self.nbytes:
             return True
         os.ftruncate(self._fd, 0)
         try:

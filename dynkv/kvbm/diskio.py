@@ -60,7 +60,7 @@ def round_up(n: int, align: int = ALIGN) -> int:
 def probe_fallocate(directory: str | os.PathLike, length: int = 1 << 20) -> OSError | None:
     """None when `directory`'s filesystem supports fallocate(2), else the OSError it raised."""
     path = os.path.join(directory, f".dynkv-probe-fallocate-{os.getpid()}")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         fallocate(fd, length)
         return None
@@ -76,7 +76,7 @@ def probe_o_direct(directory: str | os.PathLike) -> OSError | None:
     path = os.path.join(directory, f".dynkv-probe-odirect-{os.getpid()}")
     fd = -1
     try:
-        fd = open_direct(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        fd = open_direct(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
         buf = aligned_buffer(ALIGN)
         os.pwrite(fd, buf, 0)
         return None

@@ -39,9 +39,14 @@ from dynkv.kvbm.errors import KvbmConfigError
 from dynkv.kvbm.handlers import Device, Rows, WarnOnce
 from dynkv.kvbm.integrity import block_checksum
 from dynkv.kvbm.ops import HandoffOp, LoadOp, StoreReport, Tier
+from dynkv.kvbm.paths import open_private_file, private_dir
 
 POOL_FILE = "handoff.bin"
 RECORD = struct.Struct("<16sQ8x")  # key, checksum, pad → 32 bytes
+HANDOFF_FIX = (
+    "remove it if it is a leftover of yours, or choose another deployment name "
+    "(--name / DYNKV_NAME; the pool is /dev/shm/dynkv-<name>)"
+)
 
 
 def handoff_slots(gb: float, stride: int) -> int:
@@ -49,7 +54,9 @@ def handoff_slots(gb: float, stride: int) -> int:
 
 
 class HandoffPool:
-    """The mapped pool. The producer creates it (0600 in a 0700 directory); consumers attach."""
+    """The mapped pool. The producer creates it (0600 in a 0700 directory); consumers attach.
+    Both refuse a directory or file that is not ours (dynkv/kvbm/paths.py): a pool planted by
+    another user would hand them its blocks, or take ours."""
 
     def __init__(self, directory: str | os.PathLike, stride: int, slots: int | None = None) -> None:
         self.directory = Path(directory)
@@ -57,15 +64,15 @@ class HandoffPool:
         path = self.directory / POOL_FILE
         create = slots is not None
         if create:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.directory, 0o700)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            private_dir(self.directory, HANDOFF_FIX)
+            fd, _ = open_private_file(path, os.O_RDWR, HANDOFF_FIX)
             size = slots * (stride + RECORD.size)
             if os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)
         else:
             try:
-                fd = os.open(path, os.O_RDONLY)
+                private_dir(self.directory, HANDOFF_FIX, create=False)
+                fd, _ = open_private_file(path, os.O_RDONLY, HANDOFF_FIX, create=False)
             except FileNotFoundError:
                 raise KvbmConfigError(
                     f"no handoff pool at {path}: the prefill worker has not created it",

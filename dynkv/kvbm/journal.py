@@ -72,7 +72,9 @@ class Journal:
 
     def _replay(self, quiet: bool = False) -> list[Entry]:
         try:
-            data = self.path.read_bytes()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # docs/security.md
+            with os.fdopen(fd, "rb") as fh:
+                data = fh.read()
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -148,7 +150,8 @@ class Journal:
     def _rewrite(self, entries: list[Entry]) -> None:
         tmp = self.path.with_suffix(".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(self._header)
                 for e in entries:

@@ -6,6 +6,10 @@ pid alone may have been reused by an unrelated process since), ports, log path, 
 container id, plus a per-run instance id that every process of the run carries in its environment
 (`DYNKV_INSTANCE`), so that teardown can find descendants that left the process group.
 
+The dirs and files are ours alone: an existing state dir, deployment dir, logs dir, `.lock` or
+state.json that another user owns, that others can write, or that is a symlink is refused with
+`UnsafeStateDir` (dynkv/kvbm/paths.py; docs/security.md "Shared paths").
+
 Every read-modify-write happens under an exclusive fcntl lock on `.lock`, and writes are atomic
 (temporary file + rename), so a crash mid-write never leaves half a file and two `up`s of the
 same name cannot both claim it.
@@ -24,7 +28,9 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from dynkv.kvbm.paths import UnsafePath, check_existing_file, open_private_file, private_dir
 from dynkv.plan.model import ServiceInfo
+from dynkv.settings.errors import SettingsError
 
 STATE_VERSION = 1
 INSTANCE_ENV = "DYNKV_INSTANCE"
@@ -107,17 +113,35 @@ class StateStore:
     def name(self) -> str:
         return self.dir.name
 
+    @property
+    def _fix(self) -> str:
+        return (
+            "remove it if it is a leftover of yours, or choose another DYNKV_STATE_DIR or "
+            f"deployment name (now {self.name!r})"
+        )
+
+    @contextlib.contextmanager
+    def _ours(self) -> Iterator[None]:
+        """UnsafePath (a path not ours) as the CLI's cause + fix error."""
+        try:
+            yield
+        except UnsafePath as exc:
+            raise UnsafeStateDir(exc.cause, exc.fix) from None
+
     def ensure(self) -> None:
-        """Create the dirs private to the user (a log may contain prompts)."""
-        for d in (self.dir.parent, self.dir, self.logs_dir):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.dir, 0o700)
-        os.chmod(self.logs_dir, 0o700)
+        """Create the dirs private to the user (a log may contain prompts), or check that the
+        existing ones are ours. The state dir itself keeps its read bits (the user may have
+        chosen a shared-readable one); what lies below is 0700."""
+        with self._ours():
+            private_dir(self.dir.parent, self._fix, tighten=False)
+            private_dir(self.dir, self._fix)
+            private_dir(self.logs_dir, self._fix)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         self.ensure()
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        with self._ours():
+            fd, _ = open_private_file(self.dir / ".lock", os.O_RDWR, self._fix)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -130,7 +154,10 @@ class StateStore:
 
     def read(self) -> DeploymentState | None:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            with self._ours():
+                fd, _ = open_private_file(self.path, os.O_RDONLY, self._fix, create=False)
+            with os.fdopen(fd, "rb") as fh:
+                data = json.loads(fh.read().decode("utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
@@ -161,6 +188,8 @@ class StateStore:
     def write(self, state: DeploymentState) -> None:
         """Atomic replace; call under lock()."""
         self.ensure()
+        with self._ours():
+            check_existing_file(self.path, self._fix)
         fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.dir)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -181,6 +210,10 @@ class StateStore:
 
     def log_path(self, service: str) -> Path:
         return self.logs_dir / f"{service}.log"
+
+
+class UnsafeStateDir(SettingsError):
+    """A state path exists but is not ours (another owner, a symlink, writable by others)."""
 
 
 class CorruptState(Exception):

@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +103,15 @@ def _remove_inside(path: Path, root: Path) -> None:
     dynkv-<name> (a state file is not trusted to name anything else)."""
     resolved = path.resolve()
     shm_pool = resolved.parent == Path("/dev/shm") and resolved.name.startswith("dynkv-")
-    if not shm_pool:
+    if shm_pool:
+        # /dev/shm is everyone's: only a real directory of ours (docs/security.md, Shared paths)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            return
+    else:
         try:
             resolved.relative_to(root.resolve())
         except ValueError:

@@ -4,7 +4,9 @@ and the tmp dir accept both; the fallback variables turn each failure into a not
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+from pathlib import Path
 
 import pytest
 from doctor_support import base_env, run
@@ -115,3 +117,30 @@ def test_hf_cache_on_a_read_only_filesystem(tmp_path, mounted):
     check = run(env)["model.hf_cache"]
     assert check.status is Status.FAIL  # a Hub model needs the cache
     assert "HF_HOME" in check.fix
+
+
+def test_a_directory_another_user_owns_fails_before_anything_is_written(tmp_path):
+    """docs/security.md, Shared paths: the preflight refuses it, so `up` starts nothing."""
+    target = tmp_path / "g3"
+    target.mkdir(mode=0o755)
+    os.chown(target, 65534, 65534)
+    check = run(base_env(tmp_path, DYN_KVBM_DISK_CACHE_DIR=str(target)))["disk.dir"]
+    assert check.status is Status.FAIL and "owned by" in check.detail and "65534" in check.detail
+    assert check.fix == "export DYN_KVBM_DISK_CACHE_DIR=<a directory of your own>"
+    assert os.listdir(target) == []
+
+
+def test_the_disagg_handoff_pool_of_another_user_fails(tmp_path):
+    name = f"t{os.getpid()}x{tmp_path.name[-6:]}".lower()
+    pool = Path("/dev/shm") / f"dynkv-{name}"
+    pool.mkdir(mode=0o700)
+    try:
+        os.chown(pool, 65534, 65534)
+        env = base_env(tmp_path, DYNKV_TOPOLOGY="disagg", DYNKV_NAME=name)
+        check = run(env)["memory.shm"]
+        assert check.status is Status.FAIL and str(pool) in check.detail
+        assert "65534" in check.detail and "--name" in check.fix
+        os.chown(pool, os.getuid(), os.getgid())
+        assert run(env)["memory.shm"].status is not Status.FAIL  # ours: reused
+    finally:
+        shutil.rmtree(pool, ignore_errors=True)

@@ -86,10 +86,11 @@ def test_pool_is_private(shm):
     m.close()
 
 
-def test_the_pool_is_private_even_in_a_directory_made_open(shm):
-    """Prompts' KV bytes live in the pool: 0700 directory and 0600 file, whatever existed."""
-    shm.mkdir(mode=0o777)
-    os.chmod(shm, 0o777)
+def test_the_pool_is_private_even_in_a_directory_made_readable(shm):
+    """Prompts' KV bytes live in the pool: 0700 directory and 0600 file, whatever existed (a
+    directory others could *write* is refused: tests/unit/test_shared_paths.py)."""
+    shm.mkdir(mode=0o755)
+    os.chmod(shm, 0o755)
     prefill = manager(shm, cpu_cache_override_num_blocks=8)
     assert stat.S_IMODE(os.stat(shm).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(shm / "handoff.bin").st_mode) == 0o600
