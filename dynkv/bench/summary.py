@@ -3,7 +3,7 @@ report.json, defined once for the code that builds it (`dynkv.bench.report.summa
 `dynkv.bench.compare`) and the code that reads it (the markdown table, the plot, the terminal
 tables).
 
-The JSON keeps the names and values the report has always had (docs/bench-summary.md): dump with
+The JSON keeps the names and values the report has always had (docs/benchmarks.md): dump with
 `model_dump(mode="json")`; unknown numbers are null. Reading a report written by an older or newer
 dynkv ignores keys this one does not know (`extra="ignore"`). The few records whose keys depend on
 who wrote them (the run's configuration, a compare run's stack) write back only the fields that

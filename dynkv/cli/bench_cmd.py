@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dynkv.bench import report, runner, scrape, target
-from dynkv.bench.summary import BenchSummary, Percentiles
+from dynkv.bench.summary import BenchSummary
 from dynkv.cli import bench_compare, bench_load_cmd
 from dynkv.cli.bench_options import (
     AnswerTokensOpt,
@@ -116,8 +116,12 @@ def _print_summary(summary: BenchSummary) -> None:
     table = Table(title=escape(title), expand=False)
     for col in ("metric", "p50", "p90", "p99"):
         table.add_column(col, justify="right" if col != "metric" else "left")
-    for key, name in (("ttft_ms", "TTFT ms"), ("itl_ms", "ITL ms"), ("latency_ms", "latency ms")):
-        values: Percentiles = getattr(summary, key)
+    rows = (
+        ("TTFT ms", summary.ttft_ms),
+        ("ITL ms", summary.itl_ms),
+        ("latency ms", summary.latency_ms),
+    )
+    for name, values in rows:
         table.add_row(name, *map(report.fmt_number, (values.p50, values.p90, values.p99)))
     err.print(table)
     err.print(
