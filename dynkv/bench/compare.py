@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dynkv.bench import report, runner, scrape
-from dynkv.bench.summary import BenchSummary, StackRecord
+from dynkv.bench.summary import BenchSummary, RunConfig, StackRecord
 from dynkv.bench.workloads import Workload
 
 TOPOLOGIES = ("agg", "disagg")
@@ -133,10 +133,10 @@ Measure = Callable[[StackConfig, RunningStack], BenchSummary]
 Event = Callable[[str, StackConfig, Any], None]  # ("up" | "measure" | "down" | "failed", config, x)
 
 
-def failed_summary(config: StackConfig, detail: str, run_config: dict[str, Any]) -> BenchSummary:
+def failed_summary(config: StackConfig, detail: str, run_config: RunConfig) -> BenchSummary:
     """A summary with no numbers for a configuration whose stack did not come up."""
     empty = runner.RunResult([], 0.0)
-    summary = report.summarize(report.LabelledRun(config.label, empty, dict(run_config)))
+    summary = report.summarize(report.LabelledRun(config.label, empty, run_config))
     summary.stack = StackRecord(**config.to_json(), error=detail)
     return summary
 
@@ -146,7 +146,7 @@ def run_compare(
     launcher: Launcher,
     measure: Measure,
     *,
-    run_config: dict[str, Any] | None = None,
+    run_config: RunConfig | None = None,
     on_event: Event | None = None,
 ) -> list[BenchSummary]:
     """One summary per configuration, in order. Every configuration is checked before the first
@@ -161,7 +161,7 @@ def run_compare(
             stack = launcher.up(config)
         except StackFailed as exc:
             notify("failed", config, exc.detail)
-            summaries.append(failed_summary(config, exc.detail, run_config or {}))
+            summaries.append(failed_summary(config, exc.detail, run_config or RunConfig()))
             continue
         try:
             notify("measure", config, stack)
@@ -178,7 +178,7 @@ def measure_with(
     work: Workload,
     warm: Workload | None,
     options: runner.RunOptions,
-    run_config: dict[str, Any],
+    run_config: RunConfig,
     progress: Callable[[StackConfig], runner.Progress | None] | None = None,
 ) -> Measure:
     """The measurement `bench serve` makes of one server, pointed at each stack in turn: its KVBM
@@ -189,12 +189,9 @@ def measure_with(
         before = scrape.scrape_all(stack.metrics_urls)
         result = runner.run(work, opts, warm, progress(config) if progress else None)
         after = scrape.scrape_all(stack.metrics_urls)
-        cfg = {
-            **run_config,
-            "url": stack.url,
-            "model": opts.model,
-            "metrics_urls": list(stack.metrics_urls),
-        }
+        cfg = run_config.model_copy(
+            update={"url": stack.url, "model": opts.model, "metrics_urls": list(stack.metrics_urls)}
+        )
         return report.summarize(report.LabelledRun(config.label, result, cfg, before, after))
 
     return measure

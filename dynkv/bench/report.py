@@ -176,7 +176,7 @@ def summarize(labelled: LabelledRun) -> BenchSummary:
         rounds=_rounds(ok),
         kvbm=tiers.kvbm,
         warmup=Warmup(requests=len(warm), errors=sum(not r.ok for r in warm)),
-        config=config if isinstance(config, RunConfig) else RunConfig(**config),
+        config=RunConfig.model_validate(config),
     )
 
 

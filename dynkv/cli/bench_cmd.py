@@ -249,22 +249,23 @@ def serve(
         ignore_eos=ignore_eos,
         api_key=api_key,
     )
-    config = {
-        "url": url,
-        "model": served,
-        **run_config(
-            work,
-            endpoint=endpoint,
-            concurrency=concurrency,
-            rate=rate,
-            warmup=warmup,
-            seed=seed,
-            ignore_eos=ignore_eos,
-            tokenizer=tokenizer,
-        ),
-        "metrics_urls": metrics_urls,
-        "deployment": found.deployment,
-    }
+    config = run_config(
+        work,
+        endpoint=endpoint,
+        concurrency=concurrency,
+        rate=rate,
+        warmup=warmup,
+        seed=seed,
+        ignore_eos=ignore_eos,
+        tokenizer=tokenizer,
+    ).model_copy(
+        update={
+            "url": url,
+            "model": served,
+            "metrics_urls": metrics_urls,
+            "deployment": found.deployment,
+        }
+    )
     if not json_out:
         err.print(
             f"[bold]bench serve[/bold] {escape(work.name)} → {escape(url)} ({escape(served)}): "

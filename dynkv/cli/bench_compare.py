@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dynkv.bench import compare, report, runner, stacks
-from dynkv.bench.summary import BenchSummary, CompareMeta
+from dynkv.bench.summary import BenchSummary, CompareMeta, RunConfig
 from dynkv.bench.workloads import Workload
 from dynkv.cli.bench_options import (
     AnswerTokensOpt,
@@ -100,7 +100,7 @@ def run(
     work: Workload,
     warm: Workload | None,
     options: runner.RunOptions,
-    run_config: dict[str, Any],
+    run_config: RunConfig,
     out_dir: Path | None,
     markdown: Path | None,
     plot: Path | None,

@@ -21,7 +21,7 @@ from dynkv.bench.compare import (
     plan_configs,
     run_compare,
 )
-from dynkv.bench.summary import BenchSummary
+from dynkv.bench.summary import BenchSummary, RunConfig
 from dynkv.cli.main import app
 
 
@@ -122,7 +122,7 @@ def test_a_stack_that_does_not_come_up_is_recorded_and_the_next_runs():
     configs = plan_configs(["gpu-cpu", "gpu-cpu-disk"], [], baseline=False)
     summaries = [
         s.model_dump(mode="json")
-        for s in run_compare(configs, launcher, fake_measure(seen), run_config={"seed": 3})
+        for s in run_compare(configs, launcher, fake_measure(seen), run_config=RunConfig(seed=3))
     ]
     assert [label for label, _ in seen] == ["gpu-cpu-disk"]
     failed = summaries[0]

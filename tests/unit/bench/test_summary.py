@@ -9,7 +9,13 @@ import json
 from test_report import labelled
 
 from dynkv.bench import compare, report, scrape
-from dynkv.bench.summary import BenchSummary, CompareMeta, CompareReport, KvbmTarget
+from dynkv.bench.summary import (
+    BenchSummary,
+    CompareMeta,
+    CompareReport,
+    KvbmTarget,
+    RunConfig,
+)
 
 
 def test_a_summary_round_trips_through_json():
@@ -22,7 +28,9 @@ def test_a_summary_round_trips_through_json():
 
 def test_a_compare_report_round_trips_with_failed_and_measured_runs():
     measured = report.summarize(labelled("gpu-cpu"))
-    failed = compare.failed_summary(compare.StackConfig("gpu-cpu-disk", "gpu-cpu-disk"), "boom", {})
+    failed = compare.failed_summary(
+        compare.StackConfig("gpu-cpu-disk", "gpu-cpu-disk"), "boom", RunConfig()
+    )
     combined = report.combined([measured, failed])
     combined.compare = CompareMeta(date="2026-01-01T00:00:00", command="dynkv bench compare")
     data = json.loads(json.dumps(combined.model_dump(mode="json")))
