@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dynkv.bench import report, runner, scrape
+from dynkv.bench.summary import BenchSummary, RunConfig, StackRecord
 from dynkv.bench.workloads import Workload
 
 TOPOLOGIES = ("agg", "disagg")
@@ -128,15 +129,15 @@ def plan_configs(
     return configs
 
 
-Measure = Callable[[StackConfig, RunningStack], dict[str, Any]]
+Measure = Callable[[StackConfig, RunningStack], BenchSummary]
 Event = Callable[[str, StackConfig, Any], None]  # ("up" | "measure" | "down" | "failed", config, x)
 
 
-def failed_summary(config: StackConfig, detail: str, run_config: dict[str, Any]) -> dict[str, Any]:
+def failed_summary(config: StackConfig, detail: str, run_config: RunConfig) -> BenchSummary:
     """A summary with no numbers for a configuration whose stack did not come up."""
     empty = runner.RunResult([], 0.0)
-    summary = report.summarize(report.LabelledRun(config.label, empty, dict(run_config)))
-    summary["stack"] = {**config.to_json(), "error": detail}
+    summary = report.summarize(report.LabelledRun(config.label, empty, run_config))
+    summary.stack = StackRecord(**config.to_json(), error=detail)
     return summary
 
 
@@ -145,9 +146,9 @@ def run_compare(
     launcher: Launcher,
     measure: Measure,
     *,
-    run_config: dict[str, Any] | None = None,
+    run_config: RunConfig | None = None,
     on_event: Event | None = None,
-) -> list[dict[str, Any]]:
+) -> list[BenchSummary]:
     """One summary per configuration, in order. Every configuration is checked before the first
     stack starts; each stack is taken down whatever happens to its run."""
     for config in configs:
@@ -160,7 +161,7 @@ def run_compare(
             stack = launcher.up(config)
         except StackFailed as exc:
             notify("failed", config, exc.detail)
-            summaries.append(failed_summary(config, exc.detail, run_config or {}))
+            summaries.append(failed_summary(config, exc.detail, run_config or RunConfig()))
             continue
         try:
             notify("measure", config, stack)
@@ -168,7 +169,7 @@ def run_compare(
         finally:
             notify("down", config, stack)
             launcher.down(stack)
-        summary["stack"] = {**config.to_json(), **stack.info, "error": None}
+        summary.stack = StackRecord(**{**config.to_json(), **stack.info, "error": None})
         summaries.append(summary)
     return summaries
 
@@ -177,23 +178,20 @@ def measure_with(
     work: Workload,
     warm: Workload | None,
     options: runner.RunOptions,
-    run_config: dict[str, Any],
+    run_config: RunConfig,
     progress: Callable[[StackConfig], runner.Progress | None] | None = None,
 ) -> Measure:
     """The measurement `bench serve` makes of one server, pointed at each stack in turn: its KVBM
     metrics before and after, the workload (the same object, so the same prompts) in between."""
 
-    def measure(config: StackConfig, stack: RunningStack) -> dict[str, Any]:
+    def measure(config: StackConfig, stack: RunningStack) -> BenchSummary:
         opts = dataclasses.replace(options, url=stack.url, model=options.model or stack.model)
         before = scrape.scrape_all(stack.metrics_urls)
         result = runner.run(work, opts, warm, progress(config) if progress else None)
         after = scrape.scrape_all(stack.metrics_urls)
-        cfg = {
-            **run_config,
-            "url": stack.url,
-            "model": opts.model,
-            "metrics_urls": list(stack.metrics_urls),
-        }
+        cfg = run_config.model_copy(
+            update={"url": stack.url, "model": opts.model, "metrics_urls": list(stack.metrics_urls)}
+        )
         return report.summarize(report.LabelledRun(config.label, result, cfg, before, after))
 
     return measure

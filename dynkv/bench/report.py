@@ -1,7 +1,7 @@
 """Turn runs into numbers, a markdown table and a plot, for one configuration or several.
 
-Every function here takes a list of summaries (`summarize(...)`: a plain JSON-able dict per
-labelled run), so comparing configurations (a later `bench compare --profiles PROFILE…`, or runs
+Every function here takes a list of summaries (`summarize(...)`: a `BenchSummary` per labelled
+run, `dynkv.bench.summary`), so comparing configurations (a later `bench compare --profiles PROFILE…`, or runs
 saved as JSON and loaded again) is the same call as reporting one.
 
 Definitions:
@@ -31,6 +31,17 @@ from typing import Any
 from dynkv.bench.client import RequestResult
 from dynkv.bench.runner import RunResult
 from dynkv.bench.scrape import COUNTERS, GAUGES, SIZES, Snapshot
+from dynkv.bench.summary import (
+    BenchSummary,
+    CompareReport,
+    HitRates,
+    Kvbm,
+    KvbmTarget,
+    Percentiles,
+    Round,
+    RunConfig,
+    Warmup,
+)
 from dynkv.metrics_text import hit_rates
 
 QUANTILES = (50, 90, 99)
@@ -65,7 +76,13 @@ def counter_delta(before: float | None, after: float | None) -> float | None:
     return after - before if after >= before else after
 
 
-def tier_stats(before: Sequence[Snapshot], after: Sequence[Snapshot]) -> dict[str, Any]:
+@dataclass
+class TierStats:
+    hit_rates: HitRates
+    kvbm: Kvbm
+
+
+def tier_stats(before: Sequence[Snapshot], after: Sequence[Snapshot]) -> TierStats:
     """Hit rates and counter deltas over the metrics targets (paired by URL)."""
     previous = {s.url: s for s in before}
     deltas: dict[str, float | None] = dict.fromkeys(COUNTERS)
@@ -88,15 +105,15 @@ def tier_stats(before: Sequence[Snapshot], after: Sequence[Snapshot]) -> dict[st
     ]
     rates = hit_rates([t for t in readable if not t["error"]])
 
-    return {
-        "hit_rates": rates,
-        "kvbm": {
-            "onboard_blocks_h2d": deltas["kvbm_onboard_blocks_h2d"],
-            "onboard_blocks_d2d": deltas["kvbm_onboard_blocks_d2d"],
-            "matched_tokens": deltas["kvbm_matched_tokens"],
-            "targets": targets,
-        },
-    }
+    return TierStats(
+        HitRates(**rates),
+        Kvbm(
+            onboard_blocks_h2d=deltas["kvbm_onboard_blocks_h2d"],
+            onboard_blocks_d2d=deltas["kvbm_onboard_blocks_d2d"],
+            matched_tokens=deltas["kvbm_matched_tokens"],
+            targets=[KvbmTarget(**t) for t in targets],
+        ),
+    )
 
 
 @dataclass
@@ -105,26 +122,26 @@ class LabelledRun:
 
     label: str
     run: RunResult
-    config: dict[str, Any] = field(default_factory=dict)
+    config: RunConfig | dict[str, Any] = field(default_factory=RunConfig)
     metrics_before: list[Snapshot] = field(default_factory=list)
     metrics_after: list[Snapshot] = field(default_factory=list)
 
 
-def _ms(values: Sequence[float]) -> dict[str, float | None]:
-    return percentiles(values, 1000.0)
+def _ms(values: Sequence[float]) -> Percentiles:
+    return Percentiles(**percentiles(values, 1000.0))
 
 
-def _rounds(ok: Sequence[RequestResult]) -> list[dict[str, Any]]:
+def _rounds(ok: Sequence[RequestResult]) -> list[Round]:
     by_round: dict[int, list[float]] = {}
     for r in ok:
         by_round.setdefault(r.round, []).append(r.ttft or 0.0)
     return [
-        {"round": n, "requests": len(ttfts), "ttft_ms": _ms(ttfts)}
+        Round(round=n, requests=len(ttfts), ttft_ms=_ms(ttfts))
         for n, ttfts in sorted(by_round.items())
     ]
 
 
-def summarize(labelled: LabelledRun) -> dict[str, Any]:
+def summarize(labelled: LabelledRun) -> BenchSummary:
     """The report of one configuration: the `--json` shape of `dynkv bench serve`."""
     results = labelled.run.results
     ok = [r for r in results if r.ok]
@@ -134,39 +151,38 @@ def summarize(labelled: LabelledRun) -> dict[str, Any]:
     prompt_known = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
     prompt_tokens = sum(prompt_known) if prompt_known else None
     tiers = tier_stats(labelled.metrics_before, labelled.metrics_after)
-    matched = tiers["kvbm"]["matched_tokens"]
-    tiers["kvbm"]["matched_token_fraction"] = (
+    matched = tiers.kvbm.matched_tokens
+    tiers.kvbm.matched_token_fraction = (
         matched / prompt_tokens if matched is not None and prompt_tokens else None
     )
     samples = list(dict.fromkeys(r.error for r in failed if r.error))[:_ERROR_SAMPLES]
     warm = labelled.run.warmup
-    return {
-        "label": labelled.label,
-        "ttft_ms": _ms([r.ttft for r in ok if r.ttft is not None]),
-        "itl_ms": _ms([gap for r in ok for gap in r.itl]),
-        "latency_ms": _ms([r.latency for r in ok if r.latency is not None]),
-        "requests_per_s": len(ok) / duration if duration > 0 else None,
-        "output_tokens_per_s": output_tokens / duration if duration > 0 else None,
-        "hit_rates": tiers["hit_rates"],
-        "requests": len(results),
-        "completed": len(ok),
-        "errors": len(failed),
-        "error_samples": samples,
-        "duration_s": duration,
-        "prompt_tokens": prompt_tokens,
-        "output_tokens": output_tokens,
-        "rounds": _rounds(ok),
-        "kvbm": tiers["kvbm"],
-        "warmup": {"requests": len(warm), "errors": sum(not r.ok for r in warm)},
-        "config": labelled.config,
-    }
+    config = labelled.config
+    return BenchSummary(
+        label=labelled.label,
+        ttft_ms=_ms([r.ttft for r in ok if r.ttft is not None]),
+        itl_ms=_ms([gap for r in ok for gap in r.itl]),
+        latency_ms=_ms([r.latency for r in ok if r.latency is not None]),
+        requests_per_s=len(ok) / duration if duration > 0 else None,
+        output_tokens_per_s=output_tokens / duration if duration > 0 else None,
+        hit_rates=tiers.hit_rates,
+        requests=len(results),
+        completed=len(ok),
+        errors=len(failed),
+        error_samples=samples,
+        duration_s=duration,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        rounds=_rounds(ok),
+        kvbm=tiers.kvbm,
+        warmup=Warmup(requests=len(warm), errors=sum(not r.ok for r in warm)),
+        config=RunConfig.model_validate(config),
+    )
 
 
-def combined(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One summary as itself (the documented shape); several as {"runs": [...]} in order."""
-    if len(summaries) == 1:
-        return summaries[0]
-    return {"runs": list(summaries)}
+def combined(summaries: Sequence[BenchSummary]) -> CompareReport:
+    """Every summary, in order, as one report (`{"runs": [...]}`, however many there are)."""
+    return CompareReport(runs=list(summaries))
 
 
 def fmt_number(value: float | None, digits: int = 1) -> str:
@@ -182,14 +198,14 @@ def _row(cells: Sequence[str]) -> str:
 
 
 def markdown(
-    summaries: Sequence[dict[str, Any]],
+    summaries: Sequence[BenchSummary],
     title: str | None = None,
     notes: Sequence[str] = (),
 ) -> str:
     """A summary table (one row per configuration) and a TTFT-per-round table (one column each).
 
     `notes` are bullet lines under the title (a comparison's date, command and host); a
-    configuration whose stack did not come up (`summary["stack"]["error"]`) is named under the
+    configuration whose stack did not come up (`summary.stack.error`) is named under the
     table with its error's first line."""
     lines = [f"## {title}", ""] if title else []
     if notes:
@@ -201,43 +217,43 @@ def markdown(
     )
     lines += [header, "|" + "---|" * header.count(" | ") + "---|"]
     for s in summaries:
-        ttft, itl, lat = s["ttft_ms"], s["itl_ms"], s["latency_ms"]
+        ttft, itl, lat = s.ttft_ms, s.itl_ms, s.latency_ms
         cells = [
-            s["label"],
-            str(s["requests"]),
-            str(s["errors"]),
-            fmt_number(ttft["p50"]),
-            fmt_number(ttft["p90"]),
-            fmt_number(ttft["p99"]),
-            fmt_number(itl["p50"]),
-            fmt_number(itl["p99"]),
-            fmt_number(lat["p50"]),
-            fmt_number(lat["p99"]),
-            fmt_number(s["requests_per_s"], 2),
-            fmt_number(s["output_tokens_per_s"], 1),
-            fmt_percent(s["hit_rates"]["host"]),
-            fmt_percent(s["hit_rates"]["disk"]),
+            s.label,
+            str(s.requests),
+            str(s.errors),
+            fmt_number(ttft.p50),
+            fmt_number(ttft.p90),
+            fmt_number(ttft.p99),
+            fmt_number(itl.p50),
+            fmt_number(itl.p99),
+            fmt_number(lat.p50),
+            fmt_number(lat.p99),
+            fmt_number(s.requests_per_s, 2),
+            fmt_number(s.output_tokens_per_s, 1),
+            fmt_percent(s.hit_rates.host),
+            fmt_percent(s.hit_rates.disk),
         ]
         lines.append(_row(cells))
     for s in summaries:
-        error = (s.get("stack") or {}).get("error")
+        error = s.stack.error if s.stack else None
         if error:
-            lines.append(f"\n{s['label']}: the stack did not come up: {error.splitlines()[0]}")
-    rounds = sorted({r["round"] for s in summaries for r in s.get("rounds", [])})
+            lines.append(f"\n{s.label}: the stack did not come up: {error.splitlines()[0]}")
+    rounds = sorted({r.round for s in summaries for r in s.rounds})
     if rounds:
         lines += ["", "TTFT p50 (ms) per round", ""]
-        lines.append(_row(["round", *(s["label"] for s in summaries)]))
+        lines.append(_row(["round", *(s.label for s in summaries)]))
         lines.append("|---|" + "---|" * len(summaries))
         for n in rounds:
             row = [str(n)]
             for s in summaries:
-                match = [r for r in s.get("rounds", []) if r["round"] == n]
-                row.append(fmt_number(match[0]["ttft_ms"]["p50"]) if match else "–")
+                match = [r for r in s.rounds if r.round == n]
+                row.append(fmt_number(match[0].ttft_ms.p50) if match else "–")
             lines.append(_row(row))
     return "\n".join(lines) + "\n"
 
 
-def plot(summaries: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+def plot(summaries: Sequence[BenchSummary], path: str | Path, title: str | None = None) -> Path:
     """PNG of TTFT per round, one line per configuration: p50 solid, p90 dashed.
 
     Uses matplotlib's object API on the Agg canvas (no pyplot global state, no display needed).
@@ -249,12 +265,12 @@ def plot(summaries: Sequence[dict[str, Any]], path: str | Path, title: str | Non
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for s in summaries:
-        rounds = [r for r in s.get("rounds", []) if r["ttft_ms"]["p50"] is not None]
-        xs = [r["round"] for r in rounds]
-        (line,) = ax.plot(xs, [r["ttft_ms"]["p50"] for r in rounds], marker="o", label=s["label"])
+        rounds = [r for r in s.rounds if r.ttft_ms.p50 is not None]
+        xs = [r.round for r in rounds]
+        (line,) = ax.plot(xs, [r.ttft_ms.p50 for r in rounds], marker="o", label=s.label)
         ax.plot(
             xs,
-            [r["ttft_ms"]["p90"] for r in rounds],
+            [r.ttft_ms.p90 for r in rounds],
             linestyle="--",
             color=line.get_color(),
             alpha=0.6,

@@ -9,7 +9,7 @@ stderr. `dynkv bench compare` (cli/bench_compare.py) brings up stacks of its own
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import httpx
 import typer
@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dynkv.bench import report, runner, scrape, target
+from dynkv.bench.summary import BenchSummary
 from dynkv.cli import bench_compare, bench_load_cmd
 from dynkv.cli.bench_options import (
     AnswerTokensOpt,
@@ -110,26 +111,31 @@ def _find_target(url: str | None, name: str | None, metrics_urls: list[str]) -> 
 _MOVED = "comparing stacks is `dynkv bench compare`"
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    title = f"{summary['label']}: {summary['config'].get('workload')}"
+def _print_summary(summary: BenchSummary) -> None:
+    title = f"{summary.label}: {summary.config.workload}"
     table = Table(title=escape(title), expand=False)
     for col in ("metric", "p50", "p90", "p99"):
         table.add_column(col, justify="right" if col != "metric" else "left")
-    for key, name in (("ttft_ms", "TTFT ms"), ("itl_ms", "ITL ms"), ("latency_ms", "latency ms")):
-        table.add_row(name, *(report.fmt_number(summary[key][q]) for q in ("p50", "p90", "p99")))
+    rows = (
+        ("TTFT ms", summary.ttft_ms),
+        ("ITL ms", summary.itl_ms),
+        ("latency ms", summary.latency_ms),
+    )
+    for name, values in rows:
+        table.add_row(name, *map(report.fmt_number, (values.p50, values.p90, values.p99)))
     err.print(table)
     err.print(
-        f"  {summary['completed']}/{summary['requests']} ok, {summary['errors']} errors, "
-        f"{report.fmt_number(summary['requests_per_s'], 2)} req/s, "
-        f"{report.fmt_number(summary['output_tokens_per_s'])} output tok/s in "
-        f"{summary['duration_s']:.1f} s; hit rates host {report.fmt_percent(summary['hit_rates']['host'])}"
-        f", disk {report.fmt_percent(summary['hit_rates']['disk'])}",
+        f"  {summary.completed}/{summary.requests} ok, {summary.errors} errors, "
+        f"{report.fmt_number(summary.requests_per_s, 2)} req/s, "
+        f"{report.fmt_number(summary.output_tokens_per_s)} output tok/s in "
+        f"{summary.duration_s:.1f} s; hit rates host {report.fmt_percent(summary.hit_rates.host)}"
+        f", disk {report.fmt_percent(summary.hit_rates.disk)}",
         soft_wrap=True,
     )
-    for r in summary["rounds"]:
+    for r in summary.rounds:
         err.print(
-            f"  round {r['round']}: TTFT p50 {report.fmt_number(r['ttft_ms']['p50'])} ms "
-            f"({r['requests']} requests)"
+            f"  round {r.round}: TTFT p50 {report.fmt_number(r.ttft_ms.p50)} ms "
+            f"({r.requests} requests)"
         )
 
 
@@ -243,22 +249,23 @@ def serve(
         ignore_eos=ignore_eos,
         api_key=api_key,
     )
-    config = {
-        "url": url,
-        "model": served,
-        **run_config(
-            work,
-            endpoint=endpoint,
-            concurrency=concurrency,
-            rate=rate,
-            warmup=warmup,
-            seed=seed,
-            ignore_eos=ignore_eos,
-            tokenizer=tokenizer,
-        ),
-        "metrics_urls": metrics_urls,
-        "deployment": found.deployment,
-    }
+    config = run_config(
+        work,
+        endpoint=endpoint,
+        concurrency=concurrency,
+        rate=rate,
+        warmup=warmup,
+        seed=seed,
+        ignore_eos=ignore_eos,
+        tokenizer=tokenizer,
+    ).model_copy(
+        update={
+            "url": url,
+            "model": served,
+            "metrics_urls": metrics_urls,
+            "deployment": found.deployment,
+        }
+    )
     if not json_out:
         err.print(
             f"[bold]bench serve[/bold] {escape(work.name)} → {escape(url)} ({escape(served)}): "
@@ -283,18 +290,18 @@ def serve(
     if plot:
         report.plot([summary], plot, title=f"TTFT per round: {work.name}")
     if json_out:
-        emit_json(report.combined([summary]))
+        emit_json(summary.model_dump(mode="json"))
     else:
         _print_summary(summary)
         for path in (markdown, plot):
             if path:
                 err.print(f"  wrote {escape(str(path))}")
-    if summary["errors"]:
-        for sample in summary["error_samples"]:
+    if summary.errors:
+        for sample in summary.error_samples:
             warn(f"request failed: {sample}")
-    if summary["requests"] and not summary["completed"]:
+    if summary.requests and not summary.completed:
         raise UserError(
-            f"all {summary['requests']} requests failed",
+            f"all {summary.requests} requests failed",
             "check the server's log; the first errors are listed above",
         )
 

@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dynkv.bench import compare, report, runner, stacks
+from dynkv.bench.summary import BenchSummary, CompareMeta, RunConfig
 from dynkv.bench.workloads import Workload
 from dynkv.cli.bench_options import (
     AnswerTokensOpt,
@@ -67,7 +68,7 @@ def _usage(cause: str, fix: str) -> UserError:
     return UserError(cause, fix, EXIT_USAGE)
 
 
-def _table(summaries: list[dict[str, Any]]) -> Table:
+def _table(summaries: list[BenchSummary]) -> Table:
     """The few numbers that fit a terminal; the markdown and JSON have the rest."""
     table = Table(title="comparison (ms)", expand=False)
     cols = ("configuration", "ok", "TTFT p50", "TTFT p90", "ITL p50", "tok/s", "G2 hit", "G3 hit")
@@ -75,16 +76,16 @@ def _table(summaries: list[dict[str, Any]]) -> Table:
         table.add_column(col, justify="left" if col == "configuration" else "right")
     fmt = report.fmt_number
     for s in summaries:
-        error = s.get("stack", {}).get("error")
+        error = s.stack.error if s.stack else None
         table.add_row(
-            escape(s["label"]) + (" [red](failed)[/red]" if error else ""),
-            f"{s['completed']}/{s['requests']}",
-            fmt(s["ttft_ms"]["p50"]),
-            fmt(s["ttft_ms"]["p90"]),
-            fmt(s["itl_ms"]["p50"]),
-            fmt(s["output_tokens_per_s"]),
-            report.fmt_percent(s["hit_rates"]["host"]),
-            report.fmt_percent(s["hit_rates"]["disk"]),
+            escape(s.label) + (" [red](failed)[/red]" if error else ""),
+            f"{s.completed}/{s.requests}",
+            fmt(s.ttft_ms.p50),
+            fmt(s.ttft_ms.p90),
+            fmt(s.itl_ms.p50),
+            fmt(s.output_tokens_per_s),
+            report.fmt_percent(s.hit_rates.host),
+            report.fmt_percent(s.hit_rates.disk),
         )
     return table
 
@@ -99,7 +100,7 @@ def run(
     work: Workload,
     warm: Workload | None,
     options: runner.RunOptions,
-    run_config: dict[str, Any],
+    run_config: RunConfig,
     out_dir: Path | None,
     markdown: Path | None,
     plot: Path | None,
@@ -178,15 +179,14 @@ def run(
         f"host: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "
         f"stacks: {_stack_note(stack_options)}",
     ]
-    data = report.combined(summaries)
-    if "runs" not in data:
-        data = {"runs": [data]}
-    data["compare"] = {
-        "date": started.isoformat(timespec="seconds"),
-        "command": command,
-        "configurations": [c.to_json() for c in configs],
-        "stack_options": {**dataclasses.asdict(stack_options), "env": dict(stack_options.env)},
-    }
+    combined = report.combined(summaries)
+    combined.compare = CompareMeta(
+        date=started.isoformat(timespec="seconds"),
+        command=command,
+        configurations=[c.to_json() for c in configs],
+        stack_options={**dataclasses.asdict(stack_options), "env": dict(stack_options.env)},
+    )
+    data = combined.model_dump(mode="json")
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "report.json"
     json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -203,11 +203,7 @@ def run(
         err.print(_table(summaries))
         for path in (json_path, md_path, png_path):
             err.print(f"  wrote {escape(str(path))}")
-    failed = [
-        s["label"]
-        for s in summaries
-        if s["stack"].get("error") or (s["requests"] and not s["completed"])
-    ]
+    failed = [s.label for s in summaries if s.failed]
     if failed:
         raise UserError(
             f"{', '.join(failed)}: no measurement (the stack did not come up, or every request "

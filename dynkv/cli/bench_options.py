@@ -13,6 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dynkv.bench import workloads
+from dynkv.bench.summary import RunConfig
 from dynkv.cli.group import EXIT_USAGE, UserError
 from dynkv.cli.output import err
 
@@ -129,19 +130,20 @@ def run_config(
     seed: int,
     ignore_eos: bool,
     tokenizer: Path | None,
-) -> dict[str, Any]:
-    """How a run was made, as the report records it."""
-    return {
-        "endpoint": str(endpoint),
-        "workload": work.name,
-        "params": work.params,
-        "concurrency": concurrency,
-        "rate": rate,
-        "warmup": warmup,
-        "seed": seed,
-        "ignore_eos": ignore_eos,
-        "tokenizer": str(tokenizer) if tokenizer else None,
-    }
+) -> RunConfig:
+    """How a run was made, as the report records it (the server it ran against is added by the
+    command that knows it)."""
+    return RunConfig(
+        endpoint=str(endpoint),
+        workload=work.name,
+        params=work.params,
+        concurrency=concurrency,
+        rate=rate,
+        warmup=warmup,
+        seed=seed,
+        ignore_eos=ignore_eos,
+        tokenizer=str(tokenizer) if tokenizer else None,
+    )
 
 
 def usage(cause: str, fix: str) -> UserError:

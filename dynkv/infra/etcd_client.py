@@ -45,14 +45,35 @@ from dynkv.infra.etcd_wire import (  # noqa: F401 (the public names are re-expor
 )
 
 
-class EtcdClient:
+class _Failover:
+    """The endpoint choice both clients share: the one that answered last first, then the others
+    in turn; a watch moves on to the next endpoint until it has failed for `timeout`."""
+
+    def __init__(self, endpoints: str | Sequence[str], timeout: float) -> None:
+        self.endpoints = endpoint_list(endpoints)
+        self.timeout = timeout
+        self._current = 0
+
+    def _rotation(self) -> list[int]:
+        n = len(self.endpoints)
+        return [(self._current + i) % n for i in range(n)]
+
+    def _watch_lost(self, exc: Exception, failing_since: float | None) -> float:
+        """Move the watch to the next endpoint; EtcdUnavailable once it has failed too long."""
+        now = time.monotonic()
+        failing_since = failing_since or now
+        if now - failing_since > self.timeout:
+            raise EtcdUnavailable(f"etcd watch lost and not resumed: {exc}") from None
+        self._current = (self._current + 1) % len(self.endpoints)
+        return failing_since
+
+
+class EtcdClient(_Failover):
     """Synchronous client. Use as a context manager, or call close()."""
 
     def __init__(self, endpoints: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT):
-        self.endpoints = endpoint_list(endpoints)
-        self.timeout = timeout
+        super().__init__(endpoints, timeout)
         self._http = httpx.Client(timeout=timeout, trust_env=False)  # loopback: no proxy
-        self._current = 0
 
     def __enter__(self) -> EtcdClient:
         return self
@@ -65,8 +86,7 @@ class EtcdClient:
 
     def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         errors = []
-        for i in range(len(self.endpoints)):
-            idx = (self._current + i) % len(self.endpoints)
+        for idx in self._rotation():
             try:
                 resp = self._http.post(self.endpoints[idx] + path, json=body)
             except httpx.TransportError as exc:
@@ -155,23 +175,17 @@ class EtcdClient:
             except httpx.ReadTimeout:
                 return
             except httpx.TransportError as exc:
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if now - failing_since > self.timeout:
-                    raise EtcdUnavailable(f"etcd watch lost and not resumed: {exc}") from None
-                self._current = (self._current + 1) % len(self.endpoints)
+                failing_since = self._watch_lost(exc, failing_since)
                 time.sleep(0.2)
 
 
-class AsyncEtcdClient:
+class AsyncEtcdClient(_Failover):
     """The same API as EtcdClient, as coroutines; `watch_prefix` is an async generator that a
     task cancels to stop."""
 
     def __init__(self, endpoints: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT):
-        self.endpoints = endpoint_list(endpoints)
-        self.timeout = timeout
+        super().__init__(endpoints, timeout)
         self._http = httpx.AsyncClient(timeout=timeout, trust_env=False)  # no proxy
-        self._current = 0
 
     async def __aenter__(self) -> AsyncEtcdClient:
         return self
@@ -184,8 +198,7 @@ class AsyncEtcdClient:
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         errors = []
-        for i in range(len(self.endpoints)):
-            idx = (self._current + i) % len(self.endpoints)
+        for idx in self._rotation():
             try:
                 resp = await self._http.post(self.endpoints[idx] + path, json=body)
             except httpx.TransportError as exc:
@@ -253,11 +266,7 @@ class AsyncEtcdClient:
                             next_rev = event.revision + 1
                             yield event
             except httpx.TransportError as exc:
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if now - failing_since > self.timeout:
-                    raise EtcdUnavailable(f"etcd watch lost and not resumed: {exc}") from None
-                self._current = (self._current + 1) % len(self.endpoints)
+                failing_since = self._watch_lost(exc, failing_since)
                 await asyncio.sleep(0.2)
 
 

@@ -31,6 +31,7 @@ from dynkv.model import integrity
 from dynkv.model.catalog import CATALOG, CatalogModel, lookup
 from dynkv.model.generate import (
     MARKER,
+    MODEL_FILES,
     ModelError,
     _locked,
     _replace_dir,
@@ -44,12 +45,7 @@ HUB_TIMEOUT_S = 5.0
 SOURCES = ("hub", "pypi")
 # What vLLM and transformers read from a hub repository (others, e.g. onnx/, are left there).
 HUB_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
+    *MODEL_FILES,
     "chat_template.jinja",
     "vocab.json",
     "merges.txt",

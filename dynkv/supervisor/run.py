@@ -154,29 +154,28 @@ class Supervisor:
             if pending:
                 time.sleep(self.poll_interval)
 
+    def _start_failed(self, item: _Handle, short: str, cause: str) -> StartFailed:
+        """Tell the observer (`short`) and build the error with the service's last log lines."""
+        self.observer.failed(item.service, short)
+        return StartFailed(item.service.name, cause, item.unit.tail(LOG_TAIL), item.unit.log_path)
+
     def _is_healthy(self, item: _Handle, elapsed: float) -> bool:
         service, unit = item.service, item.unit
         timeout = self.plan.startup_timeout_secs
         code = unit.exit_code()
         if code is not None:
-            self.observer.failed(service, f"exited with code {code}")
-            raise StartFailed(
-                service.name,
-                f"exited with code {code} during start-up",
-                unit.tail(LOG_TAIL),
-                unit.log_path,
+            raise self._start_failed(
+                item, f"exited with code {code}", f"exited with code {code} during start-up"
             )
         ok, detail = health.check_all(service.probes, self.probe_timeout)
         if ok:
             self.observer.healthy(service, elapsed)
             return True
         if elapsed > timeout:
-            self.observer.failed(service, f"not healthy after {timeout:g} s")
-            raise StartFailed(
-                service.name,
+            raise self._start_failed(
+                item,
+                f"not healthy after {timeout:g} s",
                 f"was not healthy within {timeout:g} s (DYNKV_STARTUP_TIMEOUT_SECS): {detail}",
-                unit.tail(LOG_TAIL),
-                unit.log_path,
             )
         now = last_line(unit.log_path) if unit.log_path else ""
         self.observer.waiting(service, elapsed, now, detail)

@@ -68,17 +68,7 @@ class Registrar:
     def suspend(self) -> None:
         """Take the registration out (vLLM stopped answering) without giving up: `register`
         brings it back once vLLM is healthy again."""
-        with self._lock:
-            keeper, lease = self._keeper, self.lease
-            self._keeper = self.lease = None
-        if keeper is not None:
-            keeper.stop()
-        if lease is not None:
-            try:
-                self.client.lease_revoke(lease)
-                _log(f"suspended {self.key}: vLLM does not answer /health")
-            except EtcdError as exc:
-                _log(f"could not suspend {self.key} ({exc}); it expires within {self.ttl}s")
+        self._revoke("suspended {key}: vLLM does not answer /health", "suspend")
 
     def ensure(self) -> None:
         """Put the record back if someone deleted the key while our lease lives (etcd on
@@ -93,6 +83,11 @@ class Registrar:
     def withdraw(self) -> None:
         """Revoke the lease (etcd deletes the key with it); safe to call twice."""
         self._withdrawn.set()
+        self._revoke("withdrew {key}", "withdraw")
+
+    def _revoke(self, done: str, verb: str) -> None:
+        """Stop the keep-alive and revoke the lease (etcd deletes the key with it); a lease etcd
+        cannot revoke now expires on its own within the TTL."""
         with self._lock:
             keeper, lease = self._keeper, self.lease
             self._keeper = self.lease = None
@@ -101,9 +96,9 @@ class Registrar:
         if lease is not None:
             try:
                 self.client.lease_revoke(lease)
-                _log(f"withdrew {self.key}")
+                _log(done.format(key=self.key))
             except EtcdError as exc:
-                _log(f"could not withdraw {self.key} ({exc}); it expires within {self.ttl}s")
+                _log(f"could not {verb} {self.key} ({exc}); it expires within {self.ttl}s")
 
 
 def register_until_done(registrar: Registrar, should_give_up) -> bool:

@@ -85,5 +85,5 @@ def test_status_and_bench_agree_on_one_worker():
     assert status["host_cache_hit_rate"] == pytest.approx(12 / 16)
     assert status["disk_cache_hit_rate"] == pytest.approx(2 / 16)
     zero = {n: 0.0 for n in metrics_text.COUNTERS}
-    bench = report.tier_stats([Snapshot("w", zero)], [after])["hit_rates"]
+    bench = report.tier_stats([Snapshot("w", zero)], [after]).hit_rates.model_dump()
     assert bench == {"host": status["host_cache_hit_rate"], "disk": status["disk_cache_hit_rate"]}

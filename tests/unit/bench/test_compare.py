@@ -21,6 +21,7 @@ from dynkv.bench.compare import (
     plan_configs,
     run_compare,
 )
+from dynkv.bench.summary import BenchSummary, RunConfig
 from dynkv.cli.main import app
 
 
@@ -43,9 +44,9 @@ class FakeLauncher:
 
 
 def fake_measure(seen: list):
-    def measure(config: StackConfig, stack: RunningStack) -> dict:
+    def measure(config: StackConfig, stack: RunningStack) -> BenchSummary:
         seen.append((config.label, stack.url))
-        return {"label": config.label, "requests": 1, "completed": 1}
+        return BenchSummary(label=config.label, requests=1, completed=1)
 
     return measure
 
@@ -100,7 +101,9 @@ def test_split_values_takes_repeats_and_commas():
 def test_each_stack_up_measured_down_in_order_after_all_checks():
     launcher, seen = FakeLauncher(), []
     configs = plan_configs(["gpu-cpu"], [])
-    summaries = run_compare(configs, launcher, fake_measure(seen))
+    summaries = [
+        s.model_dump(mode="json") for s in run_compare(configs, launcher, fake_measure(seen))
+    ]
     assert launcher.events == [
         ("check", BASELINE_LABEL),
         ("check", "gpu-cpu"),
@@ -117,7 +120,10 @@ def test_each_stack_up_measured_down_in_order_after_all_checks():
 def test_a_stack_that_does_not_come_up_is_recorded_and_the_next_runs():
     launcher, seen = FakeLauncher(fail={"gpu-cpu"}), []
     configs = plan_configs(["gpu-cpu", "gpu-cpu-disk"], [], baseline=False)
-    summaries = run_compare(configs, launcher, fake_measure(seen), run_config={"seed": 3})
+    summaries = [
+        s.model_dump(mode="json")
+        for s in run_compare(configs, launcher, fake_measure(seen), run_config=RunConfig(seed=3))
+    ]
     assert [label for label, _ in seen] == ["gpu-cpu-disk"]
     failed = summaries[0]
     assert failed["label"] == "gpu-cpu" and failed["requests"] == 0

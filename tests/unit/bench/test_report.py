@@ -16,6 +16,14 @@ from dynkv.kvbm.metrics import KvbmMetrics
 from dynkv.ports import free_port
 
 
+def tier_json(stats: report.TierStats) -> dict:
+    """The tier statistics as the summary's JSON has them."""
+    return {
+        "hit_rates": stats.hit_rates.model_dump(mode="json"),
+        "kvbm": stats.kvbm.model_dump(mode="json"),
+    }
+
+
 def test_percentile_linear_interpolation_hand_computed():
     # x = 10, 20, 30, 40: rank h = 3q/100. p50: h = 1.5 → 20 + 0.5·10 = 25.
     # p90: h = 2.7 → 30 + 0.7·10 = 37. p99: h = 2.97 → 30 + 0.97·10 = 39.7.
@@ -67,13 +75,13 @@ def test_tier_stats_over_two_workers_and_a_missing_one():
         ),
         Snapshot("w2", error="ConnectError"),
     ]
-    stats = report.tier_stats(before, after)
+    stats = tier_json(report.tier_stats(before, after))
     assert stats["hit_rates"] == {"host": pytest.approx(0.375), "disk": pytest.approx(0.1)}
     kvbm = stats["kvbm"]
     assert kvbm["matched_tokens"] == 320 and kvbm["onboard_blocks_h2d"] == 10
     assert kvbm["onboard_blocks_d2d"] is None  # no target exposes it
     assert [t["error"] for t in kvbm["targets"]] == [None, None, "ConnectError"]
-    empty = report.tier_stats([], [])
+    empty = tier_json(report.tier_stats([], []))
     assert empty["hit_rates"] == {"host": None, "disk": None}
     assert empty["kvbm"]["matched_tokens"] is None
 
@@ -98,7 +106,7 @@ def test_a_worker_without_tiers_is_left_out_of_the_aggregates():
         ),
         Snapshot("decode", {"kvbm_matched_tokens": 400, "kvbm_host_cache_hit_rate": 0.0, **sizes}),
     ]
-    stats = report.tier_stats(before, after)
+    stats = tier_json(report.tier_stats(before, after))
     assert stats["hit_rates"] == {"host": 0.5, "disk": None}  # G3 exists nowhere
     assert stats["kvbm"]["matched_tokens"] == 200
     decode = stats["kvbm"]["targets"][1]
@@ -122,7 +130,7 @@ def test_scrape_a_real_kvbm_registry_before_and_after():
     finally:
         metrics.close()
     assert before[0].error is None and before[0].values["kvbm_matched_tokens"] == 32
-    stats = report.tier_stats(before, after)
+    stats = tier_json(report.tier_stats(before, after))
     assert stats["kvbm"]["matched_tokens"] == 96 and stats["kvbm"]["onboard_blocks_h2d"] == 3
     assert stats["kvbm"]["onboard_blocks_d2d"] == 0
     assert stats["hit_rates"] == {"host": 0.75, "disk": 0.25}
@@ -184,7 +192,8 @@ def labelled(label="A", duration=2.0, metrics=True) -> report.LabelledRun:
 
 
 def test_summarize_hand_computed():
-    s = report.summarize(labelled())
+    summary = report.summarize(labelled())
+    s = summary.model_dump(mode="json")
     assert set(s) >= {"ttft_ms", "itl_ms", "latency_ms", "requests_per_s", "hit_rates"}
     # TTFT over the 3 ok requests: 50, 100, 300 ms → p50 100; p90 h=1.8 → 100 + 0.8·200 = 260.
     assert s["ttft_ms"] == pytest.approx({"p50": 100.0, "p90": 260.0, "p99": 296.0})
@@ -201,13 +210,14 @@ def test_summarize_hand_computed():
     assert [(r["round"], r["requests"]) for r in s["rounds"]] == [(1, 2), (2, 1)]
     assert s["rounds"][0]["ttft_ms"]["p50"] == pytest.approx(200.0)
     assert s["warmup"] == {"requests": 1, "errors": 0}
-    assert report.combined([s]) is s
-    assert report.combined([s, s]) == {"runs": [s, s]}
+    assert "stack" not in s  # `bench serve`'s JSON has no stack
+    assert report.combined([summary]).model_dump(mode="json") == {"runs": [s]}
+    assert report.combined([summary, summary]).runs == [summary, summary]
 
 
 def test_summarize_with_nothing_ok_gives_nulls():
     run = RunResult([result(0, 1, None, [], None, 0, ok=False, error="x")], 0.0)
-    s = report.summarize(report.LabelledRun("empty", run))
+    s = report.summarize(report.LabelledRun("empty", run)).model_dump(mode="json")
     assert s["ttft_ms"] == {"p50": None, "p90": None, "p99": None}
     assert s["requests_per_s"] is None and s["rounds"] == [] and s["errors"] == 1
 

@@ -1,0 +1,180 @@
+"""The bench summary: what `dynkv bench serve --json` prints and `bench compare` writes to
+report.json, defined once for the code that builds it (`dynkv.bench.report.summarize`,
+`dynkv.bench.compare`) and the code that reads it (the markdown table, the plot, the terminal
+tables).
+
+The JSON keeps the names and values the report has always had (docs/benchmarks.md): dump with
+`model_dump(mode="json")`; unknown numbers are null. Reading a report written by an older or newer
+dynkv ignores keys this one does not know (`extra="ignore"`). The few records whose keys depend on
+who wrote them (the run's configuration, a compare run's stack) write back only the fields that
+were given, so a failed stack's summary has no `url` it never had.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _PartialRecord(_Record):
+    """A record written with only the fields that were set (the rest are not known, not null)."""
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {k: v for k, v in data.items() if k in self.model_fields_set}
+
+
+class Percentiles(_Record):
+    """p50/p90/p99 of a sample (ms in a summary); None for no values."""
+
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+
+
+class HitRates(_Record):
+    """Blocks hit / blocks asked of KVBM per tier during the run (`dynkv.metrics_text.hit_rates`)."""
+
+    host: float | None = None
+    disk: float | None = None
+
+
+class Round(_Record):
+    """TTFT of the successful requests of one round of a multi-turn workload."""
+
+    round: int
+    requests: int
+    ttft_ms: Percentiles
+
+
+class KvbmTarget(_Record):
+    """One metrics target: its gauges as read after the run, its counters as after − before.
+
+    The field names are the Prometheus family names (`dynkv.bench.scrape.GAUGES`/`COUNTERS`)."""
+
+    url: str
+    error: str | None = None
+    tiers: bool = True
+    kvbm_host_cache_hit_rate: float | None = None
+    kvbm_disk_cache_hit_rate: float | None = None
+    kvbm_onboard_blocks_h2d: float | None = None
+    kvbm_onboard_blocks_d2d: float | None = None
+    kvbm_matched_tokens: float | None = None
+    kvbm_lookup_blocks: float | None = None
+    kvbm_host_hit_blocks: float | None = None
+    kvbm_disk_hit_blocks: float | None = None
+
+
+class Kvbm(_Record):
+    """KVBM counter deltas summed over the targets that have a tier, and each target's own."""
+
+    onboard_blocks_h2d: float | None = None
+    onboard_blocks_d2d: float | None = None
+    matched_tokens: float | None = None
+    targets: list[KvbmTarget] = []
+    matched_token_fraction: float | None = None
+
+
+class Warmup(_Record):
+    requests: int = 0
+    errors: int = 0
+
+
+class RunConfig(_PartialRecord):
+    """How a run was made: the workload and client options, and the server it was pointed at."""
+
+    url: str | None = None
+    model: str | None = None
+    endpoint: str | None = None
+    workload: str | None = None
+    params: dict[str, Any] | None = None
+    concurrency: int | None = None
+    rate: float | None = None
+    warmup: int | None = None
+    seed: int | None = None
+    ignore_eos: bool | None = None
+    tokenizer: str | None = None
+    metrics_urls: list[str] | None = None
+    deployment: str | None = None
+
+
+class StackRecord(_PartialRecord):
+    """A compare run's stack: its configuration (`StackConfig`), where it ran, and why it did not
+    come up (`error`, None when it did)."""
+
+    label: str | None = None
+    profile: str | None = None
+    kvbm: bool | None = None
+    topology: str | None = None
+    name: str | None = None
+    state_dir: str | None = None
+    up_s: float | None = None
+    workers: list[str] | None = None
+    env: dict[str, str] | None = None
+    error: str | None = None
+
+
+class BenchSummary(_Record):
+    """The report of one configuration's run (the `--json` shape of `dynkv bench serve`)."""
+
+    label: str
+    ttft_ms: Percentiles = Percentiles()
+    itl_ms: Percentiles = Percentiles()
+    latency_ms: Percentiles = Percentiles()
+    requests_per_s: float | None = None
+    output_tokens_per_s: float | None = None
+    hit_rates: HitRates = HitRates()
+    requests: int = 0
+    completed: int = 0
+    errors: int = 0
+    error_samples: list[str] = []
+    duration_s: float = 0.0
+    prompt_tokens: int | None = None
+    output_tokens: int = 0
+    rounds: list[Round] = []
+    kvbm: Kvbm = Kvbm()
+    warmup: Warmup = Warmup()
+    config: RunConfig = RunConfig()
+    stack: StackRecord | None = None  # compare runs only; absent from `bench serve`'s JSON
+
+    @model_serializer(mode="wrap")
+    def _no_stack_outside_compare(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.stack is None:
+            data.pop("stack", None)
+        return data
+
+    @property
+    def failed(self) -> bool:
+        """No measurement: the stack did not come up, or every request failed."""
+        stack_error = self.stack is not None and self.stack.error
+        return bool(stack_error) or bool(self.requests and not self.completed)
+
+
+class CompareMeta(_Record):
+    """How a comparison was made: when, the command line, the configurations and stack options."""
+
+    date: str
+    command: str
+    configurations: list[dict[str, Any]] = []
+    stack_options: dict[str, Any] = {}
+
+
+class CompareReport(_Record):
+    """Several configurations' summaries, in the order they ran (report.json of `bench compare`)."""
+
+    runs: list[BenchSummary] = []
+    compare: CompareMeta | None = None
+
+    @model_serializer(mode="wrap")
+    def _no_meta_until_known(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.compare is None:
+            data.pop("compare", None)
+        return data
