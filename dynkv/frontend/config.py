@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvError
 
 from dynkv.plan.frontend import exposure_problem, is_loopback
+from dynkv.settings.env_source import read_env
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV
 
 API_KEY_ENV = "DYNKV_API_KEY"
@@ -120,17 +121,6 @@ class FrontendSettings(BaseSettings, FrontendConfig):
     )
 
 
-class _EnvFrom(EnvSettingsSource):
-    """pydantic-settings' environment parsing, pointed at a given mapping."""
-
-    def __init__(self, model: type[BaseSettings], environ: Mapping[str, str]) -> None:
-        self._environ = environ
-        super().__init__(model)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {k.lower(): v for k, v in self._environ.items() if v != ""}
-
-
 def _by_field_name(values: Mapping[str, Any]) -> dict[str, Any]:
     """The env source keys an aliased field by its alias: key it by the field's name."""
     names: dict[str, str] = {}
@@ -173,7 +163,7 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
     p = parser()
     given = vars(p.parse_args(list(argv)))
     try:
-        from_env = _by_field_name(_EnvFrom(FrontendSettings, env)())
+        from_env = _by_field_name(read_env(FrontendSettings, env))
         merged = {**from_env, **given}
         if merged.get("api_key_file") and not merged.get("api_key"):
             merged["api_key"] = _read_key(Path(merged["api_key_file"]), p)

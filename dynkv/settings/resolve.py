@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import SecretStr, ValidationError
-from pydantic_settings import BaseSettings, EnvSettingsSource
+from pydantic_settings import BaseSettings
 
 from dynkv.kvbm.config import ENV_PREFIX as KVBM_PREFIX
 from dynkv.kvbm.config import KvbmSettings, format_env_value
 from dynkv.settings.deployment import DeploymentSettings
 from dynkv.settings.engine_args import EngineArgs
+from dynkv.settings.env_source import read_env
 from dynkv.settings.errors import SettingsError
 from dynkv.settings.profiles import DEFAULT_PROFILE, Profile, load_profile
 
@@ -151,7 +152,7 @@ def _resolve_model(
         raise KeyError(f"unknown {section} flags: {sorted(unknown)}")
     layers: list[tuple[Source, dict[str, Any]]] = [
         ("flag", flags),
-        ("env", _read_env(model, environ)),
+        ("env", read_env(model, environ)),
         ("profile", getattr(prof, section)),
     ]
     merged: dict[str, Any] = {}
@@ -168,26 +169,6 @@ def _resolve_model(
         return model.model_validate(merged), sources
     except ValidationError as exc:
         raise _explain(exc, model, section, prof, sources, merged) from None
-
-
-class _MappingEnvSource(EnvSettingsSource):
-    """pydantic-settings' own environment parsing, pointed at a mapping instead of os.environ
-    (tests and `dynkv config --env-file`-style callers pass their own)."""
-
-    def __init__(self, model: type[BaseSettings], environ: Mapping[str, str]) -> None:
-        self._environ = environ
-        super().__init__(model)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {
-            k.lower(): v
-            for k, v in self._environ.items()
-            if not (self.env_ignore_empty and v == "")
-        }
-
-
-def _read_env(model: type[BaseSettings], environ: dict[str, str]) -> dict[str, Any]:
-    return _MappingEnvSource(model, environ)()
 
 
 def _explain(

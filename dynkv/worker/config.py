@@ -19,10 +19,11 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvError
 
 from dynkv.kvbm.roles import Role
+from dynkv.settings.env_source import read_env
 
 ENV_PREFIX = "DYNKV_WORKER_"
 PROG = "python -m dynkv.worker"
@@ -60,17 +61,6 @@ class WorkerSettings(BaseSettings, WorkerConfig):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
     etcd_endpoints: Annotated[tuple[str, ...], NoDecode] = Field(min_length=1)  # comma-separated
-
-
-class _EnvFrom(EnvSettingsSource):
-    """pydantic-settings' environment parsing, pointed at a given mapping (tests pass one)."""
-
-    def __init__(self, model: type[BaseSettings], environ: Mapping[str, str]) -> None:
-        self._environ = environ
-        super().__init__(model)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {k.lower(): v for k, v in self._environ.items() if v != ""}
 
 
 def _flag(name: str) -> str:
@@ -114,7 +104,7 @@ def parse_args(
     given = vars(p.parse_args(ours))
     env = os.environ if environ is None else environ
     try:
-        merged = {**_EnvFrom(WorkerSettings, env)(), **given}
+        merged = {**read_env(WorkerSettings, env), **given}
     except EnvError as exc:
         p.error(str(exc))
     missing = [
