@@ -17,28 +17,19 @@ tests/greedy_support.py.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from engine_support import run_engine_driver
 from greedy_support import LOGPROB_TOLERANCE, logprob_gap
 
 from dynkv.model import ensure_model
-from dynkv.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
-ENGINE = Path(__file__).with_name("kvbm_engine.py")
 PROMPT_TOKENS = 300  # 9 full 32-token blocks are loadable (vLLM computes at least the last token)
 LOADABLE = (PROMPT_TOKENS - 1) // 32
 PROMPTS = [[5 + (i * (7 + 4 * j) + j * 131) % 2000 for i in range(PROMPT_TOKENS)] for j in range(3)]
-
-
-def _cpus() -> str:
-    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:2])
 
 
 def assert_same_greedy(got: list[dict], want: list[dict]) -> None:
@@ -49,38 +40,8 @@ def assert_same_greedy(got: list[dict], want: list[dict]) -> None:
 
 
 def run_engine(scenario: str, env: dict[str, str], tmp: Path, **cfg) -> tuple[dict, str]:
-    port = free_port()
-    config = {
-        "model": str(ensure_model("tiny")),
-        "scenario": scenario,
-        "prompts": PROMPTS,
-        "metrics_port": port,
-        **cfg,
-    }
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("DYN_KVBM_", "DYNKV_"))
-    } | {
-        "VLLM_CPU_OMP_THREADS_BIND": _cpus(),
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "DYN_KVBM_METRICS": "true",
-        "DYN_KVBM_METRICS_PORT": str(port),
-        "DYN_KVBM_DISK_CACHE_DIR": str(tmp / "g3"),
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")])
-        ),
-        **env,
-    }
-    proc = subprocess.run(
-        [sys.executable, str(ENGINE), json.dumps(config)],
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, out[-4000:]
-    return json.loads(lines[-1][len("RESULT ") :]), out
+    config = {"model": str(ensure_model("tiny")), "scenario": scenario, "prompts": PROMPTS, **cfg}
+    return run_engine_driver(config, env, tmp, timeout=600)
 
 
 def delta(after: dict, before: dict, name: str) -> float:

@@ -12,21 +12,15 @@ five engine starts (G2, G3, restart, prefill, decode) of the engine driver kvbm_
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-
-from dynkv.ports import free_port
+from engine_support import run_engine_driver
 
 pytestmark = pytest.mark.e2e
 
-ENGINE = Path(__file__).with_name("kvbm_engine.py")
 MAX_TOKENS = 16
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 FACTS = [
@@ -86,46 +80,17 @@ def prompts(model) -> list[list[int]]:
     return out
 
 
-def _cpus() -> str:
-    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:2])
-
-
 def run_engine(model: Path, prompts, scenario: str, env: dict[str, str], tmp: Path, **cfg):
-    port = free_port()
     config = {
         "model": str(model),
         "scenario": scenario,
         "prompts": prompts,
-        "metrics_port": port,
         "max_tokens": MAX_TOKENS,
         "max_model_len": 2048,
         "device_kv_bytes": 160 << 20,  # two ~1,500-token prompts at 23,040 B per token, and room
         **cfg,
     }
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("DYN_KVBM_", "DYNKV_"))
-    } | {
-        "VLLM_CPU_OMP_THREADS_BIND": _cpus(),
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "DYN_KVBM_METRICS": "true",
-        "DYN_KVBM_METRICS_PORT": str(port),
-        "DYN_KVBM_DISK_CACHE_DIR": str(tmp / "g3"),
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")])
-        ),
-        **env,
-    }
-    proc = subprocess.run(
-        [sys.executable, str(ENGINE), json.dumps(config)],
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    out = proc.stdout + proc.stderr
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, out[-4000:]
-    return json.loads(lines[-1][len("RESULT ") :]), out
+    return run_engine_driver(config, env, tmp, timeout=900)
 
 
 def ids(outputs: list[dict]) -> list[list[int]]:
