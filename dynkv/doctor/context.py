@@ -126,9 +126,24 @@ class DoctorContext:
         if not self.model.config:
             return None
         try:
-            return model.doctor_kv_bytes_per_token(self.model.config)
+            return model.doctor_kv_bytes_per_token(self.model.config, self.serving_dtype)
         except (KeyError, ValueError, TypeError):
             return None
+
+    @property
+    def serving_dtype(self) -> str | None:
+        """The dtype the plan's workers were given (`--dtype`, e.g. the float32 fallback of CPUs
+        without AMX: dynkv.plan.dtype); None: the model's own."""
+        if self.plan is None:
+            return None
+        for worker in self.plan.workers:
+            argv = list(worker.argv)
+            for i, word in enumerate(argv):
+                if word == "--dtype" and i + 1 < len(argv):
+                    return argv[i + 1]
+                if word.startswith("--dtype="):
+                    return word.partition("=")[2]
+        return None
 
     @property
     def bytes_per_block(self) -> int | None:

@@ -26,16 +26,18 @@ DTYPE_BYTES = {
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-def doctor_kv_bytes_per_token(config: Mapping[str, Any]) -> int:
+def doctor_kv_bytes_per_token(config: Mapping[str, Any], dtype: str | None = None) -> int:
     """Bytes of KV cache per token: 2 (K and V) × layers × KV heads × head_dim × dtype bytes.
 
     Multimodal configs nest the language model in `text_config`. MLA models (DeepSeek:
     `kv_lora_rank`) cache one latent of kv_lora_rank + qk_rope_head_dim per layer instead of K and
-    V. Raises KeyError/ValueError when the config lacks what the formula needs.
+    V. `dtype` overrides the config's (the engine's `--dtype`; "auto" keeps the config's).
+    Raises KeyError/ValueError when the config lacks what the formula needs.
     """
     cfg: Mapping[str, Any] = config.get("text_config") or config
     layers = int(cfg["num_hidden_layers"])
-    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or "")
+    if dtype in (None, "auto"):
+        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or "")
     dtype = dtype.removeprefix("torch.") or "bfloat16"
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}")

@@ -20,6 +20,7 @@ from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
 from dynkv.kvbm.roles import Role
 from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
+from dynkv.plan.dtype import cpu_bf16_native, default_dtype_argv, dtype_note
 from dynkv.plan.engine_args import check_engine_args, detect_spec, engine_notes, role_argv
 from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service, read_or_new
 from dynkv.plan.model import Plan, Service, topological_order
@@ -60,6 +61,7 @@ class HostFacts:
     secret: str | None = None  # the deployment secret (dynkv.plan.secret); None: unsigned
     vllm_args: VllmArgSpec | None = None  # vLLM's parser, read only when there are engine args
     vllm_args_unchecked: str = "vLLM's parser was not read on the host that built this plan"
+    cpu_bf16_native: bool = True  # False: a CPU worker serves float32 (dynkv.plan.dtype)
 
     @classmethod
     def detect(cls, resolved: Resolved, model: ModelChoice, *, device: str) -> HostFacts:
@@ -88,6 +90,7 @@ class HostFacts:
             secret=read_or_new(resolved.deployment.deployment_dir),
             vllm_args=spec,
             vllm_args_unchecked=unchecked,
+            cpu_bf16_native=cpu_bf16_native(),
         )
 
 
@@ -189,7 +192,8 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
         services=ordered,
         external=external,
         notes=_notes(host, ordered)
-        + engine_notes(resolved.engine_args, host.vllm_args, host.vllm_args_unchecked),
+        + engine_notes(resolved.engine_args, host.vllm_args, host.vllm_args_unchecked)
+        + dtype_note([svc.argv for svc in ordered]),
         startup_timeout_secs=dep.startup_timeout_secs,
     )
 
@@ -271,7 +275,7 @@ def _workers(
             max_model_len=dep.max_model_len,
             kv_cache_bytes=kv_bytes,
             kv_transfer=kv_transfer_config(dynkv=dynkv, nixl=transfer == "nixl"),
-            engine=role_argv(resolved, role, host.vllm_args),
+            engine=_engine_argv(resolved, role, host),
         )
         served_metrics = (
             None if metrics_port is None else metrics_url(kvbm.metrics_host, metrics_port)
@@ -362,6 +366,11 @@ DECODE_TIERLESS = (
     "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS",
     "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS",
 )
+
+
+def _engine_argv(resolved: Resolved, role: str, host: HostFacts) -> tuple[str, ...]:
+    engine = role_argv(resolved, role, host.vllm_args)
+    return default_dtype_argv(host.device, host.cpu_bf16_native, engine) + engine
 
 
 def _check_port_clashes(services: tuple[Service, ...]) -> None:
