@@ -40,6 +40,7 @@ class RunOptions:
     timeout_s: float = 600.0
     ignore_eos: bool = False
     api_key: str | None = None
+    send_session: bool = False  # each request's session (user-3, doc-1) as the OpenAI `user`
 
 
 @dataclass
@@ -119,6 +120,7 @@ async def _send_all(
                     payload,
                     spec.max_tokens,
                     ignore_eos=options.ignore_eos,
+                    user=spec.session if options.send_session else None,
                 )
                 result = RequestResult(spec.index, spec.session, spec.round)
                 results[spec.index] = await stream_request(

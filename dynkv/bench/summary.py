@@ -102,6 +102,7 @@ class RunConfig(PartialRecord):
     tokenizer: str | None = None
     metrics_urls: list[str] | None = None
     deployment: str | None = None
+    send_session: bool | None = None  # each request carried its session as `user`
 
 
 class StackRecord(PartialRecord):
