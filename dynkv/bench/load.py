@@ -26,6 +26,7 @@ from dynkv.bench.client import RequestResult, request_body, stream_request
 from dynkv.bench.load_report import LoadConfig, LoadReport
 from dynkv.bench.report import percentiles
 from dynkv.bench.rss import MIB, RssSampler, flatness
+from dynkv.bench.runner import auth_headers, discover_model
 from dynkv.bench.summary import Percentiles
 from dynkv.bench.workloads import text
 from dynkv.private_deployment import fresh_ports
@@ -109,7 +110,7 @@ async def client_loop(
 async def run_clients(
     args: LoadOptions, base: str, model: str
 ) -> tuple[list[RequestResult], float]:
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = auth_headers(args.api_key)
     limits = httpx.Limits(max_connections=args.clients + 4)
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     system = text(random.Random("load-system"), args.system_words)
@@ -123,13 +124,6 @@ async def run_clients(
         )
         wall = time.perf_counter() - t0
     return [r for rs in per_client for r in rs], wall
-
-
-def first_model(base: str, api_key: str | None) -> str:
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    resp = httpx.get(f"{base}/v1/models", headers=headers, timeout=10, trust_env=False)
-    resp.raise_for_status()
-    return resp.json()["data"][0]["id"]
 
 
 # ---- the report ----------------------------------------------------------------------------------
@@ -215,7 +209,7 @@ def summary(rep: LoadReport) -> None:
 
 
 def run(args: LoadOptions, base: str, services: dict) -> LoadReport:
-    model = first_model(base, args.api_key)
+    model = discover_model(base, args.api_key, trust_env=False)
     say(f"{args.clients} streaming clients × {args.duration:g} s against {base} (model {model})")
     sampler = RssSampler(services, interval=args.sample).start()
     try:

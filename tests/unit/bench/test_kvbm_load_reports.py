@@ -124,3 +124,12 @@ def test_flatness_is_a_verdict_record():
     verdict = flatness([(0.0, 10 * MIB), (60.0, 10 * MIB)], warmup_s=0)
     assert isinstance(verdict, RssVerdict) and verdict.verdict == "flat"
     assert "reason" not in verdict.model_dump()
+
+
+def test_bench_load_against_a_real_http_server(fake_server):
+    """The producer end to end: streaming clients against a local SSE server, a typed report."""
+    options = load.LoadOptions(clients=2, duration=0.3, sample=0.1, warmup=0, max_tokens=2)
+    report = load.run(options, fake_server, {})
+    assert isinstance(report, LoadReport) and report.passed
+    assert report.completed == report.requests > 0 and report.ttft_ms.p50 is not None
+    assert report.rss == {} and report.config.clients == 2
