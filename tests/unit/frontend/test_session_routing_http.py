@@ -11,7 +11,7 @@ import json
 from collections import Counter
 
 import httpx
-from frontend_support import FakeWorker, ServerThread, pool_of, registration
+from frontend_support import FakeWorker, ServerThread, dead_url, pool_of, registration
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynkv.frontend import create_app
@@ -99,3 +99,20 @@ def test_disagg_prefill_and_decode_both_follow_the_session():
                 assert decode_of[s] == policy.pick(pool.healthy("m", "decode"), key).worker.id
             assert {w for ws in prefill_of.values() for w in ws} == {"prefill-0", "prefill-1"}
             assert decisions(fe) == {("session", "session"): 4 * len(SESSIONS)}
+
+
+def test_a_session_whose_worker_refuses_is_retried_on_its_next_worker():
+    live = FakeWorker("live")
+    with servers(live) as (server,):
+        pool = pool_of(("agg-0", dead_url()), ("agg-1", server.url))
+        policy = SessionAffinity()
+        session = next(
+            s
+            for s in SESSIONS
+            if policy.pick(pool.healthy("m", "agg"), RouteKey(s)).worker.id == "agg-0"
+        )
+        app = create_app(FrontendConfig(router="session"), pool=pool, discover=False)
+        with ServerThread(app) as fe:
+            assert chat(fe, header=session) == "agg-1"  # agg-0 refused: retried, marked down
+            assert chat(fe, header=session) == "agg-1"  # stays there while agg-0 is down
+            assert decisions(fe) == {("session", "session"): 3}
