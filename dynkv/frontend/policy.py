@@ -36,11 +36,6 @@ TURN = "turn"  # round robin: the next worker in turn
 FEWEST = "fewest_outstanding"  # least outstanding: the least busy worker
 AFFINITY = "session"  # session: the worker the session key hashes to
 NO_SESSION = "no_session"  # session policy, request without a key: least outstanding
-REASONS = {
-    "round_robin": (TURN,),
-    "least_outstanding": (FEWEST,),
-    "session": (AFFINITY, NO_SESSION),
-}
 
 
 @dataclass(frozen=True)
