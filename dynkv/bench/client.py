@@ -47,8 +47,10 @@ def request_body(
     max_tokens: int,
     *,
     ignore_eos: bool = False,
+    user: str | None = None,
 ) -> dict[str, Any]:
-    """Greedy, streamed, with usage; `ignore_eos` (a vLLM extension) fixes the output length."""
+    """Greedy, streamed, with usage; `ignore_eos` (a vLLM extension) fixes the output length;
+    `user` (OpenAI's end-user id) is the key of the frontend's session router."""
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": max_tokens,
@@ -59,6 +61,8 @@ def request_body(
     body["messages" if endpoint == "chat" else "prompt"] = payload
     if ignore_eos:
         body["ignore_eos"] = True
+    if user is not None:
+        body["user"] = user
     return body
 
 

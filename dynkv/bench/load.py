@@ -12,6 +12,7 @@ length). A request still in flight at the deadline finishes; none may take longe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import sys
@@ -22,8 +23,11 @@ from pathlib import Path
 import httpx
 
 from dynkv.bench.client import RequestResult, request_body, stream_request
+from dynkv.bench.load_report import LoadConfig, LoadReport
 from dynkv.bench.report import percentiles
 from dynkv.bench.rss import MIB, RssSampler, flatness
+from dynkv.bench.runner import auth_headers, discover_model
+from dynkv.bench.summary import Percentiles
 from dynkv.bench.workloads import text
 from dynkv.private_deployment import fresh_ports
 from dynkv.supervisor import read_state
@@ -106,7 +110,7 @@ async def client_loop(
 async def run_clients(
     args: LoadOptions, base: str, model: str
 ) -> tuple[list[RequestResult], float]:
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = auth_headers(args.api_key)
     limits = httpx.Limits(max_connections=args.clients + 4)
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     system = text(random.Random("load-system"), args.system_words)
@@ -122,19 +126,12 @@ async def run_clients(
     return [r for rs in per_client for r in rs], wall
 
 
-def first_model(base: str, api_key: str | None) -> str:
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    resp = httpx.get(f"{base}/v1/models", headers=headers, timeout=10, trust_env=False)
-    resp.raise_for_status()
-    return resp.json()["data"][0]["id"]
-
-
 # ---- the report ----------------------------------------------------------------------------------
 
 
 def report(
     args: LoadOptions, results: list[RequestResult], wall: float, sampler: RssSampler
-) -> dict:
+) -> LoadReport:
     ok = [r for r in results if r.ok]
     errors = [r.error or "unknown" for r in results if not r.ok]
     samples: list[str] = []
@@ -150,73 +147,69 @@ def report(
         )
         for name in sampler.services
     }
-    out = {
-        "config": {
-            k: getattr(args, k)
-            for k in ("clients", "duration", "max_tokens", "system_words", "question_words")
-            + ("timeout", "sample", "warmup", "rss_tolerance_pct", "rss_tolerance_mib")
-        },
-        "requests": len(results),
-        "completed": len(ok),
-        "errors": len(errors),
-        "error_samples": samples,
-        "wall_s": round(wall, 1),
-        "requests_per_s": round(len(ok) / wall, 2) if wall else None,
-        "output_tokens_per_s": round(sum(r.output_tokens for r in ok) / wall, 1) if wall else None,
-        "ttft_ms": _rounded(percentiles([r.ttft for r in ok if r.ttft is not None], 1000)),
-        "e2e_ms": _rounded(percentiles([r.latency for r in ok if r.latency is not None], 1000)),
-        "max_e2e_ms": round(max((r.latency or 0) for r in ok) * 1000, 1) if ok else None,
-        "rss": rss,
-        "rss_ok": all(v.get("verdict") != "growing" for v in rss.values()),
-    }
+    out = LoadReport(
+        config=LoadConfig.model_validate(dataclasses.asdict(args)),
+        requests=len(results),
+        completed=len(ok),
+        errors=len(errors),
+        error_samples=samples,
+        wall_s=round(wall, 1),
+        requests_per_s=round(len(ok) / wall, 2) if wall else None,
+        output_tokens_per_s=round(sum(r.output_tokens for r in ok) / wall, 1) if wall else None,
+        ttft_ms=_rounded(percentiles([r.ttft for r in ok if r.ttft is not None], 1000)),
+        e2e_ms=_rounded(percentiles([r.latency for r in ok if r.latency is not None], 1000)),
+        max_e2e_ms=round(max((r.latency or 0) for r in ok) * 1000, 1) if ok else None,
+        rss=rss,
+        rss_ok=all(v.verdict != "growing" for v in rss.values()),
+    )
     if args.samples:  # per service, and per process of each service's tree, in MiB
-        out["rss_samples"] = [
-            [round(t, 1), {k: (None if v is None else round(v / MIB, 1)) for k, v in s.items()}]
+        out.rss_samples = [
+            (round(t, 1), {k: (None if v is None else round(v / MIB, 1)) for k, v in s.items()})
             for t, s in sampler.samples
         ]
-        out["rss_processes"] = [
-            [
+        out.rss_processes = [
+            (
                 round(t, 1),
                 {
                     svc: (None if p is None else {k: round(v / MIB, 1) for k, v in p.items()})
                     for svc, p in parts.items()
                 },
-            ]
+            )
             for t, parts in sampler.parts
         ]
     return out
 
 
-def _rounded(d: dict) -> dict:
-    return {k: (None if v is None else round(v, 1)) for k, v in d.items()}
+def _rounded(d: dict[str, float | None]) -> Percentiles:
+    return Percentiles(**{k: (None if v is None else round(v, 1)) for k, v in d.items()})
 
 
-def summary(rep: dict) -> None:
+def summary(rep: LoadReport) -> None:
     say(
-        f"{rep['requests']} requests in {rep['wall_s']} s ({rep['requests_per_s']}/s, "
-        f"{rep['output_tokens_per_s']} tokens/s), errors {rep['errors']}"
+        f"{rep.requests} requests in {rep.wall_s} s ({rep.requests_per_s}/s, "
+        f"{rep.output_tokens_per_s} tokens/s), errors {rep.errors}"
     )
-    for sample in rep["error_samples"]:
+    for sample in rep.error_samples:
         say(f"  error: {sample}")
-    t, e = rep["ttft_ms"], rep["e2e_ms"]
+    t, e = rep.ttft_ms, rep.e2e_ms
     say(
-        f"TTFT ms p50 {t['p50']} p90 {t['p90']} p99 {t['p99']}; end-to-end ms p50 {e['p50']} "
-        f"p90 {e['p90']} p99 {e['p99']} (max {rep['max_e2e_ms']})"
+        f"TTFT ms p50 {t.p50} p90 {t.p90} p99 {t.p99}; end-to-end ms p50 {e.p50} "
+        f"p90 {e.p90} p99 {e.p99} (max {rep.max_e2e_ms})"
     )
-    for name, r in rep["rss"].items():
-        if not r.get("samples"):
-            say(f"RSS {name}: {r.get('reason')}")
+    for name, r in rep.rss.items():
+        if not r.samples or r.verdict is None:
+            say(f"RSS {name}: {r.reason}")
             continue
-        verdict = r["verdict"].upper() if r["verdict"] == "growing" else r["verdict"]
+        verdict = r.verdict.upper() if r.verdict == "growing" else r.verdict
         say(
-            f"RSS {name:<8} {r['start_mib']:>8} → {r['end_mib']:>8} MiB (max {r['max_mib']}); "
-            f"after warm-up {r['growth_mib']:+} MiB over {r['window_s']} s, last half "
-            f"{r['last_half_growth_mib']:+} (limit {r['limit_mib']}): {verdict}"
+            f"RSS {name:<8} {r.start_mib:>8} → {r.end_mib:>8} MiB (max {r.max_mib}); "
+            f"after warm-up {r.growth_mib:+} MiB over {r.window_s} s, last half "
+            f"{r.last_half_growth_mib:+} (limit {r.limit_mib}): {verdict}"
         )
 
 
-def run(args: LoadOptions, base: str, services: dict) -> dict:
-    model = first_model(base, args.api_key)
+def run(args: LoadOptions, base: str, services: dict) -> LoadReport:
+    model = discover_model(base, args.api_key, trust_env=False)
     say(f"{args.clients} streaming clients × {args.duration:g} s against {base} (model {model})")
     sampler = RssSampler(services, interval=args.sample).start()
     try:

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynkv.bench.kvbm_report import OffloadReport
+
 CONNECTOR = {"connector": "DynkvConnector", "module_path": "dynkv.kvbm.vllm_connector"}
 
 
@@ -146,7 +148,7 @@ def run(
     directory: str | None = None,
     timeout: float = 1800,
     progress: Callable[[str], None] = lambda _msg: None,
-) -> dict:
+) -> OffloadReport:
     workdir = Path(tempfile.mkdtemp(prefix="dynkv-w1-", dir=directory))
     try:
         payload = {
@@ -173,9 +175,10 @@ def run(
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return summarize(
+    summary = summarize(
         results, docs=docs, doc_tokens=doc_tokens, small_kv=small_kv, large_kv=large_kv
     )
+    return OffloadReport.model_validate(summary)
 
 
 def summarize(results: dict[str, dict], **workload) -> dict:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from dynkv.bench.load_report import RssVerdict, Verdict
+
 MIB = 1 << 20
 
 
@@ -116,15 +118,12 @@ def flatness(
     warmup_s: float,
     tolerance_pct: float = 2.0,
     tolerance_mib: float = 16.0,
-) -> dict:
+) -> RssVerdict:
     """The verdict on one service's RSS series (seconds, bytes)."""
     if not series:
-        return {
-            "samples": 0,
-            "verdict": None,
-            "flat": None,
-            "reason": "no samples (the service was not running)",
-        }
+        return RssVerdict(
+            samples=0, verdict=None, flat=None, reason="no samples (the service was not running)"
+        )
     steady = [(t, v / MIB) for t, v in series if t >= warmup_s] or [
         (series[-1][0], series[-1][1] / MIB)
     ]
@@ -136,24 +135,25 @@ def flatness(
     tail_growth = _slope(tail) * (tail[-1][0] - tail[0][0]) if len(tail) > 1 else 0.0
     level = statistics.median(v for _, v in steady)
     limit = max(tolerance_pct / 100 * level, tolerance_mib)
+    verdict: Verdict
     if growth <= limit:
         verdict = "flat"
     elif tail_growth <= limit / 2:
         verdict = "settling"
     else:
         verdict = "growing"
-    return {
-        "samples": len(series),
-        "start_mib": round(series[0][1] / MIB, 1),
-        "steady_start_mib": round(steady[0][1], 1),
-        "end_mib": round(series[-1][1] / MIB, 1),
-        "max_mib": round(max(v for _, v in series) / MIB, 1),
-        "median_mib": round(level, 1),
-        "slope_mib_per_min": round(slope * 60, 3),
-        "window_s": round(window, 1),
-        "growth_mib": round(growth, 1),
-        "last_half_growth_mib": round(tail_growth, 1),
-        "limit_mib": round(limit, 1),
-        "verdict": verdict,
-        "flat": verdict == "flat",
-    }
+    return RssVerdict(
+        samples=len(series),
+        start_mib=round(series[0][1] / MIB, 1),
+        steady_start_mib=round(steady[0][1], 1),
+        end_mib=round(series[-1][1] / MIB, 1),
+        max_mib=round(max(v for _, v in series) / MIB, 1),
+        median_mib=round(level, 1),
+        slope_mib_per_min=round(slope * 60, 3),
+        window_s=round(window, 1),
+        growth_mib=round(growth, 1),
+        last_half_growth_mib=round(tail_growth, 1),
+        limit_mib=round(limit, 1),
+        verdict=verdict,
+        flat=verdict == "flat",
+    )

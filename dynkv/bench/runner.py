@@ -40,6 +40,7 @@ class RunOptions:
     timeout_s: float = 600.0
     ignore_eos: bool = False
     api_key: str | None = None
+    send_session: bool = False  # each request's session (user-3, doc-1) as the OpenAI `user`
 
 
 @dataclass
@@ -65,14 +66,14 @@ def arrival_times(n: int, rate: float | None, seed: int = 0) -> list[float]:
     return out
 
 
-def _auth(api_key: str | None) -> dict[str, str]:
+def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def make_client(
     options: RunOptions, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
-    headers = _auth(options.api_key)
+    headers = auth_headers(options.api_key)
     # Enough connections for the cap; read timeout is per chunk, so a slow prefill is allowed
     # up to timeout_s before its first token.
     limits = httpx.Limits(max_connections=options.concurrency or 1000, max_keepalive_connections=64)
@@ -119,6 +120,7 @@ async def _send_all(
                     payload,
                     spec.max_tokens,
                     ignore_eos=options.ignore_eos,
+                    user=spec.session if options.send_session else None,
                 )
                 result = RequestResult(spec.index, spec.session, spec.round)
                 results[spec.index] = await stream_request(
@@ -164,8 +166,16 @@ def run(
     return asyncio.run(run_async(workload, options, warmup, progress))
 
 
-def discover_model(url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
-    """The first model the server lists at GET /v1/models (raises httpx errors, KeyError)."""
-    response = httpx.get(f"{url.rstrip('/')}/v1/models", headers=_auth(api_key), timeout=timeout_s)
+def discover_model(
+    url: str, api_key: str | None = None, timeout_s: float = 10.0, *, trust_env: bool = True
+) -> str:
+    """The first model the server lists at GET /v1/models (raises httpx errors, KeyError).
+    `trust_env=False` ignores proxy variables (a loopback deployment)."""
+    response = httpx.get(
+        f"{url.rstrip('/')}/v1/models",
+        headers=auth_headers(api_key),
+        timeout=timeout_s,
+        trust_env=trust_env,
+    )
     response.raise_for_status()
     return response.json()["data"][0]["id"]

@@ -17,11 +17,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 
-class _Record(BaseModel):
+class Record(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class _PartialRecord(_Record):
+class PartialRecord(Record):
     """A record written with only the fields that were set (the rest are not known, not null)."""
 
     @model_serializer(mode="wrap")
@@ -30,7 +30,7 @@ class _PartialRecord(_Record):
         return {k: v for k, v in data.items() if k in self.model_fields_set}
 
 
-class Percentiles(_Record):
+class Percentiles(Record):
     """p50/p90/p99 of a sample (ms in a summary); None for no values."""
 
     p50: float | None = None
@@ -38,14 +38,14 @@ class Percentiles(_Record):
     p99: float | None = None
 
 
-class HitRates(_Record):
+class HitRates(Record):
     """Blocks hit / blocks asked of KVBM per tier during the run (`dynkv.metrics_text.hit_rates`)."""
 
     host: float | None = None
     disk: float | None = None
 
 
-class Round(_Record):
+class Round(Record):
     """TTFT of the successful requests of one round of a multi-turn workload."""
 
     round: int
@@ -53,7 +53,7 @@ class Round(_Record):
     ttft_ms: Percentiles
 
 
-class KvbmTarget(_Record):
+class KvbmTarget(Record):
     """One metrics target: its gauges as read after the run, its counters as after − before.
 
     The field names are the Prometheus family names (`dynkv.bench.scrape.GAUGES`/`COUNTERS`)."""
@@ -71,7 +71,7 @@ class KvbmTarget(_Record):
     kvbm_disk_hit_blocks: float | None = None
 
 
-class Kvbm(_Record):
+class Kvbm(Record):
     """KVBM counter deltas summed over the targets that have a tier, and each target's own."""
 
     onboard_blocks_h2d: float | None = None
@@ -81,12 +81,12 @@ class Kvbm(_Record):
     matched_token_fraction: float | None = None
 
 
-class Warmup(_Record):
+class Warmup(Record):
     requests: int = 0
     errors: int = 0
 
 
-class RunConfig(_PartialRecord):
+class RunConfig(PartialRecord):
     """How a run was made: the workload and client options, and the server it was pointed at."""
 
     url: str | None = None
@@ -102,9 +102,10 @@ class RunConfig(_PartialRecord):
     tokenizer: str | None = None
     metrics_urls: list[str] | None = None
     deployment: str | None = None
+    send_session: bool | None = None  # each request carried its session as `user`
 
 
-class StackRecord(_PartialRecord):
+class StackRecord(PartialRecord):
     """A compare run's stack: its configuration (`StackConfig`), where it ran, and why it did not
     come up (`error`, None when it did)."""
 
@@ -120,7 +121,7 @@ class StackRecord(_PartialRecord):
     error: str | None = None
 
 
-class BenchSummary(_Record):
+class BenchSummary(Record):
     """The report of one configuration's run (the `--json` shape of `dynkv bench serve`)."""
 
     label: str
@@ -157,7 +158,7 @@ class BenchSummary(_Record):
         return bool(stack_error) or bool(self.requests and not self.completed)
 
 
-class CompareMeta(_Record):
+class CompareMeta(Record):
     """How a comparison was made: when, the command line, the configurations and stack options."""
 
     date: str
@@ -166,7 +167,7 @@ class CompareMeta(_Record):
     stack_options: dict[str, Any] = {}
 
 
-class CompareReport(_Record):
+class CompareReport(Record):
     """Several configurations' summaries, in the order they ran (report.json of `bench compare`)."""
 
     runs: list[BenchSummary] = []

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dynkv.bench.kvbm_report import TiersReport
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.diskio import aligned_buffer, fallocate, open_direct
 from dynkv.kvbm.host import HostArray
@@ -61,7 +62,7 @@ def run(
     o_direct: bool = True,
     repeats: int = 3,
     shape: KvShape | None = None,
-) -> dict[str, float | int | bool | str]:
+) -> TiersReport:
     import torch
 
     from dynkv.kvbm.device import DeviceKV
@@ -107,21 +108,19 @@ def _run(size_mb, directory, o_direct, repeats, shape, torch, DeviceKV):  # noqa
     def gbps(seconds: float) -> float:
         return round(nbytes / seconds / 1e9, 3)
 
-    result: dict[str, float | int | bool | str] = {
-        "memcpy_gbps": gbps(memcpy_s),
-        "g1_to_g2_gbps": gbps(g1_g2_s),
-        "g2_to_g1_gbps": gbps(g2_g1_s),
-        "raw_write_gbps": gbps(raw_w_s),
-        "raw_read_gbps": gbps(raw_r_s),
-        "g3_write_gbps": gbps(g3_w_s),
-        "g3_read_gbps": gbps(g3_r_s),
-    }
-    result["g1_g2_vs_memcpy"] = round(
-        min(result["g1_to_g2_gbps"], result["g2_to_g1_gbps"]) / result["memcpy_gbps"], 3
-    )
-    result["g3_read_vs_raw"] = round(result["g3_read_gbps"] / result["raw_read_gbps"], 3)
-    result["g3_write_vs_raw"] = round(result["g3_write_gbps"] / result["raw_write_gbps"], 3)
-    result.update(
+    memcpy, g1_g2, g2_g1 = gbps(memcpy_s), gbps(g1_g2_s), gbps(g2_g1_s)
+    raw_w, raw_r, g3_w, g3_r = gbps(raw_w_s), gbps(raw_r_s), gbps(g3_w_s), gbps(g3_r_s)
+    return TiersReport(
+        memcpy_gbps=memcpy,
+        g1_to_g2_gbps=g1_g2,
+        g2_to_g1_gbps=g2_g1,
+        raw_write_gbps=raw_w,
+        raw_read_gbps=raw_r,
+        g3_write_gbps=g3_w,
+        g3_read_gbps=g3_r,
+        g1_g2_vs_memcpy=round(min(g1_g2, g2_g1) / memcpy, 3),
+        g3_read_vs_raw=round(g3_r / raw_r, 3),
+        g3_write_vs_raw=round(g3_w / raw_w, 3),
         bytes=nbytes,
         blocks=n,
         bytes_per_block=bpb,
@@ -129,7 +128,6 @@ def _run(size_mb, directory, o_direct, repeats, shape, torch, DeviceKV):  # noqa
         repeats=repeats,
         directory=str(directory or tempfile.gettempdir()),
     )
-    return result
 
 
 def _disk_io(workdir: Path, layout: BlockLayout, device, n: int, o_direct: bool, repeats: int):

@@ -168,6 +168,15 @@ def _positive(name: str, value: int, flag: str, minimum: int = 1) -> None:
         )
 
 
+def _checked(**counts: int) -> dict[str, int]:
+    """`counts`, each checked ≥ 1 (≥ 0 for `system_tokens`) and named in the error by the flag
+    of its name (`doc_tokens` → --doc-tokens): a workload's parameters as its report lists them."""
+    for name, value in counts.items():
+        minimum = 0 if name == "system_tokens" else 1
+        _positive(name.replace("_", " "), value, "--" + name.replace("_", "-"), minimum)
+    return counts
+
+
 def multi_turn(
     users: int = 4,
     rounds: int = 4,
@@ -178,11 +187,13 @@ def multi_turn(
     count: TokenCounter | None = None,
 ) -> Workload:
     """Round-major order (every user's round 1, then every user's round 2, …)."""
-    _positive("users", users, "--users")
-    _positive("rounds", rounds, "--rounds")
-    _positive("system tokens", system_tokens, "--system-tokens", 0)
-    _positive("question tokens", question_tokens, "--question-tokens")
-    _positive("answer tokens", answer_tokens, "--answer-tokens")
+    params = _checked(
+        users=users,
+        rounds=rounds,
+        system_tokens=system_tokens,
+        question_tokens=question_tokens,
+        answer_tokens=answer_tokens,
+    ) | {"seed": seed}
     system = text(_rng(seed, "system"), system_tokens, count) if system_tokens else None
     questions = [
         [text(_rng(seed, f"question-{u}", r), question_tokens, count) for r in range(rounds)]
@@ -203,14 +214,6 @@ def multi_turn(
                     system=system,
                 )
             )
-    params = {
-        "users": users,
-        "rounds": rounds,
-        "system_tokens": system_tokens,
-        "question_tokens": question_tokens,
-        "answer_tokens": answer_tokens,
-        "seed": seed,
-    }
     return Workload("multi-turn", tuple(requests), params)
 
 
@@ -248,10 +251,12 @@ def long_doc(
     count: TokenCounter | None = None,
 ) -> Workload:
     """Defaults are workload W1 (docs/benchmarks.md): 6 documents × ~3.6k tokens, each sent twice."""
-    _positive("docs", docs, "--docs")
-    _positive("doc tokens", doc_tokens, "--doc-tokens")
-    _positive("repeats", repeats, "--repeats")
-    _positive("answer tokens", answer_tokens, "--answer-tokens")
+    params = {
+        **_checked(docs=docs, doc_tokens=doc_tokens, repeats=repeats),
+        "mode": mode,
+        **_checked(answer_tokens=answer_tokens),
+        "seed": seed,
+    }
     order = doc_order(docs, repeats, mode, seed)
     texts = [text(_rng(seed, "doc", d), doc_tokens, count) for d in range(docs)]
     sent: dict[int, int] = {}
@@ -270,14 +275,6 @@ def long_doc(
             )
         )
         last[d] = index
-    params = {
-        "docs": docs,
-        "doc_tokens": doc_tokens,
-        "repeats": repeats,
-        "mode": mode,
-        "answer_tokens": answer_tokens,
-        "seed": seed,
-    }
     return Workload("long-doc", tuple(requests), params)
 
 

@@ -20,34 +20,13 @@ from dynkv.bench import report, runner, scrape, target
 from dynkv.bench.summary import BenchSummary
 from dynkv.cli import bench_compare, bench_load_cmd
 from dynkv.cli.bench_options import (
-    AnswerTokensOpt,
-    ConcurrencyOpt,
-    DocsOpt,
-    DocTokensOpt,
-    EndpointOpt,
-    IgnoreEosOpt,
     MarkdownOpt,
-    ModeOpt,
     PlotOpt,
-    QuestionTokensOpt,
-    RateOpt,
-    RepeatsOpt,
-    RoundsOpt,
-    SeedOpt,
-    SystemTokensOpt,
-    TimeoutOpt,
-    TokenizerOpt,
-    UsersOpt,
-    WarmupOpt,
-    WorkloadOpt,
-    build_workload,
+    WorkloadArgs,
     progress,
-    run_config,
     usage,
-    workload_flags,
+    workload_options,
 )
-from dynkv.cli.bench_options import Endpoint as EndpointName
-from dynkv.cli.bench_options import WorkloadName as Workload
 from dynkv.cli.group import EXIT_FAILURE, UserError
 from dynkv.cli.options import JsonOpt
 from dynkv.cli.output import emit_json, err, warn
@@ -140,6 +119,7 @@ def _print_summary(summary: BenchSummary) -> None:
 
 
 @bench_app.command("serve")
+@workload_options
 def serve(
     url: Annotated[
         str | None,
@@ -162,24 +142,7 @@ def serve(
         str | None,
         typer.Option("--model", "-m", help="Served model name (default: first in /v1/models)."),
     ] = None,
-    workload: WorkloadOpt = Workload.MULTI_TURN,
-    endpoint: EndpointOpt = EndpointName.CHAT,
-    users: UsersOpt = None,
-    rounds: RoundsOpt = None,
-    system_tokens: SystemTokensOpt = None,
-    question_tokens: QuestionTokensOpt = None,
-    docs: DocsOpt = None,
-    doc_tokens: DocTokensOpt = None,
-    repeats: RepeatsOpt = None,
-    mode: ModeOpt = None,
-    answer_tokens: AnswerTokensOpt = None,
-    tokenizer: TokenizerOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    rate: RateOpt = None,
-    warmup: WarmupOpt = 0,
-    seed: SeedOpt = 0,
-    ignore_eos: IgnoreEosOpt = False,
-    timeout: TimeoutOpt = 600.0,
+    work: WorkloadArgs = WorkloadArgs(),  # the workload options (`workload_options`)
     api_key: Annotated[
         str | None,
         typer.Option("--api-key", envvar="DYNKV_API_KEY", show_default=False, help="Bearer token."),
@@ -208,23 +171,11 @@ def serve(
             f"{_MOVED}: `bench serve` loads a server that already runs",
             "dynkv bench compare --profiles PROFILE[,PROFILE…] (or --topologies agg,disagg)",
         )
-    given = workload_flags(
-        users, rounds, system_tokens, question_tokens, docs, doc_tokens, repeats, mode
-    )
     if url is not None:
         _check_url(url, "--url")
     for u in metrics_url or []:
         _check_url(u, "--metrics-url")
-    work, warm = build_workload(
-        workload,
-        given,
-        seed=seed,
-        tokenizer=tokenizer,
-        answer_tokens=answer_tokens,
-        warmup=warmup,
-    )
-    if concurrency is None and rate is None:
-        concurrency = 1
+    workload, warm = work.build()
     found = _find_target(url, name, list(metrics_url or []))
     url, metrics_urls = found.url, list(found.metrics_urls)
 
@@ -238,27 +189,8 @@ def serve(
             EXIT_FAILURE,
         ) from None
 
-    options = runner.RunOptions(
-        url=url,
-        model=served,
-        endpoint=str(endpoint),  # type: ignore[arg-type]
-        concurrency=concurrency,
-        rate=rate,
-        seed=seed,
-        timeout_s=timeout,
-        ignore_eos=ignore_eos,
-        api_key=api_key,
-    )
-    config = run_config(
-        work,
-        endpoint=endpoint,
-        concurrency=concurrency,
-        rate=rate,
-        warmup=warmup,
-        seed=seed,
-        ignore_eos=ignore_eos,
-        tokenizer=tokenizer,
-    ).model_copy(
+    options = work.run_options(url, served, api_key)
+    config = work.run_config(workload).model_copy(
         update={
             "url": url,
             "model": served,
@@ -268,16 +200,16 @@ def serve(
     )
     if not json_out:
         err.print(
-            f"[bold]bench serve[/bold] {escape(work.name)} → {escape(url)} ({escape(served)}): "
-            f"{len(work.requests)} requests, {warmup} warm-up",
+            f"[bold]bench serve[/bold] {escape(workload.name)} → {escape(url)} ({escape(served)}): "
+            f"{len(workload.requests)} requests, {work.warmup} warm-up",
             soft_wrap=True,
         )
 
     before = scrape.scrape_all(metrics_urls)
     with progress() as bar:
-        task = bar.add_task(work.name, total=len(work.requests))
+        task = bar.add_task(workload.name, total=len(workload.requests))
         result = runner.run(
-            work, options, warm, progress=lambda done, _total: bar.update(task, completed=done)
+            workload, options, warm, progress=lambda done, _total: bar.update(task, completed=done)
         )
     after = scrape.scrape_all(metrics_urls)
     for snap in after:
@@ -286,9 +218,9 @@ def serve(
 
     summary = report.summarize(report.LabelledRun(label or url, result, config, before, after))
     if markdown:
-        markdown.write_text(report.markdown([summary], title=f"dynkv bench serve: {work.name}"))
+        markdown.write_text(report.markdown([summary], title=f"dynkv bench serve: {workload.name}"))
     if plot:
-        report.plot([summary], plot, title=f"TTFT per round: {work.name}")
+        report.plot([summary], plot, title=f"TTFT per round: {workload.name}")
     if json_out:
         emit_json(summary.model_dump(mode="json"))
     else:

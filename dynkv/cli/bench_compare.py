@@ -27,34 +27,14 @@ from dynkv.bench import compare, report, runner, stacks
 from dynkv.bench.summary import BenchSummary, CompareMeta, RunConfig
 from dynkv.bench.workloads import Workload
 from dynkv.cli.bench_options import (
-    AnswerTokensOpt,
-    ConcurrencyOpt,
-    DocsOpt,
-    DocTokensOpt,
-    Endpoint,
-    EndpointOpt,
-    IgnoreEosOpt,
     MarkdownOpt,
-    ModeOpt,
     PlotOpt,
-    QuestionTokensOpt,
-    RateOpt,
-    RepeatsOpt,
-    RoundsOpt,
-    SeedOpt,
-    SystemTokensOpt,
-    TimeoutOpt,
-    TokenizerOpt,
-    UsersOpt,
-    WarmupOpt,
-    WorkloadName,
-    WorkloadOpt,
-    build_workload,
+    WorkloadArgs,
     progress,
-    run_config,
-    workload_flags,
+    usage,
+    workload_options,
 )
-from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
+from dynkv.cli.group import EXIT_FAILURE, UserError
 from dynkv.cli.options import JsonOpt
 from dynkv.cli.output import emit_json, err, warn
 
@@ -62,10 +42,6 @@ from dynkv.cli.output import emit_json, err, warn
 def default_out_dir(now: dt.datetime | None = None) -> Path:
     stamp = (now or dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
     return Path(f"dynkv-compare-{stamp}")
-
-
-def _usage(cause: str, fix: str) -> UserError:
-    return UserError(cause, fix, EXIT_USAGE)
 
 
 def _table(summaries: list[BenchSummary]) -> Table:
@@ -110,16 +86,16 @@ def run(
     try:
         configs = compare.plan_configs(profiles, topologies, profile=profile, baseline=baseline)
     except compare.CompareError as exc:
-        raise _usage(exc.cause, exc.fix) from None
+        raise usage(exc.cause, exc.fix) from None
     out = out_dir or default_out_dir()
     if out.exists() and not out.is_dir():
-        raise _usage(f"--out {out} is not a directory", "pass --out with a directory path")
+        raise usage(f"--out {out} is not a directory", "pass --out with a directory path")
     launcher = stacks.UpLauncher(stack_options, out.resolve() / "stacks")
     try:
         for config in configs:
             launcher.check(config)
     except compare.CompareError as exc:
-        raise _usage(exc.cause, exc.fix) from None
+        raise usage(exc.cause, exc.fix) from None
 
     started = dt.datetime.now(dt.UTC)
     command = "dynkv " + shlex.join(sys.argv[1:]) if sys.argv else "dynkv bench compare"
@@ -227,6 +203,7 @@ def _stack_note(o: stacks.StackOptions) -> str:
     return ", ".join(parts)
 
 
+@workload_options
 def compare_cmd(
     profiles: Annotated[
         list[str] | None,
@@ -298,24 +275,7 @@ def compare_cmd(
             show_default=False,
         ),
     ] = None,
-    workload: WorkloadOpt = WorkloadName.MULTI_TURN,
-    endpoint: EndpointOpt = Endpoint.CHAT,
-    users: UsersOpt = None,
-    rounds: RoundsOpt = None,
-    system_tokens: SystemTokensOpt = None,
-    question_tokens: QuestionTokensOpt = None,
-    docs: DocsOpt = None,
-    doc_tokens: DocTokensOpt = None,
-    repeats: RepeatsOpt = None,
-    mode: ModeOpt = None,
-    answer_tokens: AnswerTokensOpt = None,
-    tokenizer: TokenizerOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    rate: RateOpt = None,
-    warmup: WarmupOpt = 0,
-    seed: SeedOpt = 0,
-    ignore_eos: IgnoreEosOpt = False,
-    timeout: TimeoutOpt = 600.0,
+    work: WorkloadArgs = WorkloadArgs(),  # the workload options (`workload_options`)
     markdown: MarkdownOpt = None,
     plot: PlotOpt = None,
     served_model: Annotated[str | None, typer.Option("--model", "-m", hidden=True)] = None,
@@ -324,23 +284,11 @@ def compare_cmd(
     """Bring up each profile (or topology) in turn with `dynkv up -d`, run the same workload
     against it, take it down, and write one combined report."""
     if served_model is not None:
-        raise _usage(
+        raise usage(
             "--model names a running server's model; the stacks' model is --stack-model",
             f"pass --stack-model {served_model}",
         )
-    given = workload_flags(
-        users, rounds, system_tokens, question_tokens, docs, doc_tokens, repeats, mode
-    )
-    work, warm = build_workload(
-        workload,
-        given,
-        seed=seed,
-        tokenizer=tokenizer,
-        answer_tokens=answer_tokens,
-        warmup=warmup,
-    )
-    if concurrency is None and rate is None:
-        concurrency = 1
+    workload, warm = work.build()
     try:
         stack_options = stacks.StackOptions(
             model=stack_model,
@@ -351,34 +299,16 @@ def compare_cmd(
             env=stacks.parse_env_pairs(stack_env),
         )
     except compare.CompareError as exc:
-        raise _usage(exc.cause, exc.fix) from None
-    options = runner.RunOptions(
-        url="",  # each stack's frontend
-        model="",  # each stack's served model
-        endpoint=str(endpoint),  # type: ignore[arg-type]
-        concurrency=concurrency,
-        rate=rate,
-        seed=seed,
-        timeout_s=timeout,
-        ignore_eos=ignore_eos,
-    )
-    config = run_config(
-        work,
-        endpoint=endpoint,
-        concurrency=concurrency,
-        rate=rate,
-        warmup=warmup,
-        seed=seed,
-        ignore_eos=ignore_eos,
-        tokenizer=tokenizer,
-    )
+        raise usage(exc.cause, exc.fix) from None
+    options = work.run_options()  # url and model: each stack's
+    config = work.run_config(workload)
     run(
         profiles=compare.split_values(profiles),
         topologies=compare.split_values(topologies),
         profile=profile,
         baseline=baseline,
         stack_options=stack_options,
-        work=work,
+        work=workload,
         warm=warm,
         options=options,
         run_config=config,

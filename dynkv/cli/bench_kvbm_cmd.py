@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from dynkv.bench.kvbm_report import OffloadReport
 from dynkv.cli.group import EXIT_USAGE, UserError
 from dynkv.cli.options import JsonOpt
 from dynkv.cli.output import emit_json, err
@@ -37,29 +38,21 @@ def tiers(
     with err.status("measuring tier throughput…"):
         result = run(size_mb=size_mb, directory=directory, o_direct=not buffered, repeats=repeats)
     if json_out:
-        emit_json(result)
+        emit_json(result.model_dump(mode="json"))
         return
     table = Table(
-        title=f"tiers: {result['bytes'] / 1e6:.0f} MB, {result['blocks']} blocks of {result['bytes_per_block']} B, best of {repeats}"
+        title=f"tiers: {result.bytes / 1e6:.0f} MB, {result.blocks} blocks of "
+        f"{result.bytes_per_block} B, best of {repeats}"
     )
     table.add_column("path")
     table.add_column("GB/s", justify="right")
     table.add_column("vs raw", justify="right")
-    mem = result["memcpy_gbps"]
-    rows = [
-        ("memcpy (raw)", mem, 1.0),
-        ("G1 → G2", result["g1_to_g2_gbps"], result["g1_to_g2_gbps"] / mem),
-        ("G2 → G1", result["g2_to_g1_gbps"], result["g2_to_g1_gbps"] / mem),
-        ("file write (raw)", result["raw_write_gbps"], 1.0),
-        ("G3 write", result["g3_write_gbps"], result["g3_write_vs_raw"]),
-        ("file read (raw)", result["raw_read_gbps"], 1.0),
-        ("G3 read", result["g3_read_gbps"], result["g3_read_vs_raw"]),
-    ]
-    for name, gbps, ratio in rows:
-        table.add_row(name, f"{gbps:.2f}", f"{ratio:.2f}")
+    for path, gbps, ratio in result.rows():
+        table.add_row(path, f"{gbps:.2f}", f"{ratio:.2f}")
     err.print(table)
     err.print(
-        f"targets: G1↔G2 ≥ 0.5 × memcpy: {result['g1_g2_vs_memcpy']:.2f}; G3 read ≥ 0.7 × raw: {result['g3_read_vs_raw']:.2f}"
+        f"targets: G1↔G2 ≥ 0.5 × memcpy: {result.g1_g2_vs_memcpy:.2f}; "
+        f"G3 read ≥ 0.7 × raw: {result.g3_read_vs_raw:.2f}"
     )
 
 
@@ -117,22 +110,25 @@ def offload(
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
     )
     if not json_out:
-        table = Table(title=f"W1: {docs} docs × {doc_tokens} tokens, round-2 median (≈ TTFT)")
-        for col in ("configuration", "round 1 ms", "round 2 ms", "vs floor"):
-            table.add_column(col, justify="right" if col != "configuration" else "left")
-        for name, r in result["configs"].items():
-            ratio = result.get(f"{name}_vs_floor")
-            table.add_row(
-                name,
-                f"{r['round1_median_ms']:.0f}",
-                f"{r['round2_median_ms']:.0f}",
-                "" if ratio is None else f"{ratio:.2f}",
-            )
-        err.print(table)
-        err.print(f"cold overhead: {result['cold_overhead']}; targets: {result['targets']}")
-    keys = ("recompute_ms", "floor_ms", "peer_ms", "g2_ms", "g3_ms", "g2g3_ms", "cold_overhead")
+        err.print(_offload_table(result, docs, doc_tokens))
+        err.print(f"cold overhead: {result.cold_overhead}; targets: {result.targets}")
     # one line either way: the summary keys are at the top level of the last line of stdout
-    typer.echo(json.dumps(result if json_out else {k: result[k] for k in keys}))
+    typer.echo(json.dumps(result.model_dump(mode="json") if json_out else result.headline()))
+
+
+def _offload_table(result: OffloadReport, docs: int, doc_tokens: int) -> Table:
+    table = Table(title=f"W1: {docs} docs × {doc_tokens} tokens, round-2 median (≈ TTFT)")
+    for col in ("configuration", "round 1 ms", "round 2 ms", "vs floor"):
+        table.add_column(col, justify="right" if col != "configuration" else "left")
+    for name, r in result.configs.items():
+        ratio = result.vs_floor(name)
+        table.add_row(
+            name,
+            f"{r.round1_median_ms:.0f}",
+            f"{r.round2_median_ms:.0f}",
+            "" if ratio is None else f"{ratio:.2f}",
+        )
+    return table
 
 
 def register(bench_app: typer.Typer) -> None:

@@ -19,6 +19,7 @@ import httpx
 import typer
 
 from dynkv.bench import load, target
+from dynkv.bench.load_report import LoadReport
 from dynkv.cli.group import EXIT_FAILURE, UserError
 from dynkv.cli.options import JsonOpt
 from dynkv.cli.output import emit_json
@@ -39,7 +40,7 @@ def _services(name: str | None) -> dict:
     return services
 
 
-def _own_deployment(options: load.LoadOptions) -> dict:
+def _own_deployment(options: load.LoadOptions) -> LoadReport:
     with tempfile.TemporaryDirectory(prefix="dynkv-load-") as tmp:
         env = load.own_stack_env(Path(tmp) / "state")
         load.say(f"starting a deployment ({env['DYNKV_NAME']}) with the tiny model…")
@@ -130,6 +131,6 @@ def bench_load(
         ) from None
     load.summary(rep)
     if json_out:
-        emit_json(rep)
-    if not (rep["errors"] == 0 and rep["rss_ok"]):
+        emit_json(rep.model_dump(mode="json"))
+    if not rep.passed:
         raise typer.Exit(EXIT_FAILURE)

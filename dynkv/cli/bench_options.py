@@ -1,13 +1,19 @@
 """The options `bench serve` and `bench compare` share, declared once with their bounds and
 choices, so a bad value is refused by the option itself and reported as cause + fix by the CLI's
-one error path (`dynkv.cli.group`); plus the workload they both build and the progress bar.
+one error path (`dynkv.cli.group`); plus the workload they both build (`WorkloadArgs`, which a
+command takes as one parameter through `workload_options`) and the progress bar.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -90,6 +96,15 @@ MarkdownOpt = Annotated[
 ]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG of TTFT per round.")]
 
+SendSessionOpt = Annotated[
+    bool,
+    typer.Option(
+        "--send-session",
+        help="Send each simulated user's (or document's) session as the OpenAI `user` field, "
+        "for the frontend's session router (docs/frontend.md#routing).",
+    ),
+]
+
 # Options of one workload only; giving one to the other workload is a usage error.
 _ONLY = {
     "multi-turn": ("--users", "--rounds", "--system-tokens", "--question-tokens"),
@@ -97,88 +112,138 @@ _ONLY = {
 }
 
 
-def workload_flags(
-    users: int | None,
-    rounds: int | None,
-    system_tokens: int | None,
-    question_tokens: int | None,
-    docs: int | None,
-    doc_tokens: int | None,
-    repeats: int | None,
-    mode: RepeatMode | None,
-) -> dict[str, Any]:
-    """The workload options by flag, for `build_workload` (None: not given)."""
-    return {
-        "--users": users,
-        "--rounds": rounds,
-        "--system-tokens": system_tokens,
-        "--question-tokens": question_tokens,
-        "--docs": docs,
-        "--doc-tokens": doc_tokens,
-        "--repeats": repeats,
-        "--mode": mode,
-    }
+@dataclass(frozen=True)
+class WorkloadArgs:
+    """The workload and client options of `bench serve` and `bench compare`, as given; a
+    command declares them once with `workload_options`."""
+
+    workload: WorkloadOpt = WorkloadName.MULTI_TURN
+    endpoint: EndpointOpt = Endpoint.CHAT
+    users: UsersOpt = None
+    rounds: RoundsOpt = None
+    system_tokens: SystemTokensOpt = None
+    question_tokens: QuestionTokensOpt = None
+    docs: DocsOpt = None
+    doc_tokens: DocTokensOpt = None
+    repeats: RepeatsOpt = None
+    mode: ModeOpt = None
+    answer_tokens: AnswerTokensOpt = None
+    tokenizer: TokenizerOpt = None
+    concurrency: ConcurrencyOpt = None
+    rate: RateOpt = None
+    warmup: WarmupOpt = 0
+    seed: SeedOpt = 0
+    ignore_eos: IgnoreEosOpt = False
+    timeout: TimeoutOpt = 600.0
+    send_session: SendSessionOpt = False
+
+    @property
+    def cap(self) -> int | None:
+        """Requests in flight: --concurrency, else 1, else (with --rate) no cap."""
+        return 1 if self.concurrency is None and self.rate is None else self.concurrency
+
+    def build(self) -> tuple[workloads.Workload, workloads.Workload]:
+        """The measured workload and its warm-up; a flag of the other workload is a usage
+        error."""
+        given = {
+            "--users": self.users,
+            "--rounds": self.rounds,
+            "--system-tokens": self.system_tokens,
+            "--question-tokens": self.question_tokens,
+            "--docs": self.docs,
+            "--doc-tokens": self.doc_tokens,
+            "--repeats": self.repeats,
+            "--mode": self.mode,
+        }
+        workload = self.workload
+        for other, flags in _ONLY.items():
+            wrong = [f for f in flags if other != workload and given.get(f) is not None]
+            if wrong:
+                raise usage(
+                    f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to "
+                    f"--workload {other}, not {workload}",
+                    f"drop {', '.join(wrong)}, or pass --workload {other}",
+                )
+        params = {
+            flag[2:].replace("-", "_"): str(v) if isinstance(v, StrEnum) else v
+            for flag, v in given.items()
+        }
+        try:
+            count = workloads.tokenizer_counter(self.tokenizer) if self.tokenizer else None
+            work = workloads.build(
+                str(workload), self.seed, count, answer_tokens=self.answer_tokens, **params
+            )
+            return work, workloads.warmup(self.warmup, seed=self.seed)
+        except workloads.WorkloadError as exc:
+            raise usage(exc.cause, exc.fix) from None
+
+    def run_options(self, url: str = "", model: str = "", api_key: str | None = None):
+        """How the runner sends (a compare run fills url and model in per stack)."""
+        from dynkv.bench.runner import RunOptions
+
+        return RunOptions(
+            url=url,
+            model=model,
+            endpoint=str(self.endpoint),  # type: ignore[arg-type]
+            concurrency=self.cap,
+            rate=self.rate,
+            seed=self.seed,
+            timeout_s=self.timeout,
+            ignore_eos=self.ignore_eos,
+            api_key=api_key,
+            send_session=self.send_session,
+        )
+
+    def run_config(self, work: workloads.Workload) -> RunConfig:
+        """How a run was made, as the report records it (the server it ran against is added
+        by the command that knows it); `send_session` only when it was on, so reports of runs
+        without it keep their shape."""
+        config = RunConfig(
+            endpoint=str(self.endpoint),
+            workload=work.name,
+            params=work.params,
+            concurrency=self.cap,
+            rate=self.rate,
+            warmup=self.warmup,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+            tokenizer=str(self.tokenizer) if self.tokenizer else None,
+        )
+        return config.model_copy(update={"send_session": True}) if self.send_session else config
 
 
-def run_config(
-    work: workloads.Workload,
-    *,
-    endpoint: Endpoint,
-    concurrency: int | None,
-    rate: float | None,
-    warmup: int,
-    seed: int,
-    ignore_eos: bool,
-    tokenizer: Path | None,
-) -> RunConfig:
-    """How a run was made, as the report records it (the server it ran against is added by the
-    command that knows it)."""
-    return RunConfig(
-        endpoint=str(endpoint),
-        workload=work.name,
-        params=work.params,
-        concurrency=concurrency,
-        rate=rate,
-        warmup=warmup,
-        seed=seed,
-        ignore_eos=ignore_eos,
-        tokenizer=str(tokenizer) if tokenizer else None,
-    )
+def workload_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command`'s `work: WorkloadArgs` parameter becomes the options of `WorkloadArgs`, in its
+    place, for typer; they are collected into a `WorkloadArgs` when the command runs."""
+    shared = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=t)
+        for f, t in zip(
+            dataclasses.fields(WorkloadArgs),
+            get_type_hints(WorkloadArgs, include_extras=True).values(),
+            strict=True,
+        )
+    ]
+    names = [p.name for p in shared]
+    signature = inspect.signature(command, eval_str=True)
+    params: list[inspect.Parameter] = []
+    for param in signature.parameters.values():
+        if param.name == "work":
+            params += shared
+        else:
+            params.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+    @functools.wraps(command)
+    def with_work(**kwargs: Any) -> None:
+        work = WorkloadArgs(**{name: kwargs.pop(name) for name in names})
+        command(work=work, **kwargs)
+
+    with_work.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    with_work.__annotations__ = {p.name: p.annotation for p in params}
+    return with_work
 
 
 def usage(cause: str, fix: str) -> UserError:
     return UserError(cause, fix, EXIT_USAGE)
-
-
-def build_workload(
-    workload: WorkloadName,
-    given: dict[str, Any],
-    *,
-    seed: int,
-    tokenizer: Path | None,
-    answer_tokens: int | None,
-    warmup: int,
-) -> tuple[workloads.Workload, workloads.Workload]:
-    """The measured workload and its warm-up. `given` maps each workload flag to its value
-    (None: not given); a flag of the other workload is a usage error."""
-    for other, flags in _ONLY.items():
-        wrong = [f for f in flags if other != workload and given.get(f) is not None]
-        if wrong:
-            raise usage(
-                f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to "
-                f"--workload {other}, not {workload}",
-                f"drop {', '.join(wrong)}, or pass --workload {other}",
-            )
-    params = {
-        flag[2:].replace("-", "_"): str(v) if isinstance(v, StrEnum) else v
-        for flag, v in given.items()
-    }
-    try:
-        count = workloads.tokenizer_counter(tokenizer) if tokenizer else None
-        work = workloads.build(str(workload), seed, count, answer_tokens=answer_tokens, **params)
-        return work, workloads.warmup(warmup, seed=seed)
-    except workloads.WorkloadError as exc:
-        raise usage(exc.cause, exc.fix) from None
 
 
 def progress() -> Progress:

@@ -66,7 +66,9 @@ InsecureOpt = Annotated[
 RouterOpt = Annotated[
     RouterPolicy | None,
     typer.Option(
-        "--router", help="How the frontend picks a worker: round_robin or least_outstanding."
+        "--router",
+        help="How the frontend picks a worker: round_robin, least_outstanding or session "
+        "(affinity by x-session-id / OpenAI user).",
     ),
 ]
 KvbmOpt = Annotated[

@@ -10,7 +10,7 @@ answers chunk by chunk. Modules, from the wire inwards:
 - `auth`: the optional bearer API key (docs/security.md);
 - `protocol` / `errors`: what the frontend reads of a request; OpenAI-shaped errors;
 - `router`: serving strategies (`Aggregated`; disagg plugs in here), worker choice and retry;
-- `policy`: round_robin / least_outstanding;
+- `policy`: round_robin / least_outstanding / session (affinity);
 - `upstream`: the shared httpx client, sending and relaying;
 - `pool` / `discovery`: registered workers and their health, kept true from etcd;
 - `metrics`: the frontend's own Prometheus registry.

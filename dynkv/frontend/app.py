@@ -47,7 +47,7 @@ from dynkv.frontend.errors import (
 from dynkv.frontend.metrics import CONTENT_TYPE, NO_WORKER, UNKNOWN_MODEL, FrontendMetrics
 from dynkv.frontend.policy import make_policy
 from dynkv.frontend.pool import WorkerPool
-from dynkv.frontend.protocol import Endpoint, parse_request
+from dynkv.frontend.protocol import SESSION_HEADER, Endpoint, parse_request
 from dynkv.frontend.router import Aggregated, RouteContext, Router, Strategy
 from dynkv.frontend.upstream import Forwarder, make_client
 from dynkv.infra.etcd_client import AsyncEtcdClient
@@ -152,6 +152,7 @@ class Frontend:
                 await _read_body(request, self.config.max_body_bytes),
                 request_id=client_id,
                 received_at=started,
+                session_header=request.headers.get(SESSION_HEADER),
             )
             if self.pool.knows(req.model):
                 label = req.model

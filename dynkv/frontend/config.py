@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvError
 
 from dynkv.plan.frontend import exposure_problem, is_loopback
+from dynkv.settings.deployment import RouterPolicy
 from dynkv.settings.env_source import read_env
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV
 
@@ -42,8 +43,9 @@ class FrontendConfig(BaseModel):
     etcd_endpoints: tuple[str, ...] = Field(
         (), description="etcd client URL(s), comma-separated; none: no discovery (tests)"
     )
-    router: Literal["round_robin", "least_outstanding"] = Field(
-        "round_robin", description=f"worker choice (also ${ROUTER_ENV})"
+    router: RouterPolicy = Field(
+        RouterPolicy.ROUND_ROBIN,
+        description=f"worker choice: {', '.join(RouterPolicy)} (also ${ROUTER_ENV})",
     )
     models: tuple[str, ...] = Field(
         (), description="a served model name answered 503 (not 404) while it has no worker"
@@ -109,8 +111,8 @@ class FrontendSettings(BaseSettings, FrontendConfig):
     )
     etcd_endpoints: Annotated[tuple[str, ...], NoDecode] = ()  # comma-separated
     models: Annotated[tuple[str, ...], NoDecode] = ()  # comma-separated
-    router: Literal["round_robin", "least_outstanding"] = Field(
-        "round_robin",
+    router: RouterPolicy = Field(
+        RouterPolicy.ROUND_ROBIN,
         validation_alias=AliasChoices(ENV_PREFIX + "ROUTER", ROUTER_ENV),
     )
     api_key: str | None = Field(

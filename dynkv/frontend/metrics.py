@@ -19,6 +19,9 @@ label space.
   to first token visible from outside and are not observed here.
 - `dynkv_frontend_inflight_requests{model, worker}` and `dynkv_frontend_workers{model, role,
   state}` (state `healthy`/`unhealthy`, read from the pool at scrape time).
+- `dynkv_router_decisions_total{policy, reason}`: worker choices of the routing policy
+  (`dynkv.frontend.policy`: reason `turn`, `fewest_outstanding`, `session` or `no_session`); a
+  retried request is two decisions.
 - `dynkv_frontend_registrations_rejected_total{reason}`: etcd records under the workers prefix
   that were ignored: malformed, unsigned, bad_signature (docs/security.md).
 """
@@ -109,8 +112,17 @@ class FrontendMetrics:
             ["model", "worker"],
             registry=r,
         )
+        self.decisions = Counter(
+            "dynkv_router_decisions",
+            "Worker choices of the routing policy, by policy and reason.",
+            ["policy", "reason"],
+            registry=r,
+        )
         if pool is not None:
             r.register(_PoolCollector(pool))
+
+    def decided(self, policy: str, reason: str) -> None:
+        self.decisions.labels(policy, reason).inc()
 
     def finished(
         self, *, model: str, worker: str, endpoint: str, status: int, duration: float

@@ -3,7 +3,8 @@
 The body is forwarded to a worker byte for byte (vLLM validates it fully and answers in its own
 words); the frontend only needs the model (to route), `stream` (to label TTFT) and the fields
 without which no worker could do anything (`messages` / `prompt`), which it checks itself so that
-a malformed request is a 400 even when no worker is up.
+a malformed request is a 400 even when no worker is up; and the session key the `session` router
+policy hashes (`session_key`), so that no policy reads HTTP.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ _REQUIRED: dict[Endpoint, str] = {"chat": "messages", "completions": "prompt"}
 # Fields only the frontend may set: workers trust them (a KV handoff's slots), so a client's are
 # dropped before forwarding.
 INTERNAL_FIELDS = ("kv_transfer_params",)
+SESSION_HEADER = "x-session-id"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class ApiRequest:
     body: dict[str, Any]
     request_id: str | None = None
     received_at: float = field(default_factory=time.monotonic)
+    session: str | None = None  # the affinity key (`session_key`), None without one
 
     @property
     def path(self) -> str:
@@ -53,15 +56,29 @@ class ApiRequest:
         return json.dumps({**kept, **changes}, separators=(",", ":")).encode()
 
 
+def session_key(header: str | None, body: dict[str, Any]) -> str | None:
+    """The request's session: its `x-session-id` header when set, else the OpenAI `user` field
+    (a string), else None. The header wins so that a client can pin a conversation without
+    changing what it reports as `user`."""
+    if header is not None and header.strip():
+        return header.strip()
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        return user
+    return None
+
+
 def parse_request(
     endpoint: Endpoint,
     raw: bytes,
     *,
     request_id: str | None = None,
     received_at: float | None = None,
+    session_header: str | None = None,
 ) -> ApiRequest:
     """→ ApiRequest, or an ApiError 400 saying what is wrong (as OpenAI words it).
-    `received_at` (monotonic) starts the request's clock when it arrived, before its body."""
+    `received_at` (monotonic) starts the request's clock when it arrived, before its body;
+    `session_header` is the request's `x-session-id` header, if any."""
     try:
         body = json.loads(raw)
     except RecursionError:  # `[[[[…` nested deeper than the parser's stack: not a request
@@ -110,4 +127,5 @@ def parse_request(
         body=body,
         request_id=request_id,
         received_at=time.monotonic() if received_at is None else received_at,
+        session=session_key(session_header, body),
     )

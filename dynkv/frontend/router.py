@@ -12,7 +12,7 @@ Two layers, so that the disaggregated topology is one more class and nothing els
   whose `can_serve(pool, model)` is true serves, so disagg goes before or after `Aggregated` in
   that tuple.
 - `RouteContext.open` does one step: the policy (`DYNKV_ROUTER`) picks a healthy worker of the
-  role, the forwarder sends, and a connection failure before any byte reached the client marks
+  role (seeing the request's session key, never its HTTP), the forwarder sends, and a connection failure before any byte reached the client marks
   that worker unhealthy and is retried once on another one.
 """
 
@@ -29,7 +29,7 @@ from starlette.responses import Response
 
 from dynkv.frontend.errors import SERVER_ERROR, ApiError, model_not_found, no_worker
 from dynkv.frontend.metrics import FrontendMetrics
-from dynkv.frontend.policy import Policy
+from dynkv.frontend.policy import Policy, RouteKey
 from dynkv.frontend.pool import WorkerPool
 from dynkv.frontend.protocol import ApiRequest
 from dynkv.frontend.upstream import (
@@ -63,10 +63,13 @@ class RouteContext:
         this returns."""
         tried: list[str] = []
         failures: list[str] = []
+        key = RouteKey(session=req.session)
         for attempt in range(ATTEMPTS):
-            worker = self.policy.pick(self.pool.healthy(req.model, role, exclude=tried))
-            if worker is None:
+            choice = self.policy.pick(self.pool.healthy(req.model, role, exclude=tried), key)
+            if choice is None:
                 break
+            worker = choice.worker
+            self.metrics.decided(self.policy.name, choice.reason)
             if attempt:
                 self.metrics.retries.labels(req.model).inc()
                 log.info("retrying on %s after: %s", worker.id, failures[-1])

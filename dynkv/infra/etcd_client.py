@@ -15,15 +15,18 @@ that history: `EtcdCompacted`, then re-list with `get_prefix` and watch from its
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
+from dynkv.infra import etcd_wire as wire
 from dynkv.infra.etcd_wire import (  # noqa: F401 (the public names are re-exported)
     DEFAULT_TIMEOUT,
+    Call,
     EtcdCompacted,
     EtcdError,
     EtcdUnavailable,
@@ -32,17 +35,34 @@ from dynkv.infra.etcd_wire import (  # noqa: F401 (the public names are re-expor
     RangeResult,
     WatchEvent,
     checked_json,
-    delete_request,
     endpoint_list,
-    parse_keepalive,
-    parse_range,
     parse_watch_line,
     prefix_range_end,
-    put_request,
-    range_request,
-    revision_of,
     watch_request,
 )
+
+T = TypeVar("T")
+RECONNECT_S = 0.2  # pause before a lost watch tries the next endpoint
+_UNREACHABLE = "every endpoint failed: _attempts raised EtcdUnavailable"
+
+
+class _Attempt:
+    """One endpoint's try at a call: a transport error is recorded and suppressed (the next
+    endpoint is tried); any answer, even an error, makes this endpoint the current one."""
+
+    def __init__(self, failover: _Failover, index: int, errors: list[str]) -> None:
+        self.failover, self.index, self.errors = failover, index, errors
+        self.url = failover.endpoints[index]
+
+    def __enter__(self) -> _Attempt:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb) -> bool:
+        if isinstance(exc, httpx.TransportError):
+            self.errors.append(f"{self.url}: {exc}")
+            return True
+        self.failover._current = self.index
+        return False
 
 
 class _Failover:
@@ -54,9 +74,13 @@ class _Failover:
         self.timeout = timeout
         self._current = 0
 
-    def _rotation(self) -> list[int]:
+    def _attempts(self) -> Iterator[_Attempt]:
+        """An attempt per endpoint, current first; EtcdUnavailable when all of them failed."""
+        errors: list[str] = []
         n = len(self.endpoints)
-        return [(self._current + i) % n for i in range(n)]
+        for i in range(n):
+            yield _Attempt(self, (self._current + i) % n, errors)
+        raise EtcdUnavailable("no etcd endpoint answered: " + "; ".join(errors))
 
     def _watch_lost(self, exc: Exception, failing_since: float | None) -> float:
         """Move the watch to the next endpoint; EtcdUnavailable once it has failed too long."""
@@ -66,6 +90,34 @@ class _Failover:
             raise EtcdUnavailable(f"etcd watch lost and not resumed: {exc}") from None
         self._current = (self._current + 1) % len(self.endpoints)
         return failing_since
+
+
+class _Watch:
+    """What a prefix watch keeps across reconnections, for both clients: the revision to resume
+    from (the one after the last event delivered) and since when it has been failing."""
+
+    def __init__(self, failover: _Failover, prefix: str, start_revision: int | None) -> None:
+        self.failover, self.prefix = failover, prefix
+        self.next_rev = start_revision
+        self.failing_since: float | None = None
+
+    def request(self) -> tuple[str, dict[str, Any]]:
+        url = self.failover.endpoints[self.failover._current] + "/v3/watch"
+        return url, watch_request(self.prefix, self.next_rev)
+
+    def opened(self, resp: httpx.Response) -> None:
+        """The stream answered (its body read when it is an error, which raises here)."""
+        if resp.status_code >= 400:
+            checked_json(resp)
+        self.failing_since = None
+
+    def events(self, line: str) -> Iterator[WatchEvent]:
+        for event in parse_watch_line(line) if line.strip() else ():
+            self.next_rev = event.revision + 1
+            yield event
+
+    def lost(self, exc: Exception) -> None:
+        self.failing_since = self.failover._watch_lost(exc, self.failing_since)
 
 
 class EtcdClient(_Failover):
@@ -84,17 +136,11 @@ class EtcdClient(_Failover):
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        errors = []
-        for idx in self._rotation():
-            try:
-                resp = self._http.post(self.endpoints[idx] + path, json=body)
-            except httpx.TransportError as exc:
-                errors.append(f"{self.endpoints[idx]}: {exc}")
-                continue
-            self._current = idx
-            return checked_json(resp)
-        raise EtcdUnavailable("no etcd endpoint answered: " + "; ".join(errors))
+    def _call(self, call: Call[T]) -> T:
+        for attempt in self._attempts():
+            with attempt:
+                return call.result(self._http.post(attempt.url + call.path, json=call.body))
+        raise AssertionError(_UNREACHABLE)
 
     def health(self) -> bool:
         """True when some endpoint answers `/health` with {"health": "true"}."""
@@ -108,39 +154,34 @@ class EtcdClient(_Failover):
 
     def put(self, key: str, value: Any, *, lease: int = 0) -> int:
         """Store `value` (bytes, str, or anything JSON-serialisable); returns the new revision."""
-        return revision_of(self._call(*put_request(key, value, lease)))
+        return self._call(wire.put(key, value, lease))
 
     def get(self, key: str) -> KeyValue | None:
-        kvs = parse_range(self._call(*range_request(key, False))).kvs
-        return kvs[0] if kvs else None
+        return self._call(wire.get(key))
 
     def get_prefix(self, prefix: str) -> RangeResult:
-        return parse_range(self._call(*range_request(prefix, True)))
+        return self._call(wire.get_prefix(prefix))
 
     def delete(self, key: str) -> int:
-        return int(self._call(*delete_request(key, False)).get("deleted", 0))
+        return self._call(wire.delete(key))
 
     def delete_prefix(self, prefix: str) -> int:
-        return int(self._call(*delete_request(prefix, True)).get("deleted", 0))
+        return self._call(wire.delete(prefix, prefix=True))
 
     def lease_grant(self, ttl: int) -> int:
-        return int(self._call("/v3/lease/grant", {"TTL": str(ttl)})["ID"])
+        return self._call(wire.lease_grant(ttl))
 
     def lease_keepalive(self, lease: int) -> int:
         """Refresh the lease once; returns its new TTL, or raises LeaseExpired."""
-        return parse_keepalive(self._call("/v3/lease/keepalive", {"ID": str(lease)}), lease)
+        return self._call(wire.lease_keepalive(lease))
 
     def lease_revoke(self, lease: int) -> None:
         """Revoke the lease (deleting its keys); a lease already gone is not an error."""
-        try:
-            self._call("/v3/lease/revoke", {"ID": str(lease)})
-        except EtcdError as exc:
-            if "not found" not in str(exc):
-                raise
+        self._call(wire.lease_revoke(lease))
 
     def lease_time_to_live(self, lease: int) -> int:
         """Seconds left, or -1 when the lease no longer exists."""
-        return int(self._call("/v3/lease/timetolive", {"ID": str(lease)}).get("TTL", -1))
+        return self._call(wire.lease_time_to_live(lease))
 
     def watch_prefix(
         self, prefix: str, *, start_revision: int | None = None, idle_timeout: float | None = None
@@ -150,33 +191,22 @@ class EtcdClient(_Failover):
         Blocks between events; with `idle_timeout` the generator ends when no event arrives for
         that long (resume later with start_revision = last event's revision + 1). A dropped
         connection is resumed on the next endpoint; EtcdUnavailable after `timeout` of failures."""
-        next_rev = start_revision
-        failing_since: float | None = None
+        watch = _Watch(self, prefix, start_revision)
         timeout = httpx.Timeout(self.timeout, read=idle_timeout)
         while True:
-            endpoint = self.endpoints[self._current]
+            url, body = watch.request()
             try:
-                with self._http.stream(
-                    "POST",
-                    endpoint + "/v3/watch",
-                    json=watch_request(prefix, next_rev),
-                    timeout=timeout,
-                ) as resp:
+                with self._http.stream("POST", url, json=body, timeout=timeout) as resp:
                     if resp.status_code >= 400:
                         resp.read()
-                        checked_json(resp)
-                    failing_since = None
+                    watch.opened(resp)
                     for line in resp.iter_lines():
-                        if not line.strip():
-                            continue
-                        for event in parse_watch_line(line):
-                            next_rev = event.revision + 1
-                            yield event
+                        yield from watch.events(line)
             except httpx.ReadTimeout:
                 return
             except httpx.TransportError as exc:
-                failing_since = self._watch_lost(exc, failing_since)
-                time.sleep(0.2)
+                watch.lost(exc)
+                time.sleep(RECONNECT_S)
 
 
 class AsyncEtcdClient(_Failover):
@@ -196,78 +226,58 @@ class AsyncEtcdClient(_Failover):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        errors = []
-        for idx in self._rotation():
-            try:
-                resp = await self._http.post(self.endpoints[idx] + path, json=body)
-            except httpx.TransportError as exc:
-                errors.append(f"{self.endpoints[idx]}: {exc}")
-                continue
-            self._current = idx
-            return checked_json(resp)
-        raise EtcdUnavailable("no etcd endpoint answered: " + "; ".join(errors))
+    async def _call(self, call: Call[T]) -> T:
+        for attempt in self._attempts():
+            with attempt:
+                return call.result(await self._http.post(attempt.url + call.path, json=call.body))
+        raise AssertionError(_UNREACHABLE)
 
     async def put(self, key: str, value: Any, *, lease: int = 0) -> int:
-        return revision_of(await self._call(*put_request(key, value, lease)))
+        return await self._call(wire.put(key, value, lease))
 
     async def get(self, key: str) -> KeyValue | None:
-        kvs = parse_range(await self._call(*range_request(key, False))).kvs
-        return kvs[0] if kvs else None
+        return await self._call(wire.get(key))
 
     async def get_prefix(self, prefix: str) -> RangeResult:
-        return parse_range(await self._call(*range_request(prefix, True)))
+        return await self._call(wire.get_prefix(prefix))
 
     async def delete(self, key: str) -> int:
-        return int((await self._call(*delete_request(key, False))).get("deleted", 0))
+        return await self._call(wire.delete(key))
 
     async def delete_prefix(self, prefix: str) -> int:
-        return int((await self._call(*delete_request(prefix, True))).get("deleted", 0))
+        return await self._call(wire.delete(prefix, prefix=True))
 
     async def lease_grant(self, ttl: int) -> int:
-        return int((await self._call("/v3/lease/grant", {"TTL": str(ttl)}))["ID"])
+        return await self._call(wire.lease_grant(ttl))
 
     async def lease_keepalive(self, lease: int) -> int:
-        return parse_keepalive(await self._call("/v3/lease/keepalive", {"ID": str(lease)}), lease)
+        return await self._call(wire.lease_keepalive(lease))
 
     async def lease_revoke(self, lease: int) -> None:
-        try:
-            await self._call("/v3/lease/revoke", {"ID": str(lease)})
-        except EtcdError as exc:
-            if "not found" not in str(exc):
-                raise
+        await self._call(wire.lease_revoke(lease))
+
+    async def lease_time_to_live(self, lease: int) -> int:
+        return await self._call(wire.lease_time_to_live(lease))
 
     async def watch_prefix(
         self, prefix: str, *, start_revision: int | None = None
     ) -> AsyncIterator[WatchEvent]:
         """Every change under `prefix`, in order, until the consuming task stops iterating."""
-        import asyncio
-
-        next_rev = start_revision
-        failing_since: float | None = None
+        watch = _Watch(self, prefix, start_revision)
         timeout = httpx.Timeout(self.timeout, read=None)
         while True:
-            endpoint = self.endpoints[self._current]
+            url, body = watch.request()
             try:
-                async with self._http.stream(
-                    "POST",
-                    endpoint + "/v3/watch",
-                    json=watch_request(prefix, next_rev),
-                    timeout=timeout,
-                ) as resp:
+                async with self._http.stream("POST", url, json=body, timeout=timeout) as resp:
                     if resp.status_code >= 400:
                         await resp.aread()
-                        checked_json(resp)
-                    failing_since = None
+                    watch.opened(resp)
                     async for line in resp.aiter_lines():
-                        if not line.strip():
-                            continue
-                        for event in parse_watch_line(line):
-                            next_rev = event.revision + 1
+                        for event in watch.events(line):
                             yield event
             except httpx.TransportError as exc:
-                failing_since = self._watch_lost(exc, failing_since)
-                await asyncio.sleep(0.2)
+                watch.lost(exc)
+                await asyncio.sleep(RECONNECT_S)
 
 
 class LeaseKeeper:

@@ -1,19 +1,21 @@
-"""etcd v3's JSON gRPC-gateway, as data: the records, the errors, and the request bodies and
-response parsing that the sync and the async client (`dynkv.infra.etcd_client`) share. In the
-gateway's JSON, keys and values are base64 and 64-bit integers are strings.
+"""etcd v3's JSON gRPC-gateway, as data: the records, the errors, and every call as a `Call` (its
+path, its body and the parser of its answer), so that the sync and the async client
+(`dynkv.infra.etcd_client`) differ only in how they send. In the gateway's JSON, keys and values
+are base64 and 64-bit integers are strings.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import httpx
 
 DEFAULT_TIMEOUT = 5.0
+T = TypeVar("T")
 
 
 class EtcdError(Exception):
@@ -107,30 +109,87 @@ def _encode(value: str | bytes | Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-# Request bodies and response parsers, shared by the sync and async clients.
+# The calls, as data: a request and what its answer means, shared by the sync and the async client
+# (each only sends `Call.path` with `Call.body` and hands the response to `Call.result`).
 
 
-def put_request(key: str, value: Any, lease: int) -> tuple[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One gateway request and the parser of its answer. An EtcdError whose message contains
+    `tolerate` means the call had nothing to do (a lease already gone): the result is None."""
+
+    path: str
+    body: dict[str, Any]
+    parse: Callable[[dict[str, Any]], T]
+    tolerate: str | None = None
+
+    def result(self, resp: httpx.Response) -> T:
+        try:
+            return self.parse(checked_json(resp))
+        except EtcdError as exc:
+            if self.tolerate and self.tolerate in str(exc):
+                return None  # type: ignore[return-value]
+            raise
+
+
+def put(key: str, value: Any, lease: int = 0) -> Call[int]:
+    """Store `value` (bytes, str, or anything JSON-serialisable) → the new revision."""
     body: dict[str, Any] = {"key": _b64(key), "value": _b64(_encode(value))}
     if lease:
         body["lease"] = str(lease)
-    return "/v3/kv/put", body
+    return Call("/v3/kv/put", body, revision_of)
 
 
-def range_request(key: str, prefix: bool) -> tuple[str, dict[str, Any]]:
+def _range_body(key: str, prefix: bool) -> dict[str, Any]:
     body = {"key": _b64(key)}
     if prefix:
         body["range_end"] = _b64(prefix_range_end(key))
-    return "/v3/kv/range", body
+    return body
 
 
 def parse_range(resp: dict[str, Any]) -> RangeResult:
     return RangeResult([_kv(kv) for kv in resp.get("kvs", [])], revision_of(resp))
 
 
-def delete_request(key: str, prefix: bool) -> tuple[str, dict[str, Any]]:
-    path, body = range_request(key, prefix)
-    return "/v3/kv/deleterange", body
+def _first(resp: dict[str, Any]) -> KeyValue | None:
+    kvs = parse_range(resp).kvs
+    return kvs[0] if kvs else None
+
+
+def get(key: str) -> Call[KeyValue | None]:
+    return Call("/v3/kv/range", _range_body(key, False), _first)
+
+
+def get_prefix(prefix: str) -> Call[RangeResult]:
+    return Call("/v3/kv/range", _range_body(prefix, True), parse_range)
+
+
+def _deleted(resp: dict[str, Any]) -> int:
+    return int(resp.get("deleted", 0))
+
+
+def delete(key: str, prefix: bool = False) -> Call[int]:
+    """Delete `key` (or every key under it, with `prefix`) → how many were deleted."""
+    return Call("/v3/kv/deleterange", _range_body(key, prefix), _deleted)
+
+
+def lease_grant(ttl: int) -> Call[int]:
+    return Call("/v3/lease/grant", {"TTL": str(ttl)}, lambda resp: int(resp["ID"]))
+
+
+def lease_keepalive(lease: int) -> Call[int]:
+    """Refresh the lease once → its new TTL; LeaseExpired when it is gone."""
+    return Call("/v3/lease/keepalive", {"ID": str(lease)}, lambda r: parse_keepalive(r, lease))
+
+
+def lease_revoke(lease: int) -> Call[None]:
+    """Revoke the lease (deleting its keys); a lease already gone is not an error."""
+    return Call("/v3/lease/revoke", {"ID": str(lease)}, lambda _resp: None, "not found")
+
+
+def lease_time_to_live(lease: int) -> Call[int]:
+    """Seconds left, or -1 when the lease no longer exists."""
+    return Call("/v3/lease/timetolive", {"ID": str(lease)}, lambda r: int(r.get("TTL", -1)))
 
 
 def parse_keepalive(resp: dict[str, Any], lease: int) -> int:

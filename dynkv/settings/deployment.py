@@ -37,8 +37,11 @@ class Device(StrEnum):
 
 
 class RouterPolicy(StrEnum):
+    """The frontend's worker choice (dynkv.frontend.policy, docs/frontend.md#routing)."""
+
     ROUND_ROBIN = "round_robin"
     LEAST_OUTSTANDING = "least_outstanding"
+    SESSION = "session"
 
 
 def default_state_dir() -> Path:
@@ -145,7 +148,7 @@ class DeploymentSettings(BaseSettings):
     router: RouterPolicy = Field(
         RouterPolicy.ROUND_ROBIN,
         description="How the frontend spreads requests over workers.",
-        json_schema_extra=_expect("round_robin or least_outstanding", "round_robin"),
+        json_schema_extra=_expect("round_robin, least_outstanding or session", "round_robin"),
     )
     api_key: SecretStr | None = Field(
         None,

@@ -163,3 +163,27 @@ def test_failover_and_unavailable(etcd_url, prefix):
         assert not c.health()
         with pytest.raises(EtcdUnavailable):
             c.get("x")
+
+
+def test_async_failover_unavailable_and_a_revoked_lease(etcd_url, prefix):
+    """The async client sends the same calls (dynkv.infra.etcd_wire) through the same endpoint
+    rotation as the sync one."""
+
+    async def scenario():
+        async with AsyncEtcdClient(["http://127.0.0.1:1", etcd_url], timeout=2) as c:
+            await c.put(prefix + "k", "v")
+            assert (await c.get(prefix + "k")).value == b"v"
+            assert c.endpoints[c._current] == etcd_url.rstrip("/")  # the one that answered
+            lease = await c.lease_grant(5)
+            assert 0 < await c.lease_time_to_live(lease) <= 5
+            await c.lease_revoke(lease)
+            await c.lease_revoke(lease)  # already gone: not an error
+            assert await c.lease_time_to_live(lease) == -1
+            with pytest.raises(LeaseExpired):
+                await c.lease_keepalive(lease)
+            assert await c.delete(prefix + "k") == 1
+        async with AsyncEtcdClient("http://127.0.0.1:1", timeout=0.5) as c:
+            with pytest.raises(EtcdUnavailable, match="no etcd endpoint answered"):
+                await c.get("x")
+
+    asyncio.run(scenario())

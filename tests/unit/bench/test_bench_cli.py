@@ -197,3 +197,11 @@ def test_name_of_no_deployment_exits_1_with_cause_and_fix(state_dir):
     assert result.exit_code == 1
     assert "no deployment named 'nothere'" in result.stderr
     assert "dynkv up -d --name nothere" in result.stderr
+
+
+def test_send_session_is_recorded_in_the_config_only_when_on(fake_server):
+    on = invoke("--url", fake_server, *SMALL, "--send-session", "--json")
+    assert on.exit_code == 0, on.stderr
+    assert json.loads(on.stdout)["config"]["send_session"] is True
+    off = json.loads(invoke("--url", fake_server, *SMALL, "--json").stdout)
+    assert "send_session" not in off["config"]  # reports of runs without it keep their shape

@@ -211,3 +211,14 @@ def test_api_key_is_sent_as_a_bearer_token():
     transport = httpx.MockTransport(handler)
     asyncio.run(runner.run_async(work, options(api_key="s3cret"), transport=transport))
     assert seen == ["Bearer s3cret"]
+
+
+def test_send_session_puts_each_users_session_in_the_user_field():
+    """`--send-session`: the frontend's session router sees one key per simulated user."""
+    server = FakeServer(tokens=1)
+    work = workloads.multi_turn(users=2, rounds=2, system_tokens=4, question_tokens=2, seed=1)
+    run(work, server, send_session=True)
+    assert [b["user"] for b in server.bodies] == ["user-0", "user-1", "user-0", "user-1"]
+    quiet = FakeServer(tokens=1)
+    run(work, quiet)
+    assert not any("user" in b for b in quiet.bodies)  # off by default

@@ -12,7 +12,7 @@ from frontend_support import pool_of, registration
 from dynkv.frontend.config import parse_args
 from dynkv.frontend.discovery import Discovery, workers_prefix
 from dynkv.frontend.errors import ApiError
-from dynkv.frontend.policy import LeastOutstanding, RoundRobin, make_policy
+from dynkv.frontend.policy import Choice, LeastOutstanding, RoundRobin, make_policy
 from dynkv.frontend.pool import Worker, WorkerPool
 from dynkv.frontend.protocol import parse_request
 from dynkv.infra.etcd_client import (
@@ -132,9 +132,9 @@ def _workers(*ids: str) -> list[Worker]:
 def test_round_robin_cycles_and_survives_changes():
     rr = RoundRobin()
     a, b, c = _workers("a", "b", "c")
-    assert [rr.pick([a, b, c]).id for _ in range(4)] == ["a", "b", "c", "a"]
-    assert rr.pick([a, c]).id == "c"  # after a comes the next one present
-    assert rr.pick([b]).id == "b"
+    assert [rr.pick([a, b, c]).worker.id for _ in range(4)] == ["a", "b", "c", "a"]
+    assert rr.pick([a, c]).worker.id == "c"  # after a comes the next one present
+    assert rr.pick([b]) == Choice(b, "turn")
     assert rr.pick([]) is None
 
 
@@ -142,14 +142,15 @@ def test_least_outstanding_prefers_idle_and_rotates_ties():
     lo = LeastOutstanding()
     a, b, c = _workers("a", "b", "c")
     a.outstanding, b.outstanding, c.outstanding = 2, 0, 0
-    assert [lo.pick([a, b, c]).id for _ in range(3)] == ["b", "c", "b"]
+    assert [lo.pick([a, b, c]).worker.id for _ in range(3)] == ["b", "c", "b"]
     c.outstanding = 5
-    assert lo.pick([a, b, c]).id == "b"
+    assert lo.pick([a, b, c]) == Choice(b, "fewest_outstanding")
 
 
 def test_make_policy_names():
     assert make_policy("round_robin").name == "round_robin"
     assert make_policy("least_outstanding").name == "least_outstanding"
+    assert make_policy("session").name == "session"
     with pytest.raises(ValueError, match="unknown router"):
         make_policy("random")
 
