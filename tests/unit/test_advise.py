@@ -141,9 +141,7 @@ def test_g3_slower_than_recompute_from_skipped_blocks():
 
 
 def test_g3_slower_than_recompute_from_read_timeouts():
-    before, after = history(
-        {**BASE, "DISK_READ_TIMEOUTS": 0}, {**HEALTHY, "DISK_READ_TIMEOUTS": 4}
-    )
+    before, after = history({**BASE, "DISK_READ_TIMEOUTS": 0}, {**HEALTHY, "DISK_READ_TIMEOUTS": 4})
     assert kinds(before, after) == [FindingKind.G3_SLOWER_THAN_RECOMPUTE]
 
 
@@ -219,8 +217,8 @@ def test_labelled_counter_parse_keeps_the_label_sets_apart():
 def test_the_engine_is_pure(module):
     path = Path(__file__).resolve().parents[2] / "dynkv" / "advise" / module
     tree = ast.parse(path.read_text())
-    imported = {
-        n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-    } | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
     impure = {"httpx", "psutil", "time", "subprocess", "dynkv.supervisor", "dynkv.advise.collect"}
     assert imported & impure == set()
