@@ -116,7 +116,9 @@ def cpu_binding() -> str:
     )
 
 
-def run_engine(config: Config, payload: dict, timeout: float, workdir: Path) -> dict:
+def run_engine(
+    config: Config, payload: dict, timeout: float, workdir: Path, engine: dict | None = None
+) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}
     env.update(
         VLLM_CPU_OMP_THREADS_BIND=cpu_binding(),
@@ -130,7 +132,7 @@ def run_engine(config: Config, payload: dict, timeout: float, workdir: Path) -> 
         "device_kv_bytes": config.device_kv_bytes,
         "result_file": str(result_file),
         **config.connector,
-        "engine_kwargs": config.engine,
+        "engine_kwargs": {**(engine or {}), **config.engine},
     }
     proc = subprocess.run(
         [sys.executable, "-m", "dynkv.bench.offload_engine", json.dumps(cfg)],
@@ -158,7 +160,10 @@ def run(
     directory: str | None = None,
     timeout: float = 1800,
     progress: Callable[[str], None] = lambda _msg: None,
+    engine: dict | None = None,
 ) -> dict:
+    """W1 over `configurations` (all but the opt-in ones, or those in `only`); `engine`: extra
+    `vllm.LLM` arguments for every engine (scripts/gpu-check: enforce_eager, to start fast)."""
     workdir = Path(tempfile.mkdtemp(prefix="dynkv-w1-", dir=directory))
     try:
         payload = {
@@ -172,7 +177,7 @@ def run(
             if (only and config.name not in only) or (not only and config.opt_in):
                 continue
             progress(f"{config.name}: starting an engine")
-            rounds = run_engine(config, payload, timeout, workdir)["rounds"]
+            rounds = run_engine(config, payload, timeout, workdir, engine)["rounds"]
             results[config.name] = {
                 "round1_ms": [round(x, 1) for x in rounds[0]],
                 "round2_ms": [round(x, 1) for x in rounds[1]],
