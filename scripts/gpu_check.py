@@ -136,7 +136,9 @@ def w1_native(limit: float) -> dict[str, Any]:
     lines = [line[3:] for line in out.splitlines() if line.startswith("W1 ")]
     if code != 0 or not lines:
         why = f"timed out after {limit:.0f} s" if code is None else f"exit {code}"
-        return result("failed", f"{why}: {out[-1500:]}", seconds=seconds)
+        # which engines ran, and which failed how (offload.run names it)
+        said = [ln for ln in out.splitlines() if ln.startswith(("w1:", "RuntimeError: engine"))]
+        return result("failed", "\n".join([why, *said, out[-1000:]]), seconds=seconds)
     summary = json.loads(lines[-1])
     keys = ("floor_ms", "recompute_ms", "native_ms", "g2_ms", "g3_ms", "cold_overhead")
     numbers = {k: summary.get(k) for k in keys}
