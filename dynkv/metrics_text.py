@@ -34,7 +34,11 @@ USED_GAUGES = {t: f"kvbm_{t}_blocks_used" for t in TIERS}
 HITS = {"host": Count.HOST_HIT_BLOCKS.metric, "disk": Count.DISK_HIT_BLOCKS.metric}
 LOOKUPS = Count.LOOKUP_BLOCKS.metric
 GAUGES = (*RATE_GAUGES.values(), *TIER_SIZES.values(), *USED_GAUGES.values())
-COUNTERS = tuple(c.metric for c in Count)
+# The load-or-recompute policy's counters (docs/advise.md): read by name, so a runtime that predates
+# them simply lacks them (absent, never 0). Skipped blocks carry {tier, reason} labels.
+SKIPPED = "kvbm_onboard_skipped_blocks"
+SAVED = "kvbm_prefill_seconds_saved"
+COUNTERS = tuple(dict.fromkeys((*(c.metric for c in Count), SKIPPED, SAVED)))
 FAMILIES = GAUGES + COUNTERS
 
 
@@ -56,11 +60,30 @@ def parse(text: str, families: Iterable[str] = FAMILIES) -> dict[str, float]:
     }
 
 
-def fetch(url: str, timeout: float, families: Iterable[str] = FAMILIES) -> dict[str, float]:
-    """GET and parse one endpoint; raises httpx.HTTPError or ValueError."""
+def labelled(text: str, family: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """One counter family's values per label set (sorted (label, value) pairs), for the families
+    whose labels matter (`kvbm_onboard_skipped_blocks{tier,reason}`); {} when absent."""
+    out: dict[tuple[tuple[str, str], ...], float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name.removesuffix("_total") != family:
+            continue
+        for sample in fam.samples:
+            if sample.name in (family, f"{family}_total"):
+                key = tuple(sorted(sample.labels.items()))
+                out[key] = out.get(key, 0.0) + float(sample.value)
+    return out
+
+
+def fetch_text(url: str, timeout: float) -> str:
+    """GET one endpoint's exposition; raises httpx.HTTPError."""
     response = httpx.get(url, timeout=timeout)
     response.raise_for_status()
-    return parse(response.text, families)
+    return response.text
+
+
+def fetch(url: str, timeout: float, families: Iterable[str] = FAMILIES) -> dict[str, float]:
+    """GET and parse one endpoint; raises httpx.HTTPError or ValueError."""
+    return parse(fetch_text(url, timeout), families)
 
 
 def _has_tier(target: Mapping[str, float | None], tier: str) -> bool:

@@ -72,6 +72,7 @@ class OffloadReport(PartialRecord):
     g3_ms: float | None = None
     g3_direct_ms: float | None = None
     g2g3_ms: float | None = None
+    native_ms: float | None = None  # vLLM's OffloadingConnector (opt-in, CUDA)
     cold_overhead: float | None = None  # dynkv's round 1 ÷ recompute's (target ≤ 1.03)
     recompute_vs_floor: float | None = None
     peer_vs_floor: float | None = None
@@ -79,6 +80,7 @@ class OffloadReport(PartialRecord):
     g3_vs_floor: float | None = None
     g3_direct_vs_floor: float | None = None
     g2g3_vs_floor: float | None = None
+    native_vs_floor: float | None = None
     targets: dict[str, bool | None] = {}
     configs: dict[str, OffloadRun] = {}
     workload: dict[str, int] = {}

@@ -15,6 +15,8 @@ Configurations (the device KV of all but `floor` cannot hold the working set):
              condition of the G3 target
   g3_direct  the same with O_DIRECT (dynkv's default): round 2 reads the device itself
   g2g3       dynkv, host and disk tiers
+  native     vLLM's own OffloadingConnector (`--kv-offloading-size`, CPU offload of CUDA KV):
+             CUDA only, so run only when named (`--only native`; scripts/gpu-check does)
 Reported: round-2 median latency per configuration (≈ TTFT, one output token), and
 cold_overhead = dynkv's round-1 median ÷ the recompute configuration's (same device KV, no
 connector). Targets: g2 ≤ 1.1 × floor and ≤ peer, g3 ≤ 1.3 × floor, cold_overhead ≤ 1.03.
@@ -45,6 +47,8 @@ class Config:
     device_kv_bytes: int
     connector: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)  # extra `vllm.LLM` arguments
+    opt_in: bool = False  # run only when named in `only`
 
 
 def configurations(small_kv: int, large_kv: int, tier_gb: float, workdir: Path) -> list[Config]:
@@ -89,6 +93,13 @@ def configurations(small_kv: int, large_kv: int, tier_gb: float, workdir: Path) 
                 "DYN_KVBM_DISK_CACHE_DIR": str(workdir / "g2g3"),
             },
         ),
+        Config(
+            "native",
+            small_kv,
+            # vLLM's size is in GiB, ours in decimal GB: the same bytes
+            engine={"kv_offloading_size": tier_gb * 1e9 / 2**30, "kv_offloading_backend": "native"},
+            opt_in=True,
+        ),
     ]
 
 
@@ -107,7 +118,9 @@ def cpu_binding() -> str:
     )
 
 
-def run_engine(config: Config, payload: dict, timeout: float, workdir: Path) -> dict:
+def run_engine(
+    config: Config, payload: dict, timeout: float, workdir: Path, engine: dict | None = None
+) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}
     env.update(
         VLLM_CPU_OMP_THREADS_BIND=cpu_binding(),
@@ -121,6 +134,7 @@ def run_engine(config: Config, payload: dict, timeout: float, workdir: Path) -> 
         "device_kv_bytes": config.device_kv_bytes,
         "result_file": str(result_file),
         **config.connector,
+        "engine_kwargs": {**(engine or {}), **config.engine},
     }
     proc = subprocess.run(
         [sys.executable, "-m", "dynkv.bench.offload_engine", json.dumps(cfg)],
@@ -148,7 +162,10 @@ def run(
     directory: str | None = None,
     timeout: float = 1800,
     progress: Callable[[str], None] = lambda _msg: None,
+    engine: dict | None = None,
 ) -> OffloadReport:
+    """W1 over `configurations` (all but the opt-in ones, or those in `only`); `engine`: extra
+    `vllm.LLM` arguments for every engine (scripts/gpu-check: enforce_eager, to start fast)."""
     workdir = Path(tempfile.mkdtemp(prefix="dynkv-w1-", dir=directory))
     try:
         payload = {
@@ -159,10 +176,10 @@ def run(
         }
         results: dict[str, dict] = {}
         for config in configurations(small_kv, large_kv, tier_gb, workdir):
-            if only and config.name not in only:
+            if (only and config.name not in only) or (not only and config.opt_in):
                 continue
             progress(f"{config.name}: starting an engine")
-            rounds = run_engine(config, payload, timeout, workdir)["rounds"]
+            rounds = run_engine(config, payload, timeout, workdir, engine)["rounds"]
             results[config.name] = {
                 "round1_ms": [round(x, 1) for x in rounds[0]],
                 "round2_ms": [round(x, 1) for x in rounds[1]],
@@ -193,6 +210,7 @@ def summarize(results: dict[str, dict], **workload) -> dict:
         "g3_ms": r2("g3"),
         "g3_direct_ms": r2("g3_direct"),
         "g2g3_ms": r2("g2g3"),
+        "native_ms": r2("native"),
         "cold_overhead": None,
     }
     if "recompute" in results and "g2" in results:
@@ -201,12 +219,13 @@ def summarize(results: dict[str, dict], **workload) -> dict:
         )
     floor = out["floor_ms"]
     if floor:
-        for name in ("recompute", "peer", "g2", "g3", "g3_direct", "g2g3"):
+        for name in ("recompute", "peer", "g2", "g3", "g3_direct", "g2g3", "native"):
             if out[f"{name}_ms"] is not None:
                 out[f"{name}_vs_floor"] = round(out[f"{name}_ms"] / floor, 3)
     out["targets"] = {
         "g2_le_1.1x_floor": _le(out["g2_ms"], floor, 1.1),
         "g2_le_peer": _le(out["g2_ms"], out["peer_ms"], 1.0),
+        "g2_le_native": _le(out["g2_ms"], out["native_ms"], 1.0),
         "g3_le_1.3x_floor": _le(out["g3_ms"], floor, 1.3),
         "cold_overhead_le_1.03": None
         if out["cold_overhead"] is None

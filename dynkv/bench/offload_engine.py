@@ -34,6 +34,7 @@ def main() -> None:
         enable_prefix_caching=True,
         seed=0,
         kv_transfer_config=transfer,
+        **cfg.get("engine_kwargs", {}),
     )
     one = SamplingParams(temperature=0.0, max_tokens=1)
     llm.generate([{"prompt_token_ids": cfg["warmup"]}], one, use_tqdm=False)

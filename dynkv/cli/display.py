@@ -284,4 +284,11 @@ def kvbm_lines(report: StatusReport) -> list[str]:
             f"d2d {_num(k['onboard_blocks_d2d'])}; integrity failures {_num(k['integrity_failures'])}, "
             f"read failures {_num(k.get('load_failures'))}"
         )
+        lines.append(f"{s.name} savings: {_saved(k.get('prefill_seconds_saved'))}")
     return lines
+
+
+def _saved(seconds: Any) -> str:
+    """Prefill seconds the worker's KVBM saved since it started; `-` when its runtime does not
+    measure them (docs/advise.md)."""
+    return "-" if seconds is None else f"{seconds:.1f} s of prefill saved"

@@ -45,6 +45,26 @@ class Count(Enum):
         "Times the G3 index journal could not be written (G3 then serves without persisting "
         "its index across restarts)",
     )
+    # G2 pressure and the SSD filter, read by `dynkv advise` (docs/advise.md)
+    HOST_EVICTED = ("kvbm_host_evicted_blocks", "G2 blocks evicted (least recently used) for room")
+    HOST_EVICTED_UNUSED = (
+        "kvbm_host_evicted_unused_blocks",
+        "G2 blocks evicted without a single G2 hit since they were stored",
+    )
+    REUSE_AFTER_EVICT_DISK = (
+        "kvbm_reuse_after_evict_disk_blocks",
+        "Blocks reused after G2 had evicted them, served by G3",
+    )
+    REUSE_AFTER_EVICT_RECOMPUTED = (
+        "kvbm_reuse_after_evict_recomputed_blocks",
+        "Blocks reused after G2 had evicted them that no tier held (recomputed)",
+    )
+    FILTER_STARVED = (
+        "kvbm_disk_filter_starved_blocks",
+        "Recomputed blocks that G2 had evicted without writing them to G3 (the SSD filter "
+        "had not yet seen them twice)",
+    )
+    DISK_EVICTED = ("kvbm_disk_evicted_blocks", "G3 blocks evicted (least recently used) for room")
     HANDOFF_SENT = (
         "kvbm_handoff_blocks_sent",
         "Prefill: prompt blocks written to the shared handoff pool for a decode worker",

@@ -33,6 +33,7 @@ from dynkv.kvbm.handoff import handoff_slots
 from dynkv.kvbm.layout import BlockLayout
 from dynkv.kvbm.metrics import KvbmMetrics
 from dynkv.kvbm.ops import HandoffOp, LoadOp, OffloadOp, StoreOp, StoreReport, Tier
+from dynkv.kvbm.reuse import ReuseTracker
 from dynkv.kvbm.slots import PoolFull, SlotIndex
 
 
@@ -100,6 +101,8 @@ class BlockLeader:
             and not settings.disable_disk_offload_filter
             else None
         )
+        # evictions and reuse after eviction, for `dynkv advise` (dynkv/kvbm/reuse.py)
+        self.reuse = ReuseTracker(host_slots) if host_slots else None
         self._step_host_pins: list[int] = []
         self._step_disk_pins: list[int] = []
         self._offload_acks: Counter[int] = Counter()  # host slot -> acks still expected
@@ -140,6 +143,8 @@ class BlockLeader:
                 slot = self.host.slot_of(key)
                 assert slot is not None
                 self.host.touch(key)
+                if self.reuse is not None:
+                    self.reuse.hit(key)
                 self._pin_host(slot)
                 loads.append(LoadOp(key, block, slot))
                 offloads.extend(self._observe(key, slot))
@@ -147,6 +152,7 @@ class BlockLeader:
                 dslot = self.disk.slot_of(key)
                 assert dslot is not None
                 self.disk.touch(key)
+                self._count_reuse(key, Count.REUSE_AFTER_EVICT_DISK)
                 self.disk.pin(dslot)
                 self._step_disk_pins.append(dslot)
                 slot = -1
@@ -181,6 +187,7 @@ class BlockLeader:
                     self.host.touch(key)
                     offloads.extend(self._observe(key, slot))
                     continue
+                self._count_reuse(key, Count.REUSE_AFTER_EVICT_RECOMPUTED)
                 slot = self._reserve_host()
                 if slot < 0:
                     # every G2 slot is busy (pinned by disk writes in flight): a block that has
@@ -254,6 +261,8 @@ class BlockLeader:
             )
             if index is not None and index.slot_of(key) == slot:
                 index.remove(key)
+                if tier is Tier.HOST and self.reuse is not None:
+                    self.reuse.forget(key)
         for slot in report.offloads_done:
             if self._offload_acks[slot] <= 0:
                 continue
@@ -303,18 +312,41 @@ class BlockLeader:
     def _reserve_host(self) -> int:
         assert self.host is not None
         try:
-            slot, _evicted = self.host.reserve()
+            slot, evicted = self.host.reserve()
         except PoolFull:
             return -1
+        if evicted is not None and self.reuse is not None:
+            self.metrics.count(Count.HOST_EVICTED)
+            # kept off G3 by the filter: not on disk, and not yet seen often enough to go there
+            filtered = (
+                self.filter is not None
+                and self.disk is not None
+                and evicted not in self.disk
+                and not self.filter.should_offload(evicted)
+            )
+            if self.reuse.evicted(evicted, filtered=filtered).unused:
+                self.metrics.count(Count.HOST_EVICTED_UNUSED)
         return slot
 
     def _reserve_disk(self) -> int:
         assert self.disk is not None
         try:
-            slot, _evicted = self.disk.reserve()
+            slot, evicted = self.disk.reserve()
         except PoolFull:
             return -1
+        if evicted is not None:
+            self.metrics.count(Count.DISK_EVICTED)
         return slot
+
+    def _count_reuse(self, key: int, served: Count) -> None:
+        """`key` is wanted again (a G3 hit, or a G2 miss being stored anew): reuse after eviction
+        when G2 evicted it recently; a recomputed one the filter had kept off G3 starved G3."""
+        entry = self.reuse.reused(key) if self.reuse is not None else None
+        if entry is None:
+            return
+        self.metrics.count(served)
+        if served is Count.REUSE_AFTER_EVICT_RECOMPUTED and entry.filtered:
+            self.metrics.count(Count.FILTER_STARVED)
 
     def stats(self) -> dict[str, int]:
         return {

@@ -31,6 +31,7 @@ SHOWN = (
     "kvbm_load_failures",
     "kvbm_disk_journal_failures",
     "kvbm_disk_read_timeouts",
+    metrics_text.SAVED,  # the load-or-recompute policy's estimate; absent: not measured
 )
 KEYS = tuple(n.removeprefix("kvbm_") for n in (*RATES.values(), *SHOWN))
 

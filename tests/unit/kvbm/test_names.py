@@ -11,7 +11,8 @@ from dynkv.kvbm.ops import StoreReport, Tier
 from dynkv.kvbm.roles import Role
 
 # Exactly what was exposed before the counters became an enum, plus the disk read deadline's
-# misses and the lookup/hit counters that hit rates are aggregated from.
+# misses, the lookup/hit counters that hit rates are aggregated from, and the eviction/reuse
+# counters `dynkv advise` reads.
 EXPOSED = {
     "kvbm_matched_tokens_total",
     "kvbm_offload_blocks_d2h_total",
@@ -30,6 +31,13 @@ EXPOSED = {
     "kvbm_lookup_blocks_total",
     "kvbm_host_hit_blocks_total",
     "kvbm_disk_hit_blocks_total",
+    # G2 pressure and the SSD filter, for `dynkv advise`
+    "kvbm_host_evicted_blocks_total",
+    "kvbm_host_evicted_unused_blocks_total",
+    "kvbm_reuse_after_evict_disk_blocks_total",
+    "kvbm_reuse_after_evict_recomputed_blocks_total",
+    "kvbm_disk_filter_starved_blocks_total",
+    "kvbm_disk_evicted_blocks_total",
 }
 
 

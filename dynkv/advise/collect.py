@@ -1,0 +1,89 @@
+"""Read a running deployment for `dynkv advise`: its workers' KVBM metrics and KVBM settings.
+
+Metrics come straight from each worker's KVBM metrics endpoint (the one `dynkv status` reads),
+twice, a window apart: that endpoint exists whenever KVBM runs, while Prometheus runs only with
+`--observability`. Parsing is `dynkv.metrics_text`'s, shared with `status` and `bench`.
+
+Settings are the worker's own: the `DYN_KVBM_*` variables of its process (what the runtime
+actually read), so advice names the values in force rather than what the current shell would
+resolve. Where the process cannot be read (a container, another user) the caller's resolved
+settings stand in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+from pydantic import ValidationError
+
+from dynkv import metrics_text
+from dynkv.advise.model import MetricsSnapshot, WorkerMetrics
+from dynkv.kvbm.config import ENV_PREFIX, KvbmSettings
+from dynkv.kvbm.roles import ROLE_NAMES
+from dynkv.settings.env_source import read_env
+from dynkv.supervisor.process import same_process
+from dynkv.supervisor.state import ServiceRecord
+from dynkv.supervisor.status import read_state
+
+
+@dataclass(frozen=True)
+class Target:
+    worker: str
+    url: str
+    record: ServiceRecord
+
+
+def targets(deployment_dir: Path | str) -> list[Target]:
+    """The running KVBM workers of the deployment ([] when none, or no deployment)."""
+    state = read_state(deployment_dir)
+    if state is None:
+        return []
+    out = []
+    for rec in state.services:
+        url = rec.info.metrics_url
+        if rec.role not in ROLE_NAMES or not url:
+            continue
+        if rec.is_container or same_process(rec.pid, rec.create_time) is not None:
+            out.append(Target(rec.name, url, rec))
+    return out
+
+
+def read_worker(target: Target, timeout: float) -> WorkerMetrics:
+    try:
+        text = metrics_text.fetch_text(target.url, timeout)
+        values = metrics_text.parse(text)
+        skipped = {
+            "/".join((dict(labels).get("tier", "?"), dict(labels).get("reason", "?"))): value
+            for labels, value in metrics_text.labelled(text, metrics_text.SKIPPED).items()
+        }
+    except (httpx.HTTPError, ValueError) as exc:
+        return WorkerMetrics(worker=target.worker, error=f"{target.url}: {exc}")
+    return WorkerMetrics(worker=target.worker, values=values, skipped=skipped)
+
+
+def snapshot(
+    found: list[Target], timeout: float = 2.0, clock: Callable[[], float] = time.time
+) -> MetricsSnapshot:
+    at = clock()
+    return MetricsSnapshot(at=at, workers=[read_worker(t, timeout) for t in found])
+
+
+def worker_settings(target: Target) -> KvbmSettings | None:
+    """The KVBM settings in the worker's process environment; None where it cannot be read."""
+    proc = same_process(target.record.pid, target.record.create_time)
+    if proc is None:
+        return None
+    try:
+        environ = proc.environ()
+    except psutil.Error:
+        return None
+    kvbm = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+    try:
+        return KvbmSettings.model_validate(read_env(KvbmSettings, kvbm))
+    except ValidationError:
+        return None
