@@ -43,6 +43,7 @@ from dynkv.infra.etcd_wire import (  # noqa: F401 (the public names are re-expor
     revision_of,
     watch_request,
 )
+from dynkv.plan.model import redact_urls
 
 
 class _Failover:
@@ -90,7 +91,7 @@ class EtcdClient(_Failover):
             try:
                 resp = self._http.post(self.endpoints[idx] + path, json=body)
             except httpx.TransportError as exc:
-                errors.append(f"{self.endpoints[idx]}: {exc}")
+                errors.append(f"{redact_urls(self.endpoints[idx])}: {exc}")  # logged
                 continue
             self._current = idx
             return checked_json(resp)
@@ -202,7 +203,7 @@ class AsyncEtcdClient(_Failover):
             try:
                 resp = await self._http.post(self.endpoints[idx] + path, json=body)
             except httpx.TransportError as exc:
-                errors.append(f"{self.endpoints[idx]}: {exc}")
+                errors.append(f"{redact_urls(self.endpoints[idx])}: {exc}")  # logged
                 continue
             self._current = idx
             return checked_json(resp)
