@@ -353,6 +353,7 @@ def _prometheus(
         api_key=frontend.env.get(API_KEY_ENV),
         user=host.user,
         depends_on=(frontend.name,),
+        frontend_tls_cert=str(dep.tls_cert) if dep.tls_cert and dep.tls_key else None,
     )
 
 
