@@ -22,12 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dynkv.infra.docker import container_name, labels
+from dynkv.infra.images import PROMETHEUS_IMAGE
 from dynkv.observability import prometheus_config
 from dynkv.plan.model import ContainerSpec, HttpProbe, Service, ServiceInfo
 
 LOOPBACK = "127.0.0.1"
-# The version Debian 12 packages, so both backends behave alike.
-PROMETHEUS_IMAGE = "prom/prometheus:v2.42.0"
 PROMETHEUS_BINARY = "/usr/bin/prometheus"
 INSTALL_FIX = (
     "apt-get install -y prometheus   (Debian/Ubuntu: the binary dynkv uses), or start the Docker "
@@ -52,6 +51,7 @@ def prometheus_service(
     user: str | None,
     depends_on: tuple[str, ...],
     frontend_tls_cert: str | None = None,
+    image: str = PROMETHEUS_IMAGE,
 ) -> Service:
     """`binary` None: the docker image. `frontend`, `kvbm` and `vllm` are host:port targets
     (workers keyed by their worker id, the dashboard's `worker` label). `frontend_tls_cert`: the
@@ -96,7 +96,7 @@ def prometheus_service(
     if binary is not None:
         return service
     container = ContainerSpec(
-        image=PROMETHEUS_IMAGE,
+        image=image,
         name=container_name(deployment, "prometheus"),
         command=flags,
         ports={},
