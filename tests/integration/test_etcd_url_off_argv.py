@@ -98,6 +98,9 @@ def test_started_frontend_and_worker_show_no_etcd_password(etcd_url, tmp_path):
         environ = Path(f"/proc/{procs[1].pid}/environ").read_bytes().decode(errors="replace")
         assert PASSWORD in environ
         assert oct(Path(f"/proc/{procs[1].pid}/environ").stat().st_mode & 0o777) == "0o400"
+        # vLLM itself never talks to etcd: the wrapper keeps the URL out of its environment
+        (vllm,) = psutil.Process(procs[0].pid).children()
+        assert PASSWORD not in Path(f"/proc/{vllm.pid}/environ").read_bytes().decode("latin-1")
     finally:
         for proc in procs:
             if proc.poll() is None:
