@@ -1,7 +1,9 @@
 """Prometheus scrapes a frontend that serves HTTPS: the config `up --observability` generates,
 run by the real `prometheus` binary against the real frontend process with a self-signed
-certificate, reports the target up (scheme https, the certificate verified, not skipped), for a
-certificate naming 127.0.0.1 and for one naming only a DNS name (server_name). Skips where no
+certificate, reports the target up (scheme https, the certificate verified, not skipped), with a
+certificate that names only a DNS name, not the address scraped (so `server_name` is exercised
+too; the plainer case, a certificate naming 127.0.0.1, differs only by that line: unit-tested in
+test_plan_prometheus.py, and left out here to save CI a Prometheus start). Skips where no
 prometheus binary is installed (.ci/run installs Debian's)."""
 
 from __future__ import annotations
@@ -50,11 +52,8 @@ def _frontend_target(prom_url: str) -> dict | None:
     return None
 
 
-@pytest.mark.parametrize(
-    ("ips", "dns"), [(("127.0.0.1",), ()), ((), ("frontend.example",))], ids=["ip", "dns-name"]
-)
-def test_prometheus_scrapes_the_https_frontend(etcd_url, tmp_path, ips, dns):
-    cert, key = self_signed(tmp_path / "tls", ips=ips, dns=dns)
+def test_prometheus_scrapes_the_https_frontend(etcd_url, tmp_path):
+    cert, key = self_signed(tmp_path / "tls", ips=(), dns=("frontend.example",))
     fe_port, prom_port = free_port(), free_port()
     frontend = _spawn(
         [sys.executable, "-m", "dynkv.frontend", "--port", str(fe_port),
