@@ -29,6 +29,8 @@ def prometheus_config(
     vllm: Mapping[str, str] | Sequence[str] = (),
     scrape_interval_s: int = 5,
     frontend_credentials_file: str | None = None,
+    frontend_ca_file: str | None = None,
+    frontend_server_name: str | None = None,
 ) -> str:
     """prometheus.yml text scraping `frontend` (job dynkv-frontend), each KVBM metrics address
     (job kvbm) and optionally each worker's vLLM server (job vllm), all at /metrics.
@@ -37,6 +39,11 @@ def prometheus_config(
     `frontend_credentials_file`: a file holding the frontend's API key (a frontend started with
     one wants it on /metrics too); Prometheus reads the key from there, so it is never in the
     config itself.
+    `frontend_ca_file`: the frontend serves HTTPS (`--tls-cert`); Prometheus scrapes it over https
+    and trusts exactly that certificate (its own file as the CA: a self-signed one verifies, and
+    so does a CA-issued one, which Go accepts as its own trust anchor), never skipping the check.
+    `frontend_server_name`: the name to verify when the certificate does not name the address
+    scraped (a certificate for `host.example` while Prometheus scrapes 127.0.0.1).
     """
 
     def named(targets: Mapping[str, str] | Sequence[str]) -> list[tuple[str, str]]:
@@ -60,6 +67,14 @@ def prometheus_config(
             jobs.append((job, list(named(targets))))
     for job, targets in jobs:
         lines += [f"  - job_name: {_q(job)}", "    metrics_path: /metrics"]
+        if job == "dynkv-frontend" and frontend_ca_file:
+            lines += [
+                "    scheme: https",
+                "    tls_config:",
+                f"      ca_file: {_q(frontend_ca_file)}",
+            ]
+            if frontend_server_name:
+                lines.append(f"      server_name: {_q(frontend_server_name)}")
         if job == "dynkv-frontend" and frontend_credentials_file:
             lines += [
                 "    authorization:",

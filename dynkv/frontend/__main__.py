@@ -15,6 +15,7 @@ import uvicorn
 from dynkv.frontend.app import create_app
 from dynkv.frontend.config import parse_args, plaintext_key_warning
 from dynkv.frontend.logs import log_config
+from dynkv.plan.model import redact_urls
 
 GRACEFUL_SHUTDOWN_SECS = 5
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         config.deployment,
         config.router,
         "required" if config.api_key else "not required",
-        ",".join(config.etcd_endpoints),
+        redact_urls(",".join(config.etcd_endpoints)),  # a URL may carry a password
     )
     warning = plaintext_key_warning(config)
     if warning:

@@ -18,10 +18,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from dynkv.infra.embedded import LOOPBACK, etcd_health_probe, nats_health_probe
+from dynkv.infra.images import ETCD_IMAGE, NATS_IMAGE  # noqa: F401 (re-exported)
 from dynkv.plan.model import ContainerSpec, Service, ServiceInfo
 
-NATS_IMAGE = "nats:2.11.4"
-ETCD_IMAGE = "quay.io/coreos/etcd:v3.6.1"
 LABEL_DEPLOYMENT = "dynkv.deployment"
 LABEL_SERVICE = "dynkv.service"
 FIX_NO_ENGINE = (
@@ -38,9 +37,11 @@ def container_name(deployment: str, service: str) -> str:
     return f"dynkv-{deployment}-{service}"
 
 
-def nats_container(*, deployment: str, port: int, monitor_port: int) -> ContainerSpec:
+def nats_container(
+    *, deployment: str, port: int, monitor_port: int, image: str = NATS_IMAGE
+) -> ContainerSpec:
     return ContainerSpec(
-        image=NATS_IMAGE,
+        image=image,
         name=container_name(deployment, "nats"),
         command=("-js", "--trace", "-m", "8222"),
         ports={"4222/tcp": (LOOPBACK, port), "8222/tcp": (LOOPBACK, monitor_port)},
@@ -48,10 +49,12 @@ def nats_container(*, deployment: str, port: int, monitor_port: int) -> Containe
     )
 
 
-def etcd_container(*, deployment: str, client_port: int, peer_port: int) -> ContainerSpec:
+def etcd_container(
+    *, deployment: str, client_port: int, peer_port: int, image: str = ETCD_IMAGE
+) -> ContainerSpec:
     member = f"dynkv-{deployment}"
     return ContainerSpec(
-        image=ETCD_IMAGE,
+        image=image,
         name=container_name(deployment, "etcd"),
         command=(
             "/usr/local/bin/etcd",
@@ -75,8 +78,12 @@ def etcd_container(*, deployment: str, client_port: int, peer_port: int) -> Cont
     )
 
 
-def etcd_docker_service(*, deployment: str, client_port: int, peer_port: int) -> Service:
-    spec = etcd_container(deployment=deployment, client_port=client_port, peer_port=peer_port)
+def etcd_docker_service(
+    *, deployment: str, client_port: int, peer_port: int, image: str = ETCD_IMAGE
+) -> Service:
+    spec = etcd_container(
+        deployment=deployment, client_port=client_port, peer_port=peer_port, image=image
+    )
     return Service(
         name="etcd",
         role="etcd",
@@ -88,8 +95,10 @@ def etcd_docker_service(*, deployment: str, client_port: int, peer_port: int) ->
     )
 
 
-def nats_docker_service(*, deployment: str, port: int, monitor_port: int) -> Service:
-    spec = nats_container(deployment=deployment, port=port, monitor_port=monitor_port)
+def nats_docker_service(
+    *, deployment: str, port: int, monitor_port: int, image: str = NATS_IMAGE
+) -> Service:
+    spec = nats_container(deployment=deployment, port=port, monitor_port=monitor_port, image=image)
     return Service(
         name="nats",
         role="nats",

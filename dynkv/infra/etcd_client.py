@@ -40,6 +40,7 @@ from dynkv.infra.etcd_wire import (  # noqa: F401 (the public names are re-expor
     prefix_range_end,
     watch_request,
 )
+from dynkv.plan.model import redact_urls
 
 T = TypeVar("T")
 RECONNECT_S = 0.2  # pause before a lost watch tries the next endpoint
@@ -59,7 +60,7 @@ class _Attempt:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb) -> bool:
         if isinstance(exc, httpx.TransportError):
-            self.errors.append(f"{self.url}: {exc}")
+            self.errors.append(f"{redact_urls(self.url)}: {exc}")  # logged
             return True
         self.failover._current = self.index
         return False

@@ -148,10 +148,16 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
         if dep.infra == "docker":
             services += [
                 etcd_docker_service(
-                    deployment=dep.name, client_port=dep.etcd_port, peer_port=dep.etcd_peer_port
+                    deployment=dep.name,
+                    client_port=dep.etcd_port,
+                    peer_port=dep.etcd_peer_port,
+                    image=dep.etcd_image,
                 ),
                 nats_docker_service(
-                    deployment=dep.name, port=dep.nats_port, monitor_port=dep.nats_monitor_port
+                    deployment=dep.name,
+                    port=dep.nats_port,
+                    monitor_port=dep.nats_monitor_port,
+                    image=dep.nats_image,
                 ),
             ]
         else:
@@ -357,6 +363,8 @@ def _prometheus(
         api_key=frontend.env.get(API_KEY_ENV),
         user=host.user,
         depends_on=(frontend.name,),
+        frontend_tls_cert=str(dep.tls_cert) if dep.tls_cert and dep.tls_key else None,
+        image=dep.prometheus_image,
     )
 
 

@@ -19,6 +19,9 @@ from dynkv.settings.errors import SettingsError
 from dynkv.settings.resolve import Resolved
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV
 
+# FrontendSettings' name for `etcd_endpoints` (dynkv/frontend/config.py, which imports this module)
+ETCD_ENDPOINTS_ENV = "DYNKV_FRONTEND_ETCD_ENDPOINTS"
+
 __all__ = ["Access", "checked_access", "frontend_service", "read_or_new"]  # read_or_new: build
 
 FRONTEND_MODULE = "dynkv.frontend"
@@ -141,8 +144,6 @@ def frontend_service(
         str(port),
         "--deployment",
         deployment,
-        "--etcd-endpoints",
-        ",".join(etcd_endpoints),
         "--router",
         router,
     ]
@@ -156,7 +157,9 @@ def frontend_service(
         argv += ["--tls-cert", tls[0], "--tls-key", tls[1]]
     if access.insecure:
         argv.append("--insecure")
-    service_env = dict(env)
+    # by environment, not argv: an external etcd URL may carry a password, and argv is readable by
+    # every local user (/proc/PID/cmdline, ps) while the environment is not (docs/security.md)
+    service_env = {**env, ETCD_ENDPOINTS_ENV: ",".join(etcd_endpoints)}
     env_unset: tuple[str, ...] = ()
     if api_key:
         service_env[API_KEY_ENV] = api_key

@@ -19,7 +19,10 @@ from typing import Any
 
 from dynkv.kvbm.roles import Role
 from dynkv.plan.model import EtcdKeyProbe, HttpProbe, Service, ServiceInfo
+from dynkv.worker.config import ENV_PREFIX as WORKER_ENV_PREFIX
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, worker_key, workers_prefix
+
+ETCD_ENDPOINTS_ENV = WORKER_ENV_PREFIX + "ETCD_ENDPOINTS"  # WorkerSettings' name for the field
 
 __all__ = ["DEPLOYMENT_SECRET_ENV", "worker_key", "worker_service", "workers_prefix"]
 
@@ -149,8 +152,6 @@ def worker_service(
         "--served-model-name",
         served_name,
         *(("--metrics-url", metrics) if metrics else ()),
-        "--etcd-endpoints",
-        ",".join(etcd_endpoints),
         "--lease-ttl",
         str(lease_ttl),
         "--",
@@ -163,7 +164,12 @@ def worker_service(
         name=name,
         role=role,
         argv=argv,
-        env={**env, DEPLOYMENT_SECRET_ENV: secret} if secret else dict(env),
+        # etcd by environment, not argv: its URL may carry a password (docs/security.md)
+        env={
+            **env,
+            ETCD_ENDPOINTS_ENV: ",".join(etcd_endpoints),
+            **({DEPLOYMENT_SECRET_ENV: secret} if secret else {}),
+        },
         env_unset=env_unset,
         cwd=str(deployment_dir),
         ports=ports,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr
+from pydantic import AfterValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dynkv.infra.images import ETCD_IMAGE, NATS_IMAGE, PROMETHEUS_IMAGE, reference_problem
 
 ENV_PREFIX = "DYNKV_"
 
@@ -42,6 +44,16 @@ class RouterPolicy(StrEnum):
     ROUND_ROBIN = "round_robin"
     LEAST_OUTSTANDING = "least_outstanding"
     SESSION = "session"
+
+
+def _image_reference(value: str) -> str:
+    problem = reference_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+ImageRef = Annotated[str, AfterValidator(_image_reference)]
 
 
 def default_state_dir() -> Path:
@@ -200,6 +212,22 @@ class DeploymentSettings(BaseSettings):
         False,
         description="Also start Prometheus, scraping the frontend and every worker's KVBM metrics.",
         json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+    )
+    etcd_image: ImageRef = Field(
+        ETCD_IMAGE,
+        description="etcd's container image (--infra docker); pin it: name:tag@sha256:<digest>.",
+        json_schema_extra=_expect("an image reference", f"{ETCD_IMAGE}@sha256:<digest>"),
+    )
+    nats_image: ImageRef = Field(
+        NATS_IMAGE,
+        description="NATS's container image (--infra docker); pin it: name:tag@sha256:<digest>.",
+        json_schema_extra=_expect("an image reference", f"{NATS_IMAGE}@sha256:<digest>"),
+    )
+    prometheus_image: ImageRef = Field(
+        PROMETHEUS_IMAGE,
+        description="Prometheus's container image (observability without a prometheus binary); "
+        "pin it: name:tag@sha256:<digest>.",
+        json_schema_extra=_expect("an image reference", f"{PROMETHEUS_IMAGE}@sha256:<digest>"),
     )
     prometheus_port: int = Field(
         9090, description="Port of Prometheus (with observability), on 127.0.0.1.", **_PORT

@@ -34,9 +34,11 @@ import time
 import httpx
 
 from dynkv.infra.etcd_client import EtcdClient, EtcdError
-from dynkv.worker.config import parse_args
+from dynkv.worker.config import ENV_PREFIX, parse_args
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, WorkerRecord, worker_api_key, worker_key
 from dynkv.worker.registration import Registrar, _log, register_until_done
+
+ETCD_ENDPOINTS_ENV = ENV_PREFIX + "ETCD_ENDPOINTS"
 
 POLL = 0.2
 
@@ -149,8 +151,10 @@ class HealthWatch:
 
 
 def child_env(environ: dict[str, str] | os._Environ, secret: str | None) -> dict[str, str]:
-    """vLLM's environment: ours without the deployment secret, with the derived API key."""
-    env = {k: v for k, v in environ.items() if k != DEPLOYMENT_SECRET_ENV}
+    """vLLM's environment: ours without the deployment secret and the etcd URLs (which may carry a
+    password; vLLM never talks to etcd), with the derived API key."""
+    drop = {DEPLOYMENT_SECRET_ENV, ETCD_ENDPOINTS_ENV}
+    env = {k: v for k, v in environ.items() if k not in drop}
     if secret:
         env["VLLM_API_KEY"] = worker_api_key(secret)
     return env

@@ -32,6 +32,9 @@ OTHER_VARIABLES = {
     "DYNKV_DEPLOYMENT_SECRET": "dynkv/worker/record.py",
     "DYNKV_VENV": "scripts/up",
     "DYNKV_EXTRA": "scripts/setup-env",
+    "DYNKV_LOCK": "scripts/setup-env",
+    "DYNKV_TORCH_FIND_LINKS": "scripts/lock",
+    "DYNKV_UV_VENV": "scripts/lock",
 }
 
 _FENCE = re.compile(r"^\s*(```|~~~)")

@@ -85,7 +85,8 @@ def test_worker_wraps_vllm_module_with_the_bundled_connector():
     assert argv[:3] == ["/venv/bin/python", "-m", "dynkv.worker"]
     assert flag(argv, "--role") == "agg"
     assert flag(argv, "--worker-id") == "agg-0"
-    assert flag(argv, "--etcd-endpoints") == "http://127.0.0.1:2379"
+    assert "--etcd-endpoints" not in argv  # by environment: a URL may carry a password
+    assert worker.env["DYNKV_WORKER_ETCD_ENDPOINTS"] == "http://127.0.0.1:2379"
     assert flag(argv, "--lease-ttl") == "10"
     assert flag(argv, "--metrics-url") == "http://127.0.0.1:6880/metrics"
     vllm = vllm_part(argv)
@@ -338,11 +339,11 @@ def test_external_plan_starts_no_infra_and_checks_endpoints():
     )
     assert [s.name for s in plan.services] == ["worker", "frontend"]
     assert plan.service("worker").depends_on == ()
-    assert flag(plan.service("frontend").argv, "--etcd-endpoints") == (
+    assert plan.service("frontend").env["DYNKV_FRONTEND_ETCD_ENDPOINTS"] == (
         "http://10.0.0.1:2379,http://10.0.0.2:2379"
     )
     assert plan.etcd_endpoints == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
-    assert flag(plan.service("worker").argv, "--etcd-endpoints") == (
+    assert plan.service("worker").env["DYNKV_WORKER_ETCD_ENDPOINTS"] == (
         "http://10.0.0.1:2379,http://10.0.0.2:2379"
     )
     etcd_probe, nats_probe = plan.external

@@ -32,7 +32,8 @@ def test_frontend_service_runs_after_the_workers_on_loopback():
     assert fe.argv[:3] == ("/venv/bin/python", "-m", "dynkv.frontend")
     assert flag(fe.argv, "--host") == "127.0.0.1" and flag(fe.argv, "--port") == "8000"
     assert flag(fe.argv, "--deployment") == "default"
-    assert flag(fe.argv, "--etcd-endpoints") == "http://127.0.0.1:2379"
+    assert "--etcd-endpoints" not in fe.argv  # by environment: a URL may carry a password
+    assert fe.env["DYNKV_FRONTEND_ETCD_ENDPOINTS"] == "http://127.0.0.1:2379"
     assert flag(fe.argv, "--router") == "round_robin"
     assert flag(fe.argv, "--model") == "dynkv-tiny"  # 503, not 404, while no worker serves it
     assert fe.ports == {"http": 8000} and fe.depends_on == ("worker",)
@@ -40,7 +41,8 @@ def test_frontend_service_runs_after_the_workers_on_loopback():
     assert probe.url == "http://127.0.0.1:8000/health" and dict(probe.expect_json) == {
         "status": "ok"
     }
-    assert fe.env == {"PYTHONPATH": "/wt"} and fe.env_unset == ("DYNKV_API_KEY",)
+    assert fe.env == {"PYTHONPATH": "/wt", "DYNKV_FRONTEND_ETCD_ENDPOINTS": "http://127.0.0.1:2379"}
+    assert fe.env_unset == ("DYNKV_API_KEY",)
     assert fe.log_file == "/state/default/logs/frontend.log"
     assert fe.info.openai_url == "http://127.0.0.1:8000/v1" and fe.info.auth == "none"
 
@@ -158,6 +160,41 @@ def test_up_dry_run_masks_the_api_key_flag(clean_env, tmp_path):
     data = json.loads(result.stdout)
     fe = data["services"][-1]
     assert fe["name"] == "frontend" and fe["env"]["DYNKV_API_KEY"] == MASK
+
+
+def test_up_dry_run_keeps_the_etcd_password_off_every_argv(clean_env, tmp_path):
+    """An external etcd URL with a password reaches the frontend and the worker wrappers by
+    environment (private to the user), never argv (ps shows it to everyone): docs/security.md."""
+    clean_env.setenv("DYNKV_STATE_DIR", str(tmp_path / "state"))
+    clean_env.setenv("DYNKV_NATS_URL", "nats://127.0.0.1:4222")
+    url = "http://root:hunter2@127.0.0.1:2379"
+    result = CliRunner().invoke(
+        app,
+        ["up", "--dry-run", "--json", "--device", "cpu", "--infra", "external",
+         "--etcd-endpoints", url],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "hunter2" not in result.output
+    services = {s["name"]: s for s in json.loads(result.stdout)["services"]}
+    assert not [n for n, s in services.items() if "--etcd-endpoints" in s["argv"]]
+    assert services["frontend"]["env"]["DYNKV_FRONTEND_ETCD_ENDPOINTS"] == (
+        "http://root:***@127.0.0.1:2379"
+    )
+    assert services["worker"]["env"]["DYNKV_WORKER_ETCD_ENDPOINTS"] == (
+        "http://root:***@127.0.0.1:2379"
+    )
+    plan = plan_for({"DYNKV_INFRA": "external", "DYNKV_ETCD_ENDPOINTS": url,
+                     "DYNKV_NATS_URL": "nats://127.0.0.1:4222"})  # fmt: skip
+    assert not [s.name for s in plan.services if "hunter2" in " ".join(s.argv)]
+
+
+def test_frontend_reads_its_etcd_endpoints_where_the_plan_puts_them():
+    from dynkv.frontend.config import ENV_PREFIX, parse_args
+    from dynkv.plan.frontend import ETCD_ENDPOINTS_ENV
+
+    assert ETCD_ENDPOINTS_ENV == ENV_PREFIX + "ETCD_ENDPOINTS"
+    config = parse_args([], {ETCD_ENDPOINTS_ENV: "http://u:p@127.0.0.1:1"})
+    assert config.etcd_endpoints == ("http://u:p@127.0.0.1:1",)
 
 
 def test_up_router_flag(clean_env, tmp_path):

@@ -201,3 +201,56 @@ def test_prepare_writes_the_generated_files_privately(tmp_path):
     for name, text in prom.files.items():
         assert Path(name).read_text() == text
         assert stat.S_IMODE(os.stat(name).st_mode) == 0o600
+
+
+# ---- a frontend serving HTTPS (docs/security.md) -------------------------------------------------
+
+
+def _frontend_job(svc) -> dict:
+    return next(j for j in config_of(svc)["scrape_configs"] if j["job_name"] == "dynkv-frontend")
+
+
+def test_https_frontend_is_scraped_over_https_verifying_its_own_certificate(tmp_path):
+    from tls_support import self_signed
+
+    cert, key = self_signed(tmp_path)  # names 127.0.0.1, the address scraped
+    prom = plan_for({"DYNKV_TLS_CERT": cert, "DYNKV_TLS_KEY": key}).service("prometheus")
+    job = _frontend_job(prom)
+    assert job["scheme"] == "https"
+    assert job["tls_config"] == {"ca_file": cert}  # verified: no insecure_skip_verify, no name
+    others = [j for j in config_of(prom)["scrape_configs"] if j["job_name"] != "dynkv-frontend"]
+    assert others and all("scheme" not in j and "tls_config" not in j for j in others)
+    assert key not in prom.files[prom.info.config]  # Prometheus never sees the private key
+
+
+def test_https_frontend_certificate_for_a_name_sets_the_server_name(tmp_path):
+    from tls_support import self_signed
+
+    cert, key = self_signed(tmp_path, ips=(), dns=("*.example", "frontend.example"))
+    env = {"DYNKV_TLS_CERT": cert, "DYNKV_TLS_KEY": key, "DYNKV_API_KEY": "k"}
+    job = _frontend_job(plan_for(env).service("prometheus"))
+    assert job["tls_config"] == {"ca_file": cert, "server_name": "frontend.example"}
+    assert job["authorization"]["credentials_file"].endswith("frontend_api_key")
+
+
+def test_https_frontend_with_the_docker_backend_mounts_the_certificate(tmp_path):
+    from tls_support import self_signed
+
+    cert, key = self_signed(tmp_path)
+    prom = plan_for({"DYNKV_TLS_CERT": cert, "DYNKV_TLS_KEY": key}, prometheus=None).service(
+        "prometheus"
+    )
+    assert prom.container.volumes[cert] == cert
+    assert _frontend_job(prom)["tls_config"]["ca_file"] == cert
+
+
+def test_plain_http_frontend_config_is_unchanged():
+    job = _frontend_job(plan_for().service("prometheus"))
+    assert "scheme" not in job and "tls_config" not in job
+
+
+def test_unreadable_certificate_plans_without_a_server_name():
+    # the frontend loads the same file and fails at start with the reason; the plan still builds
+    env = {"DYNKV_TLS_CERT": "/nonexistent/c.pem", "DYNKV_TLS_KEY": "/nonexistent/k.pem"}
+    job = _frontend_job(plan_for(env).service("prometheus"))
+    assert job["tls_config"] == {"ca_file": "/nonexistent/c.pem"}

@@ -75,3 +75,10 @@ def test_url_passwords_are_masked_in_argv_and_printed_plans():
     assert "hunter2" not in printed and "root:***@10.0.0.1" in printed
     assert "hunter2" in json.dumps(plan.to_json(mask=False))  # the services still get it
     assert all("hunter2" not in p.describe() for p in plan.external)
+    # nor on any service's argv, which every local user can read (ps, /proc/PID/cmdline)
+    assert not [s.name for s in plan.services if "hunter2" in " ".join(s.argv)]
+    assert (
+        plan.service("frontend")
+        .env["DYNKV_FRONTEND_ETCD_ENDPOINTS"]
+        .startswith("http://root:hunter2@")
+    )

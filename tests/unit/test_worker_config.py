@@ -69,8 +69,10 @@ def test_the_plans_command_line_parses(tmp_path):
         depends_on=(),
     )
     argv = list(svc.argv)
-    cfg, child = parse_args(argv[argv.index("dynkv.worker") + 1 :], environ={})
+    # the plan's environment, as the supervisor gives it: etcd URLs travel there, off argv
+    cfg, child = parse_args(argv[argv.index("dynkv.worker") + 1 :], environ=svc.env)
     assert cfg.role is Role.PREFILL and cfg.worker_id == "prefill-0"
+    assert cfg.etcd_endpoints == ("http://127.0.0.1:2379",)
     assert cfg.metrics_url and child == ["vllm", "serve", "tiny"]
 
 
