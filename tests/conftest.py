@@ -24,3 +24,13 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return monkeypatch
+
+
+@pytest.fixture(autouse=True)
+def private_probe_cache(monkeypatch, tmp_path):
+    """In-process doctor runs keep their vLLM import probe to the test: tests that fake a probe
+    result must not read a success another test (or the developer's `up`) kept. Processes the
+    e2e tests start (`dynkv up`) use the real cache, which spares each a vLLM import."""
+    from dynkv.doctor import probe_cache
+
+    monkeypatch.setattr(probe_cache, "cache_path", lambda: tmp_path / "vllm-probe.json")

@@ -97,6 +97,11 @@ def vllm_import(ctx: DoctorContext) -> Outcome:
     if result is None:
         return ok(f"vllm found in {where} (not imported)")
     if result.vllm_ok:
+        if result.cached:
+            return ok(
+                f"vllm {result.vllm_version or ''} imported before with these files "
+                f"(took {result.vllm_seconds or 0:.1f} s; unchanged since, not imported again)"
+            )
         return ok(
             f"import vllm {result.vllm_version or ''} took {result.vllm_seconds or 0:.1f} s (in a child process)"
         )

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dynkv.doctor import builds, model, vllm_probe
+from dynkv.doctor import builds, model, probe_cache, vllm_probe
 from dynkv.doctor.nvml import Nvml, NvmlSnapshot, NvmlUnavailable, PynvmlNvml
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.paths import holder_problem
@@ -110,7 +110,9 @@ class DoctorContext:
     @cached_property
     def import_probe(self) -> vllm_probe.ProbeResult | None:
         """vLLM and the connector imported in a child process (None when import_vllm is off)."""
-        return vllm_probe.probe() if self.import_vllm else None
+        if not self.import_vllm:
+            return None
+        return probe_cache.cached_probe(vllm_probe.probe)
 
     # --- topology and model -----------------------------------------------------------------
     @property

@@ -60,6 +60,7 @@ class ProbeResult:
     vllm_error: str | None = None
     connector_ok: bool = False
     connector_error: str | None = None
+    cached: bool = False  # reused from an earlier success (dynkv.doctor.probe_cache)
 
 
 def probe(timeout: float = TIMEOUT_S) -> ProbeResult:
