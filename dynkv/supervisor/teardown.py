@@ -132,8 +132,8 @@ def stop_deployment(
         return StopReport(found=False)
     docker = docker or DockerBackend()
     state = store.snapshot()
-    if state is not None:
-        _stop_supervisor(state, grace)
+    # what the running supervisor stopped itself, when asked (foreground or background `up`)
+    handed_over = state.services if state is not None and _stop_supervisor(state, grace) else []
     with store.lock():
         try:
             state = store.read()
@@ -146,6 +146,9 @@ def stop_deployment(
         report = StopReport(found=False)
         if state is not None:
             report = stop_state(state, store, grace=grace, docker=docker, observer=observer)
+        if state is None and handed_over:
+            report.found = True
+            report.stopped = [rec.name for rec in reversed(handed_over)]
         if warning:
             report.warnings.append(warning)
         orphans = with_descendants(marked_processes(marker_prefix(deployment_dir)))
@@ -157,17 +160,19 @@ def stop_deployment(
     return report
 
 
-def _stop_supervisor(state: DeploymentState, grace: float) -> None:
-    """Ask a foreground or still-starting `up` (SIGTERM) to tear down its own services, and give
-    it the time to, rather than race it."""
+def _stop_supervisor(state: DeploymentState, grace: float) -> bool:
+    """Ask the process that supervises the deployment (a foreground or still-starting `up`, or
+    the background supervisor of `up -d`) to tear down its own services (SIGTERM), and give it
+    the time to, rather than race it (or have it restart what `down` stops). True when asked."""
     if state.supervisor_pid is None or state.supervisor_pid == os.getpid():
-        return
+        return False
     proc = same_process(state.supervisor_pid, state.supervisor_create_time)
     if proc is None:
-        return
+        return False
     with contextlib.suppress(psutil.Error):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=grace * 2 + 5)
+    return True
 
 
 def _remove_labelled_containers(
