@@ -1,0 +1,155 @@
+"""Restart on failure with real processes (etcd and a small python service, no vLLM): a service
+that keeps failing is restarted with back-off until the limit and then stays down while the rest
+serves; the background supervisor of `up -d` restarts a SIGKILLed service, `dynkv restart`
+reaches it, and `dynkv down` leaves nothing (docs/restart.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+
+import psutil
+import pytest
+from infra_helpers import assert_nothing_left, infra_plan, wait_for
+
+from dynkv.plan import Service, TcpProbe
+from dynkv.ports import free_port
+from dynkv.private_deployment import dynkv_cli
+from dynkv.supervisor import Supervisor, read_state, stop_deployment
+from dynkv.supervisor.background import start_in_background
+from dynkv.supervisor.restart_policy import RestartPolicy
+
+pytestmark = pytest.mark.integration
+
+SERVE = (
+    "import socket, sys, time\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "print('listening', flush=True)\n"
+    "time.sleep(float(sys.argv[2]))\n"
+    "print('exiting', flush=True); sys.exit(4)\n"
+)
+FAST = RestartPolicy(limit=2, window=60, initial_delay=0.2, max_delay=0.4)
+
+
+def service(name: str, plan, lifetime: float) -> Service:
+    port = free_port()
+    return Service(
+        name=name,
+        role="test",
+        argv=(sys.executable, "-c", SERVE, str(port), str(lifetime)),
+        cwd=plan.deployment_dir,
+        ports={"tcp": port},
+        probes=(TcpProbe(host="127.0.0.1", port=port),),
+        depends_on=("etcd",),
+        log_file=f"{plan.deployment_dir}/logs/{name}.log",
+    )
+
+
+def etcd_and(env, name: str, lifetime: float):
+    plan = infra_plan(env)
+    return plan.replace(services=(plan.services[0], service(name, plan, lifetime)))
+
+
+def answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_failing_service_is_restarted_up_to_the_limit_then_stays_down(env):
+    plan = etcd_and(env, "flaky", lifetime=0.5)
+    sup = Supervisor(plan, poll_interval=0.1, restart=FAST)
+    said: list[str] = []
+    sup.restarter.log = said.append
+    sup.start(detach=False)
+    pids = [(r.pid, r.create_time) for r in sup.state.services]
+    result = []
+    watcher = threading.Thread(target=lambda: result.append(sup.watch(lambda *_: None)))
+    watcher.start()
+    try:
+        rec = wait_for(
+            lambda: (r := read_state(plan.deployment_dir).service("flaky")).restart_phase
+            == "given_up"
+            and r,
+            timeout=60,
+        )
+        pids += [(h.record.pid, h.record.create_time) for h in sup.handles]
+        assert rec.restarts == 2  # the limit, then it stays down
+        assert rec.last_exit.code == 4 and rec.last_exit.signal is None
+        assert any("restarting it in 0.2 s (restart 1 of 2" in line for line in said)
+        assert any("restarting it in 0.4 s (restart 2 of 2" in line for line in said)
+        assert any("stays down: 2 restarts within 60 s" in line for line in said)
+        # the rest keeps serving, and the log kept every run's lines
+        etcd = read_state(plan.deployment_dir).service("etcd")
+        assert psutil.pid_exists(etcd.pid) and etcd.restarts == 0
+        log = open(rec.log).read()
+        assert log.count("listening") == 3 and log.count("exiting") == 3
+        assert not result, "the foreground run must not stop everything"
+    finally:
+        stop_deployment(plan.deployment_dir, grace=5)
+        watcher.join(timeout=30)
+    assert result and result[0].reason == "removed"
+    sup.stop()
+    assert_nothing_left(pids, plan.deployment_dir)
+
+
+def test_the_background_supervisor_restarts_a_killed_service_and_takes_requests(env):
+    plan = etcd_and(env, "svc", lifetime=600)
+    port = plan.service("svc").ports["tcp"]
+    sup = Supervisor(plan, poll_interval=0.1, restart=FAST)
+    state = start_in_background(sup)
+    keeper = state.supervisor_pid
+    pids = [(r.pid, r.create_time) for r in state.services]
+    try:
+        assert state.mode == "detached" and keeper not in (None, os.getpid())
+        assert psutil.Process(keeper).ppid() == os.getpid()  # forked: the services' parent
+        assert psutil.Process(state.service("svc").pid).ppid() == keeper
+
+        os.kill(state.service("svc").pid, signal.SIGKILL)
+        rec = wait_for(
+            lambda: (r := read_state(plan.deployment_dir).service("svc")).restarts == 1
+            and r.restart_phase == ""
+            and r,
+            timeout=30,
+        )
+        pids.append((rec.pid, rec.create_time))
+        assert rec.last_exit.signal == signal.SIGKILL and rec.last_exit.code is None
+        assert 0 < rec.recovered_after_s < 20 and answers(port)
+
+        cli_env = {**os.environ, **env}
+        bad = dynkv_cli("restart", "nosuch", env=cli_env)
+        assert bad.returncode == 2, bad.stderr
+        assert "nosuch" in bad.stderr and "etcd, svc" in bad.stderr
+
+        done = dynkv_cli("restart", "svc", "--timeout", "60", env=cli_env)
+        assert done.returncode == 0, done.stderr
+        assert "svc restarted" in done.stderr
+        rec = read_state(plan.deployment_dir).service("svc")
+        pids.append((rec.pid, rec.create_time))
+        assert rec.restarts == 2 and answers(port)
+
+        shown = dynkv_cli("status", "--json", env=cli_env)
+        svc = next(s for s in json.loads(shown.stdout)["services"] if s["name"] == "svc")
+        assert svc["restarts"] == 2 and svc["last_exit"]["describe"] == "killed by SIGKILL"
+        assert json.loads(shown.stdout)["supervisor_pid"] == keeper
+
+        down = dynkv_cli("down", env=cli_env)
+        assert down.returncode == 0 and "svc" in down.stderr, down.stderr
+    finally:
+        stop_deployment(plan.deployment_dir, grace=5)
+    wait_for(lambda: not psutil.pid_exists(keeper) or _reaped(keeper), timeout=30)
+    assert_nothing_left(pids, plan.deployment_dir)
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return True
