@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
@@ -75,9 +76,10 @@ def test_a_failing_service_is_restarted_up_to_the_limit_then_stays_down(env):
     watcher.start()
     try:
         rec = wait_for(
-            lambda: (r := read_state(plan.deployment_dir).service("flaky")).restart_phase
-            == "given_up"
-            and r,
+            lambda: (
+                (r := read_state(plan.deployment_dir).service("flaky")).restart_phase == "given_up"
+                and r
+            ),
             timeout=60,
         )
         pids += [(h.record.pid, h.record.create_time) for h in sup.handles]
@@ -89,7 +91,7 @@ def test_a_failing_service_is_restarted_up_to_the_limit_then_stays_down(env):
         # the rest keeps serving, and the log kept every run's lines
         etcd = read_state(plan.deployment_dir).service("etcd")
         assert psutil.pid_exists(etcd.pid) and etcd.restarts == 0
-        log = open(rec.log).read()
+        log = Path(rec.log).read_text()
         assert log.count("listening") == 3 and log.count("exiting") == 3
         assert not result, "the foreground run must not stop everything"
     finally:
@@ -114,9 +116,11 @@ def test_the_background_supervisor_restarts_a_killed_service_and_takes_requests(
 
         os.kill(state.service("svc").pid, signal.SIGKILL)
         rec = wait_for(
-            lambda: (r := read_state(plan.deployment_dir).service("svc")).restarts == 1
-            and r.restart_phase == ""
-            and r,
+            lambda: (
+                (r := read_state(plan.deployment_dir).service("svc")).restarts == 1
+                and r.restart_phase == ""
+                and r
+            ),
             timeout=30,
         )
         pids.append((rec.pid, rec.create_time))
