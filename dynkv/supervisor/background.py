@@ -114,6 +114,8 @@ def _run_child(supervisor: Supervisor, fd: int) -> int:
     except KeyboardInterrupt:
         print("[dynkv] asked to stop: stopping every service", flush=True)
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # the teardown must finish
         supervisor.stop()
     return 0
 

@@ -52,6 +52,12 @@ class _Away:
     spawned_at: float | None = None  # monotonic: when the new one was started
 
 
+def exit_record(item: _Handle, code: int) -> ExitRecord:
+    """How it ended; known only to its parent (a unit without its Popen says -1: unknown)."""
+    known = getattr(item.unit, "popen", None) is not None
+    return ExitRecord.from_returncode(code if known else None, time.time())
+
+
 class Restarter:
     def __init__(
         self,
@@ -96,7 +102,7 @@ class Restarter:
             if not self.policy.enabled:
                 unrestarted.append(item)
                 continue
-            self.exited(item, ExitRecord.from_returncode(code, time.time()))
+            self.exited(item, exit_record(item, code))
         return unrestarted
 
     def exited(self, item: _Handle, exit_: ExitRecord, why: str = "") -> None:

@@ -27,8 +27,8 @@ from dynkv.supervisor import health
 from dynkv.supervisor.logs import LogSource, follow, last_line
 from dynkv.supervisor.process import marked_processes, marker_prefix
 from dynkv.supervisor.restart_policy import RestartPolicy
-from dynkv.supervisor.restarts import Restarter
-from dynkv.supervisor.state import DeploymentState, ExitRecord, ServiceRecord, StateStore
+from dynkv.supervisor.restarts import Restarter, exit_record
+from dynkv.supervisor.state import DeploymentState, ServiceRecord, StateStore
 from dynkv.supervisor.status import AlreadyRunning, live_detail
 from dynkv.supervisor.teardown import DEFAULT_GRACE, Observer, stop_state
 from dynkv.supervisor.units import Unit, start_unit
@@ -237,8 +237,7 @@ class Supervisor:
             if state is None or state.instance != self.instance:
                 return WatchResult("removed")
             for item in self.restarter.step():  # restarts disabled: recorded as given up
-                exit_ = ExitRecord.from_returncode(item.unit.exit_code(), time.time())
-                self.restarter.exited(item, exit_)
+                self.restarter.exited(item, exit_record(item, item.unit.exit_code() or 0))
             time.sleep(check_every)
 
     # ---- stop ----------------------------------------------------------------------------

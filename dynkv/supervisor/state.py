@@ -55,8 +55,8 @@ class ExitRecord(_Kept):
 
     @classmethod
     def from_returncode(cls, returncode: int | None, at: float) -> ExitRecord:
-        """A Popen returncode (-N: killed by signal N; -1 from units: unknown)."""
-        if returncode is None or returncode == -1:
+        """A Popen returncode (-N: killed by signal N); None: not known."""
+        if returncode is None:
             return cls(at=at)
         if returncode < 0:
             return cls(signal=-returncode, at=at)

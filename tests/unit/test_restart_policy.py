@@ -67,7 +67,7 @@ def test_a_requested_restart_starts_a_fresh_history():
     [
         (3, 3, None, "exited with code 3"),
         (-signal.SIGKILL, None, 9, "killed by SIGKILL"),
-        (-1, None, None, "exited (code unknown)"),
+        (-1, None, 1, "killed by SIGHUP"),
         (None, None, None, "exited (code unknown)"),
     ],
 )
