@@ -86,6 +86,7 @@ def stack(tmp_path, monkeypatch):
         tmp_path,
         "faults",
         DYNKV_LEASE_TTL_SECS=str(TTL),
+        DYNKV_RESTART_LIMIT="0",  # what clients see while a service is down; restarts: test_restart.py
         FAKE_VLLM_TOKENS="20",
         FAKE_VLLM_TOKEN_DELAY="0.03",
     )
