@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,8 +172,24 @@ def _stop_supervisor(state: DeploymentState, grace: float) -> bool:
         return False
     with contextlib.suppress(psutil.Error):
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=grace * 2 + 5)
+        _wait_gone(proc, grace * 2 + 5)
     return True
+
+
+def _wait_gone(proc: psutil.Process, timeout: float) -> None:
+    """Until `proc` has exited. A zombie counts as gone: the background supervisor of an `up -d`
+    run inside another program (a test) stays one until that program reaps it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return
+            proc.wait(timeout=0.1)
+            return
+        except psutil.TimeoutExpired:
+            continue
+        except psutil.NoSuchProcess:
+            return
 
 
 def _remove_labelled_containers(
