@@ -1,7 +1,8 @@
-"""Restart on failure with real processes (etcd and a small python service, no vLLM): a service
-that keeps failing is restarted with back-off until the limit and then stays down while the rest
-serves; the background supervisor of `up -d` restarts a SIGKILLed service, `dynkv restart`
-reaches it, and `dynkv down` leaves nothing (docs/restart.md)."""
+"""Restart on failure with real processes (etcd and a small python service; the worker wrapper
+with the fake vLLM): a service that keeps failing is restarted with back-off until the limit and
+then stays down while the rest serves; the background supervisor of `up -d` restarts a SIGKILLed
+service, `dynkv restart` reaches it, and `dynkv down` leaves nothing; a SIGKILLed worker wrapper
+comes back without its orphaned vLLM, registered again, and serves (docs/restart.md)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
-from infra_helpers import assert_nothing_left, infra_plan, wait_for
+from infra_helpers import assert_nothing_left, infra_plan, use_fake_vllm, wait_for
+from typer.testing import CliRunner
 
+from dynkv.cli.main import app
+from dynkv.infra.etcd_client import EtcdClient
 from dynkv.plan import Service, TcpProbe
 from dynkv.ports import free_port
 from dynkv.private_deployment import dynkv_cli
@@ -157,3 +162,51 @@ def _reaped(pid: int) -> bool:
         return os.waitpid(pid, os.WNOHANG)[0] == pid
     except ChildProcessError:
         return True
+
+
+def _registration(env: dict[str, str], name: str) -> dict | None:
+    with EtcdClient(f"http://127.0.0.1:{env['DYNKV_ETCD_PORT']}", timeout=2) as etcd:
+        kvs = etcd.get_prefix(f"/dynkv/{name}/workers/").kvs
+    return kvs[0].json() if len(kvs) == 1 else None
+
+
+def test_a_killed_worker_wrapper_comes_back_registered_and_serving(tmp_path, monkeypatch):
+    env, model = use_fake_vllm(monkeypatch, tmp_path, "rst", DYNKV_LEASE_TTL_SECS="2")
+    runner = CliRunner()
+    up = runner.invoke(app, ["up", "-d", "--skip-checks", "--model", str(model)])
+    assert up.exit_code == 0, up.output
+    ddir = tmp_path / "state" / "rst"
+    state = read_state(ddir)
+    pids = [(r.pid, r.create_time) for r in state.services]
+    url = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}/v1/completions"
+    body = {"model": "model", "prompt": "hi", "max_tokens": 4}
+    try:
+        worker = state.service("worker")
+        orphans = psutil.Process(worker.pid).children(recursive=True)  # the fake vLLM
+        assert orphans
+        registered = _registration(env, "rst")
+        assert registered is not None
+
+        os.kill(worker.pid, signal.SIGKILL)  # the wrapper alone: its vLLM is orphaned
+        rec = wait_for(
+            lambda: (
+                (r := read_state(ddir).service("worker")).restarts == 1
+                and r.restart_phase == ""
+                and r
+            ),
+            timeout=60,
+        )
+        pids.append((rec.pid, rec.create_time))
+        assert rec.last_exit.signal == signal.SIGKILL
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in orphans)
+        again = wait_for(lambda: _registration(env, "rst"), timeout=10)
+        assert again != registered and again["pid"] != registered["pid"]
+        resp = wait_for(
+            lambda: (r := httpx.post(url, json=body, timeout=10)).status_code == 200 and r,
+            timeout=15,
+        )
+        assert resp.json()["choices"]
+    finally:
+        down = runner.invoke(app, ["down", "--timeout", "3"])
+    assert down.exit_code == 0, down.output
+    assert_nothing_left(pids, ddir)
