@@ -210,3 +210,17 @@ def test_a_killed_worker_wrapper_comes_back_registered_and_serving(tmp_path, mon
         down = runner.invoke(app, ["down", "--timeout", "3"])
     assert down.exit_code == 0, down.output
     assert_nothing_left(pids, ddir)
+
+
+def test_restart_without_a_supervisor_says_how_to_get_one(env):
+    plan = infra_plan(env)
+    plan = plan.replace(services=plan.services[:1])
+    state = Supervisor(plan).start(detach=True)  # no background supervisor: nobody to ask
+    try:
+        result = dynkv_cli("restart", "etcd", env={**os.environ, **env})
+        assert result.returncode == 1, result.stderr
+        assert "no supervisor runs deployment 'it'" in result.stderr
+        assert "dynkv up -d --name it" in result.stderr
+    finally:
+        stop_deployment(plan.deployment_dir, grace=5)
+    assert_nothing_left([(r.pid, r.create_time) for r in state.services], plan.deployment_dir)
