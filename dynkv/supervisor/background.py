@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from typing import Any
 
 from dynkv.infra.docker import DockerUnavailable
@@ -113,10 +114,17 @@ def _run_child(supervisor: Supervisor, fd: int) -> int:
         supervisor.keep()
     except KeyboardInterrupt:
         print("[dynkv] asked to stop: stopping every service", flush=True)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # the teardown must finish
-        supervisor.stop()
+    except Exception:  # a bug of ours must not take a serving deployment down with it
+        traceback.print_exc()
+        print(
+            "[dynkv] the background supervisor failed; the services keep running without it "
+            "(`dynkv status` says so; `dynkv down` still stops them)",
+            flush=True,
+        )
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # the teardown must finish
+    supervisor.stop()
     return 0
 
 
