@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -257,13 +258,30 @@ def _num(value: Any) -> str:
 def status_table(report: StatusReport) -> Table:
     title = f"{report.name}: {report.phase}, {report.mode}, infra {report.infra}"
     table = Table(title=title, expand=False)
-    for col in ("service", "role", "pid", "uptime", "health", "ports"):
+    if report.supervisor_pid is None and report.mode == "detached":
+        table.caption = "no supervisor runs it: a service that fails is not restarted"
+    for col in ("service", "role", "pid", "uptime", "health", "restarts", "ports"):
         table.add_column(col)
     for s in report.services:
         health = "[green]healthy[/green]" if s.healthy else f"[red]{escape(s.detail)}[/red]"
         ports = ", ".join(f"{k} {v}" for k, v in s.ports.items())
-        table.add_row(s.name, s.role, str(s.pid or "-"), _uptime(s.uptime_s), health, ports)
+        table.add_row(
+            s.name, s.role, str(s.pid or "-"), _uptime(s.uptime_s), health, _restarts(s), ports
+        )
     return table
+
+
+def _restarts(s) -> str:
+    """How often a service was started again, and how it last ended (docs/restart.md)."""
+    phase = {"backoff": "waiting to restart", "starting": "restarting", "given_up": "stays down"}
+    text = str(s.restarts)
+    if s.last_exit:
+        when = time.strftime("%H:%M:%S", time.localtime(s.last_exit.get("at") or 0))
+        text += f" (last: {s.last_exit.get('describe', '?')} at {when})"
+    text = escape(text)
+    if s.restart_phase in phase:
+        text += f" [yellow]{phase[s.restart_phase]}[/yellow]"
+    return text
 
 
 def kvbm_lines(report: StatusReport) -> list[str]:

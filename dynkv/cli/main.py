@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 
 from dynkv import __version__
-from dynkv.cli import advise_cmd, bench_kvbm_cmd, config_cmd, deploy_cmds, doctor_cmd, up_cmd
+from dynkv.cli import (
+    advise_cmd,
+    bench_kvbm_cmd,
+    config_cmd,
+    deploy_cmds,
+    doctor_cmd,
+    restart_cmd,
+    up_cmd,
+)
 from dynkv.cli.bench_cmd import bench_app
 from dynkv.cli.group import DynkvGroup
 from dynkv.cli.model_cmd import model_app
@@ -46,6 +54,7 @@ app.command("up")(up_cmd.up)
 app.command("down")(deploy_cmds.down)
 app.command("status")(deploy_cmds.status)
 app.command("logs")(deploy_cmds.logs)
+app.command("restart")(restart_cmd.restart)
 app.command("advise")(advise_cmd.advise)
 app.add_typer(model_app, name="model")
 app.command("doctor")(doctor_cmd.doctor)

@@ -63,7 +63,9 @@ from dynkv.supervisor import (
     WatchResult,
     ensure_not_running,
 )
+from dynkv.supervisor.background import start_in_background
 from dynkv.supervisor.process import SpawnError
+from dynkv.supervisor.restart_policy import RestartPolicy
 
 DetachOpt = Annotated[
     bool, typer.Option("--detach", "-d", help="Return once all services are healthy.")
@@ -191,7 +193,8 @@ def up(
         for note in plan.notes:
             err.print(f"[yellow]note:[/yellow] {escape(note)}")
 
-    supervisor = Supervisor(plan, observer=QuietObserver())
+    restart = RestartPolicy(limit=dep.restart_limit, window=dep.restart_window_secs)
+    supervisor = Supervisor(plan, observer=QuietObserver(), restart=restart)
     with signals_as_interrupt():
         _start(supervisor, plan.name, detach=detach, quiet=json_out)
         if detach:
@@ -246,14 +249,20 @@ def _start(supervisor: Supervisor, name: str, *, detach: bool, quiet: bool) -> N
     mode = "detached" if detach else "foreground"
     if not quiet:
         err.print(f"[bold]dynkv up[/bold] {escape(name)} ({mode}), state in {supervisor.store.dir}")
+    # -d: the supervisor stays in the background to restart what fails (docs/restart.md)
+    run = (
+        (lambda: start_in_background(supervisor))
+        if detach
+        else (lambda: supervisor.start(detach=False))
+    )
     try:
         if quiet:
-            supervisor.start(detach=detach)
+            run()
         else:
             with ProgressObserver() as progress:
                 supervisor.observer = progress
                 try:
-                    supervisor.start(detach=detach)
+                    run()
                 finally:
                     supervisor.observer = QuietObserver()
     except AlreadyRunning as exc:

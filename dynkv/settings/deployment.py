@@ -250,6 +250,22 @@ class DeploymentSettings(BaseSettings):
         "further workers take the next ones.",
         **_PORT,
     )
+    # restart on failure (docs/restart.md)
+    restart_limit: int = Field(
+        5,
+        ge=0,
+        le=1000,
+        description="Restarts of a service that exits on its own within restart_window_secs "
+        "(back-off 1 s doubling to 60 s); one more leaves it down. 0: never restart.",
+        json_schema_extra=_expect("a whole number ≥ 0 (0 disables restarts)", "5"),
+    )
+    restart_window_secs: float = Field(
+        300.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="The window restart_limit counts restarts in; older ones are forgotten.",
+        json_schema_extra=_expect("a number of seconds > 0", "300"),
+    )
 
     @classmethod
     def env_name(cls, field: str) -> str:

@@ -6,7 +6,7 @@ foreground `up`, `dynkv logs` and `dynkv logs -f` all read the same files, wheth
 through the same small `poll()` interface.
 
 The files are size-capped: a service writes into a pipe, and a small writer process (this file
-run as a script: `python logs.py PATH MAX_BYTES KEEP`, standard library only, so it starts in
+run as a script: `python logs.py PATH MAX_BYTES KEEP [append]`, standard library only, so it starts in
 milliseconds) appends to PATH and, past MAX_BYTES, renames PATH → PATH.1 → … → PATH.KEEP (the
 oldest is dropped), cutting at a line end. It ignores SIGTERM/SIGINT/SIGHUP and ends when every
 writer of the pipe has gone, so it still records a service's last words while it shuts down.
@@ -30,21 +30,32 @@ LOG_KEEP = 3  # rotated files kept beside the current one
 
 
 class RotatingLog:
-    """Appends to `path` (0600, truncated at open: one run's log); past `max_bytes` it rotates."""
+    """Appends to `path` (0600, truncated at open: one run's log); past `max_bytes` it rotates.
+    With `append` (a service restarted within the run) the earlier lines stay: the crash that
+    caused the restart is what the user will look for."""
 
-    def __init__(self, path: Path | str, max_bytes: int = LOG_MAX_BYTES, keep: int = LOG_KEEP):
+    def __init__(
+        self,
+        path: Path | str,
+        max_bytes: int = LOG_MAX_BYTES,
+        keep: int = LOG_KEEP,
+        *,
+        append: bool = False,
+    ):
         self.path, self.max_bytes, self.keep = Path(path), max(1, max_bytes), max(1, keep)
-        for old in self.rotated():  # a previous run's: this run starts clean
-            old.unlink(missing_ok=True)
-        self.fd = self._open()
-        self.size = 0
+        if not append:
+            for old in self.rotated():  # a previous run's: this run starts clean
+                old.unlink(missing_ok=True)
+        self.fd = self._open(truncate=not append)
+        self.size = os.fstat(self.fd).st_size
 
     def rotated(self) -> list[Path]:
         return [Path(f"{self.path}.{i}") for i in range(1, self.keep + 1)]
 
-    def _open(self) -> int:
+    def _open(self, *, truncate: bool = True) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+        fd = os.open(self.path, flags, 0o600)
         os.fchmod(fd, 0o600)
         return fd
 
@@ -98,9 +109,12 @@ def pump(source_fd: int, log: RotatingLog) -> None:
 WRITER_SCRIPT = str(Path(__file__).resolve())
 
 
-def writer_argv(python: str, path: Path | str, max_bytes: int, keep: int) -> list[str]:
+def writer_argv(
+    python: str, path: Path | str, max_bytes: int, keep: int, *, append: bool = False
+) -> list[str]:
     """The command that runs the writer of one service's log, reading its stdin."""
-    return [python, "-I", "-S", WRITER_SCRIPT, str(path), str(max_bytes), str(keep)]
+    argv = [python, "-I", "-S", WRITER_SCRIPT, str(path), str(max_bytes), str(keep)]
+    return argv + (["append"] if append else [])
 
 
 class LogSource(Protocol):
@@ -212,4 +226,8 @@ def follow(
 if __name__ == "__main__":  # the log writer of one service (see the module docstring)
     for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(_sig, signal.SIG_IGN)  # first: the log file appearing means "ignored"
-    pump(sys.stdin.fileno(), RotatingLog(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+    _append = sys.argv[4:] == ["append"]
+    pump(
+        sys.stdin.fileno(),
+        RotatingLog(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), append=_append),
+    )

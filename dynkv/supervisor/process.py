@@ -103,14 +103,15 @@ class Spawned:
     record: ServiceRecord
 
 
-def spawn(service: Service, *, instance: str, log_path: Path) -> Spawned:
+def spawn(service: Service, *, instance: str, log_path: Path, append: bool = False) -> Spawned:
     """Start `service` in a session of its own, its stdout and stderr going through a pipe to the
-    rotating writer of its log (`supervisor.logs`), which carries the run's marker too."""
+    rotating writer of its log (`supervisor.logs`), which carries the run's marker too; `append`
+    keeps the log's earlier lines (a restart within the run)."""
     prepare(service)
     read_end, write_end = os.pipe()
     try:
         writer = subprocess.Popen(
-            writer_argv(sys.executable, log_path, LOG_MAX_BYTES, LOG_KEEP),
+            writer_argv(sys.executable, log_path, LOG_MAX_BYTES, LOG_KEEP, append=append),
             env={INSTANCE_ENV: instance, "PATH": os.environ.get("PATH", os.defpath)},
             stdin=read_end,
             stdout=subprocess.DEVNULL,

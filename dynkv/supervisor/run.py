@@ -26,6 +26,8 @@ from dynkv.plan.model import Plan, Service, redact_urls, start_waves
 from dynkv.supervisor import health
 from dynkv.supervisor.logs import LogSource, follow, last_line
 from dynkv.supervisor.process import marked_processes, marker_prefix
+from dynkv.supervisor.restart_policy import RestartPolicy
+from dynkv.supervisor.restarts import Restarter, exit_record
 from dynkv.supervisor.state import DeploymentState, ServiceRecord, StateStore
 from dynkv.supervisor.status import AlreadyRunning, live_detail
 from dynkv.supervisor.teardown import DEFAULT_GRACE, Observer, stop_state
@@ -72,6 +74,7 @@ class Supervisor:
         poll_interval: float = 0.25,
         probe_timeout: float = 1.0,
         grace: float = DEFAULT_GRACE,
+        restart: RestartPolicy | None = None,
     ) -> None:
         self.plan = plan
         self.store = StateStore(plan.deployment_dir)
@@ -83,12 +86,15 @@ class Supervisor:
         self.instance = marker_prefix(plan.deployment_dir) + uuid.uuid4().hex[:12]
         self.handles: list[_Handle] = []
         self.state: DeploymentState | None = None
+        # restart on failure (docs/restart.md); None: a service that exits ends a foreground run
+        self.restarter = Restarter(self, restart or RestartPolicy.never())
 
     # ---- start ---------------------------------------------------------------------------
 
-    def start(self, *, detach: bool) -> DeploymentState:
+    def start(self, *, detach: bool, background: bool = False) -> DeploymentState:
         """Start every service and wait until all are healthy; on any failure (or Ctrl-C) stop
-        what was started, clear the state and re-raise."""
+        what was started, clear the state and re-raise. `background`: this process stays to
+        supervise a detached deployment (`supervisor.background`), so it stays recorded."""
         self._claim(detach)
         try:
             for wave in start_waves(self.plan.services):
@@ -99,7 +105,7 @@ class Supervisor:
         assert self.state is not None
         with self.store.lock():
             self.state.phase = "running"
-            if detach:
+            if detach and not background:
                 self.state.supervisor_pid = self.state.supervisor_create_time = None
             self.store.write(self.state)
         return self.state
@@ -217,11 +223,22 @@ class Supervisor:
         state = self.store.snapshot()
         if state is None or state.instance != self.instance:
             return WatchResult("removed")
-        for item in self.handles:
+        for item in self.restarter.step():  # only with restarts disabled
             code = item.unit.exit_code()
-            if code is not None:
-                return WatchResult("died", item.service.name, code, item.unit.tail(LOG_TAIL))
+            return WatchResult("died", item.service.name, code, item.unit.tail(LOG_TAIL))
         return None
+
+    def keep(self, *, check_every: float = 1.0) -> WatchResult:
+        """Supervise without following the logs (the background supervisor of `up -d`): restart
+        what fails until the state is removed (`dynkv down`) or a signal arrives as an exception.
+        With restarts disabled a service that exits stays down and the rest keeps serving."""
+        while True:
+            state = self.store.snapshot()
+            if state is None or state.instance != self.instance:
+                return WatchResult("removed")
+            for item in self.restarter.step():  # restarts disabled: recorded as given up
+                self.restarter.exited(item, exit_record(item, item.unit.exit_code() or 0))
+            time.sleep(check_every)
 
     # ---- stop ----------------------------------------------------------------------------
 

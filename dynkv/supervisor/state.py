@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal as signal_module
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,35 @@ class _Kept(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=False)
 
 
+class ExitRecord(_Kept):
+    """How a service last ended on its own: its exit code, or the signal that killed it; both
+    None when the supervisor is not its parent and cannot know (docs/restart.md)."""
+
+    code: int | None = None
+    signal: int | None = None
+    at: float = 0.0  # time.time()
+
+    @classmethod
+    def from_returncode(cls, returncode: int | None, at: float) -> ExitRecord:
+        """A Popen returncode (-N: killed by signal N); None: not known."""
+        if returncode is None:
+            return cls(at=at)
+        if returncode < 0:
+            return cls(signal=-returncode, at=at)
+        return cls(code=returncode, at=at)
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal_module.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            return f"killed by {name}"
+        if self.code is not None:
+            return f"exited with code {self.code}"
+        return "exited (code unknown)"
+
+
 class ServiceRecord(_Kept):
     name: str
     role: str
@@ -65,6 +95,11 @@ class ServiceRecord(_Kept):
         validation_alias=AliasChoices("info", "meta"),
         serialization_alias="meta",
     )
+    # restart on failure (supervisor.restarts; docs/restart.md)
+    restarts: int = 0  # times this service was started again, by policy or `dynkv restart`
+    last_exit: ExitRecord | None = None
+    restart_phase: str = ""  # "" | "backoff" | "starting" | "given_up"
+    recovered_after_s: float | None = None  # last restart: seconds from the exit to healthy
 
     @property
     def is_container(self) -> bool:
@@ -207,6 +242,38 @@ class StateStore:
         """Forget the run (logs stay for a post-mortem until the next `up` overwrites them)."""
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+    @property
+    def restart_request_path(self) -> Path:
+        """Where `dynkv restart` leaves the names for the deployment's supervisor to restart."""
+        return self.dir / "restart-request.json"
+
+    def add_restart_request(self, services: list[str]) -> None:
+        """Call under lock(); merged with a request not yet taken."""
+        names = self.take_restart_request()
+        names += [s for s in services if s not in names]
+        with self._ours():
+            fd, _ = open_private_file(self.restart_request_path, os.O_WRONLY, self._fix)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"services": names}, f)
+
+    def take_restart_request(self) -> list[str]:
+        """The names asked for, and the request removed; call under lock()."""
+        try:
+            with self._ours():
+                fd, _ = open_private_file(
+                    self.restart_request_path, os.O_RDONLY, self._fix, create=False
+                )
+            with os.fdopen(fd, "rb") as fh:
+                data = json.loads(fh.read().decode("utf-8") or "{}")
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError):
+            data = {}
+        with contextlib.suppress(FileNotFoundError):
+            self.restart_request_path.unlink()
+        names = data.get("services") if isinstance(data, dict) else None
+        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
     def log_path(self, service: str) -> Path:
         return self.logs_dir / f"{service}.log"

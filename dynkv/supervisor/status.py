@@ -67,6 +67,10 @@ class ServiceStatus:
     detail: str
     url: str | None = None
     kvbm: dict[str, Any] | None = None
+    restarts: int = 0
+    last_exit: dict[str, Any] | None = None  # state.ExitRecord as JSON, plus "describe"
+    restart_phase: str = ""  # "" | "backoff" | "starting" | "given_up" (docs/restart.md)
+    recovered_after_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +86,10 @@ class ServiceStatus:
             "log": self.log,
             "detail": self.detail,
             "kvbm": self.kvbm,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "restart_phase": self.restart_phase,
+            "recovered_after_s": self.recovered_after_s,
         }
 
 
@@ -93,6 +101,7 @@ class StatusReport:
     mode: str
     infra: str
     services: list[ServiceStatus]
+    supervisor_pid: int | None = None  # the live process that restarts failed services, if any
 
     @property
     def healthy(self) -> bool:
@@ -106,6 +115,7 @@ class StatusReport:
             "mode": self.mode,
             "infra": self.infra,
             "healthy": self.healthy,
+            "supervisor_pid": self.supervisor_pid,
             "services": [s.to_json() for s in self.services],
         }
 
@@ -149,6 +159,14 @@ def service_status(
         detail=detail,
         url=rec.info.url,
         kvbm=kvbm,
+        restarts=rec.restarts,
+        last_exit=(
+            None
+            if rec.last_exit is None
+            else {**rec.last_exit.model_dump(mode="json"), "describe": rec.last_exit.describe()}
+        ),
+        restart_phase=rec.restart_phase,
+        recovered_after_s=rec.recovered_after_s,
     )
 
 
@@ -171,6 +189,11 @@ def deployment_status(
         phase=state.phase,
         mode=state.mode,
         infra=state.infra,
+        supervisor_pid=(
+            state.supervisor_pid
+            if same_process(state.supervisor_pid, state.supervisor_create_time)
+            else None
+        ),
         services=[
             service_status(rec, docker, probe_timeout=probe_timeout, now=now)
             for rec in state.services

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,8 +133,8 @@ def stop_deployment(
         return StopReport(found=False)
     docker = docker or DockerBackend()
     state = store.snapshot()
-    if state is not None:
-        _stop_supervisor(state, grace)
+    # what the running supervisor stopped itself, when asked (foreground or background `up`)
+    handed_over = state.services if state is not None and _stop_supervisor(state, grace) else []
     with store.lock():
         try:
             state = store.read()
@@ -146,6 +147,9 @@ def stop_deployment(
         report = StopReport(found=False)
         if state is not None:
             report = stop_state(state, store, grace=grace, docker=docker, observer=observer)
+        if state is None and handed_over:
+            report.found = True
+            report.stopped = [rec.name for rec in reversed(handed_over)]
         if warning:
             report.warnings.append(warning)
         orphans = with_descendants(marked_processes(marker_prefix(deployment_dir)))
@@ -157,17 +161,35 @@ def stop_deployment(
     return report
 
 
-def _stop_supervisor(state: DeploymentState, grace: float) -> None:
-    """Ask a foreground or still-starting `up` (SIGTERM) to tear down its own services, and give
-    it the time to, rather than race it."""
+def _stop_supervisor(state: DeploymentState, grace: float) -> bool:
+    """Ask the process that supervises the deployment (a foreground or still-starting `up`, or
+    the background supervisor of `up -d`) to tear down its own services (SIGTERM), and give it
+    the time to, rather than race it (or have it restart what `down` stops). True when asked."""
     if state.supervisor_pid is None or state.supervisor_pid == os.getpid():
-        return
+        return False
     proc = same_process(state.supervisor_pid, state.supervisor_create_time)
     if proc is None:
-        return
+        return False
     with contextlib.suppress(psutil.Error):
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=grace * 2 + 5)
+        _wait_gone(proc, grace * 2 + 5)
+    return True
+
+
+def _wait_gone(proc: psutil.Process, timeout: float) -> None:
+    """Until `proc` has exited. A zombie counts as gone: the background supervisor of an `up -d`
+    run inside another program (a test) stays one until that program reaps it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return
+            proc.wait(timeout=0.1)
+            return
+        except psutil.TimeoutExpired:
+            continue
+        except psutil.NoSuchProcess:
+            return
 
 
 def _remove_labelled_containers(

@@ -158,8 +158,16 @@ def unit_for(record: ServiceRecord, docker: DockerBackend) -> Unit:
     return ProcessUnit(record)
 
 
-def start_unit(service: Service, *, instance: str, log_path: Path, docker: DockerBackend) -> Unit:
-    """Start `service` and return its unit with the record the state file keeps."""
+def start_unit(
+    service: Service,
+    *,
+    instance: str,
+    log_path: Path,
+    docker: DockerBackend,
+    append: bool = False,
+) -> Unit:
+    """Start `service` and return its unit with the record the state file keeps (`append`: a
+    restart, whose log keeps the earlier lines)."""
     if service.kind == "container":
         assert service.container is not None
         prepare(service)
@@ -177,5 +185,5 @@ def start_unit(service: Service, *, instance: str, log_path: Path, docker: Docke
             info=service.info,
         )
         return ContainerUnit(record, docker)
-    spawned = spawn(service, instance=instance, log_path=log_path)
+    spawned = spawn(service, instance=instance, log_path=log_path, append=append)
     return ProcessUnit(spawned.record, spawned.popen, spawned.writer)

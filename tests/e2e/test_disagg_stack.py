@@ -54,6 +54,7 @@ def stack(tmp_path_factory):
         DYNKV_DEVICE_KV_GB="0.05",
         DYNKV_LEASE_TTL_SECS="4",
         DYNKV_STARTUP_TIMEOUT_SECS="400",
+        DYNKV_RESTART_LIMIT="0",  # the killed prefill stays down (restarts: test_faults_stack)
     )  # the decode worker takes the prefill worker's ports + 1
     up = dynkv("up", "-d", env=env, timeout=600)
     ddir = tmp / "state" / NAME

@@ -57,6 +57,7 @@ def stack(tmp_path_factory):
         # model's 65,536-byte blocks → ~152 of them in 0.01 GB), so its repeat needs KVBM
         DYNKV_DEVICE_KV_GB="0.01",
         DYNKV_LEASE_TTL_SECS=str(TTL),
+        DYNKV_RESTART_LIMIT="0",  # the killed worker stays down (restarts: test_faults_stack)
     )
     # one more service on the same stack (a second `up` costs a minute)
     observability = ["--observability"] if find_prometheus() else []

@@ -5,8 +5,9 @@ wrapper: the control plane is what is under test, and a fake stack starts in sec
 clients stream completions back to back (20 chunks, 30 ms apart: a request lasts ~0.6 s, so some
 are always in flight when a service dies). Each test writes down the expected behaviour in its
 docstring — what clients see, how long at most, what recovers and how, what `dynkv status --json`
-says — and asserts it. Nothing restarts a dead service by itself in a detached deployment: the
-recovery is `dynkv down && dynkv up -d` (the "Failure behaviour" table of docs/operations.md).
+says — and asserts it. The stack runs without restarts (`DYNKV_RESTART_LIMIT=0`): what clients
+see while a service is down (the "Failure behaviour" table of docs/operations.md); restarts are
+tests/integration/test_restart.py's.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def stack(tmp_path, monkeypatch):
         tmp_path,
         "faults",
         DYNKV_LEASE_TTL_SECS=str(TTL),
+        DYNKV_RESTART_LIMIT="0",  # what clients see while a service is down; restarts: test_restart.py
         FAKE_VLLM_TOKENS="20",
         FAKE_VLLM_TOKEN_DELAY="0.03",
     )
