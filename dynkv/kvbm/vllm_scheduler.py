@@ -20,6 +20,8 @@ from typing import Any
 
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.counters import Count
+from dynkv.kvbm.event_publisher import start_from_env
+from dynkv.kvbm.event_rates import metrics_rates
 from dynkv.kvbm.journal import Journal
 from dynkv.kvbm.keys import BlockHasher
 from dynkv.kvbm.layout import BlockLayout
@@ -96,6 +98,10 @@ class SchedulerSide:
                     exc.strerror,
                 )
         self.metrics.start_log_thread(settings.cache_stats_log_interval_secs)
+        # KV events for the router (docs/kv-events.md); None unless DYNKV_KV_EVENTS_NATS_URL is set
+        self.events = start_from_env(
+            self.leader, self.block_size, metrics_rates(self.metrics, self.block_size)
+        )
         self._requests: dict[str, _Request] = {}
         self._plan = StepPlan()
         if entries:
@@ -278,6 +284,8 @@ class SchedulerSide:
         self.leader.apply_report(report)
 
     def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
         self.metrics.close()
 
 
