@@ -122,6 +122,7 @@ class KvEventPublisher:
         self.published_batches = 0
         self.snapshots_served = 0
         self._handled_seq = 0  # the last batch number published or dropped
+        self._lost = False  # a batch was dropped at cut time (queue full)
 
     # ---- the engine thread ----------------------------------------------------------------------
     def stored(self, tier: Tier, key: int) -> None:
@@ -152,6 +153,7 @@ class KvEventPublisher:
             self._queue.put_nowait((self._seq, time.time(), self._pending))
         except queue.Full:
             self.dropped_batches += 1
+            self._lost = True
         self._pending = []
 
     def flush_pending(self) -> None:
@@ -185,21 +187,7 @@ class KvEventPublisher:
         while not self._stop.is_set():
             if nc is None:
                 try:
-                    nc = await nats.connect(
-                        servers=s.nats_url,
-                        name=f"dynkv-kv-{s.worker_id}",
-                        allow_reconnect=True,
-                        max_reconnect_attempts=-1,
-                        reconnect_time_wait=s.reconnect_secs,
-                        connect_timeout=2,
-                        error_cb=self._on_error,
-                        disconnected_cb=self._on_disconnected,
-                        reconnected_cb=self._on_reconnected,
-                    )
-                    await nc.subscribe(
-                        snapshot_subject(s.deployment, s.worker_id),
-                        cb=lambda msg, nc=nc: self._serve_snapshot(nc, msg),
-                    )
+                    nc = await self._connect(nats)
                     log.info("KVBM: publishing KV events on %s", self.subject)
                     down_logged = False
                 except Exception as exc:
@@ -222,7 +210,9 @@ class KvEventPublisher:
                 self.connected.clear()
             self.flush_pending()
             sent, lost = await self._publish_queued(nc)
-            resync |= lost
+            with self._lock:
+                resync |= lost or self._lost
+                self._lost = False
             now = time.monotonic()
             if nc.is_connected and (now >= next_rates or (resync and not lost)):
                 with contextlib.suppress(Exception):
@@ -237,6 +227,31 @@ class KvEventPublisher:
                 await nc.flush(timeout=1)
             with contextlib.suppress(Exception):
                 await nc.close()
+
+    async def _connect(self, nats):
+        s = self.settings
+        nc = await nats.connect(
+            servers=s.nats_url,
+            name=f"dynkv-kv-{s.worker_id}",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=s.reconnect_secs,
+            connect_timeout=2,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+
+        async def serve(msg) -> None:
+            await self._serve_snapshot(nc, msg)
+
+        try:
+            await nc.subscribe(snapshot_subject(s.deployment, s.worker_id), cb=serve)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
+        return nc
 
     async def _sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -313,10 +328,13 @@ class KvEventPublisher:
             reading = RatesReading()
         with self._lock:
             held = {t: len(keys) for t, keys in self._held.items()}
+            # every batch not waiting in the queue was published (before this message, on the
+            # same subject) or dropped
+            seq = self._seq if self._queue.empty() else self._handled_seq
         return WorkerRates(
             worker_id=self.settings.worker_id,
             instance_id=self.instance_id,
-            seq=self._handled_seq,
+            seq=seq,
             ts=time.time(),
             block_size=self.block_size,
             prefill=reading.prefill,
@@ -369,6 +387,8 @@ class KvEventPublisher:
 
     async def _on_disconnected(self) -> None:
         self.connected.clear()
+        if self._stop.is_set():
+            return
         log.warning("KVBM: lost NATS; KV events are dropped and counted until it is back")
 
     async def _on_reconnected(self) -> None:

@@ -52,6 +52,7 @@ class KvEventSubscriber:
         self.malformed = 0
         self.snapshot_failures = 0
         self._tasks: dict[str, asyncio.Task] = {}
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -72,8 +73,10 @@ class KvEventSubscriber:
             reconnected_cb=self._on_reconnected,
         )
         await self.nc.subscribe(events_wildcard(self.deployment), cb=self._on_message)
+        await self.nc.flush()  # the server has the subscription: nothing published after is missed
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks.values():
             task.cancel()
         for task in list(self._tasks.values()):
@@ -144,6 +147,7 @@ class KvEventSubscriber:
 
         sub = await nc.subscribe(inbox, cb=collect)
         try:
+            await nc.flush()
             await nc.publish(snapshot_subject(self.deployment, worker), b"", reply=inbox)
             await asyncio.wait_for(done, self.snapshot_timeout)
         finally:
@@ -160,6 +164,8 @@ class KvEventSubscriber:
         log.debug("router: NATS error: %s", exc)
 
     async def _on_disconnected(self) -> None:
+        if self._closing:
+            return
         log.warning("router: lost NATS; KV events are not received until it is back")
 
     async def _on_reconnected(self) -> None:
