@@ -39,6 +39,7 @@ from dynkv.kvbm.events import (
     check_token,
     events_subject,
     snapshot_subject,
+    subject_token,
 )
 from dynkv.kvbm.ops import Tier
 
@@ -68,9 +69,14 @@ class KvEventsSettings(BaseSettings):
     reconnect_secs: float = Field(0.5, gt=0, description="Wait between NATS connection attempts.")
 
     def check(self) -> KvEventsSettings:
-        check_token(self.deployment, "deployment")
+        subject_token(self.deployment)
         check_token(self.worker_id, "worker id")
         return self
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Environment variable → field name, for every field."""
+        return {ENV_PREFIX + f.upper(): f for f in cls.model_fields}
 
     @classmethod
     def env(cls, *, nats_url: str, deployment: str, worker_id: str) -> dict[str, str]:

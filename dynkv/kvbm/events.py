@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, TypeAdapter
 
 SUBJECT_ROOT = "dynkv"
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_~-]+$")
 
 
 def _key_from_wire(value: object) -> int:
@@ -155,15 +155,20 @@ def parse_message(data: bytes) -> EventBatch | WorkerRates:
 
 
 def check_token(value: str, what: str) -> str:
-    """A subject token: letters, digits, `_` and `-` (NATS separates tokens with dots and reads
-    `*` and `>` as wildcards)."""
+    """A subject token: letters, digits, `_`, `-` and `~` (NATS separates tokens with dots and
+    reads `*` and `>` as wildcards). A deployment name's dots are written `~` (`subject_token`)."""
     if not _TOKEN.match(value):
-        raise ValueError(f"{what} {value!r} is not a NATS subject token ([A-Za-z0-9_-]+)")
+        raise ValueError(f"{what} {value!r} is not a NATS subject token ([A-Za-z0-9_~-]+)")
     return value
 
 
+def subject_token(deployment: str) -> str:
+    """A deployment name as one subject token: its dots become `~` (never in a name)."""
+    return check_token(deployment.replace(".", "~"), "deployment")
+
+
 def events_subject(deployment: str, worker_id: str) -> str:
-    dep, worker = check_token(deployment, "deployment"), check_token(worker_id, "worker id")
+    dep, worker = subject_token(deployment), check_token(worker_id, "worker id")
     return f"{SUBJECT_ROOT}.{dep}.kv.{worker}"
 
 
@@ -173,7 +178,7 @@ def snapshot_subject(deployment: str, worker_id: str) -> str:
 
 def events_wildcard(deployment: str) -> str:
     """Every worker's events subject (not their snapshot subjects: `*` is one token)."""
-    return f"{SUBJECT_ROOT}.{check_token(deployment, 'deployment')}.kv.*"
+    return f"{SUBJECT_ROOT}.{subject_token(deployment)}.kv.*"
 
 
 def worker_of(subject: str) -> str:

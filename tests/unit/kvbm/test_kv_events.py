@@ -68,7 +68,8 @@ def test_subjects_and_their_tokens():
     assert events_subject("demo", "agg-0") == "dynkv.demo.kv.agg-0"
     assert snapshot_subject("demo", "agg-0") == "dynkv.demo.kv.agg-0.snapshot"
     assert events_wildcard("demo") == "dynkv.demo.kv.*"
-    for bad in ("a.b", "*", ">", "", "a b"):
+    assert events_subject("prod.eu", "agg-0") == "dynkv.prod~eu.kv.agg-0"  # names may have dots
+    for bad in ("*", ">", "", "a b"):
         with pytest.raises(ValueError, match="subject token"):
             events_subject(bad, "w")
 
@@ -193,3 +194,12 @@ def test_the_plan_env_names_match_the_settings(monkeypatch):
         monkeypatch.setenv(k, v)
     s = KvEventsSettings()
     assert (s.nats_url, s.deployment, s.worker_id) == ("nats://127.0.0.1:4222", "demo", "agg-0")
+
+
+def test_every_kv_events_setting_is_documented():
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[3] / "docs" / "kv-events.md"
+    rows = [line.split("|")[1] for line in page.read_text().splitlines() if line.startswith("|")]
+    missing = [v for v in KvEventsSettings.env_names() if f"`{v}`" not in "\n".join(rows)]
+    assert missing == []
