@@ -172,3 +172,72 @@ def test_lost_batches_and_a_late_router_are_repaired_by_snapshots(nats_server):
             pub.close()
 
     asyncio.run(scenario())
+
+
+class Request:
+    """The fields of a vLLM request the scheduler side reads."""
+
+    def __init__(self, request_id: str, tokens: list[int], salt: str | None = None) -> None:
+        self.request_id = request_id
+        self.all_token_ids = tokens
+        self.num_tokens = self.num_prompt_tokens = len(tokens)
+        self.num_computed_tokens = 0
+        self.cache_salt = salt
+        self.lora_request = None
+        self.mm_features = None
+        self.prompt_embeds = None
+        self.kv_transfer_params = None
+
+
+def test_a_kvbm_engine_publishes_the_keys_the_router_computes_for_the_prompt(
+    nats_server, monkeypatch, tmp_path
+):
+    """The scheduler half of the connector, as vLLM drives it, with the plan's environment: its
+    stored blocks reach the router under the keys the router computes from the prompt's tokens
+    (salt and fingerprint included), and the router sends the prompt there."""
+    from kvbm_helpers import LAYOUT, settings
+
+    from dynkv.kvbm.keys import BlockHasher
+    from dynkv.kvbm.vllm_scheduler import SchedulerSide
+    from dynkv.router.decide import decide
+    from dynkv.router.score import ScorerConfig, WorkerLoad
+
+    env = KvEventsSettings.env(nats_url=nats_server.url, deployment=DEPLOYMENT, worker_id="agg-0")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DYNKV_KV_EVENTS_FLUSH_MS", "10")
+
+    async def scenario() -> None:
+        sync, sub = router(nats_server.url)
+        await sub.start()
+        side = SchedulerSide(
+            LAYOUT, settings(cpu_cache_override_num_blocks=32), serve_metrics=False
+        )
+        try:
+            assert side.events is not None
+            tokens = list(range(1000, 1000 + 10 * LAYOUT.block_size + 2))  # 10 full blocks
+            req = Request("r1", tokens, salt="tenant-a")
+            side.get_num_new_matched_tokens(req, 0)
+            side.build_step({"r1": len(tokens)}, lambda _rid: list(range(11)))
+            hasher = BlockHasher(LAYOUT.fingerprint(), LAYOUT.block_size)
+            keys = hasher.keys(tokens, ["salt:tenant-a"])
+            assert len(keys) == 10
+            await until(
+                lambda: (
+                    sync.index.match(keys).get("agg-0", None) is not None
+                    and sync.index.match(keys)["agg-0"].host == 10
+                )
+            )
+            other = hasher.keys(tokens, ["salt:tenant-b"])  # another tenant shares nothing
+            assert sync.index.match(other)["agg-0"].blocks == 0
+            loads = {"agg-0": WorkerLoad(), "agg-1": WorkerLoad()}
+            d = decide(
+                sync.index, keys, len(tokens), LAYOUT.block_size, loads, sync.rates, ScorerConfig()
+            )
+            assert d.chosen.worker == "agg-0"
+            assert d.chosen.cached_tokens == 10 * LAYOUT.block_size
+        finally:
+            side.close()
+            await sub.close()
+
+    asyncio.run(scenario())
