@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from dynkv import __version__
-from dynkv.cli import bench_kvbm_cmd, config_cmd, deploy_cmds, doctor_cmd, up_cmd
+from dynkv.cli import bench_kvbm_cmd, bench_router_cmd, config_cmd, deploy_cmds, doctor_cmd, up_cmd
 from dynkv.cli.bench_cmd import bench_app
 from dynkv.cli.group import DynkvGroup
 from dynkv.cli.model_cmd import model_app
@@ -49,6 +49,7 @@ app.command("logs")(deploy_cmds.logs)
 app.add_typer(model_app, name="model")
 app.command("doctor")(doctor_cmd.doctor)
 bench_kvbm_cmd.register(bench_app)
+bench_router_cmd.register(bench_app)
 app.add_typer(bench_app, name="bench")
 
 

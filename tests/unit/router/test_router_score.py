@@ -126,3 +126,18 @@ def test_decide_routes_a_conversation_to_the_worker_holding_its_prefix():
     assert {e.worker for e in d.estimates} == set(loads) and d.seconds > 0
     busy = {**loads, "holder": WorkerLoad(outstanding_prefill_tokens=100_000)}
     assert decide(idx, keys, 1024, BS, busy, {}, CFG, random.Random(0)).chosen.worker != "holder"
+
+
+def test_bench_router_reports_decision_times_as_json():
+    import json
+
+    from typer.testing import CliRunner
+
+    from dynkv.cli.main import app
+
+    args = ["bench", "router", "--blocks", "5000", "--workers", "3", "--prompt-tokens", "2048"]
+    result = CliRunner().invoke(app, [*args, "--decisions", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["indexed_blocks"] >= 5000 and out["workers"] == 3 and out["decisions"] == 20
+    assert 0 < out["decide_cpu_p50_ms"] <= out["decide_cpu_p99_ms"]
