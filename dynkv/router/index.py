@@ -1,10 +1,11 @@
 """The router's index: which worker holds which block, in which tier, for the whole fleet.
 
-One dict maps a block key to an int whose bits say where it is held: bit `tier_rank * S + slot`,
-where `slot` is the worker's small number (S slots, tier-major), so one lookup per prompt block
-answers for every worker at once and a prefix walk is a handful of integer operations per block
-(docs/kv-events.md). A worker holding a block in G2 and G3 has both bits: losing one copy keeps
-the other.
+One dict maps a block key to an int whose bits say where it is held: bit `3 * slot + tier_rank`,
+where `slot` is the worker's small number, so one lookup per prompt block answers for every worker
+at once and a prefix walk is a handful of integer operations per block (docs/kv-events.md). Slot-
+major bits keep the values small (below 256, Python's shared small ints, for up to two workers;
+one machine word for up to ten). A worker holding a block in G2 and G3 has both bits: losing one
+copy keeps the other.
 
 Bounded by block count: past `max_blocks`, the least recently stored keys are dropped in one
 sweep of `max_blocks // 32` (a stale or missing entry costs a cache miss, never a wrong answer:
@@ -22,6 +23,13 @@ from itertools import islice
 from dynkv.kvbm.events import TIERS, Cleared, KvTier, Removed, Stored
 
 N_TIERS = len(TIERS)
+_ALL_TIERS = (1 << N_TIERS) - 1
+# a worker's three tier bits → the rank of its best (lowest) tier
+_BEST = [0] + [(g & -g).bit_length() - 1 for g in range(1, 1 << N_TIERS)]
+
+
+def _bit(slot: int, tier: KvTier) -> int:
+    return 1 << (N_TIERS * slot + tier.rank)
 
 
 @dataclass(frozen=True)
@@ -38,14 +46,13 @@ class PrefixMatch:
 
 
 class KvIndex:
-    def __init__(self, max_blocks: int = 2_000_000, slots: int = 64) -> None:
-        if max_blocks <= 0 or slots <= 0:
-            raise ValueError("max_blocks and slots must be positive")
+    def __init__(self, max_blocks: int = 2_000_000) -> None:
+        if max_blocks <= 0:
+            raise ValueError("max_blocks must be positive")
         self.max_blocks = max_blocks
-        self.slots = slots  # worker numbers available; a larger fleet needs a larger index
         self._map: dict[int, int] = {}
         self._slot_of: dict[str, int] = {}
-        self._free = list(range(slots - 1, -1, -1))
+        self._free: list[int] = []  # slots of removed workers, reused lowest first
         self.evicted_blocks = 0
 
     # ---- workers ---------------------------------------------------------------------------------
@@ -56,9 +63,11 @@ class KvIndex:
     def add_worker(self, worker: str) -> int:
         slot = self._slot_of.get(worker)
         if slot is None:
-            if not self._free:
-                raise ValueError(f"the index has room for {self.slots} workers")
-            slot = self._free.pop()
+            if self._free:
+                self._free.sort(reverse=True)
+                slot = self._free.pop()
+            else:
+                slot = len(self._slot_of)
             self._slot_of[worker] = slot
         return slot
 
@@ -76,11 +85,12 @@ class KvIndex:
         slot = self._slot_of.get(worker)
         if slot is None:
             return 0
-        mask = self._worker_mask(slot) if tier is None else 1 << (tier.rank * self.slots + slot)
+        mask = self._worker_mask(slot) if tier is None else _bit(slot, tier)
         return self._clear_bits(mask)
 
-    def _worker_mask(self, slot: int) -> int:
-        return sum(1 << (t * self.slots + slot) for t in range(N_TIERS))
+    @staticmethod
+    def _worker_mask(slot: int) -> int:
+        return _ALL_TIERS << (N_TIERS * slot)
 
     def _clear_bits(self, mask: int) -> int:
         keep = ~mask
@@ -95,7 +105,7 @@ class KvIndex:
 
     # ---- events ----------------------------------------------------------------------------------
     def stored(self, worker: str, tier: KvTier, keys: Iterable[int]) -> None:
-        bit = 1 << (tier.rank * self.slots + self.add_worker(worker))
+        bit = _bit(self.add_worker(worker), tier)
         m = self._map
         for k in keys:
             v = m.pop(k, 0)  # re-inserted last: the most recently stored
@@ -107,7 +117,7 @@ class KvIndex:
         slot = self._slot_of.get(worker)
         if slot is None:
             return
-        keep = ~(1 << (tier.rank * self.slots + slot))
+        keep = ~_bit(slot, tier)
         m = self._map
         for k in keys:
             v = m.get(k)
@@ -136,21 +146,21 @@ class KvIndex:
     # ---- lookup ----------------------------------------------------------------------------------
     def match(self, keys: Sequence[int]) -> dict[str, PrefixMatch]:
         """For each known worker: how many leading blocks of `keys` it holds, by best tier."""
-        s = self.slots
-        lane = (1 << s) - 1
-        alive = 0
+        # `alive` has bit 3*slot for each worker whose prefix is still unbroken; `lows` selects
+        # those bits in a value, and `* 7` widens a 3*slot bit to the worker's three tier bits
+        lows = 0
         for slot in self._slot_of.values():
-            alive |= 1 << slot
+            lows |= 1 << (N_TIERS * slot)
+        alive = lows
         get = self._map.get
-        runs: list[list[int]] = []  # [mask, count] of consecutive blocks with equal bits
+        runs: list[list[int]] = []  # [bits, count] of consecutive blocks with equal bits
         last = -1
         for k in keys:
             v = get(k, 0)
-            held = (v | v >> s | v >> 2 * s) & lane
-            alive &= held
+            alive &= v | v >> 1 | v >> 2
             if not alive:
                 break
-            v &= alive | alive << s | alive << 2 * s
+            v &= alive * _ALL_TIERS
             if v == last:
                 runs[-1][1] += 1
             else:
@@ -159,10 +169,9 @@ class KvIndex:
         counts = {slot: [0, 0, 0] for slot in self._slot_of.values()}
         for v, n in runs:
             for slot, c in counts.items():
-                for t in range(N_TIERS):
-                    if v >> (t * s + slot) & 1:
-                        c[t] += n
-                        break
+                group = v >> (N_TIERS * slot) & _ALL_TIERS
+                if group:
+                    c[_BEST[group]] += n
         return {w: PrefixMatch(*counts[slot]) for w, slot in self._slot_of.items()}
 
     def tiers_of(self, key: int) -> dict[str, KvTier]:
@@ -170,10 +179,9 @@ class KvIndex:
         v = self._map.get(key, 0)
         out: dict[str, KvTier] = {}
         for w, slot in self._slot_of.items():
-            for t in TIERS:
-                if v >> (t.rank * self.slots + slot) & 1:
-                    out[w] = t
-                    break
+            group = v >> (N_TIERS * slot) & _ALL_TIERS
+            if group:
+                out[w] = TIERS[_BEST[group]]
         return out
 
     # ---- size ------------------------------------------------------------------------------------
