@@ -108,10 +108,12 @@ class KvEventPublisher:
         settings: KvEventsSettings,
         *,
         block_size: int,
+        fingerprint: str = "",
         rates_source: RatesSource | None = None,
     ) -> None:
         self.settings = settings.check()
         self.block_size = block_size
+        self.fingerprint = fingerprint
         self.rates_source = rates_source or RatesReading
         self.instance_id = uuid.uuid4().hex
         self.subject = events_subject(settings.deployment, settings.worker_id)
@@ -343,6 +345,7 @@ class KvEventPublisher:
             seq=seq,
             ts=time.time(),
             block_size=self.block_size,
+            fingerprint=self.fingerprint,
             prefill=reading.prefill,
             g2_to_g1_tokens_per_s=reading.g2_to_g1_tokens_per_s,
             g3_to_g1_tokens_per_s=reading.g3_to_g1_tokens_per_s,
@@ -402,7 +405,7 @@ class KvEventPublisher:
 
 
 def start_from_env(
-    leader, block_size: int, rates_source: RatesSource | None = None
+    leader, block_size: int, fingerprint: str = "", rates_source: RatesSource | None = None
 ) -> KvEventPublisher | None:
     """The publisher `DYNKV_KV_EVENTS_*` asks for, watching `leader` and started; None when no
     NATS URL is set or the settings are unusable (the engine serves on without events)."""
@@ -410,7 +413,9 @@ def start_from_env(
         settings = KvEventsSettings()
         if not settings.nats_url:
             return None
-        publisher = KvEventPublisher(settings, block_size=block_size, rates_source=rates_source)
+        publisher = KvEventPublisher(
+            settings, block_size=block_size, fingerprint=fingerprint, rates_source=rates_source
+        )
     except Exception as exc:
         log.warning("KVBM: KV events are off: %s", exc)
         return None

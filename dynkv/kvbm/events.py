@@ -121,6 +121,8 @@ class WorkerRates(_Wire):
     seq: int = Field(ge=0)
     ts: float
     block_size: int = Field(ge=1)
+    # the model fingerprint (hex) rooting the worker's keys: a router hashes prompts with it
+    fingerprint: str = ""
     prefill: list[PrefillRate] = Field(default_factory=list)
     g2_to_g1_tokens_per_s: float | None = Field(None, gt=0)
     g3_to_g1_tokens_per_s: float | None = Field(None, gt=0)

@@ -17,6 +17,7 @@ class Decision:
     chosen: Estimate
     estimates: list[Estimate]
     seconds: float  # time the decision took (the router's decision-time histogram)
+    reason: str = "kv"  # kv (a cached prefix won), kv_miss (none cached), nats_down (by load)
 
 
 def decide(
@@ -35,4 +36,5 @@ def decide(
     matches = index.match(keys)
     estimates = estimate_all(matches, prompt_tokens, block_size, loads, rates, cfg)
     chosen = choose(estimates, cfg.temperature, rng)
-    return Decision(chosen, estimates, time.perf_counter() - t0)
+    reason = "kv" if chosen.cached_tokens else "kv_miss"
+    return Decision(chosen, estimates, time.perf_counter() - t0, reason)

@@ -228,6 +228,8 @@ def test_a_kvbm_engine_publishes_the_keys_the_router_computes_for_the_prompt(
                     and sync.index.match(keys)["agg-0"].host == 10
                 )
             )
+            await until(lambda: "agg-0" in sync.rates)  # it announces the root of its keys
+            assert sync.rates["agg-0"].fingerprint == LAYOUT.fingerprint_hex()
             other = hasher.keys(tokens, ["salt:tenant-b"])  # another tenant shares nothing
             assert sync.index.match(other)["agg-0"].blocks == 0
             loads = {"agg-0": WorkerLoad(), "agg-1": WorkerLoad()}
@@ -239,5 +241,55 @@ def test_a_kvbm_engine_publishes_the_keys_the_router_computes_for_the_prompt(
         finally:
             side.close()
             await sub.close()
+
+    asyncio.run(scenario())
+
+
+def test_kv_router_picks_by_prefix_and_falls_back_to_load_while_nats_is_down(nats_server):
+    """`KvRouter` as a frontend would use it: it hashes prompts with the fingerprint the worker
+    announces, routes a cached prefix to its holder, and routes by load while NATS is down."""
+    from dynkv.kvbm.keys import BlockHasher, extra_keys
+    from dynkv.router.router import KvRouter
+    from dynkv.router.score import WorkerLoad
+
+    fingerprint = "ab" * 16
+    hasher = BlockHasher(bytes.fromhex(fingerprint), 16)
+    tokens = list(range(500, 500 + 16 * 8 + 3))
+    keys = hasher.keys(tokens, extra_keys("s1"))
+
+    async def scenario() -> None:
+        kv = KvRouter(nats_server.url, DEPLOYMENT, snapshot_timeout=1.0, retry_secs=0.1)
+        await kv.start()
+        settings = KvEventsSettings(
+            nats_url=nats_server.url,
+            deployment=DEPLOYMENT,
+            worker_id="agg-1",
+            flush_ms=10,
+            rates_interval_secs=0.2,
+            reconnect_secs=0.1,
+        )
+        pub = KvEventPublisher(settings, block_size=16, fingerprint=fingerprint).start()
+        try:
+            for k in keys:
+                pub.stored(Tier.DISK, k)
+            await until(lambda: "agg-1" in kv.sync.rates and len(kv.index) == len(keys))
+            loads = {"agg-0": WorkerLoad(), "agg-1": WorkerLoad(outstanding_prefill_tokens=10)}
+            d = kv.pick(tokens, loads, cache_salt="s1")
+            assert (d.chosen.worker, d.reason, d.chosen.cached_tokens) == ("agg-1", "kv", 128)
+            assert d.chosen.match.disk == 8
+            other = kv.pick(tokens, loads, cache_salt="s2")  # another tenant: nothing cached
+            assert (other.chosen.worker, other.reason) == ("agg-0", "kv_miss")
+
+            nats_server.kill()
+            await until(lambda: not kv.connected)
+            d = kv.pick(tokens, loads, cache_salt="s1")
+            assert (d.chosen.worker, d.reason) == ("agg-0", "nats_down")  # least outstanding
+            nats_server.start()
+            await until(lambda: kv.connected and kv.sync.synced("agg-1"), timeout=20)
+            await until(lambda: kv.pick(tokens, loads, cache_salt="s1").reason == "kv")
+            assert kv.stats()["decisions"]["nats_down"] == 1
+        finally:
+            pub.close()
+            await kv.close()
 
     asyncio.run(scenario())
