@@ -212,6 +212,9 @@ class KvEventPublisher:
                     resync |= self._drop_queued()
                     await self._sleep(s.reconnect_secs)
                     continue
+            if nc.is_closed:  # nats-py gave up (it should not: it retries forever)
+                nc = None
+                continue
             if nc.is_connected:
                 self.connected.set()
             else:
@@ -287,8 +290,8 @@ class KvEventPublisher:
                 self.dropped_batches += 1
                 lost = True
                 continue
-            batch = self._batch(seq, ts, raw)
             try:
+                batch = self._batch(seq, ts, raw)
                 await nc.publish(self.subject, batch.model_dump_json().encode())
             except Exception:
                 self.dropped_batches += 1
