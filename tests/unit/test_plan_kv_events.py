@@ -34,3 +34,20 @@ def test_disagg_workers_have_their_own_ids_and_no_kvbm_means_no_events():
     assert ids == {"prefill-0": "prefill-0", "decode-1": "decode-1"}
     off = plan_for({"DYNKV_KVBM": "false"})
     assert events_env(off.service("worker")) == {}
+
+
+def test_an_external_nats_password_reaches_the_worker_but_is_never_printed():
+    import json
+
+    plan = plan_for(
+        {
+            "DYNKV_INFRA": "external",
+            "DYNKV_ETCD_ENDPOINTS": "http://10.0.0.1:2379",
+            "DYNKV_NATS_URL": "nats://app:hunter2@10.0.0.1:4222",
+        }
+    )
+    assert events_env(plan.service("worker"))["DYNKV_KV_EVENTS_NATS_URL"] == (
+        "nats://app:hunter2@10.0.0.1:4222"
+    )
+    printed = json.dumps(plan.to_json())
+    assert "hunter2" not in printed and "nats://app:***@10.0.0.1:4222" in printed
