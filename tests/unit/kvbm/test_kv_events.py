@@ -203,3 +203,22 @@ def test_every_kv_events_setting_is_documented():
     rows = [line.split("|")[1] for line in page.read_text().splitlines() if line.startswith("|")]
     missing = [v for v in KvEventsSettings.env_names() if f"`{v}`" not in "\n".join(rows)]
     assert missing == []
+
+
+def test_load_rates_come_from_the_runtimes_transfer_timings():
+    from dynkv.kvbm.counters import Count
+    from dynkv.kvbm.event_rates import metrics_rates
+    from dynkv.kvbm.metrics import KvbmMetrics
+
+    metrics = KvbmMetrics()
+    read = metrics_rates(metrics, block_size=16)
+    assert read().g2_to_g1_tokens_per_s is None  # nothing loaded yet: not measured
+    metrics.count(Count.ONBOARD_H2D, 30)
+    metrics.count(Count.ONBOARD_D2D, 10)
+    metrics.transfer_seconds.labels("host_to_device").observe(0.04)  # 40 blocks: 1 ms each
+    metrics.transfer_seconds.labels("disk_to_host").observe(0.03)  # 10 disk blocks: 3 ms each
+    rates = read()
+    assert rates.g2_to_g1_tokens_per_s == pytest.approx(16 / 0.001)
+    assert rates.g3_to_g1_tokens_per_s == pytest.approx(16 / 0.004)
+    assert rates.prefill == []  # not measured by the runtime yet
+    metrics.close()
