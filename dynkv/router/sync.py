@@ -24,6 +24,7 @@ class _Worker:
     instance_id: str
     applied: int = 0  # the last batch number applied
     syncing: bool = False  # entries dropped, a snapshot is wanted
+    empty: bool = True  # it has no entries in the index (dropping them needs no scan)
     buffered: list[EventBatch] = field(default_factory=list)
 
 
@@ -102,8 +103,9 @@ class IndexSync:
         w = self._workers.get(wid)
         if w is None:
             w = self._workers[wid] = _Worker(wid, first.instance_id)
-        self.index.clear_worker(wid)
+        self._clear(w)
         self.index.add_worker(wid)
+        w.empty = False
         for chunk in chunks:
             if chunk.tier is not None:
                 self.index.stored(wid, chunk.tier, chunk.keys)
@@ -127,16 +129,16 @@ class IndexSync:
 
     # ---- internals -------------------------------------------------------------------------------
     def _restart(self, wid: str, instance_id: str) -> _Worker:
-        if wid in self._workers:
+        old = self._workers.get(wid)
+        if old is not None:
             self.counters.new_instances += 1
-        self.index.clear_worker(wid)
+            self._clear(old)
         self.index.add_worker(wid)
         w = self._workers[wid] = _Worker(wid, instance_id)
         return w
 
     def _resync(self, w: _Worker, batch: EventBatch | None) -> bool:
-        if not w.syncing:
-            self.index.clear_worker(w.worker_id)  # stale entries would mislead until then
+        self._clear(w)  # stale entries would mislead until the snapshot
         w.syncing = True
         w.buffered = []
         if batch is not None:
@@ -150,7 +152,14 @@ class IndexSync:
             w.buffered = w.buffered[len(w.buffered) // 2 :]
         w.buffered.append(batch)
 
+    def _clear(self, w: _Worker) -> None:
+        """Drop the worker's entries (a scan of the whole index, so only when it has some)."""
+        if not w.empty:
+            self.index.clear_worker(w.worker_id)
+            w.empty = True
+
     def _apply(self, w: _Worker, batch: EventBatch) -> None:
+        w.empty = False
         for event in batch.events:
             self.index.apply(batch.worker_id, event)
         w.applied = batch.seq

@@ -113,3 +113,17 @@ def test_an_empty_snapshot_and_a_departed_worker():
     s.on_batch(batch(5, stored(2)))
     s.remove_worker("w")
     assert s.index.workers == [] and not s.synced("w") and "w" not in s.rates
+
+
+def test_a_workers_entries_are_scanned_away_once_per_resync(monkeypatch):
+    s = IndexSync(KvIndex())
+    s.on_batch(batch(1, stored(1)))
+    scans = []
+    real = s.index.clear_worker
+    monkeypatch.setattr(s.index, "clear_worker", lambda w, t=None: scans.append(w) or real(w, t))
+    s.on_batch(batch(3, stored(3)))  # gap: drop (one scan)
+    s.on_rates(rates(5))  # already resynchronising: nothing to drop
+    s.on_snapshot(snap(5, {G2: [1]}))  # the entries are already gone: no second scan
+    assert scans == ["w"]
+    s.on_batch(batch(1, stored(2), instance="i2"))  # a restart drops the snapshot's entries
+    assert scans == ["w", "w"] and held(s, 1) == 0 and held(s, 2) == 1
