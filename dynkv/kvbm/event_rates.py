@@ -10,7 +10,7 @@ online measurement is passed to the publisher as its `rates_source` (docs/kv-eve
 from __future__ import annotations
 
 from dynkv.kvbm.counters import Count
-from dynkv.kvbm.event_publisher import RatesReading, RatesSource
+from dynkv.kvbm.event_settings import RatesReading, RatesSource
 from dynkv.kvbm.metrics import KvbmMetrics
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
-from dynkv.kvbm.event_publisher import KvEventsSettings
+from dynkv.kvbm.event_settings import KvEventsSettings
 from dynkv.kvbm.roles import Role
 from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
 from dynkv.plan.engine_args import check_engine_args, detect_spec, engine_notes, role_argv

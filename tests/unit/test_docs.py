@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dynkv.kvbm.config import KvbmSettings
-from dynkv.kvbm.event_publisher import KvEventsSettings
+from dynkv.kvbm.event_settings import KvEventsSettings
 from dynkv.settings.deployment import DeploymentSettings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from plan_support import plan_for
 
-from dynkv.kvbm.event_publisher import KvEventsSettings
+from dynkv.kvbm.event_settings import KvEventsSettings
 from dynkv.kvbm.events import events_subject
 
 
