@@ -10,6 +10,7 @@ from dynkv import __version__
 from dynkv.cli import (
     advise_cmd,
     bench_kvbm_cmd,
+    bench_router_cmd,
     config_cmd,
     deploy_cmds,
     doctor_cmd,
@@ -59,6 +60,7 @@ app.command("advise")(advise_cmd.advise)
 app.add_typer(model_app, name="model")
 app.command("doctor")(doctor_cmd.doctor)
 bench_kvbm_cmd.register(bench_app)
+bench_router_cmd.register(bench_app)
 app.add_typer(bench_app, name="bench")
 
 

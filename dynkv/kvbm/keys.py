@@ -18,6 +18,19 @@ BlockKey = int  # 128-bit
 KEY_BYTES = 16
 
 
+def extra_keys(
+    cache_salt: str | None = None, lora_name: str | None = None, lora_path: str = ""
+) -> tuple[str, ...]:
+    """A request's extra keys, the one convention of the runtime and the router (a router that
+    computes a prompt's keys for another convention would find nothing)."""
+    extra: list[str] = []
+    if cache_salt:
+        extra.append("salt:" + cache_salt)
+    if lora_name is not None:
+        extra.append(f"lora:{lora_name}:{lora_path}")
+    return tuple(extra)
+
+
 class BlockHasher:
     def __init__(self, fingerprint: bytes, block_size: int) -> None:
         if block_size <= 0:

@@ -24,6 +24,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
 
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.counters import Count
@@ -35,6 +37,14 @@ from dynkv.kvbm.metrics import KvbmMetrics
 from dynkv.kvbm.ops import HandoffOp, LoadOp, OffloadOp, StoreOp, StoreReport, Tier
 from dynkv.kvbm.reuse import ReuseTracker
 from dynkv.kvbm.slots import PoolFull, SlotIndex
+
+
+class TierSink(Protocol):
+    """Receives the leader's index changes (the KV event publisher)."""
+
+    def stored(self, tier: Tier, key: int) -> None: ...
+
+    def removed(self, tier: Tier, key: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,13 @@ class BlockLeader:
             (lambda: len(self.disk)) if self.disk is not None else None,
             disk_slots,
         )
+
+    def watch(self, sink: TierSink) -> None:
+        """Tell `sink` of every block G2/G3 gains or loses (KV events, docs/kv-events.md),
+        starting with those held now (G3 blocks restored from an earlier run)."""
+        for tier, index in ((Tier.HOST, self.host), (Tier.DISK, self.disk)):
+            if index is not None:
+                index.watch(partial(sink.stored, tier), partial(sink.removed, tier))
 
     # ---- lookup ----------------------------------------------------------------------------------
     def match(self, keys: Sequence[int]) -> Match:

@@ -10,7 +10,7 @@ Not thread-safe by itself: the manager holds one lock around every call.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class PoolFull(Exception):
@@ -30,6 +30,15 @@ class SlotIndex:
         self._pins: Counter[int] = Counter()
         # slots dropped from the index while pinned: freed by their last unpin
         self._orphans: set[int] = set()
+        # KV events (docs/kv-events.md): told of every key that becomes visible or leaves
+        self._on_stored: Callable[[int], None] | None = None
+        self._on_removed: Callable[[int], None] | None = None
+
+    def watch(self, on_stored: Callable[[int], None], on_removed: Callable[[int], None]) -> None:
+        """Report the keys held now as stored, then every later change, as it happens."""
+        for key in self._lru:
+            on_stored(key)
+        self._on_stored, self._on_removed = on_stored, on_removed
 
     # ---- queries (no side effects) -------------------------------------------------------------
     def __contains__(self, key: int) -> bool:
@@ -68,6 +77,8 @@ class SlotIndex:
                 del self._lru[key]
                 del self._slot_key[slot]
                 self._reserved.add(slot)
+                if self._on_removed is not None:
+                    self._on_removed(key)
                 return slot, key
         raise PoolFull
 
@@ -88,6 +99,8 @@ class SlotIndex:
                 self._free.append(old)
         self._lru[key] = slot
         self._slot_key[slot] = key
+        if self._on_stored is not None:
+            self._on_stored(key)
         return old
 
     def release(self, slot: int) -> None:
@@ -103,6 +116,8 @@ class SlotIndex:
         if slot is None:
             return None
         del self._slot_key[slot]
+        if self._on_removed is not None:
+            self._on_removed(key)
         if self._pins[slot]:
             self._reserved.add(slot)
             self._orphans.add(slot)

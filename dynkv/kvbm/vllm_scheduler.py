@@ -20,8 +20,10 @@ from typing import Any
 
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.counters import Count
+from dynkv.kvbm.event_publisher import start_from_env
+from dynkv.kvbm.event_rates import metrics_rates
 from dynkv.kvbm.journal import Journal
-from dynkv.kvbm.keys import BlockHasher
+from dynkv.kvbm.keys import BlockHasher, extra_keys
 from dynkv.kvbm.layout import BlockLayout
 from dynkv.kvbm.leader import BlockLeader, tier_sizes
 from dynkv.kvbm.metrics import KvbmMetrics
@@ -96,6 +98,13 @@ class SchedulerSide:
                     exc.strerror,
                 )
         self.metrics.start_log_thread(settings.cache_stats_log_interval_secs)
+        # KV events for the router (docs/kv-events.md); None unless DYNKV_KV_EVENTS_NATS_URL is set
+        self.events = start_from_env(
+            self.leader,
+            self.block_size,
+            layout.fingerprint_hex(),
+            metrics_rates(self.metrics, self.block_size),
+        )
         self._requests: dict[str, _Request] = {}
         self._plan = StepPlan()
         if entries:
@@ -105,16 +114,16 @@ class SchedulerSide:
     def _state(self, request: Any) -> _Request:
         st = self._requests.get(request.request_id)
         if st is None or st.request is not request:
-            extra: list[str] = []
-            if request.cache_salt:
-                extra.append("salt:" + request.cache_salt)
             lora = getattr(request, "lora_request", None)
-            if lora is not None:
-                extra.append(f"lora:{lora.lora_name}:{getattr(lora, 'lora_path', '')}")
+            extra = extra_keys(
+                request.cache_salt,
+                lora.lora_name if lora is not None else None,
+                getattr(lora, "lora_path", "") if lora is not None else "",
+            )
             skip = bool(getattr(request, "mm_features", None)) or (
                 getattr(request, "prompt_embeds", None) is not None
             )
-            st = _Request(request, tuple(extra), skip=skip)
+            st = _Request(request, extra, skip=skip)
             self._read_transfer_params(st)
             self._requests[request.request_id] = st
         return st
@@ -278,6 +287,8 @@ class SchedulerSide:
         self.leader.apply_report(report)
 
     def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
         self.metrics.close()
 
 

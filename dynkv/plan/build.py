@@ -18,6 +18,7 @@ from pathlib import Path
 from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
+from dynkv.kvbm.event_settings import KvEventsSettings
 from dynkv.kvbm.roles import Role
 from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
 from dynkv.plan.dtype import cpu_bf16_native, default_dtype_argv, dtype_note
@@ -178,7 +179,7 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
             ]
     infra_names = tuple(s.name for s in services)
     transfer = disagg_transfer(resolved, host)  # workers and frontend must agree on it
-    workers = _workers(resolved, host, endpoints, infra_names, transfer)
+    workers = _workers(resolved, host, endpoints, infra_names, transfer, nats_url)
     services += workers
     frontend = _frontend(resolved, host, endpoints, tuple(w.name for w in workers), transfer)
     services.append(frontend)
@@ -230,6 +231,7 @@ def _workers(
     endpoints: tuple[str, ...],
     depends_on: tuple[str, ...],
     transfer: str | None,
+    nats_url: str,
 ) -> list[Service]:
     dep, kvbm = resolved.deployment, resolved.kvbm
     roles = worker_roles(dep.topology)
@@ -250,6 +252,12 @@ def _workers(
             # one pool per deployment and worker: pools are locked to one engine, and a
             # restarted deployment finds its own blocks again
             env["DYN_KVBM_DISK_CACHE_DIR"] = str(kvbm.disk_cache_dir / f"{dep.name}-{role}")
+        if dynkv:  # the worker's KVBM publishes its G2/G3 changes for the router
+            env.update(
+                KvEventsSettings.env(
+                    nats_url=nats_url, deployment=dep.name, worker_id=f"{role}-{index}"
+                )
+            )
         if handoff is not None:
             env["DYN_KVBM_HANDOFF_DIR"] = str(handoff)
         if role == Role.DECODE and dynkv:

@@ -273,8 +273,9 @@ def is_secret_name(name: str) -> bool:
 
 
 def mask_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The environment as it may be printed: secret-looking names keep their name, not value, and
-    a URL's password is masked (DYNKV_*_ETCD_ENDPOINTS may carry one)."""
+    """The environment as it may be printed: secret-looking names keep their name, not value,
+    and a URL's password is masked (`DYNKV_*_ETCD_ENDPOINTS` and a worker's
+    `DYNKV_KV_EVENTS_NATS_URL` may carry one)."""
     return {k: (MASK if is_secret_name(k) and v else redact_urls(v)) for k, v in env.items()}
 
 

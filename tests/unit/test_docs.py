@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dynkv.kvbm.config import KvbmSettings
+from dynkv.kvbm.event_settings import KvEventsSettings
 from dynkv.settings.deployment import DeploymentSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,7 +114,8 @@ def table_first_cells(path: Path) -> str:
 def documented_names() -> set[str]:
     kvbm = set(KvbmSettings.env_names())
     deployment = {DeploymentSettings.env_name(f) for f in DeploymentSettings.model_fields}
-    return kvbm | deployment | set(OTHER_VARIABLES)
+    events = set(KvEventsSettings.env_names())  # documented in docs/kv-events.md
+    return kvbm | deployment | events | set(OTHER_VARIABLES)
 
 
 # ---- the slug rule itself --------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""Where and how a worker publishes KV events (`DYNKV_KV_EVENTS_*`), and the rates it reports.
+
+Separate from the publisher so that the plan (which sets these variables for every worker) and
+the router read the settings without the publishing machinery (docs/kv-events.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dynkv.kvbm.events import PrefillRate, check_token, subject_token
+
+ENV_PREFIX = "DYNKV_KV_EVENTS_"
+
+
+class KvEventsSettings(BaseSettings):
+    """Where and how a worker publishes KV events; field `x` is `DYNKV_KV_EVENTS_X`. `dynkv up`
+    sets the first three for every worker; without `nats_url` nothing is published."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, case_sensitive=False, env_ignore_empty=True, extra="ignore"
+    )
+
+    nats_url: str | None = Field(None, description="NATS server, e.g. nats://127.0.0.1:4222.")
+    deployment: str = Field("default", description="Deployment name (a subject token).")
+    worker_id: str = Field("worker", description="This worker's id (a subject token).")
+    batch_max: int = Field(256, ge=1, description="Events per batch at most.")
+    flush_ms: float = Field(20.0, gt=0, description="A pending event waits this long at most.")
+    queue_max: int = Field(1024, ge=1, description="Batches waiting to be sent; more are dropped.")
+    rates_interval_secs: float = Field(2.0, gt=0, description="Period of the rates message.")
+    reconnect_secs: float = Field(0.5, gt=0, description="Wait between NATS connection attempts.")
+
+    def check(self) -> KvEventsSettings:
+        subject_token(self.deployment)
+        check_token(self.worker_id, "worker id")
+        return self
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """Environment variable → field name, for every field."""
+        return {ENV_PREFIX + f.upper(): f for f in cls.model_fields}
+
+    @classmethod
+    def env(cls, *, nats_url: str, deployment: str, worker_id: str) -> dict[str, str]:
+        """The environment that makes a worker publish (what the plan gives each worker)."""
+        return {
+            ENV_PREFIX + "NATS_URL": nats_url,
+            ENV_PREFIX + "DEPLOYMENT": deployment,
+            ENV_PREFIX + "WORKER_ID": worker_id,
+        }
+
+
+@dataclass
+class RatesReading:
+    """What `rates_source` returns: the measured costs of a hit (None: not measured yet)."""
+
+    prefill: list[PrefillRate] = field(default_factory=list)
+    g2_to_g1_tokens_per_s: float | None = None
+    g3_to_g1_tokens_per_s: float | None = None
+
+
+RatesSource = Callable[[], RatesReading]

@@ -1,0 +1,173 @@
+"""The KV-aware routing policy as a frontend uses it: events in, one decision per request.
+
+`KvRouter` owns the index, its sync and the NATS subscriber. `pick(token_ids, loads, cache_salt)`
+computes the prompt's block keys the way the workers do (`BlockHasher` rooted in the model
+fingerprint each worker announces in its rates, and the runtime's extra-key convention), matches
+them and chooses by estimated TTFT. While NATS is unreachable it falls back to the least loaded
+worker (one log line per outage; `decisions["nats_down"]` counts them) and the index
+resynchronises by itself once NATS is back (docs/kv-events.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from dynkv.kvbm.keys import BlockHasher, extra_keys
+from dynkv.router.decide import Decision
+from dynkv.router.index import KvIndex, PrefixMatch
+from dynkv.router.score import Estimate, ScorerConfig, WorkerLoad, choose, estimate_all
+from dynkv.router.subscriber import KvEventSubscriber
+from dynkv.router.sync import IndexSync
+
+log = logging.getLogger("dynkv.router")
+
+
+class KvRouter:
+    def __init__(
+        self,
+        nats_url: str,
+        deployment: str,
+        cfg: ScorerConfig | None = None,
+        *,
+        max_blocks: int = 2_000_000,
+        rng: random.Random | None = None,
+        snapshot_timeout: float = 2.0,
+        retry_secs: float = 0.5,
+    ) -> None:
+        self.cfg = cfg or ScorerConfig()
+        self.index = KvIndex(max_blocks)
+        self.sync = IndexSync(self.index)
+        self.subscriber = KvEventSubscriber(
+            nats_url,
+            deployment,
+            self.sync,
+            snapshot_timeout=snapshot_timeout,
+            retry_secs=retry_secs,
+        )
+        self.rng = rng or random.Random()
+        self.retry_secs = retry_secs
+        self.decisions: Counter[str] = Counter()  # reason → count
+        self._hashers: dict[tuple[str, int], BlockHasher] = {}
+        self._connect_task: asyncio.Task | None = None
+        self._down_logged = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect in the background (retrying): the router serves by load until it is fed."""
+        self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        while True:
+            try:
+                await self.subscriber.start()
+                return
+            except Exception as exc:
+                self._log_down(f"cannot reach NATS at {self.subscriber.nats_url} ({exc})")
+                await asyncio.sleep(self.retry_secs)
+
+    async def close(self) -> None:
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._connect_task
+        await self.subscriber.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.subscriber.connected
+
+    def remove_worker(self, worker: str) -> None:
+        """The worker left etcd: forget its blocks and rates."""
+        self.subscriber.remove_worker(worker)
+
+    # ---- decisions -------------------------------------------------------------------------------
+    def prompt_keys(
+        self,
+        token_ids: Sequence[int],
+        fingerprint: str,
+        block_size: int,
+        cache_salt: str | None = None,
+        lora: tuple[str, str] | None = None,
+    ) -> list[int]:
+        hasher = self._hashers.get((fingerprint, block_size))
+        if hasher is None:
+            hasher = self._hashers[(fingerprint, block_size)] = BlockHasher(
+                bytes.fromhex(fingerprint), block_size
+            )
+        lora_name, lora_path = lora if lora is not None else (None, "")
+        return hasher.keys(token_ids, extra_keys(cache_salt, lora_name, lora_path))
+
+    def pick(
+        self,
+        token_ids: Sequence[int],
+        loads: Mapping[str, WorkerLoad],
+        cache_salt: str | None = None,
+        lora: tuple[str, str] | None = None,
+    ) -> Decision:
+        """Choose among `loads` (the healthy workers and what each has outstanding)."""
+        if not loads:
+            raise ValueError("no worker to choose from")
+        t0 = time.perf_counter()
+        if not self.connected:
+            self._log_down("NATS is unreachable")
+            chosen = self._least_loaded(loads, len(token_ids))
+            return self._done("nats_down", chosen, [chosen], t0)
+        self._down_logged = False
+        # workers whose keys share a root (model fingerprint, block size) are matched together
+        groups: dict[tuple[str, int], list[str]] = {}
+        for w in loads:
+            rates = self.sync.rates.get(w)
+            if rates is not None and rates.fingerprint and self.sync.synced(w):
+                groups.setdefault((rates.fingerprint, rates.block_size), []).append(w)
+        matches: dict[str, PrefixMatch] = {}
+        block_size = 0
+        for (fingerprint, bs), workers in groups.items():
+            keys = self.prompt_keys(token_ids, fingerprint, bs, cache_salt, lora)
+            found = self.index.match(keys)
+            matches.update({w: found[w] for w in workers if w in found})
+            block_size = bs
+        if not block_size:  # no worker announced its keys yet: nothing matched, any size will do
+            block_size = 16
+        estimates = estimate_all(
+            matches, len(token_ids), block_size, loads, self.sync.rates, self.cfg
+        )
+        chosen = choose(estimates, self.cfg.temperature, self.rng)
+        reason = "kv" if chosen.cached_tokens else "kv_miss"
+        return self._done(reason, chosen, estimates, t0)
+
+    def _least_loaded(self, loads: Mapping[str, WorkerLoad], prompt_tokens: int) -> Estimate:
+        def key(w: str) -> tuple[int, int]:
+            return loads[w].outstanding_prefill_tokens, loads[w].running_requests
+
+        best = min(key(w) for w in loads)
+        worker = self.rng.choice([w for w in loads if key(w) == best])
+        return Estimate(worker, 0.0, 0, PrefixMatch(), 0.0, 0.0, 0.0)
+
+    def _done(
+        self, reason: str, chosen: Estimate, estimates: list[Estimate], t0: float
+    ) -> Decision:
+        self.decisions[reason] += 1
+        return Decision(chosen, estimates, time.perf_counter() - t0, reason)
+
+    def _log_down(self, why: str) -> None:
+        if not self._down_logged:
+            log.warning("router: %s; routing by load until KV events flow again", why)
+            self._down_logged = True
+
+    def stats(self) -> dict[str, object]:
+        """Index size and memory, sync counters and decisions (for metrics and `status`)."""
+        return {
+            "index_blocks": len(self.index),
+            "index_memory_bytes": self.index.memory_bytes(),
+            "evicted_blocks": self.index.evicted_blocks,
+            "workers": self.index.workers,
+            "sync": vars(self.sync.counters).copy(),
+            "decisions": dict(self.decisions),
+            "connected": self.connected,
+        }

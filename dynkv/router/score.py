@@ -1,0 +1,159 @@
+"""Scoring: the estimated time to first token of a prompt on each worker, and the choice.
+
+TTFT(worker) = recompute time of the prompt tokens it holds in no tier (at its measured prefill
+rate) + load time of the blocks it holds in G2/G3 (at its measured G2→G1 / G3→G1 rates) +
+queueing: its outstanding prefill tokens at its prefill rate, plus a cost per running request.
+G1 hits are free. With `tier_weights` (Dynamo's constants 1 / 0.75 / 0.25) a held block instead
+counts as that fraction of a device hit and loads cost nothing, for comparison
+(docs/kv-events.md). Pure functions: the router's event loop calls them per request.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from dynkv.kvbm.events import WorkerRates
+from dynkv.router.index import PrefixMatch
+
+DYNAMO_TIER_WEIGHTS = (1.0, 0.75, 0.25)
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    # used until a worker has published a measurement
+    default_prefill_tokens_per_s: float = 2_000.0
+    default_g2_tokens_per_s: float = 200_000.0
+    default_g3_tokens_per_s: float = 50_000.0
+    decode_seconds_per_request: float = 0.0  # queueing cost of each request a worker runs
+    tier_weights: tuple[float, float, float] | None = None  # (G1, G2, G3); None: measured rates
+    temperature: float = 0.0  # 0: the lowest estimate; > 0: softmax among near-ties
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """What the frontend knows of a worker's queue right now."""
+
+    outstanding_prefill_tokens: int = 0
+    running_requests: int = 0
+
+
+@dataclass(frozen=True)
+class Costs:
+    prefill_tokens_per_s: float
+    g2_tokens_per_s: float
+    g3_tokens_per_s: float
+
+
+def costs_for(rates: WorkerRates | None, prompt_tokens: int, cfg: ScorerConfig) -> Costs:
+    """The worker's rates for a prompt of this length: the measured bucket holding it, else the
+    nearest measured bucket, else the defaults."""
+    prefill = cfg.default_prefill_tokens_per_s
+    g2, g3 = cfg.default_g2_tokens_per_s, cfg.default_g3_tokens_per_s
+    if rates is not None:
+        if rates.prefill:
+
+            def distance(b) -> int:
+                if b.min_tokens <= prompt_tokens < b.max_tokens:
+                    return 0
+                return min(abs(prompt_tokens - b.min_tokens), abs(prompt_tokens - b.max_tokens))
+
+            prefill = min(rates.prefill, key=distance).tokens_per_s
+        g2 = rates.g2_to_g1_tokens_per_s or g2
+        g3 = rates.g3_to_g1_tokens_per_s or g3
+    return Costs(prefill, g2, g3)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    worker: str
+    ttft_s: float
+    cached_tokens: int  # what the index predicts the worker will reuse
+    match: PrefixMatch
+    recompute_s: float
+    load_s: float
+    queue_s: float
+
+
+def estimate(
+    worker: str,
+    match: PrefixMatch,
+    prompt_tokens: int,
+    block_size: int,
+    costs: Costs,
+    load: WorkerLoad,
+    cfg: ScorerConfig,
+) -> Estimate:
+    # vLLM computes at least the prompt's last token, whatever is cached
+    usable = min(match.blocks, max(0, (prompt_tokens - 1) // block_size))
+    device = min(match.device, usable)
+    host = min(match.host, usable - device)
+    disk = usable - device - host
+    if cfg.tier_weights is not None:
+        w1, w2, w3 = cfg.tier_weights
+        cached = (device * w1 + host * w2 + disk * w3) * block_size
+        load_s = 0.0
+    else:
+        cached = float(usable * block_size)
+        load_s = (
+            host * block_size / costs.g2_tokens_per_s + disk * block_size / costs.g3_tokens_per_s
+        )
+    recompute_s = max(1.0, prompt_tokens - cached) / costs.prefill_tokens_per_s
+    queue_s = (
+        load.outstanding_prefill_tokens / costs.prefill_tokens_per_s
+        + load.running_requests * cfg.decode_seconds_per_request
+    )
+    return Estimate(
+        worker=worker,
+        ttft_s=recompute_s + load_s + queue_s,
+        cached_tokens=usable * block_size,
+        match=match,
+        recompute_s=recompute_s,
+        load_s=load_s,
+        queue_s=queue_s,
+    )
+
+
+def choose(
+    estimates: Sequence[Estimate], temperature: float = 0.0, rng: random.Random | None = None
+) -> Estimate:
+    """The lowest estimate (exact ties: at random). With `temperature` T > 0, a softmax over
+    each estimate's excess over the best, relative to the best: a worker 10% slower is picked
+    with weight exp(-0.1 / T) against the best's 1, so only near-ties share the traffic."""
+    if not estimates:
+        raise ValueError("no worker to choose from")
+    rng = rng or random.Random()
+    best = min(e.ttft_s for e in estimates)
+    if temperature <= 0:
+        tied = [e for e in estimates if e.ttft_s <= best * (1 + 1e-9) + 1e-12]
+        return tied[0] if len(tied) == 1 else rng.choice(tied)
+    scale = max(best, 1e-3)
+    weights = [math.exp(-(e.ttft_s - best) / scale / temperature) for e in estimates]
+    return rng.choices(list(estimates), weights=weights, k=1)[0]
+
+
+def estimate_all(
+    matches: Mapping[str, PrefixMatch],
+    prompt_tokens: int,
+    block_size: int,
+    loads: Mapping[str, WorkerLoad],
+    rates: Mapping[str, WorkerRates],
+    cfg: ScorerConfig,
+) -> list[Estimate]:
+    """One estimate per worker in `loads` (the healthy candidates); a worker the index does not
+    know yet holds nothing."""
+    empty = PrefixMatch()
+    return [
+        estimate(
+            w,
+            matches.get(w, empty),
+            prompt_tokens,
+            block_size,
+            costs_for(rates.get(w), prompt_tokens, cfg),
+            load,
+            cfg,
+        )
+        for w, load in loads.items()
+    ]

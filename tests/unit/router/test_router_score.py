@@ -1,0 +1,143 @@
+"""TTFT scoring and the choice: tiers, measured rates, loads, ties, temperature, Dynamo weights."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from dynkv.kvbm.events import KvTier, PrefillRate, WorkerRates
+from dynkv.router.decide import decide
+from dynkv.router.index import KvIndex, PrefixMatch
+from dynkv.router.score import (
+    DYNAMO_TIER_WEIGHTS,
+    Costs,
+    ScorerConfig,
+    WorkerLoad,
+    choose,
+    costs_for,
+    estimate,
+)
+
+BS = 16
+COSTS = Costs(prefill_tokens_per_s=1000.0, g2_tokens_per_s=100_000.0, g3_tokens_per_s=10_000.0)
+CFG = ScorerConfig()
+IDLE = WorkerLoad()
+
+
+def est(match: PrefixMatch, load: WorkerLoad = IDLE, costs: Costs = COSTS, cfg: ScorerConfig = CFG):
+    return estimate("w", match, 1024, BS, costs, load, cfg)
+
+
+def test_a_device_hit_beats_host_beats_disk_beats_a_miss():
+    blocks = 32
+    times = [est(PrefixMatch(**{t: blocks})).ttft_s for t in ("device", "host", "disk")]
+    miss = est(PrefixMatch()).ttft_s
+    assert times == sorted(times) and times[-1] < miss
+    e = est(PrefixMatch(host=32))
+    assert e.load_s == pytest.approx(32 * BS / 100_000)
+    assert e.recompute_s == pytest.approx((1024 - 512) / 1000)
+    assert e.cached_tokens == 512
+
+
+def test_the_last_prompt_token_is_always_computed():
+    e = estimate("w", PrefixMatch(device=64), 1024, BS, COSTS, IDLE, CFG)
+    assert e.cached_tokens == 1008  # 63 blocks: vLLM recomputes at least one token
+    assert e.recompute_s == pytest.approx(16 / 1000)
+
+
+def test_a_slow_disk_can_lose_to_recomputing():
+    slow_disk = Costs(1000.0, 100_000.0, 500.0)  # disk slower than prefill
+    assert est(PrefixMatch(disk=32), costs=slow_disk).ttft_s > est(PrefixMatch()).ttft_s
+
+
+def test_queueing_outweighs_a_hit_on_a_busy_worker():
+    hit_busy = est(PrefixMatch(device=32), WorkerLoad(outstanding_prefill_tokens=8000))
+    miss_idle = est(PrefixMatch())
+    assert hit_busy.queue_s == pytest.approx(8.0)
+    assert miss_idle.ttft_s < hit_busy.ttft_s
+    decode = ScorerConfig(decode_seconds_per_request=0.05)
+    assert est(PrefixMatch(), WorkerLoad(running_requests=4), cfg=decode).queue_s == pytest.approx(
+        0.2
+    )
+
+
+def test_dynamo_tier_weights_count_host_and_disk_hits_as_fractions_and_ignore_loads():
+    cfg = ScorerConfig(tier_weights=DYNAMO_TIER_WEIGHTS)
+    host = est(PrefixMatch(host=32), cfg=cfg)
+    disk = est(PrefixMatch(disk=32), cfg=cfg)
+    assert host.load_s == 0 and host.recompute_s == pytest.approx((1024 - 0.75 * 512) / 1000)
+    assert disk.recompute_s == pytest.approx((1024 - 0.25 * 512) / 1000)
+
+
+def test_rates_come_from_the_matching_prefill_bucket_else_the_nearest_else_defaults():
+    rates = WorkerRates(
+        worker_id="w",
+        instance_id="i",
+        seq=0,
+        ts=0,
+        block_size=BS,
+        prefill=[
+            PrefillRate(min_tokens=0, max_tokens=1024, tokens_per_s=4000, samples=3),
+            PrefillRate(min_tokens=1024, max_tokens=4096, tokens_per_s=3000, samples=3),
+        ],
+        g3_to_g1_tokens_per_s=777,
+    )
+    assert costs_for(rates, 100, CFG).prefill_tokens_per_s == 4000
+    assert costs_for(rates, 2000, CFG).prefill_tokens_per_s == 3000
+    assert costs_for(rates, 9000, CFG).prefill_tokens_per_s == 3000
+    c = costs_for(rates, 100, CFG)
+    assert (c.g2_tokens_per_s, c.g3_tokens_per_s) == (CFG.default_g2_tokens_per_s, 777)
+    assert costs_for(None, 100, CFG).prefill_tokens_per_s == CFG.default_prefill_tokens_per_s
+
+
+def named(worker: str, match: PrefixMatch, load: WorkerLoad = IDLE):
+    return estimate(worker, match, 1024, BS, COSTS, load, CFG)
+
+
+def test_exact_ties_are_broken_at_random_and_the_best_wins_at_zero_temperature():
+    rng = random.Random(1)
+    tied = [named(w, PrefixMatch()) for w in "abc"]
+    picks = Counter(choose(tied, 0, rng).worker for _ in range(300))
+    assert set(picks) == {"a", "b", "c"}
+    best = [named("a", PrefixMatch()), named("b", PrefixMatch(device=10))]
+    assert {choose(best, 0, rng).worker for _ in range(50)} == {"b"}
+    with pytest.raises(ValueError):
+        choose([], 0)
+
+
+def test_temperature_shares_near_ties_and_rarely_picks_a_clearly_worse_worker():
+    rng = random.Random(2)
+    near = [named("a", PrefixMatch(device=30)), named("b", PrefixMatch(device=29))]
+    far = named("c", PrefixMatch())  # about twice as slow
+    picks = Counter(choose([*near, far], 0.1, rng).worker for _ in range(2000))
+    assert picks["a"] > 400 and picks["b"] > 400
+    assert picks["c"] < 20
+
+
+def test_decide_routes_a_conversation_to_the_worker_holding_its_prefix():
+    idx = KvIndex()
+    keys = list(range(100, 164))  # 64 blocks = 1024 tokens
+    idx.stored("holder", KvTier.HOST, keys[:48])
+    loads = {"holder": WorkerLoad(), "other": WorkerLoad(), "unknown": WorkerLoad()}
+    d = decide(idx, keys, 1024, BS, loads, {}, CFG, random.Random(0))
+    assert d.chosen.worker == "holder" and d.chosen.cached_tokens == 48 * BS
+    assert {e.worker for e in d.estimates} == set(loads) and d.seconds > 0
+    busy = {**loads, "holder": WorkerLoad(outstanding_prefill_tokens=100_000)}
+    assert decide(idx, keys, 1024, BS, busy, {}, CFG, random.Random(0)).chosen.worker != "holder"
+
+
+def test_bench_router_reports_decision_times_as_json():
+    import json
+
+    from typer.testing import CliRunner
+
+    from dynkv.cli.main import app
+
+    args = ["bench", "router", "--blocks", "5000", "--workers", "3", "--prompt-tokens", "2048"]
+    result = CliRunner().invoke(app, [*args, "--decisions", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["indexed_blocks"] >= 5000 and out["workers"] == 3 and out["decisions"] == 20
+    assert 0 < out["decide_cpu_p50_ms"] <= out["decide_cpu_p99_ms"]
