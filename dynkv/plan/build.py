@@ -19,12 +19,14 @@ from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
 from dynkv.kvbm.roles import Role
-from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
+from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env, split_cores
 from dynkv.plan.engine_args import check_engine_args, detect_spec, engine_notes, role_argv
+from dynkv.plan.errors import PlanError
+from dynkv.plan.fleet import assign_gpus, check_counts, per_worker_gpus, worker_slots
 from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service, read_or_new
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.model_source import ModelChoice
-from dynkv.plan.ports import PORT_SETTINGS, worker_port, worker_roles
+from dynkv.plan.ports import check_port_clashes, worker_port
 from dynkv.plan.prometheus import PROMETHEUS_BINARY, prometheus_service
 from dynkv.plan.worker import (
     PASSTHROUGH_ENV,
@@ -34,15 +36,11 @@ from dynkv.plan.worker import (
     vllm_argv,
     worker_service,
 )
-from dynkv.settings.errors import SettingsError
 from dynkv.settings.resolve import Resolved
 from dynkv.vllm_args import VllmArgSpec
 
-_INHERITED = ("PYTHONPATH", *PASSTHROUGH_ENV, *CPU_ENV_VARS)
-
-
-class PlanError(SettingsError):
-    """The settings are valid one by one but cannot form a deployment (exit 2, cause + fix)."""
+_INHERITED = ("PYTHONPATH", *PASSTHROUGH_ENV, *CPU_ENV_VARS, "CUDA_VISIBLE_DEVICES")
+__all__ = ["HostFacts", "PlanError", "build_plan", "disagg_transfer"]
 
 
 @dataclass(frozen=True)
@@ -169,6 +167,7 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
             ]
     infra_names = tuple(s.name for s in services)
     transfer = disagg_transfer(resolved, host)  # workers and frontend must agree on it
+    check_counts(resolved, transfer)
     workers = _workers(resolved, host, endpoints, infra_names, transfer)
     services += workers
     frontend = _frontend(resolved, host, endpoints, tuple(w.name for w in workers), transfer)
@@ -177,7 +176,7 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
         services.append(_prometheus(resolved, host, workers, frontend))
 
     ordered = topological_order(tuple(services))
-    _check_port_clashes(ordered)
+    check_port_clashes(ordered)
     return Plan(
         name=dep.name,
         deployment_dir=str(ddir),
@@ -222,11 +221,16 @@ def _workers(
     transfer: str | None,
 ) -> list[Service]:
     dep, kvbm = resolved.deployment, resolved.kvbm
-    roles = worker_roles(dep.topology)
     kv_bytes = None if dep.device_kv_gb is None else int(dep.device_kv_gb * 1e9)
     handoff = handoff_dir(dep.name) if transfer == "handoff" else None
+    slots = worker_slots(dep)
+    cores = split_cores(host.cpus, len(slots)) if host.device == "cpu" else []
+    gpus = {}
+    if host.device == "cuda":
+        gpus = assign_gpus(slots, per_worker_gpus(resolved, host.vllm_args), dep, host.environ)
     workers = []
-    for index, role in enumerate(roles):
+    for slot in slots:
+        role, index = slot.role, slot.position
         port = worker_port(dep.worker_port, index)
         # over NIXL the decode worker runs vLLM's NixlConnector alone: the profile's tiers
         # serve the prefill worker, and no dynkv handoff pool exists to read
@@ -239,7 +243,9 @@ def _workers(
             env["DYN_KVBM_METRICS_PORT"] = str(metrics_port)
             # one pool per deployment and worker: pools are locked to one engine, and a
             # restarted deployment finds its own blocks again
-            env["DYN_KVBM_DISK_CACHE_DIR"] = str(kvbm.disk_cache_dir / f"{dep.name}-{role}")
+            env["DYN_KVBM_DISK_CACHE_DIR"] = str(
+                kvbm.disk_cache_dir / f"{dep.name}-{slot.pool_suffix}"
+            )
         if handoff is not None:
             env["DYN_KVBM_HANDOFF_DIR"] = str(handoff)
         if role == Role.DECODE and dynkv:
@@ -250,12 +256,12 @@ def _workers(
         if transfer == "nixl":
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = LOOPBACK
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(worker_port(dep.nixl_side_channel_port, index))
-        if host.device == "cuda" and role != Role.AGG:
-            env["CUDA_VISIBLE_DEVICES"] = str(index)  # one GPU each (doctor checks there are 2)
+        if gpus.get(slot.name) is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot.name])  # disjoint (docs/fleet.md)
         env_unset: tuple[str, ...] = ()
         if host.device == "cpu":
             cpu_env, env_unset = cpu_engine_env(
-                host.cpus, role=role, kv_cache_bytes=kv_bytes, user_env=host.environ
+                cores[index], engines=len(slots), kv_cache_bytes=kv_bytes, user_env=host.environ
             )
             env.update(cpu_env)
         env_unset += (API_KEY_ENV,)  # the frontend's secret; a worker has no use for it
@@ -281,7 +287,8 @@ def _workers(
                 deployment=dep.name,
                 deployment_dir=dep.deployment_dir,
                 role=role,
-                index=index,
+                index=slot.index,
+                name=slot.name,
                 python=host.python,
                 vllm=vllm,
                 port=port,
@@ -362,21 +369,6 @@ DECODE_TIERLESS = (
     "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS",
     "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS",
 )
-
-
-def _check_port_clashes(services: tuple[Service, ...]) -> None:
-    seen: dict[int, str] = {}
-    for svc in services:
-        for pname, port in svc.ports.items():
-            label = f"{svc.name} {pname}"
-            if port in seen:
-                first = seen[port]
-                setting = PORT_SETTINGS.get((svc.role, pname), "its port setting")
-                raise PlanError(
-                    f"port {port} is configured twice: for {first} and for {label}",
-                    f"give {label} another port (export {setting}=<free port>)",
-                )
-            seen[port] = label
 
 
 def _notes(host: HostFacts, services: tuple[Service, ...]) -> tuple[str, ...]:

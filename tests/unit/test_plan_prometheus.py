@@ -91,7 +91,7 @@ def test_config_scrapes_the_frontend_and_every_worker():
     assert "authorization" not in jobs["dynkv-frontend"]
     assert jobs["kvbm"]["static_configs"] == [
         {"targets": ["127.0.0.1:16880"], "labels": {"worker": "prefill-0"}},
-        {"targets": ["127.0.0.1:16881"], "labels": {"worker": "decode-1"}},
+        {"targets": ["127.0.0.1:16881"], "labels": {"worker": "decode-0"}},
     ]
     assert [c["targets"] for c in jobs["vllm"]["static_configs"]] == [
         ["127.0.0.1:18100"],
