@@ -278,3 +278,13 @@ def test_doctor_memory_counts_g2_per_worker_and_g1_on_cpu(tmp_path):
     detail = run(env)["memory.ram"].detail
     # G2 on the prefill worker only + 3 × G1 0.5 GB
     assert "needs 2.5 GB" in detail and "G2 1.0 GB × 1 worker" in detail
+
+
+def test_logs_names_a_whole_role_of_the_fleet():
+    from dynkv.supervisor.status import _expand
+
+    records = dict.fromkeys(["etcd", "worker-0", "worker-1", "prefill-0", "decode-0", "decode-1"])
+    assert _expand(["worker"], records) == ["worker-0", "worker-1"]
+    assert _expand(["decode", "etcd"], records) == ["decode-0", "decode-1", "etcd"]
+    assert _expand(["worker-1", "nope"], records) == ["worker-1", "nope"]  # nope: reported unknown
+    assert _expand(["worker"], dict.fromkeys(["worker", "worker-1"])) == ["worker"]
