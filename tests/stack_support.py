@@ -14,9 +14,10 @@ from dynkv.supervisor import processes_left
 __all__ = ["assert_nothing_left", "dynkv", "stack_env"]
 
 
-def stack_env(tmp: Path, name: str, **settings: str) -> dict[str, str]:
+def stack_env(tmp: Path, name: str, *, workers: int = 2, **settings: str) -> dict[str, str]:
     """The environment of `dynkv up` for a private CPU stack: none of the caller's settings,
-    fresh ports, the tiny model generated under `tmp`, then `settings` (which win)."""
+    fresh ports (room for `workers` workers), the tiny model generated under `tmp`, then
+    `settings` (which win)."""
     return (
         without_settings(os.environ)
         | {
@@ -28,7 +29,7 @@ def stack_env(tmp: Path, name: str, **settings: str) -> dict[str, str]:
             "DYNKV_MAX_MODEL_LEN": "2048",
             "DYNKV_STARTUP_TIMEOUT_SECS": "300",
         }
-        | fresh_ports()
+        | fresh_ports(workers)
         | settings
     )
 

@@ -9,16 +9,20 @@ from rich.table import Table
 
 from dynkv.cli.options import (
     CpuGbOpt,
+    DecodeWorkersOpt,
     DeviceOpt,
     DiskDirOpt,
     DiskGbOpt,
     EngineArgsArg,
+    GpusOpt,
     JsonOpt,
     KvbmOpt,
     ModelOpt,
     NameOpt,
+    PrefillWorkersOpt,
     ProfileOpt,
     TopologyOpt,
+    WorkersOpt,
     resolve_from_options,
 )
 from dynkv.cli.output import emit_json, err
@@ -30,6 +34,10 @@ from dynkv.settings import list_profiles
 def config(
     profile: ProfileOpt = None,
     topology: TopologyOpt = None,
+    workers: WorkersOpt = None,
+    prefill_workers: PrefillWorkersOpt = None,
+    decode_workers: DecodeWorkersOpt = None,
+    gpus: GpusOpt = None,
     model: ModelOpt = None,
     name: NameOpt = None,
     device: DeviceOpt = None,
@@ -45,6 +53,10 @@ def config(
     resolved = resolve_from_options(
         profile=profile,
         topology=topology,
+        workers=workers,
+        prefill_workers=prefill_workers,
+        decode_workers=decode_workers,
+        gpus=gpus,
         model=model,
         name=name,
         device=device,

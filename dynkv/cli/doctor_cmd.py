@@ -7,10 +7,12 @@ import typer
 from dynkv.cli.check_report import render_report
 from dynkv.cli.options import (
     CpuGbOpt,
+    DecodeWorkersOpt,
     DeviceOpt,
     DiskDirOpt,
     DiskGbOpt,
     EtcdOpt,
+    GpusOpt,
     HostOpt,
     InfraOpt,
     JsonOpt,
@@ -18,8 +20,10 @@ from dynkv.cli.options import (
     NameOpt,
     NatsOpt,
     PortOpt,
+    PrefillWorkersOpt,
     ProfileOpt,
     TopologyOpt,
+    WorkersOpt,
     resolve_from_options,
 )
 from dynkv.cli.output import emit_json
@@ -29,6 +33,10 @@ from dynkv.doctor import exit_code, run_checks, to_json
 def doctor(
     profile: ProfileOpt = None,
     topology: TopologyOpt = None,
+    workers: WorkersOpt = None,
+    prefill_workers: PrefillWorkersOpt = None,
+    decode_workers: DecodeWorkersOpt = None,
+    gpus: GpusOpt = None,
     model: ModelOpt = None,
     name: NameOpt = None,
     device: DeviceOpt = None,
@@ -47,6 +55,10 @@ def doctor(
     resolved = resolve_from_options(
         profile=profile,
         topology=topology,
+        workers=workers,
+        prefill_workers=prefill_workers,
+        decode_workers=decode_workers,
+        gpus=gpus,
         model=model,
         name=name,
         device=device,

@@ -16,7 +16,27 @@ ProfileOpt = Annotated[
     typer.Option("--profile", "-p", help="Tier profile: a name from `dynkv profiles`, or a path."),
 ]
 TopologyOpt = Annotated[
-    Topology | None, typer.Option("--topology", help="agg (one worker) or disagg (prefill+decode).")
+    Topology | None,
+    typer.Option("--topology", help="agg (whole requests) or disagg (prefill + decode workers)."),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", help="agg: how many workers (DYNKV_WORKERS; docs/fleet.md).", min=1),
+]
+PrefillWorkersOpt = Annotated[
+    int | None,
+    typer.Option("--prefill-workers", help="disagg: how many prefill workers.", min=1),
+]
+DecodeWorkersOpt = Annotated[
+    int | None,
+    typer.Option("--decode-workers", help="disagg: how many decode workers.", min=1),
+]
+GpusOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpus",
+        help="CUDA: the GPUs workers share out (0,1,2,3); each takes tensor_parallel_size.",
+    ),
 ]
 ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="Model directory or Hugging Face id.")
@@ -106,6 +126,10 @@ def resolve_from_options(
     *,
     profile: str | None = None,
     topology: Topology | None = None,
+    workers: int | None = None,
+    prefill_workers: int | None = None,
+    decode_workers: int | None = None,
+    gpus: str | None = None,
     model: str | None = None,
     name: str | None = None,
     device: Device | None = None,
@@ -140,6 +164,10 @@ def resolve_from_options(
         },
         deployment_flags={
             "topology": topology,
+            "workers": workers,
+            "prefill_workers": prefill_workers,
+            "decode_workers": decode_workers,
+            "gpus": gpus,
             "model": model,
             "name": name,
             "device": device,

@@ -77,7 +77,7 @@ def disk_space(ctx: DoctorContext) -> Outcome | None:
         )
     free = st.f_bavail * st.f_frsize
     per = ctx.disk_tier_bytes()
-    n = ctx.workers
+    n = ctx.tiered_workers  # a disagg decode worker has no G3 of its own
     if per is None:
         return ok(f"{where}: {gb(free)} free; G3 is sized in blocks of unknown size")
     need = per * n

@@ -8,7 +8,9 @@ import psutil
 from dynkv.doctor import cuda
 from dynkv.doctor.context import DoctorContext
 from dynkv.doctor.result import Check, Outcome, fail, gb, ok, warn
+from dynkv.plan.fleet import gpu_pool, per_worker_gpus, role_counts
 from dynkv.settings.deployment import Device, Topology
+from dynkv.settings.errors import SettingsError
 
 NO_GPU_FIX = "on a GPU host, install the NVIDIA driver (nvidia-smi must list the GPU); in a container, run it with --gpus all"
 
@@ -53,25 +55,51 @@ def visible_gpus(ctx: DoctorContext) -> tuple[int, str]:
 
 
 def gpu_count(ctx: DoctorContext) -> Outcome | None:
+    """Workers × their tensor (× pipeline) parallel size against the GPUs CUDA will see, or
+    against `--gpus` when the user chose the set (docs/fleet.md)."""
     if ctx.device != "cuda" or ctx.snapshot is None:
         return None
-    visible, note = visible_gpus(ctx)
-    need = ctx.workers
-    topology = ctx.deployment.topology
+    dep = ctx.deployment
+    try:
+        per = per_worker_gpus(ctx.resolved)
+        pool, source = gpu_pool(dep, ctx.env)
+    except SettingsError as exc:
+        return fail(exc.cause, exc.fix)
+    counts = role_counts(dep)
+    need = sum(per[role] * n for role, n in counts.items())
+    shape = " + ".join(
+        f"{n} {role} worker{'s' if n > 1 else ''}"
+        + (f" × {per[role]} GPUs" if per[role] > 1 else "")
+        for role, n in counts.items()
+    )
+    if source.startswith("--gpus"):
+        absent = [g for g in pool if g.isdigit() and int(g) >= ctx.gpu_count]
+        if absent:
+            return fail(
+                f"--gpus lists GPU {', '.join(absent)}, and NVML sees {ctx.gpu_count} "
+                f"(0–{ctx.gpu_count - 1})",
+                f"list GPUs 0–{ctx.gpu_count - 1} only (nvidia-smi -L lists them)",
+            )
+        visible, note = len(pool), f" (--gpus {dep.gpus})"
+    else:
+        visible, note = visible_gpus(ctx)
+    topology = dep.topology
     if visible >= need:
-        return ok(f"{visible} GPU(s) visible{note}; {topology} needs {need}")
+        return ok(f"{visible} GPU(s) visible{note}; {shape} need {need}")
     if visible == 0:
         return fail(
             f"no GPU is visible to CUDA{note}",
             "unset CUDA_VISIBLE_DEVICES (or list GPU indices in it)",
         )
-    if topology == Topology.DISAGG:
+    if topology == Topology.DISAGG and need == 2:
         return fail(
             f"disagg runs a prefill and a decode worker on a GPU each: needs 2 GPUs, {visible} visible{note}",
             "use --topology agg, or run on a host with 2 GPUs (export CUDA_VISIBLE_DEVICES=0,1)",
         )
+    fewer = "--workers" if topology == Topology.AGG else "--prefill-workers / --decode-workers"
     return fail(
-        f"{topology} needs {need} GPU(s), {visible} visible{note}", "export CUDA_VISIBLE_DEVICES=0"
+        f"{shape} need {need} GPUs (tensor × pipeline parallel size each), {visible} visible{note}",
+        f"run fewer workers ({fewer}) or a smaller tensor_parallel_size, or on more GPUs",
     )
 
 
@@ -166,7 +194,7 @@ def gpu_processes(ctx: DoctorContext) -> Outcome | None:
 
 CHECKS = [
     Check("gpu.nvml", "NVIDIA driver (NVML)", nvml_loadable),
-    Check("gpu.count", "GPUs for the topology", gpu_count),
+    Check("gpu.count", "GPUs for the workers", gpu_count),
     Check("gpu.devices", "GPU models", gpu_devices),
     Check("gpu.cuda", "driver vs CUDA build", driver_cuda),
     Check("gpu.mig", "MIG mode", mig_mode),

@@ -34,30 +34,43 @@ def _cpu_g1(ctx: DoctorContext) -> tuple[int, str]:
 
 
 def ram(ctx: DoctorContext) -> Outcome:
+    """G2 of every worker that has tiers, plus on CPU every worker's G1 and weights, against the
+    available RAM with 10% headroom (docs/fleet.md)."""
     vm = psutil.virtual_memory()
-    available, n = vm.available, ctx.workers
+    available, n, tiered = vm.available, ctx.workers, ctx.tiered_workers
+    uniform = tiered == n
     parts: list[str] = []
     need = 0
     g2 = ctx.host_tier_bytes()
     if g2 is None:
         parts.append("G2 size in bytes unknown (sized in blocks, model shape unknown)")
     elif g2:
-        need += g2 * n
-        parts.append(f"G2 {gb(g2)}")
+        need += g2 * tiered
+        parts.append(f"G2 {gb(g2)}" + _times(tiered, uniform))
+    g1_total = 0
     if ctx.device == "cpu":
         g1, how = _cpu_g1(ctx)
-        need += g1 * n
-        parts.append(how)
-    per = f" × {n} workers" if n > 1 else ""
+        g1_total = g1 * n
+        need += g1_total
+        parts.append(how + _times(n, uniform))
+    per = f" × {n} workers" if n > 1 and uniform else ""
     detail = f"needs {gb(need)} ({' + '.join(parts)}){per} of {gb(available)} available"
-    room = available * 0.8 - (need - (g2 or 0) * n)
-    fit = max(0.1, math.floor(room / max(n, 1) / 1e8) / 10)
+    room = available * 0.8 - g1_total
+    fit = max(0.1, math.floor(room / max(tiered, 1) / 1e8) / 10)
     fix = f"export DYN_KVBM_CPU_CACHE_GB={fit:g}   # a host tier that fits, or free memory"
+    if n > 1:
+        fix += ", or run fewer workers"
     if need > available:
         return fail(detail, fix)
     if need > 0.9 * available:
         return warn(detail + ": less than 10% headroom", fix)
     return ok(detail)
+
+
+def _times(count: int, uniform: bool) -> str:
+    """' × 2 workers' after one part, when the parts multiply by different worker counts
+    (disagg: G2 on the prefill workers only, G1 on all of them); else said once at the end."""
+    return "" if uniform else f" × {count} worker{'s' if count != 1 else ''}"
 
 
 def memlock(ctx: DoctorContext) -> Outcome | None:

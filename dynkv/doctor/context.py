@@ -43,6 +43,7 @@ class DoctorContext:
     build_info: builds.BuildInfo | None = None
     import_vllm: bool = True
     plan: Plan | None = None  # `up`'s preflight: the plan it is about to start
+    cpu_ids: Collection[int] | None = None  # None: this process's affinity mask
 
     @cached_property
     def ports(self) -> list[PortUse]:
@@ -117,7 +118,23 @@ class DoctorContext:
     # --- topology and model -----------------------------------------------------------------
     @property
     def workers(self) -> int:
-        return 2 if self.deployment.topology == Topology.DISAGG else 1
+        """Every worker of the fleet (`--workers`, or prefill + decode workers)."""
+        from dynkv.plan.fleet import worker_total
+
+        return worker_total(self.deployment)
+
+    @property
+    def tiered_workers(self) -> int:
+        """Workers that hold G2 and G3: all of them in agg; in disagg the prefill workers only,
+        since a decode worker with KVBM is tierless (it reads the handoff pool)."""
+        if self.deployment.topology == Topology.DISAGG:
+            return self.deployment.prefill_workers
+        return self.workers
+
+    @cached_property
+    def cpus(self) -> tuple[int, ...]:
+        """The CPU ids the launcher may use (the plan splits them among CPU workers)."""
+        return tuple(sorted(self.cpu_ids if self.cpu_ids is not None else os.sched_getaffinity(0)))
 
     @cached_property
     def model(self) -> model.ModelSource:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from dynkv.doctor import (
     check_disk,
+    check_fleet,
     check_gpu,
     check_infra,
     check_memory,
@@ -36,6 +37,7 @@ CHECKS: list[Check] = [
     *check_settings.CHECKS,
     *check_gpu.CHECKS,
     *check_vllm.CHECKS,
+    *check_fleet.CHECKS,
     *check_memory.CHECKS,
     *check_disk.CHECKS,
     *check_tiers.CHECKS,

@@ -7,27 +7,21 @@ one impure helper that gathers them, so tests build plans for a CUDA host on a C
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-
 from dynkv.infra.docker import etcd_docker_service, nats_docker_service
 from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
 from dynkv.kvbm.event_settings import KvEventsSettings
 from dynkv.kvbm.roles import Role
-from dynkv.plan.cpu import CPU_ENV_VARS, cpu_engine_env
-from dynkv.plan.dtype import cpu_bf16_native, default_dtype_argv, dtype_note
-from dynkv.plan.engine_args import check_engine_args, detect_spec, engine_notes, role_argv
-from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service, read_or_new
+from dynkv.plan.cpu import cpu_engine_env, split_cores
+from dynkv.plan.dtype import default_dtype_argv, dtype_note
+from dynkv.plan.engine_args import check_engine_args, engine_notes, role_argv
+from dynkv.plan.errors import PlanError
+from dynkv.plan.fleet import assign_gpus, check_counts, per_worker_gpus, worker_slots
+from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service
+from dynkv.plan.host import HostFacts, find_prometheus
 from dynkv.plan.model import Plan, Service, topological_order
-from dynkv.plan.model_source import ModelChoice
-from dynkv.plan.ports import PORT_SETTINGS, worker_port, worker_roles
-from dynkv.plan.prometheus import PROMETHEUS_BINARY, prometheus_service
+from dynkv.plan.ports import check_port_clashes, worker_port
+from dynkv.plan.prometheus import prometheus_service
 from dynkv.plan.worker import (
     PASSTHROUGH_ENV,
     handoff_dir,
@@ -36,83 +30,9 @@ from dynkv.plan.worker import (
     vllm_argv,
     worker_service,
 )
-from dynkv.settings.errors import SettingsError
 from dynkv.settings.resolve import Resolved
-from dynkv.vllm_args import VllmArgSpec
 
-_INHERITED = ("PYTHONPATH", *PASSTHROUGH_ENV, *CPU_ENV_VARS)
-
-
-class PlanError(SettingsError):
-    """The settings are valid one by one but cannot form a deployment (exit 2, cause + fix)."""
-
-
-@dataclass(frozen=True)
-class HostFacts:
-    device: str  # "cpu" or "cuda", never "auto"
-    cpus: tuple[int, ...]  # CPU ids the launcher may use (its affinity mask)
-    python: str  # interpreter for python services (the worker wrapper and vLLM)
-    model: ModelChoice
-    etcd_binary: str = "etcd"
-    nats_binary: str = "nats-server"
-    environ: Mapping[str, str] = field(default_factory=dict)  # only the names in _INHERITED
-    prometheus_binary: str | None = None  # None: observability runs the docker image
-    nixl: bool = False  # the `nixl` package imports (vLLM's NixlConnector can run)
-    user: str | None = None  # "uid:gid" a container runs as (reads the 0700 deployment dir)
-    secret: str | None = None  # the deployment secret (dynkv.plan.secret); None: unsigned
-    vllm_args: VllmArgSpec | None = None  # vLLM's parser, read only when there are engine args
-    vllm_args_unchecked: str = "vLLM's parser was not read on the host that built this plan"
-    cpu_bf16_native: bool = True  # False: a CPU worker serves float32 (dynkv.plan.dtype)
-
-    @classmethod
-    def detect(cls, resolved: Resolved, model: ModelChoice, *, device: str) -> HostFacts:
-        from dynkv.infra.binaries import MissingBinary, etcd_binary, nats_server_binary
-
-        try:
-            etcd = str(etcd_binary())
-        except MissingBinary:
-            etcd = "etcd"  # preflight reports it with the fix
-        try:
-            nats = str(nats_server_binary())
-        except MissingBinary:
-            nats = "nats-server"
-        spec, unchecked = detect_spec(resolved, sys.executable)
-        return cls(
-            device=device,
-            cpus=tuple(sorted(os.sched_getaffinity(0))),
-            python=sys.executable,
-            model=model,
-            etcd_binary=etcd,
-            nats_binary=nats,
-            environ=_inherited(os.environ),
-            prometheus_binary=find_prometheus(),
-            nixl=importlib.util.find_spec("nixl") is not None,
-            user=f"{os.getuid()}:{os.getgid()}",
-            secret=read_or_new(resolved.deployment.deployment_dir),
-            vllm_args=spec,
-            vllm_args_unchecked=unchecked,
-            cpu_bf16_native=cpu_bf16_native(),
-        )
-
-
-def find_prometheus() -> str | None:
-    """The prometheus binary on PATH, or Debian's /usr/bin/prometheus; None when neither."""
-    found = shutil.which("prometheus")
-    if found:
-        return str(Path(found).resolve())
-    if os.access(PROMETHEUS_BINARY, os.X_OK):
-        return PROMETHEUS_BINARY
-    return None
-
-
-def _inherited(environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables the plan mentions; PYTHONPATH made absolute, since services run with the
-    deployment dir as their cwd."""
-    out = {k: v for k, v in environ.items() if k in _INHERITED}
-    if out.get("PYTHONPATH"):
-        parts = out["PYTHONPATH"].split(os.pathsep)
-        out["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in parts if p)
-    return out
+__all__ = ["HostFacts", "PlanError", "build_plan", "disagg_transfer", "find_prometheus"]
 
 
 def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
@@ -179,6 +99,7 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
             ]
     infra_names = tuple(s.name for s in services)
     transfer = disagg_transfer(resolved, host)  # workers and frontend must agree on it
+    check_counts(resolved, transfer)
     workers = _workers(resolved, host, endpoints, infra_names, transfer, nats_url)
     services += workers
     frontend = _frontend(resolved, host, endpoints, tuple(w.name for w in workers), transfer)
@@ -187,7 +108,7 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
         services.append(_prometheus(resolved, host, workers, frontend))
 
     ordered = topological_order(tuple(services))
-    _check_port_clashes(ordered)
+    check_port_clashes(ordered)
     return Plan(
         name=dep.name,
         deployment_dir=str(ddir),
@@ -234,11 +155,16 @@ def _workers(
     nats_url: str,
 ) -> list[Service]:
     dep, kvbm = resolved.deployment, resolved.kvbm
-    roles = worker_roles(dep.topology)
     kv_bytes = None if dep.device_kv_gb is None else int(dep.device_kv_gb * 1e9)
     handoff = handoff_dir(dep.name) if transfer == "handoff" else None
+    slots = worker_slots(dep)
+    cores = split_cores(host.cpus, len(slots)) if host.device == "cpu" else []
+    gpus = {}
+    if host.device == "cuda":
+        gpus = assign_gpus(slots, per_worker_gpus(resolved, host.vllm_args), dep, host.environ)
     workers = []
-    for index, role in enumerate(roles):
+    for slot in slots:
+        role, index = slot.role, slot.position
         port = worker_port(dep.worker_port, index)
         # over NIXL the decode worker runs vLLM's NixlConnector alone: the profile's tiers
         # serve the prefill worker, and no dynkv handoff pool exists to read
@@ -251,11 +177,13 @@ def _workers(
             env["DYN_KVBM_METRICS_PORT"] = str(metrics_port)
             # one pool per deployment and worker: pools are locked to one engine, and a
             # restarted deployment finds its own blocks again
-            env["DYN_KVBM_DISK_CACHE_DIR"] = str(kvbm.disk_cache_dir / f"{dep.name}-{role}")
+            env["DYN_KVBM_DISK_CACHE_DIR"] = str(
+                kvbm.disk_cache_dir / f"{dep.name}-{slot.pool_suffix}"
+            )
         if dynkv:  # the worker's KVBM publishes its G2/G3 changes for the router
             env.update(
                 KvEventsSettings.env(
-                    nats_url=nats_url, deployment=dep.name, worker_id=f"{role}-{index}"
+                    nats_url=nats_url, deployment=dep.name, worker_id=slot.worker_id
                 )
             )
         if handoff is not None:
@@ -268,12 +196,12 @@ def _workers(
         if transfer == "nixl":
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = LOOPBACK
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(worker_port(dep.nixl_side_channel_port, index))
-        if host.device == "cuda" and role != Role.AGG:
-            env["CUDA_VISIBLE_DEVICES"] = str(index)  # one GPU each (doctor checks there are 2)
+        if gpus.get(slot.name) is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot.name])  # disjoint (docs/fleet.md)
         env_unset: tuple[str, ...] = ()
         if host.device == "cpu":
             cpu_env, env_unset = cpu_engine_env(
-                host.cpus, role=role, kv_cache_bytes=kv_bytes, user_env=host.environ
+                cores[index], engines=len(slots), kv_cache_bytes=kv_bytes, user_env=host.environ
             )
             env.update(cpu_env)
         env_unset += (API_KEY_ENV,)  # the frontend's secret; a worker has no use for it
@@ -299,7 +227,8 @@ def _workers(
                 deployment=dep.name,
                 deployment_dir=dep.deployment_dir,
                 role=role,
-                index=index,
+                index=slot.index,
+                name=slot.name,
                 python=host.python,
                 vllm=vllm,
                 port=port,
@@ -387,21 +316,6 @@ DECODE_TIERLESS = (
 def _engine_argv(resolved: Resolved, role: str, host: HostFacts) -> tuple[str, ...]:
     engine = role_argv(resolved, role, host.vllm_args)
     return default_dtype_argv(host.device, host.cpu_bf16_native, engine) + engine
-
-
-def _check_port_clashes(services: tuple[Service, ...]) -> None:
-    seen: dict[int, str] = {}
-    for svc in services:
-        for pname, port in svc.ports.items():
-            label = f"{svc.name} {pname}"
-            if port in seen:
-                first = seen[port]
-                setting = PORT_SETTINGS.get((svc.role, pname), "its port setting")
-                raise PlanError(
-                    f"port {port} is configured twice: for {first} and for {label}",
-                    f"give {label} another port (export {setting}=<free port>)",
-                )
-            seen[port] = label
 
 
 def _notes(host: HostFacts, services: tuple[Service, ...]) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """How a vLLM engine on the CPU backend gets its cores and its KV cache (G1) size.
 
-All CPU tuning of an engine is chosen here, in one function, so that the disaggregated topology
-(two engines sharing one host's cores) can extend it in one place. Pin the threads in
+All CPU tuning of an engine is chosen here: `split_cores` gives each engine of a fleet (agg
+workers, or prefill and decode workers, docs/fleet.md) its own cores, `cpu_engine_env` its
+environment. Pin the threads in
 every configuration, because vLLM otherwise reserves a core when no KV connector is set and uses
 all of them when one is, which alone halves prefill time.
 
@@ -14,8 +15,6 @@ refuses to start on a busy host, hence a small explicit default.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-
-from dynkv.kvbm.roles import Role
 
 DEFAULT_CPU_KV_GIB = 2
 
@@ -57,34 +56,47 @@ def cpu_list(cpus: Iterable[int]) -> str:
     return ",".join(parts)
 
 
+def split_cores(cpus: Iterable[int], engines: int) -> list[tuple[int, ...]]:
+    """Disjoint bind lists for `engines` engines: consecutive runs of the cores, as even as they
+    go, a later engine taking a spare one (two engines on 5 cores: 0-1 and 2-4). With fewer cores
+    than engines, engine i gets core i mod n alone and some cores are shared: `dynkv doctor`
+    warns about that (`cpu.cores`), the plan does not refuse it."""
+    ids = sorted(set(cpus))
+    if not ids:
+        raise ValueError("no CPUs to bind")
+    if engines < 1:
+        raise ValueError("no engine to bind")
+    if len(ids) < engines:
+        return [(ids[i % len(ids)],) for i in range(engines)]
+    size, spare = divmod(len(ids), engines)
+    out, start = [], 0
+    for i in range(engines):
+        n = size + (1 if i >= engines - spare else 0)
+        out.append(tuple(ids[start : start + n]))
+        start += n
+    return out
+
+
 def cpu_engine_env(
-    cpus: Iterable[int],
+    cores: Iterable[int],
     *,
-    role: str,
+    engines: int,
     kv_cache_bytes: int | None,
     user_env: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, str], tuple[str, ...]]:
-    """(environment to set, variables to remove) for one CPU engine.
+    """(environment to set, variables to remove) for one CPU engine bound to `cores`, one of
+    `engines` on the host (`split_cores` chose its cores).
 
-    agg: the one engine gets every core the launcher may use, and none is reserved. disagg: the
-    prefill engine gets the first half of the cores and the decode engine the rest, so neither
-    steals the other's (OpenMP threads spin). A value the user exported for one of these
-    variables is kept (they asked for it), except that an explicit G1 size (`kv_cache_bytes`,
-    from DYNKV_DEVICE_KV_GB) always wins over VLLM_CPU_KVCACHE_SPACE.
+    A single engine gets every core the launcher may use, and none is reserved. Several engines
+    get disjoint lists, so none steals another's cores (OpenMP threads spin). A value the user
+    exported for one of these variables is kept (they asked for it), except the threads binding
+    when there are several engines (one binding cannot serve them all), and an explicit G1 size
+    (`kv_cache_bytes`, from DYNKV_DEVICE_KV_GB) always wins over VLLM_CPU_KVCACHE_SPACE.
     """
-    ids = sorted(set(cpus))
-    if role == Role.AGG:
-        mine = ids
-    elif role in (Role.PREFILL, Role.DECODE):
-        if len(ids) < 2:
-            raise ValueError("prefill and decode each need a core of their own")
-        half = len(ids) // 2
-        mine = ids[:half] if role == Role.PREFILL else ids[half:]
-    else:
-        raise ValueError(f"no CPU core split for role {role!r}")
+    mine = sorted(set(cores))
     user = {k: v for k, v in (user_env or {}).items() if k in CPU_ENV_VARS and v != ""}
-    if role != Role.AGG:
-        user.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # one binding cannot serve two engines
+    if engines > 1:
+        user.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     env = {
         "VLLM_CPU_OMP_THREADS_BIND": user.get("VLLM_CPU_OMP_THREADS_BIND", cpu_list(mine)),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": user.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),

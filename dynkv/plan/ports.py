@@ -76,6 +76,24 @@ def worker_port(base: int, index: int) -> int:
     return base + index
 
 
+def check_port_clashes(services: tuple[Service, ...]) -> None:
+    """Two services binding one port: the plan cannot start (exit 2, the setting to change)."""
+    from dynkv.plan.errors import PlanError
+
+    seen: dict[int, str] = {}
+    for svc in services:
+        for pname, port in svc.ports.items():
+            label = f"{svc.name} {pname}"
+            if port in seen:
+                first = seen[port]
+                setting = PORT_SETTINGS.get((svc.role, pname), "its port setting")
+                raise PlanError(
+                    f"port {port} is configured twice: for {first} and for {label}",
+                    f"give {label} another port (export {setting}=<free port>)",
+                )
+            seen[port] = label
+
+
 def worker_roles(topology: str) -> tuple[str, ...]:
     return (Role.AGG,) if str(topology) == "agg" else (Role.PREFILL, Role.DECODE)
 
@@ -137,7 +155,9 @@ def settings_ports(resolved: Resolved) -> list[PortUse]:
     """The ports a deployment of these settings will bind, before a plan exists (`dynkv
     doctor`): the same layout, read from the settings."""
     d, k = resolved.deployment, resolved.kvbm
-    workers = len(worker_roles(d.topology))
+    from dynkv.plan.fleet import worker_total  # fleet imports the settings this one reads
+
+    workers = worker_total(d)
     values = {
         "DYNKV_ETCD_PORT": d.etcd_port,
         "DYNKV_ETCD_PEER_PORT": d.etcd_peer_port,

@@ -130,11 +130,15 @@ def worker_service(
     lease_ttl: int,
     depends_on: tuple[str, ...],
     secret: str | None = None,
+    name: str | None = None,
 ) -> Service:
     """`secret`: the deployment secret, which the wrapper signs its registration with and
-    derives vLLM's API key from (docs/security.md)."""
+    derives vLLM's API key from (docs/security.md). `index` counts within the role (the
+    registration id is `<role>-<index>`); `name` is the service's name (`dynkv.plan.fleet`),
+    by default that id, or `worker` for the first agg worker."""
     worker_id = f"{role}-{index}"
-    name = "worker" if role == Role.AGG and index == 0 else worker_id
+    if name is None:
+        name = "worker" if role == Role.AGG and index == 0 else worker_id
     url = f"http://127.0.0.1:{port}"
     key = worker_key(deployment, worker_id)
     argv = (

@@ -96,8 +96,37 @@ class DeploymentSettings(BaseSettings):
     )
     topology: Topology = Field(
         Topology.AGG,
-        description="agg: one worker; disagg: a prefill and a decode worker.",
+        description="agg: workers that serve whole requests; disagg: prefill and decode workers.",
         json_schema_extra=_expect("agg or disagg", "agg"),
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="agg: how many workers (vLLM engines) to run, each with its own ports, "
+        "cores or GPUs, G3 pool and registration (docs/fleet.md).",
+        json_schema_extra=_expect("a whole number of workers, 1–64", "2"),
+    )
+    prefill_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="disagg: how many prefill workers.",
+        json_schema_extra=_expect("a whole number of workers, 1–64", "1"),
+    )
+    decode_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="disagg: how many decode workers.",
+        json_schema_extra=_expect("a whole number of workers, 1–64", "2"),
+    )
+    gpus: str | None = Field(
+        None,
+        pattern=r"^\s*[A-Za-z0-9-]+\s*(,\s*[A-Za-z0-9-]+\s*)*$",
+        description="CUDA: the GPUs the workers share out, comma-separated (indices or UUIDs); "
+        "each worker takes tensor_parallel_size of them. Unset: CUDA_VISIBLE_DEVICES, else 0, 1, ….",
+        json_schema_extra=_expect("GPU indices or UUIDs, comma-separated", "0,1,2,3"),
     )
     device: Device = Field(
         Device.AUTO,

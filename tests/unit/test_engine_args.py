@@ -102,7 +102,7 @@ def test_profile_table_reaches_the_agg_worker_in_the_order_written(tmp_path):
 
 def test_role_tables_extend_and_override_the_shared_table_per_role(tmp_path):
     plan = _plan(tmp_path, topology="disagg", spec=SPEC)
-    prefill, decode = _engine_words(plan, "prefill-0"), _engine_words(plan, "decode-1")
+    prefill, decode = _engine_words(plan, "prefill-0"), _engine_words(plan, "decode-0")
     assert prefill[:3] == ["--max-num-seqs", "4", "--no-enforce-eager"]
     assert decode[:3] == ["--max-num-seqs", "8", "--enforce-eager"]
     assert decode[-2:] == ["--max-num-batched-tokens", "512"]
@@ -112,7 +112,7 @@ def test_role_tables_extend_and_override_the_shared_table_per_role(tmp_path):
 def test_command_line_wins_over_every_profile_table(tmp_path):
     words = ["--max-num-seqs", "16", "--enforce-eager", "-tp", "1"]
     plan = _plan(tmp_path, words, topology="disagg", spec=SPEC)
-    for name in ("prefill-0", "decode-1"):
+    for name in ("prefill-0", "decode-0"):
         engine = _engine_words(plan, name)
         assert (
             engine.count("--max-num-seqs") == 1

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dynkv-kvbm.json"
 # The frontend's TTFT histogram (labels model, worker), as the frontend is to expose it.
 FRONTEND = {f"dynkv_frontend_ttft_seconds{s}" for s in ("_bucket", "_sum", "_count")}
+FRONTEND |= {"dynkv_frontend_requests_total"}  # labels model, worker, endpoint, status
 METRIC = re.compile(r"\b((?:kvbm|dynkv|vllm)_[a-z0-9_]+)\b")
 
 
@@ -62,6 +63,7 @@ def test_dashboard_covers_the_issue_panels(dashboard):
         "kvbm_disk_cache_hit_rate",
         "dynkv_frontend_ttft_seconds_bucket",
         "kvbm_integrity_failures_total",
+        "dynkv_frontend_requests_total",  # per worker: how a fleet shares the load
     ):
         assert name in exprs, name
     assert "histogram_quantile(0.99" in exprs

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from dynkv.cli.main import app
 from dynkv.infra.docker import ETCD_IMAGE, NATS_IMAGE
 from dynkv.plan import PlanError, mask_argv, mask_env
-from dynkv.plan.cpu import cpu_engine_env, cpu_list
+from dynkv.plan.cpu import cpu_engine_env, cpu_list, split_cores
 from dynkv.plan.model import MASK, Plan, Service, start_waves, topological_order
 from dynkv.settings import SettingsError
 
@@ -178,7 +178,7 @@ def test_cpu_block_size_must_be_a_multiple_of_32():
 
 def test_disagg_on_cpu_splits_cores_and_hands_off_through_shared_memory():
     plan = plan_for({"DYNKV_TOPOLOGY": "disagg"}, cpus=(0, 1, 2, 3))
-    prefill, decode = plan.service("prefill-0"), plan.service("decode-1")
+    prefill, decode = plan.service("prefill-0"), plan.service("decode-0")
     assert [s.role for s in plan.services if s.role in ("prefill", "decode")] == [
         "prefill",
         "decode",
@@ -205,7 +205,7 @@ def test_start_waves_load_independent_services_together():
 
     assert names(plan_for()) == [["etcd", "nats"], ["worker"], ["frontend"]]
     disagg = plan_for({"DYNKV_TOPOLOGY": "disagg"}, cpus=(0, 1, 2, 3))
-    assert names(disagg) == [["etcd", "nats"], ["prefill-0", "decode-1"], ["frontend"]]
+    assert names(disagg) == [["etcd", "nats"], ["prefill-0", "decode-0"], ["frontend"]]
     # any order in, dependencies first out
     shuffled = tuple(reversed(disagg.services))
     assert [len(w) for w in start_waves(shuffled)] == [2, 2, 1]
@@ -213,7 +213,7 @@ def test_start_waves_load_independent_services_together():
 
 def test_disagg_on_cuda_with_nixl_composes_kvbm_and_nixl_on_prefill_and_nixl_on_decode():
     plan = plan_for({"DYNKV_TOPOLOGY": "disagg"}, device="cuda", nixl=True)  # auto → nixl
-    prefill, decode = plan.service("prefill-0"), plan.service("decode-1")
+    prefill, decode = plan.service("prefill-0"), plan.service("decode-0")
     config = json.loads(flag(vllm_part(prefill.argv), "--kv-transfer-config"))
     assert config["kv_connector"] == "MultiConnector"
     assert config["kv_load_failure_policy"] == "recompute"
@@ -238,7 +238,7 @@ def test_disagg_transfer_auto_is_the_handoff_without_nixl_or_cuda():
     for device, nixl in (("cuda", False), ("cpu", True)):
         kw = {"cpus": (0, 1, 2, 3)} if device == "cpu" else {}
         plan = plan_for({"DYNKV_TOPOLOGY": "disagg"}, device=device, nixl=nixl, **kw)
-        assert plan.service("decode-1").env["DYN_KVBM_HANDOFF_DIR"] == "/dev/shm/dynkv-default"
+        assert plan.service("decode-0").env["DYN_KVBM_HANDOFF_DIR"] == "/dev/shm/dynkv-default"
         assert "--disagg-transfer" not in plan.service("frontend").argv
     handoff = plan_for(
         {"DYNKV_TOPOLOGY": "disagg", "DYNKV_DISAGG_TRANSFER": "handoff"}, device="cuda", nixl=True
@@ -258,7 +258,7 @@ def test_disagg_transfer_nixl_without_it_is_a_usage_error_with_the_fix():
 def test_disagg_on_cuda_puts_each_worker_on_its_own_gpu():
     plan = plan_for({"DYNKV_TOPOLOGY": "disagg"}, device="cuda")
     assert plan.service("prefill-0").env["CUDA_VISIBLE_DEVICES"] == "0"
-    assert plan.service("decode-1").env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert plan.service("decode-0").env["CUDA_VISIBLE_DEVICES"] == "1"
 
 
 def test_disagg_on_a_single_core_is_refused_with_a_fix():
@@ -274,7 +274,7 @@ def test_pythonpath_and_hf_token_are_passed_to_the_worker():
 
 
 def test_relative_pythonpath_becomes_absolute(monkeypatch, tmp_path):
-    from dynkv.plan.build import _inherited
+    from dynkv.plan.host import _inherited
 
     monkeypatch.chdir(tmp_path)
     assert _inherited({"PYTHONPATH": "a:/b", "UNRELATED": "x"}) == {
@@ -469,16 +469,15 @@ def test_cpu_list(cpus, text):
 
 
 def test_cpu_engine_env_splits_cores_between_prefill_and_decode():
-    env, _ = cpu_engine_env((0, 1, 2), role="prefill", kv_cache_bytes=None)
+    prefill, decode = split_cores((0, 1, 2), 2)
+    env, _ = cpu_engine_env(prefill, engines=2, kv_cache_bytes=None)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     env, _ = cpu_engine_env(
-        (0, 1, 2), role="decode", kv_cache_bytes=None, user_env={"VLLM_CPU_OMP_THREADS_BIND": "0-2"}
+        decode, engines=2, kv_cache_bytes=None, user_env={"VLLM_CPU_OMP_THREADS_BIND": "0-2"}
     )
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1-2"  # one binding cannot serve two engines
     with pytest.raises(ValueError):
-        cpu_engine_env((0,), role="decode", kv_cache_bytes=None)
-    with pytest.raises(ValueError):
-        cpu_engine_env((0, 1), role="router", kv_cache_bytes=None)
+        split_cores((), 1)
 
 
 # ---- dry run through the CLI --------------------------------------------------------------------

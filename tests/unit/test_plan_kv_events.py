@@ -31,7 +31,7 @@ def test_disagg_workers_have_their_own_ids_and_no_kvbm_means_no_events():
         for w in plan.services
         if w.role in ("prefill", "decode")
     }
-    assert ids == {"prefill-0": "prefill-0", "decode-1": "decode-1"}
+    assert ids == {"prefill-0": "prefill-0", "decode-0": "decode-0"}
     off = plan_for({"DYNKV_KVBM": "false"})
     assert events_env(off.service("worker")) == {}
 

@@ -91,7 +91,7 @@ def test_config_scrapes_the_frontend_and_every_worker():
     assert "authorization" not in jobs["dynkv-frontend"]
     assert jobs["kvbm"]["static_configs"] == [
         {"targets": ["127.0.0.1:16880"], "labels": {"worker": "prefill-0"}},
-        {"targets": ["127.0.0.1:16881"], "labels": {"worker": "decode-1"}},
+        {"targets": ["127.0.0.1:16881"], "labels": {"worker": "decode-0"}},
     ]
     assert [c["targets"] for c in jobs["vllm"]["static_configs"]] == [
         ["127.0.0.1:18100"],
@@ -160,7 +160,7 @@ def test_neither_binary_nor_docker_fails_before_anything_starts():
 
 def test_up_observability_without_prometheus_exits_1_with_cause_and_fix(clean_env, tmp_path):
     clean_env.setenv("DYNKV_STATE_DIR", str(tmp_path))
-    clean_env.setattr("dynkv.plan.build.find_prometheus", lambda: None)
+    clean_env.setattr("dynkv.plan.host.find_prometheus", lambda: None)
     clean_env.setattr(
         "dynkv.doctor.check_plan.DockerBackend", lambda: _NoEngine()
     )  # no engine either

