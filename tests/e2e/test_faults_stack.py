@@ -14,9 +14,10 @@ Expected behaviour, asserted:
   nothing — never changes an answer: every greedy completion equals the one computed before the
   damage; the failures are counted (`kvbm_integrity_failures`, `kvbm_load_failures`, both in
   `dynkv status --json`) and logged once per load, not once per block;
-- `scripts/load --clients 8 --duration 30` has zero errors and bounded RSS growth per service;
-- `kill -9` of the worker: the background supervisor restarts it, its etcd registration returns
-  and greedy answers are unchanged; `dynkv restart worker` restarts it on request.
+- `scripts/load --clients 8 --duration 30` has zero errors and bounded RSS growth per service.
+
+A worker killed with `kill -9` and restarted is tested on the fleet stack
+(tests/e2e/test_fleet_stack.py), under load, where the other worker keeps serving.
 """
 
 from __future__ import annotations
@@ -245,57 +246,3 @@ def test_short_load_has_no_errors_and_bounded_memory(stack):
     assert set(report["rss"]) == {"etcd", "nats", "worker", "frontend"}
     growing = {k: v for k, v in report["rss"].items() if not v["flat"]}
     assert growing == {}, growing
-
-
-def _registration(stack: Stack) -> dict | None:
-    """The worker's registration record in etcd (None while it has none)."""
-    from dynkv.infra.etcd_client import EtcdClient
-    from dynkv.worker.record import workers_prefix
-
-    with EtcdClient(f"http://127.0.0.1:{stack.env['DYNKV_ETCD_PORT']}") as etcd:
-        kvs = etcd.get_prefix(workers_prefix(NAME)).kvs
-    return kvs[0].json() if len(kvs) == 1 else None
-
-
-def _back(stack: Stack, restarts: int, timeout: float = 400) -> float:
-    """Seconds until the worker's record shows `restarts` and it is healthy again."""
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        rec = read_state(stack.ddir).service("worker")
-        if rec.restarts == restarts and rec.restart_phase == "":
-            return time.monotonic() - began
-        assert rec.restart_phase != "given_up", rec
-        time.sleep(0.5)
-    raise AssertionError(f"the worker was not back within {timeout} s")
-
-
-def test_a_killed_worker_is_restarted_registered_and_serves_again(stack):
-    """Last in the module: kill -9 of the worker wrapper → the background supervisor of `up -d`
-    restarts it, its registration returns, greedy answers are unchanged. Prints what a restart
-    costs. (`dynkv restart SERVICE` on request is tested with real processes in
-    tests/integration/test_restart.py: a second vLLM start here would cost CI ~50 s.)"""
-    prompt = "The restart test asks the same question twice: what is two and two?"
-    answer = stack.complete(prompt)
-    before = read_state(stack.ddir).service("worker")
-    registered = _registration(stack)
-    assert registered is not None
-
-    os.kill(before.pid, 9)
-    killed_after = _back(stack, 1)
-    rec = read_state(stack.ddir).service("worker")
-    assert rec.pid != before.pid and rec.last_exit.signal == 9
-    again = _registration(stack)
-    assert again is not None and again != registered  # a new registration (new vLLM pid, time)
-    assert stack.complete(prompt) == answer
-
-    status = dynkv("status", "--json", env=stack.env)
-    worker = next(s for s in json.loads(status.stdout)["services"] if s["name"] == "worker")
-    assert worker["restarts"] == 1 and worker["last_exit"]["describe"] == "killed by SIGKILL"
-    assert worker["healthy"], worker
-
-    bad = dynkv("restart", "nosuch", env=stack.env)
-    assert bad.returncode == 2 and "worker" in bad.stderr, bad.stderr
-    print(
-        f"\nrestart cost: kill -9 → healthy and registered again in {killed_after:.1f} s "
-        f"(supervisor: {rec.recovered_after_s} s)"
-    )

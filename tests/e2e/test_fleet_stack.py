@@ -11,6 +11,9 @@ both spares CI a vLLM start."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -117,6 +120,93 @@ def test_round_robin_serves_from_both(fleet):
     front = httpx.get(f"{base}/metrics", timeout=5).text
     for worker in ("agg-0", "agg-1"):
         assert f'worker="{worker}"' in front
+
+
+def _restarted(ddir: Path, name: str, restarts: int, timeout: float = 400) -> float:
+    """Seconds until `name`'s record shows `restarts` and it is healthy again."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        rec = read_state(ddir).service(name)
+        if rec.restarts == restarts and rec.restart_phase == "":
+            return time.monotonic() - began
+        assert rec.restart_phase != "given_up", rec
+        time.sleep(0.5)
+    raise AssertionError(f"{name} was not back within {timeout} s")
+
+
+def _load(base: str, seconds: float, clients: int, kill_at: float, kill) -> list[tuple[int, str]]:
+    """`clients` threads sending short completions for `seconds`; `kill()` runs at `kill_at`.
+    Returns (status, worker) per request; status 0 is a transport error."""
+    results: list[tuple[int, str]] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=120) as http:
+            n = 0
+            while time.monotonic() < stop:
+                n += 1
+                body = {"model": MODEL, "prompt": f"load {i} {n} " * 6, "max_tokens": 8}
+                try:
+                    r = http.post(f"{base}/v1/completions", json=body)
+                    got = (r.status_code, r.headers.get("x-dynkv-worker", ""))
+                except httpx.HTTPError:
+                    got = (0, "")
+                with lock:
+                    results.append(got)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(kill_at)
+    kill()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_a_worker_killed_under_load_is_restarted_and_only_its_requests_fail(fleet):
+    """kill -9 of worker-1 during a 30 s load: the other worker keeps serving, the background
+    supervisor of `up -d` restarts the killed one, its registration returns and round robin
+    sends to it again. The only requests allowed to fail are those in flight on it (at most
+    one per client); how many did is printed, as is what the restart cost."""
+    env, ddir = fleet
+    base = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"
+    victim = read_state(ddir).service("worker-1")
+    clients = 4
+    results = _load(base, 30, clients, 5, lambda: os.kill(victim.pid, signal.SIGKILL))
+    back_after = _restarted(ddir, "worker-1", 1)
+    failed = [r for r in results if r[0] != 200]
+    served = Counter(w for code, w in results if code == 200)
+    print(
+        f"\nkill -9 under load: {len(results)} requests, {len(failed)} failed "
+        f"(in flight on the killed worker), served {dict(served)}; worker-1 healthy and "
+        f"registered again {back_after:.1f} s after the load ended"
+    )
+    assert len(failed) <= clients, failed  # only what was in flight on worker-1
+    assert served["agg-0"] > served["agg-1"] > 0  # agg-0 carried the load while agg-1 was down
+
+    rec = read_state(ddir).service("worker-1")
+    assert rec.pid != victim.pid and rec.last_exit.signal == signal.SIGKILL
+    status = json.loads(dynkv("status", "--json", env=env).stdout)
+    worker = next(s for s in status["services"] if s["name"] == "worker-1")
+    assert worker["restarts"] == 1 and worker["last_exit"]["describe"] == "killed by SIGKILL"
+    assert worker["healthy"], worker
+    with EtcdClient(f"http://127.0.0.1:{env['DYNKV_ETCD_PORT']}") as etcd:
+        keys = sorted(kv.key for kv in etcd.get_prefix(f"/dynkv/{NAME}/workers/").kvs)
+    assert keys == [f"/dynkv/{NAME}/workers/agg-0", f"/dynkv/{NAME}/workers/agg-1"]
+    deadline, seen = time.monotonic() + 60, set()
+    while seen != {"agg-0", "agg-1"} and time.monotonic() < deadline:  # the frontend's watch
+        r = httpx.post(
+            f"{base}/v1/completions",
+            json={"model": MODEL, "prompt": "back again", "max_tokens": 2},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        seen.add(r.headers["x-dynkv-worker"])
+    assert seen == {"agg-0", "agg-1"}
+    bad = dynkv("restart", "nosuch", env=env)
+    assert bad.returncode == 2 and "worker-1" in bad.stderr, bad.stderr
 
 
 def test_logs_of_the_fleet(fleet):
