@@ -32,6 +32,7 @@ class WorkerSide:
         self.device = None
         self.store: BlockStore | None = None
         self._load_errors: set[int] = set()
+        self._steps: list[int] = []  # steps the scheduler asked to hear back about
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         from dynkv.kvbm.device import DeviceKV
@@ -75,6 +76,10 @@ class WorkerSide:
         if ops.handoffs:
             self.store.write_handoff(ops.handoffs, self.device)
 
+    def ack(self, step: int) -> None:
+        """The scheduler times a prefill by this step's report: make sure there is one."""
+        self._steps.append(step)
+
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         if errors:
@@ -85,9 +90,11 @@ class WorkerSide:
         if self.store is None:
             return None
         report = self.store.take_report()
+        report.steps, self._steps = self._steps, []
         if self.rank != 0:  # counters once per deployment, failures and acks from every rank
             report.counts.clear()
             report.durations.clear()
+            report.loads.clear()
         return report or None
 
     def close(self) -> None:
