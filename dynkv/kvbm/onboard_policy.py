@@ -89,20 +89,24 @@ class PrefillRates:
 
 
 class TierRates:
-    """Seconds per onboarded block, per tier."""
+    """Seconds per onboarded block, per tier. An estimate older than `probe_secs` is forgotten:
+    the tier is loaded once more and measured anew, not blended with what it was."""
 
-    def __init__(self) -> None:
+    def __init__(self, probe_secs: float = 30.0) -> None:
+        self.probe_secs = probe_secs
         self._tiers: dict[Tier, Ewma] = {}
 
     def add(self, tier: Tier, blocks: int, seconds: float, now: float) -> None:
-        if blocks > 0 and seconds >= 0:
-            self._tiers.setdefault(tier, Ewma()).add(seconds / blocks, now)
+        if blocks <= 0 or seconds < 0:
+            return
+        if self.per_block(tier, now) is None:
+            self._tiers[tier] = Ewma()
+        self._tiers[tier].add(seconds / blocks, now)
 
-    def per_block(self, tier: Tier, now: float, probe_secs: float) -> float | None:
-        """None when `tier` was never measured, or not for `probe_secs` (then it is tried again:
-        the load that follows measures it anew)."""
+    def per_block(self, tier: Tier, now: float) -> float | None:
+        """None when `tier` was never measured, or not for `probe_secs`."""
         ewma = self._tiers.get(tier)
-        if ewma is None or now - ewma.updated > probe_secs:
+        if ewma is None or now - ewma.updated > self.probe_secs:
             return None
         return ewma.value
 
@@ -168,7 +172,7 @@ class OnboardPolicy:
         self.block_size = block_size
         self.clock = clock
         self.prefill = PrefillRates()
-        self.tiers = TierRates()
+        self.tiers = TierRates(probe_secs)
 
     # ---- measurements ------------------------------------------------------------------------
     def prefill_done(self, tokens: int, seconds: float) -> None:
@@ -182,7 +186,7 @@ class OnboardPolicy:
         per_token = self.prefill.per_token(prefill_tokens)
         return Estimate(
             None if per_token is None else per_token * self.block_size,
-            {t: self.tiers.per_block(t, now, self.probe_secs) for t in (Tier.HOST, Tier.DISK)},
+            {t: self.tiers.per_block(t, now) for t in (Tier.HOST, Tier.DISK)},
             queued_disk_blocks,
         )
 
