@@ -74,9 +74,12 @@ class PrefillRates:
     def __init__(self) -> None:
         self._buckets: dict[int, Ewma] = {}
 
-    def add(self, tokens: int, seconds: float, now: float) -> None:
+    def add(self, tokens: int, seconds: float, now: float, length: int | None = None) -> None:
+        """`tokens` computed in `seconds`, by prefills of `length` tokens (default: one prefill
+        of `tokens`; prompts batched into one step are one sample of their summed tokens)."""
         if tokens > 0 and seconds > 0:
-            self._buckets.setdefault(bucket(tokens), Ewma()).add(seconds / tokens, now)
+            key = bucket(length or tokens)
+            self._buckets.setdefault(key, Ewma()).add(seconds / tokens, now)
 
     def per_token(self, tokens: int) -> float | None:
         """The estimate for a prefill of `tokens` tokens: its bucket's, else the nearest
@@ -175,8 +178,8 @@ class OnboardPolicy:
         self.tiers = TierRates(probe_secs)
 
     # ---- measurements ------------------------------------------------------------------------
-    def prefill_done(self, tokens: int, seconds: float) -> None:
-        self.prefill.add(tokens, seconds, self.clock())
+    def prefill_done(self, tokens: int, seconds: float, length: int | None = None) -> None:
+        self.prefill.add(tokens, seconds, self.clock(), length)
 
     def load_done(self, tier: Tier, blocks: int, seconds: float) -> None:
         self.tiers.add(tier, blocks, seconds, self.clock())

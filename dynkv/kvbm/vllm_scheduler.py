@@ -354,8 +354,13 @@ class SchedulerSide:
                 self.policy.load_done(tier, blocks, seconds)
         now = self.clock()
         for step in report.steps:  # every rank acknowledges: the first one times it
-            for tokens, t0 in self._timed.pop(step, ()):
-                self.policy.prefill_done(tokens, now - t0)
+            samples = self._timed.pop(step, None)
+            if samples:  # prompts batched into one step share its time: one sample of them all
+                self.policy.prefill_done(
+                    sum(n for n, _ in samples),
+                    now - min(t0 for _, t0 in samples),
+                    length=max(n for n, _ in samples),
+                )
 
     def close(self) -> None:
         self.metrics.close()

@@ -172,3 +172,9 @@ def test_settings_parse_the_policy(monkeypatch):
     monkeypatch.setenv("DYN_KVBM_ONBOARD_POLICY", "sometimes")
     with pytest.raises(ValueError):
         KvbmSettings()
+
+
+def test_a_batched_step_is_one_sample_of_its_summed_tokens():
+    rates = PrefillRates()
+    rates.add(900, 0.9, now=0, length=300)  # three 300-token prompts in one 0.9 s step
+    assert rates.per_token(300) == pytest.approx(0.001)
