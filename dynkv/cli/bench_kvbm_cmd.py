@@ -92,14 +92,27 @@ def offload(
     only: Annotated[
         list[str] | None, typer.Option("--only", help="Run only these configurations (repeatable).")
     ] = None,
+    g3_read_delay_ms: Annotated[
+        float,
+        typer.Option(
+            "--g3-read-delay-ms",
+            min=0,
+            help="Slow-disk variant: every G3 read takes this many ms longer per block; runs "
+            "recompute, g3_slow_auto and g3_slow_always (docs/onboard-policy.md).",
+        ),
+    ] = 0.0,
     json_out: JsonOpt = False,
 ) -> None:
     """Workload W1 (docs/benchmarks.md): round-2 TTFT for recompute, the floor, the peer and dynkv's tiers.
 
     The last line of stdout is the JSON summary."""
-    from dynkv.bench.offload import configurations, run
+    from dynkv.bench.offload import SLOW_DISK_CONFIGS, configurations, run
 
-    names = [c.name for c in configurations(1, 1, 1.0, Path("."))]
+    names = (
+        list(SLOW_DISK_CONFIGS)
+        if g3_read_delay_ms > 0
+        else [c.name for c in configurations(1, 1, 1.0, Path("."))]
+    )
     bad = sorted(set(only or []) - set(names))
     if bad:
         raise UserError(
@@ -114,8 +127,12 @@ def offload(
         large_kv=large_kv_mib << 20,
         tier_gb=tier_gb,
         only=only,
+        g3_read_delay_ms=g3_read_delay_ms,
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
     )
+    if g3_read_delay_ms > 0:
+        _print_slow_disk(result, json_out)
+        return
     if not json_out:
         table = Table(title=f"W1: {docs} docs × {doc_tokens} tokens, round-2 median (≈ TTFT)")
         for col in ("configuration", "round 1 ms", "round 2 ms", "vs floor"):
@@ -132,6 +149,25 @@ def offload(
         err.print(f"cold overhead: {result['cold_overhead']}; targets: {result['targets']}")
     keys = ("recompute_ms", "floor_ms", "peer_ms", "g2_ms", "g3_ms", "g2g3_ms", "cold_overhead")
     # one line either way: the summary keys are at the top level of the last line of stdout
+    typer.echo(json.dumps(result if json_out else {k: result[k] for k in keys}))
+
+
+def _print_slow_disk(result: dict, json_out: bool) -> None:
+    if not json_out:
+        table = Table(title="W1 on a slow G3, round-2 median (≈ TTFT)")
+        for col in ("configuration", "round 2 ms", "vs recompute", "skipped blocks"):
+            table.add_column(col, justify="right" if col != "configuration" else "left")
+        for name, r in result["configs"].items():
+            ratio = result.get(f"{name}_vs_recompute")
+            table.add_row(
+                name,
+                f"{r['round2_median_ms']:.0f}",
+                "" if ratio is None else f"{ratio:.2f}",
+                str(int(r["policy"]["skipped_blocks"])) if "policy" in r else "",
+            )
+        err.print(table)
+        err.print(f"targets: {result['targets']}")
+    keys = ("recompute_ms", "g3_slow_auto_ms", "g3_slow_always_ms")
     typer.echo(json.dumps(result if json_out else {k: result[k] for k in keys}))
 
 
