@@ -115,7 +115,14 @@ def _slow_disk_phases(llm, worker, greedy, prompts, port: int, delay_ms: float) 
             before = _metrics(port)
             outputs = _outputs(llm.generate(prompts, greedy))
             llm.generate([{"prompt_token_ids": [7, 8, 9]}], SamplingParams(max_tokens=1))
-            phases[mode.value] = {"outputs": outputs, "before": before, "after": _metrics(port)}
+            est = policy.estimate(len(prompts[0]["prompt_token_ids"]))
+            phases[mode.value] = {
+                "outputs": outputs,
+                "before": before,
+                "after": _metrics(port),
+                # the policy's view after the phase (seconds per block), to read a failure by
+                "estimate": {"recompute": est.recompute, "load": dict(est.load)},
+            }
     finally:
         slow_disk.uninstall()
     phases["seconds"] = time.perf_counter() - t0  # what the phase adds to the e2e suite
