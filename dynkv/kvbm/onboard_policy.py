@@ -9,7 +9,8 @@ part of each match worth loading:
   of two: attention makes long prefills dearer per token), fed with clean samples — prefills that
   loaded nothing — timed from the step that scheduled them to the step report that finished them;
 - `TierRates`: each tier's load time per block (read, verify and the device copy), an EWMA fed by
-  the worker's own timings of every load it ran;
+  the worker's own timings of every load it ran — one that follows a slowdown faster than a
+  recovery;
 - `decide`: the prefix of the match (vLLM accepts only a contiguous count of tokens from the start)
   with the largest margin × recompute − load, where load includes the G3 reads already planned
   ahead of this request in the same step (its queue). Blocks after that prefix are skipped and the
@@ -32,7 +33,10 @@ from enum import StrEnum
 
 from dynkv.kvbm.ops import Tier
 
-ALPHA = 0.3  # weight of a new sample in every EWMA here: recent enough to follow a busy device
+ALPHA = 0.3  # weight of a new sample in the EWMAs here
+SLOWER_ALPHA = (
+    0.7  # ... of a load slower than the estimate: a device turning slow is believed at once
+)
 MIN_BUCKET = 64  # prefill-length buckets: ≤64, ≤128, ≤256, … tokens
 
 
@@ -56,10 +60,9 @@ class Ewma:
         self.value: float | None = None
         self.updated = -math.inf
 
-    def add(self, sample: float, now: float) -> None:
-        self.value = (
-            sample if self.value is None else self.value + self.alpha * (sample - self.value)
-        )
+    def add(self, sample: float, now: float, alpha: float | None = None) -> None:
+        a = self.alpha if alpha is None else alpha
+        self.value = sample if self.value is None else self.value + a * (sample - self.value)
         self.updated = now
 
 
@@ -104,7 +107,11 @@ class TierRates:
             return
         if self.per_block(tier, now) is None:
             self._tiers[tier] = Ewma()
-        self._tiers[tier].add(seconds / blocks, now)
+        ewma, sample = self._tiers[tier], seconds / blocks
+        # asymmetric: waiting on a slow disk is the cost this policy exists to avoid, so a
+        # slowdown counts almost in full; a recovery is believed gradually
+        slower = ewma.value is not None and sample > ewma.value
+        ewma.add(sample, now, SLOWER_ALPHA if slower else None)
 
     def per_block(self, tier: Tier, now: float) -> float | None:
         """None when `tier` was never measured, or not for `probe_secs`."""

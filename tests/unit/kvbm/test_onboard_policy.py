@@ -79,6 +79,15 @@ def test_tier_rates_expire_into_a_probe():
     assert rates.per_block(D, now=41) == pytest.approx(0.001)
 
 
+def test_a_slowdown_is_believed_faster_than_a_recovery():
+    rates = TierRates()
+    rates.add(D, 1, 0.001, now=0)
+    rates.add(D, 1, 0.101, now=1)  # slower: 70% of the way
+    assert rates.per_block(D, now=1) == pytest.approx(0.071)
+    rates.add(D, 1, 0.001, now=2)  # faster: 30% of the way
+    assert rates.per_block(D, now=2) == pytest.approx(0.071 - 0.3 * 0.070)
+
+
 def test_cold_start_loads_everything():
     p = policy()
     assert p.decide([H, H, D, D], 200).load == 4  # nothing measured
