@@ -102,7 +102,9 @@ class StoreReport:
     # what each load cost, for the onboard policy: (source tier, blocks, seconds read + verified
     # + copied to the device)
     loads: list[tuple[Tier, int, float]] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)  # steps that asked to be acknowledged, done
+    # steps that asked to be acknowledged, done: (step, seconds the connector itself spent in it,
+    # loading and saving — not part of the engine's own prefill time)
+    steps: list[tuple[int, float]] = field(default_factory=list)
 
     def count(self, counter: Count, n: int = 1) -> None:
         if not isinstance(counter, Count):  # a plain string would be silently lost later

@@ -353,12 +353,13 @@ class SchedulerSide:
             if tier in (Tier.HOST, Tier.DISK):
                 self.policy.load_done(tier, blocks, seconds)
         now = self.clock()
-        for step in report.steps:  # every rank acknowledges: the first one times it
+        for step, busy in report.steps:  # every rank acknowledges: the first one times it
             samples = self._timed.pop(step, None)
             if samples:  # prompts batched into one step share its time: one sample of them all
+                # the connector's own saves are not part of recomputing (the blocks are stored)
                 self.policy.prefill_done(
                     sum(n for n, _ in samples),
-                    now - min(t0 for _, t0 in samples),
+                    now - min(t0 for _, t0 in samples) - busy,
                     length=max(n for n, _ in samples),
                 )
 

@@ -71,7 +71,7 @@ class Engine:
         self.sched = SchedulerSide(LAYOUT, s, serve_metrics=False, clock=self.clock)
         self.n = 0
 
-    def serve(self, tokens: list[int]) -> int:
+    def serve(self, tokens: list[int], busy: float = 0.0) -> int:
         """One prompt, prefilled in one step; returns the tokens KVBM supplied."""
         self.n += 1
         req = Request(f"r{self.n}", tokens)
@@ -86,7 +86,7 @@ class Engine:
         self.store.flush()
         report = self.store.take_report()
         if plan.step >= 0:
-            report.steps.append(plan.step)  # what the worker does when asked
+            report.steps.append((plan.step, busy))  # what the worker does when asked
         self.clock.now += PREFILL_SECONDS_PER_TOKEN * (len(tokens) - external)
         self.sched.apply_report(report)
         self.sched.request_finished(req.request_id)
@@ -167,3 +167,11 @@ def test_host_part_loads_and_the_slow_disk_tail_is_skipped(make):
     assert e.serve(tokens) == 2 * BS  # the G2 half, not the slow G3 tail
     assert e.skipped(tier="disk", reason="slower_than_recompute") == 2
     assert e.skipped(tier="host") == 0
+
+
+def test_the_connectors_own_save_time_is_not_prefill_time(make):
+    e = make(**G3_ONLY)
+    tokens = prompt(1)
+    e.serve(tokens, busy=0.5 * PREFILL_SECONDS_PER_TOKEN * len(tokens))  # half of it: saving
+    est = e.sched.policy.estimate(len(tokens))
+    assert est.recompute == pytest.approx(0.5 * PREFILL_SECONDS_PER_TOKEN * BS)
