@@ -175,3 +175,20 @@ def test_the_connectors_own_save_time_is_not_prefill_time(make):
     e.serve(tokens, busy=0.5 * PREFILL_SECONDS_PER_TOKEN * len(tokens))  # half of it: saving
     est = e.sched.policy.estimate(len(tokens))
     assert est.recompute == pytest.approx(0.5 * PREFILL_SECONDS_PER_TOKEN * BS)
+
+
+def test_a_load_cut_by_the_read_deadline_costs_its_wait_per_block_delivered(make):
+    e = make(disk_read_timeout_ms=100, **G3_ONLY)
+    e.serve(prompt(1))
+    slow_disk.install(delay_ms=100)  # 4 blocks in one read: 400 ms, past the 100 ms deadline
+    report = e.store.take_report()
+    keys = e.sched.hasher.keys(prompt(1)[: PROMPT_BLOCKS * BS], ())
+    from dynkv.kvbm.ops import LoadOp
+
+    ops = [LoadOp(k, 40 + i, -1, e.sched.leader.disk.slot_of(k)) for i, k in enumerate(keys)]
+    failed = e.store.load(ops, e.g1.dev)
+    report = e.store.take_report()
+    assert len(failed) == PROMPT_BLOCKS  # recomputed
+    [(tier, blocks, seconds)] = report.loads
+    assert (tier.value, blocks) == ("disk", 1)  # nothing delivered: the wait is one block's cost
+    assert seconds >= 0.1
