@@ -36,9 +36,9 @@ LOOKUPS = Count.LOOKUP_BLOCKS.metric
 GAUGES = (*RATE_GAUGES.values(), *TIER_SIZES.values(), *USED_GAUGES.values())
 # The load-or-recompute policy's counters (docs/advise.md): read by name, so a runtime that predates
 # them simply lacks them (absent, never 0). Skipped blocks carry {tier, reason} labels.
-SKIPPED = "kvbm_onboard_skipped_blocks"
-SAVED = "kvbm_prefill_seconds_saved"
-COUNTERS = tuple(dict.fromkeys((*(c.metric for c in Count), SKIPPED, SAVED)))
+SKIPPED = Count.ONBOARD_SKIPPED.metric
+SAVED = Count.PREFILL_SECONDS_SAVED.metric
+COUNTERS = tuple(c.metric for c in Count)
 FAMILIES = GAUGES + COUNTERS
 
 

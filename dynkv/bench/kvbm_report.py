@@ -10,7 +10,7 @@ does not name (a configuration added later) as they were given.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import ConfigDict
 
@@ -102,3 +102,24 @@ class OffloadReport(PartialRecord):
 
     def headline(self) -> dict[str, float | None]:
         return {k: getattr(self, k) for k in self.HEADLINE}
+
+
+class SlowDiskReport(PartialRecord):
+    """W1 on a slowed G3 (`bench offload --g3-read-delay-ms`): round-2 medians of recompute and of
+    G3 with the onboard policy on (`auto`) and off (`always`), each as a ratio of recompute."""
+
+    model_config = ConfigDict(extra="allow")
+
+    recompute_ms: float | None = None
+    g3_slow_auto_ms: float | None = None
+    g3_slow_always_ms: float | None = None
+    g3_slow_auto_vs_recompute: float | None = None
+    g3_slow_always_vs_recompute: float | None = None
+    targets: dict[str, bool | None] = {}
+    configs: dict[str, dict[str, Any]] = {}  # round times, and the policy's counters per run
+    workload: dict[str, float] = {}
+
+    HEADLINE: ClassVar[tuple[str, ...]] = ("recompute_ms", "g3_slow_auto_ms", "g3_slow_always_ms")
+
+    def headline(self) -> dict[str, float | None]:
+        return {key: getattr(self, key) for key in self.HEADLINE}

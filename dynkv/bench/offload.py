@@ -20,6 +20,13 @@ Configurations (the device KV of all but `floor` cannot hold the working set):
 Reported: round-2 median latency per configuration (≈ TTFT, one output token), and
 cold_overhead = dynkv's round-1 median ÷ the recompute configuration's (same device KV, no
 connector). Targets: g2 ≤ 1.1 × floor and ≤ peer, g3 ≤ 1.3 × floor, cold_overhead ≤ 1.03.
+
+The slow-disk variant (`g3_read_delay_ms` > 0, docs/onboard-policy.md) runs instead:
+  recompute       as above
+  g3_slow_auto    G3 only, every disk read `g3_read_delay_ms` longer per block, onboard policy auto
+  g3_slow_always  the same disk, policy always (every hit loaded, however slow)
+all three with the engine in the benchmark's process (the delay is installed where the disk pool
+lives). Target: g3_slow_auto ≤ 1.05 × recompute.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynkv.bench.kvbm_report import OffloadReport
+from dynkv.bench.kvbm_report import OffloadReport, SlowDiskReport
 
 CONNECTOR = {"connector": "DynkvConnector", "module_path": "dynkv.kvbm.vllm_connector"}
 
@@ -49,6 +56,28 @@ class Config:
     env: dict = field(default_factory=dict)
     engine: dict = field(default_factory=dict)  # extra `vllm.LLM` arguments
     opt_in: bool = False  # run only when named in `only`
+    slow_disk_ms: float = 0.0  # > 0: the engine runs in-process, its G3 reads slowed
+
+
+SLOW_DISK_CONFIGS = ("recompute", "g3_slow_auto", "g3_slow_always")
+
+
+def slow_disk_configurations(
+    small_kv: int, tier_gb: float, workdir: Path, delay_ms: float
+) -> list[Config]:
+    """recompute against G3 on a slowed disk, with the onboard policy on and off."""
+    inproc = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    out = [Config("recompute", small_kv, env=inproc)]
+    for policy in ("auto", "always"):
+        env = {
+            **inproc,
+            "DYN_KVBM_DISK_CACHE_GB": str(tier_gb),
+            "DYN_KVBM_DISK_CACHE_DIR": str(workdir / f"g3_slow_{policy}"),
+            "DYN_KVBM_DISK_DISABLE_O_DIRECT": "true",
+            "DYN_KVBM_ONBOARD_POLICY": policy,
+        }
+        out.append(Config(f"g3_slow_{policy}", small_kv, CONNECTOR, env, slow_disk_ms=delay_ms))
+    return out
 
 
 def configurations(small_kv: int, large_kv: int, tier_gb: float, workdir: Path) -> list[Config]:
@@ -135,6 +164,7 @@ def run_engine(
         "result_file": str(result_file),
         **config.connector,
         "engine_kwargs": {**(engine or {}), **config.engine},
+        "slow_disk_ms": config.slow_disk_ms,
     }
     proc = subprocess.run(
         [sys.executable, "-m", "dynkv.bench.offload_engine", json.dumps(cfg)],
@@ -161,9 +191,10 @@ def run(
     only: list[str] | None = None,
     directory: str | None = None,
     timeout: float = 1800,
+    g3_read_delay_ms: float = 0.0,
     progress: Callable[[str], None] = lambda _msg: None,
     engine: dict | None = None,
-) -> OffloadReport:
+) -> OffloadReport | SlowDiskReport:
     """W1 over `configurations` (all but the opt-in ones, or those in `only`); `engine`: extra
     `vllm.LLM` arguments for every engine (scripts/gpu-check: enforce_eager, to start fast)."""
     workdir = Path(tempfile.mkdtemp(prefix="dynkv-w1-", dir=directory))
@@ -175,27 +206,54 @@ def run(
             "max_model_len": max(2048, doc_tokens + 64),
         }
         results: dict[str, dict] = {}
-        for config in configurations(small_kv, large_kv, tier_gb, workdir):
+        configs = (
+            slow_disk_configurations(small_kv, tier_gb, workdir, g3_read_delay_ms)
+            if g3_read_delay_ms > 0
+            else configurations(small_kv, large_kv, tier_gb, workdir)
+        )
+        for config in configs:
             if (only and config.name not in only) or (not only and config.opt_in):
                 continue
             progress(f"{config.name}: starting an engine")
-            rounds = run_engine(config, payload, timeout, workdir, engine)["rounds"]
+            ran = run_engine(config, payload, timeout, workdir, engine)
+            rounds = ran["rounds"]
             results[config.name] = {
                 "round1_ms": [round(x, 1) for x in rounds[0]],
                 "round2_ms": [round(x, 1) for x in rounds[1]],
                 "round1_median_ms": round(statistics.median(rounds[0]), 1),
                 "round2_median_ms": round(statistics.median(rounds[1]), 1),
             }
+            if "policy" in ran:
+                results[config.name]["policy"] = ran["policy"]
             progress(
                 f"{config.name}: round 1 {results[config.name]['round1_median_ms']} ms, "
                 f"round 2 {results[config.name]['round2_median_ms']} ms"
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    summary = summarize(
-        results, docs=docs, doc_tokens=doc_tokens, small_kv=small_kv, large_kv=large_kv
-    )
-    return OffloadReport.model_validate(summary)
+    workload = {"docs": docs, "doc_tokens": doc_tokens, "small_kv": small_kv, "large_kv": large_kv}
+    if g3_read_delay_ms > 0:
+        slow = summarize_slow_disk(results, g3_read_delay_ms=g3_read_delay_ms, **workload)
+        return SlowDiskReport.model_validate(slow)
+    return OffloadReport.model_validate(summarize(results, **workload))
+
+
+def summarize_slow_disk(results: dict[str, dict], **workload) -> dict:
+    """Round-2 medians of the slow-disk variant, each G3 run as a ratio of recompute."""
+    out: dict = {f"{name}_ms": None for name in SLOW_DISK_CONFIGS}
+    for name in SLOW_DISK_CONFIGS:
+        if name in results:
+            out[f"{name}_ms"] = results[name]["round2_median_ms"]
+    recompute = out["recompute_ms"]
+    for name in SLOW_DISK_CONFIGS[1:]:
+        if recompute and out[f"{name}_ms"] is not None:
+            out[f"{name}_vs_recompute"] = round(out[f"{name}_ms"] / recompute, 3)
+    out["targets"] = {
+        "g3_slow_auto_le_1.05x_recompute": _le(out["g3_slow_auto_ms"], recompute, 1.05)
+    }
+    out["configs"] = results
+    out["workload"] = workload
+    return out
 
 
 def summarize(results: dict[str, dict], **workload) -> dict:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dynkv.bench.kvbm_report import OffloadReport
+from dynkv.bench.kvbm_report import OffloadReport, SlowDiskReport
 from dynkv.cli.group import EXIT_USAGE, UserError
 from dynkv.cli.options import JsonOpt
 from dynkv.cli.output import emit_json, err
@@ -85,14 +85,27 @@ def offload(
     only: Annotated[
         list[str] | None, typer.Option("--only", help="Run only these configurations (repeatable).")
     ] = None,
+    g3_read_delay_ms: Annotated[
+        float,
+        typer.Option(
+            "--g3-read-delay-ms",
+            min=0,
+            help="Slow-disk variant: every G3 read takes this many ms longer per block; runs "
+            "recompute, g3_slow_auto and g3_slow_always (docs/onboard-policy.md).",
+        ),
+    ] = 0.0,
     json_out: JsonOpt = False,
 ) -> None:
     """Workload W1 (docs/benchmarks.md): round-2 TTFT for recompute, the floor, the peer and dynkv's tiers.
 
     The last line of stdout is the JSON summary."""
-    from dynkv.bench.offload import configurations, run
+    from dynkv.bench.offload import SLOW_DISK_CONFIGS, configurations, run
 
-    names = [c.name for c in configurations(1, 1, 1.0, Path("."))]
+    names = (
+        list(SLOW_DISK_CONFIGS)
+        if g3_read_delay_ms > 0
+        else [c.name for c in configurations(1, 1, 1.0, Path("."))]
+    )
     bad = sorted(set(only or []) - set(names))
     if bad:
         raise UserError(
@@ -107,8 +120,12 @@ def offload(
         large_kv=large_kv_mib << 20,
         tier_gb=tier_gb,
         only=only,
+        g3_read_delay_ms=g3_read_delay_ms,
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
     )
+    if isinstance(result, SlowDiskReport):
+        _print_slow_disk(result, json_out)
+        return
     if not json_out:
         err.print(_offload_table(result, docs, doc_tokens))
         err.print(f"cold overhead: {result.cold_overhead}; targets: {result.targets}")
@@ -129,6 +146,24 @@ def _offload_table(result: OffloadReport, docs: int, doc_tokens: int) -> Table:
             "" if ratio is None else f"{ratio:.2f}",
         )
     return table
+
+
+def _print_slow_disk(result: SlowDiskReport, json_out: bool) -> None:
+    if not json_out:
+        table = Table(title="W1 on a slow G3, round-2 median (≈ TTFT)")
+        for col in ("configuration", "round 2 ms", "vs recompute", "skipped blocks"):
+            table.add_column(col, justify="right" if col != "configuration" else "left")
+        for name, r in result.configs.items():
+            ratio = getattr(result, f"{name}_vs_recompute", None)
+            table.add_row(
+                name,
+                f"{r['round2_median_ms']:.0f}",
+                "" if ratio is None else f"{ratio:.2f}",
+                str(int(r["policy"]["skipped_blocks"])) if "policy" in r else "",
+            )
+        err.print(table)
+        err.print(f"targets: {result.targets}")
+    typer.echo(json.dumps(result.model_dump(mode="json") if json_out else result.headline()))
 
 
 def register(bench_app: typer.Typer) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -96,6 +96,28 @@ class KvbmSettings(BaseSettings):
         description="Deadline of one load's G3 reads: blocks not read by then are recomputed "
         "(a stalled disk costs this much per load instead of freezing the engine).",
         json_schema_extra=_expect("a number of milliseconds > 0", "5000"),
+    )
+    onboard_policy: Literal["auto", "always"] = Field(
+        "auto",
+        description="auto: onboard only the part of a KVBM hit whose measured load time beats "
+        "recomputing it (docs/onboard-policy.md); always: onboard every hit.",
+        json_schema_extra=_expect("auto or always", "always"),
+    )
+    onboard_margin: float = Field(
+        0.9,
+        gt=0,
+        allow_inf_nan=False,
+        description="auto policy: load a block only when its load time is below this fraction "
+        "of the time to recompute it.",
+        json_schema_extra=_expect("a number > 0", "0.9"),
+    )
+    onboard_probe_secs: float = Field(
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="auto policy: a tier not measured for this long is loaded once more, to "
+        "measure it again (a disk that was busy is not skipped for good).",
+        json_schema_extra=_expect("a number of seconds > 0", "30"),
     )
     leader_worker_init_timeout_secs: float = Field(
         120.0,

@@ -78,9 +78,23 @@ class Count(Enum):
         "Decode: handed-off blocks that were gone or overwritten (recomputed)",
     )
 
-    def __init__(self, metric: str, help: str) -> None:  # noqa: A002 (prometheus' own word)
+    ONBOARD_SKIPPED = (
+        "kvbm_onboard_skipped_blocks",
+        "Matched blocks left for vLLM to recompute because loading them would be slower "
+        "(docs/onboard-policy.md)",
+        ("tier", "reason"),
+    )
+    PREFILL_SECONDS_SAVED = (
+        "kvbm_prefill_seconds_saved",
+        "Onboarded tokens × measured prefill seconds per token, minus their load time",
+    )
+
+    def __init__(  # noqa: A002 (help: prometheus' own word)
+        self, metric: str, help: str, labels: tuple[str, ...] = ()
+    ) -> None:
         self.metric = metric
         self.help = help
+        self.labels = labels  # label names; such a counter is counted with their values
 
     @property
     def sample(self) -> str:

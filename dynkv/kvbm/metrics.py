@@ -53,7 +53,7 @@ class KvbmMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, window: int = WINDOW) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.counters = {c: Counter(c.metric, c.help, registry=r) for c in Count}
+        self.counters = {c: Counter(c.metric, c.help, c.labels, registry=r) for c in Count}
         self.host_hit_rate = Gauge(
             "kvbm_host_cache_hit_rate", "Host (G2) hit rate over the request window", registry=r
         )
@@ -80,12 +80,22 @@ class KvbmMetrics:
         self._server = None
 
     # ---- counters ---------------------------------------------------------------------------------
-    def count(self, counter: Count, n: float = 1) -> None:
-        self.counters[counter].inc(n)
+    def count(self, counter: Count, n: float = 1, **labels: str) -> None:
+        """Add `n`; a counter with label names (`Count.labels`) takes their values."""
+        metric = self.counters[counter]
+        (metric.labels(**labels) if counter.labels else metric).inc(n)
 
-    def value(self, counter: Count) -> float:
-        """The counter's current value, as a scrape would read it."""
-        return self.registry.get_sample_value(counter.sample) or 0.0
+    def value(self, counter: Count, **labels: str) -> float:
+        """The counter's current value, as a scrape would read it (summed over the label values
+        not given)."""
+        if not counter.labels or set(labels) == set(counter.labels):
+            return self.registry.get_sample_value(counter.sample, labels or None) or 0.0
+        total = 0.0
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name == counter.sample and labels.items() <= sample.labels.items():
+                    total += sample.value
+        return total
 
     # ---- request-level hit rates ----------------------------------------------------------------
     def record_request(self, queried: int, host_hits: int, disk_hits: int) -> None:

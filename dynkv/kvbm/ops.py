@@ -99,6 +99,12 @@ class StoreReport:
     offloads_done: list[int] = field(default_factory=list)  # host slots free to reuse
     counts: dict[Count, int] = field(default_factory=dict)
     durations: list[tuple[str, float]] = field(default_factory=list)
+    # what each load cost, for the onboard policy: (source tier, blocks, seconds read + verified
+    # + copied to the device)
+    loads: list[tuple[Tier, int, float]] = field(default_factory=list)
+    # steps that asked to be acknowledged, done: (step, seconds the connector itself spent in it,
+    # loading and saving — not part of the engine's own prefill time)
+    steps: list[tuple[int, float]] = field(default_factory=list)
 
     def count(self, counter: Count, n: int = 1) -> None:
         if not isinstance(counter, Count):  # a plain string would be silently lost later
@@ -112,7 +118,16 @@ class StoreReport:
         for name, n in other.counts.items():
             self.count(name, n)
         self.durations.extend(other.durations)
+        self.loads.extend(other.loads)
+        self.steps.extend(other.steps)
         return self
 
     def __bool__(self) -> bool:
-        return bool(self.failures or self.offloads_done or self.counts or self.durations)
+        return bool(
+            self.failures
+            or self.offloads_done
+            or self.counts
+            or self.durations
+            or self.loads
+            or self.steps
+        )

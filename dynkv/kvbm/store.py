@@ -51,6 +51,15 @@ __all__ = ["MAX_RUN", "MAX_STAGED_BYTES", "BlockStore", "Device", "Fetched", "st
 LOAD_CHUNK_BYTES = 256 << 20  # a load is fetched and copied in chunks of about this many bytes
 
 
+def _cost_loads(fetched: Fetched, copy_seconds: float) -> None:
+    """Each source's load cost (`StoreReport.loads`) gets its share of the device copy, by blocks."""
+    loads = fetched.report.loads
+    blocks = sum(n for _, n, _ in loads)
+    if blocks:
+        share = copy_seconds / blocks
+        loads[:] = [(tier, n, s + n * share) for tier, n, s in loads]
+
+
 def source(op: LoadOp) -> Tier:
     """The tier a load reads from (a G3 hit with a G2 promotion slot still reads the disk)."""
     if op.from_handoff:
@@ -139,7 +148,9 @@ class BlockStore:
             for array, rows, blocks in fetched.copies:
                 device.from_host(array, rows, blocks)
             device.synchronize()
-            fetched.report.durations.append(("host_to_device", time.perf_counter() - t1))
+            copy = time.perf_counter() - t1
+            fetched.report.durations.append(("host_to_device", copy))
+            _cost_loads(fetched, copy)
             with self._lock:
                 self._report.merge(fetched.report)
             failed += fetched.failed
@@ -163,9 +174,15 @@ class BlockStore:
                 continue
             t0 = time.perf_counter()
             into = rows[first : first + len(tier_ops)] if tier is not Tier.HOST else None
+            failed_before = len(fetched.failed)
             load_with(handler, tier_ops, into, fetched)  # type: ignore[arg-type]
+            seconds = time.perf_counter() - t0
+            # the cost per block delivered: a read deadline caps the time, not the slowness (a
+            # load that delivered nothing in 5 s cost 5 s for one block's worth, at least)
+            delivered = len(tier_ops) - (len(fetched.failed) - failed_before)
+            fetched.report.loads.append((tier, max(delivered, 1), seconds))
             if tier is Tier.DISK:
-                fetched.report.durations.append(("disk_to_host", time.perf_counter() - t0))
+                fetched.report.durations.append(("disk_to_host", seconds))
             if tier is not Tier.HOST:
                 first += len(tier_ops)
         return fetched

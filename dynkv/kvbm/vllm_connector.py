@@ -44,6 +44,7 @@ log = logging.getLogger("dynkv.kvbm")
 class DynkvMetadata(KVConnectorMetadata):
     ops: StepOps = field(default_factory=StepOps)
     unloadable: list[int] = field(default_factory=list)
+    step: int = -1  # ≥ 0: report this step back when it is done (times a prefill)
 
 
 @dataclass
@@ -109,6 +110,8 @@ class DynkvConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, DynkvMetadata) and self._worker is not None
         self._worker.start_load(meta.ops, meta.unloadable)
+        if meta.step >= 0:
+            self._worker.ack(meta.step)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # every load completes in start_load_kv, before the forward
@@ -155,7 +158,7 @@ class DynkvConnector(KVConnectorBase_V1):
             return list(manager.get_block_ids(req_id)[0]) if manager is not None else []
 
         plan = self._scheduler.build_step(scheduler_output.num_scheduled_tokens, block_ids_of)
-        return DynkvMetadata(plan.ops, plan.unloadable)
+        return DynkvMetadata(plan.ops, plan.unloadable, plan.step)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta

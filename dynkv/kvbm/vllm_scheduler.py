@@ -7,6 +7,10 @@ Lives in vLLM's EngineCore process beside the scheduler, and owns the `BlockLead
 - `build_connector_meta`: plans the write-through of every block that becomes full in this step
   (prompt and generated tokens alike) and hands the step's ops to the worker;
 - `update_connector_output`: applies the worker's report (failures, finished disk writes).
+Of a match, only the leading part worth loading is returned (`OnboardPolicy`,
+docs/onboard-policy.md): the load costs the worker reports and the prefills timed here, from
+the step that schedules a prompt's first chunk to the report of the step that finishes it, are
+the policy's measurements.
 Keys are this runtime's own (`BlockHasher`), not vLLM's block hashes, so they are stable across
 processes, restarts and vLLM versions, and carry the request's cache salt and LoRA name.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +32,8 @@ from dynkv.kvbm.keys import BlockHasher, extra_keys
 from dynkv.kvbm.layout import BlockLayout
 from dynkv.kvbm.leader import BlockLeader, tier_sizes
 from dynkv.kvbm.metrics import KvbmMetrics
-from dynkv.kvbm.ops import LoadOp, OffloadOp, StepOps, StoreOp, StoreReport
+from dynkv.kvbm.onboard_policy import Decision, OnboardPolicy
+from dynkv.kvbm.ops import LoadOp, OffloadOp, StepOps, StoreOp, StoreReport, Tier
 
 log = logging.getLogger("dynkv.kvbm")
 
@@ -45,6 +51,13 @@ class _Request:
     handoff_slots: list[int] | None = None  # where the prompt's blocks went (prefill side)
     receive: list[int] | None = None  # handoff slots of the prompt's blocks (decode side)
     use_handoff: bool = False  # the last lookup chose the handoff over the local tiers
+    decision: Decision | None = None  # the onboard policy's, at the last lookup
+    prefill_t0: float | None = None  # when the step that started computing the prompt was planned
+    prefill_from: int = 0  # tokens already held when it started (prefix caches)
+    loaded: bool = False  # a KVBM load ran while it was computed: not a clean prefill sample
+
+
+MAX_TIMED_STEPS = 64  # steps awaiting their report; older ones are forgotten (never reported)
 
 
 @dataclass
@@ -53,6 +66,7 @@ class StepPlan:
 
     ops: StepOps = field(default_factory=StepOps)
     unloadable: list[int] = field(default_factory=list)  # device blocks promised but not held
+    step: int = -1  # ≥ 0: the worker reports this step back when done (a prefill is timed)
 
 
 class SchedulerSide:
@@ -64,6 +78,7 @@ class SchedulerSide:
         world_size: int = 1,
         metrics: KvbmMetrics | None = None,
         serve_metrics: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.layout = layout
         self.block_size = layout.block_size
@@ -107,6 +122,17 @@ class SchedulerSide:
         )
         self._requests: dict[str, _Request] = {}
         self._plan = StepPlan()
+        self.clock = clock
+        self.policy = OnboardPolicy(
+            settings.onboard_policy,
+            margin=settings.onboard_margin,
+            probe_secs=settings.onboard_probe_secs,
+            block_size=self.block_size,
+            clock=clock,
+        )
+        self._queued_disk = 0  # G3 blocks planned for loading in the step being built
+        self._step = 0
+        self._timed: dict[int, list[tuple[int, float]]] = {}  # step -> (tokens, start) samples
         if entries:
             log.info("KVBM: %d blocks on disk are available from an earlier run", len(entries))
 
@@ -191,10 +217,15 @@ class SchedulerSide:
         if start >= limit:
             return 0, False
         keys = self._keys(st, limit)
-        matched = self.leader.match(keys[start:limit]).blocks
+        match = self.leader.match(keys[start:limit])
         handed = max(0, min(len(st.receive), limit) - start) if st.receive else 0
-        st.use_handoff = handed > 0 and handed >= matched
-        return max(matched, handed) * self.block_size, False
+        st.use_handoff = handed > 0 and handed >= match.blocks
+        if st.use_handoff:
+            return handed * self.block_size, False
+        st.decision = self.policy.decide(
+            match.tiers, request.num_tokens - num_computed_tokens, self._queued_disk
+        )
+        return st.decision.load * self.block_size, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         st = self._state(request)
@@ -207,7 +238,12 @@ class SchedulerSide:
         keys = self._keys(st, limit)
         if not st.recorded:
             asked = max(0, limit - start)
-            self.leader.record_lookup(asked, self.leader.match(keys[start : start + n]))
+            # hits are what the tiers held, loaded or skipped by the policy
+            held = n
+            if st.decision is not None and not st.use_handoff:
+                held = max(n, st.decision.load + sum(st.decision.skipped.values()))
+            self.leader.record_lookup(asked, self.leader.match(keys[start : start + held]))
+            self._count_skipped(st)
             st.recorded = True
         if n <= 0:
             return
@@ -223,6 +259,10 @@ class SchedulerSide:
             return
         loads, offloads = self.leader.plan_load(keys[start : start + n], device_blocks)
         self._plan.ops.loads.extend(loads)
+        self._queued_disk += sum(1 for op in loads if op.from_disk)
+        st.loaded = st.loaded or bool(loads)
+        if st.decision is not None and loads:
+            self.metrics.count(Count.PREFILL_SECONDS_SAVED, st.decision.saved_seconds(len(loads)))
         self._plan.ops.offloads.extend(offloads)
         self._plan.unloadable.extend(device_blocks[len(loads) :])
         self.metrics.count(Count.MATCHED_TOKENS, len(loads) * self.block_size)
@@ -232,12 +272,15 @@ class SchedulerSide:
     def build_step(self, num_scheduled_tokens: dict[str, int], block_ids_of) -> StepPlan:
         """Plan the write-through of blocks that become full in this step."""
         plan, self._plan = self._plan, StepPlan()
+        self._queued_disk = 0
+        finishing: list[tuple[int, float]] = []  # prefills this step completes: (tokens, start)
         for req_id, scheduled in num_scheduled_tokens.items():
             st = self._requests.get(req_id)
             if st is None or st.skip:
                 continue
             req = st.request
             after = min(req.num_computed_tokens + scheduled, req.num_tokens)
+            self._time_prefill(st, after, bool(plan.ops.loads), finishing)
             if st.produce and st.handoff_slots is None and after >= req.num_prompt_tokens:
                 self._plan_handoff(st, plan, block_ids_of(req_id))
             full = after // self.block_size
@@ -252,7 +295,36 @@ class SchedulerSide:
             plan.ops.offloads.extend(offloads)
             st.stored = full
         self.leader.end_step()
+        if finishing:
+            plan.step = self._step
+            self._timed[self._step] = finishing
+            self._step += 1
+            while len(self._timed) > MAX_TIMED_STEPS:
+                del self._timed[next(iter(self._timed))]
         return plan
+
+    def _time_prefill(
+        self, st: _Request, after: int, step_loads: bool, finishing: list[tuple[int, float]]
+    ) -> None:
+        """Start timing a prompt when its first chunk is scheduled; a step that completes it
+        carries the sample until the worker reports the step done. A prefill that ran beside a
+        KVBM load (its own or another request's) is no measure of recomputing, and is dropped."""
+        req = st.request
+        if req.num_computed_tokens >= req.num_prompt_tokens:
+            return
+        if st.prefill_t0 is None:
+            st.prefill_t0, st.prefill_from = self.clock(), req.num_computed_tokens
+        st.loaded = st.loaded or step_loads
+        if after >= req.num_prompt_tokens:
+            if not st.loaded:
+                finishing.append((req.num_prompt_tokens - st.prefill_from, st.prefill_t0))
+            st.prefill_t0, st.loaded = None, False
+
+    def _count_skipped(self, st: _Request) -> None:
+        if st.decision is None or st.use_handoff:
+            return
+        for (tier, reason), n in st.decision.skipped.items():
+            self.metrics.count(Count.ONBOARD_SKIPPED, n, tier=tier.value, reason=reason.value)
 
     def _plan_handoff(self, st: _Request, plan: StepPlan, block_ids: list[int]) -> None:
         """The prompt is computed (in this step): all its full blocks go to the handoff pool,
@@ -268,6 +340,7 @@ class SchedulerSide:
         st = self._requests.get(req_id)
         if st is not None:
             st.recorded = False
+            st.prefill_t0, st.loaded = None, False
 
     def request_finished(self, req_id: str) -> dict | None:
         """Forget the request; a prefill request returns what its decode needs."""
@@ -285,6 +358,19 @@ class SchedulerSide:
 
     def apply_report(self, report: StoreReport) -> None:
         self.leader.apply_report(report)
+        for tier, blocks, seconds in report.loads:
+            if tier in (Tier.HOST, Tier.DISK):
+                self.policy.load_done(tier, blocks, seconds)
+        now = self.clock()
+        for step, busy in report.steps:  # every rank acknowledges: the first one times it
+            samples = self._timed.pop(step, None)
+            if samples:  # prompts batched into one step share its time: one sample of them all
+                # the connector's own saves are not part of recomputing (the blocks are stored)
+                self.policy.prefill_done(
+                    sum(n for n, _ in samples),
+                    now - min(t0 for _, t0 in samples) - busy,
+                    length=max(n for n, _ in samples),
+                )
 
     def close(self) -> None:
         if self.events is not None:

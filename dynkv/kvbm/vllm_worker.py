@@ -10,6 +10,7 @@ when the step's KV is written. A block that fails to load is returned by
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from dynkv.kvbm.config import KvbmSettings
@@ -32,6 +33,8 @@ class WorkerSide:
         self.device = None
         self.store: BlockStore | None = None
         self._load_errors: set[int] = set()
+        self._steps: list[int] = []  # steps the scheduler asked to hear back about
+        self._busy = 0.0  # seconds spent loading and saving since the last report
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         from dynkv.kvbm.device import DeviceKV
@@ -65,15 +68,23 @@ class WorkerSide:
     def start_load(self, ops: StepOps, unloadable: list[int]) -> None:
         self._load_errors.update(unloadable)
         if ops.loads and self.store is not None and self.device is not None:
+            t0 = time.perf_counter()
             self._load_errors.update(self.store.load(ops.loads, self.device))
+            self._busy += time.perf_counter() - t0
 
     def save(self, ops: StepOps) -> None:
         if self.store is None or self.device is None:
             return
+        t0 = time.perf_counter()
         if ops.stores or ops.offloads:
             self.store.store(ops.stores, ops.offloads, self.device)
         if ops.handoffs:
             self.store.write_handoff(ops.handoffs, self.device)
+        self._busy += time.perf_counter() - t0
+
+    def ack(self, step: int) -> None:
+        """The scheduler times a prefill by this step's report: make sure there is one."""
+        self._steps.append(step)
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -85,9 +96,12 @@ class WorkerSide:
         if self.store is None:
             return None
         report = self.store.take_report()
+        report.steps = [(step, self._busy) for step in self._steps]
+        self._steps, self._busy = [], 0.0
         if self.rank != 0:  # counters once per deployment, failures and acks from every rank
             report.counts.clear()
             report.durations.clear()
+            report.loads.clear()
         return report or None
 
     def close(self) -> None:

@@ -11,13 +11,18 @@ the device KV tensors can be read: every scenario reports, for the blocks it onb
 hold exactly the bytes vLLM computed (`*_identical` of `*_loaded`).
 Optional: "sequential_reference": true (consume: the reference is computed one prompt at a time,
 as the handoffs are; batched decoding may round differently on a real model's near-ties).
+Optional: "slow_disk_ms": N (tiers): a last phase on a slowed G3 (docs/onboard-policy.md).
 
 Scenarios
 - tiers: cold run (the digests of every block vLLM computed are kept), a repeat served by vLLM's
   own prefix cache, then the device prefix cache is reset and the device KV zeroed and the same
   prompts are served again — their prefixes now come from KVBM — and once more the same way
   (`kvbm_hit_again`: the same bytes loaded into the same batch, so the same computation). Also:
-  the same prompt under two cache salts. Greedy token ids and logprobs are returned.
+  the same prompt under two cache salts. Greedy token ids and logprobs are returned. With
+  "slow_disk_ms", every G3 read then takes N ms longer per block (`dynkv.bench.slow_disk`, in
+  this process, which holds the disk pool) and the prompts are served from the prefix caches
+  twice more: with the onboard policy `always` (loaded, and the slow disk measured), then `auto`
+  (skipped: recomputed); `slow_disk` holds each phase's outputs and metrics.
 - restart: a single pass (a fresh engine reusing an existing disk pool); its onboarded blocks are
   checked against the first engine's `computed_digests`.
 - produce / consume: the prefill and decode halves of disaggregated serving; the decode engine's
@@ -43,6 +48,10 @@ def _metrics(port: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            if sample.name == "kvbm_onboard_skipped_blocks_total":  # {tier, reason}
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+                key = f"{sample.name}{{{sample.labels['tier']},{sample.labels['reason']}}}"
+                out[key] = sample.value
             if sample.name.endswith("_created") or sample.labels:
                 continue
             out[sample.name] = sample.value
@@ -80,6 +89,44 @@ def _computed_digests(worker) -> list[str]:
     zero = hashlib.sha256(bytes(worker.layout.bytes_per_block)).hexdigest()
     digests = {_digest(worker, b) for b in range(worker.num_blocks)}
     return sorted(digests - {zero})
+
+
+def _scheduler_side(llm):
+    """The scheduler connector's own half (the engine core runs in this process)."""
+    core = llm.llm_engine.engine_core.engine_core  # noqa: SLF001 (test introspection)
+    return core.scheduler.get_kv_connector()._scheduler  # noqa: SLF001
+
+
+def _slow_disk_phases(llm, worker, greedy, prompts, port: int, delay_ms: float) -> dict:
+    from vllm import SamplingParams
+
+    from dynkv.bench import slow_disk
+    from dynkv.kvbm.onboard_policy import Policy
+
+    policy = _scheduler_side(llm).policy
+    slow_disk.install(delay_ms)
+    phases: dict = {}
+    t0 = time.perf_counter()
+    try:
+        for mode in (Policy.ALWAYS, Policy.AUTO):  # `always` first: its loads time the slow disk
+            policy.policy = mode
+            llm.reset_prefix_cache()
+            _zero_device(worker)
+            before = _metrics(port)
+            outputs = _outputs(llm.generate(prompts, greedy))
+            llm.generate([{"prompt_token_ids": [7, 8, 9]}], SamplingParams(max_tokens=1))
+            est = policy.estimate(len(prompts[0]["prompt_token_ids"]))
+            phases[mode.value] = {
+                "outputs": outputs,
+                "before": before,
+                "after": _metrics(port),
+                # the policy's view after the phase (seconds per block), to read a failure by
+                "estimate": {"recompute": est.recompute, "load": dict(est.load)},
+            }
+    finally:
+        slow_disk.uninstall()
+    phases["seconds"] = time.perf_counter() - t0  # what the phase adds to the e2e suite
+    return phases
 
 
 def _zero_device(worker) -> None:
@@ -183,6 +230,10 @@ def main() -> None:
         llm.generate([{"prompt_token_ids": salted, "cache_salt": "tenant-a"}], greedy)
         settle()
         result["salt"] = {"before": before, "after_b": mid, "after_a_again": _metrics(port)}
+        if cfg.get("slow_disk_ms"):
+            result["slow_disk"] = _slow_disk_phases(
+                llm, worker, greedy, prompts, port, cfg["slow_disk_ms"]
+            )
     elif cfg["scenario"] == "produce":  # the prefill half of disaggregated serving
         produce = SamplingParams(
             temperature=0.0,

@@ -9,7 +9,13 @@ b. greedy token ids are equal across the cold run, vLLM's own prefix cache, G2, 
 c. loading the same bytes into the same batch twice gives the same logprobs, bit for bit;
 d. a corrupted disk or handoff block is recomputed, counted, and the output is unchanged;
 e. the kvbm_* metrics and the hit-rate log line move as expected;
-f. a request under another cache_salt never reuses a salt's blocks.
+f. a request under another cache_salt never reuses a salt's blocks;
+g. on a very slow disk the onboard policy recomputes a G3 hit rather than wait for it
+   (docs/onboard-policy.md), and `always` loads it.
+
+The G2 engine runs the default onboard policy (`auto`: a cold engine loads every hit, G2 always
+beats recomputing); the engines with a G3 run `always`, because what they check is what a load
+brings, and a tiny model may legitimately recompute faster than the disk reads.
 
 Logprobs across runs whose kernel paths differ are compared within LOGPROB_TOLERANCE; why is in
 tests/greedy_support.py.
@@ -53,9 +59,20 @@ def g2(tmp_path_factory):
     return run_engine("tiers", {"DYN_KVBM_CPU_CACHE_GB": "0.05"}, tmp_path_factory.mktemp("g2"))
 
 
+ALWAYS = {"DYN_KVBM_ONBOARD_POLICY": "always"}
+# per block read: a prompt's 9 blocks take 4.5 s (its run of slots is one read), while the tiny
+# model recomputes them in well under a second even on a busy 2-core box; the read deadline is
+# raised so that `always` really waits for them
+SLOW_DISK_MS = 500
+
+
 @pytest.fixture(scope="module")
 def g2_small_g3(tmp_path_factory):
-    env = {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "12", "DYN_KVBM_DISK_CACHE_GB": "0.05"}
+    env = {
+        "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "12",
+        "DYN_KVBM_DISK_CACHE_GB": "0.05",
+        **ALWAYS,
+    }
     return run_engine("tiers", env, tmp_path_factory.mktemp("g2g3"))
 
 
@@ -66,7 +83,8 @@ def g3_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def g3(g3_dir):
-    return run_engine("tiers", {"DYN_KVBM_DISK_CACHE_GB": "0.05"}, g3_dir)
+    env = {"DYN_KVBM_DISK_CACHE_GB": "0.05", "DYN_KVBM_DISK_READ_TIMEOUT_MS": "30000", **ALWAYS}
+    return run_engine("tiers", env, g3_dir, slow_disk_ms=SLOW_DISK_MS)
 
 
 def assert_tiers(result: dict) -> None:
@@ -89,6 +107,9 @@ def test_g2_onboarded_output_equals_device_prefix_cache(g2):
     assert delta(m1, m0, "kvbm_matched_tokens_total") == LOADABLE * 32 * len(PROMPTS)
     assert m1["kvbm_offload_blocks_d2h_total"] >= LOADABLE * len(PROMPTS)
     assert m1["kvbm_host_cache_hit_rate"] > 0 and m1["kvbm_host_blocks_used"] > 0
+    # default policy: nothing skipped, and the prefill time the loads spared is counted
+    assert m1.get("kvbm_onboard_skipped_blocks_total", 0.0) == 0
+    assert delta(m1, m0, "kvbm_prefill_seconds_saved_total") > 0
 
 
 def test_hit_rate_log_line_moves(g2):
@@ -121,6 +142,31 @@ def test_g3_alone(g3):
     m0, m1 = result["metrics_before"], result["metrics_after"]
     assert m0["kvbm_offload_blocks_d2d_total"] >= LOADABLE * len(PROMPTS)
     assert delta(m1, m0, "kvbm_onboard_blocks_d2d_total") == LOADABLE * len(PROMPTS)
+
+
+def test_slow_disk_is_recomputed_not_waited_on(g3):
+    """G3 alone, every disk read slowed to SLOW_DISK_MS per block: with `always` the hits are
+    loaded (and the slow disk measured); with `auto` they are left to vLLM and counted as
+    skipped. The greedy output is the same either way."""
+    result, _ = g3
+    phases = result["slow_disk"]
+    always, auto = phases["always"], phases["auto"]
+    print("onboard policy after `always`:", always["estimate"], "after `auto`:", auto["estimate"])
+    skipped = "kvbm_onboard_skipped_blocks_total"
+    slower = skipped + "{disk,slower_than_recompute}"
+    assert delta(always["after"], always["before"], "kvbm_onboard_blocks_d2d_total") == (
+        LOADABLE * len(PROMPTS)
+    )
+    assert delta(always["after"], always["before"], skipped) == 0
+    assert delta(auto["after"], auto["before"], slower) == LOADABLE * len(PROMPTS)
+    assert delta(auto["after"], auto["before"], "kvbm_onboard_blocks_d2d_total") == 0
+    # the tiers still held the blocks: hits are counted, the policy chose not to load them
+    assert delta(auto["after"], auto["before"], "kvbm_disk_hit_blocks_total") == (
+        LOADABLE * len(PROMPTS)
+    )
+    assert_same_greedy(always["outputs"], result["cold"])
+    assert_same_greedy(auto["outputs"], result["cold"])
+    print(f"slow-disk phases: {phases['seconds']:.1f} s")  # the suite's cost of this test
 
 
 def test_restart_gets_disk_hits_and_recomputes_a_corrupted_block(g3, g3_dir):

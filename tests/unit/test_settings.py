@@ -92,6 +92,9 @@ GOOD = [
     ("DYN_KVBM_HANDOFF_DIR", "/dev/shm/dynkv-x", "handoff_dir", Path("/dev/shm/dynkv-x")),
     ("DYN_KVBM_HANDOFF_GB", "0.5", "handoff_gb", 0.5),
     ("DYN_KVBM_HANDOFF_TTL_SECS", "30", "handoff_ttl_secs", 30.0),
+    ("DYN_KVBM_ONBOARD_POLICY", "always", "onboard_policy", "always"),
+    ("DYN_KVBM_ONBOARD_MARGIN", "0.8", "onboard_margin", 0.8),
+    ("DYN_KVBM_ONBOARD_PROBE_SECS", "10", "onboard_probe_secs", 10.0),
 ]
 
 

@@ -38,18 +38,36 @@ EXPOSED = {
     "kvbm_reuse_after_evict_recomputed_blocks_total",
     "kvbm_disk_filter_starved_blocks_total",
     "kvbm_disk_evicted_blocks_total",
+    # the onboard policy (docs/onboard-policy.md); `dynkv advise` reads them
+    "kvbm_onboard_skipped_blocks_total",
+    "kvbm_prefill_seconds_saved_total",
 }
 
 
 def test_every_counter_is_exposed_under_its_name():
     metrics = KvbmMetrics()
-    for i, counter in enumerate(Count, start=1):
+    plain = [c for c in Count if not c.labels]
+    for i, counter in enumerate(plain, start=1):
         metrics.count(counter, i)
     text = generate_latest(metrics.registry).decode()
     assert {c.sample for c in Count} == EXPOSED
-    for i, counter in enumerate(Count, start=1):
+    for i, counter in enumerate(plain, start=1):
         assert f"\n{counter.sample} {float(i)}\n" in text
         assert metrics.value(counter) == i
+
+
+def test_skipped_blocks_carry_tier_and_reason():
+    metrics = KvbmMetrics()
+    skipped = Count.ONBOARD_SKIPPED
+    assert skipped.labels == ("tier", "reason")
+    metrics.count(skipped, 3, tier="disk", reason="slower_than_recompute")
+    metrics.count(skipped, 2, tier="disk", reason="queue_full")
+    metrics.count(skipped, 1, tier="host", reason="slower_than_recompute")
+    text = generate_latest(metrics.registry).decode()
+    assert 'kvbm_onboard_skipped_blocks_total{reason="queue_full",tier="disk"} 2.0' in text
+    assert metrics.value(skipped, tier="disk") == 5
+    assert metrics.value(skipped, tier="disk", reason="queue_full") == 2
+    assert metrics.value(skipped) == 6
 
 
 def test_a_misspelt_counter_fails_where_it_is_written():
