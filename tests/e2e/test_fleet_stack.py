@@ -122,6 +122,15 @@ def test_round_robin_serves_from_both(fleet):
         assert f'worker="{worker}"' in front
 
 
+def test_logs_of_the_fleet(fleet):
+    env, _ = fleet
+    logs = dynkv("logs", "worker", "--tail", "400", env=env)  # `worker`: every worker-<i>
+    assert logs.returncode == 0, logs.stderr
+    assert f"registered /dynkv/{NAME}/workers/agg-0" in logs.stdout
+    assert f"registered /dynkv/{NAME}/workers/agg-1" in logs.stdout
+    assert "worker-0 | " in logs.stdout and "worker-1 | " in logs.stdout
+
+
 def _restarted(ddir: Path, name: str, restarts: int, timeout: float = 400) -> float:
     """Seconds until `name`'s record shows `restarts` and it is healthy again."""
     began = time.monotonic()
@@ -207,15 +216,6 @@ def test_a_worker_killed_under_load_is_restarted_and_only_its_requests_fail(flee
     assert seen == {"agg-0", "agg-1"}
     bad = dynkv("restart", "nosuch", env=env)
     assert bad.returncode == 2 and "worker-1" in bad.stderr, bad.stderr
-
-
-def test_logs_of_the_fleet(fleet):
-    env, _ = fleet
-    logs = dynkv("logs", "worker", "--tail", "400", env=env)  # `worker`: every worker-<i>
-    assert logs.returncode == 0, logs.stderr
-    assert f"registered /dynkv/{NAME}/workers/agg-0" in logs.stdout
-    assert f"registered /dynkv/{NAME}/workers/agg-1" in logs.stdout
-    assert "worker-0 | " in logs.stdout and "worker-1 | " in logs.stdout
 
 
 def test_zz_down_leaves_nothing_of_any_worker(fleet):
