@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 from infra_helpers import FAKES, wait_for
+from tls_support import self_signed
 
 from dynkv.infra.etcd_client import EtcdClient
 from dynkv.ports import free_port
@@ -297,46 +298,8 @@ def test_a_hung_worker_is_a_fast_503_not_a_600s_wait(signed_stack):
     print(f"hung worker: 503 after {took:.1f} s")
 
 
-def _self_signed(tmp_path) -> tuple[str, str]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(cert_path), str(key_path)
-
-
 def test_the_frontend_serves_tls_and_refuses_a_keyless_network_bind(stack, tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     base = [
         sys.executable, "-m", "dynkv.frontend", "--port", str(stack.port),
         "--deployment", stack.deployment, "--etcd-endpoints", stack.etcd_url,
