@@ -115,20 +115,22 @@ class Restarter:
             rec.last_exit = exit_
             rec.restart_phase = "given_up" if isinstance(decision, GiveUp) else "backoff"
 
-        self._update(name, update)
         what = why or exit_.describe()
+        # the log line first: whoever sees the new phase in the state finds its reason logged
         if isinstance(decision, GiveUp):
             self.away.pop(name, None)
             self.log(
                 f"{name} {what}; it stays down: {decision.reason}. The rest keeps serving; "
                 f"bring it back with `dynkv restart {name} --name {self.sup.plan.name}`"
             )
+            self._update(name, update)
             return
         self.away[name] = _Away(since=since, due=self.clock() + decision.delay)
         self.log(
             f"{name} {what}; restarting it in {decision.delay:g} s "
             f"(restart {decision.nth} of {self.policy.limit} within {self.policy.window:g} s)"
         )
+        self._update(name, update)
 
     def _start_again(self, item: _Handle, away: _Away) -> None:
         """Stop what is left of the old one, start it from the plan, record the new process."""
