@@ -104,6 +104,9 @@ def stack(tmp_path_factory):
             "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "2000",
             "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true",
             "DYN_KVBM_DISK_CACHE_DIR": str(tmp / "g3"),
+            # every hit is loaded: the damage tests are about what a load brings, and the tiny
+            # model may recompute faster than this disk reads (docs/onboard-policy.md)
+            "DYN_KVBM_ONBOARD_POLICY": "always",
             # G1 of ~73 blocks: each long prompt pushes most of the previous one out of vLLM's cache
             "DYNKV_DEVICE_KV_GB": "0.0048",
         },
