@@ -131,12 +131,14 @@ def test_up_detached_status_logs_down(deployment):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     follow = subprocess.Popen(
         [sys.executable, "-m", "dynkv.cli.main", "logs", "-f", "--tail", "0", "worker"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     # each refresh is one line, flushed; the watch's probes make the fake vLLM log requests
     docs = [json.loads(watch.stdout.readline()) for _ in range(2)]
@@ -198,6 +200,13 @@ FOREGROUND = (
 )
 
 
+def _default_sigint() -> None:
+    """A job started in the background by a non-interactive shell (`.ci/run &`) ignores SIGINT,
+    and so would every process pytest starts: these tests send SIGINT, so their children get
+    the default disposition back (Python then raises KeyboardInterrupt, as in a terminal)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_foreground_up_streams_logs_and_stops_everything_on_a_signal(deployment, sig):
     env, model = deployment
@@ -206,6 +215,7 @@ def test_foreground_up_streams_logs_and_stops_everything_on_a_signal(deployment,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     ddir = os.path.join(env["DYNKV_STATE_DIR"], "cli")
     try:
@@ -240,6 +250,7 @@ def test_down_stops_a_foreground_up_from_another_terminal(deployment):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     ddir = os.path.join(env["DYNKV_STATE_DIR"], "cli")
     try:
