@@ -18,6 +18,7 @@ from dynkv.doctor import builds, model, probe_cache, vllm_probe
 from dynkv.doctor.nvml import Nvml, NvmlSnapshot, NvmlUnavailable, PynvmlNvml
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.paths import holder_problem
+from dynkv.plan.dtype import argv_dtype
 from dynkv.settings import Resolved
 from dynkv.settings.deployment import DeploymentSettings, Device, Topology
 
@@ -156,12 +157,9 @@ class DoctorContext:
         if self.plan is None:
             return None
         for worker in self.plan.workers:
-            argv = list(worker.argv)
-            for i, word in enumerate(argv):
-                if word == "--dtype" and i + 1 < len(argv):
-                    return argv[i + 1]
-                if word.startswith("--dtype="):
-                    return word.partition("=")[2]
+            dtype = argv_dtype(worker.argv)
+            if dtype is not None:
+                return dtype
         return None
 
     @property

@@ -30,8 +30,18 @@ def cpu_bf16_native(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(flag in flags for flag in _BF16_NATIVE_FLAGS)
 
 
+def argv_dtype(argv: tuple[str, ...] | list[str]) -> str | None:
+    """The value of `--dtype` in a vLLM command line (`--dtype X` or `--dtype=X`), else None."""
+    for i, word in enumerate(argv):
+        if word == "--dtype" and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith("--dtype="):
+            return word.partition("=")[2]
+    return None
+
+
 def user_chose_dtype(engine: tuple[str, ...]) -> bool:
-    return any(word == "--dtype" or word.startswith("--dtype=") for word in engine)
+    return argv_dtype(engine) is not None
 
 
 def default_dtype_argv(device: str, bf16_native: bool, engine: tuple[str, ...]) -> tuple[str, ...]:
