@@ -74,6 +74,7 @@ def run(
     profile: str = "gpu-cpu-disk",
     import_vllm: bool = False,
     deployment: dict[str, Any] | None = None,
+    cpu_bf16_native: bool = True,  # KV sized in the model's dtype on any CI CPU
     **kwargs: Any,
 ) -> dict[str, CheckResult]:
     resolved = resolve(
@@ -85,6 +86,7 @@ def run(
         nvml=nvml or no_gpu(),
         build=build,
         import_vllm=import_vllm,
+        cpu_bf16_native=cpu_bf16_native,
         **kwargs,
     )
     ids = [r.id for r in results]

@@ -98,7 +98,48 @@ def order(ctx: DoctorContext) -> Outcome | None:
     return ok(detail)
 
 
+def _max_model_len(ctx: DoctorContext) -> tuple[int | None, str]:
+    """The longest sequence a worker must hold, and where that number comes from: the workers'
+    `--max-model-len` (DYNKV_MAX_MODEL_LEN or an engine argument), else the model's own."""
+    argv = ctx.worker_argv
+    for i, word in enumerate(argv):
+        value = argv[i + 1] if word == "--max-model-len" and i + 1 < len(argv) else None
+        if word.startswith("--max-model-len="):
+            value = word.partition("=")[2]
+        if value is not None and value.isdigit():
+            return int(value), "--max-model-len"
+    if ctx.deployment.max_model_len:
+        return ctx.deployment.max_model_len, "DYNKV_MAX_MODEL_LEN"
+    length = (ctx.model.config or {}).get("max_position_embeddings")
+    return (length, "the model's context") if isinstance(length, int) else (None, "")
+
+
+def one_sequence(ctx: DoctorContext) -> Outcome | None:
+    """vLLM refuses to start when G1 cannot hold one sequence of the model length (after loading
+    the weights, a minute in): say it before anything starts, with both ways out."""
+    g1, g1_text = _device_kv(ctx)
+    bpb = ctx.bytes_per_block
+    length, source = _max_model_len(ctx)
+    if not (g1 and bpb and length):
+        return None
+    block = ctx.deployment.block_size
+    tokens = g1 // bpb * block
+    dtype = f", {ctx.serving_dtype}" if ctx.serving_dtype else ""
+    if tokens >= length:
+        return ok(
+            f"G1 {g1_text} holds {tokens:,} tokens{dtype}: one {length:,}-token sequence fits"
+        )
+    need = -(-length // block) * bpb * 1.05  # vLLM keeps a little of G1 for itself
+    return fail(
+        f"G1 {g1_text} holds {tokens:,} tokens{dtype}, fewer than one sequence of {length:,} "
+        f"({source}): vLLM would refuse to start",
+        f"export DYNKV_DEVICE_KV_GB={need / 1e9:.3g}   # or lower the model length: "
+        f"export DYNKV_MAX_MODEL_LEN={max(block, tokens - 2 * block)}",
+    )
+
+
 CHECKS = [
     Check("tiers.blocks", "tier sizes in blocks", blocks),
     Check("tiers.order", "tier order (write-through)", order),
+    Check("tiers.one_sequence", "G1 holds one sequence of the model length", one_sequence),
 ]

@@ -45,6 +45,7 @@ class DoctorContext:
     import_vllm: bool = True
     plan: Plan | None = None  # `up`'s preflight: the plan it is about to start
     cpu_ids: Collection[int] | None = None  # None: this process's affinity mask
+    cpu_bf16_native: bool | None = None  # None: read /proc/cpuinfo (dynkv.plan.dtype)
 
     @cached_property
     def ports(self) -> list[PortUse]:
@@ -152,15 +153,25 @@ class DoctorContext:
 
     @property
     def serving_dtype(self) -> str | None:
-        """The dtype the plan's workers were given (`--dtype`, e.g. the float32 fallback of CPUs
-        without AMX: dynkv.plan.dtype); None: the model's own."""
-        if self.plan is None:
-            return None
-        for worker in self.plan.workers:
-            dtype = argv_dtype(worker.argv)
-            if dtype is not None:
-                return dtype
-        return None
+        """The dtype the workers compute in (`--dtype`, e.g. the float32 fallback of CPUs without
+        AMX: dynkv.plan.dtype); None: the model's own. Read from the plan's command lines when
+        there is a plan, else worked out as `up` would: a standalone `doctor` sizes KV in the
+        same dtype as the deployment it precedes."""
+        return argv_dtype(self.worker_argv)
+
+    @property
+    def worker_argv(self) -> tuple[str, ...]:
+        """The vLLM words dynkv appends for a worker: the plan's first worker, else the engine
+        arguments of the settings (first role) plus the dtype default `up` would add."""
+        if self.plan is not None:
+            return tuple(self.plan.workers[0].argv) if self.plan.workers else ()
+        from dynkv.plan.dtype import cpu_bf16_native, default_dtype_argv
+        from dynkv.plan.engine_args import role_argv
+
+        role = "agg" if self.deployment.topology == "agg" else "prefill"
+        engine = role_argv(self.resolved, role, None)
+        native = self.cpu_bf16_native if self.cpu_bf16_native is not None else cpu_bf16_native()
+        return default_dtype_argv(self.device, native, engine) + engine
 
     @property
     def bytes_per_block(self) -> int | None:

@@ -80,6 +80,7 @@ def run_checks(
     import_vllm: bool = True,
     skip: Collection[str] = (),
     plan: Plan | None = None,
+    cpu_bf16_native: bool | None = None,
 ) -> list[CheckResult]:
     """Every applicable check, in report order.
 
@@ -91,6 +92,8 @@ def run_checks(
     skip: check ids not to run.
     plan: the plan `up` is about to start (its preflight): ports are read from it, and the
       checks that need a plan (binaries, Prometheus) run.
+    cpu_bf16_native: whether the CPU computes bfloat16 natively (default: read /proc/cpuinfo);
+      without a plan it decides the dtype KV is sized in (dynkv.plan.dtype).
     """
     ctx = DoctorContext(
         resolved=resolved,
@@ -100,6 +103,7 @@ def run_checks(
         build_info=build,
         import_vllm=import_vllm,
         plan=plan,
+        cpu_bf16_native=cpu_bf16_native,
     )
     return run_in(ctx, skip=skip)
 

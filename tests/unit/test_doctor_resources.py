@@ -65,6 +65,29 @@ def test_tier_blocks_are_computed_from_the_model(tmp_path):
     assert f"= {int(0.5e9 // bpb):,} blocks" in detail  # G1 from DYNKV_DEVICE_KV_GB
 
 
+def test_g1_must_hold_one_sequence_of_the_model_length(tmp_path):
+    model = write_model(tmp_path / "m", config={**BENCH, "max_position_embeddings": 8192})
+    env = base_env(tmp_path, DYNKV_MODEL=str(model), DYNKV_DEVICE_KV_GB="0.01")
+    small = run({**env, "DYNKV_MAX_MODEL_LEN": "2048"})["tiers.one_sequence"]
+    tokens = int(0.01e9 // (32 * 9_216)) * 32  # 33 blocks of the bench model in bfloat16
+    assert small.status is Status.FAIL
+    assert f"holds {tokens:,} tokens, fewer than one sequence of 2,048" in small.detail
+    assert "DYNKV_MAX_MODEL_LEN" in small.detail
+    assert "DYNKV_DEVICE_KV_GB=" in small.fix and f"DYNKV_MAX_MODEL_LEN={tokens - 64}" in small.fix
+    fits = run({**env, "DYNKV_MAX_MODEL_LEN": "1024"})["tiers.one_sequence"]
+    assert fits.status is Status.OK and "one 1,024-token sequence fits" in fits.detail
+    # without a length the model's own context counts; in float32 (a CPU without AMX) half fits
+    model_len = run(env)["tiers.one_sequence"]
+    assert model_len.status is Status.FAIL and "8,192 (the model's context)" in model_len.detail
+    f32 = run({**env, "DYNKV_MAX_MODEL_LEN": "1024"}, cpu_bf16_native=False)["tiers.one_sequence"]
+    assert f32.status is Status.FAIL and "float32" in f32.detail
+
+
+def test_g1_check_says_nothing_when_the_shape_is_unknown(tmp_path):
+    res = run(base_env(tmp_path, DYNKV_MODEL="org/not-cached"))
+    assert "tiers.one_sequence" not in res
+
+
 def test_block_override_wins(tmp_path):
     model = write_model(tmp_path / "m")
     env = base_env(tmp_path, DYNKV_MODEL=str(model), DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS="1000")

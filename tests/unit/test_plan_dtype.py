@@ -90,4 +90,11 @@ def test_doctor_sizes_kv_in_the_dtype_the_workers_serve() -> None:
     plan = plan_for(cpu_bf16_native=False)
     ctx = DoctorContext(resolved=resolve(env={}), import_vllm=False, plan=plan)
     assert ctx.serving_dtype == "float32"
-    assert DoctorContext(resolved=resolve(env={}), import_vllm=False).serving_dtype is None
+    # a standalone doctor (no plan) sizes KV in the dtype `up` would give the workers
+    resolved = resolve(env={"DYNKV_DEVICE": "cpu"})
+    for native, dtype in ((True, None), (False, "float32")):
+        ctx = DoctorContext(resolved=resolved, import_vllm=False, cpu_bf16_native=native)
+        assert ctx.serving_dtype == dtype
+    chosen = resolve(env={"DYNKV_DEVICE": "cpu"}, engine_args=("--dtype", "bfloat16"))
+    ctx = DoctorContext(resolved=chosen, import_vllm=False, cpu_bf16_native=False)
+    assert ctx.serving_dtype == "bfloat16"
