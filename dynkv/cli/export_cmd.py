@@ -61,6 +61,7 @@ from dynkv.plan.engine_args import detect_spec
 from dynkv.plan.fleet import per_worker_gpus, worker_total
 from dynkv.plan.frontend import API_KEY_ENV
 from dynkv.settings.resolve import Resolved
+from dynkv.vllm_args import VllmArgSpec
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV
 
 DEFAULT_IMAGE = f"dynkv:{__version__}"  # what deploy/docker/Dockerfile builds (docs/export.md)
@@ -181,7 +182,7 @@ def export(
     _write(output, target, plan, main_file, text, needed)
 
 
-def _plan(resolved: Resolved, served_name: str | None) -> tuple[Plan, object]:
+def _plan(resolved: Resolved, served_name: str | None) -> tuple[Plan, VllmArgSpec | None]:
     """The plan `up` would build, for the target's host rather than this one."""
     dep = resolved.deployment
     dev = resolve_device(str(dep.device))
