@@ -158,7 +158,6 @@ def export(
         gpus_per_role={str(r): n for r, n in per_worker_gpus(resolved, spec).items()}
         if plan.device == "cuda"
         else {},
-        profile_name=resolved.profile.name,
         profile_text=_read(resolved.profile.path),
     )
     source = f"profile {resolved.profile.name}, {plan.topology}, deployment {plan.name}"

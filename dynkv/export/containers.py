@@ -86,14 +86,13 @@ def parse_g3_volume(text: str) -> G3Volume:
 class ExportOptions:
     """What the target needs beyond the plan: images, the G3 volume, GPUs per worker of each
     role (tensor × pipeline parallel size: the plan names GPU ids only when it shares several
-    out), the profile to show in the settings ConfigMap."""
+    out), the profile file to show in a ConfigMap."""
 
     image: str
     etcd_image: str = ETCD_IMAGE
     nats_image: str = NATS_IMAGE
     g3_volume: G3Volume = field(default_factory=G3Volume)
     gpus_per_role: Mapping[str, int] = field(default_factory=dict)
-    profile_name: str | None = None
     profile_text: str | None = None
 
 
@@ -305,5 +304,6 @@ def _split_env(env: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, ...]]
 
 
 def _with_deployment_secret(names: tuple[str, ...]) -> tuple[str, ...]:
-    """Every dynkv container signs or verifies registrations with the deployment secret."""
-    return names if DEPLOYMENT_SECRET_ENV in names else (DEPLOYMENT_SECRET_ENV, *names)
+    """Every dynkv container signs or verifies registrations with the deployment secret (listed
+    first, whatever order the plan's environment had)."""
+    return (DEPLOYMENT_SECRET_ENV, *(n for n in names if n != DEPLOYMENT_SECRET_ENV))
