@@ -25,11 +25,21 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from dynkv.infra.images import ETCD_IMAGE, NATS_IMAGE
 from dynkv.plan.frontend import API_KEY_ENV
 from dynkv.plan.frontend import ETCD_ENDPOINTS_ENV as FRONTEND_ETCD_ENV
-from dynkv.plan.model import EtcdKeyProbe, HttpProbe, Plan, Probe, Service, TcpProbe, is_secret_name
+from dynkv.plan.model import (
+    EtcdKeyProbe,
+    HttpProbe,
+    Plan,
+    Probe,
+    Service,
+    TcpProbe,
+    is_secret_name,
+    redact_urls,
+)
 from dynkv.plan.worker import ETCD_ENDPOINTS_ENV as WORKER_ETCD_ENV
 from dynkv.plan.worker import PASSTHROUGH_ENV
 from dynkv.settings.errors import SettingsError
@@ -141,9 +151,23 @@ def translate(
     plan: Plan, options: ExportOptions, naming: Naming
 ) -> tuple[tuple[ContainerWorker, ...], ContainerFrontend]:
     """The plan's workers and frontend as containers (refusing what cannot be exported)."""
+    _check_endpoints(naming)
     workers = tuple(_worker(svc, plan, options, naming) for svc in plan.workers)
     frontend = _frontend(plan.service("frontend"), naming)
     return workers, frontend
+
+
+def _check_endpoints(naming: Naming) -> None:
+    """External etcd/NATS URLs travel as plain environment: one carrying credentials would put
+    a secret into the export, so it is refused."""
+    for url in (*naming.etcd, naming.nats):
+        if "@" in urlsplit(url).netloc:
+            raise ExportError(
+                f"the external endpoint {redact_urls(url)} carries credentials, and an export "
+                "writes endpoints in plain text",
+                "export with endpoints without user:password@ (put the credentials in your "
+                "cluster's own secret mechanism), or with DYNKV_INFRA=embedded",
+            )
 
 
 def infra_in_containers(plan: Plan) -> bool:

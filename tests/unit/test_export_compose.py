@@ -178,3 +178,33 @@ def test_a_model_directory_is_bind_mounted_read_only():
 
     svc = services(plan_for(model=ModelChoice("/models/tiny", "dynkv-tiny")))
     assert "/models/tiny:/models/tiny:ro" in svc["worker"]["volumes"]
+
+
+def test_external_infra_is_used_as_given_and_not_run():
+    env = {
+        "DYNKV_INFRA": "external",
+        "DYNKV_ETCD_ENDPOINTS": "http://etcd.example:2379",
+        "DYNKV_NATS_URL": "nats://nats.example:4222",
+    }
+    doc = compose_file(plan_for(env), options())
+    assert_compose_valid(doc)
+    svc = doc["services"]
+    assert "etcd" not in svc and "nats" not in svc
+    assert "depends_on" not in svc["worker"]
+    assert svc["worker"]["environment"]["DYNKV_WORKER_ETCD_ENDPOINTS"] == "http://etcd.example:2379"
+    assert svc["worker"]["environment"]["DYNKV_KV_EVENTS_NATS_URL"] == "nats://nats.example:4222"
+
+
+def test_external_endpoints_with_credentials_are_refused():
+    import pytest
+
+    from dynkv.export import ExportError
+
+    env = {
+        "DYNKV_INFRA": "external",
+        "DYNKV_ETCD_ENDPOINTS": "http://root:hunter2@etcd.example:2379",
+        "DYNKV_NATS_URL": "nats://nats.example:4222",
+    }
+    with pytest.raises(ExportError) as info:
+        compose_file(plan_for(env), options())
+    assert "hunter2" not in info.value.cause and "credentials" in info.value.cause
