@@ -14,6 +14,7 @@ from dynkv.cli import (
     config_cmd,
     deploy_cmds,
     doctor_cmd,
+    export_cmd,
     restart_cmd,
     up_cmd,
 )
@@ -57,6 +58,7 @@ app.command("status")(deploy_cmds.status)
 app.command("logs")(deploy_cmds.logs)
 app.command("restart")(restart_cmd.restart)
 app.command("advise")(advise_cmd.advise)
+app.command("export")(export_cmd.export)
 app.add_typer(model_app, name="model")
 app.command("doctor")(doctor_cmd.doctor)
 bench_kvbm_cmd.register(bench_app)

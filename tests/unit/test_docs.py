@@ -31,6 +31,8 @@ OTHER_VARIABLES = {
     "DYNKV_LOG_LEVEL": "dynkv/kvbm/logs.py",
     "DYNKV_INSTANCE": "dynkv/supervisor/state.py",
     "DYNKV_DEPLOYMENT_SECRET": "dynkv/worker/record.py",
+    "DYNKV_ROLE": "dynkv/export/entrypoint.py",
+    "DYNKV_VLLM_ARGS": "dynkv/export/entrypoint.py",
     "DYNKV_VENV": "scripts/up",
     "DYNKV_EXTRA": "scripts/setup-env",
     "DYNKV_LOCK": "scripts/setup-env",

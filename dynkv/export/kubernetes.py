@@ -1,0 +1,311 @@
+"""plan → Kubernetes manifests (apps/v1 and v1 objects), as a list of dicts.
+
+- etcd and NATS: one-replica StatefulSets behind headless Services `<base>-etcd`, `<base>-nats`
+  (their data on an emptyDir: registrations and KV events are rebuilt by the workers);
+- workers: one Deployment per role (`<base>-worker`, or `<base>-prefill` and `<base>-decode`),
+  `replicas` = the plan's count, each pod requesting `nvidia.com/gpu` = the worker's tensor ×
+  pipeline parallel size. A pod registers `http://<pod IP>:<port>` under its pod name, so replicas
+  need no per-pod configuration. A disagg plan on the shared-memory handoff (one host, no NIXL)
+  becomes ONE pod instead (`<base>-disagg`): its prefill and decode containers share an emptyDir
+  of medium Memory mounted at /dev/shm, where the handoff pool lives (docs/export.md);
+- the frontend: a Deployment and a ClusterIP Service `<base>-frontend`;
+- a ConfigMap `<base>-settings` with the environment the workers share (envFrom), and one with
+  the profile file; the Secret `<base>-keys` (deployment secret, API key) is referenced by key and
+  built separately (`secret_manifest`), only with values the CLI generates, never the plan's.
+
+Readiness probes are the plan's: kubelet's httpGet where one HTTP probe says it all (etcd, NATS,
+the frontend), else the plan's probes run in the container (a worker: vLLM's /health and its
+registration in etcd). Every pod runs the same dynkv image; `args` are the plan's commands
+(`python3 -m dynkv.worker …`, `python3 -m dynkv.frontend …`) after the image's entrypoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from dynkv.export import k8s_objects as k8s
+from dynkv.export.compose import probe_command
+from dynkv.export.containers import (
+    ETCD_CLIENT_PORT,
+    G3_MOUNT,
+    HF_CACHE,
+    NATS_PORT,
+    OPTIONAL_SECRETS,
+    ContainerFrontend,
+    ContainerWorker,
+    ExportOptions,
+    Naming,
+    infra_in_containers,
+    translate,
+)
+from dynkv.plan.model import HttpProbe, Plan, Probe
+
+POD_NAME, POD_IP = "$(POD_NAME)", "$(POD_IP)"
+SHM = "/dev/shm"
+_FIELD_ENV = [
+    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+]
+
+
+base_name = k8s.base_name
+
+
+def uses_handoff(plan: Plan) -> bool:
+    return any("DYN_KVBM_HANDOFF_DIR" in w.env for w in plan.workers)
+
+
+def naming(plan: Plan) -> Naming:
+    base = k8s.base_name(plan)
+    if infra_in_containers(plan):
+        etcd: tuple[str, ...] = (f"http://{base}-etcd:{ETCD_CLIENT_PORT}",)
+        nats = f"nats://{base}-nats:{NATS_PORT}"
+    else:
+        etcd, nats = plan.etcd_endpoints, plan.nats_url
+    one_pod = uses_handoff(plan)  # fixed containers: they keep the plan's ids
+    return Naming(
+        etcd=etcd,
+        nats=nats,
+        url=lambda svc, port: f"http://{POD_IP}:{port}",
+        worker_id=lambda svc: (svc.info.worker_id or svc.name) if one_pod else POD_NAME,
+        side_channel_host=lambda svc: POD_IP,
+    )
+
+
+def manifests(plan: Plan, options: ExportOptions) -> list[dict[str, Any]]:
+    """Every object of the deployment except the Secret (see `secret_manifest`)."""
+    base = k8s.base_name(plan)
+    workers, frontend = translate(plan, options, naming(plan))
+    shared = _shared_env(workers)
+    docs: list[dict[str, Any]] = [
+        k8s.resource("v1", "ConfigMap", f"{base}-settings", plan, "settings", data=shared)
+    ]
+    if options.profile_text is not None:
+        docs.append(
+            k8s.resource(
+                "v1",
+                "ConfigMap",
+                f"{base}-profile",
+                plan,
+                "settings",
+                data={"profile.toml": options.profile_text},
+            )
+        )
+    if infra_in_containers(plan):
+        docs += k8s.etcd(plan, options) + k8s.nats(plan, options)
+    groups: dict[str, list[ContainerWorker]] = {}
+    if uses_handoff(plan):
+        groups["disagg"] = list(workers)
+    else:
+        for worker in workers:
+            groups.setdefault("worker" if worker.role == "agg" else worker.role, []).append(worker)
+    for group, members in groups.items():
+        one_pod = group == "disagg"
+        containers = members if one_pod else members[:1]
+        replicas = 1 if one_pod else len(members)
+        docs.append(_workers(plan, options, group, containers, replicas, shared))
+    docs += _frontend(plan, options, frontend)
+    return docs
+
+
+def secret_names(plan: Plan, options: ExportOptions) -> tuple[str, ...]:
+    workers, frontend = translate(plan, options, naming(plan))
+    names: list[str] = []
+    for item in (*workers, frontend):
+        names += [n for n in item.secrets if n not in names]
+    return tuple(names)
+
+
+def secret_manifest(plan: Plan, values: Mapping[str, str]) -> dict[str, Any]:
+    """The Secret the containers read their keys from, with `values` (generated by the CLI)."""
+    doc = k8s.resource("v1", "Secret", f"{k8s.base_name(plan)}-keys", plan, "keys")
+    doc["type"] = "Opaque"
+    doc["stringData"] = dict(values)
+    return doc
+
+
+# ---- objects --------------------------------------------------------------------------------
+
+
+def _workers(
+    plan: Plan,
+    options: ExportOptions,
+    group: str,
+    members: list[ContainerWorker],
+    replicas: int,
+    shared: Mapping[str, str],
+) -> dict[str, Any]:
+    base = k8s.base_name(plan)
+    volumes: list[dict[str, Any]] = [{"name": "hf-cache", "emptyDir": {}}]
+    containers = []
+    for worker in members:
+        mounts = [{"name": "hf-cache", "mountPath": HF_CACHE}]
+        if worker.g3_dir:
+            volume = f"g3-{worker.name}"
+            volumes.append({"name": volume, **_g3_source(options, worker)})
+            mount = {"name": volume, "mountPath": G3_MOUNT}
+            if options.g3_volume.kind != "emptyDir" and replicas == 1:
+                mount["subPath"] = worker.name  # the same pool after the pod is replaced
+            elif options.g3_volume.kind != "emptyDir":
+                # one pool per pod (a pool is locked to one engine): replicas have no stable
+                # identity in a Deployment, so a replaced pod starts a new pool (docs/export.md)
+                mount["subPathExpr"] = f"$(POD_NAME)/{worker.name}"
+            mounts.append(mount)
+        if worker.model_dir:
+            if not any(v["name"] == "model" for v in volumes):
+                volumes.append(
+                    {"name": "model", "hostPath": {"path": worker.model_dir, "type": "Directory"}}
+                )
+            mounts.append({"name": "model", "mountPath": worker.model_dir, "readOnly": True})
+        if worker.handoff_dir:
+            mounts.append({"name": "shm", "mountPath": SHM})
+        containers.append(
+            _worker_container(plan, options.image, worker, mounts, shared, len(members) == 1)
+        )
+    if any(w.handoff_dir for w in members):
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+    labels = k8s.labels(plan, group)
+    return k8s.resource(
+        "apps/v1",
+        "Deployment",
+        f"{base}-{group}",
+        plan,
+        group,
+        spec={
+            "replicas": replicas,
+            # the old pod leaves before the new one starts: no surge pod wanting GPUs that are
+            # not free, and no two engines on one G3 pool
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": containers,
+                    "volumes": volumes,
+                    # the wrapper withdraws the registration on SIGTERM, vLLM drains
+                    "terminationGracePeriodSeconds": 60,
+                },
+            },
+        },
+    )
+
+
+def _worker_container(
+    plan: Plan,
+    image: str,
+    worker: ContainerWorker,
+    mounts: list[dict[str, Any]],
+    shared: Mapping[str, str],
+    named_ports: bool,
+) -> dict[str, Any]:
+    env = [*_FIELD_ENV]
+    env += [{"name": k, "value": v} for k, v in worker.env.items() if shared.get(k) != v]
+    env += _secret_env(plan, worker.secrets)
+    container: dict[str, Any] = {
+        "name": worker.name,
+        "image": image,  # one image for every dynkv container
+        "args": list(worker.argv),
+        "envFrom": [{"configMapRef": {"name": f"{k8s.base_name(plan)}-settings"}}],
+        "env": env,
+        "ports": [
+            {**({"name": _port_name(n)} if named_ports else {}), "containerPort": p}
+            for n, p in worker.ports.items()
+        ],
+        "readinessProbe": {"exec": {"command": probe_command(worker.probes)}, **k8s.PROBE_TIMING},
+        "volumeMounts": mounts,
+    }
+    if worker.gpus:
+        gpus = {"nvidia.com/gpu": worker.gpus}
+        container["resources"] = {"requests": dict(gpus), "limits": dict(gpus)}
+    return container
+
+
+def _frontend(
+    plan: Plan, options: ExportOptions, frontend: ContainerFrontend
+) -> list[dict[str, Any]]:
+    name = f"{k8s.base_name(plan)}-frontend"
+    env = [{"name": k, "value": v} for k, v in frontend.env.items()]
+    env += _secret_env(plan, frontend.secrets)
+    container = {
+        "name": "frontend",
+        "image": options.image,
+        "args": list(frontend.argv),
+        "env": env,
+        "ports": [{"name": "http", "containerPort": frontend.port}],
+        "readinessProbe": _readiness(frontend.probe),
+    }
+    labels = k8s.labels(plan, "frontend")
+    deployment = k8s.resource(
+        "apps/v1",
+        "Deployment",
+        name,
+        plan,
+        "frontend",
+        spec={
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+        },
+    )
+    service = k8s.resource(
+        "v1",
+        "Service",
+        name,
+        plan,
+        "frontend",
+        spec={
+            "selector": labels,
+            "ports": [{"name": "http", "port": frontend.port, "targetPort": "http"}],
+        },
+    )
+    return [deployment, service]
+
+
+# ---- pieces ---------------------------------------------------------------------------------
+
+
+def _shared_env(workers: tuple[ContainerWorker, ...]) -> dict[str, str]:
+    """The variables every worker container has with the same value (the settings ConfigMap);
+    a `$(VAR)` reference stays per container, where Kubernetes expands it."""
+    if not workers:
+        return {}
+    first = workers[0].env
+    return {
+        k: v
+        for k, v in first.items()
+        if "$(" not in v and all(w.env.get(k) == v for w in workers[1:])
+    }
+
+
+def _secret_env(plan: Plan, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    secret = f"{k8s.base_name(plan)}-keys"
+    env = [{"name": n, "valueFrom": {"secretKeyRef": {"name": secret, "key": n}}} for n in names]
+    env += [
+        {"name": n, "valueFrom": {"secretKeyRef": {"name": secret, "key": n, "optional": True}}}
+        for n in OPTIONAL_SECRETS
+    ]
+    return env
+
+
+def _g3_source(options: ExportOptions, worker: ContainerWorker) -> dict[str, Any]:
+    volume = options.g3_volume
+    if volume.kind == "pvc":
+        return {"persistentVolumeClaim": {"claimName": volume.ref}}
+    if volume.kind == "hostPath":
+        return {"hostPath": {"path": volume.ref, "type": "DirectoryOrCreate"}}
+    return {"emptyDir": {}}
+
+
+def _readiness(probe: Probe) -> dict[str, Any]:
+    if isinstance(probe, HttpProbe) and not probe.expect_json:
+        url = urlsplit(probe.url)
+        return k8s.http_probe(url.path or "/", url.port or 80)
+    if isinstance(probe, HttpProbe):  # kubelet checks the status only; ours reads the body
+        return {"exec": {"command": probe_command((probe,))}, **k8s.PROBE_TIMING}
+    return {"tcpSocket": {"port": getattr(probe, "port", 0)}, **k8s.PROBE_TIMING}
+
+
+def _port_name(name: str) -> str:
+    return name.replace("_", "-")[:15]
