@@ -243,26 +243,19 @@ def markdown(
     if any(s.router for s in summaries):
         lines += ["", *router_markdown(summaries)]
     rounds = sorted({r.round for s in summaries for r in s.rounds})
-    if rounds and any(s.router for s in summaries):
-        lines += ["", "TTFT p50 / p90 / p99 (ms) per round", ""]
+    if rounds:
+        # a router comparison shows the tail per round too: affinity's cost is in p90/p99
+        quantiles = QUANTILES if any(s.router for s in summaries) else (50,)
+        names = " / ".join(f"p{q}" for q in quantiles)
+        lines += ["", f"TTFT {names} (ms) per round", ""]
         lines.append(_row(["round", *(s.label for s in summaries)]))
         lines.append("|---|" + "---|" * len(summaries))
         for n in rounds:
             row = [str(n)]
             for s in summaries:
                 match = [r.ttft_ms for r in s.rounds if r.round == n]
-                row.append(" / ".join(fmt_number(getattr(match[0], f"p{q}")) for q in QUANTILES)
-                           if match else "–")
-            lines.append(_row(row))
-    elif rounds:
-        lines += ["", "TTFT p50 (ms) per round", ""]
-        lines.append(_row(["round", *(s.label for s in summaries)]))
-        lines.append("|---|" + "---|" * len(summaries))
-        for n in rounds:
-            row = [str(n)]
-            for s in summaries:
-                match = [r for r in s.rounds if r.round == n]
-                row.append(fmt_number(match[0].ttft_ms.p50) if match else "–")
+                cells = (fmt_number(getattr(match[0], f"p{q}")) for q in quantiles)
+                row.append(" / ".join(cells) if match else "–")
             lines.append(_row(row))
     return "\n".join(lines) + "\n"
 

@@ -9,10 +9,9 @@ Three shapes of reuse that KV offloading and KV-aware routing exist for:
   question. The answers are the server's own, so the runner fills them in as they arrive
   (`RequestSpec.messages(answers)`); everything else is fixed here by the seed.
 - **shared-prefix**: many users behind one long common system prompt, each asking R short
-  distinct questions (no history). Every worker can hit the prefix once it holds it, so the
-  question is where the load goes: with `affinity="prefix"` every request carries the prefix's
-  one affinity key (a client pinning its long prompt to a worker, as sticky sessions keyed by
-  application do), and a session router piles every request on one worker.
+  distinct questions (no history). Every worker can hit the prefix once it holds it, so what
+  differs is where the load goes: with `affinity="prefix"` every request carries the prefix's
+  one affinity key (sticky sessions keyed by application), piling a session router's load.
 - **long-doc**: D documents of L tokens, each sent `repeats` times in an order that sets how far
   apart two sends of the same document are (the reuse distance, which decides the tier that can
   still hold it): `tile` (every document, then every document again: the whole set must fit),
@@ -209,15 +208,13 @@ def multi_turn(
         question_tokens=question_tokens,
         answer_tokens=answer_tokens,
     ) | {"seed": seed}
+    def system(purpose: str, u: int = 0) -> str | None:
+        return text(_rng(seed, purpose, u), system_tokens, count) if system_tokens else None
+
     if per_user_system:
         params["per_user_system"] = True
-        systems = [
-            text(_rng(seed, "user-system", u), system_tokens, count) if system_tokens else None
-            for u in range(users)
-        ]
-    else:
-        shared = text(_rng(seed, "system"), system_tokens, count) if system_tokens else None
-        systems = [shared] * users
+    systems = [system("user-system", u) for u in range(users)] if per_user_system else None
+    systems = systems or [system("system")] * users
     questions = [
         [text(_rng(seed, f"question-{u}", r), question_tokens, count) for r in range(rounds)]
         for u in range(users)
@@ -250,14 +247,11 @@ def shared_prefix(
     seed: int = 0,
     count: TokenCounter | None = None,
 ) -> Workload:
-    """`users` × `rounds` independent requests, round-major: one common system prompt of
-    `system_tokens`, then a short question of the user's own (round r is the user's r-th
-    question, asked without the earlier ones). `affinity`: `prefix`, every request's affinity key
-    is the prefix's (`prefix-0`); `user`, each user's own session."""
+    """`users` × `rounds` independent requests, round-major: the common prompt, then the user's
+    r-th short question without the earlier ones. `affinity`: the key is `prefix-0` or the user."""
     if affinity not in AFFINITIES:
-        raise WorkloadError(
-            f"unknown affinity {affinity!r}", f"use --affinity with one of: {', '.join(AFFINITIES)}"
-        )
+        fix = f"use --affinity with one of: {', '.join(AFFINITIES)}"
+        raise WorkloadError(f"unknown affinity {affinity!r}", fix)
     params = _checked(
         users=users,
         rounds=rounds,
