@@ -1,15 +1,17 @@
 """`dynkv bench serve --compare-router kv,round_robin,…`: the same workload against one running
 fleet once per routing policy, and one combined report (`dynkv.bench.router_compare` runs it;
-docs/benchmarks.md#comparing-routers).
+docs/benchmarks.md#comparing-routers). `dynkv bench compare --routers …` does the same on a fleet
+it starts for the purpose (`dynkv up -d`, as for its profiles) and takes down afterwards.
 
-Thin: `bench serve` has found the server, its model and its workers' metrics; this shows the
-progress, renders the combined report (the `bench compare` JSON shape, a markdown table with the
-router columns, the TTFT-per-round plot) and a terminal table.
+Thin: the caller has found the server, its model and its workers' metrics (or `run_on_new_fleet`
+starts them); this shows the progress, renders the combined report (the `bench compare` JSON
+shape, a markdown table with the router columns, the TTFT-per-round plot) and a terminal table.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from dynkv.bench import compare, report, router_compare, runner
+from dynkv.bench import compare, report, router_compare, runner, stacks
 from dynkv.bench.summary import BenchSummary, CompareMeta, RunConfig
 from dynkv.bench.workloads import Workload
 from dynkv.cli.bench_options import progress, usage
@@ -70,7 +72,9 @@ def run(
     markdown: Path | None,
     plot: Path | None,
     json_out: bool,
+    out: Path | None = None,
 ) -> None:
+    """`out`: also write report.json, report.md and ttft.png there (`bench compare`'s files)."""
     started = dt.datetime.now(dt.UTC)
     command = "dynkv " + shlex.join(sys.argv[1:]) if sys.argv else "dynkv bench serve"
     run_id = router_compare.new_run_id()
@@ -129,6 +133,11 @@ def run(
     )
     title = f"dynkv bench serve --compare-router: {work.name}"
     notes = [f"date: {started.strftime('%Y-%m-%d %H:%M UTC')}", f"command: `{command}`"]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        data = combined.model_dump(mode="json")
+        (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        markdown, plot = markdown or out / "report.md", plot or out / "ttft.png"
     if markdown:
         markdown.write_text(report.markdown(summaries, title=title, notes=notes))
     if plot:
@@ -150,3 +159,37 @@ def run(
             "check that the frontend knows the policy (x-dynkv-router) and the server's log",
             EXIT_FAILURE,
         )
+
+
+def run_on_new_fleet(
+    *,
+    policies: list[str],
+    profile: str | None,
+    stack_options: stacks.StackOptions,
+    out: Path,
+    **run_args,
+) -> None:
+    """Start one agg fleet (`dynkv up -d` under a private name, ports and state dir in `out`),
+    compare the policies on it, and take it down whatever happens."""
+    launcher = stacks.UpLauncher(stack_options, out.resolve() / "stacks")
+    config = compare.StackConfig("fleet", profile, topology="agg")
+    try:
+        launcher.check(config)
+    except compare.CompareError as exc:
+        raise usage(exc.cause, exc.fix) from None
+    if not run_args.get("json_out"):
+        err.print(f"[bold]▶ fleet[/bold]: dynkv up -d ({stack_options.workers or 1} workers) …")
+    try:
+        stack = launcher.up(config)
+    except compare.StackFailed as exc:
+        raise UserError(
+            f"the fleet did not come up: {exc.detail}",
+            f"read its logs under {out / 'stacks' / 'state'}",
+            EXIT_FAILURE,
+        ) from None
+    try:
+        run(policies=policies, stack=stack, out=out, **run_args)
+    finally:
+        launcher.down(stack)
+        for message in launcher.warnings:
+            warn(message)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from frontend_mimic import FrontendMimic, Serving
 from typer.testing import CliRunner
 
-from dynkv.bench import compare, report, router_compare, runner, workloads
+from dynkv.bench import compare, report, router_compare, runner, stacks, workloads
 from dynkv.bench.summary import BenchSummary, CompareReport, RunConfig
 from dynkv.cli.main import app
 from dynkv.ports import free_port
@@ -174,3 +175,25 @@ def test_plain_serve_runs_keep_their_report_shape():
     data = summary.model_dump(mode="json")
     assert "router" not in data and "stack" not in data
     assert RunConfig(workload="w").model_dump(mode="json") == {"workload": "w"}
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--routers", "kv", "--profiles", "gpu-cpu"], "--routers compares policies on one fleet"),
+        (["--workers", "2", "--profiles", "gpu-cpu"], "--workers is the fleet of --routers"),
+        (["--routers", "kv,nope"], "unknown routing policy 'nope'"),
+    ],
+)
+def test_bench_compare_routers_usage_errors(args, needle):
+    result = cli.invoke(app, ["bench", "compare", *args])
+    assert result.exit_code == 2, result.stderr
+    assert needle in result.stderr and "fix:" in result.stderr
+
+
+def test_a_started_fleet_gets_its_workers():
+    fleet = stacks.UpLauncher(stacks.StackOptions(workers=3), Path("/nonexistent"), environ={})
+    env = fleet.settings_env(compare.StackConfig("fleet", None, topology="agg"))
+    assert env["DYNKV_WORKERS"] == "3" and env["DYNKV_TOPOLOGY"] == "agg"
+    plain = stacks.UpLauncher(stacks.StackOptions(), Path("/nonexistent"), environ={})
+    assert "DYNKV_WORKERS" not in plain.settings_env(compare.StackConfig("p", "gpu-cpu"))
