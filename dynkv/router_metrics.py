@@ -69,8 +69,9 @@ class RouterReading:
 
     @property
     def exposed(self) -> bool:
-        """The frontend has a router worth a line: it made decisions or keeps an index."""
-        return bool(self.decisions or self.routed) or self.index_blocks is not None
+        """The frontend has a router worth a line: it made decisions or its index holds blocks
+        (a frontend exposes the index gauges at 0 before it has a KV router)."""
+        return bool(self.decisions or self.routed) or bool(self.index_blocks)
 
 
 def _by(text: str, family: str, labels: tuple[str, ...]) -> Counts:
@@ -122,7 +123,9 @@ def difference(before: RouterReading, after: RouterReading) -> RouterReading:
     fallbacks = None
     if after.nats_fallbacks is not None:
         old = before.nats_fallbacks or 0.0
-        fallbacks = after.nats_fallbacks - old if after.nats_fallbacks >= old else after.nats_fallbacks
+        fallbacks = (
+            after.nats_fallbacks - old if after.nats_fallbacks >= old else after.nats_fallbacks
+        )
     return RouterReading(
         decisions=_delta(before.decisions, after.decisions),
         routed=_delta(before.routed, after.routed),

@@ -52,7 +52,9 @@ def parse_policies(values: Sequence[str] | None) -> list[str]:
         )
     repeated = sorted({p for p in chosen if chosen.count(p) > 1})
     if repeated:
-        raise compare.CompareError(f"{', '.join(repeated)} is listed twice", "name each policy once")
+        raise compare.CompareError(
+            f"{', '.join(repeated)} is listed twice", "name each policy once"
+        )
     return chosen
 
 

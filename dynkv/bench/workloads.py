@@ -208,6 +208,7 @@ def multi_turn(
         question_tokens=question_tokens,
         answer_tokens=answer_tokens,
     ) | {"seed": seed}
+
     def system(purpose: str, u: int = 0) -> str | None:
         return text(_rng(seed, purpose, u), system_tokens, count) if system_tokens else None
 

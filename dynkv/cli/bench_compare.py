@@ -24,9 +24,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from dynkv.bench import compare, report, runner, stacks
-from dynkv.cli import bench_router_compare
 from dynkv.bench.summary import BenchSummary, CompareMeta, RunConfig
 from dynkv.bench.workloads import Workload
+from dynkv.cli import bench_router_compare
 from dynkv.cli.bench_options import (
     MarkdownOpt,
     PlotOpt,
@@ -271,7 +271,9 @@ def compare_cmd(
     ] = None,
     workers: Annotated[
         int | None,
-        typer.Option("--workers", min=1, max=64, help="--routers: the fleet's workers (default 2)."),
+        typer.Option(
+            "--workers", min=1, max=64, help="--routers: the fleet's workers (default 2)."
+        ),
     ] = None,
     stack_env: Annotated[
         list[str] | None,

@@ -101,9 +101,9 @@ def run(
     def on_event(kind: str, policy: str, detail: object) -> None:
         if kind == "done" and bars:
             bars.pop().stop()
-        if kind == "done" and not json_out and isinstance(detail, BenchSummary):
-            if detail.router and detail.router.error:
-                warn(f"{policy}: frontend metrics: {detail.router.error}")
+        router = detail.router if isinstance(detail, BenchSummary) else None
+        if kind == "done" and not json_out and router and router.error:
+            warn(f"{policy}: frontend metrics: {router.error}")
 
     try:
         summaries = router_compare.run_policies(

@@ -347,10 +347,12 @@ def router_lines(report: StatusReport) -> list[str]:
     shares = r.get("shares") or {}
     if shares:
         parts.append("routed " + ", ".join(f"{w} {_pct(s)}" for w, s in shares.items()))
-    if r.get("index_blocks") is not None:
+    # the KV router's own parts, once it is in use (a frontend exposes them at 0 without one)
+    kv = r.get("policy") == "kv" or "kv" in decisions or bool(r.get("index_blocks"))
+    if r.get("index_blocks") is not None and kv:
         size = "" if r.get("index_bytes") is None else f", {_bytes(r['index_bytes'])}"
         parts.append(f"index {r['index_blocks']:,.0f} blocks{size}")
-    if r.get("nats_fallbacks") is not None:
+    if r.get("nats_fallbacks") is not None and (kv or r["nats_fallbacks"]):
         parts.append(f"NATS fallbacks {r['nats_fallbacks']:,.0f}")
     return ["router: " + "; ".join(parts)]
 

@@ -59,7 +59,7 @@ def test_every_panel_queries_known_metrics(dashboard):
 
 
 def test_dashboard_covers_the_issue_panels(dashboard):
-    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     for name in (
         "kvbm_matched_tokens_total",
         "kvbm_offload_blocks_d2h_total",
@@ -119,7 +119,7 @@ def test_the_router_names_read_here_are_the_frontends():
     assert "dynkv_router_decisions_total" in exposed
     if "dynkv_router_decision_seconds" not in {n.removesuffix("_bucket") for n in exposed}:
         pytest.skip("this frontend has no kv router metrics yet")
-    assert ROUTER <= exposed, ROUTER - exposed
+    assert exposed >= ROUTER, ROUTER - exposed
 
 
 def test_prometheus_config_targets_and_labels():

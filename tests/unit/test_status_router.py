@@ -49,6 +49,15 @@ dynkv_router_decisions_total{policy="round_robin",reason="turn"} 10
 dynkv_frontend_requests_total{endpoint="chat",model="m",status="200",worker="agg-0"} 6
 dynkv_frontend_requests_total{endpoint="chat",model="m",status="200",worker="agg-1"} 4
 """
+KV_PARTS_AT_ZERO = """\
+# TYPE dynkv_router_index_blocks gauge
+dynkv_router_index_blocks 0
+# TYPE dynkv_router_index_bytes gauge
+dynkv_router_index_bytes 0
+# TYPE dynkv_router_nats_fallbacks_total counter
+dynkv_router_nats_fallbacks_total 0
+"""
+ROUND_ROBIN_WITH_IDLE_KV_PARTS = TODAY + KV_PARTS_AT_ZERO
 NO_ROUTER = "# TYPE dynkv_frontend_inflight_requests gauge\ndynkv_frontend_inflight_requests 0\n"
 
 
@@ -76,6 +85,16 @@ def test_todays_frontend_shows_policy_decisions_and_share_from_finished_requests
         "router: policy round_robin; decisions round_robin 10; accuracy n/a; "
         "routed agg-0 60.0%, agg-1 40.0%"
     )
+
+
+def test_the_kv_parts_only_once_the_kv_router_is_in_use():
+    reading = router_metrics.parse(ROUND_ROBIN_WITH_IDLE_KV_PARTS)
+    (line,) = router_lines(report_with(summarize(reading, "round_robin")))
+    assert "index" not in line and "NATS" not in line
+    (line,) = router_lines(report_with(summarize(reading, "kv")))
+    assert line.endswith("; index 0 blocks, 0 B; NATS fallbacks 0")
+    # gauges at 0 and no decision yet: nothing to show
+    assert not router_metrics.parse(KV_PARTS_AT_ZERO).exposed
 
 
 def test_no_router_no_line_and_no_key_in_json():

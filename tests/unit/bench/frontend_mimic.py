@@ -93,10 +93,9 @@ class FrontendMimic:
                 self.decision_s.labels(policy or "round_robin").observe(0.0004)
                 self.blocks.set(sum(len(h) for h in self.held.values()))
                 self.bytes.set(64 * sum(len(h) for h in self.held.values()))
-                if self.predicts:
+                if self.predicts and policy == "kv":  # as the frontend: kv-routed requests only
                     self.actual.labels(worker).inc(cached)
-                    if policy == "kv":
-                        self.predicted.labels(worker).inc(cached)
+                    self.predicted.labels(worker).inc(cached)
         return worker, cached
 
 

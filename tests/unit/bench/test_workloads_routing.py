@@ -12,11 +12,15 @@ from dynkv.bench.runner import RunOptions, request_headers
 
 
 def test_multi_turn_per_user_system_prompts_are_long_distinct_and_stable_per_user():
-    work = w.multi_turn(users=5, rounds=4, system_tokens=300, question_tokens=8, per_user_system=True)
+    work = w.multi_turn(
+        users=5, rounds=4, system_tokens=300, question_tokens=8, per_user_system=True
+    )
     by_user: dict[str, set[str | None]] = {}
     for spec in work.requests:
         by_user.setdefault(spec.session, set()).add(spec.system)
-    assert all(len(systems) == 1 for systems in by_user.values())  # one prompt per user, every round
+    assert all(
+        len(systems) == 1 for systems in by_user.values()
+    )  # one prompt per user, every round
     systems = [next(iter(s)) for s in by_user.values()]
     assert len(set(systems)) == 5  # users > workers, none sharing a prompt
     assert all(s is not None and len(s.split()) + s.count(".") == 300 for s in systems)
