@@ -20,6 +20,7 @@ Dynamo's own KVBM) the rule falls back to the mean of the workers' window gauges
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Mapping
 
 import httpx
@@ -74,9 +75,16 @@ def labelled(text: str, family: str) -> dict[tuple[tuple[str, str], ...], float]
     return out
 
 
-def fetch_text(url: str, timeout: float) -> str:
-    """GET one endpoint's exposition; raises httpx.HTTPError."""
-    response = httpx.get(url, timeout=timeout)
+def fetch_text(
+    url: str,
+    timeout: float,
+    *,
+    headers: Mapping[str, str] | None = None,
+    verify: bool | ssl.SSLContext = True,
+) -> str:
+    """GET one endpoint's exposition; raises httpx.HTTPError. `headers`: a frontend's bearer key;
+    `verify`: a context trusting a frontend's own certificate."""
+    response = httpx.get(url, timeout=timeout, headers=headers, verify=verify)
     response.raise_for_status()
     return response.text
 

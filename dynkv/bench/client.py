@@ -48,9 +48,11 @@ def request_body(
     *,
     ignore_eos: bool = False,
     user: str | None = None,
+    cache_salt: str | None = None,
 ) -> dict[str, Any]:
     """Greedy, streamed, with usage; `ignore_eos` (a vLLM extension) fixes the output length;
-    `user` (OpenAI's end-user id) is the key of the frontend's session router."""
+    `user` (OpenAI's end-user id) is the key of the frontend's session router; `cache_salt`
+    (a vLLM extension) keeps the request's prefix cache apart from any other salt's."""
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": max_tokens,
@@ -63,6 +65,8 @@ def request_body(
         body["ignore_eos"] = True
     if user is not None:
         body["user"] = user
+    if cache_salt is not None:
+        body["cache_salt"] = cache_salt
     return body
 
 
@@ -93,8 +97,10 @@ async def stream_request(
     body: dict[str, Any],
     result: RequestResult,
     t0: float,
+    headers: dict[str, str] | None = None,
 ) -> RequestResult:
-    """Send `body` to `endpoint` (relative to the client's base URL) and fill `result` in.
+    """Send `body` to `endpoint` (relative to the client's base URL), with `headers` on top of
+    the client's, and fill `result` in.
 
     Never raises for a failed request: the error is recorded on the result, so one bad request
     does not end a benchmark. `t0` is the run's `time.perf_counter()` origin.
@@ -105,7 +111,9 @@ async def stream_request(
     chunks = 0
     pieces: list[str] = []
     try:
-        async with client.stream("POST", ENDPOINT_PATHS[endpoint], json=body) as response:
+        async with client.stream(
+            "POST", ENDPOINT_PATHS[endpoint], json=body, headers=headers
+        ) as response:
             if response.status_code != 200:
                 result.error = _error_detail(response.status_code, await response.aread())
                 return result

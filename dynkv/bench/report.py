@@ -174,6 +174,7 @@ def summarize(labelled: LabelledRun) -> BenchSummary:
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
         rounds=_rounds(ok),
+        later_rounds_ttft_ms=_ms([r.ttft for r in ok if r.ttft is not None and r.round > 1]),
         kvbm=tiers.kvbm,
         warmup=Warmup(requests=len(warm), errors=sum(not r.ok for r in warm)),
         config=RunConfig.model_validate(config),
@@ -239,18 +240,68 @@ def markdown(
         error = s.stack.error if s.stack else None
         if error:
             lines.append(f"\n{s.label}: the stack did not come up: {error.splitlines()[0]}")
+    if any(s.router for s in summaries):
+        lines += ["", *router_markdown(summaries)]
     rounds = sorted({r.round for s in summaries for r in s.rounds})
     if rounds:
-        lines += ["", "TTFT p50 (ms) per round", ""]
+        # a router comparison shows the tail per round too: affinity's cost is in p90/p99
+        quantiles = QUANTILES if any(s.router for s in summaries) else (50,)
+        names = " / ".join(f"p{q}" for q in quantiles)
+        lines += ["", f"TTFT {names} (ms) per round", ""]
         lines.append(_row(["round", *(s.label for s in summaries)]))
         lines.append("|---|" + "---|" * len(summaries))
         for n in rounds:
             row = [str(n)]
             for s in summaries:
-                match = [r for r in s.rounds if r.round == n]
-                row.append(fmt_number(match[0].ttft_ms.p50) if match else "–")
+                match = [r.ttft_ms for r in s.rounds if r.round == n]
+                cells = (fmt_number(getattr(match[0], f"p{q}")) for q in quantiles)
+                row.append(" / ".join(cells) if match else "–")
             lines.append(_row(row))
     return "\n".join(lines) + "\n"
+
+
+def worker_loads(summary: BenchSummary) -> str:
+    """`agg-0 52%, agg-1 48%`: each worker's share of a policy run's requests."""
+    router = summary.router
+    if router is None or not router.workers:
+        return "–"
+    return ", ".join(f"{w.worker} {fmt_percent(w.share)}" for w in router.workers)
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def router_markdown(summaries: Sequence[BenchSummary]) -> list[str]:
+    """The router comparison's table: one row per policy (docs/benchmarks.md#comparing-routers
+    says what each column means)."""
+    header = (
+        "| policy | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | TTFT p50 rounds ≥ 2 ms "
+        "| host hit | disk hit | router accuracy | busiest worker | load per worker "
+        "| NATS fallbacks |"
+    )
+    lines = ["Routers", "", header, "|" + "---|" * header.count(" | ") + "---|"]
+    for s in summaries:
+        r = s.router
+        error = f" (frontend metrics: {r.error.splitlines()[0]})" if r and r.error else ""
+        lines.append(
+            _row(
+                [
+                    s.label + error,
+                    fmt_number(s.ttft_ms.p50),
+                    fmt_number(s.ttft_ms.p90),
+                    fmt_number(s.ttft_ms.p99),
+                    fmt_number(s.later_rounds_ttft_ms.p50),
+                    fmt_percent(s.hit_rates.host),
+                    fmt_percent(s.hit_rates.disk),
+                    fmt_ratio(r.accuracy if r else None),
+                    fmt_percent(r.max_share if r else None),
+                    worker_loads(s),
+                    fmt_number(r.nats_fallbacks if r else None, 0),
+                ]
+            )
+        )
+    return lines
 
 
 def plot(summaries: Sequence[BenchSummary], path: str | Path, title: str | None = None) -> Path:

@@ -41,6 +41,26 @@ class RunOptions:
     ignore_eos: bool = False
     api_key: str | None = None
     send_session: bool = False  # each request's session (user-3, doc-1) as the OpenAI `user`
+    # Router comparisons (docs/benchmarks.md#comparing-routers): the frontend's per-request
+    # policy header, vLLM's cache salt (one per policy run), and each request's affinity key
+    # as `x-session-id`.
+    router: str | None = None
+    cache_salt: str | None = None
+    session_header: bool = False
+
+
+ROUTER_HEADER = "x-dynkv-router"
+SESSION_HEADER = "x-session-id"
+
+
+def request_headers(spec: RequestSpec, options: RunOptions) -> dict[str, str] | None:
+    """The per-request headers of a router comparison; None for a plain run."""
+    headers = {}
+    if options.router is not None:
+        headers[ROUTER_HEADER] = options.router
+    if options.session_header:
+        headers[SESSION_HEADER] = spec.affinity_key
+    return headers or None
 
 
 @dataclass
@@ -121,10 +141,11 @@ async def _send_all(
                     spec.max_tokens,
                     ignore_eos=options.ignore_eos,
                     user=spec.session if options.send_session else None,
+                    cache_salt=options.cache_salt,
                 )
                 result = RequestResult(spec.index, spec.session, spec.round)
                 results[spec.index] = await stream_request(
-                    client, options.endpoint, body, result, t0
+                    client, options.endpoint, body, result, t0, request_headers(spec, options)
                 )
             # A failed round leaves an empty answer: later rounds still run, on a shorter history.
             answers.setdefault(spec.session, []).append(result.text)

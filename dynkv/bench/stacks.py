@@ -31,7 +31,12 @@ from typing import Any
 
 from dynkv.bench.compare import CompareError, RunningStack, StackConfig, StackFailed
 from dynkv.kvbm.roles import ROLE_NAMES
-from dynkv.private_deployment import NoFreePorts, fresh_ports, without_settings
+from dynkv.private_deployment import (
+    WORKERS_PER_STACK,
+    NoFreePorts,
+    fresh_ports,
+    without_settings,
+)
 from dynkv.settings import SettingsError, load_profile, resolve
 
 _TAIL_LINES = 25
@@ -47,6 +52,7 @@ class StackOptions:
     cpu_cache_gb: float | None = None
     disk_cache_gb: float | None = None
     max_model_len: int | None = None
+    workers: int | None = None  # agg workers (`DYNKV_WORKERS`); None: dynkv's default
     startup_timeout_s: float = 900.0
     env: Mapping[str, str] = field(default_factory=dict)  # --stack-env, wins over the rest
 
@@ -101,6 +107,7 @@ class UpLauncher:
             ("DYNKV_MODEL", o.model),
             ("DYNKV_DEVICE_KV_GB", o.device_kv_gb),
             ("DYNKV_MAX_MODEL_LEN", o.max_model_len),
+            ("DYNKV_WORKERS", o.workers),
         ):
             if value is not None:
                 env[name] = str(value)
@@ -141,7 +148,7 @@ class UpLauncher:
         env = self.base_env | self.settings_env(config)
         env |= {"DYNKV_NAME": name, "DYNKV_STATE_DIR": str(state_dir)}
         try:
-            env |= fresh_ports()
+            env |= fresh_ports(max(self.options.workers or 0, WORKERS_PER_STACK))
         except NoFreePorts as exc:
             raise CompareError(str(exc), "free some ports, or compare agg only") from None
         argv = [self.python, "-m", "dynkv.cli.main", "up", "-d", "--json"]

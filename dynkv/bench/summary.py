@@ -103,6 +103,9 @@ class RunConfig(PartialRecord):
     metrics_urls: list[str] | None = None
     deployment: str | None = None
     send_session: bool | None = None  # each request carried its session as `user`
+    router: str | None = None  # a router comparison's policy, sent as `x-dynkv-router`
+    cache_salt: str | None = None  # the run's vLLM cache salt (fresh per policy run)
+    session_header: bool | None = None  # each request carried its affinity key as x-session-id
 
 
 class StackRecord(PartialRecord):
@@ -119,6 +122,38 @@ class StackRecord(PartialRecord):
     workers: list[str] | None = None
     env: dict[str, str] | None = None
     error: str | None = None
+
+
+class WorkerLoad(Record):
+    """One worker's share of a run's requests, and the cached tokens the router predicted for it
+    and the worker reported reusing (counter deltas; None when the frontend has no such
+    counter)."""
+
+    worker: str
+    requests: float
+    share: float | None = None
+    predicted_cached_tokens: float | None = None
+    actual_cached_tokens: float | None = None
+
+
+class RouterStats(Record):
+    """A router comparison's per-policy numbers, from the frontend's /metrics before and after the
+    run (`dynkv.router_metrics`): counters as deltas, the index size as read after."""
+
+    policy: str
+    cache_salt: str | None = None
+    metrics_url: str | None = None
+    error: str | None = None  # the frontend's /metrics could not be read
+    accuracy: float | None = None  # Δpredicted / Δactual cached tokens; None: not measured
+    predicted_cached_tokens: float | None = None
+    actual_cached_tokens: float | None = None
+    load_source: str | None = None  # the counter the per-worker load was read from
+    workers: list[WorkerLoad] = []
+    max_share: float | None = None  # the busiest worker's share: 1/N is even, 1.0 is one worker
+    decisions: dict[str, float] = {}  # "policy:reason" → decisions during the run
+    nats_fallbacks: float | None = None
+    index_blocks: float | None = None
+    index_bytes: float | None = None
 
 
 class BenchSummary(Record):
@@ -139,16 +174,19 @@ class BenchSummary(Record):
     prompt_tokens: int | None = None
     output_tokens: int = 0
     rounds: list[Round] = []
+    later_rounds_ttft_ms: Percentiles = Percentiles()  # rounds ≥ 2 pooled: the reuse rounds
     kvbm: Kvbm = Kvbm()
     warmup: Warmup = Warmup()
     config: RunConfig = RunConfig()
     stack: StackRecord | None = None  # compare runs only; absent from `bench serve`'s JSON
+    router: RouterStats | None = None  # router comparisons only; absent elsewhere
 
     @model_serializer(mode="wrap")
     def _no_stack_outside_compare(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
-        if self.stack is None:
-            data.pop("stack", None)
+        for key in ("stack", "router"):
+            if getattr(self, key) is None:
+                data.pop(key, None)
         return data
 
     @property

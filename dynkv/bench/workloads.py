@@ -1,12 +1,17 @@
 """Prefix-reuse workloads for `dynkv bench serve`: pure functions of their parameters and a seed.
 
-Two shapes of reuse that KV offloading exists for:
+Three shapes of reuse that KV offloading and KV-aware routing exist for:
 
-- **multi-turn** (like LMCache's multi-round QA benchmark): N users share one system prompt; each
-  user holds a conversation of R rounds, and round r resends the whole history (system prompt,
-  every earlier question and answer) plus a new question. The answers are the server's own, so
-  the runner fills them in as they arrive (`RequestSpec.messages(answers)`); everything else is
-  fixed here by the seed.
+- **multi-turn** (like LMCache's multi-round QA benchmark): N users share one system prompt (or,
+  `per_user_system`, each has a long one of its own, so that only the worker holding a user's
+  conversation can serve it from cache); each user holds a conversation of R rounds, and round r
+  resends the whole history (system prompt, every earlier question and answer) plus a new
+  question. The answers are the server's own, so the runner fills them in as they arrive
+  (`RequestSpec.messages(answers)`); everything else is fixed here by the seed.
+- **shared-prefix**: many users behind one long common system prompt, each asking R short
+  distinct questions (no history). Every worker can hit the prefix once it holds it, so what
+  differs is where the load goes: with `affinity="prefix"` every request carries the prefix's
+  one affinity key (sticky sessions keyed by application), piling a session router's load.
 - **long-doc**: D documents of L tokens, each sent `repeats` times in an order that sets how far
   apart two sends of the same document are (the reuse distance, which decides the tier that can
   still hold it): `tile` (every document, then every document again: the whole set must fit),
@@ -35,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-WORKLOADS = ("multi-turn", "long-doc")
+WORKLOADS = ("multi-turn", "long-doc", "shared-prefix")
+AFFINITIES = ("prefix", "user")
 REPEAT_MODES = ("tile", "random", "interleave")
 
 # Tokens → count; e.g. a Hugging Face tokenizer's len(encode(text, add_special_tokens=False)).
@@ -83,6 +89,11 @@ class RequestSpec:
     questions: tuple[str, ...]  # user turns so far, this round's last
     max_tokens: int
     system: str | None = None
+    affinity: str | None = None  # the affinity key sent as `x-session-id`; None: `session`
+
+    @property
+    def affinity_key(self) -> str:
+        return self.affinity or self.session
 
     def messages(self, answers: Sequence[str] = ()) -> list[dict[str, str]]:
         """Chat messages: system, then (question, answer) of every earlier round, then the question.
@@ -185,8 +196,11 @@ def multi_turn(
     answer_tokens: int = 32,
     seed: int = 0,
     count: TokenCounter | None = None,
+    per_user_system: bool = False,
 ) -> Workload:
-    """Round-major order (every user's round 1, then every user's round 2, …)."""
+    """Round-major order (every user's round 1, then every user's round 2, …). `per_user_system`:
+    each user gets a system prompt of its own (`system_tokens` long) instead of the shared one;
+    the report's params then say `per_user_system: true` (absent otherwise, as before)."""
     params = _checked(
         users=users,
         rounds=rounds,
@@ -194,7 +208,14 @@ def multi_turn(
         question_tokens=question_tokens,
         answer_tokens=answer_tokens,
     ) | {"seed": seed}
-    system = text(_rng(seed, "system"), system_tokens, count) if system_tokens else None
+
+    def system(purpose: str, u: int = 0) -> str | None:
+        return text(_rng(seed, purpose, u), system_tokens, count) if system_tokens else None
+
+    if per_user_system:
+        params["per_user_system"] = True
+    systems = [system("user-system", u) for u in range(users)] if per_user_system else None
+    systems = systems or [system("system")] * users
     questions = [
         [text(_rng(seed, f"question-{u}", r), question_tokens, count) for r in range(rounds)]
         for u in range(users)
@@ -211,10 +232,51 @@ def multi_turn(
                     depends_on=index - users if r else None,
                     questions=tuple(questions[u][: r + 1]),
                     max_tokens=answer_tokens,
-                    system=system,
+                    system=systems[u],
                 )
             )
     return Workload("multi-turn", tuple(requests), params)
+
+
+def shared_prefix(
+    users: int = 16,
+    rounds: int = 2,
+    system_tokens: int = 2048,
+    question_tokens: int = 32,
+    answer_tokens: int = 16,
+    affinity: str = "prefix",
+    seed: int = 0,
+    count: TokenCounter | None = None,
+) -> Workload:
+    """`users` × `rounds` independent requests, round-major: the common prompt, then the user's
+    r-th short question without the earlier ones. `affinity`: the key is `prefix-0` or the user."""
+    if affinity not in AFFINITIES:
+        fix = f"use --affinity with one of: {', '.join(AFFINITIES)}"
+        raise WorkloadError(f"unknown affinity {affinity!r}", fix)
+    params = _checked(
+        users=users,
+        rounds=rounds,
+        system_tokens=system_tokens,
+        question_tokens=question_tokens,
+        answer_tokens=answer_tokens,
+    ) | {"affinity": affinity, "seed": seed}
+    system = text(_rng(seed, "shared-prefix"), system_tokens, count) if system_tokens else None
+    requests = []
+    for r in range(rounds):
+        for u in range(users):
+            requests.append(
+                RequestSpec(
+                    index=r * users + u,
+                    session=f"user-{u}",
+                    round=r + 1,
+                    depends_on=None,
+                    questions=(text(_rng(seed, f"short-question-{u}", r), question_tokens, count),),
+                    max_tokens=answer_tokens,
+                    system=system,
+                    affinity="prefix-0" if affinity == "prefix" else None,
+                )
+            )
+    return Workload("shared-prefix", tuple(requests), params)
 
 
 def _shuffled(items: list[int], rng: random.Random) -> list[int]:
@@ -286,11 +348,14 @@ def check_name(name: str) -> None:
 
 
 def build(
-    name: str, seed: int = 0, count: TokenCounter | None = None, **params: int | str | None
+    name: str,
+    seed: int = 0,
+    count: TokenCounter | None = None,
+    **params: int | str | bool | None,
 ) -> Workload:
     """The workload `name` with `params` (None means the builder's default), as the CLI asks."""
     check_name(name)
-    builders = {"multi-turn": multi_turn, "long-doc": long_doc}
+    builders = {"multi-turn": multi_turn, "long-doc": long_doc, "shared-prefix": shared_prefix}
     chosen = {key: value for key, value in params.items() if value is not None}
     return builders[name](seed=seed, count=count, **chosen)  # type: ignore[arg-type]
 

@@ -16,9 +16,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dynkv.bench import report, runner, scrape, target
+from dynkv.bench import compare, report, runner, scrape, target
 from dynkv.bench.summary import BenchSummary
-from dynkv.cli import bench_compare, bench_load_cmd
+from dynkv.cli import bench_compare, bench_load_cmd, bench_router_compare
 from dynkv.cli.bench_options import (
     MarkdownOpt,
     PlotOpt,
@@ -162,15 +162,33 @@ def serve(
     moved: Annotated[
         list[str] | None, typer.Option("--compare", "--compare-topology", hidden=True)
     ] = None,
+    compare_router: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--compare-router",
+            help="Run the workload once per routing policy (kv,round_robin,least_outstanding,"
+            "session) against the running fleet, each with a fresh cache salt, and report them "
+            "side by side (docs/benchmarks.md#comparing-routers).",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Stream a multi-turn or long-document workload to a running server; report TTFT, ITL,
-    latency and the KVBM hit rates."""
+    """Stream a multi-turn, shared-prefix or long-document workload to a running server; report
+    TTFT, ITL, latency and the KVBM hit rates (per routing policy with --compare-router)."""
     if moved:
         raise usage(
             f"{_MOVED}: `bench serve` loads a server that already runs",
             "dynkv bench compare --profiles PROFILE[,PROFILE…] (or --topologies agg,disagg)",
         )
+    policies = None
+    if compare_router is not None:
+        policies = bench_router_compare.policies_or_usage(compare_router)
+        if label is not None:
+            raise usage(
+                "--label names one run; a router comparison labels each run by its policy",
+                "drop --label",
+            )
     if url is not None:
         _check_url(url, "--url")
     for u in metrics_url or []:
@@ -198,12 +216,27 @@ def serve(
             "deployment": found.deployment,
         }
     )
-    if not json_out:
+    if not json_out and policies is None:
         err.print(
             f"[bold]bench serve[/bold] {escape(workload.name)} → {escape(url)} ({escape(served)}): "
             f"{len(workload.requests)} requests, {work.warmup} warm-up",
             soft_wrap=True,
         )
+
+    if policies is not None:
+        stack = compare.RunningStack(url, served, metrics_urls)
+        bench_router_compare.run(
+            policies=policies,
+            stack=stack,
+            work=workload,
+            warm=warm,
+            options=options,
+            run_config=config,
+            markdown=markdown,
+            plot=plot,
+            json_out=json_out,
+        )
+        return
 
     before = scrape.scrape_all(metrics_urls)
     with progress() as bar:

@@ -26,6 +26,7 @@ from rich.table import Table
 from dynkv.bench import compare, report, runner, stacks
 from dynkv.bench.summary import BenchSummary, CompareMeta, RunConfig
 from dynkv.bench.workloads import Workload
+from dynkv.cli import bench_router_compare
 from dynkv.cli.bench_options import (
     MarkdownOpt,
     PlotOpt,
@@ -258,6 +259,22 @@ def compare_cmd(
     max_model_len: Annotated[
         int | None, typer.Option("--max-model-len", min=1, help="vLLM's --max-model-len.")
     ] = None,
+    routers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--routers",
+            help="Instead of profiles: bring up one fleet (--workers) and run the workload once "
+            "per routing policy on it (kv,round_robin,least_outstanding,session; "
+            "docs/benchmarks.md#comparing-routers).",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", min=1, max=64, help="--routers: the fleet's workers (default 2)."
+        ),
+    ] = None,
     stack_env: Annotated[
         list[str] | None,
         typer.Option(
@@ -288,6 +305,17 @@ def compare_cmd(
             "--model names a running server's model; the stacks' model is --stack-model",
             f"pass --stack-model {served_model}",
         )
+    policies = None
+    if routers is not None:
+        policies = bench_router_compare.policies_or_usage(routers)
+        if profiles or topologies or baseline is not None:
+            raise usage(
+                "--routers compares policies on one fleet; --profiles, --topologies and "
+                "--baseline compare stacks",
+                "run them as two comparisons",
+            )
+    elif workers is not None:
+        raise usage("--workers is the fleet of --routers", "pass --routers, or drop --workers")
     workload, warm = work.build()
     try:
         stack_options = stacks.StackOptions(
@@ -296,12 +324,28 @@ def compare_cmd(
             cpu_cache_gb=cpu_cache_gb,
             disk_cache_gb=disk_cache_gb,
             max_model_len=max_model_len,
+            workers=(workers or 2) if policies else None,
             env=stacks.parse_env_pairs(stack_env),
         )
     except compare.CompareError as exc:
         raise usage(exc.cause, exc.fix) from None
     options = work.run_options()  # url and model: each stack's
     config = work.run_config(workload)
+    if policies is not None:
+        bench_router_compare.run_on_new_fleet(
+            policies=policies,
+            profile=profile,
+            stack_options=stack_options,
+            out=out or default_out_dir(),
+            work=workload,
+            warm=warm,
+            options=options,
+            run_config=config,
+            markdown=markdown,
+            plot=plot,
+            json_out=json_out,
+        )
+        return
     run(
         profiles=compare.split_values(profiles),
         topologies=compare.split_values(topologies),

@@ -27,6 +27,12 @@ from dynkv.cli.output import err
 class WorkloadName(StrEnum):
     MULTI_TURN = "multi-turn"
     LONG_DOC = "long-doc"
+    SHARED_PREFIX = "shared-prefix"
+
+
+class Affinity(StrEnum):
+    PREFIX = "prefix"
+    USER = "user"
 
 
 class Endpoint(StrEnum):
@@ -46,16 +52,40 @@ WorkloadOpt = Annotated[
 EndpointOpt = Annotated[
     Endpoint, typer.Option("--endpoint", help="chat (/v1/chat/completions) or completions.")
 ]
-UsersOpt = Annotated[int | None, typer.Option(min=1, help="multi-turn: users (default 4).")]
+UsersOpt = Annotated[
+    int | None, typer.Option(min=1, help="multi-turn, shared-prefix: users (default 4, 16).")
+]
 RoundsOpt = Annotated[
-    int | None, typer.Option(min=1, help="multi-turn: rounds per user (default 4).")
+    int | None,
+    typer.Option(
+        min=1, help="multi-turn: rounds per user; shared-prefix: questions per user (default 4, 2)."
+    ),
 ]
 SystemTokensOpt = Annotated[
     int | None,
-    typer.Option(min=1, help="multi-turn: shared system prompt tokens (default 512)."),
+    typer.Option(
+        min=1, help="multi-turn, shared-prefix: system prompt tokens (default 512, 2048)."
+    ),
 ]
 QuestionTokensOpt = Annotated[
-    int | None, typer.Option(min=1, help="multi-turn: tokens of each new question (default 64).")
+    int | None,
+    typer.Option(
+        min=1, help="multi-turn, shared-prefix: tokens of each new question (default 64, 32)."
+    ),
+]
+PerUserSystemOpt = Annotated[
+    bool,
+    typer.Option(
+        "--per-user-system",
+        help="multi-turn: each user has a system prompt of its own (--system-tokens long).",
+    ),
+]
+AffinityOpt = Annotated[
+    Affinity | None,
+    typer.Option(
+        help="shared-prefix: the x-session-id each request carries: the prefix's one key "
+        "(default), or each user's."
+    ),
 ]
 DocsOpt = Annotated[int | None, typer.Option(min=1, help="long-doc: documents (default 6).")]
 DocTokensOpt = Annotated[
@@ -105,10 +135,19 @@ SendSessionOpt = Annotated[
     ),
 ]
 
-# Options of one workload only; giving one to the other workload is a usage error.
-_ONLY = {
-    "multi-turn": ("--users", "--rounds", "--system-tokens", "--question-tokens"),
-    "long-doc": ("--docs", "--doc-tokens", "--repeats", "--mode"),
+# The workloads each workload option applies to; giving it to another is a usage error.
+_MT, _SP, _LD = "multi-turn", "shared-prefix", "long-doc"
+_APPLIES = {
+    "--users": (_MT, _SP),
+    "--rounds": (_MT, _SP),
+    "--system-tokens": (_MT, _SP),
+    "--question-tokens": (_MT, _SP),
+    "--per-user-system": (_MT,),
+    "--affinity": (_SP,),
+    "--docs": (_LD,),
+    "--doc-tokens": (_LD,),
+    "--repeats": (_LD,),
+    "--mode": (_LD,),
 }
 
 
@@ -123,6 +162,8 @@ class WorkloadArgs:
     rounds: RoundsOpt = None
     system_tokens: SystemTokensOpt = None
     question_tokens: QuestionTokensOpt = None
+    per_user_system: PerUserSystemOpt = False
+    affinity: AffinityOpt = None
     docs: DocsOpt = None
     doc_tokens: DocTokensOpt = None
     repeats: RepeatsOpt = None
@@ -150,20 +191,24 @@ class WorkloadArgs:
             "--rounds": self.rounds,
             "--system-tokens": self.system_tokens,
             "--question-tokens": self.question_tokens,
+            "--per-user-system": self.per_user_system or None,
+            "--affinity": self.affinity,
             "--docs": self.docs,
             "--doc-tokens": self.doc_tokens,
             "--repeats": self.repeats,
             "--mode": self.mode,
         }
-        workload = self.workload
-        for other, flags in _ONLY.items():
-            wrong = [f for f in flags if other != workload and given.get(f) is not None]
-            if wrong:
-                raise usage(
-                    f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to "
-                    f"--workload {other}, not {workload}",
-                    f"drop {', '.join(wrong)}, or pass --workload {other}",
-                )
+        workload = str(self.workload)
+        wrong = [f for f, v in given.items() if v is not None and workload not in _APPLIES[f]]
+        if wrong:
+            # grouped by the workloads they do apply to, the first group named in the message
+            owners = _APPLIES[wrong[0]]
+            wrong = [f for f in wrong if _APPLIES[f] == owners]
+            raise usage(
+                f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to "
+                f"--workload {' or '.join(owners)}, not {workload}",
+                f"drop {', '.join(wrong)}, or pass --workload {owners[0]}",
+            )
         params = {
             flag[2:].replace("-", "_"): str(v) if isinstance(v, StrEnum) else v
             for flag, v in given.items()

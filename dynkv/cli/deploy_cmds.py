@@ -3,6 +3,7 @@ from any terminal, for foreground and detached deployments alike."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -14,7 +15,13 @@ from rich.live import Live
 from rich.markup import escape
 from rich.text import Text
 
-from dynkv.cli.display import LogPrinter, QuietObserver, kvbm_lines, status_table
+from dynkv.cli.display import (
+    LogPrinter,
+    QuietObserver,
+    kvbm_lines,
+    router_lines,
+    status_table,
+)
 from dynkv.cli.group import EXIT_FAILURE, UserError
 from dynkv.cli.options import JsonOpt, NameOpt, resolve_from_options
 from dynkv.cli.output import emit_json, err, warn
@@ -41,6 +48,20 @@ def _deployment(name: str | None) -> tuple[str, Path]:
     """The deployment name and dir, from --name / DYNKV_NAME and DYNKV_STATE_DIR."""
     dep = resolve_from_options(name=name, require_tier=False, quiet=True).deployment
     return dep.name, dep.deployment_dir
+
+
+def _api_key(name: str | None) -> str | None:
+    """The frontend's API key as this caller's settings give it (DYNKV_API_KEY or
+    --api-key-file's file): `status` reads the router from the frontend's /metrics with it."""
+    dep = resolve_from_options(name=name, require_tier=False, quiet=True).deployment
+    if dep.api_key:
+        return dep.api_key.get_secret_value()
+    if dep.api_key_file is not None:
+        from dynkv.plan.frontend import read_key_file
+
+        with contextlib.suppress(OSError, ValueError):
+            return read_key_file(dep.api_key_file)
+    return None
 
 
 def _corrupt(name: str, exc: CorruptState) -> UserError:
@@ -95,10 +116,11 @@ def status(
     """Each service's pid, uptime, health and ports; per worker the KVBM blocks and hit rates.
     Exit 0 when every service is healthy, 1 otherwise."""
     dep_name, ddir = _deployment(name)
+    key = _api_key(name)
 
     def report():
         try:
-            rep = deployment_status(ddir)
+            rep = deployment_status(ddir, api_key=key)
         except DockerUnavailable as exc:
             raise UserError(exc.cause, exc.fix) from None
         except CorruptState as exc:
@@ -113,7 +135,7 @@ def status(
             emit_json(rep.to_json())
         else:
             err.print(status_table(rep))
-            for line in kvbm_lines(rep):
+            for line in kvbm_lines(rep) + router_lines(rep):
                 err.print(line, markup=False, soft_wrap=True)
         if not rep.healthy:
             raise typer.Exit(EXIT_FAILURE)
@@ -127,7 +149,11 @@ def status(
         while True:
             rep = report()
             live.update(
-                Group(status_table(rep), *(Text(line) for line in kvbm_lines(rep))), refresh=True
+                Group(
+                    status_table(rep),
+                    *(Text(line) for line in kvbm_lines(rep) + router_lines(rep)),
+                ),
+                refresh=True,
             )
             time.sleep(interval)
 

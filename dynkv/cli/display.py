@@ -310,3 +310,52 @@ def _saved(seconds: Any) -> str:
     """Prefill seconds the worker's KVBM saved since it started; `-` when its runtime does not
     measure them (docs/advise.md)."""
     return "-" if seconds is None else f"{seconds:.1f} s of prefill saved"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def router_lines(report: StatusReport) -> list[str]:
+    """The frontend's router since it started (docs/observability.md#router); nothing when the
+    frontend exposes no router metrics."""
+    r = report.router
+    if not r:
+        return []
+    parts = [f"policy {r.get('policy') or '?'}"]
+    decisions = r.get("decisions") or {}
+    if decisions:
+        parts.append(
+            "decisions " + ", ".join(f"{p} {n:,.0f}" for p, n in sorted(decisions.items()))
+        )
+    predicted, actual, accuracy = (
+        r.get("predicted_cached_tokens"),
+        r.get("actual_cached_tokens"),
+        r.get("accuracy"),
+    )
+    if actual is None and predicted is None:
+        parts.append("accuracy n/a")
+    else:
+        shown = "n/a" if accuracy is None else f"{accuracy:.3f}"
+        parts.append(
+            f"accuracy {shown} ({_num_or_dash(predicted)} predicted / {_num_or_dash(actual)} "
+            "reused cached tokens)"
+        )
+    shares = r.get("shares") or {}
+    if shares:
+        parts.append("routed " + ", ".join(f"{w} {_pct(s)}" for w, s in shares.items()))
+    # the KV router's own parts, once it is in use (a frontend exposes them at 0 without one)
+    kv = r.get("policy") == "kv" or "kv" in decisions or bool(r.get("index_blocks"))
+    if r.get("index_blocks") is not None and kv:
+        size = "" if r.get("index_bytes") is None else f", {_bytes(r['index_bytes'])}"
+        parts.append(f"index {r['index_blocks']:,.0f} blocks{size}")
+    if r.get("nats_fallbacks") is not None and (kv or r["nats_fallbacks"]):
+        parts.append(f"NATS fallbacks {r['nats_fallbacks']:,.0f}")
+    return ["router: " + "; ".join(parts)]
+
+
+def _num_or_dash(value: Any) -> str:
+    return "-" if value is None else f"{value:,.0f}"

@@ -20,6 +20,7 @@ from dynkv.supervisor import health
 from dynkv.supervisor.logs import LogSource
 from dynkv.supervisor.metrics import read_kvbm
 from dynkv.supervisor.process import same_process
+from dynkv.supervisor.router_status import read_router
 from dynkv.supervisor.state import DeploymentState, ServiceRecord, StateStore
 from dynkv.supervisor.units import unit_for
 
@@ -103,13 +104,14 @@ class StatusReport:
     infra: str
     services: list[ServiceStatus]
     supervisor_pid: int | None = None  # the live process that restarts failed services, if any
+    router: dict[str, Any] | None = None  # the frontend's router (supervisor.router_status)
 
     @property
     def healthy(self) -> bool:
         return bool(self.services) and all(s.healthy for s in self.services)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "name": self.name,
             "deployment_dir": self.deployment_dir,
             "phase": self.phase,
@@ -119,6 +121,9 @@ class StatusReport:
             "supervisor_pid": self.supervisor_pid,
             "services": [s.to_json() for s in self.services],
         }
+        if self.router is not None:  # only a frontend with a router has the key
+            data["router"] = self.router
+        return data
 
 
 def read_state(deployment_dir: Path | str) -> DeploymentState | None:
@@ -176,14 +181,23 @@ def deployment_status(
     *,
     docker: DockerBackend | None = None,
     probe_timeout: float = 1.0,
+    api_key: str | None = None,
 ) -> StatusReport | None:
     """Each recorded service: running (pid + create_time), healthy (its probes), uptime; for
-    workers, the KVBM numbers from their metrics endpoint. None when there is no deployment."""
+    workers, the KVBM numbers from their metrics endpoint; the frontend's router from its
+    /metrics (with `api_key` when it has one). None when there is no deployment."""
     state = read_state(deployment_dir)
     if state is None:
         return None
     docker = docker or DockerBackend()
     now = time.time()
+    services = [
+        service_status(rec, docker, probe_timeout=probe_timeout, now=now) for rec in state.services
+    ]
+    router = None
+    for rec, svc in zip(state.services, services, strict=True):
+        if rec.role == "frontend" and svc.running:
+            router = read_router(rec, probe_timeout, api_key)
     return StatusReport(
         name=state.name,
         deployment_dir=str(Path(deployment_dir)),
@@ -195,10 +209,8 @@ def deployment_status(
             if same_process(state.supervisor_pid, state.supervisor_create_time)
             else None
         ),
-        services=[
-            service_status(rec, docker, probe_timeout=probe_timeout, now=now)
-            for rec in state.services
-        ],
+        services=services,
+        router=router,
     )
 
 

@@ -102,9 +102,14 @@ def test_up_detached_status_logs_down(deployment):
     assert worker["kvbm"]["disk_cache_hit_rate"] is None  # absent family: tolerated
     assert services["etcd"]["kvbm"] is None
     assert services["frontend"]["role"] == "frontend" and services["frontend"]["url"] == frontend
+    # the frontend's router, read from its /metrics: one decision, all of it on the one worker
+    assert data["router"]["policy"] == "round_robin"
+    assert data["router"]["decisions"] == {"round_robin": 1}
+    assert data["router"]["shares"] == {"agg-0": 1.0}
 
     human = invoke("status")
     assert human.exit_code == 0 and "healthy" in human.stderr and "KVBM" in human.stderr
+    assert "router: policy round_robin; decisions round_robin 1" in human.stderr
 
     logs = invoke("logs", "worker")
     assert logs.exit_code == 0

@@ -1,6 +1,7 @@
 """The observability assets: the Grafana dashboard only queries metrics that exist (names taken
-from the real KVBM registry, counters with their `_total` suffix), and the Prometheus config is
-valid YAML with every target labelled."""
+from the real KVBM registry, counters with their `_total` suffix; the router's from the names
+`dynkv.router_metrics` reads, which the frontend's registry must expose once it has them), and the
+Prometheus config is valid YAML with every target labelled."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dynkv import router_metrics
+from dynkv.frontend.metrics import FrontendMetrics
 from dynkv.kvbm.metrics import KvbmMetrics
 from dynkv.observability import prometheus_config
 
@@ -18,6 +21,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dynkv-kvbm.json"
 # The frontend's TTFT histogram (labels model, worker), as the frontend is to expose it.
 FRONTEND = {f"dynkv_frontend_ttft_seconds{s}" for s in ("_bucket", "_sum", "_count")}
 FRONTEND |= {"dynkv_frontend_requests_total"}  # labels model, worker, endpoint, status
+ROUTER = set(router_metrics.SAMPLES)  # the router families status and bench read
 METRIC = re.compile(r"\b((?:kvbm|dynkv|vllm)_[a-z0-9_]+)\b")
 
 
@@ -34,11 +38,14 @@ def dashboard() -> dict:
 
 
 def test_every_panel_queries_known_metrics(dashboard):
-    known = kvbm_sample_names() | FRONTEND
+    known = kvbm_sample_names() | FRONTEND | ROUTER
     assert "kvbm_matched_tokens_total" in known and "kvbm_matched_tokens" not in known
     panels = dashboard["panels"]
     assert panels and len({p["id"] for p in panels}) == len(panels)
     for panel in panels:
+        if panel["type"] == "row":  # a row holds no query, only a title
+            assert panel["title"] and panel["gridPos"]["w"] == 24
+            continue
         assert panel["title"] and panel["gridPos"]["w"] > 0 and panel["targets"], panel["title"]
         assert panel["datasource"]["uid"] == "${datasource}"
         for target in panel["targets"]:
@@ -52,7 +59,7 @@ def test_every_panel_queries_known_metrics(dashboard):
 
 
 def test_dashboard_covers_the_issue_panels(dashboard):
-    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     for name in (
         "kvbm_matched_tokens_total",
         "kvbm_offload_blocks_d2h_total",
@@ -68,6 +75,51 @@ def test_dashboard_covers_the_issue_panels(dashboard):
         assert name in exprs, name
     assert "histogram_quantile(0.99" in exprs
     assert dashboard["uid"] == "dynkv-kvbm"
+
+
+def frontend_sample_names() -> set[str]:
+    """Every sample name the frontend's registry can expose (labelled families have no samples
+    until a child exists, so names come from the families too)."""
+    metrics = FrontendMetrics()
+    names = set()
+    for family in metrics.registry.collect():
+        names |= {s.name for s in family.samples}
+        names.add(family.name + ("_total" if family.type == "counter" else ""))
+        if family.type == "histogram":
+            names |= {family.name + s for s in ("_bucket", "_sum", "_count")}
+    return names
+
+
+def test_dashboard_router_row(dashboard):
+    panels = dashboard["panels"]
+    (row,) = [p for p in panels if p["type"] == "row" and p["title"] == "Router"]
+    below = [p for p in panels if p["gridPos"]["y"] > row["gridPos"]["y"]]
+    assert len(below) == 5 and all(p["gridPos"]["w"] in (12, 24) for p in below)
+    exprs = " ".join(t["expr"] for p in below for t in p["targets"])
+    for name in (
+        "dynkv_router_decisions_total",
+        "dynkv_router_decision_seconds_bucket",
+        "dynkv_router_routed_total",
+        "dynkv_router_predicted_cached_tokens_total",
+        "dynkv_router_actual_cached_tokens_total",
+        "dynkv_router_index_blocks",
+        "dynkv_router_index_bytes",
+        "dynkv_router_nats_fallbacks_total",
+    ):
+        assert name in exprs, name
+    assert "histogram_quantile(0.5, sum by (le, policy)" in exprs
+    assert "histogram_quantile(0.99, sum by (le, policy)" in exprs
+    assert "by (policy, reason)" in exprs and "by (worker)" in exprs
+
+
+def test_the_router_names_read_here_are_the_frontends():
+    """The decisions counter exists today; the kv router's families come with it (issue 17): once
+    the frontend's registry has its decision-time histogram, every name read here must be there."""
+    exposed = frontend_sample_names()
+    assert "dynkv_router_decisions_total" in exposed
+    if "dynkv_router_decision_seconds" not in {n.removesuffix("_bucket") for n in exposed}:
+        pytest.skip("this frontend has no kv router metrics yet")
+    assert exposed >= ROUTER, ROUTER - exposed
 
 
 def test_prometheus_config_targets_and_labels():

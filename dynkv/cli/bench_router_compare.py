@@ -1,0 +1,195 @@
+"""`dynkv bench serve --compare-router kv,round_robin,…`: the same workload against one running
+fleet once per routing policy, and one combined report (`dynkv.bench.router_compare` runs it;
+docs/benchmarks.md#comparing-routers). `dynkv bench compare --routers …` does the same on a fleet
+it starts for the purpose (`dynkv up -d`, as for its profiles) and takes down afterwards.
+
+Thin: the caller has found the server, its model and its workers' metrics (or `run_on_new_fleet`
+starts them); this shows the progress, renders the combined report (the `bench compare` JSON
+shape, a markdown table with the router columns, the TTFT-per-round plot) and a terminal table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from dynkv.bench import compare, report, router_compare, runner, stacks
+from dynkv.bench.summary import BenchSummary, CompareMeta, RunConfig
+from dynkv.bench.workloads import Workload
+from dynkv.cli.bench_options import progress, usage
+from dynkv.cli.group import EXIT_FAILURE, UserError
+from dynkv.cli.output import emit_json, err, warn
+
+
+def policies_or_usage(values: list[str]) -> list[str]:
+    try:
+        return router_compare.parse_policies(values)
+    except compare.CompareError as exc:
+        raise usage(exc.cause, exc.fix) from None
+
+
+def table(summaries: list[BenchSummary]) -> Table:
+    """The few numbers that fit a terminal; the markdown and JSON have the rest."""
+    out = Table(title="routers (ms)", expand=False)
+    cols = (
+        "policy", "ok", "TTFT p50", "p90", "p99", "p50 r≥2", "G2 hit", "G3 hit", "accuracy",
+        "load per worker",
+    )  # fmt: skip
+    for col in cols:
+        out.add_column(col, justify="left" if col in ("policy", "load per worker") else "right")
+    fmt = report.fmt_number
+    for s in summaries:
+        r = s.router
+        out.add_row(
+            escape(s.label),
+            f"{s.completed}/{s.requests}",
+            fmt(s.ttft_ms.p50),
+            fmt(s.ttft_ms.p90),
+            fmt(s.ttft_ms.p99),
+            fmt(s.later_rounds_ttft_ms.p50),
+            report.fmt_percent(s.hit_rates.host),
+            report.fmt_percent(s.hit_rates.disk),
+            report.fmt_ratio(r.accuracy if r else None),
+            escape(report.worker_loads(s)),
+        )
+    return out
+
+
+def run(
+    *,
+    policies: list[str],
+    stack: compare.RunningStack,
+    work: Workload,
+    warm: Workload | None,
+    options: runner.RunOptions,
+    run_config: RunConfig,
+    markdown: Path | None,
+    plot: Path | None,
+    json_out: bool,
+    out: Path | None = None,
+) -> None:
+    """`out`: also write report.json, report.md and ttft.png there (`bench compare`'s files)."""
+    started = dt.datetime.now(dt.UTC)
+    command = "dynkv " + shlex.join(sys.argv[1:]) if sys.argv else "dynkv bench serve"
+    run_id = router_compare.new_run_id()
+    if not json_out:
+        err.print(
+            f"[bold]bench serve --compare-router[/bold] {escape(work.name)} → "
+            f"{escape(stack.url)} ({escape(stack.model)}): {len(policies)} policies "
+            f"({escape(', '.join(policies))}), {len(work.requests)} requests each, seed "
+            f"{options.seed}; cache salt dynkv-bench-{run_id}-<policy> (no run reuses another's "
+            "cache)",
+            soft_wrap=True,
+        )
+    bars: list = []
+
+    def progress_of(policy: str):
+        if json_out:
+            return None
+        bar = progress()
+        bars.append(bar)
+        bar.start()
+        task = bar.add_task(policy, total=len(work.requests))
+        return lambda done, _total: bar.update(task, completed=done)
+
+    def on_event(kind: str, policy: str, detail: object) -> None:
+        if kind == "done" and bars:
+            bars.pop().stop()
+        router = detail.router if isinstance(detail, BenchSummary) else None
+        if kind == "done" and not json_out and router and router.error:
+            warn(f"{policy}: frontend metrics: {router.error}")
+
+    try:
+        summaries = router_compare.run_policies(
+            policies,
+            stack,
+            work,
+            warm,
+            options,
+            run_config,
+            run_id=run_id,
+            progress=progress_of,
+            on_event=on_event,
+        )
+    finally:
+        for bar in bars:
+            bar.stop()
+
+    combined = report.combined(summaries)
+    combined.compare = CompareMeta(
+        date=started.isoformat(timespec="seconds"),
+        command=command,
+        configurations=[
+            {"label": s.label, "router": s.label, "cache_salt": s.config.cache_salt}
+            for s in summaries
+        ],
+        stack_options={"url": stack.url, "model": stack.model, "metrics_urls": stack.metrics_urls},
+    )
+    title = f"dynkv bench serve --compare-router: {work.name}"
+    notes = [f"date: {started.strftime('%Y-%m-%d %H:%M UTC')}", f"command: `{command}`"]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        data = combined.model_dump(mode="json")
+        (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        markdown, plot = markdown or out / "report.md", plot or out / "ttft.png"
+    if markdown:
+        markdown.write_text(report.markdown(summaries, title=title, notes=notes))
+    if plot:
+        report.plot(summaries, plot, title=f"TTFT per round: {work.name}")
+    if json_out:
+        emit_json(combined.model_dump(mode="json"))
+    else:
+        err.print(table(summaries))
+        for path in (markdown, plot):
+            if path:
+                err.print(f"  wrote {escape(str(path))}")
+    for s in summaries:
+        for sample in s.error_samples:
+            warn(f"{s.label}: request failed: {sample}")
+    failed = [s.label for s in summaries if s.failed]
+    if failed:
+        raise UserError(
+            f"{', '.join(failed)}: every request failed; the other policies are in the report",
+            "check that the frontend knows the policy (x-dynkv-router) and the server's log",
+            EXIT_FAILURE,
+        )
+
+
+def run_on_new_fleet(
+    *,
+    policies: list[str],
+    profile: str | None,
+    stack_options: stacks.StackOptions,
+    out: Path,
+    **run_args,
+) -> None:
+    """Start one agg fleet (`dynkv up -d` under a private name, ports and state dir in `out`),
+    compare the policies on it, and take it down whatever happens."""
+    launcher = stacks.UpLauncher(stack_options, out.resolve() / "stacks")
+    config = compare.StackConfig("fleet", profile, topology="agg")
+    try:
+        launcher.check(config)
+    except compare.CompareError as exc:
+        raise usage(exc.cause, exc.fix) from None
+    if not run_args.get("json_out"):
+        err.print(f"[bold]▶ fleet[/bold]: dynkv up -d ({stack_options.workers or 1} workers) …")
+    try:
+        stack = launcher.up(config)
+    except compare.StackFailed as exc:
+        raise UserError(
+            f"the fleet did not come up: {exc.detail}",
+            f"read its logs under {out / 'stacks' / 'state'}",
+            EXIT_FAILURE,
+        ) from None
+    try:
+        run(policies=policies, stack=stack, out=out, **run_args)
+    finally:
+        launcher.down(stack)
+        for message in launcher.warnings:
+            warn(message)
