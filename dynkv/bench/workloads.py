@@ -10,8 +10,7 @@ Three shapes of reuse that KV offloading and KV-aware routing exist for:
   (`RequestSpec.messages(answers)`); everything else is fixed here by the seed.
 - **shared-prefix**: many users behind one long common system prompt, each asking R short
   distinct questions (no history). Every worker can hit the prefix once it holds it, so what
-  differs is where the load goes: with `affinity="prefix"` every request carries the prefix's
-  one affinity key (sticky sessions keyed by application), piling a session router's load.
+  differs is where the load goes: `affinity="prefix"` gives every request one affinity key.
 - **long-doc**: D documents of L tokens, each sent `repeats` times in an order that sets how far
   apart two sends of the same document are (the reuse distance, which decides the tier that can
   still hold it): `tile` (every document, then every document again: the whole set must fit),
