@@ -21,8 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from greedy_support import LOGPROB_TOLERANCE, logprob_gap
-from prometheus_client.parser import text_string_to_metric_families
-from stack_support import dynkv, stack_env
+from stack_support import counter, dynkv, stack_env
 
 from dynkv.bench.workloads import text
 from dynkv.supervisor import read_state
@@ -31,17 +30,6 @@ from dynkv.worker.record import worker_api_key
 pytestmark = pytest.mark.e2e
 MODEL = "dynkv-tiny"
 NAME = "dis2e"
-
-
-def counter(urls: list[str], name: str) -> float:
-    """`name` summed over every decode worker's metrics."""
-    total = 0.0
-    for url in urls:
-        for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
-            for sample in family.samples:
-                if sample.name == name:
-                    total += sample.value
-    return total
 
 
 @pytest.fixture(scope="module")
