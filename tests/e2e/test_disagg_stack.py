@@ -16,6 +16,7 @@ import random
 import signal
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -81,6 +82,17 @@ def prompt(seed: int) -> str:
     return text(random.Random(seed), 600)
 
 
+def streamed_choices(url: str, body: dict) -> Iterator[dict]:
+    """The first choice of every event of `body` sent streamed to `url`, until [DONE]."""
+    with httpx.stream(
+        "POST", url, json={**body, "stream": True}, headers=WORKER_AUTH, timeout=120
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])["choices"][0]
+
+
 def completion(base: str, stream: bool, seed: int, served_by=None, **extra) -> tuple[str, list]:
     body = {
         "model": MODEL,
@@ -98,19 +110,9 @@ def completion(base: str, stream: bool, seed: int, served_by=None, **extra) -> t
         choice = r.json()["choices"][0]
         return choice["text"], choice["logprobs"]["token_logprobs"]
     texts, logprobs = [], []
-    with httpx.stream(
-        "POST",
-        f"{base}/completions",
-        json={**body, "stream": True},
-        headers=WORKER_AUTH,
-        timeout=120,
-    ) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                choice = json.loads(line[6:])["choices"][0]
-                texts.append(choice["text"])
-                logprobs += choice["logprobs"]["token_logprobs"]
+    for choice in streamed_choices(f"{base}/completions", body):
+        texts.append(choice["text"])
+        logprobs += choice["logprobs"]["token_logprobs"]
     return "".join(texts), logprobs
 
 
@@ -125,20 +127,8 @@ def chat(base: str, stream: bool, seed: int) -> str:
         r = httpx.post(f"{base}/chat/completions", json=body, headers=WORKER_AUTH, timeout=120)
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["message"]["content"]
-    parts = []
-    with httpx.stream(
-        "POST",
-        f"{base}/chat/completions",
-        json={**body, "stream": True},
-        headers=WORKER_AUTH,
-        timeout=120,
-    ) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                delta = json.loads(line[6:])["choices"][0]["delta"]
-                parts.append(delta.get("content") or "")
-    return "".join(parts)
+    chunks = streamed_choices(f"{base}/chat/completions", body)
+    return "".join(choice["delta"].get("content") or "" for choice in chunks)
 
 
 def test_both_workers_run_and_the_pool_is_in_shared_memory(stack):
