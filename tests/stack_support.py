@@ -5,13 +5,17 @@ different test modules (and whatever the user runs) never meet."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from dynkv.private_deployment import dynkv_cli as dynkv
 from dynkv.private_deployment import fresh_ports, without_settings
 from dynkv.supervisor import processes_left
 
-__all__ = ["assert_nothing_left", "dynkv", "stack_env"]
+__all__ = ["assert_nothing_left", "counter", "dynkv", "stack_env"]
 
 
 def stack_env(tmp: Path, name: str, *, workers: int = 2, **settings: str) -> dict[str, str]:
@@ -38,3 +42,15 @@ def assert_nothing_left(services, deployment_dir: Path) -> None:
     """After `dynkv down`: no recorded pid, no member of their groups, no marked process."""
     left = processes_left(services, deployment_dir)
     assert left == [], left
+
+
+def counter(urls: str | Iterable[str], name: str) -> float:
+    """The sample `name` read from one metrics URL, or summed over several (every decode worker
+    of a disagg stack)."""
+    total = 0.0
+    for url in [urls] if isinstance(urls, str) else urls:
+        for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+            for sample in family.samples:
+                if sample.name == name:
+                    total += sample.value
+    return total

@@ -24,6 +24,7 @@ from dynkv.cli.options import (
     TopologyOpt,
     WorkersOpt,
     resolve_from_options,
+    settings_flags,
 )
 from dynkv.cli.output import emit_json, err
 from dynkv.plan.engine_args import role_argv
@@ -50,23 +51,7 @@ def config(
 ) -> None:
     """Print every resolved setting with its source, the environment each worker receives, and
     the vLLM engine arguments (profile [vllm] tables, words after --)."""
-    resolved = resolve_from_options(
-        profile=profile,
-        topology=topology,
-        workers=workers,
-        prefill_workers=prefill_workers,
-        decode_workers=decode_workers,
-        gpus=gpus,
-        model=model,
-        name=name,
-        device=device,
-        cpu_cache_gb=cpu_cache_gb,
-        disk_cache_gb=disk_cache_gb,
-        disk_cache_dir=disk_cache_dir,
-        kvbm=kvbm,
-        quiet=json_out,
-        engine_args=engine_args,
-    )
+    resolved = resolve_from_options(**settings_flags(locals()), quiet=json_out)
     data = resolved.to_json()
     if json_out:
         emit_json(data)

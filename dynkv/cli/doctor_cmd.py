@@ -25,6 +25,7 @@ from dynkv.cli.options import (
     TopologyOpt,
     WorkersOpt,
     resolve_from_options,
+    settings_flags,
 )
 from dynkv.cli.output import emit_json
 from dynkv.doctor import exit_code, run_checks, to_json
@@ -53,23 +54,7 @@ def doctor(
     """Check the GPU, vLLM, memory, disk tier, tier sizes, model, ports and etcd/NATS before
     `dynkv up`; exit 1 when something would fail, 0 when there are at most warnings."""
     resolved = resolve_from_options(
-        profile=profile,
-        topology=topology,
-        workers=workers,
-        prefill_workers=prefill_workers,
-        decode_workers=decode_workers,
-        gpus=gpus,
-        model=model,
-        name=name,
-        device=device,
-        infra=infra,
-        etcd_endpoints=etcd_endpoints,
-        nats_url=nats_url,
-        host=host,
-        port=port,
-        cpu_cache_gb=cpu_cache_gb,
-        disk_cache_gb=disk_cache_gb,
-        disk_cache_dir=disk_cache_dir,
+        **settings_flags(locals()),
         require_tier=False,  # "no tier" is reported as a failed check, with its fix
         quiet=True,  # unknown DYN_KVBM_* variables are reported as a check, not as a warning
     )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -122,70 +123,61 @@ EngineArgsArg = Annotated[
 ]
 
 
+# The settings flags: a command's parameter name → the setting it gives. Each is named after its
+# setting, except the frontend's --host/--port.
+KVBM_FLAGS = {name: name for name in ("cpu_cache_gb", "disk_cache_gb", "disk_cache_dir")}
+DEPLOYMENT_FLAGS = {
+    name: name
+    for name in (
+        "topology",
+        "workers",
+        "prefill_workers",
+        "decode_workers",
+        "gpus",
+        "model",
+        "name",
+        "device",
+        "infra",
+        "etcd_endpoints",
+        "nats_url",
+        "api_key",
+        "api_key_file",
+        "tls_cert",
+        "tls_key",
+        "insecure",
+        "router",
+        "kvbm",
+        "observability",
+        "device_kv_gb",
+    )
+} | {"host": "frontend_host", "port": "frontend_port"}
+SETTINGS_PARAMS = frozenset({"profile", "engine_args", *KVBM_FLAGS, *DEPLOYMENT_FLAGS})
+
+
+def settings_flags(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings flags among a command's parameters, for `resolve_from_options`: a command
+    passes its `locals()` on entry (the parameters as typer gave them), and its own options
+    (--json, --detach, ...) stay out. One call instead of every flag spelled out again."""
+    return {key: value for key, value in params.items() if key in SETTINGS_PARAMS}
+
+
 def resolve_from_options(
     *,
     profile: str | None = None,
-    topology: Topology | None = None,
-    workers: int | None = None,
-    prefill_workers: int | None = None,
-    decode_workers: int | None = None,
-    gpus: str | None = None,
-    model: str | None = None,
-    name: str | None = None,
-    device: Device | None = None,
-    infra: InfraMode | None = None,
-    etcd_endpoints: str | None = None,
-    nats_url: str | None = None,
-    host: str | None = None,
-    port: int | None = None,
-    cpu_cache_gb: float | None = None,
-    disk_cache_gb: float | None = None,
-    disk_cache_dir: Path | None = None,
-    api_key: str | None = None,
-    api_key_file: Path | None = None,
-    tls_cert: Path | None = None,
-    tls_key: Path | None = None,
-    insecure: bool | None = None,
-    router: RouterPolicy | None = None,
-    kvbm: bool | None = None,
-    observability: bool | None = None,
-    device_kv_gb: float | None = None,
     require_tier: bool = True,
     quiet: bool = False,
     engine_args: list[str] | None = None,
+    **flags: Any,
 ) -> Resolved:
-    """Flags become the strongest layer; warnings (unknown DYN_KVBM_* names) go to stderr."""
+    """Flags (keyword arguments named as in `KVBM_FLAGS` / `DEPLOYMENT_FLAGS`; None: not given)
+    become the strongest layer; warnings (unknown DYN_KVBM_* names) go to stderr."""
+    unknown = flags.keys() - KVBM_FLAGS.keys() - DEPLOYMENT_FLAGS.keys()
+    if unknown:
+        raise TypeError(f"not a settings flag: {', '.join(sorted(unknown))}")
     resolved = resolve(
         profile=profile,
-        kvbm_flags={
-            "cpu_cache_gb": cpu_cache_gb,
-            "disk_cache_gb": disk_cache_gb,
-            "disk_cache_dir": disk_cache_dir,
-        },
-        deployment_flags={
-            "topology": topology,
-            "workers": workers,
-            "prefill_workers": prefill_workers,
-            "decode_workers": decode_workers,
-            "gpus": gpus,
-            "model": model,
-            "name": name,
-            "device": device,
-            "infra": infra,
-            "etcd_endpoints": etcd_endpoints,
-            "nats_url": nats_url,
-            "frontend_host": host,
-            "frontend_port": port,
-            "api_key": api_key,
-            "api_key_file": api_key_file,
-            "tls_cert": tls_cert,
-            "tls_key": tls_key,
-            "insecure": insecure,
-            "router": router,
-            "kvbm": kvbm,
-            "observability": observability,
-            "device_kv_gb": device_kv_gb,
-        },
+        kvbm_flags={setting: flags.get(param) for param, setting in KVBM_FLAGS.items()},
+        deployment_flags={setting: flags.get(param) for param, setting in DEPLOYMENT_FLAGS.items()},
         require_tier=require_tier,
         engine_args=engine_args,
     )

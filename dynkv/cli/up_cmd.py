@@ -52,6 +52,7 @@ from dynkv.cli.options import (
     TopologyOpt,
     WorkersOpt,
     resolve_from_options,
+    settings_flags,
 )
 from dynkv.cli.output import emit_json, err, warn
 from dynkv.doctor import Status
@@ -132,36 +133,7 @@ def up(
             "add -d, or --dry-run",
             EXIT_USAGE,
         )
-    resolved = resolve_from_options(
-        profile=profile,
-        topology=topology,
-        workers=workers,
-        prefill_workers=prefill_workers,
-        decode_workers=decode_workers,
-        gpus=gpus,
-        model=model,
-        name=name,
-        device=device,
-        infra=infra,
-        etcd_endpoints=etcd_endpoints,
-        nats_url=nats_url,
-        host=host,
-        port=port,
-        cpu_cache_gb=cpu_cache_gb,
-        disk_cache_gb=disk_cache_gb,
-        disk_cache_dir=disk_cache_dir,
-        api_key=api_key,
-        api_key_file=api_key_file,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        insecure=insecure,
-        router=router,
-        kvbm=kvbm,
-        observability=observability,
-        device_kv_gb=device_kv_gb,
-        quiet=json_out,
-        engine_args=engine_args,
-    )
+    resolved = resolve_from_options(**settings_flags(locals()), quiet=json_out)
     dep = resolved.deployment
     dev = resolve_device(str(dep.device))
     choice = _model(dep.model, dev, served_model_name, dry_run=dry_run, quiet=json_out)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from dynkv.doctor.context import DoctorContext
 from dynkv.doctor.result import Check, Outcome, fail, gb, ok, warn
 from dynkv.kvbm import diskio
+from dynkv.kvbm.config import KvbmSettings
 
 ZEROFILL = "DYN_KVBM_DISK_ZEROFILL_FALLBACK"
 NO_O_DIRECT = "DYN_KVBM_DISK_DISABLE_O_DIRECT"
@@ -104,52 +107,76 @@ def _errname(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
-def disk_fallocate(ctx: DoctorContext) -> Outcome | None:
+@dataclass(frozen=True)
+class _Probe:
+    """One of the runtime's filesystem probes as the doctor reports it: both read alike (works /
+    refused, with or without the fallback variable set / failed otherwise), only the words differ."""
+
+    what: str  # the call, as the man page names it
+    run: Callable[[Path], OSError | None]
+    refused: Callable[[OSError], bool]  # the filesystem does not do it (a fallback can serve)
+    refused_as: str  # how the refusal reads after `what`
+    variable: str  # the fallback's variable; the doctor says `{variable}=true`
+    fallback_on: Callable[[KvbmSettings], bool]
+    needless: str  # added to "works" when the fallback variable is set anyway
+    fallback: str  # how the fallback in use reads
+    failed_as: str  # how any other error reads after `what`
+    failed_fix: str
+
+
+FALLOCATE = _Probe(
+    what="fallocate(2)",
+    run=diskio.probe_fallocate,
+    refused=diskio.fallocate_unsupported,
+    refused_as="is unsupported",
+    variable=ZEROFILL,
+    fallback_on=lambda k: k.disk_zerofill_fallback,
+    needless=f" ({ZEROFILL} is set but not needed)",
+    fallback=f"{ZEROFILL}=true zero-fills the pool (slower first start)",
+    failed_as="failed",
+    failed_fix="free space in DYN_KVBM_DISK_CACHE_DIR, or point it at another disk",
+)
+O_DIRECT = _Probe(
+    what="O_DIRECT",
+    run=diskio.probe_o_direct,
+    refused=lambda exc: exc.errno == errno.EINVAL,
+    refused_as="is refused",
+    variable=NO_O_DIRECT,
+    fallback_on=lambda k: k.disk_disable_o_direct,
+    needless=f" ({NO_O_DIRECT}=true: buffered I/O is used anyway)",
+    fallback=f"{NO_O_DIRECT}=true (buffered I/O)",
+    failed_as="write failed",
+    failed_fix="check DYN_KVBM_DISK_CACHE_DIR (space, permissions)",
+)
+
+
+def _probe_outcome(probe: _Probe, ctx: DoctorContext) -> Outcome | None:
+    """Run `probe` for real in the G3 directory and say what it means, with the fix."""
     if not ctx.kvbm.has_disk_tier or not ctx.disk_dir.ok:
         return None
     path = ctx.disk_dir.path
     fstype, _ = filesystem_of(path)
-    exc = diskio.probe_fallocate(path)
-    fallback = ctx.kvbm.disk_zerofill_fallback
+    exc = probe.run(path)
+    fallback = probe.fallback_on(ctx.kvbm)
     if exc is None:
-        note = f" ({ZEROFILL} is set but not needed)" if fallback else ""
-        return ok(f"fallocate(2) works in {path} ({fstype}){note}")
-    if diskio.fallocate_unsupported(exc):
-        detail = f"fallocate(2) is unsupported in {path} ({fstype}: {_errname(exc)})"
+        note = probe.needless if fallback else ""
+        return ok(f"{probe.what} works in {path} ({fstype}){note}")
+    if probe.refused(exc):
+        detail = f"{probe.what} {probe.refused_as} in {path} ({fstype}: {_errname(exc)})"
         if fallback:
-            return ok(
-                f"{detail}; fallback in use: {ZEROFILL}=true zero-fills the pool (slower first start)"
-            )
+            return ok(f"{detail}; fallback in use: {probe.fallback}")
         return fail(
-            detail, f"export {ZEROFILL}=true   # or put DYN_KVBM_DISK_CACHE_DIR on ext4/xfs"
+            detail, f"export {probe.variable}=true   # or put DYN_KVBM_DISK_CACHE_DIR on ext4/xfs"
         )
-    return fail(
-        f"fallocate(2) failed in {path}: {exc}",
-        "free space in DYN_KVBM_DISK_CACHE_DIR, or point it at another disk",
-    )
+    return fail(f"{probe.what} {probe.failed_as} in {path}: {exc}", probe.failed_fix)
+
+
+def disk_fallocate(ctx: DoctorContext) -> Outcome | None:
+    return _probe_outcome(FALLOCATE, ctx)
 
 
 def disk_o_direct(ctx: DoctorContext) -> Outcome | None:
-    if not ctx.kvbm.has_disk_tier or not ctx.disk_dir.ok:
-        return None
-    path = ctx.disk_dir.path
-    fstype, _ = filesystem_of(path)
-    exc = diskio.probe_o_direct(path)
-    disabled = ctx.kvbm.disk_disable_o_direct
-    if exc is None:
-        note = f" ({NO_O_DIRECT}=true: buffered I/O is used anyway)" if disabled else ""
-        return ok(f"O_DIRECT works in {path} ({fstype}){note}")
-    if exc.errno == errno.EINVAL:
-        detail = f"O_DIRECT is refused in {path} ({fstype}: EINVAL)"
-        if disabled:
-            return ok(f"{detail}; fallback in use: {NO_O_DIRECT}=true (buffered I/O)")
-        return fail(
-            detail, f"export {NO_O_DIRECT}=true   # or put DYN_KVBM_DISK_CACHE_DIR on ext4/xfs"
-        )
-    return fail(
-        f"O_DIRECT write failed in {path}: {exc}",
-        "check DYN_KVBM_DISK_CACHE_DIR (space, permissions)",
-    )
+    return _probe_outcome(O_DIRECT, ctx)
 
 
 def disk_filter(ctx: DoctorContext) -> Outcome | None:

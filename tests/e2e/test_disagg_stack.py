@@ -16,13 +16,13 @@ import random
 import signal
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from greedy_support import LOGPROB_TOLERANCE, logprob_gap
-from prometheus_client.parser import text_string_to_metric_families
-from stack_support import dynkv, stack_env
+from stack_support import counter, dynkv, stack_env
 
 from dynkv.bench.workloads import text
 from dynkv.supervisor import read_state
@@ -31,17 +31,6 @@ from dynkv.worker.record import worker_api_key
 pytestmark = pytest.mark.e2e
 MODEL = "dynkv-tiny"
 NAME = "dis2e"
-
-
-def counter(urls: list[str], name: str) -> float:
-    """`name` summed over every decode worker's metrics."""
-    total = 0.0
-    for url in urls:
-        for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
-            for sample in family.samples:
-                if sample.name == name:
-                    total += sample.value
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +82,17 @@ def prompt(seed: int) -> str:
     return text(random.Random(seed), 600)
 
 
+def streamed_choices(url: str, body: dict) -> Iterator[dict]:
+    """The first choice of every event of `body` sent streamed to `url`, until [DONE]."""
+    with httpx.stream(
+        "POST", url, json={**body, "stream": True}, headers=WORKER_AUTH, timeout=120
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])["choices"][0]
+
+
 def completion(base: str, stream: bool, seed: int, served_by=None, **extra) -> tuple[str, list]:
     body = {
         "model": MODEL,
@@ -110,19 +110,9 @@ def completion(base: str, stream: bool, seed: int, served_by=None, **extra) -> t
         choice = r.json()["choices"][0]
         return choice["text"], choice["logprobs"]["token_logprobs"]
     texts, logprobs = [], []
-    with httpx.stream(
-        "POST",
-        f"{base}/completions",
-        json={**body, "stream": True},
-        headers=WORKER_AUTH,
-        timeout=120,
-    ) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                choice = json.loads(line[6:])["choices"][0]
-                texts.append(choice["text"])
-                logprobs += choice["logprobs"]["token_logprobs"]
+    for choice in streamed_choices(f"{base}/completions", body):
+        texts.append(choice["text"])
+        logprobs += choice["logprobs"]["token_logprobs"]
     return "".join(texts), logprobs
 
 
@@ -137,20 +127,8 @@ def chat(base: str, stream: bool, seed: int) -> str:
         r = httpx.post(f"{base}/chat/completions", json=body, headers=WORKER_AUTH, timeout=120)
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["message"]["content"]
-    parts = []
-    with httpx.stream(
-        "POST",
-        f"{base}/chat/completions",
-        json={**body, "stream": True},
-        headers=WORKER_AUTH,
-        timeout=120,
-    ) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                delta = json.loads(line[6:])["choices"][0]["delta"]
-                parts.append(delta.get("content") or "")
-    return "".join(parts)
+    chunks = streamed_choices(f"{base}/chat/completions", body)
+    return "".join(choice["delta"].get("content") or "" for choice in chunks)
 
 
 def test_both_workers_run_and_the_pool_is_in_shared_memory(stack):

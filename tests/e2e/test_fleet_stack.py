@@ -20,8 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from stack_support import assert_nothing_left, dynkv, stack_env
+from stack_support import assert_nothing_left, counter, dynkv, stack_env
 
 from dynkv.bench.target import of_deployment
 from dynkv.infra.etcd_client import EtcdClient
@@ -32,15 +31,6 @@ pytestmark = pytest.mark.e2e
 MODEL = "dynkv-tiny"
 NAME = "fleet2e"
 WORKERS = ("worker-0", "worker-1")
-
-
-def counter(url: str, name: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
-        for sample in family.samples:
-            if sample.name == name:
-                total += sample.value
-    return total
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,13 @@ def use_fake_vllm(monkeypatch, tmp_path: Path, name: str, **extra: str) -> tuple
     return env, model
 
 
+def fake_vllm_values(monkeypatch, tmp_path: Path, name: str) -> dict[str, str]:
+    """`use_fake_vllm`'s settings, plus MODEL (the model directory) and DDIR (the deployment's
+    state directory), as the fault tests read them."""
+    values, model = use_fake_vllm(monkeypatch, tmp_path, name)
+    return values | {"MODEL": str(model), "DDIR": str(tmp_path / "state" / name)}
+
+
 def wait_for(predicate, timeout: float = 15.0, step: float = 0.1):
     """The first truthy value of `predicate()`, polled every `step` s; AssertionError after
     `timeout` s."""

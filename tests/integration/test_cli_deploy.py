@@ -212,26 +212,38 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_foreground_up_streams_logs_and_stops_everything_on_a_signal(deployment, sig):
-    env, model = deployment
-    proc = subprocess.Popen(
+def _foreground_up(model, *, stdout: int) -> subprocess.Popen:
+    """`dynkv up` in the foreground, as a terminal runs it (SIGINT's default disposition)."""
+    return subprocess.Popen(
         [sys.executable, "-c", FOREGROUND, "up", "--model", str(model)],
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=_default_sigint,
     )
+
+
+def _until_running(proc: subprocess.Popen, ddir: str):
+    """The deployment's state once it runs (or the last one read after 120 s); `proc` must not
+    exit meanwhile."""
+    deadline = time.monotonic() + 120
+    state = None
+    while time.monotonic() < deadline:
+        state = read_state(ddir)
+        if state is not None and state.phase == "running":
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    return state
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_foreground_up_streams_logs_and_stops_everything_on_a_signal(deployment, sig):
+    env, model = deployment
+    proc = _foreground_up(model, stdout=subprocess.PIPE)
     ddir = os.path.join(env["DYNKV_STATE_DIR"], "cli")
     try:
-        deadline = time.monotonic() + 120
-        state = None
-        while time.monotonic() < deadline:
-            state = read_state(ddir)
-            if state is not None and state.phase == "running":
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.2)
+        state = _until_running(proc, ddir)
         assert state is not None and state.mode == "foreground"
         assert state.supervisor_pid == proc.pid
         assert invoke("status").exit_code == 0  # its probes make the fake log a line
@@ -250,21 +262,10 @@ def test_foreground_up_streams_logs_and_stops_everything_on_a_signal(deployment,
 
 def test_down_stops_a_foreground_up_from_another_terminal(deployment):
     env, model = deployment
-    proc = subprocess.Popen(
-        [sys.executable, "-c", FOREGROUND, "up", "--model", str(model)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_default_sigint,
-    )
+    proc = _foreground_up(model, stdout=subprocess.DEVNULL)
     ddir = os.path.join(env["DYNKV_STATE_DIR"], "cli")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            state = read_state(ddir)
-            if state is not None and state.phase == "running":
-                break
-            time.sleep(0.2)
+        state = _until_running(proc, ddir)
         result = invoke("down")
         assert result.exit_code == 0, result.output
         proc.wait(timeout=30)

@@ -159,14 +159,21 @@ def test_read_only_filesystem_names_the_directory_setting():
         unmount(path)
 
 
-def test_directory_deleted_under_a_running_pool(tmp_path):
-    directory = tmp_path / "g3"
+def _pool_whose_directory_was_deleted(directory: Path) -> tuple[BlockManager, G1, list]:
+    """A G3 pool in `directory` holding three stored blocks (their keys returned), then the
+    directory deleted under it."""
     m = g3(directory)
     g1 = G1()
     first = keys_for(3)
     store(m, g1, first)
     m.flush()
     shutil.rmtree(directory)
+    return m, g1, first
+
+
+def test_directory_deleted_under_a_running_pool(tmp_path):
+    directory = tmp_path / "g3"
+    m, g1, first = _pool_whose_directory_was_deleted(directory)
     # the engine keeps its open (now unlinked) pool: stores and loads stay correct
     second = keys_for(3, salt="after")
     store(m, g1, second, first_block=10)
@@ -185,13 +192,7 @@ def _journal_failures(m: BlockManager) -> float:
 
 
 def test_directory_deleted_then_the_journal_compacts(tmp_path, caplog, monkeypatch):
-    directory = tmp_path / "g3"
-    m = g3(directory)
-    g1 = G1()
-    first = keys_for(3)
-    store(m, g1, first)
-    m.flush()
-    shutil.rmtree(directory)
+    m, g1, first = _pool_whose_directory_was_deleted(tmp_path / "g3")
     monkeypatch.setattr(m.store.journal, "needs_compaction", lambda: True)  # as after 4k writes
     second = keys_for(3, salt="after")
     with caplog.at_level(logging.WARNING, logger="dynkv.kvbm"):

@@ -18,6 +18,7 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
 ]
+DRY_RUN = ("up", "--dry-run", "--device", "cpu")  # the plan of a CPU stack, nothing started
 
 
 @pytest.fixture(scope="module")
@@ -51,31 +52,15 @@ def test_the_parser_is_read_once_and_cached_by_version(env, monkeypatch):
 
 
 def test_misspelt_argument_exits_2_naming_the_closest(env, tmp_path):
-    result = CliRunner().invoke(
-        app, ["up", "--dry-run", "--device", "cpu", "--", "--max-num-seq", "8"]
-    )
+    result = CliRunner().invoke(app, [*DRY_RUN, "--", "--max-num-seq", "8"])
     assert result.exit_code == 2, result.output
     assert "--max-num-seq " in result.output and "did you mean --max-num-seqs?" in result.output
     assert not (tmp_path / "state").exists()
 
 
 def test_valid_arguments_pass_and_the_plan_says_nothing_about_checking(env):
-    result = CliRunner().invoke(
-        app,
-        [
-            "up",
-            "--dry-run",
-            "--json",
-            "--device",
-            "cpu",
-            "--",
-            "--max-num-seqs",
-            "8",
-            "--no-enforce-eager",
-            "-tp",
-            "1",
-        ],
-    )
+    words = ["--", "--max-num-seqs", "8", "--no-enforce-eager", "-tp", "1"]
+    result = CliRunner().invoke(app, [*DRY_RUN, "--json", *words])
     assert result.exit_code == 0, result.output
     assert "not checked" not in result.stdout
     assert '"--no-enforce-eager"' in result.stdout
@@ -101,24 +86,8 @@ def test_vllm_parses_the_planned_worker_argv_into_the_engine_arguments(env, tmp_
         "[kvbm]\ncpu_cache_gb = 1\n[vllm]\nmax_num_seqs = 3\nenforce_eager = true\n",
         encoding="utf-8",
     )
-    result = CliRunner().invoke(
-        app,
-        [
-            "up",
-            "--dry-run",
-            "--json",
-            "--device",
-            "cpu",
-            "-p",
-            str(profile),
-            "--",
-            "--max-model-len",
-            "1024",
-            "--no-enforce-eager",
-            "-tp",
-            "1",
-        ],
-    )
+    words = ["--", "--max-model-len", "1024", "--no-enforce-eager", "-tp", "1"]
+    result = CliRunner().invoke(app, [*DRY_RUN, "--json", "-p", str(profile), *words])
     assert result.exit_code == 0, result.output
     worker = next(s for s in json.loads(result.stdout)["services"] if s["name"] == "worker")
     argv = worker["argv"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from fault_support import descendants, still_running
-from infra_helpers import use_fake_vllm
+from infra_helpers import fake_vllm_values
 
 from dynkv.supervisor import processes_left, read_state
 
@@ -34,9 +34,7 @@ FOREGROUND = (
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    values, model = use_fake_vllm(monkeypatch, tmp_path, NAME)
-    values["MODEL"] = str(model)
-    values["DDIR"] = str(tmp_path / "state" / NAME)
+    values = fake_vllm_values(monkeypatch, tmp_path, NAME)
     return values
 
 

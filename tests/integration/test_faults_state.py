@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 from fault_support import descendants, still_running
-from infra_helpers import use_fake_vllm
+from infra_helpers import fake_vllm_values
 from typer.testing import CliRunner
 
 from dynkv.cli.main import app
@@ -43,9 +43,7 @@ NAME = "stale"
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    values, model = use_fake_vllm(monkeypatch, tmp_path, NAME)
-    values["MODEL"] = str(model)
-    values["DDIR"] = str(tmp_path / "state" / NAME)
+    values = fake_vllm_values(monkeypatch, tmp_path, NAME)
     yield values
     runner.invoke(app, ["down", "--timeout", "2"])
 

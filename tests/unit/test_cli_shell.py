@@ -132,3 +132,19 @@ def test_installed_console_script_exit_codes(tmp_path):
         [_console_script(), "--version"], capture_output=True, text=True, timeout=60
     )
     assert ok.returncode == 0 and ok.stdout.startswith("dynkv ")
+
+
+def test_every_settings_flag_gives_a_setting_and_reaches_it(clean_env):
+    """The commands hand their flags to `resolve_from_options` through one table
+    (dynkv.cli.options): each entry names a real setting, and a flag's value arrives there."""
+    from dynkv.cli.options import DEPLOYMENT_FLAGS, KVBM_FLAGS, resolve_from_options, settings_flags
+    from dynkv.kvbm.config import KvbmSettings
+    from dynkv.settings.deployment import DeploymentSettings
+
+    assert set(DEPLOYMENT_FLAGS.values()) <= DeploymentSettings.model_fields.keys()
+    assert set(KVBM_FLAGS.values()) <= KvbmSettings.model_fields.keys()
+    params = {"port": 9001, "cpu_cache_gb": 2.0, "json_out": True, "detach": False}
+    resolved = resolve_from_options(**settings_flags(params), quiet=True)
+    assert resolved.deployment.frontend_port == 9001 and resolved.kvbm.cpu_cache_gb == 2.0
+    with pytest.raises(TypeError, match="not a settings flag: detach"):
+        resolve_from_options(detach=True)
