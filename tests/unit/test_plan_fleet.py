@@ -301,10 +301,14 @@ def test_cli_dry_run_of_two_prefill_and_two_decode_workers(clean_env, tmp_path):
     ]  # fmt: skip
     assert services["prefill-1"]["env"]["DYN_KVBM_HANDOFF_POOL"] == "prefill-1"
     assert services["decode-1"]["env"]["DYN_KVBM_HANDOFF_POOLS"] == "prefill-0,prefill-1"
-    text = CliRunner().invoke(app, args)  # the human-readable plan shows them too
+    text = CliRunner().invoke(app, args)  # the human-readable plan (stderr) shows them too
     assert text.exit_code == 0, text.output
-    for shown in ("prefill-1", "DYN_KVBM_HANDOFF_POOL=prefill-1", "prefill-0,prefill-1"):
-        assert shown in text.stdout
+    for shown in (
+        "prefill-1 prefill",
+        "DYN_KVBM_HANDOFF_POOL=prefill-1",
+        "POOLS=prefill-0,prefill-1",
+    ):
+        assert shown in text.output
 
 
 # ---- doctor -------------------------------------------------------------------------------------
