@@ -111,7 +111,8 @@ def shm(ctx: DoctorContext) -> Outcome:
         why = "the disagg prefill → decode handoff stages KV there"
         kvbpt, max_len = ctx.kv_bytes_per_token, ctx.deployment.max_model_len
         if kvbpt and max_len:
-            need = max(need, 2 * kvbpt * max_len)  # two requests of the longest length in flight
+            # two requests of the longest length in flight, in each prefill worker's pool
+            need = max(need, 2 * ctx.deployment.prefill_workers * kvbpt * max_len)
     detail = f"{path}: {gb(usage.free)} free of {gb(usage.total)}"
     if usage.free < need:
         return warn(f"{detail}, below {gb(need)}: {why}", SHM_FIX)

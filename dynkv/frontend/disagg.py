@@ -1,13 +1,14 @@
 """Disaggregated serving: a prefill worker computes the prompt, a decode worker generates.
 
-Two steps per request (docs/disagg.md):
+Two steps per request (docs/disagg.md), each to a worker the routing policy picks among the
+healthy workers of that role (`RouteContext.open`):
 1. prefill: the request, with `max_tokens=1`, not streamed, and
    `kv_transfer_params={"dynkv": {"produce": true}}`, to a `prefill` worker. Its connector copies
-   the prompt's KV blocks into the deployment's handoff pool and returns where they are in the
-   response's `kv_transfer_params`.
+   the prompt's KV blocks into its own handoff pool and returns where they are (the pool's id and
+   the slots) in the response's `kv_transfer_params`.
 2. decode: the client's request as sent, plus those `kv_transfer_params`, to a `decode` worker,
-   whose connector loads the blocks instead of computing the prompt; its answer (streamed or not)
-   is relayed to the client.
+   whose connector checks the pool is one of the deployment's and loads the blocks instead of
+   computing the prompt; its answer (streamed or not) is relayed to the client.
 Over NIXL (`--disagg-transfer nixl`, GPUs) step 1 asks for vLLM's NixlConnector protocol
 instead (`do_remote_decode`), and step 2 passes its answer's params on the same way.
 If no prefill worker can take the request: a 503 that says so, or — with DYNKV_DISAGG_FALLBACK —
@@ -82,8 +83,9 @@ class Disaggregated(Strategy):
                 raise
             if not self.fallback:
                 raise no_worker(
-                    f"the prefill worker of model {req.model!r} is down ({exc.message}); set "
-                    "DYNKV_DISAGG_FALLBACK=true to let the decode worker serve alone meanwhile"
+                    f"no prefill worker of model {req.model!r} can take the request "
+                    f"({exc.message}); set DYNKV_DISAGG_FALLBACK=true to let the decode workers "
+                    "serve alone meanwhile"
                 ) from None
             log.warning("prefill unavailable (%s): decode serves %s alone", exc.message, req.model)
         else:

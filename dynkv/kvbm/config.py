@@ -12,13 +12,18 @@ false; Dynamo treats any value as true), and sizes are validated (`abc` or `-1` 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DYN_KVBM_"
+# A handoff pool's id: a directory name inside DYN_KVBM_HANDOFF_DIR, and a value that arrives from
+# the network in kv_transfer_params. No dots or slashes: an id never names anything outside the
+# handoff area, whatever a request says (docs/security.md).
+POOL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def default_disk_cache_dir() -> Path:
@@ -166,9 +171,25 @@ class KvbmSettings(BaseSettings):
 
     handoff_dir: Path | None = Field(
         None,
-        description="Disaggregated serving on one host: the shared-memory pool (under /dev/shm) "
-        "through which a prefill worker hands a prompt's KV blocks to a decode worker.",
+        description="Disaggregated serving on one host: the shared-memory area (under /dev/shm) "
+        "through which prefill workers hand a prompt's KV blocks to decode workers: one pool "
+        "directory per prefill worker (DYN_KVBM_HANDOFF_POOL), or the one pool itself.",
         json_schema_extra=_expect("a directory path under /dev/shm", "/dev/shm/dynkv-default"),
+    )
+    handoff_pool: str | None = Field(
+        None,
+        description="Disaggregated serving: the id of the handoff pool this prefill worker writes "
+        "(its worker id, e.g. prefill-1): the pool is the directory of that name in "
+        "DYN_KVBM_HANDOFF_DIR, and the id travels to the decode worker in kv_transfer_params. "
+        "Unset: the pool is DYN_KVBM_HANDOFF_DIR itself (one prefill worker).",
+        json_schema_extra=_expect("letters, digits, - and _ (no dots or slashes)", "prefill-0"),
+    )
+    handoff_pools: str | None = Field(
+        None,
+        description="Disaggregated serving, decode side: the comma-separated ids of the handoff "
+        "pools this worker reads (the deployment's prefill workers); a handoff naming any other "
+        "pool is refused and its prompt recomputed. Unset: the worker's own pool only.",
+        json_schema_extra=_expect("pool ids separated by commas", "prefill-0,prefill-1"),
     )
     handoff_gb: float = Field(
         1.0,
@@ -184,6 +205,41 @@ class KvbmSettings(BaseSettings):
         description="How long a decode worker accepts a prefill's handoff before recomputing.",
         json_schema_extra=_expect("a number of seconds > 0", "120"),
     )
+
+    @field_validator("handoff_pool")
+    @classmethod
+    def _pool_id(cls, value: str | None) -> str | None:
+        if value is not None and not POOL_ID.fullmatch(value):
+            raise ValueError(f"{value!r} is not a pool id")
+        return value
+
+    @field_validator("handoff_pools")
+    @classmethod
+    def _pool_ids(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        ids = [part.strip() for part in value.split(",") if part.strip()]
+        bad = [i for i in ids if not POOL_ID.fullmatch(i)]
+        if bad or not ids or len(set(ids)) != len(ids):
+            raise ValueError(f"{value!r} is not a list of distinct pool ids")
+        return ",".join(ids)
+
+    @property
+    def writes_handoff(self) -> bool:
+        """This worker owns a handoff pool it writes (a prefill worker, or a worker of the
+        single-pool layout); a worker given only DYN_KVBM_HANDOFF_POOLS just reads."""
+        return self.handoff_dir is not None and (
+            self.handoff_pool is not None or self.handoff_pools is None
+        )
+
+    @property
+    def readable_pools(self) -> tuple[str, ...]:
+        """The pool ids a handoff may name to be read here ("": DYN_KVBM_HANDOFF_DIR itself)."""
+        if self.handoff_dir is None:
+            return ()
+        if self.handoff_pools is not None:
+            return tuple(self.handoff_pools.split(","))
+        return (self.handoff_pool or "",)
 
     @classmethod
     def env_name(cls, field: str) -> str:

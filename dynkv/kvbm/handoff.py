@@ -1,9 +1,13 @@
 """The handoff pool: how a prefill worker gives a prompt's KV blocks to a decode worker.
 
 Disaggregated serving on one host (docs/disagg.md): the prefill engine computes the prompt, copies
-its full blocks into this pool, and returns the slots in `kv_transfer_params`; the frontend passes
-them to the decode engine, which reads the blocks instead of recomputing the prompt. The pool is
-one file in shared memory (`DYN_KVBM_HANDOFF_DIR`, under /dev/shm), mapped by both processes:
+its full blocks into its pool, and returns the pool's id and the slots in `kv_transfer_params`;
+the frontend passes them to a decode engine, which reads the blocks instead of recomputing the
+prompt. Each prefill worker has a pool of its own (one writer per ring): the directory named by
+its id (`DYN_KVBM_HANDOFF_POOL`) inside the deployment's handoff area (`DYN_KVBM_HANDOFF_DIR`,
+under /dev/shm); without an id the area itself is the one pool. A decode worker maps, read-only
+and on first use, only the pools its `DYN_KVBM_HANDOFF_POOLS` lists: an id from a request is
+looked up there, never turned into a path of its own. A pool is one file in shared memory:
 
     [slots × stride bytes of block data][slots × 32-byte slot records: key (16), checksum (8)]
 
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dynkv.kvbm.config import POOL_ID
 from dynkv.kvbm.counters import Count
 from dynkv.kvbm.errors import KvbmConfigError
 from dynkv.kvbm.handlers import Device, Rows, WarnOnce
@@ -41,16 +46,34 @@ from dynkv.kvbm.integrity import block_checksum
 from dynkv.kvbm.ops import HandoffOp, LoadOp, StoreReport, Tier
 from dynkv.kvbm.paths import open_private_file, private_dir
 
+log = logging.getLogger("dynkv.kvbm")
+
 POOL_FILE = "handoff.bin"
 RECORD = struct.Struct("<16sQ8x")  # key, checksum, pad → 32 bytes
 HANDOFF_FIX = (
     "remove it if it is a leftover of yours, or choose another deployment name "
-    "(--name / DYNKV_NAME; the pool is /dev/shm/dynkv-<name>)"
+    "(--name / DYNKV_NAME; the handoff area is /dev/shm/dynkv-<name>)"
 )
 
 
 def handoff_slots(gb: float, stride: int) -> int:
     return max(1, int(gb * 1e9 // (stride + RECORD.size)))
+
+
+def pool_dir(area: str | os.PathLike, pool_id: str) -> Path:
+    """The directory of pool `pool_id` in the handoff area ("": the area itself). Only ids that
+    name a plain directory inside the area are accepted (ValueError otherwise)."""
+    if pool_id and not POOL_ID.fullmatch(pool_id):
+        raise ValueError(f"{pool_id!r} is not a handoff pool id")
+    return Path(area) / pool_id if pool_id else Path(area)
+
+
+def own_pool(area: str | os.PathLike, pool_id: str, stride: int, slots: int) -> HandoffPool:
+    """The pool this worker writes, created (or reused, when ours) with this geometry; the area
+    it lives in is made private first (0700), like the pool directory itself."""
+    if pool_id:
+        private_dir(area, HANDOFF_FIX)
+    return HandoffPool(pool_dir(area, pool_id), stride, slots)
 
 
 class HandoffPool:
@@ -80,6 +103,13 @@ class HandoffPool:
                 ) from None
             size = os.fstat(fd).st_size
             slots = size // (stride + RECORD.size)
+            if not slots or size != slots * (stride + RECORD.size):
+                os.close(fd)
+                raise KvbmConfigError(
+                    f"the handoff pool at {path} holds {size} bytes, not whole slots of "
+                    f"{stride + RECORD.size}: another model's pool, or one still being created",
+                    "give every worker of the deployment the same model and block size",
+                )
         try:
             self._mm = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE if create else mmap.ACCESS_READ)
         finally:
@@ -110,14 +140,54 @@ class HandoffPool:
 
 
 class HandoffHandler:
-    """The handoff pool as a load source (decode side) and a write target (prefill side)."""
+    """The handoff pools as a load source (decode side) and a write target (prefill side).
+
+    `own` is the pool this worker writes (None: a reader only); `readable` the ids of the pools a
+    load may name. A pool other than its own is attached read-only the first time a load names
+    it; one that cannot be attached yet (its prefill worker has not started) is a miss, retried
+    on the next load."""
 
     tier = Tier.HANDOFF
 
-    def __init__(self, pool: HandoffPool, warn: WarnOnce) -> None:
-        self.pool = pool
+    def __init__(
+        self,
+        area: str | os.PathLike,
+        stride: int,
+        warn: WarnOnce,
+        *,
+        own: tuple[str, HandoffPool] | None = None,
+        readable: Sequence[str] = (),
+    ) -> None:
+        self.area = Path(area)
+        self.stride = stride
+        self.own = own[1] if own is not None else None
+        self._pools: dict[str, HandoffPool] = dict([own]) if own is not None else {}
+        self._readable = frozenset(readable)
         self._warn = warn
-        self._read_records: dict[tuple[int, int], tuple[int, int]] = {}  # (key, slot) -> its record
+        self._unattached: set[str] = set()  # pools whose attach failure was logged
+        # (pool, key, slot) -> the slot's record as read before the copy
+        self._read_records: dict[tuple[str, int, int], tuple[int, int]] = {}
+
+    @property
+    def pools(self) -> dict[str, HandoffPool]:
+        """The pools mapped so far, by id (the own pool first)."""
+        return dict(self._pools)
+
+    def _pool(self, pool_id: str) -> HandoffPool | None:
+        if pool_id not in self._readable:  # the scheduler checked it too: defence in depth
+            return None
+        pool = self._pools.get(pool_id)
+        if pool is None:
+            try:
+                pool = HandoffPool(pool_dir(self.area, pool_id), self.stride)
+            except (KvbmConfigError, OSError, ValueError) as exc:
+                if pool_id not in self._unattached:
+                    self._unattached.add(pool_id)
+                    log.warning("KVBM: cannot read handoff pool %s (%s); recomputing", pool_id, exc)
+                return None
+            self._unattached.discard(pool_id)
+            self._pools[pool_id] = pool
+        return pool
 
     def read(self, ops: Sequence[LoadOp], into: np.ndarray, report: StoreReport) -> Rows:
         """Copy each slot into a private row, with the record as it was read *before* the copy
@@ -125,18 +195,21 @@ class HandoffHandler:
         rows: list[int | None] = []
         self._read_records.clear()
         for i, op in enumerate(ops):
-            if not 0 <= op.handoff_slot < self.pool.slots:
+            pool = self._pool(op.handoff_pool)
+            if pool is None or not 0 <= op.handoff_slot < pool.slots:
                 rows.append(None)
                 self._missed(op, report)
                 continue
-            self._read_records[op.key, op.handoff_slot] = self.pool.read_record(op.handoff_slot)
-            into[i] = self.pool.array[op.handoff_slot]
+            where = (op.handoff_pool, op.key, op.handoff_slot)
+            self._read_records[where] = pool.read_record(op.handoff_slot)
+            into[i] = pool.array[op.handoff_slot]
             rows.append(i)
         return Rows(into, rows)
 
     def verify(self, op: LoadOp, block: np.ndarray, report: StoreReport) -> bool:
         """`block` is the private copy: its record must name this key and match its checksum."""
-        key, checksum = self._read_records.get((op.key, op.handoff_slot), (None, 0))
+        where = (op.handoff_pool, op.key, op.handoff_slot)
+        key, checksum = self._read_records.get(where, (None, 0))
         if key != op.key or block_checksum(block, op.key) != checksum:
             self._missed(op, report)
             return False
@@ -157,7 +230,8 @@ class HandoffHandler:
     def write(self, ops: Sequence[HandoffOp], device: Device, report: StoreReport) -> None:
         """Prefill side: copy prompt blocks into the shared pool (synchronous; host memory).
         Records are cleared first and written last, so a reader never pairs old with new."""
-        pool = self.pool
+        pool = self.own
+        assert pool is not None, "a handoff write needs a pool of this worker's own"
         for op in ops:
             pool.clear_record(op.slot)
         device.to_host([op.device_block for op in ops], pool.array, [op.slot for op in ops])
@@ -165,3 +239,8 @@ class HandoffHandler:
         for op in ops:
             pool.write_record(op.slot, op.key, block_checksum(pool.array[op.slot], op.key))
         report.count(Count.HANDOFF_SENT, len(ops))
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()

@@ -95,7 +95,7 @@ class BlockLeader:
         self.disk = SlotIndex(disk_slots) if disk_slots else None
         self.handoff = (
             SlotIndex(handoff_slots(settings.handoff_gb, layout.slot_stride))
-            if settings.handoff_dir is not None
+            if settings.writes_handoff
             else None
         )
         if self.disk is not None:
@@ -251,11 +251,11 @@ class BlockLeader:
 
     @staticmethod
     def plan_handoff_load(
-        keys: Sequence[int], device_blocks: Sequence[int], slots: Sequence[int]
+        keys: Sequence[int], device_blocks: Sequence[int], slots: Sequence[int], pool: str = ""
     ) -> list[LoadOp]:
-        """Decode side: read the prefill's blocks from the handoff pool into the device."""
+        """Decode side: read the prefill's blocks from its handoff pool into the device."""
         return [
-            LoadOp(key, block, handoff_slot=slot)
+            LoadOp(key, block, handoff_slot=slot, handoff_pool=pool)
             for key, block, slot in zip(keys, device_blocks, slots, strict=False)
         ]
 

@@ -93,9 +93,11 @@ class BlockManager:
         slots: Sequence[int],
         device: Device,
         device_blocks: Sequence[int],
+        pool: str = "",
     ) -> list[int]:
-        """Decode side: read handed-off blocks into the device; returns blocks to recompute."""
-        loads = self.leader.plan_handoff_load(keys, device_blocks, slots)
+        """Decode side: read handed-off blocks from pool `pool` (the id the prefill worker
+        returned with its slots) into the device; returns blocks to recompute."""
+        loads = self.leader.plan_handoff_load(keys, device_blocks, slots, pool)
         failed = self.store.load(loads, device)
         self.sync()
         return failed

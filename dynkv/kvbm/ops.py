@@ -32,7 +32,8 @@ class LoadOp:
     host hit:              host_slot ≥ 0, disk_slot = -1
     disk hit, with G2:     host_slot ≥ 0 (promotion target), disk_slot ≥ 0
     disk hit, no G2:       host_slot = -1, disk_slot ≥ 0 (read through a staging buffer)
-    prefill handoff:       handoff_slot ≥ 0 (read from the shared handoff pool)
+    prefill handoff:       handoff_slot ≥ 0 in the shared handoff pool `handoff_pool` (the
+                           prefill worker's pool id; "" when the handoff area is the one pool)
     """
 
     key: int
@@ -40,6 +41,7 @@ class LoadOp:
     host_slot: int = -1
     disk_slot: int = -1
     handoff_slot: int = -1
+    handoff_pool: str = ""
 
     @property
     def from_disk(self) -> bool:

@@ -39,7 +39,7 @@ from dynkv.kvbm.handlers import (
     load_with,
     staging,
 )
-from dynkv.kvbm.handoff import HandoffHandler, HandoffPool, handoff_slots
+from dynkv.kvbm.handoff import HandoffHandler, HandoffPool, handoff_slots, own_pool
 from dynkv.kvbm.journal import Entry, Journal
 from dynkv.kvbm.layout import BlockLayout
 from dynkv.kvbm.leader import tier_sizes
@@ -95,19 +95,33 @@ class BlockStore:
             )
             self.handlers[Tier.DISK] = self._disk
         if settings.handoff_dir is not None:
-            # prefill and decode both map it with the same geometry; whichever starts first
-            # creates the file (same size), so neither depends on the other's start order
+            # the writer creates its pool at start, with the geometry every reader expects;
+            # pools of other workers are attached when a load first names them (start order
+            # does not matter either way)
+            own = None
             try:
-                pool = HandoffPool(
-                    settings.handoff_dir,
-                    self.stride,
-                    handoff_slots(settings.handoff_gb, self.stride),
-                )
+                if settings.writes_handoff:
+                    pool_id = settings.handoff_pool or ""
+                    own = (
+                        pool_id,
+                        own_pool(
+                            settings.handoff_dir,
+                            pool_id,
+                            self.stride,
+                            handoff_slots(settings.handoff_gb, self.stride),
+                        ),
+                    )
             except BaseException:
                 if self._disk is not None:
                     self._disk.close()
                 raise
-            self._handoff = HandoffHandler(pool, warn)
+            self._handoff = HandoffHandler(
+                settings.handoff_dir,
+                self.stride,
+                warn,
+                own=own,
+                readable=settings.readable_pools,
+            )
             self.handlers[Tier.HANDOFF] = self._handoff
         self._lock = threading.Lock()
         self._report = StoreReport()
@@ -135,7 +149,13 @@ class BlockStore:
 
     @property
     def handoff(self) -> HandoffPool | None:
-        return self._handoff.pool if self._handoff is not None else None
+        """The handoff pool this worker writes (None: none, or a reader only)."""
+        return self._handoff.own if self._handoff is not None else None
+
+    @property
+    def handoff_pools(self) -> dict[str, HandoffPool]:
+        """Every handoff pool mapped so far, by id (its own, and those loads have read)."""
+        return self._handoff.pools if self._handoff is not None else {}
 
     # ---- load --------------------------------------------------------------------------------------
     def load(self, ops: Sequence[LoadOp], device: Device) -> list[int]:
@@ -234,4 +254,4 @@ class BlockStore:
         if self._disk is not None:
             self._disk.close()
         if self._handoff is not None:
-            self._handoff.pool.close()
+            self._handoff.close()

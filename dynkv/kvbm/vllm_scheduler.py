@@ -50,6 +50,7 @@ class _Request:
     produce: bool = False  # a prefill request of disaggregated serving: hand its prompt off
     handoff_slots: list[int] | None = None  # where the prompt's blocks went (prefill side)
     receive: list[int] | None = None  # handoff slots of the prompt's blocks (decode side)
+    receive_pool: str = ""  # the handoff pool they are in (a checked id of a prefill worker)
     use_handoff: bool = False  # the last lookup chose the handoff over the local tiers
     decision: Decision | None = None  # the onboard policy's, at the last lookup
     prefill_t0: float | None = None  # when the step that started computing the prompt was planned
@@ -83,6 +84,8 @@ class SchedulerSide:
         self.layout = layout
         self.block_size = layout.block_size
         self.handoff_ttl = settings.handoff_ttl_secs
+        self.handoff_pool = settings.handoff_pool or ""  # the id this worker's handoffs carry
+        self.readable_pools = frozenset(settings.readable_pools)
         self.hasher = BlockHasher(layout.fingerprint(), layout.block_size)
         entries = []
         _host, disk_slots = tier_sizes(layout, settings)
@@ -157,7 +160,9 @@ class SchedulerSide:
     def _read_transfer_params(self, st: _Request) -> None:
         """`kv_transfer_params["dynkv"]`: {"produce": true} on a prefill request; on a decode
         request what the prefill returned. Anything that does not match this engine (another
-        model or block size, expired, malformed) is ignored: the decode recomputes."""
+        model or block size, expired, malformed, a pool that is not one of this deployment's
+        prefill workers' — DYN_KVBM_HANDOFF_POOLS) is ignored: the decode recomputes. The params
+        come from the network (the frontend): nothing in them is used unchecked."""
         params = getattr(st.request, "kv_transfer_params", None) or {}
         ours = params.get("dynkv") if isinstance(params, dict) else None
         if not isinstance(ours, dict):
@@ -165,7 +170,8 @@ class SchedulerSide:
         if ours.get("produce") is True:
             if self.leader.handoff is None:
                 log.warning(
-                    "KVBM: a prefill request asked for a handoff but DYN_KVBM_HANDOFF_DIR is unset"
+                    "KVBM: a prefill request asked for a handoff but this worker has no handoff "
+                    "pool of its own (DYN_KVBM_HANDOFF_DIR unset, or a decode worker)"
                 )
             else:
                 st.produce = True
@@ -183,12 +189,22 @@ class SchedulerSide:
         if not isinstance(expires, int | float) or expires < time.time():
             log.info("KVBM: a handoff arrived after it expired; recomputing the prompt")
             return
-        if self.leader.handoff is None:
+        if not self.readable_pools:
             log.warning(
                 "KVBM: a decode request carries a handoff but DYN_KVBM_HANDOFF_DIR is unset"
             )
             return
-        st.receive = slots
+        pool = ours.get("pool", "")
+        if not isinstance(pool, str) or pool not in self.readable_pools:
+            shown = repr(pool)[:80] if isinstance(pool, str) else type(pool).__name__
+            log.warning(
+                "KVBM: a handoff from pool %s, not one this worker reads (%s), was ignored; "
+                "recomputing",
+                shown,
+                ", ".join(sorted(self.readable_pools)) or "none",
+            )
+            return
+        st.receive, st.receive_pool = slots, pool
 
     def _keys(self, st: _Request, blocks: int) -> list[int]:
         """Keys of the request's first `blocks` full blocks, extending the cached chain."""
@@ -251,7 +267,10 @@ class SchedulerSide:
         if st.use_handoff:
             assert st.receive is not None
             loads = self.leader.plan_handoff_load(
-                keys[start : start + n], device_blocks, st.receive[start : start + n]
+                keys[start : start + n],
+                device_blocks,
+                st.receive[start : start + n],
+                st.receive_pool,
             )
             self._plan.ops.loads.extend(loads)
             self.metrics.count(Count.MATCHED_TOKENS, len(loads) * self.block_size)
@@ -351,6 +370,7 @@ class SchedulerSide:
             "dynkv": {
                 "fingerprint": self.layout.fingerprint_hex(),
                 "block_size": self.block_size,
+                "pool": self.handoff_pool,
                 "slots": st.handoff_slots,
                 "expires": time.time() + self.handoff_ttl,
             }

@@ -64,6 +64,12 @@ class WorkerSide:
                 self.store.handoff.slots,
                 self.store.handoff.directory,
             )
+        elif self.settings.handoff_dir is not None:
+            log.info(
+                "KVBM handoff: reads the pools %s in %s",
+                ", ".join(self.settings.readable_pools),
+                self.settings.handoff_dir,
+            )
 
     def start_load(self, ops: StepOps, unloadable: list[int]) -> None:
         self._load_errors.update(unloadable)

@@ -99,7 +99,7 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
             ]
     infra_names = tuple(s.name for s in services)
     transfer = disagg_transfer(resolved, host)  # workers and frontend must agree on it
-    check_counts(resolved, transfer)
+    check_counts(resolved)
     workers = _workers(resolved, host, endpoints, infra_names, transfer, nats_url)
     services += workers
     frontend = _frontend(resolved, host, endpoints, tuple(w.name for w in workers), transfer)
@@ -158,6 +158,8 @@ def _workers(
     kv_bytes = None if dep.device_kv_gb is None else int(dep.device_kv_gb * 1e9)
     handoff = handoff_dir(dep.name) if transfer == "handoff" else None
     slots = worker_slots(dep)
+    # each prefill worker writes a pool of its own, named by its id; decode workers read those
+    prefill_pools = ",".join(s.worker_id for s in slots if s.role == Role.PREFILL)
     cores = split_cores(host.cpus, len(slots)) if host.device == "cpu" else []
     gpus = {}
     if host.device == "cuda":
@@ -186,8 +188,15 @@ def _workers(
                     nats_url=nats_url, deployment=dep.name, worker_id=slot.worker_id
                 )
             )
+        handoff_unset: tuple[str, ...] = ()
         if handoff is not None:
             env["DYN_KVBM_HANDOFF_DIR"] = str(handoff)
+            if role == Role.PREFILL:
+                env[HANDOFF_POOL], unset = slot.worker_id, HANDOFF_POOLS
+            else:
+                env[HANDOFF_POOLS], unset = prefill_pools, HANDOFF_POOL
+            env.pop(unset, None)
+            handoff_unset = (unset,)  # a reader owns no pool, a writer reads none
         if role == Role.DECODE and dynkv:
             # the profile's tiers belong to the prefill worker, which sees every prompt; the
             # decode worker receives prompts through the handoff pool only
@@ -204,7 +213,7 @@ def _workers(
                 cores[index], engines=len(slots), kv_cache_bytes=kv_bytes, user_env=host.environ
             )
             env.update(cpu_env)
-        env_unset += (API_KEY_ENV,)  # the frontend's secret; a worker has no use for it
+        env_unset += (*handoff_unset, API_KEY_ENV)  # API key: the frontend's secret
         for name in ("PYTHONPATH", *PASSTHROUGH_ENV):
             if host.environ.get(name):
                 env[name] = host.environ[name]
@@ -304,6 +313,10 @@ def _prometheus(
         image=dep.prometheus_image,
     )
 
+
+# a prefill worker names the pool it writes, a decode worker the pools it may read (docs/disagg.md)
+HANDOFF_POOL = "DYN_KVBM_HANDOFF_POOL"
+HANDOFF_POOLS = "DYN_KVBM_HANDOFF_POOLS"
 
 DECODE_TIERLESS = (
     "DYN_KVBM_CPU_CACHE_GB",

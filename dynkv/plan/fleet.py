@@ -85,18 +85,11 @@ def worker_slots(dep: DeploymentSettings) -> tuple[WorkerSlot, ...]:
     return tuple(slots)
 
 
-def check_counts(resolved: Resolved, transfer: str | None = None) -> None:
+def check_counts(resolved: Resolved) -> None:
     """A count for the other topology is a mistake the user should hear about (exit 2); a count
-    of 1 is harmless and is what a profile shared by both topologies may say. The shared-memory
-    handoff (`transfer` "handoff") has one producer: one prefill worker writes its ring."""
+    of 1 is harmless and is what a profile shared by both topologies may say. Any number of
+    prefill workers works with either transfer (each has its own handoff pool: docs/disagg.md)."""
     dep = resolved.deployment
-    if transfer == "handoff" and dep.prefill_workers > 1:
-        raise PlanError(
-            f"the shared-memory handoff takes one prefill worker, and --prefill-workers is "
-            f"{dep.prefill_workers}",
-            "run --prefill-workers 1 with as many --decode-workers as you like (or "
-            "DYNKV_DISAGG_TRANSFER=nixl on CUDA)",
-        )
     agg = str(dep.topology) == "agg"
     wrong = ("prefill_workers", "decode_workers") if agg else ("workers",)
     for field in wrong:

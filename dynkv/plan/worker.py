@@ -194,6 +194,7 @@ def worker_service(
 
 
 def handoff_dir(name: str) -> Path:
-    """The prefill→decode handoff pool of a disagg deployment: shared memory when the host has it
-    (tmpfs, so the handoff costs memcpy, not I/O); `dynkv down` removes it."""
+    """The prefill→decode handoff area of a disagg deployment: shared memory when the host has it
+    (tmpfs, so the handoff costs memcpy, not I/O). Each prefill worker's pool is the directory
+    named by its worker id inside it (`prefill-0`, …); `dynkv down` removes the whole area."""
     return Path("/dev/shm") / f"dynkv-{name}"

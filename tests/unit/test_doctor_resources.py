@@ -321,3 +321,18 @@ def test_weights_of_a_local_model_count_on_cpu(tmp_path):
     assert "G1 0.5 GB (DYNKV_DEVICE_KV_GB) + weights 3.0 MB × 2 workers" in detail
     # G2 1 GB on the prefill worker only (decode is tierless) + 2 × (G1 0.5 GB + 3 MB)
     assert "G2 1.0 GB × 1 worker" in detail and "needs 2.0 GB" in detail
+
+
+def test_shm_counts_a_handoff_pool_per_prefill_worker(tmp_path, monkeypatch):
+    """Two prefill workers, a pool each: room for two of the longest prompts in each."""
+    model = write_model(tmp_path / "m")
+    env = base_env(
+        tmp_path,
+        DYNKV_TOPOLOGY="disagg",
+        DYNKV_PREFILL_WORKERS="2",
+        DYNKV_MODEL=str(model),
+        DYNKV_MAX_MODEL_LEN="131072",
+    )
+    _shm(monkeypatch, 3e9)  # enough for one prefill worker (2.4 GB), not for two
+    check = run(env)["memory.shm"]
+    assert check.status is Status.WARN and "below 4.8 GB" in check.detail

@@ -14,6 +14,7 @@ from dynkv.cli.main import app
 from dynkv.doctor import Status
 from dynkv.doctor.check_fleet import cores
 from dynkv.doctor.context import DoctorContext
+from dynkv.kvbm.handoff import pool_dir
 from dynkv.plan.build import PlanError
 from dynkv.plan.cpu import split_cores
 from dynkv.settings import resolve
@@ -60,9 +61,61 @@ def test_disagg_counts_index_within_the_role_and_ports_across_the_fleet():
     assert names == ["prefill-0", "decode-0", "decode-1"]
     assert [w.ports["http"] for w in workers(plan)] == [8100, 8101, 8102]
     handoff = {w.env["DYN_KVBM_HANDOFF_DIR"] for w in workers(plan)}
-    assert handoff == {"/dev/shm/dynkv-default"}  # one producer, every decode worker reads it
+    assert handoff == {"/dev/shm/dynkv-default"}  # the deployment's handoff area
+    assert workers(plan)[0].env["DYN_KVBM_HANDOFF_POOL"] == "prefill-0"  # the pool it writes
     for decode in workers(plan)[1:]:
         assert decode.env["DYN_KVBM_CPU_CACHE_GB"] == "0"  # decode workers stay tierless
+        assert decode.env["DYN_KVBM_HANDOFF_POOLS"] == "prefill-0"  # the pools it reads
+        assert "DYN_KVBM_HANDOFF_POOL" not in decode.env
+
+
+def test_two_prefill_workers_each_write_a_pool_of_their_own():
+    plan = plan_for(
+        {"DYNKV_TOPOLOGY": "disagg", "DYNKV_PREFILL_WORKERS": "2", "DYNKV_DECODE_WORKERS": "2"},
+        cpus=(0, 1, 2, 3),
+    )
+    p0, p1, d0, d1 = workers(plan)
+    assert [w.name for w in (p0, p1, d0, d1)] == ["prefill-0", "prefill-1", "decode-0", "decode-1"]
+    assert [w.info.worker_id for w in (p0, p1)] == ["prefill-0", "prefill-1"]
+    assert [w.ports["http"] for w in (p0, p1, d0, d1)] == [8100, 8101, 8102, 8103]
+    area = {w.env["DYN_KVBM_HANDOFF_DIR"] for w in (p0, p1, d0, d1)}
+    assert area == {"/dev/shm/dynkv-default"}
+    # disjoint pools, one writer each, named by the worker: /dev/shm/dynkv-default/prefill-i
+    pools = [pool_dir("/dev/shm/dynkv-default", w.env["DYN_KVBM_HANDOFF_POOL"]) for w in (p0, p1)]
+    assert [str(p) for p in pools] == [
+        "/dev/shm/dynkv-default/prefill-0",
+        "/dev/shm/dynkv-default/prefill-1",
+    ]
+    for prefill in (p0, p1):
+        assert "DYN_KVBM_HANDOFF_POOLS" not in prefill.env  # a writer reads no other pool
+        assert "DYN_KVBM_HANDOFF_POOLS" in prefill.env_unset  # not even an inherited list
+        assert prefill.data_dirs == ("/dev/shm/dynkv-default",)  # `down` removes the area
+        assert prefill.env["DYN_KVBM_CPU_CACHE_GB"] != "0"  # both keep the profile's tiers
+    for decode in (d0, d1):
+        assert decode.env["DYN_KVBM_HANDOFF_POOLS"] == "prefill-0,prefill-1"
+        assert "DYN_KVBM_HANDOFF_POOL" not in decode.env and "DYN_KVBM_HANDOFF_POOL" in (
+            decode.env_unset
+        )
+        assert decode.data_dirs == ()
+    # the G3 pools, ports and bind lists stay per worker too
+    assert p0.env["DYN_KVBM_DISK_CACHE_DIR"] != p1.env["DYN_KVBM_DISK_CACHE_DIR"]
+    binds = [w.env["VLLM_CPU_OMP_THREADS_BIND"] for w in (p0, p1, d0, d1)]
+    assert binds == ["0", "1", "2", "3"]
+    # the frontend picks among both prefill workers like among the decode workers
+    assert plan.service("frontend").depends_on == ("prefill-0", "prefill-1", "decode-0", "decode-1")
+
+
+def test_a_handoff_pool_variable_of_the_launcher_never_reaches_the_other_role():
+    env = {
+        "DYNKV_TOPOLOGY": "disagg",
+        "DYN_KVBM_HANDOFF_POOL": "mine",
+        "DYN_KVBM_HANDOFF_POOLS": "a,b",
+    }
+    prefill, decode = workers(plan_for(env))
+    assert prefill.env["DYN_KVBM_HANDOFF_POOL"] == "prefill-0"
+    assert "DYN_KVBM_HANDOFF_POOLS" not in prefill.env
+    assert decode.env["DYN_KVBM_HANDOFF_POOLS"] == "prefill-0"
+    assert "DYN_KVBM_HANDOFF_POOL" not in decode.env
 
 
 def test_prometheus_scrapes_every_worker(tmp_path):
@@ -194,10 +247,13 @@ def test_counts_for_the_other_topology_are_refused():
     plan_for({"DYNKV_TOPOLOGY": "disagg", "DYNKV_WORKERS": "1"})  # 1 is harmless
 
 
-def test_several_prefill_workers_cannot_share_the_handoff():
-    with pytest.raises(PlanError) as exc:
-        plan_for({"DYNKV_TOPOLOGY": "disagg", "DYNKV_PREFILL_WORKERS": "2"})
-    assert "one prefill worker" in exc.value.cause and "--prefill-workers 1" in exc.value.fix
+def test_several_prefill_workers_take_either_transfer():
+    for transfer, device in (("handoff", "cpu"), ("nixl", "cuda")):
+        env = {"DYNKV_TOPOLOGY": "disagg", "DYNKV_PREFILL_WORKERS": "3"}
+        env |= {"DYNKV_DISAGG_TRANSFER": transfer, "DYNKV_BLOCK_SIZE": "32"}
+        plan = plan_for(env, device=device, nixl=True, cpus=(0, 1, 2, 3))
+        names = [w.name for w in workers(plan)]
+        assert names == ["prefill-0", "prefill-1", "prefill-2", "decode-0"]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "65", "two"])
@@ -231,6 +287,28 @@ def test_cli_dry_run_of_a_fleet(clean_env, tmp_path):
     assert result.exit_code == 0, result.output
     names = [s["name"] for s in json.loads(result.stdout)["services"]]
     assert names == ["etcd", "nats", "prefill-0", "decode-0", "decode-1", "frontend"]
+
+
+def test_cli_dry_run_of_two_prefill_and_two_decode_workers(clean_env, tmp_path):
+    clean_env.setenv("DYNKV_STATE_DIR", str(tmp_path))
+    args = ["up", "--dry-run", "--device", "cpu", "--model", str(tmp_path), "--topology", "disagg"]
+    args += ["--prefill-workers", "2", "--decode-workers", "2"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    services = {s["name"]: s for s in json.loads(result.stdout)["services"]}
+    assert list(services) == [
+        "etcd", "nats", "prefill-0", "prefill-1", "decode-0", "decode-1", "frontend"
+    ]  # fmt: skip
+    assert services["prefill-1"]["env"]["DYN_KVBM_HANDOFF_POOL"] == "prefill-1"
+    assert services["decode-1"]["env"]["DYN_KVBM_HANDOFF_POOLS"] == "prefill-0,prefill-1"
+    text = CliRunner().invoke(app, args)  # the human-readable plan (stderr) shows them too
+    assert text.exit_code == 0, text.output
+    for shown in (
+        "prefill-1 prefill",
+        "DYN_KVBM_HANDOFF_POOL=prefill-1",
+        "POOLS=prefill-0,prefill-1",
+    ):
+        assert shown in text.output
 
 
 # ---- doctor -------------------------------------------------------------------------------------

@@ -116,3 +116,46 @@ def test_no_handoff_in_the_answer_still_decodes():
         r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
         assert r.status_code == 200
         assert "kv_transfer_params" not in json.loads(decode.bodies[-1])
+
+
+def _pool_handoff(pool: str) -> dict:
+    return {"dynkv": {**HANDOFF["dynkv"], "pool": pool}}
+
+
+def test_the_policy_picks_among_several_prefill_workers_and_decode_gets_each_ones_pool():
+    """Two prefill workers, each with its own handoff pool: round robin takes them in turn,
+    and the decode worker receives the pool id of the one that prefilled (docs/disagg.md)."""
+    prefills = [FakeWorker(f"p{i}", transfer_params=_pool_handoff(f"prefill-{i}")) for i in (0, 1)]
+    decode = FakeWorker("d")
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(ServerThread(p.app())).url for p in prefills]
+        pool = pool_of(("prefill-0", urls[0]), ("prefill-1", urls[1]), model="m", role="prefill")
+        sd = stack.enter_context(ServerThread(decode.app())).url
+        pool.put("/dynkv/t/workers/decode-0", registration("decode-0", sd, role="decode"))
+        app = create_app(FrontendConfig(router="round_robin"), pool=pool, discover=False)
+        fe = stack.enter_context(ServerThread(app))
+        for _ in range(4):
+            r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
+            assert r.status_code == 200 and r.headers["x-dynkv-worker"] == "decode-0"
+    assert [len(p.bodies) for p in prefills] == [2, 2]
+    pools = [json.loads(b)["kv_transfer_params"]["dynkv"]["pool"] for b in decode.bodies]
+    assert sorted(pools) == ["prefill-0", "prefill-0", "prefill-1", "prefill-1"]
+    assert pools[0] != pools[1]  # in turn
+
+
+def test_a_prefill_worker_down_leaves_the_other_to_serve():
+    prefill, decode = FakeWorker("p1", transfer_params=_pool_handoff("prefill-1")), FakeWorker("d")
+    with contextlib.ExitStack() as stack:
+        up = stack.enter_context(ServerThread(prefill.app())).url
+        pool = pool_of(("prefill-0", dead_url()), ("prefill-1", up), model="m", role="prefill")
+        sd = stack.enter_context(ServerThread(decode.app())).url
+        pool.put("/dynkv/t/workers/decode-0", registration("decode-0", sd, role="decode"))
+        app = create_app(FrontendConfig(), pool=pool, discover=False)
+        fe = stack.enter_context(ServerThread(app))
+        for _ in range(2):
+            r = httpx.post(fe.url + "/v1/chat/completions", json=CHAT, timeout=10)
+            assert r.status_code == 200
+    assert len(prefill.bodies) == 2
+    assert all(
+        json.loads(b)["kv_transfer_params"]["dynkv"]["pool"] == "prefill-1" for b in decode.bodies
+    )
