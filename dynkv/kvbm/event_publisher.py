@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 
 from dynkv.kvbm.event_settings import KvEventsSettings, RatesReading, RatesSource
 from dynkv.kvbm.events import (
@@ -64,7 +65,7 @@ class KvEventPublisher:
         self.subject = events_subject(settings.deployment, settings.worker_id)
         self._lock = threading.Lock()
         self._pending: list[tuple[int, KvTier | None, int]] = [(_CLEARED, None, 0)]
-        self._held: dict[KvTier, set[int]] = {KvTier.HOST: set(), KvTier.DISK: set()}
+        self._held: dict[KvTier, set[int]] = {t: set() for t in (KvTier.DEVICE, *_TIER.values())}
         self._seq = 0  # the last batch number handed out
         self._queue: queue.Queue[tuple[int, float, list]] = queue.Queue(settings.queue_max)
         self._stop = threading.Event()
@@ -77,26 +78,42 @@ class KvEventPublisher:
         self._handled_seq = 0  # the last batch number published or dropped
         self._lost = False  # a batch was dropped at cut time (queue full)
 
-    # ---- the engine thread ----------------------------------------------------------------------
+    # ---- the engine thread (and the G1 bridge's) --------------------------------------------------
     def stored(self, tier: Tier, key: int) -> None:
         t = _TIER.get(tier)
-        if t is None:
-            return
-        with self._lock:
-            self._held[t].add(key)
-            self._pending.append((_STORED, t, key))
-            if len(self._pending) >= self.settings.batch_max:
-                self._cut_locked()
+        if t is not None:
+            self._record(_STORED, t, (key,))
 
     def removed(self, tier: Tier, key: int) -> None:
         t = _TIER.get(tier)
-        if t is None:
-            return
+        if t is not None:
+            self._record(_REMOVED, t, (key,))
+
+    def g1_changed(self, stored: Iterable[int] = (), removed: Iterable[int] = ()) -> None:
+        """The device tier's changes, as vLLM's own KV events report them (`dynkv.kvbm.g1_bridge`):
+        one stream, one sequence and one snapshot with the worker's G2/G3 changes."""
+        self._record(_REMOVED, KvTier.DEVICE, removed)
+        self._record(_STORED, KvTier.DEVICE, stored)
+
+    def g1_cleared(self) -> None:
+        """Every device block is gone, or the bridge lost track of them (docs/kv-events.md)."""
         with self._lock:
-            self._held[t].discard(key)
-            self._pending.append((_REMOVED, t, key))
+            self._held[KvTier.DEVICE].clear()
+            self._pending.append((_CLEARED, KvTier.DEVICE, 0))
             if len(self._pending) >= self.settings.batch_max:
                 self._cut_locked()
+
+    def _record(self, kind: int, tier: KvTier, keys: Iterable[int]) -> None:
+        with self._lock:
+            held = self._held[tier]
+            for key in keys:
+                if kind == _STORED:
+                    held.add(key)
+                else:
+                    held.discard(key)
+                self._pending.append((kind, tier, key))
+                if len(self._pending) >= self.settings.batch_max:
+                    self._cut_locked()
 
     def _cut_locked(self) -> None:
         if not self._pending:
