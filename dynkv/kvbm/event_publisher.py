@@ -1,4 +1,8 @@
-"""The KV event publisher: batches the leader's index changes and sends them over NATS.
+"""The KV event publisher: batches a worker's block changes and sends them over NATS.
+
+It is fed by the KVBM leader (G2/G3) and by the G1 bridge (vLLM's own KV events,
+`dynkv.kvbm.g1_bridge`), so that all of a worker's tiers share one stream, one sequence and one
+snapshot; a worker without KVBM runs it in its wrapper, fed by the bridge alone.
 
 Runs inside vLLM's EngineCore process, so it must never block or break the engine:
 - the engine thread only appends to a list under a lock (and, every `batch_max` events, cuts a

@@ -227,7 +227,7 @@ def test_a_restore_is_not_republished_and_cleared_forgets_everything():
 
 
 def test_the_map_is_bounded_and_what_it_forgets_is_reported_removed():
-    t, sink = G1Translator(HASHER, max_blocks=4)
+    t, sink = G1Translator(HASHER, max_blocks=4), Sink()
     prompt = tokens(6)
     keys = HASHER.keys(prompt)
     t.apply([vllm_stored([0, 1, 2], None, prompt[: 3 * BS])], sink)
