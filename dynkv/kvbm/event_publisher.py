@@ -69,7 +69,8 @@ class KvEventPublisher:
         self.subject = events_subject(settings.deployment, settings.worker_id)
         self._lock = threading.Lock()
         self._pending: list[tuple[int, KvTier | None, int]] = [(_CLEARED, None, 0)]
-        self._held: dict[KvTier, set[int]] = {t: set() for t in (KvTier.DEVICE, *_TIER.values())}
+        # G1's set appears with the first G1 change (a worker without the G1 bridge reports no G1)
+        self._held: dict[KvTier, set[int]] = {t: set() for t in _TIER.values()}
         self._seq = 0  # the last batch number handed out
         self._queue: queue.Queue[tuple[int, float, list]] = queue.Queue(settings.queue_max)
         self._stop = threading.Event()
@@ -102,14 +103,14 @@ class KvEventPublisher:
     def g1_cleared(self) -> None:
         """Every device block is gone, or the bridge lost track of them (docs/kv-events.md)."""
         with self._lock:
-            self._held[KvTier.DEVICE].clear()
+            self._held.setdefault(KvTier.DEVICE, set()).clear()
             self._pending.append((_CLEARED, KvTier.DEVICE, 0))
             if len(self._pending) >= self.settings.batch_max:
                 self._cut_locked()
 
     def _record(self, kind: int, tier: KvTier, keys: Iterable[int]) -> None:
         with self._lock:
-            held = self._held[tier]
+            held = self._held.setdefault(tier, set())
             for key in keys:
                 if kind == _STORED:
                     held.add(key)

@@ -151,6 +151,7 @@ def test_kvbm_g1_and_g2_changes_share_one_stream_and_one_snapshot(
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("DYNKV_KV_EVENTS_FLUSH_MS", "10")
+    monkeypatch.setenv("DYNKV_KV_EVENTS_RATES_INTERVAL_SECS", "0.3")  # a late router's cue
     bs = LAYOUT.block_size
     prompt = list(range(2000, 2000 + 6 * bs + 1))
     keys = BlockHasher(LAYOUT.fingerprint(), bs).keys(prompt, ["salt:t"])
