@@ -1,4 +1,8 @@
-"""The KV event publisher: batches the leader's index changes and sends them over NATS.
+"""The KV event publisher: batches a worker's block changes and sends them over NATS.
+
+It is fed by the KVBM leader (G2/G3) and by the G1 bridge (vLLM's own KV events,
+`dynkv.kvbm.g1_bridge`), so that all of a worker's tiers share one stream, one sequence and one
+snapshot; a worker without KVBM runs it in its wrapper, fed by the bridge alone.
 
 Runs inside vLLM's EngineCore process, so it must never block or break the engine:
 - the engine thread only appends to a list under a lock (and, every `batch_max` events, cuts a
@@ -21,6 +25,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 
 from dynkv.kvbm.event_settings import KvEventsSettings, RatesReading, RatesSource
 from dynkv.kvbm.events import (
@@ -64,7 +69,8 @@ class KvEventPublisher:
         self.subject = events_subject(settings.deployment, settings.worker_id)
         self._lock = threading.Lock()
         self._pending: list[tuple[int, KvTier | None, int]] = [(_CLEARED, None, 0)]
-        self._held: dict[KvTier, set[int]] = {KvTier.HOST: set(), KvTier.DISK: set()}
+        # G1's set appears with the first G1 change (a worker without the G1 bridge reports no G1)
+        self._held: dict[KvTier, set[int]] = {t: set() for t in _TIER.values()}
         self._seq = 0  # the last batch number handed out
         self._queue: queue.Queue[tuple[int, float, list]] = queue.Queue(settings.queue_max)
         self._stop = threading.Event()
@@ -77,26 +83,42 @@ class KvEventPublisher:
         self._handled_seq = 0  # the last batch number published or dropped
         self._lost = False  # a batch was dropped at cut time (queue full)
 
-    # ---- the engine thread ----------------------------------------------------------------------
+    # ---- the engine thread (and the G1 bridge's) --------------------------------------------------
     def stored(self, tier: Tier, key: int) -> None:
         t = _TIER.get(tier)
-        if t is None:
-            return
-        with self._lock:
-            self._held[t].add(key)
-            self._pending.append((_STORED, t, key))
-            if len(self._pending) >= self.settings.batch_max:
-                self._cut_locked()
+        if t is not None:
+            self._record(_STORED, t, (key,))
 
     def removed(self, tier: Tier, key: int) -> None:
         t = _TIER.get(tier)
-        if t is None:
-            return
+        if t is not None:
+            self._record(_REMOVED, t, (key,))
+
+    def g1_changed(self, stored: Iterable[int] = (), removed: Iterable[int] = ()) -> None:
+        """The device tier's changes, as vLLM's own KV events report them (`dynkv.kvbm.g1_bridge`):
+        one stream, one sequence and one snapshot with the worker's G2/G3 changes."""
+        self._record(_REMOVED, KvTier.DEVICE, removed)
+        self._record(_STORED, KvTier.DEVICE, stored)
+
+    def g1_cleared(self) -> None:
+        """Every device block is gone, or the bridge lost track of them (docs/kv-events.md)."""
         with self._lock:
-            self._held[t].discard(key)
-            self._pending.append((_REMOVED, t, key))
+            self._held.setdefault(KvTier.DEVICE, set()).clear()
+            self._pending.append((_CLEARED, KvTier.DEVICE, 0))
             if len(self._pending) >= self.settings.batch_max:
                 self._cut_locked()
+
+    def _record(self, kind: int, tier: KvTier, keys: Iterable[int]) -> None:
+        with self._lock:
+            held = self._held.setdefault(tier, set())
+            for key in keys:
+                if kind == _STORED:
+                    held.add(key)
+                else:
+                    held.discard(key)
+                self._pending.append((kind, tier, key))
+                if len(self._pending) >= self.settings.batch_max:
+                    self._cut_locked()
 
     def _cut_locked(self) -> None:
         if not self._pending:

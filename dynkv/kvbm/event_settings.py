@@ -19,7 +19,8 @@ ENV_PREFIX = "DYNKV_KV_EVENTS_"
 
 class KvEventsSettings(BaseSettings):
     """Where and how a worker publishes KV events; field `x` is `DYNKV_KV_EVENTS_X`. `dynkv up`
-    sets the first three for every worker; without `nats_url` nothing is published."""
+    sets the first three for every worker, and `g1_endpoint` where vLLM publishes its KV events;
+    without `nats_url` nothing is published."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, case_sensitive=False, env_ignore_empty=True, extra="ignore"
@@ -33,6 +34,14 @@ class KvEventsSettings(BaseSettings):
     queue_max: int = Field(1024, ge=1, description="Batches waiting to be sent; more are dropped.")
     rates_interval_secs: float = Field(2.0, gt=0, description="Period of the rates message.")
     reconnect_secs: float = Field(0.5, gt=0, description="Wait between NATS connection attempts.")
+    g1_endpoint: str | None = Field(
+        None,
+        description="vLLM's own KV events (the ZMQ endpoint of its --kv-events-config), bridged "
+        "into G1 events; unset: no G1 events.",
+    )
+    g1_max_blocks: int = Field(
+        1_000_000, ge=1, description="vLLM blocks the G1 bridge remembers; older ones are removed."
+    )
 
     def check(self) -> KvEventsSettings:
         subject_token(self.deployment)
@@ -45,13 +54,18 @@ class KvEventsSettings(BaseSettings):
         return {ENV_PREFIX + f.upper(): f for f in cls.model_fields}
 
     @classmethod
-    def env(cls, *, nats_url: str, deployment: str, worker_id: str) -> dict[str, str]:
+    def env(
+        cls, *, nats_url: str, deployment: str, worker_id: str, g1_endpoint: str | None = None
+    ) -> dict[str, str]:
         """The environment that makes a worker publish (what the plan gives each worker)."""
-        return {
+        env = {
             ENV_PREFIX + "NATS_URL": nats_url,
             ENV_PREFIX + "DEPLOYMENT": deployment,
             ENV_PREFIX + "WORKER_ID": worker_id,
         }
+        if g1_endpoint:
+            env[ENV_PREFIX + "G1_ENDPOINT"] = g1_endpoint
+        return env
 
 
 @dataclass

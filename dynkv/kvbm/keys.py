@@ -61,15 +61,20 @@ class BlockHasher:
         `start`/`parent` continue a chain: keys of blocks `start..` given the key of block
         `start-1` (used to extend a request's keys as it decodes without rehashing its prompt).
         """
-        tokens = np.asarray(token_ids, dtype=np.uint32)
-        n_full = len(tokens) // self.block_size
         if start > 0 and parent is None:
             raise ValueError("continuing a chain needs the parent key")
         prev = self.root(extra) if start == 0 else parent
         assert prev is not None
+        tokens = np.asarray(token_ids, dtype=np.uint32)
+        return self.chain(prev, tokens[start * self.block_size :])
+
+    def chain(self, parent: BlockKey, token_ids: Sequence[int] | np.ndarray) -> list[BlockKey]:
+        """Keys of the full blocks of `token_ids`, the blocks that follow the one keyed `parent`
+        (a root from `root()`, or any block's key)."""
+        tokens = np.asarray(token_ids, dtype=np.uint32)
+        prev, bs = parent, self.block_size
         out: list[BlockKey] = []
-        bs = self.block_size
-        for i in range(start, n_full):
+        for i in range(len(tokens) // bs):
             h = xxhash.xxh3_128()
             h.update(prev.to_bytes(KEY_BYTES, "little"))
             h.update(tokens[i * bs : (i + 1) * bs].tobytes())

@@ -27,6 +27,7 @@ from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.counters import Count
 from dynkv.kvbm.event_publisher import start_from_env
 from dynkv.kvbm.event_rates import metrics_rates
+from dynkv.kvbm.g1_bridge import start_for as start_g1_bridge
 from dynkv.kvbm.journal import Journal
 from dynkv.kvbm.keys import BlockHasher, extra_keys
 from dynkv.kvbm.layout import BlockLayout
@@ -123,6 +124,8 @@ class SchedulerSide:
             layout.fingerprint_hex(),
             metrics_rates(self.metrics, self.block_size),
         )
+        # and vLLM's own (G1) events, bridged into the same stream when the plan enabled them
+        self.g1_events = start_g1_bridge(self.events, self.hasher)
         self._requests: dict[str, _Request] = {}
         self._plan = StepPlan()
         self.clock = clock
@@ -393,6 +396,8 @@ class SchedulerSide:
                 )
 
     def close(self) -> None:
+        if self.g1_events is not None:
+            self.g1_events.close()
         if self.events is not None:
             self.events.close()
         self.metrics.close()

@@ -24,7 +24,11 @@ from dynkv.plan.ports import check_port_clashes, worker_port
 from dynkv.plan.prometheus import prometheus_service
 from dynkv.plan.worker import (
     PASSTHROUGH_ENV,
+    data_parallel,
     handoff_dir,
+    kv_events_config,
+    kv_events_dir,
+    kv_events_endpoint,
     kv_transfer_config,
     metrics_url,
     vllm_argv,
@@ -182,10 +186,21 @@ def _workers(
             env["DYN_KVBM_DISK_CACHE_DIR"] = str(
                 kvbm.disk_cache_dir / f"{dep.name}-{slot.pool_suffix}"
             )
-        if dynkv:  # the worker's KVBM publishes its G2/G3 changes for the router
+        engine = _engine_argv(resolved, role, host)
+        # vLLM's own KV events (G1) for every worker, bridged into the worker's stream by its
+        # KVBM connector, or by the wrapper without one (docs/kv-events.md)
+        g1_endpoint = (
+            None
+            if data_parallel(engine)
+            else kv_events_endpoint(dep.deployment_dir, slot.worker_id)
+        )
+        if dynkv or g1_endpoint:  # the worker publishes its changes for the router
             env.update(
                 KvEventsSettings.env(
-                    nats_url=nats_url, deployment=dep.name, worker_id=slot.worker_id
+                    nats_url=nats_url,
+                    deployment=dep.name,
+                    worker_id=slot.worker_id,
+                    g1_endpoint=g1_endpoint,
                 )
             )
         handoff_unset: tuple[str, ...] = ()
@@ -226,7 +241,8 @@ def _workers(
             max_model_len=dep.max_model_len,
             kv_cache_bytes=kv_bytes,
             kv_transfer=kv_transfer_config(dynkv=dynkv, nixl=transfer == "nixl"),
-            engine=_engine_argv(resolved, role, host),
+            kv_events=kv_events_config(g1_endpoint) if g1_endpoint else None,
+            engine=engine,
         )
         served_metrics = (
             None if metrics_port is None else metrics_url(kvbm.metrics_host, metrics_port)
@@ -250,8 +266,12 @@ def _workers(
                 lease_ttl=dep.lease_ttl_secs,
                 depends_on=depends_on,
                 secret=host.secret,
+                g1_events_block_size=dep.block_size if g1_endpoint and not dynkv else None,
             )
         )
+        if g1_endpoint:
+            run_dir = str(kv_events_dir(dep.deployment_dir, slot.worker_id))
+            workers[-1] = workers[-1].replace(data_dirs=(*workers[-1].data_dirs, run_dir))
         if handoff is not None and role == Role.PREFILL:
             workers[-1] = workers[-1].replace(data_dirs=(*workers[-1].data_dirs, str(handoff)))
     return workers
@@ -339,6 +359,12 @@ def _notes(host: HostFacts, services: tuple[Service, ...]) -> tuple[str, ...]:
             "it exercises the KV cache, its text is noise (without --model, CPU hosts serve "
             "smollm2-135m-instruct, a real one)"
         )
+    for svc in services:
+        if svc.info.worker_id and "--kv-events-config" not in svc.argv:
+            notes.append(
+                f"worker {svc.info.worker_id} publishes no G1 KV events: vLLM's data parallelism "
+                "gives each rank its own event stream, which dynkv does not bridge"
+            )
     for svc in services:
         info = svc.info
         if info.openai_url:

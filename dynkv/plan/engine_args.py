@@ -29,6 +29,8 @@ OWNED_FIX: dict[str, str] = {
     "block_size": "export DYNKV_BLOCK_SIZE=<tokens> (or block_size in [deployment])",
     "kv_transfer_config": "dynkv builds the connector config: use --kvbm/--no-kvbm, "
     "DYNKV_DISAGG_TRANSFER and the profile's [kvbm] table",
+    "kv_events_config": "dynkv enables vLLM's KV events itself, on a private socket per worker "
+    "(docs/kv-events.md)",
     "kv_cache_memory_bytes": "pass --device-kv-gb (DYNKV_DEVICE_KV_GB), G1 per worker in GB",
     "api_key": "pass --api-key (DYNKV_API_KEY): the frontend checks it, workers stay on loopback",
     "uds": "workers serve HTTP on 127.0.0.1:DYNKV_WORKER_PORT, which dynkv probes and registers",
@@ -51,6 +53,7 @@ def owned_options() -> tuple[str, ...]:
         max_model_len=1,
         kv_cache_bytes=1,
         kv_transfer="{}",
+        kv_events="{}",
     )
     return tuple(dict.fromkeys([w for w in every if w.startswith("--")] + list(_ALSO_OWNED)))
 

@@ -68,6 +68,51 @@ def kv_transfer_config(*, dynkv: bool = True, nixl: bool = False) -> str | None:
     return json.dumps(config, separators=(",", ":"))
 
 
+KV_EVENTS_SOCKET = "kv-events.sock"
+IPC_PATH_MAX = 100  # a Unix socket path holds 107 bytes; longer ones cannot be bound
+
+
+def kv_events_dir(deployment_dir: Path, worker_id: str) -> Path:
+    """The worker's private run dir (a data dir: 0700, removed by `down`)."""
+    return deployment_dir / "run" / worker_id
+
+
+def kv_events_endpoint(deployment_dir: Path, worker_id: str) -> str:
+    """Where the worker's vLLM publishes its KV events: a socket in the worker's 0700 run dir,
+    so that no other local user reads its prompts' token ids. A path too long for a socket is
+    written relative to the deployment dir, the worker's working directory (vLLM's and the
+    bridge's alike)."""
+    path = kv_events_dir(deployment_dir, worker_id) / KV_EVENTS_SOCKET
+    if len(str(path)) > IPC_PATH_MAX:
+        path = path.relative_to(deployment_dir)
+    return f"ipc://{path}"
+
+
+def kv_events_config(endpoint: str) -> str:
+    """The worker's `--kv-events-config`: vLLM's ZMQ publisher bound to `endpoint`, with no
+    replay buffer (the bridge reports G1 cleared on a gap instead, docs/kv-events.md)."""
+    config = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": endpoint,
+        "buffer_steps": 1,
+    }
+    return json.dumps(config, separators=(",", ":"))
+
+
+def data_parallel(engine: tuple[str, ...]) -> bool:
+    """The user's engine arguments ask for vLLM's data parallelism (one engine per rank, each
+    publishing its KV events on its own endpoint, which an ipc:// path cannot be derived into)."""
+    for i, word in enumerate(engine):
+        name, _, value = word.partition("=")
+        if name in ("--data-parallel-size", "-dp"):
+            if not value and i + 1 < len(engine):
+                value = engine[i + 1]
+            if value.strip() not in ("", "1"):
+                return True
+    return False
+
+
 def vllm_argv(
     *,
     python: str,
@@ -78,6 +123,7 @@ def vllm_argv(
     max_model_len: int | None,
     kv_cache_bytes: int | None,
     kv_transfer: str | None = None,
+    kv_events: str | None = None,
     engine: tuple[str, ...] = (),
 ) -> tuple[str, ...]:
     argv = [
@@ -97,6 +143,8 @@ def vllm_argv(
     ]
     if kv_transfer:
         argv += ["--kv-transfer-config", kv_transfer]
+    if kv_events:
+        argv += ["--kv-events-config", kv_events]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
     if kv_cache_bytes is not None:
@@ -131,11 +179,13 @@ def worker_service(
     depends_on: tuple[str, ...],
     secret: str | None = None,
     name: str | None = None,
+    g1_events_block_size: int | None = None,
 ) -> Service:
     """`secret`: the deployment secret, which the wrapper signs its registration with and
     derives vLLM's API key from (docs/security.md). `index` counts within the role (the
     registration id is `<role>-<index>`); `name` is the service's name (`dynkv.plan.fleet`),
-    by default that id, or `worker` for the first agg worker."""
+    by default that id, or `worker` for the first agg worker. `g1_events_block_size`: the
+    wrapper bridges vLLM's KV events itself (a worker without the KVBM connector)."""
     worker_id = f"{role}-{index}"
     if name is None:
         name = "worker" if role == Role.AGG and index == 0 else worker_id
@@ -158,6 +208,7 @@ def worker_service(
         *(("--metrics-url", metrics) if metrics else ()),
         "--lease-ttl",
         str(lease_ttl),
+        *(("--g1-events-block-size", str(g1_events_block_size)) if g1_events_block_size else ()),
         "--",
         *vllm,
     )

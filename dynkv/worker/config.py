@@ -47,6 +47,10 @@ class WorkerConfig(BaseModel):
     # generous: a busy CPU engine can answer /health late, and withdrawing it would be worse
     probe_timeout: float = Field(5.0, gt=0, description="a slower /health counts as failed")
     unhealthy_after: int = Field(3, ge=1, description="consecutive failed probes to withdraw")
+    # a worker without KVBM: the wrapper bridges vLLM's own KV events (docs/kv-events.md)
+    g1_events_block_size: int | None = Field(
+        None, ge=1, description="bridge vLLM's KV events into G1 events, with this block size"
+    )
 
     @field_validator("etcd_endpoints", mode="before")
     @classmethod

@@ -34,7 +34,9 @@ import time
 import httpx
 
 from dynkv.infra.etcd_client import EtcdClient, EtcdError
+from dynkv.kvbm.event_settings import KvEventsSettings
 from dynkv.worker.config import ENV_PREFIX, parse_args
+from dynkv.worker.g1_events import start_g1_events
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, WorkerRecord, worker_api_key, worker_key
 from dynkv.worker.registration import Registrar, _log, register_until_done
 
@@ -59,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_signal)
 
     secret = os.environ.get(DEPLOYMENT_SECRET_ENV) or None
+    g1 = None
+    if cfg.g1_events_block_size is not None:  # no KVBM in vLLM: its G1 events are bridged here
+        g1 = start_g1_events(cfg.served_model_name, cfg.g1_events_block_size, _events_settings())
     child = subprocess.Popen(child_argv, env=child_env(os.environ, secret))
     _log(f"started {child_argv[0]} (pid {child.pid}); waiting for {cfg.url}/health")
     if secret is None:
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         watch.close()
         registrar.withdraw()
         client.close()
+        if g1 is not None:
+            g1.close()
     code = exit_code_of(child.returncode)
     _log(f"vLLM exited with code {code}")
     if stop_signal and code == 128 + signal.SIGTERM:
@@ -105,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         # second one can land after its handler is gone; that is a requested stop, not a crash
         return 0
     return code
+
+
+def _events_settings() -> KvEventsSettings:
+    try:
+        return KvEventsSettings()
+    except ValueError as exc:  # bad DYNKV_KV_EVENTS_*: the worker serves on without events
+        _log(f"KV events are off: {exc}")
+        return KvEventsSettings.model_construct(nats_url=None)
 
 
 class HealthWatch:

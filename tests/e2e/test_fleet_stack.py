@@ -112,6 +112,60 @@ def test_round_robin_serves_from_both(fleet):
         assert f'worker="{worker}"' in front
 
 
+def test_g1_events_of_a_served_prompt_reach_a_kv_router(fleet):
+    """vLLM's own KV events, bridged by each worker's connector (docs/kv-events.md): after a
+    salted request served by agg-1, a KV router subscribed to the deployment's NATS finds the
+    prompt's full blocks in agg-1's G1, under the keys it computes from agg-1's own tokens."""
+    import asyncio
+
+    from dynkv.router.router import KvRouter
+    from dynkv.router.score import WorkerLoad
+
+    env, ddir = fleet
+    started = time.monotonic()
+    secret = (ddir / "deployment.secret").read_text().strip()
+    auth = {"authorization": f"Bearer {worker_api_key(secret)}"}
+    url = f"http://127.0.0.1:{int(env['DYNKV_WORKER_PORT']) + 1}"  # agg-1
+    prompt = "the G1 bridge keys every block it is told about " * 12
+    loads = {"agg-0": WorkerLoad(), "agg-1": WorkerLoad()}
+
+    async def until(predicate, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "condition not met in time"
+            await asyncio.sleep(0.1)
+
+    async def scenario() -> tuple[int, int, object]:
+        kv = KvRouter(f"nats://127.0.0.1:{env['DYNKV_NATS_PORT']}", NAME, snapshot_timeout=5)
+        await kv.start()
+        try:
+            await until(lambda: all(kv.sync.synced(w) and w in kv.sync.rates for w in loads))
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "cache_salt": "g1-e2e"}
+            r = await asyncio.to_thread(
+                httpx.post, f"{url}/v1/completions", json=body, headers=auth, timeout=120
+            )
+            assert r.status_code == 200, r.text
+            tok = await asyncio.to_thread(
+                httpx.post,
+                f"{url}/tokenize",
+                json={"model": MODEL, "prompt": prompt},
+                headers=auth,
+                timeout=30,
+            )
+            tokens = tok.json()["tokens"]
+            blocks = len(tokens) // kv.sync.rates["agg-1"].block_size
+            assert blocks >= 2
+            await until(lambda: kv.pick(tokens, loads, cache_salt="g1-e2e").chosen.match.device)
+            return blocks, len(tokens), kv.pick(tokens, loads, cache_salt="g1-e2e")
+        finally:
+            await kv.close()
+
+    blocks, n_tokens, d = asyncio.run(scenario())
+    print(f"\nG1 events through a real engine: {time.monotonic() - started:.1f} s")
+    assert (d.chosen.worker, d.reason) == ("agg-1", "kv")
+    assert d.chosen.match.device == blocks, (d.chosen.match, n_tokens)
+
+
 def test_logs_of_the_fleet(fleet):
     env, _ = fleet
     logs = dynkv("logs", "worker", "--tail", "400", env=env)  # `worker`: every worker-<i>
