@@ -139,6 +139,21 @@ class KvbmMetrics:
         """Serve /metrics on host:port (a daemon thread of prometheus_client)."""
         self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
 
+    def serve_or_warn(self, host: str, port: int) -> bool:
+        """`serve`, saying where; a port in use is a warning with the fix, never a failed engine."""
+        try:
+            self.serve(host, port)
+        except OSError as exc:
+            log.warning(
+                "KVBM: cannot serve metrics on %s:%d (%s); set DYN_KVBM_METRICS_PORT to a free port",
+                host,
+                port,
+                exc.strerror,
+            )
+            return False
+        log.info("KVBM metrics on http://%s:%d/metrics", host, port)
+        return True
+
     def log_if_changed(self) -> str | None:
         """Log the hit-rate line when requests arrived since the last one; returns the line."""
         with self._lock:

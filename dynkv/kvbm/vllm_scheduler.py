@@ -101,21 +101,7 @@ class SchedulerSide:
         )
         self.metrics = self.leader.metrics
         if serve_metrics if serve_metrics is not None else settings.metrics:
-            try:
-                self.metrics.serve(settings.metrics_host, settings.metrics_port)
-                log.info(
-                    "KVBM metrics on http://%s:%d/metrics",
-                    settings.metrics_host,
-                    settings.metrics_port,
-                )
-            except OSError as exc:
-                log.warning(
-                    "KVBM: cannot serve metrics on %s:%d (%s); set DYN_KVBM_METRICS_PORT to a "
-                    "free port",
-                    settings.metrics_host,
-                    settings.metrics_port,
-                    exc.strerror,
-                )
+            self.metrics.serve_or_warn(settings.metrics_host, settings.metrics_port)
         self.metrics.start_log_thread(settings.cache_stats_log_interval_secs)
         # KV events for the router (docs/kv-events.md); None unless DYNKV_KV_EVENTS_NATS_URL is set
         self.events = start_from_env(
