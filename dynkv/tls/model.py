@@ -1,0 +1,83 @@
+"""What an advertised deployment's plan says about transport security: which files, never secrets.
+
+`TransportSecurity` is pure data the plan builder fills in (`dynkv up --advertise ADDR`): the
+address other hosts reach, the CA certificate, and for each service the server and/or client
+certificate it uses. Nothing here is made at plan time, so `up --dry-run` writes nothing: the
+supervisor makes the CA and issues the listed certificates just before it starts the services
+(`dynkv.tls.issue.materialize`). The NATS token travels by the environment variable named in
+`nats_token_env` (docs/security.md "Secrets off the command line"); the plan records the name only.
+
+Processes read their side from the environment (`client_env`/`server_env`), because `dynkv/kvbm`
+runs inside vLLM and imports nothing else from dynkv: the variable names below are the contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict
+
+# The environment a TLS client of the deployment reads (etcd, NATS, workers' HTTP).
+CA_ENV = "DYNKV_TLS_CA"
+CERT_ENV = "DYNKV_TLS_CERT"
+KEY_ENV = "DYNKV_TLS_KEY"
+NATS_TOKEN_ENV = "DYNKV_NATS_TOKEN"
+# A worker wrapper's own HTTPS listener (vLLM's --ssl-certfile/--ssl-keyfile).
+SERVER_CERT_ENV = "DYNKV_TLS_SERVER_CERT"
+SERVER_KEY_ENV = "DYNKV_TLS_SERVER_KEY"
+
+TLS_DIR = "tls"  # under the deployment dir
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def replace(self, **changes: Any) -> Self:
+        return self.model_validate({**dict(self), **changes})
+
+
+class CertFiles(_Frozen):
+    """A certificate and its key, PEM files (both 0600)."""
+
+    cert: str
+    key: str
+
+
+class ServiceTLS(_Frozen):
+    """One service's certificates: `server` for what it listens on (SANs `ips`), `client` for
+    what it connects to (etcd, NATS, workers)."""
+
+    server: CertFiles | None = None
+    client: CertFiles | None = None
+    ips: tuple[str, ...] = ()
+
+
+class TransportSecurity(_Frozen):
+    """Transport security of a deployment other hosts reach. `services` is keyed by the plan's
+    service names, plus `cli` for dynkv's own commands (`status`, `down`, `logs`, `bench`)."""
+
+    advertise: str
+    dir: str
+    ca_cert: str
+    ca_key: str
+    nats_token_env: str = NATS_TOKEN_ENV
+    services: dict[str, ServiceTLS]
+
+    def service(self, name: str) -> ServiceTLS:
+        return self.services[name]
+
+    def client_env(
+        self, name: str, *, nats: bool = False, token: str | None = None
+    ) -> dict[str, str]:
+        """What service `name` needs in its environment to be a client of the deployment (with
+        `nats`, the token under `nats_token_env`)."""
+        client = self.services[name].client
+        env = {CA_ENV: self.ca_cert}
+        if client is not None:
+            env |= {CERT_ENV: client.cert, KEY_ENV: client.key}
+        if nats and token is not None:
+            env[self.nats_token_env] = token
+        return env
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
