@@ -4,7 +4,7 @@
 reached: a worker's vLLM serves https with its CA-issued certificate (`--ssl-certfile`,
 `--ssl-keyfile`, appended after the user's engine arguments) and registers an https URL; the
 frontend binds the advertised address with its own certificate (unless the user gave one); and
-each gets in its environment what makes it a client of the deployment (`DYNKV_TLS_*`, the NATS
+each gets in its environment what makes it a client of the deployment (`DYNKV_CLIENT_*`, the NATS
 token: dynkv.tls.model). Done as a step after the loopback builders so that a loopback plan is
 byte-for-byte what it was.
 """

@@ -28,7 +28,7 @@ def test_loopback_plan_has_no_transport_security_and_no_tls():
     assert plan.transport_security is None
     text = json.dumps(plan.to_json())
     assert "transport_security" not in text
-    assert "https://" not in text and "tls://" not in text and "DYNKV_TLS" not in text
+    assert "https://" not in text and "tls://" not in text and "DYNKV_CLIENT_" not in text
     assert plan.etcd_endpoints == ("http://127.0.0.1:2379",)
 
 
@@ -81,8 +81,8 @@ def test_workers_serve_https_register_it_and_are_clients_of_etcd():
         assert flag(vllm, "--ssl-keyfile") == files.server.key
         assert worker.info.url.startswith("https://127.0.0.1:")
         assert flag(worker.argv, "--url") == worker.info.url
-        assert worker.env["DYNKV_TLS_CA"] == tls.ca_cert
-        assert worker.env["DYNKV_TLS_CERT"] == files.client.cert
+        assert worker.env["DYNKV_CLIENT_CA"] == tls.ca_cert
+        assert worker.env["DYNKV_CLIENT_CERT"] == files.client.cert
         assert worker.env["DYNKV_WORKER_ETCD_ENDPOINTS"] == "https://127.0.0.2:2379"
         assert worker.env["DYNKV_KV_EVENTS_NATS_URL"] == "tls://127.0.0.2:4222"
         http, key = worker.probes
@@ -99,8 +99,8 @@ def test_frontend_binds_the_address_over_https_and_trusts_the_ca():
     assert flag(frontend.argv, "--tls-cert") == tls.service("frontend").server.cert
     assert frontend.info.openai_url == "https://127.0.0.2:8000/v1"
     assert frontend.env["DYNKV_FRONTEND_ETCD_ENDPOINTS"] == "https://127.0.0.2:2379"
-    assert frontend.env["DYNKV_TLS_CA"] == tls.ca_cert
-    assert frontend.env["DYNKV_TLS_KEY"] == tls.service("frontend").client.key
+    assert frontend.env["DYNKV_CLIENT_CA"] == tls.ca_cert
+    assert frontend.env["DYNKV_CLIENT_KEY"] == tls.service("frontend").client.key
     (probe,) = frontend.probes
     assert probe.url == "https://127.0.0.2:8000/health" and probe.tls is not None
 
@@ -146,12 +146,12 @@ def test_the_kvbm_package_reads_the_same_variables_as_everyone_else(monkeypatch,
     from dynkv.tls.ca import DeploymentCA
 
     DeploymentCA.ensure(tmp_path / "tls", "d")
-    monkeypatch.setenv("DYNKV_TLS_CA", str(tmp_path / "tls" / "ca.crt"))
+    monkeypatch.setenv("DYNKV_CLIENT_CA", str(tmp_path / "tls" / "ca.crt"))
     monkeypatch.setenv("DYNKV_NATS_TOKEN", "tok-value")
     settings = event_settings.KvEventsSettings()
     assert "tok-value" not in repr(settings)
     options = settings.nats_options()
     assert options["token"] == "tok-value" and options["tls"].verify_mode.name == "CERT_REQUIRED"
-    monkeypatch.delenv("DYNKV_TLS_CA")
+    monkeypatch.delenv("DYNKV_CLIENT_CA")
     monkeypatch.delenv("DYNKV_NATS_TOKEN")
     assert event_settings.KvEventsSettings().nats_options() == {}
