@@ -72,5 +72,12 @@ def secure_frontend(
         argv=tuple(argv),
         env={**frontend.env, **tls.client_env("frontend", token=token)},
         probes=probes,
-        info=frontend.info.model_copy(update={"url": url, "openai_url": f"{url}/v1"}),
+        info=frontend.info.model_copy(
+            update={
+                "url": url,
+                "openai_url": f"{url}/v1",
+                # clients verify the frontend against the CA (`curl --cacert`, bench)
+                "ca_cert": tls.ca_cert if user_cert is None else None,
+            }
+        ),
     )
