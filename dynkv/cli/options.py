@@ -54,6 +54,14 @@ EtcdOpt = Annotated[
 ]
 NatsOpt = Annotated[str | None, typer.Option("--nats-url", help="External NATS URL.")]
 HostOpt = Annotated[str | None, typer.Option("--host", help="Frontend bind address.")]
+AdvertiseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--advertise",
+        help="Serve other hosts at this address: etcd, NATS and the frontend bind it, all over "
+        "TLS from a per-deployment CA (docs/multi-host.md).",
+    ),
+]
 PortOpt = Annotated[int | None, typer.Option("--port", help="Frontend port.")]
 CpuGbOpt = Annotated[float | None, typer.Option("--cpu-cache-gb", help="G2 host tier, decimal GB.")]
 DiskGbOpt = Annotated[
@@ -140,6 +148,7 @@ DEPLOYMENT_FLAGS = {
         "infra",
         "etcd_endpoints",
         "nats_url",
+        "advertise",
         "api_key",
         "api_key_file",
         "tls_cert",

@@ -23,6 +23,7 @@ from dynkv.cli.display import (
 )
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
+    AdvertiseOpt,
     ApiKeyFileOpt,
     ApiKeyOpt,
     CpuGbOpt,
@@ -106,6 +107,7 @@ def up(
     nats_url: NatsOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
+    advertise: AdvertiseOpt = None,
     cpu_cache_gb: CpuGbOpt = None,
     disk_cache_gb: DiskGbOpt = None,
     disk_cache_dir: DiskDirOpt = None,

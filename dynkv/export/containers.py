@@ -21,6 +21,7 @@ Pure: nothing here reads the host or a secret's value.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ NATS_URL_ENV = "DYNKV_KV_EVENTS_NATS_URL"
 SIDE_CHANNEL_HOST_ENV = "VLLM_NIXL_SIDE_CHANNEL_HOST"
 SIDE_CHANNEL_PORT_ENV = "VLLM_NIXL_SIDE_CHANNEL_PORT"
 EVENTS_WORKER_ID_ENV = "DYNKV_KV_EVENTS_WORKER_ID"
+G1_ENDPOINT_ENV = "DYNKV_KV_EVENTS_G1_ENDPOINT"
+# vLLM's KV events socket (the G1 bridge, docs/kv-events.md): private to the worker's container
+CONTAINER_KV_EVENTS = "ipc:///tmp/dynkv-kv-events.sock"
 # This host's paths and device choices: meaningless in a container (the target replaces them).
 HOST_LOCAL_ENV = ("CUDA_VISIBLE_DEVICES", "VLLM_CPU_OMP_THREADS_BIND", "PYTHONPATH", "HF_HOME")
 # Secrets every dynkv container may need; a Hugging Face token is optional (gated models only).
@@ -201,6 +205,8 @@ def _worker(svc: Service, plan: Plan, options: ExportOptions, naming: Naming) ->
         env[EVENTS_WORKER_ID_ENV] = worker_id  # the router joins events to the registration
     if SIDE_CHANNEL_HOST_ENV in env:
         env[SIDE_CHANNEL_HOST_ENV] = naming.side_channel_host(svc)
+    if G1_ENDPOINT_ENV in env:
+        env[G1_ENDPOINT_ENV] = CONTAINER_KV_EVENTS
     g3_dir = None
     if "DYN_KVBM_DISK_CACHE_DIR" in env:
         pool = env["DYN_KVBM_DISK_CACHE_DIR"].rstrip("/").rsplit("/", 1)[-1]
@@ -261,6 +267,10 @@ def _worker_argv(argv: tuple[str, ...], *, url: str, worker_id: str) -> tuple[tu
     split = argv.index("--")
     wrapper = _set_flags(argv[:split], {"--url": url, "--worker-id": worker_id})
     vllm = _set_flags(argv[split + 1 :], {"--host": ANY_ADDRESS})
+    if "--kv-events-config" in vllm:  # vLLM's KV events socket: in the container, not the state dir
+        events = json.loads(vllm[vllm.index("--kv-events-config") + 1])
+        events["endpoint"] = CONTAINER_KV_EVENTS
+        vllm = _set_flags(vllm, {"--kv-events-config": json.dumps(events, separators=(",", ":"))})
     model = vllm[vllm.index("--model") + 1] if "--model" in vllm else ""
     if model.startswith("<"):  # a catalogue model a dry plan only names
         raise ExportError(

@@ -21,7 +21,13 @@ from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service
 from dynkv.plan.host import HostFacts, find_prometheus
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.ports import check_port_clashes, worker_port
-from dynkv.plan.prometheus import prometheus_service
+from dynkv.plan.prometheus import plan_prometheus
+from dynkv.plan.secure import (
+    frontend_user_cert,
+    plan_transport_security,
+    secure_frontend,
+    secure_worker,
+)
 from dynkv.plan.worker import (
     PASSTHROUGH_ENV,
     data_parallel,
@@ -35,6 +41,7 @@ from dynkv.plan.worker import (
     worker_service,
 )
 from dynkv.settings.resolve import Resolved
+from dynkv.tls.layout import nats_token
 
 __all__ = ["HostFacts", "PlanError", "build_plan", "disagg_transfer", "find_prometheus"]
 
@@ -62,7 +69,30 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
 
     services: list[Service] = []
     external = ()
-    if dep.infra == "external":
+    tls = plan_transport_security(resolved, host)
+    token = nats_token(host.secret) if tls is not None and host.secret else None
+    if tls is not None:  # `up --advertise`: etcd and NATS on that address, over TLS
+        endpoints = (f"https://{tls.advertise}:{dep.etcd_port}",)
+        nats_url = f"tls://{tls.advertise}:{dep.nats_port}"
+        services += [
+            etcd_service(
+                deployment=dep.name,
+                deployment_dir=ddir,
+                binary=host.etcd_binary,
+                client_port=dep.etcd_port,
+                peer_port=dep.etcd_peer_port,
+                tls=tls,
+            ),
+            nats_service(
+                deployment_dir=ddir,
+                binary=host.nats_binary,
+                port=dep.nats_port,
+                monitor_port=dep.nats_monitor_port,
+                tls=tls,
+                token=token,
+            ),
+        ]
+    elif dep.infra == "external":
         endpoints = split_endpoints(dep.etcd_endpoints)
         nats_host_port(dep.nats_url)  # validates the URL
         nats_url = dep.nats_url
@@ -105,11 +135,14 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     transfer = disagg_transfer(resolved, host)  # workers and frontend must agree on it
     check_counts(resolved)
     workers = _workers(resolved, host, endpoints, infra_names, transfer, nats_url)
-    services += workers
     frontend = _frontend(resolved, host, endpoints, tuple(w.name for w in workers), transfer)
+    if tls is not None:
+        workers = [secure_worker(w, tls, token) for w in workers]
+        frontend = secure_frontend(frontend, tls, token, user_cert=frontend_user_cert(resolved))
+    services += workers
     services.append(frontend)
     if dep.observability:
-        services.append(_prometheus(resolved, host, workers, frontend))
+        services.append(plan_prometheus(resolved, host, workers, frontend, tls))
 
     ordered = topological_order(tuple(services))
     check_port_clashes(ordered)
@@ -127,6 +160,7 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
         + engine_notes(resolved.engine_args, host.vllm_args, host.vllm_args_unchecked)
         + dtype_note([svc.argv for svc in ordered]),
         startup_timeout_secs=dep.startup_timeout_secs,
+        transport_security=tls,
     )
 
 
@@ -290,7 +324,7 @@ def _frontend(
         deployment=dep.name,
         deployment_dir=dep.deployment_dir,
         python=host.python,
-        host=dep.frontend_host,
+        host=dep.advertise or dep.frontend_host,  # --advertise: other hosts reach it there
         port=dep.frontend_port,
         router=str(dep.router),
         etcd_endpoints=endpoints,
@@ -304,39 +338,10 @@ def _frontend(
     )
 
 
-def _prometheus(
-    resolved: Resolved, host: HostFacts, workers: list[Service], frontend: Service
-) -> Service:
-    """Prometheus after the frontend, with every address the plan just chose as a target."""
-    dep = resolved.deployment
-
-    def address(url: str) -> str:
-        return url.split("://", 1)[1].split("/", 1)[0]
-
-    kvbm = {
-        w.info.worker_id or w.name: address(w.info.metrics_url)
-        for w in workers
-        if w.info.metrics_url  # None: a worker without KVBM
-    }
-    return prometheus_service(
-        deployment=dep.name,
-        deployment_dir=dep.deployment_dir,
-        binary=host.prometheus_binary,
-        port=dep.prometheus_port,
-        frontend=address(frontend.info.url or ""),
-        kvbm=kvbm,
-        vllm={w.info.worker_id or w.name: address(w.info.url or "") for w in workers},
-        api_key=frontend.env.get(API_KEY_ENV),
-        user=host.user,
-        depends_on=(frontend.name,),
-        frontend_tls_cert=str(dep.tls_cert) if dep.tls_cert and dep.tls_key else None,
-        image=dep.prometheus_image,
-    )
-
-
 # a prefill worker names the pool it writes, a decode worker the pools it may read (docs/disagg.md)
 HANDOFF_POOL = "DYN_KVBM_HANDOFF_POOL"
 HANDOFF_POOLS = "DYN_KVBM_HANDOFF_POOLS"
+
 
 DECODE_TIERLESS = (
     "DYN_KVBM_CPU_CACHE_GB",

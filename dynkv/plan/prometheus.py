@@ -20,11 +20,19 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dynkv.infra.docker import container_name, labels
 from dynkv.infra.images import PROMETHEUS_IMAGE
 from dynkv.observability import prometheus_config
+from dynkv.plan.frontend import API_KEY_ENV
 from dynkv.plan.model import ContainerSpec, HttpProbe, Service, ServiceInfo
+from dynkv.plan.secure import frontend_user_cert
+from dynkv.tls.model import TransportSecurity
+
+if TYPE_CHECKING:
+    from dynkv.plan.host import HostFacts
+    from dynkv.settings.resolve import Resolved
 
 LOOPBACK = "127.0.0.1"
 PROMETHEUS_BINARY = "/usr/bin/prometheus"
@@ -52,6 +60,7 @@ def prometheus_service(
     depends_on: tuple[str, ...],
     frontend_tls_cert: str | None = None,
     image: str = PROMETHEUS_IMAGE,
+    workers_ca: str | None = None,
 ) -> Service:
     """`binary` None: the docker image. `frontend`, `kvbm` and `vllm` are host:port targets
     (workers keyed by their worker id, the dashboard's `worker` label). `frontend_tls_cert`: the
@@ -64,7 +73,7 @@ def prometheus_service(
         key_file = str(pdir / "frontend_api_key")
         files[key_file] = api_key
     server_name = None
-    if frontend_tls_cert and frontend:
+    if frontend_tls_cert and frontend and frontend_tls_cert != workers_ca:
         server_name = tls_server_name(frontend_tls_cert, frontend.rsplit(":", 1)[0].strip("[]"))
     files[str(config)] = prometheus_config(
         frontend=frontend,
@@ -73,6 +82,7 @@ def prometheus_service(
         frontend_credentials_file=key_file,
         frontend_ca_file=frontend_tls_cert if frontend else None,
         frontend_server_name=server_name,
+        vllm_ca_file=workers_ca,
     )
     flags = (
         f"--config.file={config}",
@@ -104,7 +114,8 @@ def prometheus_service(
         network_mode="host",
         # the certificate at its own path too, so both backends read the same config
         volumes={str(pdir): str(pdir)}
-        | ({frontend_tls_cert: frontend_tls_cert} if frontend_tls_cert else {}),
+        | ({frontend_tls_cert: frontend_tls_cert} if frontend_tls_cert else {})
+        | ({workers_ca: workers_ca} if workers_ca else {}),
         user=user,
     )
     return service.replace(argv=(), kind="container", container=container)
@@ -138,3 +149,47 @@ def tls_server_name(cert_file: str, address: str) -> str | None:
         return exact[0]
     common = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     return str(common[0].value) if common else None
+
+
+def plan_prometheus(
+    resolved: Resolved,
+    host: HostFacts,
+    workers: list[Service],
+    frontend: Service,
+    tls: TransportSecurity | None = None,
+) -> Service:
+    """Prometheus after the frontend, with every address the plan just chose as a target."""
+    dep = resolved.deployment
+
+    def address(url: str) -> str:
+        return url.split("://", 1)[1].split("/", 1)[0]
+
+    kvbm = {
+        w.info.worker_id or w.name: address(w.info.metrics_url)
+        for w in workers
+        if w.info.metrics_url  # None: a worker without KVBM
+    }
+    return prometheus_service(
+        deployment=dep.name,
+        deployment_dir=dep.deployment_dir,
+        binary=host.prometheus_binary,
+        port=dep.prometheus_port,
+        frontend=address(frontend.info.url or ""),
+        kvbm=kvbm,
+        vllm={w.info.worker_id or w.name: address(w.info.url or "") for w in workers},
+        api_key=frontend.env.get(API_KEY_ENV),
+        user=host.user,
+        depends_on=(frontend.name,),
+        frontend_tls_cert=frontend_scrape_ca(resolved, tls),
+        image=dep.prometheus_image,
+        workers_ca=tls.ca_cert if tls is not None else None,
+    )
+
+
+def frontend_scrape_ca(resolved: Resolved, tls: TransportSecurity | None) -> str | None:
+    """What Prometheus verifies the frontend's certificate against: the user's own certificate,
+    else the deployment's CA when advertised, else nothing (plain http)."""
+    user = frontend_user_cert(resolved)
+    if user is not None:
+        return user[0]
+    return tls.ca_cert if tls is not None else None

@@ -39,6 +39,9 @@ def main() -> int:
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--exit-code", type=int, default=0)
     p.add_argument("--api-key", default=None)
+    # vLLM's HTTPS (an advertised deployment, docs/multi-host.md)
+    p.add_argument("--ssl-certfile", default=None)
+    p.add_argument("--ssl-keyfile", default=None)
     args, _ = p.parse_known_args()
     api_key = args.api_key or os.environ.get("VLLM_API_KEY") or None
     started = time.monotonic()
@@ -144,6 +147,12 @@ def main() -> int:
         )
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
+    if args.ssl_certfile:
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     if args.exit_after is not None:
         threading.Timer(args.exit_after, lambda: os._exit(args.exit_code)).start()
