@@ -10,14 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from dynkv.kvbm.env_settings import EnvSettings
 from dynkv.kvbm.events import PrefillRate, check_token, subject_token
 
 ENV_PREFIX = "DYNKV_KV_EVENTS_"
 
 
-class KvEventsSettings(BaseSettings):
+class KvEventsSettings(EnvSettings):
     """Where and how a worker publishes KV events; field `x` is `DYNKV_KV_EVENTS_X`. `dynkv up`
     sets the first three for every worker, and `g1_endpoint` where vLLM publishes its KV events;
     without `nats_url` nothing is published."""
@@ -47,11 +48,6 @@ class KvEventsSettings(BaseSettings):
         subject_token(self.deployment)
         check_token(self.worker_id, "worker id")
         return self
-
-    @classmethod
-    def env_names(cls) -> dict[str, str]:
-        """Environment variable → field name, for every field."""
-        return {ENV_PREFIX + f.upper(): f for f in cls.model_fields}
 
     @classmethod
     def env(
