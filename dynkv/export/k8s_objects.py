@@ -15,6 +15,7 @@ from dynkv.export.containers import (
     NATS_PORT,
     ExportError,
     ExportOptions,
+    etcd_command,
 )
 from dynkv.plan.model import Plan
 
@@ -94,23 +95,12 @@ def etcd(plan: Plan, options: ExportOptions) -> list[dict[str, Any]]:
     container = {
         "name": "etcd",
         "image": options.etcd_image,
-        "command": [
-            "/usr/local/bin/etcd",
-            "--name",
+        "command": etcd_command(
             member,
-            "--data-dir",
-            "/data",
-            "--listen-client-urls",
-            f"http://0.0.0.0:{ETCD_CLIENT_PORT}",
-            "--advertise-client-urls",
-            f"http://{member}.{name}:{ETCD_CLIENT_PORT}",
-            "--listen-peer-urls",
-            f"http://0.0.0.0:{ETCD_PEER_PORT}",
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            f"{member}={peer}",
-        ],
+            data_dir="/data",
+            client_url=f"http://{member}.{name}:{ETCD_CLIENT_PORT}",
+            peer_url=peer,
+        ),
         "ports": [
             {"name": "client", "containerPort": ETCD_CLIENT_PORT},
             {"name": "peer", "containerPort": ETCD_PEER_PORT},
