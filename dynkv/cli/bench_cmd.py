@@ -20,6 +20,7 @@ from dynkv.bench import compare, report, runner, scrape, target
 from dynkv.bench.summary import BenchSummary
 from dynkv.cli import bench_compare, bench_load_cmd, bench_router_compare
 from dynkv.cli.bench_options import (
+    BenchJob,
     MarkdownOpt,
     PlotOpt,
     WorkloadArgs,
@@ -225,17 +226,8 @@ def serve(
 
     if policies is not None:
         stack = compare.RunningStack(url, served, metrics_urls)
-        bench_router_compare.run(
-            policies=policies,
-            stack=stack,
-            work=workload,
-            warm=warm,
-            options=options,
-            run_config=config,
-            markdown=markdown,
-            plot=plot,
-            json_out=json_out,
-        )
+        job = BenchJob(workload, warm, options, config, markdown, plot, json_out)
+        bench_router_compare.run(policies=policies, stack=stack, job=job)
         return
 
     before = scrape.scrape_all(metrics_urls)

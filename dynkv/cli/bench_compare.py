@@ -23,11 +23,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dynkv.bench import compare, report, runner, stacks
-from dynkv.bench.summary import BenchSummary, CompareMeta, RunConfig
-from dynkv.bench.workloads import Workload
+from dynkv.bench import compare, report, stacks
+from dynkv.bench.summary import BenchSummary, CompareMeta
 from dynkv.cli import bench_router_compare
 from dynkv.cli.bench_options import (
+    BenchJob,
     MarkdownOpt,
     PlotOpt,
     WorkloadArgs,
@@ -74,16 +74,12 @@ def run(
     profile: str | None,
     baseline: bool | None,
     stack_options: stacks.StackOptions,
-    work: Workload,
-    warm: Workload | None,
-    options: runner.RunOptions,
-    run_config: RunConfig,
+    job: BenchJob,
     out_dir: Path | None,
-    markdown: Path | None,
-    plot: Path | None,
-    json_out: bool,
     progress_factory,
 ) -> None:
+    work, warm, options, run_config = job.work, job.warm, job.options, job.run_config
+    markdown, plot, json_out = job.markdown, job.plot, job.json_out
     try:
         configs = compare.plan_configs(profiles, topologies, profile=profile, baseline=baseline)
     except compare.CompareError as exc:
@@ -331,19 +327,14 @@ def compare_cmd(
         raise usage(exc.cause, exc.fix) from None
     options = work.run_options()  # url and model: each stack's
     config = work.run_config(workload)
+    job = BenchJob(workload, warm, options, config, markdown, plot, json_out)
     if policies is not None:
         bench_router_compare.run_on_new_fleet(
             policies=policies,
             profile=profile,
             stack_options=stack_options,
             out=out or default_out_dir(),
-            work=workload,
-            warm=warm,
-            options=options,
-            run_config=config,
-            markdown=markdown,
-            plot=plot,
-            json_out=json_out,
+            job=job,
         )
         return
     run(
@@ -352,13 +343,7 @@ def compare_cmd(
         profile=profile,
         baseline=baseline,
         stack_options=stack_options,
-        work=workload,
-        warm=warm,
-        options=options,
-        run_config=config,
+        job=job,
         out_dir=out,
-        markdown=markdown,
-        plot=plot,
-        json_out=json_out,
         progress_factory=progress,
     )
