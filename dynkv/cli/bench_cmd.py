@@ -14,7 +14,6 @@ from typing import Annotated
 import httpx
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from dynkv.bench import compare, report, runner, scrape, target
 from dynkv.bench.summary import BenchSummary
@@ -30,7 +29,7 @@ from dynkv.cli.bench_options import (
 )
 from dynkv.cli.group import EXIT_FAILURE, UserError
 from dynkv.cli.options import JsonOpt
-from dynkv.cli.output import emit_json, err, warn
+from dynkv.cli.output import emit_json, err, numbers_table, warn
 
 bench_app = typer.Typer(
     name="bench",
@@ -93,9 +92,7 @@ _MOVED = "comparing stacks is `dynkv bench compare`"
 
 def _print_summary(summary: BenchSummary) -> None:
     title = f"{summary.label}: {summary.config.workload}"
-    table = Table(title=escape(title), expand=False)
-    for col in ("metric", "p50", "p90", "p99"):
-        table.add_column(col, justify="right" if col != "metric" else "left")
+    table = numbers_table(escape(title), ("metric", "p50", "p90", "p99"))
     rows = (
         ("TTFT ms", summary.ttft_ms),
         ("ITL ms", summary.itl_ms),

@@ -37,7 +37,7 @@ from dynkv.cli.bench_options import (
 )
 from dynkv.cli.group import EXIT_FAILURE, UserError
 from dynkv.cli.options import JsonOpt
-from dynkv.cli.output import emit_json, err, warn
+from dynkv.cli.output import emit_json, err, numbers_table, warn
 
 
 def default_out_dir(now: dt.datetime | None = None) -> Path:
@@ -47,10 +47,8 @@ def default_out_dir(now: dt.datetime | None = None) -> Path:
 
 def _table(summaries: list[BenchSummary]) -> Table:
     """The few numbers that fit a terminal; the markdown and JSON have the rest."""
-    table = Table(title="comparison (ms)", expand=False)
     cols = ("configuration", "ok", "TTFT p50", "TTFT p90", "ITL p50", "tok/s", "G2 hit", "G3 hit")
-    for col in cols:
-        table.add_column(col, justify="left" if col == "configuration" else "right")
+    table = numbers_table("comparison (ms)", cols)
     fmt = report.fmt_number
     for s in summaries:
         error = s.stack.error if s.stack else None

@@ -23,7 +23,7 @@ from dynkv.bench import compare, report, router_compare, stacks
 from dynkv.bench.summary import BenchSummary, CompareMeta
 from dynkv.cli.bench_options import BenchJob, progress, usage
 from dynkv.cli.group import EXIT_FAILURE, UserError
-from dynkv.cli.output import emit_json, err, warn
+from dynkv.cli.output import emit_json, err, numbers_table, warn
 
 
 def policies_or_usage(values: list[str]) -> list[str]:
@@ -35,13 +35,11 @@ def policies_or_usage(values: list[str]) -> list[str]:
 
 def table(summaries: list[BenchSummary]) -> Table:
     """The few numbers that fit a terminal; the markdown and JSON have the rest."""
-    out = Table(title="routers (ms)", expand=False)
     cols = (
         "policy", "ok", "TTFT p50", "p90", "p99", "p50 r≥2", "G2 hit", "G3 hit", "accuracy",
         "load per worker",
     )  # fmt: skip
-    for col in cols:
-        out.add_column(col, justify="left" if col in ("policy", "load per worker") else "right")
+    out = numbers_table("routers (ms)", cols, text=("load per worker",))
     fmt = report.fmt_number
     for s in summaries:
         r = s.router
