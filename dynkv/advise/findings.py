@@ -99,51 +99,36 @@ def _scaled(value: float) -> str:
 
 
 # ---- the settings to change -----------------------------------------------------------------------
+def _kvbm_change(field: str, value: str, flag: str | None = None) -> SettingChange:
+    """A change of KVBM setting `field`: its environment variable and its profile key."""
+    return SettingChange(
+        env=KvbmSettings.env_name(field), value=value, profile_key=f"[kvbm] {field}", flag=flag
+    )
+
+
 def _host_size_change(settings: KvbmSettings, blocks: float, factor: float) -> SettingChange:
     if settings.cpu_cache_override_num_blocks:
-        return SettingChange(
-            env=KvbmSettings.env_name("cpu_cache_override_num_blocks"),
-            value=str(math.ceil(settings.cpu_cache_override_num_blocks * factor)),
-            profile_key="[kvbm] cpu_cache_override_num_blocks",
+        return _kvbm_change(
+            "cpu_cache_override_num_blocks",
+            str(math.ceil(settings.cpu_cache_override_num_blocks * factor)),
         )
     gb = settings.cpu_cache_gb
     value = _scaled(gb * factor) if gb else f"<{factor:g}× today's G2 ({blocks:g} blocks)>"
-    return SettingChange(
-        env=KvbmSettings.env_name("cpu_cache_gb"),
-        value=value,
-        profile_key="[kvbm] cpu_cache_gb",
-        flag=f"dynkv up --cpu-cache-gb {value}" if gb else None,
+    return _kvbm_change(
+        "cpu_cache_gb", value, flag=f"dynkv up --cpu-cache-gb {value}" if gb else None
     )
 
 
 def _disk_size_change(settings: KvbmSettings, host_blocks: float) -> SettingChange:
     target = 2 * host_blocks
     if settings.disk_cache_override_num_blocks or not settings.cpu_cache_gb:
-        return SettingChange(
-            env=KvbmSettings.env_name("disk_cache_override_num_blocks"),
-            value=str(math.ceil(target)),
-            profile_key="[kvbm] disk_cache_override_num_blocks",
-        )
+        return _kvbm_change("disk_cache_override_num_blocks", str(math.ceil(target)))
     value = _scaled(2 * settings.cpu_cache_gb)
-    return SettingChange(
-        env=KvbmSettings.env_name("disk_cache_gb"),
-        value=value,
-        profile_key="[kvbm] disk_cache_gb",
-        flag=f"dynkv up --disk-cache-gb {value}",
-    )
+    return _kvbm_change("disk_cache_gb", value, flag=f"dynkv up --disk-cache-gb {value}")
 
 
-FILTER_OFF = SettingChange(
-    env=KvbmSettings.env_name("disable_disk_offload_filter"),
-    value="true",
-    profile_key="[kvbm] disable_disk_offload_filter",
-)
-NO_G3 = SettingChange(
-    env=KvbmSettings.env_name("disk_cache_gb"),
-    value="0",
-    profile_key="[kvbm] disk_cache_gb",
-    flag="dynkv up --profile gpu-cpu",
-)
+FILTER_OFF = _kvbm_change("disable_disk_offload_filter", "true")
+NO_G3 = _kvbm_change("disk_cache_gb", "0", flag="dynkv up --profile gpu-cpu")
 NO_KVBM = SettingChange(
     env="DYNKV_KVBM", value="false", profile_key="[deployment] kvbm", flag="dynkv up --no-kvbm"
 )

@@ -14,12 +14,12 @@ from typing import Annotated
 import httpx
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from dynkv.bench import compare, report, runner, scrape, target
 from dynkv.bench.summary import BenchSummary
 from dynkv.cli import bench_compare, bench_load_cmd, bench_router_compare
 from dynkv.cli.bench_options import (
+    BenchJob,
     MarkdownOpt,
     PlotOpt,
     WorkloadArgs,
@@ -29,7 +29,7 @@ from dynkv.cli.bench_options import (
 )
 from dynkv.cli.group import EXIT_FAILURE, UserError
 from dynkv.cli.options import JsonOpt
-from dynkv.cli.output import emit_json, err, warn
+from dynkv.cli.output import emit_json, err, numbers_table, warn
 
 bench_app = typer.Typer(
     name="bench",
@@ -92,9 +92,7 @@ _MOVED = "comparing stacks is `dynkv bench compare`"
 
 def _print_summary(summary: BenchSummary) -> None:
     title = f"{summary.label}: {summary.config.workload}"
-    table = Table(title=escape(title), expand=False)
-    for col in ("metric", "p50", "p90", "p99"):
-        table.add_column(col, justify="right" if col != "metric" else "left")
+    table = numbers_table(escape(title), ("metric", "p50", "p90", "p99"))
     rows = (
         ("TTFT ms", summary.ttft_ms),
         ("ITL ms", summary.itl_ms),
@@ -225,17 +223,8 @@ def serve(
 
     if policies is not None:
         stack = compare.RunningStack(url, served, metrics_urls)
-        bench_router_compare.run(
-            policies=policies,
-            stack=stack,
-            work=workload,
-            warm=warm,
-            options=options,
-            run_config=config,
-            markdown=markdown,
-            plot=plot,
-            json_out=json_out,
-        )
+        job = BenchJob(workload, warm, options, config, markdown, plot, json_out)
+        bench_router_compare.run(policies=policies, stack=stack, job=job)
         return
 
     before = scrape.scrape_all(metrics_urls)

@@ -23,11 +23,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dynkv.bench import compare, report, runner, stacks
-from dynkv.bench.summary import BenchSummary, CompareMeta, RunConfig
-from dynkv.bench.workloads import Workload
+from dynkv.bench import compare, report, stacks
+from dynkv.bench.summary import BenchSummary, CompareMeta
 from dynkv.cli import bench_router_compare
 from dynkv.cli.bench_options import (
+    BenchJob,
     MarkdownOpt,
     PlotOpt,
     WorkloadArgs,
@@ -37,7 +37,7 @@ from dynkv.cli.bench_options import (
 )
 from dynkv.cli.group import EXIT_FAILURE, UserError
 from dynkv.cli.options import JsonOpt
-from dynkv.cli.output import emit_json, err, warn
+from dynkv.cli.output import emit_json, err, numbers_table, warn
 
 
 def default_out_dir(now: dt.datetime | None = None) -> Path:
@@ -47,10 +47,8 @@ def default_out_dir(now: dt.datetime | None = None) -> Path:
 
 def _table(summaries: list[BenchSummary]) -> Table:
     """The few numbers that fit a terminal; the markdown and JSON have the rest."""
-    table = Table(title="comparison (ms)", expand=False)
     cols = ("configuration", "ok", "TTFT p50", "TTFT p90", "ITL p50", "tok/s", "G2 hit", "G3 hit")
-    for col in cols:
-        table.add_column(col, justify="left" if col == "configuration" else "right")
+    table = numbers_table("comparison (ms)", cols)
     fmt = report.fmt_number
     for s in summaries:
         error = s.stack.error if s.stack else None
@@ -74,16 +72,12 @@ def run(
     profile: str | None,
     baseline: bool | None,
     stack_options: stacks.StackOptions,
-    work: Workload,
-    warm: Workload | None,
-    options: runner.RunOptions,
-    run_config: RunConfig,
+    job: BenchJob,
     out_dir: Path | None,
-    markdown: Path | None,
-    plot: Path | None,
-    json_out: bool,
     progress_factory,
 ) -> None:
+    work, warm, options, run_config = job.work, job.warm, job.options, job.run_config
+    markdown, plot, json_out = job.markdown, job.plot, job.json_out
     try:
         configs = compare.plan_configs(profiles, topologies, profile=profile, baseline=baseline)
     except compare.CompareError as exc:
@@ -331,19 +325,14 @@ def compare_cmd(
         raise usage(exc.cause, exc.fix) from None
     options = work.run_options()  # url and model: each stack's
     config = work.run_config(workload)
+    job = BenchJob(workload, warm, options, config, markdown, plot, json_out)
     if policies is not None:
         bench_router_compare.run_on_new_fleet(
             policies=policies,
             profile=profile,
             stack_options=stack_options,
             out=out or default_out_dir(),
-            work=workload,
-            warm=warm,
-            options=options,
-            run_config=config,
-            markdown=markdown,
-            plot=plot,
-            json_out=json_out,
+            job=job,
         )
         return
     run(
@@ -352,13 +341,7 @@ def compare_cmd(
         profile=profile,
         baseline=baseline,
         stack_options=stack_options,
-        work=workload,
-        warm=warm,
-        options=options,
-        run_config=config,
+        job=job,
         out_dir=out,
-        markdown=markdown,
-        plot=plot,
-        json_out=json_out,
         progress_factory=progress,
     )

@@ -12,7 +12,7 @@ from rich.table import Table
 from dynkv.bench.kvbm_report import OffloadReport, SlowDiskReport
 from dynkv.cli.group import EXIT_USAGE, UserError
 from dynkv.cli.options import JsonOpt
-from dynkv.cli.output import emit_json, err
+from dynkv.cli.output import emit_json, err, numbers_table
 
 
 def tiers(
@@ -40,13 +40,11 @@ def tiers(
     if json_out:
         emit_json(result.model_dump(mode="json"))
         return
-    table = Table(
-        title=f"tiers: {result.bytes / 1e6:.0f} MB, {result.blocks} blocks of "
+    title = (
+        f"tiers: {result.bytes / 1e6:.0f} MB, {result.blocks} blocks of "
         f"{result.bytes_per_block} B, best of {repeats}"
     )
-    table.add_column("path")
-    table.add_column("GB/s", justify="right")
-    table.add_column("vs raw", justify="right")
+    table = numbers_table(title, ("path", "GB/s", "vs raw"))
     for path, gbps, ratio in result.rows():
         table.add_row(path, f"{gbps:.2f}", f"{ratio:.2f}")
     err.print(table)
@@ -134,9 +132,10 @@ def offload(
 
 
 def _offload_table(result: OffloadReport, docs: int, doc_tokens: int) -> Table:
-    table = Table(title=f"W1: {docs} docs × {doc_tokens} tokens, round-2 median (≈ TTFT)")
-    for col in ("configuration", "round 1 ms", "round 2 ms", "vs floor"):
-        table.add_column(col, justify="right" if col != "configuration" else "left")
+    table = numbers_table(
+        f"W1: {docs} docs × {doc_tokens} tokens, round-2 median (≈ TTFT)",
+        ("configuration", "round 1 ms", "round 2 ms", "vs floor"),
+    )
     for name, r in result.configs.items():
         ratio = result.vs_floor(name)
         table.add_row(
@@ -150,9 +149,10 @@ def _offload_table(result: OffloadReport, docs: int, doc_tokens: int) -> Table:
 
 def _print_slow_disk(result: SlowDiskReport, json_out: bool) -> None:
     if not json_out:
-        table = Table(title="W1 on a slow G3, round-2 median (≈ TTFT)")
-        for col in ("configuration", "round 2 ms", "vs recompute", "skipped blocks"):
-            table.add_column(col, justify="right" if col != "configuration" else "left")
+        table = numbers_table(
+            "W1 on a slow G3, round-2 median (≈ TTFT)",
+            ("configuration", "round 2 ms", "vs recompute", "skipped blocks"),
+        )
         for name, r in result.configs.items():
             ratio = getattr(result, f"{name}_vs_recompute", None)
             table.add_row(

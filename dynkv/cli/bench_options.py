@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,6 +22,9 @@ from dynkv.bench import workloads
 from dynkv.bench.summary import RunConfig
 from dynkv.cli.group import EXIT_USAGE, UserError
 from dynkv.cli.output import err
+
+if TYPE_CHECKING:
+    from dynkv.bench.runner import RunOptions
 
 
 class WorkloadName(StrEnum):
@@ -255,6 +258,20 @@ class WorkloadArgs:
             tokenizer=str(self.tokenizer) if self.tokenizer else None,
         )
         return config.model_copy(update={"send_session": True}) if self.send_session else config
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """What a benchmark runs and where its report goes: the one bundle `bench serve` and
+    `bench compare` hand to whichever runner (stacks or router policies) does the work."""
+
+    work: workloads.Workload
+    warm: workloads.Workload | None
+    options: RunOptions
+    run_config: RunConfig
+    markdown: Path | None
+    plot: Path | None
+    json_out: bool
 
 
 def workload_options(command: Callable[..., None]) -> Callable[..., None]:

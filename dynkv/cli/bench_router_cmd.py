@@ -6,10 +6,9 @@ from dataclasses import asdict
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from dynkv.cli.options import JsonOpt
-from dynkv.cli.output import emit_json, err
+from dynkv.cli.output import emit_json, err, numbers_table
 
 TARGET_P99_MS = 2.0
 
@@ -40,12 +39,11 @@ def router(
     if json_out:
         emit_json(asdict(result))
         return
-    table = Table(
-        title=f"router: {result.prompt_tokens} tokens vs {result.indexed_blocks:,} blocks over "
+    title = (
+        f"router: {result.prompt_tokens} tokens vs {result.indexed_blocks:,} blocks over "
         f"{result.workers} workers, {result.decisions} decisions"
     )
-    table.add_column("measure")
-    table.add_column("ms", justify="right")
+    table = numbers_table(title, ("measure", "ms"))
     rows = [
         ("decision p50 (wall)", result.decide_p50_ms),
         ("decision p99 (wall)", result.decide_p99_ms),

@@ -19,12 +19,11 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from dynkv.bench import compare, report, router_compare, runner, stacks
-from dynkv.bench.summary import BenchSummary, CompareMeta, RunConfig
-from dynkv.bench.workloads import Workload
-from dynkv.cli.bench_options import progress, usage
+from dynkv.bench import compare, report, router_compare, stacks
+from dynkv.bench.summary import BenchSummary, CompareMeta
+from dynkv.cli.bench_options import BenchJob, progress, usage
 from dynkv.cli.group import EXIT_FAILURE, UserError
-from dynkv.cli.output import emit_json, err, warn
+from dynkv.cli.output import emit_json, err, numbers_table, warn
 
 
 def policies_or_usage(values: list[str]) -> list[str]:
@@ -36,13 +35,11 @@ def policies_or_usage(values: list[str]) -> list[str]:
 
 def table(summaries: list[BenchSummary]) -> Table:
     """The few numbers that fit a terminal; the markdown and JSON have the rest."""
-    out = Table(title="routers (ms)", expand=False)
     cols = (
         "policy", "ok", "TTFT p50", "p90", "p99", "p50 r≥2", "G2 hit", "G3 hit", "accuracy",
         "load per worker",
     )  # fmt: skip
-    for col in cols:
-        out.add_column(col, justify="left" if col in ("policy", "load per worker") else "right")
+    out = numbers_table("routers (ms)", cols, text=("load per worker",))
     fmt = report.fmt_number
     for s in summaries:
         r = s.router
@@ -65,16 +62,12 @@ def run(
     *,
     policies: list[str],
     stack: compare.RunningStack,
-    work: Workload,
-    warm: Workload | None,
-    options: runner.RunOptions,
-    run_config: RunConfig,
-    markdown: Path | None,
-    plot: Path | None,
-    json_out: bool,
+    job: BenchJob,
     out: Path | None = None,
 ) -> None:
     """`out`: also write report.json, report.md and ttft.png there (`bench compare`'s files)."""
+    work, warm, options, run_config = job.work, job.warm, job.options, job.run_config
+    markdown, plot, json_out = job.markdown, job.plot, job.json_out
     started = dt.datetime.now(dt.UTC)
     command = "dynkv " + shlex.join(sys.argv[1:]) if sys.argv else "dynkv bench serve"
     run_id = router_compare.new_run_id()
@@ -167,7 +160,7 @@ def run_on_new_fleet(
     profile: str | None,
     stack_options: stacks.StackOptions,
     out: Path,
-    **run_args,
+    job: BenchJob,
 ) -> None:
     """Start one agg fleet (`dynkv up -d` under a private name, ports and state dir in `out`),
     compare the policies on it, and take it down whatever happens."""
@@ -177,7 +170,7 @@ def run_on_new_fleet(
         launcher.check(config)
     except compare.CompareError as exc:
         raise usage(exc.cause, exc.fix) from None
-    if not run_args.get("json_out"):
+    if not job.json_out:
         err.print(f"[bold]▶ fleet[/bold]: dynkv up -d ({stack_options.workers or 1} workers) …")
     try:
         stack = launcher.up(config)
@@ -188,7 +181,7 @@ def run_on_new_fleet(
             EXIT_FAILURE,
         ) from None
     try:
-        run(policies=policies, stack=stack, out=out, **run_args)
+        run(policies=policies, stack=stack, job=job, out=out)
     finally:
         launcher.down(stack)
         for message in launcher.warnings:

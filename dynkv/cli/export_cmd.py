@@ -44,6 +44,7 @@ from dynkv.cli.options import (
     TopologyOpt,
     WorkersOpt,
     resolve_from_options,
+    settings_flags,
 )
 from dynkv.cli.output import err
 from dynkv.cli.up_cmd import ServedNameOpt
@@ -127,27 +128,9 @@ def export(
     """Render the deployment `dynkv up` would run as a compose file or Kubernetes manifests.
 
     Words after `--` go to every worker's vLLM, as for `up`. Nothing is started."""
+    flags = settings_flags(locals())
     volume = parse_g3_volume(g3_volume)  # a bad value fails before anything else
-    resolved = resolve_from_options(
-        profile=profile,
-        topology=topology,
-        workers=workers,
-        prefill_workers=prefill_workers,
-        decode_workers=decode_workers,
-        gpus=gpus,
-        model=model,
-        name=name,
-        device=device,
-        host=host,
-        port=port,
-        cpu_cache_gb=cpu_cache_gb,
-        disk_cache_gb=disk_cache_gb,
-        insecure=insecure,
-        router=router,
-        kvbm=kvbm,
-        device_kv_gb=device_kv_gb,
-        engine_args=engine_args,
-    )
+    resolved = resolve_from_options(**flags)
     plan, spec = _plan(resolved, served_model_name)
     dep = resolved.deployment
     options = ExportOptions(

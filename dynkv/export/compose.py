@@ -26,12 +26,14 @@ from dynkv.export.containers import (
     G3_MOUNT,
     HF_CACHE,
     NATS_MONITOR_PORT,
-    NATS_PORT,
     ContainerFrontend,
     ContainerWorker,
     ExportOptions,
     Naming,
+    etcd_command,
+    infra_endpoints,
     infra_in_containers,
+    secret_union,
     translate,
 )
 from dynkv.plan.model import Plan, Probe, probe_json
@@ -44,11 +46,7 @@ RESTART = "on-failure"
 
 
 def naming(plan: Plan) -> Naming:
-    if infra_in_containers(plan):
-        etcd: tuple[str, ...] = (f"http://etcd:{ETCD_CLIENT_PORT}",)
-        nats = f"nats://nats:{NATS_PORT}"
-    else:
-        etcd, nats = plan.etcd_endpoints, plan.nats_url
+    etcd, nats = infra_endpoints(plan, etcd_host="etcd", nats_host="nats")
     return Naming(
         etcd=etcd,
         nats=nats,
@@ -82,10 +80,7 @@ def compose_file(plan: Plan, options: ExportOptions) -> dict[str, Any]:
 def secret_env_files(plan: Plan, options: ExportOptions) -> dict[str, tuple[str, ...]]:
     """Env file → the secret names it must hold (values are the CLI's business)."""
     workers, frontend = translate(plan, options, naming(plan))
-    names: list[str] = []
-    for worker in workers:
-        names += [n for n in worker.secrets if n not in names]
-    return {WORKERS_ENV_FILE: tuple(names), FRONTEND_ENV_FILE: frontend.secrets}
+    return {WORKERS_ENV_FILE: secret_union(workers), FRONTEND_ENV_FILE: frontend.secrets}
 
 
 # ---- services -------------------------------------------------------------------------------
@@ -95,23 +90,12 @@ def _etcd(plan: Plan, options: ExportOptions) -> dict[str, Any]:
     member = f"dynkv-{plan.name}"
     return {
         "image": options.etcd_image,
-        "command": [
-            "/usr/local/bin/etcd",
-            "--name",
+        "command": etcd_command(
             member,
-            "--data-dir",
-            "/etcd-data",
-            "--listen-client-urls",
-            f"http://0.0.0.0:{ETCD_CLIENT_PORT}",
-            "--advertise-client-urls",
-            f"http://etcd:{ETCD_CLIENT_PORT}",
-            "--listen-peer-urls",
-            f"http://0.0.0.0:{ETCD_PEER_PORT}",
-            "--initial-advertise-peer-urls",
-            f"http://etcd:{ETCD_PEER_PORT}",
-            "--initial-cluster",
-            f"{member}=http://etcd:{ETCD_PEER_PORT}",
-        ],
+            data_dir="/etcd-data",
+            client_url=f"http://etcd:{ETCD_CLIENT_PORT}",
+            peer_url=f"http://etcd:{ETCD_PEER_PORT}",
+        ),
         "restart": RESTART,
         # the plan's probe is GET /health; the etcd image has etcdctl but no HTTP client
         "healthcheck": _timing(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
@@ -177,6 +177,44 @@ def _check_endpoints(naming: Naming) -> None:
 def infra_in_containers(plan: Plan) -> bool:
     """etcd and NATS run as part of the export unless the plan uses someone else's."""
     return plan.infra != "external"
+
+
+def infra_endpoints(plan: Plan, *, etcd_host: str, nats_host: str) -> tuple[tuple[str, ...], str]:
+    """(etcd endpoints, NATS URL) the containers use: the exported etcd and NATS at the target's
+    host names, or the plan's own endpoints when it uses someone else's."""
+    if infra_in_containers(plan):
+        return (f"http://{etcd_host}:{ETCD_CLIENT_PORT}",), f"nats://{nats_host}:{NATS_PORT}"
+    return plan.etcd_endpoints, plan.nats_url
+
+
+def etcd_command(member: str, *, data_dir: str, client_url: str, peer_url: str) -> list[str]:
+    """A one-member etcd cluster listening on every address of its container and advertising
+    the URLs the target's other containers reach it at."""
+    return [
+        "/usr/local/bin/etcd",
+        "--name",
+        member,
+        "--data-dir",
+        data_dir,
+        "--listen-client-urls",
+        f"http://{ANY_ADDRESS}:{ETCD_CLIENT_PORT}",
+        "--advertise-client-urls",
+        client_url,
+        "--listen-peer-urls",
+        f"http://{ANY_ADDRESS}:{ETCD_PEER_PORT}",
+        "--initial-advertise-peer-urls",
+        peer_url,
+        "--initial-cluster",
+        f"{member}={peer_url}",
+    ]
+
+
+def secret_union(items: Iterable[ContainerWorker | ContainerFrontend]) -> tuple[str, ...]:
+    """The secret names the containers read, each once, in first-seen order."""
+    names: list[str] = []
+    for item in items:
+        names += [n for n in item.secrets if n not in names]
+    return tuple(names)
 
 
 def handoff_pool(workers: tuple[ContainerWorker, ...]) -> str | None:

@@ -15,6 +15,7 @@ from dynkv.export.containers import (
     NATS_PORT,
     ExportError,
     ExportOptions,
+    etcd_command,
 )
 from dynkv.plan.model import Plan
 
@@ -91,50 +92,43 @@ def etcd(plan: Plan, options: ExportOptions) -> list[dict[str, Any]]:
     name = f"{base_name(plan)}-etcd"
     member = f"{name}-0"
     peer = f"http://{member}.{name}:{ETCD_PEER_PORT}"
-    container = {
-        "name": "etcd",
-        "image": options.etcd_image,
-        "command": [
-            "/usr/local/bin/etcd",
-            "--name",
-            member,
-            "--data-dir",
-            "/data",
-            "--listen-client-urls",
-            f"http://0.0.0.0:{ETCD_CLIENT_PORT}",
-            "--advertise-client-urls",
-            f"http://{member}.{name}:{ETCD_CLIENT_PORT}",
-            "--listen-peer-urls",
-            f"http://0.0.0.0:{ETCD_PEER_PORT}",
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            f"{member}={peer}",
-        ],
-        "ports": [
-            {"name": "client", "containerPort": ETCD_CLIENT_PORT},
-            {"name": "peer", "containerPort": ETCD_PEER_PORT},
-        ],
-        "readinessProbe": http_probe("/health", ETCD_CLIENT_PORT),
-    }
+    command = etcd_command(
+        member,
+        data_dir="/data",
+        client_url=f"http://{member}.{name}:{ETCD_CLIENT_PORT}",
+        peer_url=peer,
+    )
     ports = {"client": ETCD_CLIENT_PORT, "peer": ETCD_PEER_PORT}
-    return [headless(plan, name, "etcd", ports), stateful(plan, name, "etcd", container)]
+    probe = http_probe("/health", ETCD_CLIENT_PORT)
+    return _infra(plan, "etcd", options.etcd_image, {"command": command}, ports, probe)
 
 
 def nats(plan: Plan, options: ExportOptions) -> list[dict[str, Any]]:
-    name = f"{base_name(plan)}-nats"
-    container = {
-        "name": "nats",
-        "image": options.nats_image,
-        "args": ["-js", "-sd", "/data", "-m", str(NATS_MONITOR_PORT)],
-        "ports": [
-            {"name": "client", "containerPort": NATS_PORT},
-            {"name": "monitor", "containerPort": NATS_MONITOR_PORT},
-        ],
-        "readinessProbe": http_probe("/healthz", NATS_MONITOR_PORT),
-    }
+    run = {"args": ["-js", "-sd", "/data", "-m", str(NATS_MONITOR_PORT)]}
     ports = {"client": NATS_PORT, "monitor": NATS_MONITOR_PORT}
-    return [headless(plan, name, "nats", ports), stateful(plan, name, "nats", container)]
+    probe = http_probe("/healthz", NATS_MONITOR_PORT)
+    return _infra(plan, "nats", options.nats_image, run, ports, probe)
+
+
+def _infra(
+    plan: Plan,
+    component: str,
+    image: str,
+    run: dict[str, Any],
+    ports: dict[str, int],
+    probe: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """etcd or NATS: a one-replica StatefulSet running `image` with `run` (its command or
+    args), behind a headless Service `<base>-<component>` with the named `ports`."""
+    name = f"{base_name(plan)}-{component}"
+    container = {
+        "name": component,
+        "image": image,
+        **run,
+        "ports": [{"name": port, "containerPort": number} for port, number in ports.items()],
+        "readinessProbe": probe,
+    }
+    return [headless(plan, name, component, ports), stateful(plan, name, component, container)]
 
 
 def http_probe(path: str, port: int) -> dict[str, Any]:

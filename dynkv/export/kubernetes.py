@@ -28,16 +28,16 @@ from urllib.parse import urlsplit
 from dynkv.export import k8s_objects as k8s
 from dynkv.export.compose import probe_command
 from dynkv.export.containers import (
-    ETCD_CLIENT_PORT,
     G3_MOUNT,
     HF_CACHE,
-    NATS_PORT,
     OPTIONAL_SECRETS,
     ContainerFrontend,
     ContainerWorker,
     ExportOptions,
     Naming,
+    infra_endpoints,
     infra_in_containers,
+    secret_union,
     translate,
 )
 from dynkv.plan.model import HttpProbe, Plan, Probe
@@ -59,11 +59,7 @@ def uses_handoff(plan: Plan) -> bool:
 
 def naming(plan: Plan) -> Naming:
     base = k8s.base_name(plan)
-    if infra_in_containers(plan):
-        etcd: tuple[str, ...] = (f"http://{base}-etcd:{ETCD_CLIENT_PORT}",)
-        nats = f"nats://{base}-nats:{NATS_PORT}"
-    else:
-        etcd, nats = plan.etcd_endpoints, plan.nats_url
+    etcd, nats = infra_endpoints(plan, etcd_host=f"{base}-etcd", nats_host=f"{base}-nats")
     one_pod = uses_handoff(plan)  # fixed containers: they keep the plan's ids
     return Naming(
         etcd=etcd,
@@ -112,10 +108,7 @@ def manifests(plan: Plan, options: ExportOptions) -> list[dict[str, Any]]:
 
 def secret_names(plan: Plan, options: ExportOptions) -> tuple[str, ...]:
     workers, frontend = translate(plan, options, naming(plan))
-    names: list[str] = []
-    for item in (*workers, frontend):
-        names += [n for n in item.secrets if n not in names]
-    return tuple(names)
+    return secret_union((*workers, frontend))
 
 
 def secret_manifest(plan: Plan, values: Mapping[str, str]) -> dict[str, Any]:

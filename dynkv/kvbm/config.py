@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dynkv.kvbm.env_settings import EnvSettings, env_config, flag, positive, seconds
+from dynkv.kvbm.env_settings import expect as _expect
 
 ENV_PREFIX = "DYN_KVBM_"
 # A handoff pool's id: a directory name inside DYN_KVBM_HANDOFF_DIR, and a value that arrives from
@@ -32,21 +34,10 @@ def default_disk_cache_dir() -> Path:
     return Path(base) / "dynkv" / "kvbm-disk"
 
 
-def _expect(text: str, example: str) -> dict[str, Any]:
-    """Field metadata quoted in error messages: what a valid value is, and one to paste."""
-    return {"expect": text, "example": example}
-
-
-class KvbmSettings(BaseSettings):
+class KvbmSettings(EnvSettings):
     """Every knob of the bundled KVBM runtime; field `x` is environment variable `DYN_KVBM_X`."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        case_sensitive=False,
-        env_ignore_empty=True,
-        extra="ignore",
-        validate_default=True,
-    )
+    model_config = env_config(ENV_PREFIX)
 
     cpu_cache_gb: float | None = Field(
         None,
@@ -74,33 +65,32 @@ class KvbmSettings(BaseSettings):
         description="G3 size in blocks; a value > 0 wins over DYN_KVBM_DISK_CACHE_GB.",
         json_schema_extra=_expect("a whole number of blocks ≥ 0", "1024"),
     )
-    disable_disk_offload_filter: bool = Field(
+    disable_disk_offload_filter: bool = flag(
         False,
-        description="Offload every block G2 evicts to G3, not only blocks reused at least twice.",
-        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+        "Offload every block G2 evicts to G3, not only blocks reused at least twice.",
+        "true",
     )
-    disk_zerofill_fallback: bool = Field(
+    disk_zerofill_fallback: bool = flag(
         False,
-        description="Preallocate G3 by writing zeros where the filesystem lacks fallocate(2).",
-        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+        "Preallocate G3 by writing zeros where the filesystem lacks fallocate(2).",
+        "true",
     )
-    disk_disable_o_direct: bool = Field(
+    disk_disable_o_direct: bool = flag(
         False,
-        description="Use buffered I/O for G3 (filesystems that refuse O_DIRECT, e.g. ramfs).",
-        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+        "Use buffered I/O for G3 (filesystems that refuse O_DIRECT, e.g. ramfs).",
+        "true",
     )
     disk_cache_dir: Path = Field(
         default_factory=default_disk_cache_dir,
         description="Directory of the G3 pool files (created 0700).",
         json_schema_extra=_expect("a directory path", "/mnt/nvme/dynkv"),
     )
-    disk_read_timeout_ms: float = Field(
+    disk_read_timeout_ms: float = positive(
         5000.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="Deadline of one load's G3 reads: blocks not read by then are recomputed "
+        "Deadline of one load's G3 reads: blocks not read by then are recomputed "
         "(a stalled disk costs this much per load instead of freezing the engine).",
-        json_schema_extra=_expect("a number of milliseconds > 0", "5000"),
+        "a number of milliseconds > 0",
+        "5000",
     )
     onboard_policy: Literal["auto", "always"] = Field(
         "auto",
@@ -108,33 +98,28 @@ class KvbmSettings(BaseSettings):
         "recomputing it (docs/onboard-policy.md); always: onboard every hit.",
         json_schema_extra=_expect("auto or always", "always"),
     )
-    onboard_margin: float = Field(
+    onboard_margin: float = positive(
         0.9,
-        gt=0,
-        allow_inf_nan=False,
-        description="auto policy: load a block only when its load time is below this fraction "
+        "auto policy: load a block only when its load time is below this fraction "
         "of the time to recompute it.",
-        json_schema_extra=_expect("a number > 0", "0.9"),
+        "a number > 0",
+        "0.9",
     )
-    onboard_probe_secs: float = Field(
+    onboard_probe_secs: float = seconds(
         30.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="auto policy: a tier not measured for this long is loaded once more, to "
+        "auto policy: a tier not measured for this long is loaded once more, to "
         "measure it again (a disk that was busy is not skipped for good).",
-        json_schema_extra=_expect("a number of seconds > 0", "30"),
+        "30",
     )
-    leader_worker_init_timeout_secs: float = Field(
+    leader_worker_init_timeout_secs: float = seconds(
         120.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="How long the runtime waits for its tiers to initialise before failing.",
-        json_schema_extra=_expect("a number of seconds > 0", "120"),
+        "How long the runtime waits for its tiers to initialise before failing.",
+        "120",
     )
-    metrics: bool = Field(
+    metrics: bool = flag(
         False,
-        description="Serve the kvbm_* Prometheus metrics on DYN_KVBM_METRICS_PORT.",
-        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+        "Serve the kvbm_* Prometheus metrics on DYN_KVBM_METRICS_PORT.",
+        "true",
     )
     metrics_port: int = Field(
         6880,
@@ -148,19 +133,15 @@ class KvbmSettings(BaseSettings):
         description="Address the KVBM metrics endpoint binds.",
         json_schema_extra=_expect("an IP address", "127.0.0.1"),
     )
-    cache_stats_log_interval_secs: float = Field(
+    cache_stats_log_interval_secs: float = seconds(
         5.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="Interval of the 'Cache Hit Rates - Host: …, Disk: …' log line.",
-        json_schema_extra=_expect("a number of seconds > 0", "120"),
+        "Interval of the 'Cache Hit Rates - Host: …, Disk: …' log line.",
+        "120",
     )
-    disk_offload_filter_decay_secs: float = Field(
+    disk_offload_filter_decay_secs: float = seconds(
         600.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="SSD filter: every period, all block frequencies drop by 1 (Dynamo: 600 s).",
-        json_schema_extra=_expect("a number of seconds > 0", "120"),
+        "SSD filter: every period, all block frequencies drop by 1 (Dynamo: 600 s).",
+        "120",
     )
     disk_offload_filter_max_entries: int = Field(
         1_000_000,
@@ -191,19 +172,16 @@ class KvbmSettings(BaseSettings):
         "pool is refused and its prompt recomputed. Unset: the worker's own pool only.",
         json_schema_extra=_expect("pool ids separated by commas", "prefill-0,prefill-1"),
     )
-    handoff_gb: float = Field(
+    handoff_gb: float = positive(
         1.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="Size of the handoff pool in decimal GB (a ring: old handoffs are overwritten).",
-        json_schema_extra=_expect("a number of decimal GB > 0", "1"),
+        "Size of the handoff pool in decimal GB (a ring: old handoffs are overwritten).",
+        "a number of decimal GB > 0",
+        "1",
     )
-    handoff_ttl_secs: float = Field(
+    handoff_ttl_secs: float = seconds(
         120.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="How long a decode worker accepts a prefill's handoff before recomputing.",
-        json_schema_extra=_expect("a number of seconds > 0", "120"),
+        "How long a decode worker accepts a prefill's handoff before recomputing.",
+        "120",
     )
 
     @field_validator("handoff_pool")
@@ -240,15 +218,6 @@ class KvbmSettings(BaseSettings):
         if self.handoff_pools is not None:
             return tuple(self.handoff_pools.split(","))
         return (self.handoff_pool or "",)
-
-    @classmethod
-    def env_name(cls, field: str) -> str:
-        return ENV_PREFIX + field.upper()
-
-    @classmethod
-    def env_names(cls) -> dict[str, str]:
-        """Environment variable → field name, for every field."""
-        return {cls.env_name(f): f for f in cls.model_fields}
 
     @property
     def has_host_tier(self) -> bool:

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from dynkv.kvbm.env_settings import EnvSettings
 from dynkv.kvbm.events import PrefillRate, check_token, subject_token
 
 ENV_PREFIX = "DYNKV_KV_EVENTS_"
@@ -22,7 +23,7 @@ TLS_CA_ENV = "DYNKV_CLIENT_CA"
 NATS_TOKEN_ENV = "DYNKV_NATS_TOKEN"
 
 
-class KvEventsSettings(BaseSettings):
+class KvEventsSettings(EnvSettings):
     """Where and how a worker publishes KV events; field `x` is `DYNKV_KV_EVENTS_X`. `dynkv up`
     sets the first three for every worker, and `g1_endpoint` where vLLM publishes its KV events;
     without `nats_url` nothing is published."""
@@ -75,7 +76,7 @@ class KvEventsSettings(BaseSettings):
 
     @classmethod
     def env_names(cls) -> dict[str, str]:
-        """Environment variable → field name, for every field."""
+        """Environment variable → field name, for every field read under this prefix."""
         return {ENV_PREFIX + f.upper(): f for f in cls.model_fields if f not in _SHARED}
 
     @classmethod

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import AfterValidator, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dynkv.infra.images import ETCD_IMAGE, NATS_IMAGE, PROMETHEUS_IMAGE, reference_problem
+from dynkv.kvbm.env_settings import EnvSettings, env_config, flag, positive, seconds
+from dynkv.kvbm.env_settings import expect as _expect
 
 ENV_PREFIX = "DYNKV_"
 
@@ -79,25 +80,14 @@ def default_state_dir() -> Path:
     return Path(base) / "dynkv"
 
 
-def _expect(text: str, example: str) -> dict[str, Any]:
-    """Field metadata quoted in error messages: what a valid value is, and one to paste."""
-    return {"expect": text, "example": example}
-
-
 _PORT = {"ge": 1, "le": 65535, "json_schema_extra": _expect("a TCP port 1–65535", "8000")}
 
 
-class DeploymentSettings(BaseSettings):
+class DeploymentSettings(EnvSettings):
     """Field `x` is environment variable `DYNKV_X`; `extra="ignore"` because orchestrators inject
     unrelated `DYNKV_`-looking variables and that must not break a launch."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        case_sensitive=False,
-        env_ignore_empty=True,
-        extra="ignore",
-        validate_default=True,
-    )
+    model_config = env_config(ENV_PREFIX)
 
     name: str = Field(
         "default",
@@ -164,12 +154,11 @@ class DeploymentSettings(BaseSettings):
         description="Longest sequence a worker accepts (vLLM's --max-model-len).",
         json_schema_extra=_expect("a whole number of tokens ≥ 16", "4096"),
     )
-    device_kv_gb: float | None = Field(
+    device_kv_gb: float | None = positive(
         None,
-        gt=0,
-        allow_inf_nan=False,
-        description="G1 size per worker in decimal GB (vLLM's kv_cache_memory_bytes).",
-        json_schema_extra=_expect("a number of decimal GB > 0, such as 0.5", "0.5"),
+        "G1 size per worker in decimal GB (vLLM's kv_cache_memory_bytes).",
+        "a number of decimal GB > 0, such as 0.5",
+        "0.5",
     )
     frontend_host: str = Field(
         "127.0.0.1",
@@ -235,11 +224,11 @@ class DeploymentSettings(BaseSettings):
         description="Private key of tls_cert (PEM).",
         json_schema_extra=_expect("a PEM file path", "/etc/dynkv/key.pem"),
     )
-    insecure: bool = Field(
+    insecure: bool = flag(
         False,
-        description="Allow a non-loopback frontend without an API key, or a non-loopback KVBM "
+        "Allow a non-loopback frontend without an API key, or a non-loopback KVBM "
         "metrics address (see docs/security.md).",
-        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "false"),
+        "false",
     )
     lease_ttl_secs: int = Field(
         10,
@@ -248,23 +237,21 @@ class DeploymentSettings(BaseSettings):
         description="etcd lease TTL of a worker registration: a dead worker leaves within it.",
         json_schema_extra=_expect("a whole number of seconds, 2–3600", "10"),
     )
-    startup_timeout_secs: float = Field(
+    startup_timeout_secs: float = seconds(
         900.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="How long `up` waits for one service to become healthy.",
-        json_schema_extra=_expect("a number of seconds > 0", "900"),
+        "How long `up` waits for one service to become healthy.",
+        "900",
     )
-    kvbm: bool = Field(
+    kvbm: bool = flag(
         True,
-        description="Start the workers with the bundled KVBM connector; false: plain vLLM with "
+        "Start the workers with the bundled KVBM connector; false: plain vLLM with "
         "only its own prefix cache (the no-offload baseline of a comparison).",
-        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+        "true",
     )
-    observability: bool = Field(
+    observability: bool = flag(
         False,
-        description="Also start Prometheus, scraping the frontend and every worker's KVBM metrics.",
-        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "true"),
+        "Also start Prometheus, scraping the frontend and every worker's KVBM metrics.",
+        "true",
     )
     etcd_image: ImageRef = Field(
         ETCD_IMAGE,
@@ -285,10 +272,10 @@ class DeploymentSettings(BaseSettings):
     prometheus_port: int = Field(
         9090, description="Port of Prometheus (with observability), on 127.0.0.1.", **_PORT
     )
-    disagg_fallback: bool = Field(
+    disagg_fallback: bool = flag(
         False,
-        description="disagg: when the prefill worker is down, serve on the decode worker alone.",
-        json_schema_extra=_expect("a boolean: true/false, 1/0, yes/no", "false"),
+        "disagg: when the prefill worker is down, serve on the decode worker alone.",
+        "false",
     )
     disagg_transfer: DisaggTransfer = Field(
         DisaggTransfer.AUTO,
@@ -312,17 +299,11 @@ class DeploymentSettings(BaseSettings):
         "(back-off 1 s doubling to 60 s); one more leaves it down. 0: never restart.",
         json_schema_extra=_expect("a whole number ≥ 0 (0 disables restarts)", "5"),
     )
-    restart_window_secs: float = Field(
+    restart_window_secs: float = seconds(
         300.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="The window restart_limit counts restarts in; older ones are forgotten.",
-        json_schema_extra=_expect("a number of seconds > 0", "300"),
+        "The window restart_limit counts restarts in; older ones are forgotten.",
+        "300",
     )
-
-    @classmethod
-    def env_name(cls, field: str) -> str:
-        return ENV_PREFIX + field.upper()
 
     @property
     def deployment_dir(self) -> Path:
