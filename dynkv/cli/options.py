@@ -87,8 +87,25 @@ RouterOpt = Annotated[
     RouterPolicy | None,
     typer.Option(
         "--router",
-        help="How the frontend picks a worker: round_robin, least_outstanding or session "
-        "(affinity by x-session-id / OpenAI user).",
+        help="How the frontend picks a worker: round_robin, least_outstanding, session "
+        "(affinity by x-session-id / OpenAI user) or kv (where the prompt's prefix is cached; "
+        "docs/frontend.md#routing).",
+    ),
+]
+RouterTemperatureOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--router-temperature",
+        help="kv router: 0 picks the lowest estimated TTFT; > 0 samples among near-ties.",
+        min=0.0,
+    ),
+]
+RouterTierWeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--router-tier-weights",
+        help="kv router: G1,G2,G3 weights of a cached block instead of measured rates "
+        "(dynamo = 1,0.75,0.25).",
     ),
 ]
 KvbmOpt = Annotated[
@@ -147,6 +164,8 @@ def resolve_from_options(
     tls_key: Path | None = None,
     insecure: bool | None = None,
     router: RouterPolicy | None = None,
+    router_temperature: float | None = None,
+    router_tier_weights: str | None = None,
     kvbm: bool | None = None,
     observability: bool | None = None,
     device_kv_gb: float | None = None,
@@ -182,6 +201,8 @@ def resolve_from_options(
             "tls_key": tls_key,
             "insecure": insecure,
             "router": router,
+            "router_temperature": router_temperature,
+            "router_tier_weights": router_tier_weights,
             "kvbm": kvbm,
             "observability": observability,
             "device_kv_gb": device_kv_gb,

@@ -102,7 +102,15 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     check_counts(resolved, transfer)
     workers = _workers(resolved, host, endpoints, infra_names, transfer, nats_url)
     services += workers
-    frontend = _frontend(resolved, host, endpoints, tuple(w.name for w in workers), transfer)
+    frontend = _frontend(
+        resolved,
+        host,
+        endpoints,
+        tuple(w.name for w in workers),
+        transfer,
+        nats_url,
+        workers[0].argv if workers else (),
+    )
     services.append(frontend)
     if dep.observability:
         services.append(_prometheus(resolved, host, workers, frontend))
@@ -254,6 +262,8 @@ def _frontend(
     endpoints: tuple[str, ...],
     workers: tuple[str, ...],
     transfer: str | None,
+    nats_url: str,
+    worker_argv: tuple[str, ...] = (),
 ) -> Service:
     dep = resolved.deployment
     env = {"PYTHONPATH": host.environ["PYTHONPATH"]} if host.environ.get("PYTHONPATH") else {}
@@ -272,7 +282,24 @@ def _frontend(
         disagg_fallback=dep.topology == "disagg" and dep.disagg_fallback,
         disagg_transfer=transfer,
         secret=host.secret,
+        nats_url=nats_url,
+        tokenizer=_argv_value(worker_argv, "--tokenizer") or host.model.model,
+        chat_template=_argv_value(worker_argv, "--chat-template"),
+        router_temperature=dep.router_temperature,
+        router_tier_weights=dep.router_tier_weights,
     )
+
+
+def _argv_value(argv: tuple[str, ...], flag: str) -> str | None:
+    """The value of `flag` in a vLLM command line (`--flag v` or `--flag=v`), the last one
+    winning as in argparse; None when absent."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(flag + "="):
+            value = word.split("=", 1)[1]
+    return value
 
 
 def _prometheus(
