@@ -109,6 +109,7 @@ class KvRouting:
         self.book = PrefillBook()
         self._fallback = LeastOutstanding()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynkv-tokenize")
+        self._warned = False
 
     @property
     def available(self) -> bool:
@@ -150,8 +151,10 @@ class KvRouting:
             log.debug("kv router: request %s routed by load: %s", req.request_id, exc)
             ids = None
         except Exception as exc:  # a template error, a tokenizer that cannot load
-            log.info("kv router: cannot tokenize request %s (%s); routed by load",
-                     req.request_id, exc)  # fmt: skip
+            level = logging.DEBUG if self._warned else logging.WARNING
+            self._warned = True
+            log.log(level, "kv router: cannot tokenize request %s (%s); routed by load "
+                    "(further failures are logged at debug level)", req.request_id, exc)  # fmt: skip
             ids = None
         req.scratch["token_ids"] = ids
         return ids

@@ -134,7 +134,8 @@ def test_a_prefix_goes_where_its_blocks_were_announced(tiny, nats):
                 until(lambda: metric(fe, "dynkv_router_index_blocks") == 2 * len(keys))
                 assert send(fe, "kv", salt="tenant-a") == "agg-1"
 
-                # agg-1 leaves etcd: its blocks leave the index, kv has nothing to prefer
+                # agg-1 leaves etcd (and stops publishing): its blocks leave the index
+                pub.close()
                 pool.remove("/dynkv/t/workers/agg-1")
                 assert metric(fe, "dynkv_router_index_blocks") == 0
                 assert send(fe, "kv") == "agg-0"

@@ -62,7 +62,8 @@ def fed_router(holder: str, keys: list[int]) -> KvRouter:
         router.sync.on_rates(
             WorkerRates(worker_id=w, instance_id="i", seq=0, ts=0, block_size=32, fingerprint=FP)
         )
-    router.index.apply(holder, [Stored(tier=KvTier.HOST, keys=keys, parent=None)])
+    if keys:
+        router.index.apply(holder, Stored(tier=KvTier.HOST, keys=keys))
     return router
 
 
