@@ -28,16 +28,10 @@ from dynkv.frontend.protocol import parse_request
 from dynkv.frontend.router import RouteContext
 from dynkv.kvbm.events import KvTier, Stored, WorkerRates
 from dynkv.kvbm.keys import BlockHasher
-from dynkv.model import ensure_model
 from dynkv.router.router import KvRouter
 from dynkv.router.score import ScorerConfig
 
 FP = "cd" * 16
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    return str(ensure_model("tiny", tmp_path_factory.mktemp("models")))
 
 
 def request(prompt: str = "hello there " * 40, policy: str | None = "kv", **extra):

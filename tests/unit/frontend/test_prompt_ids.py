@@ -16,7 +16,6 @@ from dynkv.frontend.prompt_ids import (
     template_kwargs,
     tool_dicts,
 )
-from dynkv.model import ensure_model
 from dynkv.model.tokenizer import CHAT_TEMPLATE
 
 OPENAI_STYLE = (
@@ -30,11 +29,6 @@ TOOLS_TEMPLATE = (
     "({{ c.function.arguments | tojson }}){% endfor %}{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}{% if flavour %} {{ flavour }}{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    return str(ensure_model("tiny", tmp_path_factory.mktemp("models")))
 
 
 def test_content_format_is_detected_from_the_template():
