@@ -162,20 +162,23 @@ def test_kv_router_keeps_a_conversation_on_the_worker_holding_it(fleet):
     kv = {"x-dynkv-router": "kv"}
     system = "You answer briefly about rivers and mountains. " * 24  # ~10 blocks of 32
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "round 1?"}]
-    served = []
+    served, blocks = [], [_frontend_metric(base, "dynkv_router_index_blocks")]
     for rnd in range(1, 5):
         if rnd > 1:
             messages.append({"role": "user", "content": f"and round {rnd}?"})
-        blocks = _frontend_metric(base, "dynkv_router_index_blocks")
         body = {"model": MODEL, "messages": messages, "max_tokens": 6, "temperature": 0}
         r = httpx.post(f"{base}/v1/chat/completions", json=body, headers=kv, timeout=120)
         assert r.status_code == 200, r.text
         served.append(r.headers["x-dynkv-worker"])
         answer = r.json()["choices"][0]["message"]["content"]
         messages.append({"role": "assistant", "content": answer})
-        if rnd < 4:
-            _wait_index_grows(base, blocks)
-    assert served[1:] == [served[0]] * 3, served
+        if rnd == 1:  # its system prompt's blocks reach the index (a round adds < 1 block)
+            blocks.append(_wait_index_grows(base, blocks[0]))
+        else:
+            time.sleep(0.3)
+            blocks.append(_frontend_metric(base, "dynkv_router_index_blocks"))
+    print(f"\nkv router: rounds on {served}, index blocks {blocks}")
+    assert served[1:] == [served[0]] * 3, (served, blocks)
     assert _frontend_metric(base, "dynkv_router_decisions_total", policy="kv", reason="kv") >= 3
     assert _frontend_metric(base, "dynkv_router_routed_total", policy="kv") == 4
     predicted = _frontend_metric(base, "dynkv_router_predicted_cached_tokens_total")
@@ -224,7 +227,7 @@ def test_the_frontend_tokenizes_fuzzed_chats_as_the_workers_tokenize(fleet):
     auth = {"authorization": f"Bearer {worker_api_key(secret)}"}
     rng = random.Random(17)
     with httpx.Client(timeout=30, headers=auth) as http:
-        for i in range(60):
+        for i in range(40):
             endpoint, body = (
                 ("chat", fuzzed_chat(rng)) if i % 4 else ("completions", fuzzed_completion(rng))
             )
