@@ -44,13 +44,15 @@ def assert_nothing_left(services, deployment_dir: Path) -> None:
     assert left == [], left
 
 
-def counter(urls: str | Iterable[str], name: str) -> float:
-    """The sample `name` read from one metrics URL, or summed over several (every decode worker
-    of a disagg stack)."""
+def counter(urls: str | Iterable[str], name: str, **labels: str) -> float:
+    """The sample `name` (with these label values, if given) read from one metrics URL, or
+    summed over several (every decode worker of a disagg stack)."""
     total = 0.0
     for url in [urls] if isinstance(urls, str) else urls:
         for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
             for sample in family.samples:
-                if sample.name == name:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
                     total += sample.value
     return total

@@ -96,8 +96,25 @@ RouterOpt = Annotated[
     RouterPolicy | None,
     typer.Option(
         "--router",
-        help="How the frontend picks a worker: round_robin, least_outstanding or session "
-        "(affinity by x-session-id / OpenAI user).",
+        help="How the frontend picks a worker: round_robin, least_outstanding, session "
+        "(affinity by x-session-id / OpenAI user) or kv (where the prompt's prefix is cached; "
+        "docs/frontend.md#routing).",
+    ),
+]
+RouterTemperatureOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--router-temperature",
+        help="kv router: 0 picks the lowest estimated TTFT; > 0 samples among near-ties.",
+        min=0.0,
+    ),
+]
+RouterTierWeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--router-tier-weights",
+        help="kv router: G1,G2,G3 weights of a cached block instead of measured rates "
+        "(dynamo = 1,0.75,0.25).",
     ),
 ]
 KvbmOpt = Annotated[
@@ -155,6 +172,8 @@ DEPLOYMENT_FLAGS = {
         "tls_key",
         "insecure",
         "router",
+        "router_temperature",
+        "router_tier_weights",
         "kvbm",
         "observability",
         "device_kv_gb",

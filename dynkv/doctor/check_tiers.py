@@ -6,6 +6,7 @@ from __future__ import annotations
 from dynkv.doctor.context import DoctorContext
 from dynkv.doctor.result import Check, Outcome, fail, gb, ok, warn
 from dynkv.plan.cpu import cpu_kv_cache_bytes
+from dynkv.plan.dtype import argv_value
 
 
 def _device_kv(ctx: DoctorContext) -> tuple[int | None, str]:
@@ -101,13 +102,9 @@ def order(ctx: DoctorContext) -> Outcome | None:
 def _max_model_len(ctx: DoctorContext) -> tuple[int | None, str]:
     """The longest sequence a worker must hold, and where that number comes from: the workers'
     `--max-model-len` (DYNKV_MAX_MODEL_LEN or an engine argument), else the model's own."""
-    argv = ctx.worker_argv
-    for i, word in enumerate(argv):
-        value = argv[i + 1] if word == "--max-model-len" and i + 1 < len(argv) else None
-        if word.startswith("--max-model-len="):
-            value = word.partition("=")[2]
-        if value is not None and value.isdigit():
-            return int(value), "--max-model-len"
+    value = argv_value(ctx.worker_argv, "--max-model-len")
+    if value is not None and value.isdigit():
+        return int(value), "--max-model-len"
     if ctx.deployment.max_model_len:
         return ctx.deployment.max_model_len, "DYNKV_MAX_MODEL_LEN"
     length = (ctx.model.config or {}).get("max_position_embeddings")

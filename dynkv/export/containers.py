@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 from dynkv.infra.images import ETCD_IMAGE, NATS_IMAGE
 from dynkv.plan.frontend import API_KEY_ENV
 from dynkv.plan.frontend import ETCD_ENDPOINTS_ENV as FRONTEND_ETCD_ENV
+from dynkv.plan.frontend import NATS_URL_ENV as FRONTEND_NATS_ENV
 from dynkv.plan.model import (
     EtcdKeyProbe,
     HttpProbe,
@@ -344,6 +345,8 @@ def _frontend(svc: Service, naming: Naming) -> ContainerFrontend:
     insecure = "--insecure" in svc.argv
     env, secrets = _split_env(svc.env)
     env[FRONTEND_ETCD_ENV] = ",".join(naming.etcd)
+    if FRONTEND_NATS_ENV in env:  # the KV router's events (docs/kv-events.md)
+        env[FRONTEND_NATS_ENV] = naming.nats
     # the frontend listens beyond loopback in its container: it takes an API key unless the
     # user chose --insecure (docs/security.md); the key comes from the Secret, not the plan
     if API_KEY_ENV in svc.env or not insecure:

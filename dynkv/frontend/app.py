@@ -44,8 +44,9 @@ from dynkv.frontend.errors import (
     overloaded,
     too_large,
 )
+from dynkv.frontend.kv_route import KV, ROUTER_HEADER, kv_routing, policy_override
 from dynkv.frontend.metrics import CONTENT_TYPE, NO_WORKER, UNKNOWN_MODEL, FrontendMetrics
-from dynkv.frontend.policy import make_policy
+from dynkv.frontend.policy import POLICIES, LeastOutstanding, make_policy
 from dynkv.frontend.pool import WorkerPool
 from dynkv.frontend.protocol import SESSION_HEADER, Endpoint, parse_request
 from dynkv.frontend.router import Aggregated, RouteContext, Router, Strategy
@@ -78,7 +79,12 @@ class Frontend:
         self.active = 0  # requests being served (bounded by max_concurrency)
         self.pool.expect(config.models)
         self.metrics = FrontendMetrics(self.pool)
-        self.policy = make_policy(config.router)
+        self.policies = {name: make_policy(name) for name in POLICIES}
+        self.policy = self.policies.get(str(config.router)) or LeastOutstanding()
+        self.kv = kv_routing(config)
+        if self.kv.router is not None:
+            self.metrics.index.stats = self.kv.router.stats
+            self.pool.on_leave.append(self.kv.remove_worker)
         self.discover = discover and bool(config.etcd_endpoints)
         self.strategies = strategies
         self.client: httpx.AsyncClient | None = None
@@ -103,7 +109,16 @@ class Frontend:
             stall_probe_after=cfg.stall_probe_after,
             probe_timeout=cfg.probe_timeout,
         )
-        ctx = RouteContext(self.pool, self.policy, forwarder, self.metrics)
+        ctx = RouteContext(
+            self.pool,
+            self.policy,
+            forwarder,
+            self.metrics,
+            policies=self.policies,
+            kv=self.kv,
+            default=str(cfg.router),
+        )
+        await self.kv.start(warm=cfg.router == KV)
         strategies = self.strategies
         if strategies is None:
             strategies = (
@@ -132,6 +147,7 @@ class Frontend:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        await self.kv.close()
         if self.client is not None:
             await self.client.aclose()
         if self._etcd is not None:
@@ -154,6 +170,7 @@ class Frontend:
                 request_id=client_id,
                 received_at=started,
                 session_header=request.headers.get(SESSION_HEADER),
+                policy=policy_override(request.headers.get(ROUTER_HEADER)),
             )
             if self.pool.knows(req.model):
                 label = req.model

@@ -51,6 +51,27 @@ class FrontendConfig(BaseModel):
     models: tuple[str, ...] = Field(
         (), description="a served model name answered 503 (not 404) while it has no worker"
     )
+    nats_url: str | None = Field(
+        None, description="the deployment's NATS: the kv router subscribes to KV events there"
+    )
+    tokenizer: str | None = Field(
+        None, description="the workers' model (or tokenizer) directory: the kv router's tokenizer"
+    )
+    chat_template: str | None = Field(
+        None, description="the workers' --chat-template, when they were given one"
+    )
+    router_temperature: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="kv router: > 0 samples among near-ties"
+    )
+    router_tier_weights: str | None = Field(
+        None, description="kv router: G1,G2,G3 weights instead of measured rates, or 'dynamo'"
+    )
+    router_decode_seconds: float = Field(
+        0.01,
+        ge=0,
+        allow_inf_nan=False,
+        description="kv router: queueing cost of a request in flight",
+    )
     request_timeout: float = Field(600.0, gt=0, description="seconds of worker silence")
     connect_timeout: float = Field(3.0, gt=0)
     health_interval: float = Field(1.0, gt=0, description="re-probe of unhealthy workers")
@@ -96,6 +117,14 @@ class FrontendConfig(BaseModel):
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         return value
+
+    @field_validator("router_tier_weights")
+    @classmethod
+    def _tier_weights(cls, value: str | None) -> str | None:
+        from dynkv.router.score import parse_tier_weights
+
+        weights = parse_tier_weights(value)
+        return None if weights is None else ",".join(f"{w:g}" for w in weights)
 
     @property
     def loopback(self) -> bool:

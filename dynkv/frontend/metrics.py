@@ -22,6 +22,15 @@ label space.
 - `dynkv_router_decisions_total{policy, reason}`: worker choices of the routing policy
   (`dynkv.frontend.policy`: reason `turn`, `fewest_outstanding`, `session` or `no_session`); a
   retried request is two decisions.
+- `dynkv_router_decision_seconds{policy}`: time to choose a worker (for `kv`: tokenizing the
+  prompt in a worker thread, hashing its blocks and scoring).
+- `dynkv_router_routed_total{policy, worker}`: requests sent to each worker, by policy.
+- `dynkv_router_predicted_cached_tokens_total{worker}` and
+  `dynkv_router_actual_cached_tokens_total{worker}`: over requests routed by `kv` whose answer
+  reports `usage.prompt_tokens_details.cached_tokens` (the router's accuracy is their ratio).
+- `dynkv_router_nats_fallbacks_total`: kv decisions made by load because NATS was down.
+- `dynkv_router_index_blocks`, `dynkv_router_index_bytes`: the KV router's index (keys held,
+  memory estimate), read at scrape time.
 - `dynkv_frontend_registrations_rejected_total{reason}`: etcd records under the workers prefix
   that were ignored: malformed, unsigned, bad_signature (docs/security.md).
 """
@@ -38,6 +47,7 @@ from dynkv.frontend.pool import WorkerPool
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NO_WORKER = "none"
 UNKNOWN_MODEL = "unknown"
+DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -68,6 +78,26 @@ class _PoolCollector:
         for reason in ("malformed", "unsigned", "bad_signature"):
             rejected.add_metric([reason], self.pool.rejected[reason])
         yield rejected
+
+
+class _IndexCollector:
+    """The KV router's index size, read when Prometheus scrapes (0 without a router)."""
+
+    def __init__(self) -> None:
+        self.stats = None  # () -> KvRouter.stats(), set when the frontend runs a KV router
+
+    def collect(self):
+        stats = self.stats() if self.stats is not None else {}
+        blocks = GaugeMetricFamily(
+            "dynkv_router_index_blocks", "Block keys in the KV router's index."
+        )
+        blocks.add_metric([], stats.get("index_blocks", 0))
+        yield blocks
+        size = GaugeMetricFamily(
+            "dynkv_router_index_bytes", "Memory estimate of the KV router's index, in bytes."
+        )
+        size.add_metric([], stats.get("index_memory_bytes", 0))
+        yield size
 
 
 class FrontendMetrics:
@@ -118,8 +148,57 @@ class FrontendMetrics:
             ["policy", "reason"],
             registry=r,
         )
+        self.decision_seconds = Histogram(
+            "dynkv_router_decision_seconds",
+            "Time to choose a worker (kv: tokenize, hash and score the prompt).",
+            ["policy"],
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.routed = Counter(
+            "dynkv_router_routed",
+            "Requests sent to each worker, by routing policy.",
+            ["policy", "worker"],
+            registry=r,
+        )
+        self.predicted_cached = Counter(
+            "dynkv_router_predicted_cached_tokens",
+            "Prompt tokens the kv router predicted cached, over answers that report usage.",
+            ["worker"],
+            registry=r,
+        )
+        self.actual_cached = Counter(
+            "dynkv_router_actual_cached_tokens",
+            "Prompt tokens the worker reported cached (usage.prompt_tokens_details), same requests.",
+            ["worker"],
+            registry=r,
+        )
+        self.nats_fallbacks = Counter(
+            "dynkv_router_nats_fallbacks",
+            "kv decisions made by load because NATS was unreachable.",
+            registry=r,
+        )
+        self.index = _IndexCollector()
+        r.register(self.index)
         if pool is not None:
             r.register(_PoolCollector(pool))
+
+    def decision(self, policy: str, choice, seconds: float, ticket=None) -> None:
+        """One worker choice: its reason, time and destination."""
+        self.decided(policy, choice.reason)
+        self.decision_seconds.labels(policy).observe(seconds)
+        self.routed.labels(policy, choice.worker.id).inc()
+        if choice.reason == "nats_down":
+            self.nats_fallbacks.inc()
+
+    def cached_tokens(self, worker: str, predicted: int, tap) -> None:
+        """A kv-routed answer is complete: compare its reported cached tokens with the
+        prediction (answers without usage are not counted)."""
+        actual = tap.cached_tokens()
+        if actual is None:
+            return
+        self.predicted_cached.labels(worker).inc(predicted)
+        self.actual_cached.labels(worker).inc(actual)
 
     def decided(self, policy: str, reason: str) -> None:
         self.decisions.labels(policy, reason).inc()

@@ -94,6 +94,7 @@ class WorkerPool:
         self.secret = secret
         self.rejected: Counter[str] = Counter()  # reason → records ignored
         self._rejected_keys: set[str] = set()
+        self.on_leave: list[Callable[[Worker], None]] = []  # a worker left (the KV router)
 
     # ---- membership (from etcd) --------------------------------------------------------------
 
@@ -128,6 +129,8 @@ class WorkerPool:
         worker = self._workers.pop(key, None)
         if worker is not None:
             log.info("worker left: %s", worker.describe())
+            for callback in self.on_leave:
+                callback(worker)
         return worker
 
     def replace(self, registrations: Mapping[str, bytes | str]) -> None:

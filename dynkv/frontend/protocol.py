@@ -35,6 +35,9 @@ class ApiRequest:
     request_id: str | None = None
     received_at: float = field(default_factory=time.monotonic)
     session: str | None = None  # the affinity key (`session_key`), None without one
+    policy: str | None = None  # the routing policy it asked for (`x-dynkv-router`), if any
+    # what routing computed once for this request (the kv policy's token ids, for a retry)
+    scratch: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def path(self) -> str:
@@ -75,6 +78,7 @@ def parse_request(
     request_id: str | None = None,
     received_at: float | None = None,
     session_header: str | None = None,
+    policy: str | None = None,
 ) -> ApiRequest:
     """→ ApiRequest, or an ApiError 400 saying what is wrong (as OpenAI words it).
     `received_at` (monotonic) starts the request's clock when it arrived, before its body;
@@ -128,4 +132,5 @@ def parse_request(
         request_id=request_id,
         received_at=time.monotonic() if received_at is None else received_at,
         session=session_key(session_header, body),
+        policy=policy,
     )

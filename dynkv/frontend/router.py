@@ -22,15 +22,16 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from starlette.responses import Response
 
 from dynkv.frontend.errors import SERVER_ERROR, ApiError, model_not_found, no_worker
+from dynkv.frontend.kv_route import DECODE, KV, KvRouting, KvTicket, UsageTap
 from dynkv.frontend.metrics import FrontendMetrics
-from dynkv.frontend.policy import Policy, RouteKey
-from dynkv.frontend.pool import WorkerPool
+from dynkv.frontend.policy import Choice, LeastOutstanding, Policy, RouteKey
+from dynkv.frontend.pool import Worker, WorkerPool
 from dynkv.frontend.protocol import ApiRequest
 from dynkv.frontend.upstream import (
     Forwarder,
@@ -56,6 +57,32 @@ class RouteContext:
     policy: Policy
     forwarder: Forwarder
     metrics: FrontendMetrics
+    # every policy a request may choose (`x-dynkv-router`), and the KV router's side
+    policies: dict[str, Policy] = field(default_factory=dict)
+    kv: KvRouting | None = None
+    default: str | None = None  # the default policy's name (None: `policy`'s)
+    _decode: LeastOutstanding = field(default_factory=lambda: LeastOutstanding(reason=DECODE))
+
+    async def choose(
+        self, req: ApiRequest, role: str, candidates: Sequence[Worker]
+    ) -> tuple[str, Choice | None, KvTicket | None]:
+        """(policy name, its choice, the kv bookkeeping) for one step of `req`."""
+        name = req.policy or self.default or self.policy.name
+        t0 = time.perf_counter()
+        ticket = None
+        if name == KV:
+            if role == Role.DECODE:  # the prefix matters where the prompt is computed
+                choice = self._decode.pick(candidates)
+            else:
+                kv = self.kv if self.kv is not None else KvRouting(None, None)
+                picked = await kv.pick(req, candidates)
+                choice, ticket = (None, None) if picked is None else (picked.choice, picked.ticket)
+        else:
+            policy = self.policy if name == self.policy.name else self.policies[name]
+            choice = policy.pick(candidates, RouteKey(session=req.session))
+        if choice is not None:
+            self.metrics.decision(name, choice, time.perf_counter() - t0, ticket)
+        return name, choice, ticket
 
     async def open(self, req: ApiRequest, role: str, body: bytes | None = None) -> Upstream:
         """Send `body` (default: the request as received, less internal fields) to a healthy
@@ -63,13 +90,12 @@ class RouteContext:
         this returns."""
         tried: list[str] = []
         failures: list[str] = []
-        key = RouteKey(session=req.session)
         for attempt in range(ATTEMPTS):
-            choice = self.policy.pick(self.pool.healthy(req.model, role, exclude=tried), key)
+            candidates = self.pool.healthy(req.model, role, exclude=tried)
+            name, choice, ticket = await self.choose(req, role, candidates)
             if choice is None:
                 break
             worker = choice.worker
-            self.metrics.decided(self.policy.name, choice.reason)
             if attempt:
                 self.metrics.retries.labels(req.model).inc()
                 log.info("retrying on %s after: %s", worker.id, failures[-1])
@@ -78,11 +104,17 @@ class RouteContext:
             gauge = self.metrics.inflight.labels(req.model, worker.id)
             gauge.inc()
             lease.on_release.append(gauge.dec)
+            if ticket is not None:
+                lease.on_release.append(ticket.prefilled)
             try:
-                return await self.forwarder.open(
+                upstream = await self.forwarder.open(
                     worker, lease, req.path, req.forward_body() if body is None else body,
                     request_id=req.request_id,
                 )  # fmt: skip
+                if ticket is not None:
+                    ticket.prefilled()  # the first byte is in: its prompt is computed
+                    upstream.ticket = ticket
+                return upstream
             except WorkerUnreachable as exc:
                 lease.release()
                 self.pool.mark_unhealthy(worker, exc.detail)
@@ -129,8 +161,13 @@ class RouteContext:
         worker = upstream.worker.id
         if req.stream and upstream.status == 200 and upstream.first:
             self.metrics.ttft.labels(req.model, worker).observe(upstream.first_at - req.received_at)
+        ticket = upstream.ticket
+        if ticket is not None and upstream.status == 200:
+            upstream.tap = UsageTap()
 
         def done(outcome: RelayOutcome) -> None:
+            if ticket is not None and upstream.tap is not None and outcome.complete:
+                self.metrics.cached_tokens(worker, ticket.predicted_cached, upstream.tap)
             status = upstream.status
             if outcome.broken:
                 self.metrics.error(model=req.model, worker=worker, kind="stream_broken")

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import httpx
@@ -114,6 +115,8 @@ class Upstream:
     first: bytes
     rest: AsyncIterator[bytes]
     first_at: float  # monotonic time of the first chunk
+    ticket: Any = None  # the kv router's bookkeeping of this request (kv_route.KvTicket)
+    tap: Callable[[bytes], None] | None = None  # sees every relayed chunk (usage accounting)
 
     @property
     def status(self) -> int:
@@ -254,10 +257,15 @@ class Relay:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         up = self.upstream
+        tap = up.tap
         try:
             if up.first:
+                if tap is not None:
+                    tap(up.first)
                 yield up.first
             async for chunk in up.rest:
+                if tap is not None:
+                    tap(chunk)
                 yield chunk
             self.outcome.complete = True
         except httpx.TransportError as exc:

@@ -13,7 +13,7 @@ from dynkv.infra.external import external_probes, nats_host_port, split_endpoint
 from dynkv.kvbm.event_settings import KvEventsSettings
 from dynkv.kvbm.roles import Role
 from dynkv.plan.cpu import cpu_engine_env, split_cores
-from dynkv.plan.dtype import default_dtype_argv, dtype_note
+from dynkv.plan.dtype import argv_value, default_dtype_argv, dtype_note
 from dynkv.plan.engine_args import check_engine_args, engine_notes, role_argv
 from dynkv.plan.errors import PlanError
 from dynkv.plan.fleet import assign_gpus, check_counts, per_worker_gpus, worker_slots
@@ -135,7 +135,15 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     transfer = disagg_transfer(resolved, host)  # workers and frontend must agree on it
     check_counts(resolved)
     workers = _workers(resolved, host, endpoints, infra_names, transfer, nats_url)
-    frontend = _frontend(resolved, host, endpoints, tuple(w.name for w in workers), transfer)
+    frontend = _frontend(
+        resolved,
+        host,
+        endpoints,
+        tuple(w.name for w in workers),
+        transfer,
+        nats_url,
+        workers[0].argv if workers else (),
+    )
     if tls is not None:
         workers = [secure_worker(w, tls, token) for w in workers]
         frontend = secure_frontend(frontend, tls, token, user_cert=frontend_user_cert(resolved))
@@ -317,6 +325,8 @@ def _frontend(
     endpoints: tuple[str, ...],
     workers: tuple[str, ...],
     transfer: str | None,
+    nats_url: str,
+    worker_argv: tuple[str, ...] = (),
 ) -> Service:
     dep = resolved.deployment
     env = {"PYTHONPATH": host.environ["PYTHONPATH"]} if host.environ.get("PYTHONPATH") else {}
@@ -335,6 +345,11 @@ def _frontend(
         disagg_fallback=dep.topology == "disagg" and dep.disagg_fallback,
         disagg_transfer=transfer,
         secret=host.secret,
+        nats_url=nats_url,
+        tokenizer=argv_value(worker_argv, "--tokenizer") or host.model.model,
+        chat_template=argv_value(worker_argv, "--chat-template"),
+        router_temperature=dep.router_temperature,
+        router_tier_weights=dep.router_tier_weights,
     )
 
 

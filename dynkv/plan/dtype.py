@@ -30,14 +30,21 @@ def cpu_bf16_native(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(flag in flags for flag in _BF16_NATIVE_FLAGS)
 
 
-def argv_dtype(argv: tuple[str, ...] | list[str]) -> str | None:
-    """The value of `--dtype` in a vLLM command line (`--dtype X` or `--dtype=X`), else None."""
+def argv_value(argv: tuple[str, ...] | list[str], flag: str) -> str | None:
+    """The value of `flag` in a vLLM command line (`--flag v` or `--flag=v`), the last one
+    winning as in argparse; None when absent."""
+    value = None
     for i, word in enumerate(argv):
-        if word == "--dtype" and i + 1 < len(argv):
-            return argv[i + 1]
-        if word.startswith("--dtype="):
-            return word.partition("=")[2]
-    return None
+        if word == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(flag + "="):
+            value = word.split("=", 1)[1]
+    return value
+
+
+def argv_dtype(argv: tuple[str, ...] | list[str]) -> str | None:
+    """The value of `--dtype` in a vLLM command line, else None."""
+    return argv_value(argv, "--dtype")
 
 
 def user_chose_dtype(engine: tuple[str, ...]) -> bool:

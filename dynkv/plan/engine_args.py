@@ -33,6 +33,8 @@ OWNED_FIX: dict[str, str] = {
     "(docs/kv-events.md)",
     "kv_cache_memory_bytes": "pass --device-kv-gb (DYNKV_DEVICE_KV_GB), G1 per worker in GB",
     "api_key": "pass --api-key (DYNKV_API_KEY): the frontend checks it, workers stay on loopback",
+    "enable_prompt_tokens_details": "dynkv always sets it: answers report the cached tokens the "
+    "KV router's accuracy is measured against (docs/frontend.md#the-kv-policy)",
     "uds": "workers serve HTTP on 127.0.0.1:DYNKV_WORKER_PORT, which dynkv probes and registers",
 }
 # Options the worker needs but dynkv does not put on vLLM's command line.

@@ -21,6 +21,8 @@ from dynkv.worker.record import DEPLOYMENT_SECRET_ENV
 
 # FrontendSettings' name for `etcd_endpoints` (dynkv/frontend/config.py, which imports this module)
 ETCD_ENDPOINTS_ENV = "DYNKV_FRONTEND_ETCD_ENDPOINTS"
+# ... and for `nats_url`: the KV router subscribes to the workers' KV events there
+NATS_URL_ENV = "DYNKV_FRONTEND_NATS_URL"
 
 __all__ = ["Access", "checked_access", "frontend_service", "read_or_new"]  # read_or_new: build
 
@@ -132,6 +134,11 @@ def frontend_service(
     disagg_fallback: bool = False,
     disagg_transfer: str | None = None,
     secret: str | None = None,
+    nats_url: str | None = None,
+    tokenizer: str | None = None,
+    chat_template: str | None = None,
+    router_temperature: float = 0.0,
+    router_tier_weights: str | None = None,
 ) -> Service:
     api_key, tls = access.api_key, access.tls
     argv = [
@@ -149,6 +156,14 @@ def frontend_service(
     ]
     for model in models:
         argv += ["--model", model]
+    if tokenizer:  # the kv router renders and tokenizes prompts as the workers do
+        argv += ["--tokenizer", tokenizer]
+    if chat_template:
+        argv += ["--chat-template", chat_template]
+    if router_temperature:
+        argv += ["--router-temperature", f"{router_temperature:g}"]
+    if router_tier_weights:
+        argv += ["--router-tier-weights", router_tier_weights]
     if disagg_fallback:
         argv.append("--disagg-fallback")
     if disagg_transfer == "nixl":
@@ -160,6 +175,8 @@ def frontend_service(
     # by environment, not argv: an external etcd URL may carry a password, and argv is readable by
     # every local user (/proc/PID/cmdline, ps) while the environment is not (docs/security.md)
     service_env = {**env, ETCD_ENDPOINTS_ENV: ",".join(etcd_endpoints)}
+    if nats_url:  # the same goes for an external NATS URL
+        service_env[NATS_URL_ENV] = nats_url
     env_unset: tuple[str, ...] = ()
     if api_key:
         service_env[API_KEY_ENV] = api_key

@@ -149,6 +149,9 @@ def vllm_argv(
         argv += ["--max-model-len", str(max_model_len)]
     if kv_cache_bytes is not None:
         argv += ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
+    # usage.prompt_tokens_details.cached_tokens (prefix cache and KVBM loads together): what
+    # the KV router's accuracy is measured against (docs/frontend.md#the-kv-policy)
+    argv.append("--enable-prompt-tokens-details")
     argv += engine  # the user's engine arguments, last (docs/engine-args.md)
     return tuple(argv)
 

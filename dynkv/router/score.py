@@ -21,6 +21,24 @@ from dynkv.router.index import PrefixMatch
 DYNAMO_TIER_WEIGHTS = (1.0, 0.75, 0.25)
 
 
+def parse_tier_weights(text: str | None) -> tuple[float, float, float] | None:
+    """`--router-tier-weights`: "G1,G2,G3" (each in [0, 1]) or "dynamo" (Dynamo's constants);
+    empty or None: price hits by the workers' measured rates. ValueError with the reason."""
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip()
+    if text.lower() == "dynamo":
+        return DYNAMO_TIER_WEIGHTS
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        weights = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{text!r} is not three numbers G1,G2,G3 (or 'dynamo')") from None
+    if len(weights) != 3 or not all(0.0 <= w <= 1.0 for w in weights):
+        raise ValueError(f"{text!r}: give three weights G1,G2,G3, each in [0, 1] (or 'dynamo')")
+    return weights[0], weights[1], weights[2]
+
+
 @dataclass(frozen=True)
 class ScorerConfig:
     # used until a worker has published a measurement

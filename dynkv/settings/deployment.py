@@ -45,6 +45,7 @@ class RouterPolicy(StrEnum):
     ROUND_ROBIN = "round_robin"
     LEAST_OUTSTANDING = "least_outstanding"
     SESSION = "session"
+    KV = "kv"  # the KV-aware router: where the prompt's prefix is cached (docs/kv-events.md)
 
 
 def _image_reference(value: str) -> str:
@@ -73,6 +74,16 @@ def _advertise_address(value: str | None) -> str | None:
 
 
 AdvertiseAddr = Annotated[str | None, AfterValidator(_advertise_address)]
+
+
+def _tier_weights(value: str | None) -> str | None:
+    from dynkv.router.score import parse_tier_weights
+
+    weights = parse_tier_weights(value)
+    return None if weights is None else ",".join(f"{w:g}" for w in weights)
+
+
+TierWeights = Annotated[str | None, AfterValidator(_tier_weights)]
 
 
 def default_state_dir() -> Path:
@@ -202,7 +213,20 @@ class DeploymentSettings(EnvSettings):
     router: RouterPolicy = Field(
         RouterPolicy.ROUND_ROBIN,
         description="How the frontend spreads requests over workers.",
-        json_schema_extra=_expect("round_robin, least_outstanding or session", "round_robin"),
+        json_schema_extra=_expect("round_robin, least_outstanding, session or kv", "round_robin"),
+    )
+    router_temperature: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="kv router: 0 picks the lowest estimated TTFT; > 0 samples among near-ties.",
+        json_schema_extra=_expect("a number >= 0", "0.1"),
+    )
+    router_tier_weights: TierWeights = Field(
+        None,
+        description="kv router: G1,G2,G3 weights of a cached block instead of measured rates "
+        "('dynamo' = 1,0.75,0.25, Dynamo's constants, for comparison).",
+        json_schema_extra=_expect("three numbers G1,G2,G3 in [0, 1], or dynamo", "1,0.75,0.25"),
     )
     api_key: SecretStr | None = Field(
         None,

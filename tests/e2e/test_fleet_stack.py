@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -173,6 +174,105 @@ def test_logs_of_the_fleet(fleet):
     assert f"registered /dynkv/{NAME}/workers/agg-0" in logs.stdout
     assert f"registered /dynkv/{NAME}/workers/agg-1" in logs.stdout
     assert "worker-0 | " in logs.stdout and "worker-1 | " in logs.stdout
+
+
+def _frontend_metric(base: str, name: str, **labels: str) -> float:
+    return counter(f"{base}/metrics", name, **labels)
+
+
+def _wait_index_grows(base: str, above: float, timeout: float = 20) -> float:
+    """The frontend's KV index has more blocks than `above` (the workers' KV events of the last
+    request arrived over NATS)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        blocks = _frontend_metric(base, "dynkv_router_index_blocks")
+        if blocks > above:
+            return blocks
+        time.sleep(0.2)
+    raise AssertionError(f"the router's index stayed at {above} blocks")
+
+
+def test_kv_router_keeps_a_conversation_on_the_worker_holding_it(fleet):
+    """`x-dynkv-router: kv` on a round-robin stack: round 1 lands anywhere; once its KV events
+    are in, rounds 2-4 (the same conversation, longer) go where its prefix is cached, and the
+    greedy answer of the last round equals that of each worker alone (docs/frontend.md)."""
+    env, ddir = fleet
+    base = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"
+    kv = {"x-dynkv-router": "kv"}
+    system = "You answer briefly about rivers and mountains. " * 24  # ~10 blocks of 32
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "round 1?"}]
+    served, blocks = [], [_frontend_metric(base, "dynkv_router_index_blocks")]
+    for rnd in range(1, 5):
+        if rnd > 1:
+            messages.append({"role": "user", "content": f"and round {rnd}?"})
+        body = {"model": MODEL, "messages": messages, "max_tokens": 6, "temperature": 0}
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, headers=kv, timeout=120)
+        assert r.status_code == 200, r.text
+        served.append(r.headers["x-dynkv-worker"])
+        answer = r.json()["choices"][0]["message"]["content"]
+        messages.append({"role": "assistant", "content": answer})
+        if rnd == 1:  # its system prompt's blocks reach the index (a round adds < 1 block)
+            blocks.append(_wait_index_grows(base, blocks[0]))
+        else:
+            time.sleep(0.3)
+            blocks.append(_frontend_metric(base, "dynkv_router_index_blocks"))
+    print(f"\nkv router: rounds on {served}, index blocks {blocks}")
+    assert served[1:] == [served[0]] * 3, (served, blocks)
+    assert _frontend_metric(base, "dynkv_router_decisions_total", policy="kv", reason="kv") >= 3
+    assert _frontend_metric(base, "dynkv_router_routed_total", policy="kv") == 4
+    predicted = _frontend_metric(base, "dynkv_router_predicted_cached_tokens_total")
+    actual = _frontend_metric(base, "dynkv_router_actual_cached_tokens_total")
+    print(f"\nkv router: rounds on {served}; predicted {predicted:.0f} / actual {actual:.0f}")
+    assert predicted > 0 and actual > 0
+
+    # the last round's greedy answer, from each worker alone
+    last = {"model": MODEL, "messages": messages[:-1], "max_tokens": 6, "temperature": 0}
+    secret = (ddir / "deployment.secret").read_text().strip()
+    auth = {"authorization": f"Bearer {worker_api_key(secret)}"}
+    for worker in (s for s in read_state(ddir).services if s.name in WORKERS):
+        alone = httpx.post(
+            f"{worker.info.url}/v1/chat/completions", json=last, headers=auth, timeout=120
+        )
+        assert alone.status_code == 200, alone.text
+        assert alone.json()["choices"][0]["message"]["content"] == messages[-1]["content"]
+
+
+def test_an_unknown_router_header_is_a_400_naming_the_choices(fleet):
+    env, _ = fleet
+    base = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"
+    r = httpx.post(
+        f"{base}/v1/completions",
+        json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+        headers={"x-dynkv-router": "random"},
+        timeout=30,
+    )
+    assert r.status_code == 400 and "least_outstanding" in r.json()["error"]["message"]
+
+
+def test_the_frontend_tokenizes_fuzzed_chats_as_the_workers_tokenize(fleet):
+    """The kv router's token ids (dynkv.frontend.prompt_ids, with the tokenizer the plan gave
+    the frontend) against a worker's own `/tokenize` on fuzzed chats, tools, system prompts
+    and flags: no generation, so cheap."""
+    from prompt_support import fuzzed_chat, fuzzed_completion
+
+    from dynkv.frontend.prompt_ids import PromptTokenizer
+
+    _, ddir = fleet
+    state = read_state(ddir)
+    argv = state.service("frontend").argv
+    tokenizer = PromptTokenizer(argv[argv.index("--tokenizer") + 1])
+    worker = state.service("worker-0")
+    secret = (ddir / "deployment.secret").read_text().strip()
+    auth = {"authorization": f"Bearer {worker_api_key(secret)}"}
+    rng = random.Random(17)
+    with httpx.Client(timeout=30, headers=auth) as http:
+        for i in range(40):
+            endpoint, body = (
+                ("chat", fuzzed_chat(rng)) if i % 4 else ("completions", fuzzed_completion(rng))
+            )
+            r = http.post(f"{worker.info.url}/tokenize", json={"model": MODEL, **body})
+            assert r.status_code == 200, (body, r.text)
+            assert tokenizer.token_ids(endpoint, body) == r.json()["tokens"], body
 
 
 def _restarted(ddir: Path, name: str, restarts: int, timeout: float = 400) -> float:

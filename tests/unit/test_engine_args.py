@@ -76,13 +76,16 @@ def _plan(tmp_path, words=(), *, topology="agg", env=None, spec=None, **facts):
     return build_plan(resolved, host(vllm_args=spec, **facts))
 
 
+BARE_FLAGS = {"--enable-prompt-tokens-details"}  # owned options that take no value
+
+
 def _engine_words(plan, name="worker"):
     """The worker's vLLM argv without the options dynkv sets (each takes one value)."""
     argv = vllm_part(plan.service(name).argv)[3:]  # python -m module
     owned, out, i = set(owned_options()), [], 0
     while i < len(argv):
         if argv[i] in owned:
-            i += 2
+            i += 1 if argv[i] in BARE_FLAGS else 2
             continue
         out.append(argv[i])
         i += 1

@@ -10,7 +10,7 @@ import shlex
 import plan_support
 import pytest
 from doctor_support import plan_check
-from plan_support import flag
+from plan_support import flag, vllm_part
 from typer.testing import CliRunner
 
 from dynkv.cli.display import curl_example, frontend_lines
@@ -41,7 +41,11 @@ def test_frontend_service_runs_after_the_workers_on_loopback():
     assert probe.url == "http://127.0.0.1:8000/health" and dict(probe.expect_json) == {
         "status": "ok"
     }
-    assert fe.env == {"PYTHONPATH": "/wt", "DYNKV_FRONTEND_ETCD_ENDPOINTS": "http://127.0.0.1:2379"}
+    assert fe.env == {
+        "PYTHONPATH": "/wt",
+        "DYNKV_FRONTEND_ETCD_ENDPOINTS": "http://127.0.0.1:2379",
+        "DYNKV_FRONTEND_NATS_URL": "nats://127.0.0.1:4222",  # the KV router's events
+    }
     assert fe.env_unset == ("DYNKV_API_KEY",)
     assert fe.log_file == "/state/default/logs/frontend.log"
     assert fe.info.openai_url == "http://127.0.0.1:8000/v1" and fe.info.auth == "none"
@@ -55,6 +59,28 @@ def test_settings_reach_the_frontend():
     assert flag(fe.argv, "--port") == "9000" and flag(fe.argv, "--router") == "least_outstanding"
     assert flag(fe.argv, "--deployment") == "p"
     assert any("http://127.0.0.1:9000/v1" in note for note in plan.notes)
+
+
+def test_the_kv_router_gets_nats_the_workers_tokenizer_and_its_settings():
+    plan = plan_for()
+    fe = plan.service("frontend")
+    model = flag(vllm_part(plan.service("worker").argv), "--model")
+    assert flag(fe.argv, "--tokenizer") == model  # it renders prompts as the workers do
+    assert "--router-temperature" not in fe.argv and "--router-tier-weights" not in fe.argv
+    plan = plan_for(
+        {
+            "DYNKV_ROUTER": "kv",
+            "DYNKV_ROUTER_TEMPERATURE": "0.25",
+            "DYNKV_ROUTER_TIER_WEIGHTS": "dynamo",
+        }
+    )
+    fe = plan.service("frontend")
+    assert flag(fe.argv, "--router") == "kv" and flag(fe.argv, "--router-temperature") == "0.25"
+    assert flag(fe.argv, "--router-tier-weights") == "1,0.75,0.25"
+    worker = plan.service("worker")
+    assert "--enable-prompt-tokens-details" in worker.argv  # usage reports cached tokens
+    with pytest.raises(SettingsError):
+        plan_for({"DYNKV_ROUTER_TIER_WEIGHTS": "1,2"})
 
 
 def test_the_api_key_travels_in_the_environment_only():

@@ -1,0 +1,248 @@
+"""The `kv` routing policy in the frontend: tokenize, ask the KV router, account for the load.
+
+When the deployment has NATS the frontend always runs a `KvRouter` (dynkv.router), whatever its
+default policy, so that any request may choose `kv` with the `x-dynkv-router` header (a
+benchmark compares policies on one fleet). Per request routed by `kv`:
+
+1. its prompt token ids, computed as the worker will (`prompt_ids`), in a worker thread (a long
+   chat template must not stall the event loop); a request this cannot tokenize is routed least
+   outstanding, counted as reason `tokenize_failed`;
+2. `KvRouter.pick` with each candidate's load: the prompt tokens this frontend has sent it that
+   are not prefilled yet (released when the worker's first byte arrives) and its requests in
+   flight; it chooses by estimated TTFT (dynkv/router/score.py) or, while NATS is down, by load
+   (reason `nats_down`, also counted in `dynkv_router_nats_fallbacks_total`);
+3. the prediction (cached tokens) is kept so that the response's `usage` can be compared with it
+   (`UsageTap`).
+docs/frontend.md#routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dynkv.frontend.errors import bad_request
+from dynkv.frontend.policy import POLICIES, Choice, LeastOutstanding
+from dynkv.frontend.pool import Worker
+from dynkv.frontend.prompt_ids import PromptTokenizer, Unsupported
+from dynkv.frontend.protocol import ApiRequest
+
+if TYPE_CHECKING:
+    from dynkv.frontend.config import FrontendConfig
+
+log = logging.getLogger("dynkv.frontend")
+
+ROUTER_HEADER = "x-dynkv-router"
+KV = "kv"
+POLICY_NAMES = (*POLICIES, KV)
+# reasons of dynkv_router_decisions_total{policy="kv"} besides the router's own (kv, kv_miss,
+# nats_down)
+TOKENIZE_FAILED = "tokenize_failed"
+NO_ROUTER = "kv_unavailable"  # no NATS configured, or no tokenizer: least outstanding
+DECODE = "decode_fewest_outstanding"  # disagg: the decode step goes least outstanding
+
+
+def policy_override(header: str | None) -> str | None:
+    """The request's `x-dynkv-router` policy, or None; a 400 naming the choices otherwise."""
+    if header is None or not header.strip():
+        return None
+    name = header.strip().lower()
+    if name not in POLICY_NAMES:
+        raise bad_request(
+            f"Unknown {ROUTER_HEADER} {header.strip()!r}: choose one of {', '.join(POLICY_NAMES)}.",
+            param=ROUTER_HEADER,
+            code="unknown_router",
+        )
+    return name
+
+
+@dataclass
+class KvTicket:
+    """One kv decision's bookkeeping: the prefill tokens it added to the worker's queue (until
+    its first byte) and what the router predicted it would find cached."""
+
+    book: PrefillBook
+    worker: str
+    prefill_tokens: int
+    predicted_cached: int
+    released: bool = False
+
+    def prefilled(self) -> None:
+        if not self.released:
+            self.released = True
+            self.book.sub(self.worker, self.prefill_tokens)
+
+
+@dataclass
+class PrefillBook:
+    """Prompt tokens sent to each worker and not yet prefilled (by worker id)."""
+
+    tokens: Counter[str] = field(default_factory=Counter)
+
+    def add(self, worker: str, n: int) -> None:
+        self.tokens[worker] += n
+
+    def sub(self, worker: str, n: int) -> None:
+        left = self.tokens[worker] - n
+        if left > 0:
+            self.tokens[worker] = left
+        else:
+            self.tokens.pop(worker, None)
+
+
+@dataclass
+class KvPick:
+    choice: Choice
+    ticket: KvTicket | None
+    seconds: float
+
+
+class KvRouting:
+    """The frontend's side of the KV router; `router` is None without NATS."""
+
+    def __init__(self, router, tokenizer: PromptTokenizer | None) -> None:
+        self.router = router
+        self.tokenizer = tokenizer
+        self.book = PrefillBook()
+        self._fallback = LeastOutstanding()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynkv-tokenize")
+        self._warned = False
+
+    @property
+    def available(self) -> bool:
+        return self.router is not None and self.tokenizer is not None
+
+    async def start(self, warm: bool = False) -> None:
+        if self.router is not None:
+            await self.router.start()
+        if warm and self.tokenizer is not None:  # load it before the first request needs it
+            loop = asyncio.get_running_loop()
+            loop.run_in_executor(self._pool, self._warm)
+
+    def _warm(self) -> None:
+        try:
+            _ = self.tokenizer.tokenizer  # type: ignore[union-attr]
+        except Exception as exc:
+            log.warning("kv router: cannot load the tokenizer (%s); kv routes by load", exc)
+
+    async def close(self) -> None:
+        if self.router is not None:
+            await self.router.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def remove_worker(self, worker: Worker) -> None:
+        if self.router is not None:
+            self.router.remove_worker(worker.id)
+        self.book.tokens.pop(worker.id, None)
+
+    async def token_ids(self, req: ApiRequest) -> list[int] | None:
+        """The prompt's token ids (computed once per request), None when they cannot be."""
+        if "token_ids" in req.scratch:
+            return req.scratch["token_ids"]
+        assert self.tokenizer is not None
+        loop = asyncio.get_running_loop()
+        tok = self.tokenizer
+        try:
+            ids = await loop.run_in_executor(self._pool, tok.token_ids, req.endpoint, req.body)
+        except Unsupported as exc:
+            log.debug("kv router: request %s routed by load: %s", req.request_id, exc)
+            ids = None
+        except Exception as exc:  # a template error, a tokenizer that cannot load
+            level = logging.DEBUG if self._warned else logging.WARNING
+            self._warned = True
+            log.log(level, "kv router: cannot tokenize request %s (%s); routed by load "
+                    "(further failures are logged at debug level)", req.request_id, exc)  # fmt: skip
+            ids = None
+        req.scratch["token_ids"] = ids
+        return ids
+
+    async def pick(self, req: ApiRequest, candidates: Sequence[Worker]) -> KvPick | None:
+        if not candidates:
+            return None
+        t0 = time.perf_counter()
+        if not self.available:
+            fallback = self._fallback.pick(candidates)
+            assert fallback is not None
+            return KvPick(Choice(fallback.worker, NO_ROUTER), None, time.perf_counter() - t0)
+        ids = await self.token_ids(req)
+        if not ids:
+            fallback = self._fallback.pick(candidates)
+            assert fallback is not None
+            choice = Choice(fallback.worker, TOKENIZE_FAILED)
+            return KvPick(choice, None, time.perf_counter() - t0)
+        from dynkv.router.score import WorkerLoad
+
+        by_id = {w.id: w for w in candidates}
+        loads = {
+            w.id: WorkerLoad(
+                outstanding_prefill_tokens=self.book.tokens.get(w.id, 0),
+                running_requests=w.outstanding,
+            )
+            for w in candidates
+        }
+        salt = req.body.get("cache_salt")
+        decision = self.router.pick(ids, loads, salt if isinstance(salt, str) else None)
+        chosen = decision.chosen
+        worker = by_id[chosen.worker]
+        prefill = max(0, len(ids) - chosen.cached_tokens)
+        self.book.add(worker.id, prefill)
+        ticket = KvTicket(self.book, worker.id, prefill, chosen.cached_tokens)
+        return KvPick(Choice(worker, decision.reason), ticket, time.perf_counter() - t0)
+
+
+# usage.prompt_tokens_details.cached_tokens in vLLM's compact JSON (a response body's or an SSE
+# event's); a quote inside generated text is escaped, so text cannot fake it
+_CACHED = re.compile(rb'"prompt_tokens_details"\s*:\s*\{[^{}]*?"cached_tokens"\s*:\s*(\d+)')
+TAIL_BYTES = 64 * 1024
+
+
+class UsageTap:
+    """Keeps the tail of a response body to read the cached tokens its `usage` reports (a
+    non-streamed answer, or the final chunk of a stream sent with
+    `stream_options.include_usage`); None when it reports none."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def __call__(self, chunk: bytes) -> None:
+        tail = self._tail + chunk
+        self._tail = tail[-TAIL_BYTES:]
+
+    def cached_tokens(self) -> int | None:
+        found = _CACHED.findall(self._tail)
+        return int(found[-1]) if found else None
+
+
+def kv_routing(config: FrontendConfig) -> KvRouting:
+    """The KV router when the deployment has NATS (whatever the default policy: a request may
+    ask for `kv`), with the workers' tokenizer when the plan named it."""
+    router = None
+    if config.nats_url:
+        from dynkv.router.router import KvRouter
+        from dynkv.router.score import ScorerConfig, parse_tier_weights
+
+        router = KvRouter(
+            config.nats_url,
+            config.deployment,
+            ScorerConfig(
+                decode_seconds_per_request=config.router_decode_seconds,
+                tier_weights=parse_tier_weights(config.router_tier_weights),
+                temperature=config.router_temperature,
+            ),
+        )
+    tokenizer = (
+        PromptTokenizer(config.tokenizer, config.chat_template) if config.tokenizer else None
+    )
+    if config.router == KV and (router is None or tokenizer is None):
+        log.warning(
+            "router kv without %s: requests are routed least outstanding",
+            "a NATS URL" if router is None else "the model's tokenizer (--tokenizer)",
+        )
+    return KvRouting(router, tokenizer)
