@@ -47,6 +47,7 @@ class WorkerConfig(BaseModel):
     # generous: a busy CPU engine can answer /health late, and withdrawing it would be worse
     probe_timeout: float = Field(5.0, gt=0, description="a slower /health counts as failed")
     unhealthy_after: int = Field(3, ge=1, description="consecutive failed probes to withdraw")
+    node: str | None = Field(None, description="the joined node it runs on (dynkv join)")
 
     @field_validator("etcd_endpoints", mode="before")
     @classmethod
