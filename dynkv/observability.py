@@ -31,6 +31,7 @@ def prometheus_config(
     frontend_credentials_file: str | None = None,
     frontend_ca_file: str | None = None,
     frontend_server_name: str | None = None,
+    vllm_ca_file: str | None = None,
 ) -> str:
     """prometheus.yml text scraping `frontend` (job dynkv-frontend), each KVBM metrics address
     (job kvbm) and optionally each worker's vLLM server (job vllm), all at /metrics.
@@ -44,6 +45,8 @@ def prometheus_config(
     so does a CA-issued one, which Go accepts as its own trust anchor), never skipping the check.
     `frontend_server_name`: the name to verify when the certificate does not name the address
     scraped (a certificate for `host.example` while Prometheus scrapes 127.0.0.1).
+    `vllm_ca_file`: the workers' vLLM serves HTTPS with certificates from this CA (an advertised
+    deployment, docs/multi-host.md): the vllm job scrapes over https against it.
     """
 
     def named(targets: Mapping[str, str] | Sequence[str]) -> list[tuple[str, str]]:
@@ -75,6 +78,8 @@ def prometheus_config(
             ]
             if frontend_server_name:
                 lines.append(f"      server_name: {_q(frontend_server_name)}")
+        if job == "vllm" and vllm_ca_file:
+            lines += ["    scheme: https", "    tls_config:", f"      ca_file: {_q(vllm_ca_file)}"]
         if job == "dynkv-frontend" and frontend_credentials_file:
             lines += [
                 "    authorization:",

@@ -53,6 +53,14 @@ EtcdOpt = Annotated[
 ]
 NatsOpt = Annotated[str | None, typer.Option("--nats-url", help="External NATS URL.")]
 HostOpt = Annotated[str | None, typer.Option("--host", help="Frontend bind address.")]
+AdvertiseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--advertise",
+        help="Serve other hosts at this address: etcd, NATS and the frontend bind it, all over "
+        "TLS from a per-deployment CA (docs/multi-host.md).",
+    ),
+]
 PortOpt = Annotated[int | None, typer.Option("--port", help="Frontend port.")]
 CpuGbOpt = Annotated[float | None, typer.Option("--cpu-cache-gb", help="G2 host tier, decimal GB.")]
 DiskGbOpt = Annotated[
@@ -138,6 +146,7 @@ def resolve_from_options(
     nats_url: str | None = None,
     host: str | None = None,
     port: int | None = None,
+    advertise: str | None = None,
     cpu_cache_gb: float | None = None,
     disk_cache_gb: float | None = None,
     disk_cache_dir: Path | None = None,
@@ -176,6 +185,7 @@ def resolve_from_options(
             "nats_url": nats_url,
             "frontend_host": host,
             "frontend_port": port,
+            "advertise": advertise,
             "api_key": api_key,
             "api_key_file": api_key_file,
             "tls_cert": tls_cert,

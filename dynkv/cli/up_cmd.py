@@ -23,6 +23,7 @@ from dynkv.cli.display import (
 )
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
+    AdvertiseOpt,
     ApiKeyFileOpt,
     ApiKeyOpt,
     CpuGbOpt,
@@ -105,6 +106,7 @@ def up(
     nats_url: NatsOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
+    advertise: AdvertiseOpt = None,
     cpu_cache_gb: CpuGbOpt = None,
     disk_cache_gb: DiskGbOpt = None,
     disk_cache_dir: DiskDirOpt = None,
@@ -147,6 +149,7 @@ def up(
         nats_url=nats_url,
         host=host,
         port=port,
+        advertise=advertise,
         cpu_cache_gb=cpu_cache_gb,
         disk_cache_gb=disk_cache_gb,
         disk_cache_dir=disk_cache_dir,

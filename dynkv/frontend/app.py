@@ -96,6 +96,7 @@ class Frontend:
             request_timeout=cfg.request_timeout,
             max_connections=cfg.max_connections,
             api_key=cfg.worker_api_key,
+            tls=cfg.client_tls,
         )
         forwarder = Forwarder(
             self.client,
@@ -111,7 +112,7 @@ class Frontend:
             )
         self.router = Router(ctx, strategies)
         if self.discover:
-            self._etcd = AsyncEtcdClient(cfg.etcd_endpoints)
+            self._etcd = AsyncEtcdClient(cfg.etcd_endpoints, tls=cfg.client_tls)
             self.discovery = Discovery(self._etcd, workers_prefix(cfg.deployment), self.pool)
             self._tasks.append(asyncio.create_task(self.discovery.run(), name="discovery"))
         if not cfg.deployment_secret:

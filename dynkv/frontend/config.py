@@ -24,6 +24,7 @@ from pydantic_settings import SettingsError as EnvError
 from dynkv.plan.frontend import exposure_problem, is_loopback
 from dynkv.settings.deployment import RouterPolicy
 from dynkv.settings.env_source import read_env
+from dynkv.tls.model import CA_ENV, CERT_ENV, KEY_ENV, ClientTLS
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV
 
 API_KEY_ENV = "DYNKV_API_KEY"
@@ -80,6 +81,12 @@ class FrontendConfig(BaseModel):
         False, description="allow a non-loopback bind without an API key (anyone may call)"
     )
     api_key_file: Path | None = Field(None, description="read the API key from this file")
+    # an advertised deployment (docs/multi-host.md): etcd and the workers serve https from its CA
+    tls_ca: Path | None = Field(None, description=f"CA of etcd and the workers (also ${CA_ENV})")
+    tls_client_cert: Path | None = Field(
+        None, description=f"client certificate for etcd (also ${CERT_ENV})"
+    )
+    tls_client_key: Path | None = Field(None, description=f"its key (also ${KEY_ENV})")
     api_key: str | None = Field(None, repr=False, exclude=True)
     deployment_secret: str | None = Field(None, repr=False, exclude=True)
 
@@ -93,6 +100,18 @@ class FrontendConfig(BaseModel):
     @property
     def loopback(self) -> bool:
         return is_loopback(self.host)
+
+    @property
+    def client_tls(self) -> ClientTLS | None:
+        """How the frontend verifies etcd and the workers; None: plain http (loopback)."""
+        if self.tls_ca is None:
+            return None
+        cert, key = self.tls_client_cert, self.tls_client_key
+        return ClientTLS(
+            ca=str(self.tls_ca),
+            cert=str(cert) if cert and key else None,
+            key=str(key) if cert and key else None,
+        )
 
     @property
     def worker_api_key(self) -> str | None:
@@ -120,6 +139,13 @@ class FrontendSettings(BaseSettings, FrontendConfig):
     )
     deployment_secret: str | None = Field(
         None, repr=False, exclude=True, validation_alias=AliasChoices(DEPLOYMENT_SECRET_ENV)
+    )
+    tls_ca: Path | None = Field(None, validation_alias=AliasChoices(ENV_PREFIX + "TLS_CA", CA_ENV))
+    tls_client_cert: Path | None = Field(
+        None, validation_alias=AliasChoices(ENV_PREFIX + "TLS_CLIENT_CERT", CERT_ENV)
+    )
+    tls_client_key: Path | None = Field(
+        None, validation_alias=AliasChoices(ENV_PREFIX + "TLS_CLIENT_KEY", KEY_ENV)
     )
 
 

@@ -33,6 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from dynkv.frontend.errors import sse_error_event
 from dynkv.frontend.pool import Lease, Worker
+from dynkv.tls.model import ClientTLS
 
 log = logging.getLogger("dynkv.frontend")
 
@@ -60,12 +61,15 @@ def make_client(
     request_timeout: float,
     max_connections: int,
     api_key: str | None = None,
+    tls: ClientTLS | None = None,
 ) -> httpx.AsyncClient:
     """The one client for all worker traffic. `read` is the longest silence between two chunks
     (a non-streamed request's whole generation, or a long prefill), so it is the request timeout;
     connecting is fast on a healthy worker, so a short connect timeout makes a dead one cheap.
     `trust_env=False`: worker URLs are direct, and a proxy from the environment must not carry
-    them. `api_key`: the workers' `VLLM_API_KEY` (docs/security.md), sent on every request."""
+    them. `api_key`: the workers' `VLLM_API_KEY` (docs/security.md), sent on every request.
+    `tls`: an advertised deployment's workers serve https from its CA (docs/multi-host.md),
+    which is then the only one trusted."""
     return httpx.AsyncClient(
         headers={"authorization": f"Bearer {api_key}"} if api_key else None,
         timeout=httpx.Timeout(connect=connect_timeout, read=request_timeout, write=30.0, pool=30.0),
@@ -75,6 +79,7 @@ def make_client(
             keepalive_expiry=30.0,
         ),
         trust_env=False,
+        verify=True if tls is None else tls.ssl_context(),
     )
 
 

@@ -41,6 +41,7 @@ from dynkv.infra.etcd_wire import (  # noqa: F401 (the public names are re-expor
     watch_request,
 )
 from dynkv.plan.model import redact_urls
+from dynkv.tls.model import ClientTLS
 
 T = TypeVar("T")
 RECONNECT_S = 0.2  # pause before a lost watch tries the next endpoint
@@ -121,12 +122,26 @@ class _Watch:
         self.failing_since = self.failover._watch_lost(exc, self.failing_since)
 
 
-class EtcdClient(_Failover):
-    """Synchronous client. Use as a context manager, or call close()."""
+def _verify(tls: ClientTLS | None) -> Any:
+    """httpx's `verify`: an advertised deployment's CA and client certificate (etcd runs with
+    --client-cert-auth, docs/multi-host.md); httpx's default otherwise (plain http on loopback)."""
+    return True if tls is None else tls.ssl_context()
 
-    def __init__(self, endpoints: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT):
+
+class EtcdClient(_Failover):
+    """Synchronous client. Use as a context manager, or call close(). `tls`: https endpoints of
+    an advertised deployment, verified against its CA, with a client certificate."""
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls: ClientTLS | None = None,
+    ):
         super().__init__(endpoints, timeout)
-        self._http = httpx.Client(timeout=timeout, trust_env=False)  # loopback: no proxy
+        # loopback: no proxy
+        self._http = httpx.Client(timeout=timeout, trust_env=False, verify=_verify(tls))
 
     def __enter__(self) -> EtcdClient:
         return self
@@ -214,9 +229,15 @@ class AsyncEtcdClient(_Failover):
     """The same API as EtcdClient, as coroutines; `watch_prefix` is an async generator that a
     task cancels to stop."""
 
-    def __init__(self, endpoints: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls: ClientTLS | None = None,
+    ):
         super().__init__(endpoints, timeout)
-        self._http = httpx.AsyncClient(timeout=timeout, trust_env=False)  # no proxy
+        self._http = httpx.AsyncClient(timeout=timeout, trust_env=False, verify=_verify(tls))
 
     async def __aenter__(self) -> AsyncEtcdClient:
         return self

@@ -196,6 +196,7 @@ class KvEventPublisher:
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            **s.nats_options(),
         )
 
         async def serve(msg) -> None:

@@ -6,15 +6,20 @@ the router read the settings without the publishing machinery (docs/kv-events.md
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dynkv.kvbm.events import PrefillRate, check_token, subject_token
 
 ENV_PREFIX = "DYNKV_KV_EVENTS_"
+# The names every client of an advertised deployment reads (dynkv.tls.model, which this package
+# may not import: it runs inside vLLM); tests/unit/test_tls_plan.py keeps the two in step.
+TLS_CA_ENV = "DYNKV_TLS_CA"
+NATS_TOKEN_ENV = "DYNKV_NATS_TOKEN"
 
 
 class KvEventsSettings(BaseSettings):
@@ -33,6 +38,26 @@ class KvEventsSettings(BaseSettings):
     queue_max: int = Field(1024, ge=1, description="Batches waiting to be sent; more are dropped.")
     rates_interval_secs: float = Field(2.0, gt=0, description="Period of the rates message.")
     reconnect_secs: float = Field(0.5, gt=0, description="Wait between NATS connection attempts.")
+    # an advertised deployment (docs/multi-host.md): NATS over TLS from its CA, with a token
+    tls_ca: str | None = Field(
+        None,
+        validation_alias=AliasChoices(ENV_PREFIX + "TLS_CA", TLS_CA_ENV),
+        description="CA that signed the NATS server's certificate (tls:// URLs).",
+    )
+    nats_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices(ENV_PREFIX + "NATS_TOKEN", NATS_TOKEN_ENV),
+        description="NATS auth token (never printed).",
+    )
+
+    def nats_options(self) -> dict[str, object]:
+        """nats.connect's TLS and token arguments: none for a loopback deployment."""
+        options: dict[str, object] = {}
+        if self.tls_ca:
+            options["tls"] = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca)
+        if self.nats_token is not None:
+            options["token"] = self.nats_token.get_secret_value()
+        return options
 
     def check(self) -> KvEventsSettings:
         subject_token(self.deployment)
@@ -42,7 +67,7 @@ class KvEventsSettings(BaseSettings):
     @classmethod
     def env_names(cls) -> dict[str, str]:
         """Environment variable → field name, for every field."""
-        return {ENV_PREFIX + f.upper(): f for f in cls.model_fields}
+        return {ENV_PREFIX + f.upper(): f for f in cls.model_fields if f not in _SHARED}
 
     @classmethod
     def env(cls, *, nats_url: str, deployment: str, worker_id: str) -> dict[str, str]:
@@ -52,6 +77,9 @@ class KvEventsSettings(BaseSettings):
             ENV_PREFIX + "DEPLOYMENT": deployment,
             ENV_PREFIX + "WORKER_ID": worker_id,
         }
+
+
+_SHARED = frozenset({"tls_ca", "nats_token"})  # read under the deployment-wide names above
 
 
 @dataclass

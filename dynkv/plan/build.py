@@ -22,6 +22,7 @@ from dynkv.plan.host import HostFacts, find_prometheus
 from dynkv.plan.model import Plan, Service, topological_order
 from dynkv.plan.ports import check_port_clashes, worker_port
 from dynkv.plan.prometheus import prometheus_service
+from dynkv.plan.secure import secure_frontend, secure_worker
 from dynkv.plan.worker import (
     PASSTHROUGH_ENV,
     handoff_dir,
@@ -31,6 +32,8 @@ from dynkv.plan.worker import (
     worker_service,
 )
 from dynkv.settings.resolve import Resolved
+from dynkv.tls.layout import nats_token, transport_security
+from dynkv.tls.model import TransportSecurity
 
 __all__ = ["HostFacts", "PlanError", "build_plan", "disagg_transfer", "find_prometheus"]
 
@@ -58,7 +61,30 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
 
     services: list[Service] = []
     external = ()
-    if dep.infra == "external":
+    tls = _transport_security(resolved, host)
+    token = nats_token(host.secret) if tls is not None and host.secret else None
+    if tls is not None:  # `up --advertise`: etcd and NATS on that address, over TLS
+        endpoints = (f"https://{tls.advertise}:{dep.etcd_port}",)
+        nats_url = f"tls://{tls.advertise}:{dep.nats_port}"
+        services += [
+            etcd_service(
+                deployment=dep.name,
+                deployment_dir=ddir,
+                binary=host.etcd_binary,
+                client_port=dep.etcd_port,
+                peer_port=dep.etcd_peer_port,
+                tls=tls,
+            ),
+            nats_service(
+                deployment_dir=ddir,
+                binary=host.nats_binary,
+                port=dep.nats_port,
+                monitor_port=dep.nats_monitor_port,
+                tls=tls,
+                token=token,
+            ),
+        ]
+    elif dep.infra == "external":
         endpoints = split_endpoints(dep.etcd_endpoints)
         nats_host_port(dep.nats_url)  # validates the URL
         nats_url = dep.nats_url
@@ -101,11 +127,14 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     transfer = disagg_transfer(resolved, host)  # workers and frontend must agree on it
     check_counts(resolved, transfer)
     workers = _workers(resolved, host, endpoints, infra_names, transfer, nats_url)
-    services += workers
     frontend = _frontend(resolved, host, endpoints, tuple(w.name for w in workers), transfer)
+    if tls is not None:
+        workers = [secure_worker(w, tls, token) for w in workers]
+        frontend = secure_frontend(frontend, tls, token, user_cert=frontend_user_cert(resolved))
+    services += workers
     services.append(frontend)
     if dep.observability:
-        services.append(_prometheus(resolved, host, workers, frontend))
+        services.append(_prometheus(resolved, host, workers, frontend, tls))
 
     ordered = topological_order(tuple(services))
     check_port_clashes(ordered)
@@ -123,6 +152,31 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
         + engine_notes(resolved.engine_args, host.vllm_args, host.vllm_args_unchecked)
         + dtype_note([svc.argv for svc in ordered]),
         startup_timeout_secs=dep.startup_timeout_secs,
+        transport_security=tls,
+    )
+
+
+def _transport_security(resolved: Resolved, host: HostFacts) -> TransportSecurity | None:
+    """`up --advertise ADDR`: the certificates every service and client uses; None: loopback."""
+    dep = resolved.deployment
+    if dep.advertise is None:
+        return None
+    if dep.infra != "embedded":
+        raise PlanError(
+            f"--advertise serves etcd and NATS itself, over TLS, and infra is {dep.infra}",
+            "drop --infra (embedded is the default), or drop --advertise",
+        )
+    if not host.secret:
+        raise PlanError(
+            "--advertise needs the deployment secret (it derives the NATS token from it)",
+            "run `dynkv up` as the user who owns the state dir, so that it can keep one",
+        )
+    workers = tuple(slot.name for slot in worker_slots(dep))
+    return transport_security(
+        advertise=dep.advertise,
+        deployment_dir=dep.deployment_dir,
+        servers=("etcd", "nats", "frontend", *workers),
+        clients=("frontend", *workers),
     )
 
 
@@ -261,7 +315,7 @@ def _frontend(
         deployment=dep.name,
         deployment_dir=dep.deployment_dir,
         python=host.python,
-        host=dep.frontend_host,
+        host=dep.advertise or dep.frontend_host,  # --advertise: other hosts reach it there
         port=dep.frontend_port,
         router=str(dep.router),
         etcd_endpoints=endpoints,
@@ -276,7 +330,11 @@ def _frontend(
 
 
 def _prometheus(
-    resolved: Resolved, host: HostFacts, workers: list[Service], frontend: Service
+    resolved: Resolved,
+    host: HostFacts,
+    workers: list[Service],
+    frontend: Service,
+    tls: TransportSecurity | None = None,
 ) -> Service:
     """Prometheus after the frontend, with every address the plan just chose as a target."""
     dep = resolved.deployment
@@ -300,9 +358,24 @@ def _prometheus(
         api_key=frontend.env.get(API_KEY_ENV),
         user=host.user,
         depends_on=(frontend.name,),
-        frontend_tls_cert=str(dep.tls_cert) if dep.tls_cert and dep.tls_key else None,
+        frontend_tls_cert=_frontend_scrape_ca(resolved, tls),
         image=dep.prometheus_image,
+        workers_ca=tls.ca_cert if tls is not None else None,
     )
+
+
+def _frontend_scrape_ca(resolved: Resolved, tls: TransportSecurity | None) -> str | None:
+    """What Prometheus verifies the frontend's certificate against: the user's own certificate,
+    else the deployment's CA when advertised, else nothing (plain http)."""
+    user = frontend_user_cert(resolved)
+    if user is not None:
+        return user[0]
+    return tls.ca_cert if tls is not None else None
+
+
+def frontend_user_cert(resolved: Resolved) -> tuple[str, str] | None:
+    dep = resolved.deployment
+    return (str(dep.tls_cert), str(dep.tls_key)) if dep.tls_cert and dep.tls_key else None
 
 
 DECODE_TIERLESS = (

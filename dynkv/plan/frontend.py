@@ -92,7 +92,7 @@ def checked_access(resolved: Resolved) -> Access:
     if (dep.tls_cert is None) != (dep.tls_key is None):
         raise SettingsError("--tls-cert and --tls-key go together", "give both, or neither")
     problem = exposure_problem(
-        host=dep.frontend_host,
+        host=dep.advertise or dep.frontend_host,  # --advertise: the frontend binds that
         api_key=bool(api_key),
         insecure=dep.insecure,
         metrics_host=metrics_host,

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from dynkv.kvbm.roles import ROLE_NAMES
+from dynkv.tls.model import ClientTLS, TransportSecurity
 
 ServiceKind = Literal["process", "container"]
 
@@ -58,6 +59,7 @@ class HttpProbe(_Frozen):
     url: str
     expect_status: int = 200
     expect_json: dict[str, Any] | None = None
+    tls: ClientTLS | None = None  # https with the deployment's CA (`up --advertise`)
 
     def describe(self) -> str:
         return f"GET {self.url}"
@@ -91,6 +93,7 @@ class EtcdHealthProbe(_Frozen):
 
     kind: Literal["etcd_health"] = "etcd_health"
     endpoints: tuple[str, ...]
+    tls: ClientTLS | None = None
 
     def describe(self) -> str:
         return "etcd health at " + redact_urls(",".join(self.endpoints))
@@ -102,6 +105,7 @@ class EtcdKeyProbe(_Frozen):
     kind: Literal["etcd_key"] = "etcd_key"
     endpoints: tuple[str, ...]
     key: str
+    tls: ClientTLS | None = None  # the CA and a client certificate (etcd requires one)
 
     def describe(self) -> str:
         return f"etcd key {self.key}"
@@ -240,6 +244,8 @@ class Plan(_Frozen):
     external: tuple[Probe, ...] = ()
     notes: tuple[str, ...] = ()
     startup_timeout_secs: float = 900.0
+    # set by `up --advertise`: certificate paths, never a secret (docs/multi-host.md)
+    transport_security: TransportSecurity | None = None
 
     def service(self, name: str) -> Service:
         for svc in self.services:
@@ -253,7 +259,7 @@ class Plan(_Frozen):
 
     def to_json(self, *, mask: bool = True) -> dict[str, Any]:
         url = redact_urls if mask else str
-        return {
+        data = {
             "name": self.name,
             "deployment_dir": self.deployment_dir,
             "device": self.device,
@@ -266,6 +272,9 @@ class Plan(_Frozen):
             "notes": list(self.notes),
             "startup_timeout_secs": self.startup_timeout_secs,
         }
+        if self.transport_security is not None:  # absent: a loopback plan prints as it always did
+            data["transport_security"] = self.transport_security.to_json()
+        return data
 
 
 def is_secret_name(name: str) -> bool:

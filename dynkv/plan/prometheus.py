@@ -52,6 +52,7 @@ def prometheus_service(
     depends_on: tuple[str, ...],
     frontend_tls_cert: str | None = None,
     image: str = PROMETHEUS_IMAGE,
+    workers_ca: str | None = None,
 ) -> Service:
     """`binary` None: the docker image. `frontend`, `kvbm` and `vllm` are host:port targets
     (workers keyed by their worker id, the dashboard's `worker` label). `frontend_tls_cert`: the
@@ -64,7 +65,7 @@ def prometheus_service(
         key_file = str(pdir / "frontend_api_key")
         files[key_file] = api_key
     server_name = None
-    if frontend_tls_cert and frontend:
+    if frontend_tls_cert and frontend and frontend_tls_cert != workers_ca:
         server_name = tls_server_name(frontend_tls_cert, frontend.rsplit(":", 1)[0].strip("[]"))
     files[str(config)] = prometheus_config(
         frontend=frontend,
@@ -73,6 +74,7 @@ def prometheus_service(
         frontend_credentials_file=key_file,
         frontend_ca_file=frontend_tls_cert if frontend else None,
         frontend_server_name=server_name,
+        vllm_ca_file=workers_ca,
     )
     flags = (
         f"--config.file={config}",
@@ -104,7 +106,8 @@ def prometheus_service(
         network_mode="host",
         # the certificate at its own path too, so both backends read the same config
         volumes={str(pdir): str(pdir)}
-        | ({frontend_tls_cert: frontend_tls_cert} if frontend_tls_cert else {}),
+        | ({frontend_tls_cert: frontend_tls_cert} if frontend_tls_cert else {})
+        | ({workers_ca: workers_ca} if workers_ca else {}),
         user=user,
     )
     return service.replace(argv=(), kind="container", container=container)

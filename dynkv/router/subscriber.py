@@ -6,6 +6,10 @@ in order) and feeds `IndexSync`. When it asks for a snapshot, a task requests on
 is applied (a worker that is down answers nothing: its entries stay dropped, which costs misses,
 never wrong answers). nats-py reconnects by itself; `connected` says whether the index is being
 fed, so a caller can fall back to a load-only policy while it is not (docs/kv-events.md).
+
+In an advertised deployment (docs/multi-host.md) NATS wants TLS from the deployment's CA and a
+token: unless given `connect_options`, the subscriber takes them from its process's environment
+(`DYNKV_TLS_CA`, `DYNKV_NATS_TOKEN`: the plan gives the frontend both).
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -25,8 +32,20 @@ from dynkv.kvbm.events import (
     worker_of,
 )
 from dynkv.router.sync import IndexSync
+from dynkv.tls.model import NATS_TOKEN_ENV, ClientTLS
 
 log = logging.getLogger("dynkv.router")
+
+
+def nats_connect_options(environ: Mapping[str, str]) -> dict[str, Any]:
+    """nats.connect's `tls` and `token` for the deployment `environ` describes; {} on loopback."""
+    options: dict[str, Any] = {}
+    tls = ClientTLS.from_env(environ)
+    if tls is not None:
+        options["tls"] = tls.ssl_context()
+    if environ.get(NATS_TOKEN_ENV):
+        options["token"] = environ[NATS_TOKEN_ENV]
+    return options
 
 
 class SnapshotError(Exception):
@@ -42,8 +61,12 @@ class KvEventSubscriber:
         *,
         snapshot_timeout: float = 2.0,
         retry_secs: float = 0.5,
+        connect_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self.connect_options = dict(
+            nats_connect_options(os.environ) if connect_options is None else connect_options
+        )
         self.deployment = deployment
         self.sync = sync
         self.snapshot_timeout = snapshot_timeout
@@ -71,6 +94,7 @@ class KvEventSubscriber:
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            **self.connect_options,
         )
         await self.nc.subscribe(events_wildcard(self.deployment), cb=self._on_message)
         await self.nc.flush()  # the server has the subscription: nothing published after is missed

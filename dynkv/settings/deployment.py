@@ -56,6 +56,24 @@ def _image_reference(value: str) -> str:
 ImageRef = Annotated[str, AfterValidator(_image_reference)]
 
 
+def _advertise_address(value: str | None) -> str | None:
+    """An address other hosts reach this one at: one IP of this host, not a wildcard."""
+    if value is None:
+        return None
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(value.strip().strip("[]"))
+    except ValueError:
+        raise ValueError("not an IP address") from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise ValueError("a wildcard or multicast address is not one other hosts can reach")
+    return str(ip)
+
+
+AdvertiseAddr = Annotated[str | None, AfterValidator(_advertise_address)]
+
+
 def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "dynkv"
@@ -159,6 +177,12 @@ class DeploymentSettings(BaseSettings):
         json_schema_extra=_expect("an IP address such as 127.0.0.1", "127.0.0.1"),
     )
     frontend_port: int = Field(8000, description="Port of the OpenAI-compatible frontend.", **_PORT)
+    advertise: AdvertiseAddr = Field(
+        None,
+        description="Serve other hosts at this address: etcd, NATS and the frontend bind it, "
+        "with TLS from a per-deployment CA everywhere (docs/multi-host.md). Unset: loopback only.",
+        json_schema_extra=_expect("an IP address of this host", "10.0.0.5"),
+    )
     worker_port: int = Field(
         8100, description="First worker's HTTP port; further workers take the next ones.", **_PORT
     )

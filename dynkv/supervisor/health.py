@@ -41,14 +41,14 @@ def check(probe: Probe, timeout: float = DEFAULT_TIMEOUT) -> tuple[bool, str]:
             case NatsProbe():
                 return nats_info(probe.host, probe.port, timeout)
             case EtcdHealthProbe():
-                with EtcdClient(probe.endpoints, timeout=timeout) as client:
+                with EtcdClient(probe.endpoints, timeout=timeout, tls=probe.tls) as client:
                     ok = client.health()
                 return ok, "healthy" if ok else "no endpoint reports healthy"
             case EtcdKeyProbe():
-                with EtcdClient(probe.endpoints, timeout=timeout) as client:
+                with EtcdClient(probe.endpoints, timeout=timeout, tls=probe.tls) as client:
                     kv = client.get(probe.key)
                 return (kv is not None), ("registered" if kv else f"{probe.key} not registered yet")
-    except (OSError, httpx.HTTPError, EtcdError) as exc:
+    except (OSError, httpx.HTTPError, EtcdError) as exc:  # ssl.SSLError is an OSError
         return False, f"{probe.describe()}: {exc}"
     return False, f"unknown probe {probe!r}"
 
@@ -63,8 +63,10 @@ def check_all(probes: Iterable[Probe], timeout: float = DEFAULT_TIMEOUT) -> tupl
 
 
 def _http(probe: HttpProbe, timeout: float) -> tuple[bool, str]:
-    # trust_env=False: a control endpoint on loopback is never reached through HTTP_PROXY
-    resp = httpx.get(probe.url, timeout=timeout, trust_env=False)
+    # trust_env=False: a control endpoint on loopback is never reached through HTTP_PROXY;
+    # an advertised deployment's services are verified against its CA (docs/multi-host.md)
+    verify = True if probe.tls is None else probe.tls.ssl_context()
+    resp = httpx.get(probe.url, timeout=timeout, trust_env=False, verify=verify)
     if resp.status_code != probe.expect_status:
         return False, f"{probe.describe()}: HTTP {resp.status_code}"
     if probe.expect_json:

@@ -13,6 +13,8 @@ runs inside vLLM and imports nothing else from dynkv: the variable names below a
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Mapping
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict
@@ -22,9 +24,6 @@ CA_ENV = "DYNKV_TLS_CA"
 CERT_ENV = "DYNKV_TLS_CERT"
 KEY_ENV = "DYNKV_TLS_KEY"
 NATS_TOKEN_ENV = "DYNKV_NATS_TOKEN"
-# A worker wrapper's own HTTPS listener (vLLM's --ssl-certfile/--ssl-keyfile).
-SERVER_CERT_ENV = "DYNKV_TLS_SERVER_CERT"
-SERVER_KEY_ENV = "DYNKV_TLS_SERVER_KEY"
 
 TLS_DIR = "tls"  # under the deployment dir
 
@@ -41,6 +40,36 @@ class CertFiles(_Frozen):
 
     cert: str
     key: str
+
+
+class ClientTLS(_Frozen):
+    """How a client of the deployment verifies its servers (`ca`) and proves who it is (`cert`,
+    `key`: etcd requires it; NATS and the workers take the TLS alone)."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts only the deployment's CA (not the system's)."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca)
+        if self.cert and self.key:
+            ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ClientTLS | None:
+        """The client side a process was given (`DYNKV_TLS_*`); None: a loopback deployment."""
+        ca = environ.get(CA_ENV)
+        if not ca:
+            return None
+        return cls(ca=ca, cert=environ.get(CERT_ENV) or None, key=environ.get(KEY_ENV) or None)
+
+    def env(self) -> dict[str, str]:
+        env = {CA_ENV: self.ca}
+        if self.cert and self.key:
+            env |= {CERT_ENV: self.cert, KEY_ENV: self.key}
+        return env
 
 
 class ServiceTLS(_Frozen):
@@ -66,16 +95,18 @@ class TransportSecurity(_Frozen):
     def service(self, name: str) -> ServiceTLS:
         return self.services[name]
 
-    def client_env(
-        self, name: str, *, nats: bool = False, token: str | None = None
-    ) -> dict[str, str]:
+    def client(self, name: str) -> ClientTLS:
+        """Service `name`'s client side: the CA, and its client certificate when it has one."""
+        files = self.services[name].client
+        if files is None:
+            return ClientTLS(ca=self.ca_cert)
+        return ClientTLS(ca=self.ca_cert, cert=files.cert, key=files.key)
+
+    def client_env(self, name: str, *, token: str | None = None) -> dict[str, str]:
         """What service `name` needs in its environment to be a client of the deployment (with
-        `nats`, the token under `nats_token_env`)."""
-        client = self.services[name].client
-        env = {CA_ENV: self.ca_cert}
-        if client is not None:
-            env |= {CERT_ENV: client.cert, KEY_ENV: client.key}
-        if nats and token is not None:
+        `token`, the NATS token under `nats_token_env`)."""
+        env = self.client(name).env()
+        if token is not None:
             env[self.nats_token_env] = token
         return env
 

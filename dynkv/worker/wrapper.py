@@ -20,6 +20,11 @@ registers again once `/health` answers. A registration key deleted by someone el
 lives is put back at the next probe.
 
 Settings (flags or `DYNKV_WORKER_*`, with their defaults): `dynkv.worker.config`.
+
+An advertised deployment (docs/multi-host.md) gives the wrapper `DYNKV_TLS_CA`, `DYNKV_TLS_CERT`
+and `DYNKV_TLS_KEY`: it registers over https with that client certificate and probes vLLM's https
+`/health` against the CA. vLLM keeps the CA (its KV event publisher verifies NATS with it) but not
+the client key, which only the wrapper needs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import time
 import httpx
 
 from dynkv.infra.etcd_client import EtcdClient, EtcdError
+from dynkv.tls.model import CERT_ENV, KEY_ENV, ClientTLS
 from dynkv.worker.config import ENV_PREFIX, parse_args
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, WorkerRecord, worker_api_key, worker_key
 from dynkv.worker.registration import Registrar, _log, register_until_done
@@ -63,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"started {child_argv[0]} (pid {child.pid}); waiting for {cfg.url}/health")
     if secret is None:
         _log(f"no {DEPLOYMENT_SECRET_ENV}: the registration is unsigned, vLLM takes any caller")
-    client = EtcdClient(cfg.etcd_endpoints)
+    tls = ClientTLS.from_env(os.environ)
+    client = EtcdClient(cfg.etcd_endpoints, tls=tls)
     record = WorkerRecord(
         id=cfg.worker_id,
         role=cfg.role,
@@ -82,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         secret=secret,
     )
     forwarded = False
-    watch = HealthWatch(cfg.url, cfg.health_interval, cfg.probe_timeout, cfg.unhealthy_after)
+    watch = HealthWatch(
+        cfg.url, cfg.health_interval, cfg.probe_timeout, cfg.unhealthy_after, verify=_verify(tls)
+    )
     try:
-        if _wait_healthy(child, cfg.url, stop_signal):
+        if _wait_healthy(child, cfg.url, stop_signal, verify=_verify(tls)):
             register_until_done(registrar, lambda: bool(stop_signal) or child.poll() is not None)
         while child.poll() is None:
             if stop_signal and not forwarded:
@@ -111,9 +120,17 @@ def main(argv: list[str] | None = None) -> int:
 class HealthWatch:
     """vLLM's /health, probed while it runs; the registration follows it (see module doc)."""
 
-    def __init__(self, url: str, interval: float, timeout: float, unhealthy_after: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        interval: float,
+        timeout: float,
+        unhealthy_after: int,
+        *,
+        verify: object = True,
+    ) -> None:
         self.url, self.interval, self.unhealthy_after = url, interval, unhealthy_after
-        self.http = httpx.Client(timeout=timeout, trust_env=False)
+        self.http = httpx.Client(timeout=timeout, trust_env=False, verify=verify)  # type: ignore[arg-type]
         self.failures = 0
         self.next_at = time.monotonic() + interval
 
@@ -152,17 +169,24 @@ class HealthWatch:
 
 
 def child_env(environ: dict[str, str] | os._Environ, secret: str | None) -> dict[str, str]:
-    """vLLM's environment: ours without the deployment secret and the etcd URLs (which may carry a
-    password; vLLM never talks to etcd), with the derived API key."""
-    drop = {DEPLOYMENT_SECRET_ENV, ETCD_ENDPOINTS_ENV}
+    """vLLM's environment: ours without the deployment secret, the etcd URLs (which may carry a
+    password; vLLM never talks to etcd) and the etcd client certificate, with the derived API
+    key."""
+    drop = {DEPLOYMENT_SECRET_ENV, ETCD_ENDPOINTS_ENV, CERT_ENV, KEY_ENV}
     env = {k: v for k, v in environ.items() if k not in drop}
     if secret:
         env["VLLM_API_KEY"] = worker_api_key(secret)
     return env
 
 
-def _wait_healthy(child: subprocess.Popen, url: str, stop_signal: list[int]) -> bool:
-    with httpx.Client(timeout=2.0, trust_env=False) as http:
+def _verify(tls: ClientTLS | None) -> object:
+    return True if tls is None else tls.ssl_context()
+
+
+def _wait_healthy(
+    child: subprocess.Popen, url: str, stop_signal: list[int], *, verify: object = True
+) -> bool:
+    with httpx.Client(timeout=2.0, trust_env=False, verify=verify) as http:  # type: ignore[arg-type]
         while child.poll() is None and not stop_signal:
             try:
                 if http.get(f"{url}/health").status_code == 200:
