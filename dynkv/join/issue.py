@@ -38,6 +38,8 @@ def new_token(
     nats_token: str,
     ttl_s: int,
     node: str | None = None,
+    topology: str | None = None,
+    disagg_transfer: str | None = None,
     now: float | None = None,
 ) -> tuple[JoinToken, str]:
     """(the token, its text). Makes the deployment's join key on first use (0600)."""
@@ -63,6 +65,8 @@ def new_token(
         etcd_endpoints=etcd_endpoints,
         nats_url=nats_url,
         frontend_url=frontend_url,
+        topology=topology,  # type: ignore[arg-type]
+        disagg_transfer=disagg_transfer,  # type: ignore[arg-type]
         ca_cert_pem=ca_pem.decode("ascii"),
         ca_fingerprint=fingerprint_of(ca_pem),
         client_cert_pem=cert,

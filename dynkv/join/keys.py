@@ -66,3 +66,18 @@ def mark_used(deployment_dir: Path, token_id: str) -> bool:
     fd, created = open_private_file(used / token_id, os.O_WRONLY, _FIX)
     os.close(fd)
     return created
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """`data` into `path` (its directory made 0700), 0600 from the first byte, replaced
+    atomically; a symlink planted at the temporary name is refused (O_NOFOLLOW|O_EXCL)."""
+    private_dir(path.parent, _FIX)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -68,6 +68,9 @@ class JoinToken(BaseModel):
     etcd_endpoints: tuple[str, ...] = Field(min_length=1, description="https:// etcd URLs")
     nats_url: str = Field(min_length=1, description="tls:// NATS URL")
     frontend_url: str = Field(min_length=1, description="the first host's frontend")
+    # what the first host's frontend serves (placement rules); None: it runs no workers yet
+    topology: Literal["agg", "disagg"] | None = None
+    disagg_transfer: Literal["handoff", "nixl"] | None = None
     ca_cert_pem: str = Field(min_length=1, description="the deployment CA (public)")
     ca_fingerprint: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
     client_cert_pem: str = Field(min_length=1, description="issued for this token")

@@ -15,6 +15,7 @@ from dynkv.kvbm.roles import Role
 from dynkv.plan.cpu import cpu_engine_env, split_cores
 from dynkv.plan.dtype import default_dtype_argv, dtype_note
 from dynkv.plan.engine_args import check_engine_args, engine_notes, role_argv
+from dynkv.plan.enroll import ENROLL, enroll_service
 from dynkv.plan.errors import PlanError
 from dynkv.plan.fleet import assign_gpus, check_counts, per_worker_gpus, worker_slots
 from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service
@@ -41,23 +42,7 @@ __all__ = ["HostFacts", "PlanError", "build_plan", "disagg_transfer", "find_prom
 def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     dep = resolved.deployment
     ddir = dep.deployment_dir
-    if dep.topology == "disagg" and host.device == "cpu" and len(host.cpus) < 2:
-        raise PlanError(
-            "disagg on CPU needs at least 2 cores (prefill and decode each get their own)",
-            "use --topology agg, or run on a host with more cores",
-        )
-    if dep.topology == "disagg" and not dep.kvbm:
-        raise PlanError(
-            "disagg hands the prompt's KV from prefill to decode through the KVBM connector, "
-            "and DYNKV_KVBM=false turns it off",
-            "use --topology agg for a deployment without KVBM, or drop --no-kvbm (DYNKV_KVBM)",
-        )
-    if host.device == "cpu" and dep.block_size % 32:
-        raise PlanError(
-            f"block size {dep.block_size} does not work with vLLM on CPU (needs a multiple of 32)",
-            "export DYNKV_BLOCK_SIZE=32 (or 64, 96, ...)",
-        )
-    check_engine_args(resolved, host.vllm_args)
+    check_settings(resolved, host)
 
     services: list[Service] = []
     external = ()
@@ -123,7 +108,19 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
                     monitor_port=dep.nats_monitor_port,
                 ),
             ]
-    infra_names = tuple(s.name for s in services)
+    if tls is not None:  # answers other hosts' `dynkv join` (docs/multi-host.md)
+        services.append(
+            enroll_service(
+                deployment=dep.name,
+                deployment_dir=ddir,
+                python=host.python,
+                etcd_endpoints=endpoints,
+                tls=tls,
+                env=_pythonpath(host),
+                depends_on=("etcd",),
+            )
+        )
+    infra_names = tuple(s.name for s in services if s.name != ENROLL)
     transfer = disagg_transfer(resolved, host)  # workers and frontend must agree on it
     check_counts(resolved, transfer)
     workers = _workers(resolved, host, endpoints, infra_names, transfer, nats_url)
@@ -180,6 +177,29 @@ def _transport_security(resolved: Resolved, host: HostFacts) -> TransportSecurit
     )
 
 
+def check_settings(resolved: Resolved, host: HostFacts) -> None:
+    """What the settings must agree on before any service is placed (a joined node's plan,
+    `dynkv.plan.join`, checks the same)."""
+    dep = resolved.deployment
+    if dep.topology == "disagg" and host.device == "cpu" and len(host.cpus) < 2:
+        raise PlanError(
+            "disagg on CPU needs at least 2 cores (prefill and decode each get their own)",
+            "use --topology agg, or run on a host with more cores",
+        )
+    if dep.topology == "disagg" and not dep.kvbm:
+        raise PlanError(
+            "disagg hands the prompt's KV from prefill to decode through the KVBM connector, "
+            "and DYNKV_KVBM=false turns it off",
+            "use --topology agg for a deployment without KVBM, or drop --no-kvbm (DYNKV_KVBM)",
+        )
+    if host.device == "cpu" and dep.block_size % 32:
+        raise PlanError(
+            f"block size {dep.block_size} does not work with vLLM on CPU (needs a multiple of 32)",
+            "export DYNKV_BLOCK_SIZE=32 (or 64, 96, ...)",
+        )
+    check_engine_args(resolved, host.vllm_args)
+
+
 def disagg_transfer(resolved: Resolved, host: HostFacts) -> str | None:
     """How a disagg deployment moves the prompt's KV from prefill to decode: "handoff" (dynkv's
     shared-memory pool) or "nixl" (vLLM's NixlConnector); None for agg."""
@@ -207,10 +227,15 @@ def _workers(
     depends_on: tuple[str, ...],
     transfer: str | None,
     nats_url: str,
+    node: str | None = None,
+    bind: str = LOOPBACK,
 ) -> list[Service]:
+    """The deployment's workers; `node`/`bind`: a joined node's (`dynkv.plan.join`), whose ids,
+    G3 pools and handoff pool carry the node name and whose vLLM listens on its address."""
     dep, kvbm = resolved.deployment, resolved.kvbm
+    local = f"{dep.name}-{node}" if node else dep.name  # one box may simulate both hosts
     kv_bytes = None if dep.device_kv_gb is None else int(dep.device_kv_gb * 1e9)
-    handoff = handoff_dir(dep.name) if transfer == "handoff" else None
+    handoff = handoff_dir(local) if transfer == "handoff" else None
     slots = worker_slots(dep)
     cores = split_cores(host.cpus, len(slots)) if host.device == "cpu" else []
     gpus = {}
@@ -219,6 +244,7 @@ def _workers(
     workers = []
     for slot in slots:
         role, index = slot.role, slot.position
+        worker_id = f"{node}-{slot.worker_id}" if node else slot.worker_id
         port = worker_port(dep.worker_port, index)
         # over NIXL the decode worker runs vLLM's NixlConnector alone: the profile's tiers
         # serve the prefill worker, and no dynkv handoff pool exists to read
@@ -232,13 +258,11 @@ def _workers(
             # one pool per deployment and worker: pools are locked to one engine, and a
             # restarted deployment finds its own blocks again
             env["DYN_KVBM_DISK_CACHE_DIR"] = str(
-                kvbm.disk_cache_dir / f"{dep.name}-{slot.pool_suffix}"
+                kvbm.disk_cache_dir / f"{local}-{slot.pool_suffix}"
             )
         if dynkv:  # the worker's KVBM publishes its G2/G3 changes for the router
             env.update(
-                KvEventsSettings.env(
-                    nats_url=nats_url, deployment=dep.name, worker_id=slot.worker_id
-                )
+                KvEventsSettings.env(nats_url=nats_url, deployment=dep.name, worker_id=worker_id)
             )
         if handoff is not None:
             env["DYN_KVBM_HANDOFF_DIR"] = str(handoff)
@@ -248,7 +272,7 @@ def _workers(
             for name in DECODE_TIERLESS:
                 env[name] = "0"
         if transfer == "nixl":
-            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = LOOPBACK
+            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = bind
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(worker_port(dep.nixl_side_channel_port, index))
         if gpus.get(slot.name) is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot.name])  # disjoint (docs/fleet.md)
@@ -272,6 +296,7 @@ def _workers(
             kv_cache_bytes=kv_bytes,
             kv_transfer=kv_transfer_config(dynkv=dynkv, nixl=transfer == "nixl"),
             engine=_engine_argv(resolved, role, host),
+            bind=bind,
         )
         served_metrics = (
             None if metrics_port is None else metrics_url(kvbm.metrics_host, metrics_port)
@@ -295,6 +320,9 @@ def _workers(
                 lease_ttl=dep.lease_ttl_secs,
                 depends_on=depends_on,
                 secret=host.secret,
+                worker_id=worker_id,
+                bind=bind,
+                node=node,
             )
         )
         if handoff is not None and role == Role.PREFILL:
@@ -310,7 +338,7 @@ def _frontend(
     transfer: str | None,
 ) -> Service:
     dep = resolved.deployment
-    env = {"PYTHONPATH": host.environ["PYTHONPATH"]} if host.environ.get("PYTHONPATH") else {}
+    env = _pythonpath(host)
     return frontend_service(
         deployment=dep.name,
         deployment_dir=dep.deployment_dir,
@@ -327,6 +355,10 @@ def _frontend(
         disagg_transfer=transfer,
         secret=host.secret,
     )
+
+
+def _pythonpath(host: HostFacts) -> dict[str, str]:
+    return {"PYTHONPATH": host.environ["PYTHONPATH"]} if host.environ.get("PYTHONPATH") else {}
 
 
 def _prometheus(
