@@ -208,14 +208,16 @@ def render_plan(plan: Plan) -> None:
         err.print(f"\n[yellow]note:[/yellow] {escape(note)}")
 
 
-def curl_example(openai_url: str, model: str, *, bearer: bool) -> str:
-    """A chat completion to paste into a shell; the key stays a variable reference."""
+def curl_example(openai_url: str, model: str, *, bearer: bool, ca_cert: str | None = None) -> str:
+    """A chat completion to paste into a shell; the key stays a variable reference. `ca_cert`:
+    the frontend's certificate is from an advertised deployment's CA (docs/multi-host.md)."""
     question = {"role": "user", "content": "What is the capital of France?"}
     # greedy: the answer does not depend on the model's own sampling defaults
     body = json.dumps({"model": model, "messages": [question], "max_tokens": 32, "temperature": 0})
     auth = ' -H "Authorization: Bearer $DYNKV_API_KEY"' if bearer else ""
+    cacert = f" --cacert {shlex.quote(ca_cert)}" if ca_cert else ""
     return (
-        f"curl -s {shlex.quote(openai_url + '/chat/completions')} "
+        f"curl -s{cacert} {shlex.quote(openai_url + '/chat/completions')} "
         f"-H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
     )
 
@@ -236,7 +238,10 @@ def frontend_lines(state: DeploymentState) -> list[str]:
         key = " (API key required)" if bearer else ""
         lines.append(f"  OpenAI API: {info.openai_url}  model {info.model}{key}")
         lines.append("  try it:" + (" (export DYNKV_API_KEY=<the key> first)" if bearer else ""))
-        lines.append("  " + curl_example(info.openai_url, info.model or "", bearer=bearer))
+        example = curl_example(
+            info.openai_url, info.model or "", bearer=bearer, ca_cert=info.ca_cert
+        )
+        lines.append("  " + example)
     return lines
 
 

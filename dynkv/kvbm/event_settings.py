@@ -18,7 +18,7 @@ from dynkv.kvbm.events import PrefillRate, check_token, subject_token
 ENV_PREFIX = "DYNKV_KV_EVENTS_"
 # The names every client of an advertised deployment reads (dynkv.tls.model, which this package
 # may not import: it runs inside vLLM); tests/unit/test_tls_plan.py keeps the two in step.
-TLS_CA_ENV = "DYNKV_TLS_CA"
+TLS_CA_ENV = "DYNKV_CLIENT_CA"
 NATS_TOKEN_ENV = "DYNKV_NATS_TOKEN"
 
 

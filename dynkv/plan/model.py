@@ -160,6 +160,7 @@ class ServiceInfo(BaseModel):
     bind_host: str | None = None  # frontend: the address it binds (may be non-loopback)
     auth: Literal["bearer", "none"] | None = None  # frontend: API key required or not
     container: str | None = None  # docker infra: the container's name
+    ca_cert: str | None = None  # frontend of `up --advertise`: the CA its certificate is from
 
     @model_serializer(mode="wrap")
     def _set_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 reached: a worker's vLLM serves https with its CA-issued certificate (`--ssl-certfile`,
 `--ssl-keyfile`, appended after the user's engine arguments) and registers an https URL; the
 frontend binds the advertised address with its own certificate (unless the user gave one); and
-each gets in its environment what makes it a client of the deployment (`DYNKV_TLS_*`, the NATS
+each gets in its environment what makes it a client of the deployment (`DYNKV_CLIENT_*`, the NATS
 token: dynkv.tls.model). Done as a step after the loopback builders so that a loopback plan is
 byte-for-byte what it was.
 """
@@ -72,5 +72,12 @@ def secure_frontend(
         argv=tuple(argv),
         env={**frontend.env, **tls.client_env("frontend", token=token)},
         probes=probes,
-        info=frontend.info.model_copy(update={"url": url, "openai_url": f"{url}/v1"}),
+        info=frontend.info.model_copy(
+            update={
+                "url": url,
+                "openai_url": f"{url}/v1",
+                # clients verify the frontend against the CA (`curl --cacert`, bench)
+                "ca_cert": tls.ca_cert if user_cert is None else None,
+            }
+        ),
     )

@@ -9,7 +9,7 @@ fed, so a caller can fall back to a load-only policy while it is not (docs/kv-ev
 
 In an advertised deployment (docs/multi-host.md) NATS wants TLS from the deployment's CA and a
 token: unless given `connect_options`, the subscriber takes them from its process's environment
-(`DYNKV_TLS_CA`, `DYNKV_NATS_TOKEN`: the plan gives the frontend both).
+(`DYNKV_CLIENT_CA`, `DYNKV_NATS_TOKEN`: the plan gives the frontend both).
 """
 
 from __future__ import annotations

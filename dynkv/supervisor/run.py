@@ -32,6 +32,7 @@ from dynkv.supervisor.state import DeploymentState, ServiceRecord, StateStore
 from dynkv.supervisor.status import AlreadyRunning, live_detail
 from dynkv.supervisor.teardown import DEFAULT_GRACE, Observer, stop_state
 from dynkv.supervisor.units import Unit, start_unit
+from dynkv.tls.layout import materialize
 
 LOG_TAIL = 20
 
@@ -103,6 +104,10 @@ class Supervisor:
         supervise a detached deployment (`supervisor.background`), so it stays recorded."""
         self._claim(detach)
         try:
+            if self.plan.transport_security is not None:
+                # `up --advertise`: the CA (made once) and this run's certificates, before any
+                # service that reads them starts (docs/multi-host.md)
+                materialize(self.plan.transport_security, self.plan.name)
             for wave in start_waves(self.plan.services):
                 self._wait_healthy([self._start_one(service) for service in wave])
         except BaseException:

@@ -20,9 +20,9 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict
 
 # The environment a TLS client of the deployment reads (etcd, NATS, workers' HTTP).
-CA_ENV = "DYNKV_TLS_CA"
-CERT_ENV = "DYNKV_TLS_CERT"
-KEY_ENV = "DYNKV_TLS_KEY"
+CA_ENV = "DYNKV_CLIENT_CA"
+CERT_ENV = "DYNKV_CLIENT_CERT"
+KEY_ENV = "DYNKV_CLIENT_KEY"
 NATS_TOKEN_ENV = "DYNKV_NATS_TOKEN"
 
 TLS_DIR = "tls"  # under the deployment dir
@@ -59,7 +59,7 @@ class ClientTLS(_Frozen):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ClientTLS | None:
-        """The client side a process was given (`DYNKV_TLS_*`); None: a loopback deployment."""
+        """The client side a process was given (`DYNKV_CLIENT_*`); None: a loopback deployment."""
         ca = environ.get(CA_ENV)
         if not ca:
             return None

@@ -21,8 +21,8 @@ lives is put back at the next probe.
 
 Settings (flags or `DYNKV_WORKER_*`, with their defaults): `dynkv.worker.config`.
 
-An advertised deployment (docs/multi-host.md) gives the wrapper `DYNKV_TLS_CA`, `DYNKV_TLS_CERT`
-and `DYNKV_TLS_KEY`: it registers over https with that client certificate and probes vLLM's https
+An advertised deployment (docs/multi-host.md) gives the wrapper `DYNKV_CLIENT_CA`, `DYNKV_CLIENT_CERT`
+and `DYNKV_CLIENT_KEY`: it registers over https with that client certificate and probes vLLM's https
 `/health` against the CA. vLLM keeps the CA (its KV event publisher verifies NATS with it) but not
 the client key, which only the wrapper needs.
 """
