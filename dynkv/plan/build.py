@@ -20,7 +20,7 @@ from dynkv.plan.errors import PlanError
 from dynkv.plan.fleet import assign_gpus, check_counts, per_worker_gpus, worker_slots
 from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service
 from dynkv.plan.host import HostFacts, find_prometheus
-from dynkv.plan.model import Plan, Service, topological_order
+from dynkv.plan.model import Plan, Service, TcpProbe, topological_order
 from dynkv.plan.ports import check_port_clashes, worker_port
 from dynkv.plan.prometheus import prometheus_service
 from dynkv.plan.secure import secure_frontend, secure_worker
@@ -124,10 +124,15 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     transfer = disagg_transfer(resolved, host)  # workers and frontend must agree on it
     check_counts(resolved, transfer)
     workers = _workers(resolved, host, endpoints, infra_names, transfer, nats_url)
-    frontend = _frontend(resolved, host, endpoints, tuple(w.name for w in workers), transfer)
+    # with no worker of its own (--workers 0) the frontend waits for the infra instead
+    after = tuple(w.name for w in workers) or infra_names
+    frontend = _frontend(resolved, host, endpoints, after, transfer)
     if tls is not None:
         workers = [secure_worker(w, tls, token) for w in workers]
         frontend = secure_frontend(frontend, tls, token, user_cert=frontend_user_cert(resolved))
+        if not workers:  # its /health says "starting" until a joined node's worker registers
+            port = frontend.ports["http"]
+            frontend = frontend.replace(probes=(TcpProbe(host=tls.advertise, port=port),))
     services += workers
     services.append(frontend)
     if dep.observability:
@@ -237,6 +242,8 @@ def _workers(
     kv_bytes = None if dep.device_kv_gb is None else int(dep.device_kv_gb * 1e9)
     handoff = handoff_dir(local) if transfer == "handoff" else None
     slots = worker_slots(dep)
+    if not slots:  # --workers 0: a control-plane-only first host (docs/multi-host.md)
+        return []
     cores = split_cores(host.cpus, len(slots)) if host.device == "cpu" else []
     gpus = {}
     if host.device == "cuda":

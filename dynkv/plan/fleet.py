@@ -90,6 +90,13 @@ def check_counts(resolved: Resolved, transfer: str | None = None) -> None:
     of 1 is harmless and is what a profile shared by both topologies may say. The shared-memory
     handoff (`transfer` "handoff") has one producer: one prefill worker writes its ring."""
     dep = resolved.deployment
+    if str(dep.topology) == "agg" and dep.workers == 0 and dep.advertise is None:
+        raise PlanError(
+            "--workers 0 (DYNKV_WORKERS) runs no worker: only a first host that other hosts "
+            "join can serve with none",
+            "give --workers 1 or more, or add --advertise ADDR and join workers with "
+            "`dynkv join` (docs/multi-host.md)",
+        )
     if transfer == "handoff" and dep.prefill_workers > 1:
         raise PlanError(
             f"the shared-memory handoff takes one prefill worker, and --prefill-workers is "

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dynkv.plan.build import HostFacts, _workers, check_settings, disagg_transfer
+from dynkv.plan.errors import PlanError
 from dynkv.plan.fleet import check_counts
 from dynkv.plan.model import JoinedNode, Plan, topological_order
 from dynkv.plan.ports import check_port_clashes
@@ -73,6 +74,11 @@ def build_join_plan(
     workers = _workers(
         resolved, host, etcd_endpoints, (), transfer, nats_url, node=node, bind=advertise
     )
+    if not workers:
+        raise PlanError(
+            "a joined node with no worker adds nothing to the deployment",
+            "join with --workers 1 or more (or --prefill-workers/--decode-workers)",
+        )
     security = node_security(dep.deployment_dir, advertise, tuple(w.name for w in workers))
     workers = [secure_worker(w, security, nats_token) for w in workers]
     ordered = topological_order(tuple(workers))

@@ -8,7 +8,7 @@ delays /health (FAKE_VLLM_READY_AFTER sets it through a plan, which passes no su
 FAKE_VLLM_SPAWN_ORPHAN=1 starts a grandchild in a new session (a process that escapes the process
 group, which teardown must still find). FAKE_VLLM_TOKENS=N streams N chunks and
 FAKE_VLLM_TOKEN_DELAY=S waits S seconds before each, so a stream lasts long enough to be cut by
-a fault. Like vLLM (its AuthenticationMiddleware), with VLLM_API_KEY set (or --api-key) every
+a fault. `--ssl-certfile`/`--ssl-keyfile` serve https, as vLLM does. Like vLLM (its AuthenticationMiddleware), with VLLM_API_KEY set (or --api-key) every
 path under /v1, /v2, /inference and /cohere needs `Authorization: Bearer <key>` (else 401
 {"error": "Unauthorized"}); /health and /metrics stay open.
 """
@@ -39,6 +39,8 @@ def main() -> int:
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--exit-code", type=int, default=0)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--ssl-certfile", default=None)  # vLLM's https flags (docs/multi-host.md)
+    p.add_argument("--ssl-keyfile", default=None)
     args, _ = p.parse_known_args()
     api_key = args.api_key or os.environ.get("VLLM_API_KEY") or None
     started = time.monotonic()
@@ -144,6 +146,12 @@ def main() -> int:
         )
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
+    if args.ssl_certfile:
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     if args.exit_after is not None:
         threading.Timer(args.exit_after, lambda: os._exit(args.exit_code)).start()
