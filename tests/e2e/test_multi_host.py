@@ -122,9 +122,9 @@ def test_joined_workers_kv_events_arrive_on_the_first_hosts_nats(hosts):
 def test_without_the_certificate_or_the_token_no_entry(hosts):
     a, _, ddir_a, _ = hosts
     etcd = f"https://127.0.0.1:{a['DYNKV_ETCD_PORT']}"
-    with EtcdClient(etcd, tls=ClientTLS(ca=ca_of(ddir_a)), timeout=3) as client:
-        with pytest.raises(EtcdError):
-            client.get_prefix(f"/dynkv/{NAME}/workers/")
+    client = EtcdClient(etcd, tls=ClientTLS(ca=ca_of(ddir_a)), timeout=3)
+    with client, pytest.raises(EtcdError):
+        client.get_prefix(f"/dynkv/{NAME}/workers/")
 
     async def publish_without_token() -> None:
         import nats
