@@ -137,10 +137,9 @@ def join_token(name: NameOpt = None, ttl: TtlOpt = "24h", node: NodeOpt = None) 
     frontend = services.get("frontend")
     roles = {s.role for s in state.services if s.role in ROLE_NAMES}
     topology = None if not roles else ("agg" if Role.AGG in roles else "disagg")
-    transfer = None
-    if topology == "disagg":
-        argv = frontend.argv if frontend is not None else []
-        transfer = "nixl" if "nixl" in argv else "handoff"
+    # how the frontend hands KV from prefill to decode, were disagg workers to register (a
+    # first host with --workers 0 serves whatever joins)
+    transfer = "nixl" if frontend is not None and "nixl" in frontend.argv else "handoff"
     token, text = new_token(
         deployment=dep.name,
         deployment_dir=ddir,
@@ -275,7 +274,7 @@ def join(
         check_placement(
             hosts,
             topology=deployed,
-            transfer=tok.disagg_transfer if tok.topology else _transfer(plan),
+            transfer=tok.disagg_transfer,
             joining=node,
             joining_topology=str(dep.topology),
             joining_transfer=_transfer(plan),
