@@ -53,6 +53,7 @@ class Hosts:
 
     def __init__(self, monkeypatch, tmp: Path) -> None:
         self.mp = monkeypatch
+        (tmp / "a").mkdir()
         self.a, model = use_fake_vllm(monkeypatch, tmp / "a", NAME, DYNKV_LEASE_TTL_SECS=TTL)
         self.model = model_dir(model)
         self.b = {
