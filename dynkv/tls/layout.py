@@ -73,7 +73,9 @@ def materialize(security: TransportSecurity, deployment: str) -> DeploymentCA:
     ca = DeploymentCA.ensure(directory, deployment)
     for name, svc in security.services.items():
         if svc.server is not None:
-            issued = ca.issue(name, ips=svc.ips, server=True)
+            # etcd's JSON gateway dials etcd's own gRPC port with the server certificate, which
+            # --client-cert-auth then checks as a client certificate: it needs both usages
+            issued = ca.issue(name, ips=svc.ips, server=True, client=name == "etcd")
             _write(issued, svc.server)
         if svc.client is not None:
             _write(ca.issue(f"{deployment}/{name}", client=True), svc.client)
