@@ -75,7 +75,7 @@ def ca_of(ddir_a: Path) -> str:
 def completion(a: dict, ddir_a: Path, prompt: str) -> httpx.Response:
     url = f"https://127.0.0.1:{a['DYNKV_FRONTEND_PORT']}/v1/completions"
     body = {"model": "dynkv-tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0}
-    return httpx.post(url, json=body, verify=ca_of(ddir_a), timeout=120)
+    return httpx.post(url, json=body, verify=ClientTLS(ca=ca_of(ddir_a)).ssl_context(), timeout=120)
 
 
 def test_first_hosts_frontend_serves_from_the_joined_worker_over_tls(hosts):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 from pathlib import Path
 
@@ -89,8 +90,8 @@ def first_host_client(h: Hosts) -> EtcdClient:
     return EtcdClient(f"https://127.0.0.1:{h.a['DYNKV_ETCD_PORT']}", tls=cli, timeout=3)
 
 
-def join_b(h: Hosts, token: str, *extra: str):
-    h.use(h.b)
+def join_b(h: Hosts, token: str, *extra: str, env: dict[str, str] | None = None):
+    h.use(env or h.b)
     common = ("--model", str(h.model), "--device", "cpu", "--skip-checks")
     return invoke("join", token, "--advertise", "127.0.0.2", "--node", "hostb", *common, *extra)
 
@@ -142,8 +143,9 @@ def test_two_hosts_join_serve_and_leave(hosts):
     b_port = h.b["DYNKV_WORKER_PORT"]
     assert record.url == f"https://127.0.0.2:{b_port}"
 
-    # the token joined one node
-    again = join_b(h, token, "--node", "hostc")
+    # the token joined one node (a third host, C, tries it again)
+    c = {**h.b, "DYNKV_STATE_DIR": str(h.ddir(h.b).parents[2] / "c" / "state")}
+    again = join_b(h, token, "--node", "hostc", env=c)
     assert again.exit_code == 2 and "used already" in again.output, again.output
 
     # the first host's frontend serves from B's worker over https
@@ -153,7 +155,10 @@ def test_two_hosts_join_serve_and_leave(hosts):
 
     def answered():
         resp = httpx.post(
-            f"{front}/v1/completions", json={"model": "model", "prompt": "hi"}, verify=ca, timeout=5
+            f"{front}/v1/completions",
+            json={"model": "model", "prompt": "hi"},
+            verify=ssl.create_default_context(cafile=ca),
+            timeout=5,
         )
         return resp if resp.status_code == 200 else None
 
