@@ -14,7 +14,7 @@ NOW = 1_800_000_000
 
 def first_host_dir(tmp_path: Path, name: str = "default") -> Path:
     ddir = tmp_path / name
-    ddir.mkdir(mode=0o700)
+    ddir.mkdir(mode=0o700, parents=True)
     DeploymentCA.ensure(ddir / "tls", name)
     return ddir
 
