@@ -8,7 +8,7 @@ delays /health (FAKE_VLLM_READY_AFTER sets it through a plan, which passes no su
 FAKE_VLLM_SPAWN_ORPHAN=1 starts a grandchild in a new session (a process that escapes the process
 group, which teardown must still find). FAKE_VLLM_TOKENS=N streams N chunks and
 FAKE_VLLM_TOKEN_DELAY=S waits S seconds before each, so a stream lasts long enough to be cut by
-a fault. `--ssl-certfile`/`--ssl-keyfile` serve https, as vLLM does. Like vLLM (its AuthenticationMiddleware), with VLLM_API_KEY set (or --api-key) every
+a fault. Like vLLM (its AuthenticationMiddleware), with VLLM_API_KEY set (or --api-key) every
 path under /v1, /v2, /inference and /cohere needs `Authorization: Bearer <key>` (else 401
 {"error": "Unauthorized"}); /health and /metrics stay open.
 """
@@ -39,7 +39,8 @@ def main() -> int:
     p.add_argument("--exit-after", type=float, default=None)
     p.add_argument("--exit-code", type=int, default=0)
     p.add_argument("--api-key", default=None)
-    p.add_argument("--ssl-certfile", default=None)  # vLLM's https flags (docs/multi-host.md)
+    # vLLM's HTTPS (an advertised deployment, docs/multi-host.md)
+    p.add_argument("--ssl-certfile", default=None)
     p.add_argument("--ssl-keyfile", default=None)
     args, _ = p.parse_known_args()
     api_key = args.api_key or os.environ.get("VLLM_API_KEY") or None

@@ -1,0 +1,101 @@
+"""`dynkv up -d --advertise 127.0.0.2` end to end with the fake vLLM (tests/fakes/fake_vllm.py,
+which serves https like vLLM with --ssl-certfile): the worker wrapper registers its https URL in
+etcd over TLS with its client certificate, the frontend discovers it there and reaches it over
+https trusting only the deployment CA, clients reach the frontend on the advertised address
+verifying its CA-issued certificate, and `status` and `down` work (docs/multi-host.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from infra_helpers import assert_nothing_left, use_fake_vllm
+from typer.testing import CliRunner
+
+from dynkv.cli.main import app
+from dynkv.infra.etcd_client import EtcdClient, EtcdError
+from dynkv.tls.ca import DeploymentCA
+from dynkv.tls.model import ClientTLS
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+ADDR = "127.0.0.2"
+
+
+@pytest.fixture
+def deployment(tmp_path, monkeypatch):
+    env, model = use_fake_vllm(monkeypatch, tmp_path, "adv")
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": 2,
+        "hidden_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "torch_dtype": "bfloat16",
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    yield env, model
+    runner.invoke(app, ["down"])
+
+
+def test_an_advertised_deployment_serves_over_tls_end_to_end(deployment):
+    env, model = deployment
+    up = runner.invoke(
+        app, ["up", "-d", "--json", "--model", str(model), "--device", "cpu", "--advertise", ADDR]
+    )
+    assert up.exit_code == 0, up.output
+    state = json.loads(up.stdout)
+    pids = [(s["pid"], s["create_time"]) for s in state["services"]]
+    ddir = Path(env["DYNKV_STATE_DIR"]) / "adv"
+    tls_dir = ddir / "tls"
+    ca = str(tls_dir / "ca.crt")
+    cli = ClientTLS(
+        ca=ca, cert=str(tls_dir / "cli-client.crt"), key=str(tls_dir / "cli-client.key")
+    )
+    assert DeploymentCA.load(tls_dir).fingerprint.startswith("sha256:")
+    token = None
+    for svc in state["services"]:
+        environ = Path(f"/proc/{svc['pid']}/environ").read_bytes().split(b"\0")
+        found = [e for e in environ if e.startswith(b"DYNKV_NATS_TOKEN=")]
+        if svc["name"] == "nats":
+            token = found[0].split(b"=", 1)[1].decode()
+    assert token and token not in json.dumps(state)
+    for log in (ddir / "logs").iterdir():
+        assert token not in log.read_text()
+
+    # the registration is in etcd, over TLS, with the worker's https URL
+    etcd = f"https://{ADDR}:{env['DYNKV_ETCD_PORT']}"
+    with EtcdClient(etcd, tls=cli) as client:
+        (kv,) = client.get_prefix("/dynkv/adv/workers/").kvs
+        assert kv.json()["url"] == f"https://127.0.0.1:{env['DYNKV_WORKER_PORT']}"
+    with EtcdClient(etcd, tls=ClientTLS(ca=ca), timeout=3) as client, pytest.raises(EtcdError):
+        client.get_prefix("/dynkv/adv/workers/")  # no client certificate: refused
+
+    # the OpenAI API on the advertised address, over https from the deployment CA
+    frontend = f"https://{ADDR}:{env['DYNKV_FRONTEND_PORT']}"
+    chat = {"model": "model", "messages": [{"role": "user", "content": "hi"}]}
+    answer = httpx.post(
+        f"{frontend}/v1/chat/completions", json=chat, timeout=10, verify=cli.ssl_context()
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"].startswith("fake answer")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{frontend}/health", timeout=5)  # the system's trust store does not know it
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}/health", timeout=5)
+    worker = f"https://127.0.0.1:{env['DYNKV_WORKER_PORT']}"
+    assert httpx.get(f"{worker}/health", timeout=5, verify=cli.ssl_context()).status_code == 200
+
+    status = runner.invoke(app, ["status", "--json"])
+    assert status.exit_code == 0, status.output
+    data = json.loads(status.stdout)
+    assert data["healthy"] is True, data
+    assert {s["name"]: s["url"] for s in data["services"]}["frontend"] == frontend
+
+    down = runner.invoke(app, ["down"])
+    assert down.exit_code == 0, down.output
+    assert_nothing_left(pids, ddir)
+    assert os.path.exists(tls_dir / "ca.key")  # the CA outlives `down`, like the secret
