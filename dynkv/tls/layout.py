@@ -15,9 +15,12 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dynkv.tls.ca import DeploymentCA
 from dynkv.tls.model import CertFiles, ServiceTLS, TransportSecurity
+
+if TYPE_CHECKING:
+    from dynkv.tls.ca import DeploymentCA, IssuedCert
 
 LOOPBACK = "127.0.0.1"
 CLI = "cli"  # dynkv's own commands (status, down, logs, bench) and the supervisor's probes
@@ -69,6 +72,8 @@ def transport_security(
 def materialize(security: TransportSecurity, deployment: str) -> DeploymentCA:
     """Make the CA (once) and issue every certificate `security` lists (again at each `up`: they
     are cheap, and a changed address is then in them)."""
+    from dynkv.tls.ca import DeploymentCA  # cryptography: only an advertised `up` needs it
+
     directory = Path(security.dir)
     ca = DeploymentCA.ensure(directory, deployment)
     for name, svc in security.services.items():
@@ -82,6 +87,6 @@ def materialize(security: TransportSecurity, deployment: str) -> DeploymentCA:
     return ca
 
 
-def _write(issued, files: CertFiles) -> None:
+def _write(issued: IssuedCert, files: CertFiles) -> None:
     cert = Path(files.cert)
     issued.write(cert.parent, cert.stem)

@@ -104,7 +104,10 @@ async def _connect(url: str, **options):
 
 
 def test_nats_with_the_ca_and_the_token_publishes_and_subscribes(advertised):
-    environ = {"DYNKV_CLIENT_CA": security(advertised).ca_cert, "DYNKV_NATS_TOKEN": token(advertised)}
+    environ = {
+        "DYNKV_CLIENT_CA": security(advertised).ca_cert,
+        "DYNKV_NATS_TOKEN": token(advertised),
+    }
 
     async def run() -> bytes:
         # the router subscriber's options and the KV event publisher's, from the same environment
