@@ -43,11 +43,8 @@ from dynkv.cli.up_cmd import (
 from dynkv.hardware import resolve_device
 from dynkv.infra.etcd_client import EtcdClient
 from dynkv.join.cluster import FIRST_HOST, LeaveCheck, registrations
-from dynkv.join.enroll import NODE_NAME
-from dynkv.join.issue import new_token
-from dynkv.join.mailbox import EnrollFailed, enroll
 from dynkv.join.placement import check_placement
-from dynkv.join.token import TokenError, decode, parse_ttl
+from dynkv.join.token import NODE_NAME, TokenError, decode, parse_ttl
 from dynkv.kvbm.roles import ROLE_NAMES, Role
 from dynkv.plan import HostFacts
 from dynkv.plan.join import build_join_plan, node_tls_dir
@@ -140,6 +137,8 @@ def join_token(name: NameOpt = None, ttl: TtlOpt = "24h", node: NodeOpt = None) 
     # how the frontend hands KV from prefill to decode, were disagg workers to register (a
     # first host with --workers 0 serves whatever joins)
     transfer = "nixl" if frontend is not None and "nixl" in frontend.argv else "handoff"
+    from dynkv.join.issue import new_token  # cryptography: only when a token is made
+
     token, text = new_token(
         deployment=dep.name,
         deployment_dir=ddir,
@@ -298,6 +297,8 @@ def join(
 
             render_problems(blocking)
             raise typer.Exit(EXIT_FAILURE)
+    from dynkv.join.mailbox import EnrollFailed, enroll  # cryptography: only when joining
+
     tls_dir = node_tls_dir(dep.deployment_dir)
     StateStore(plan.deployment_dir).ensure()
     try:

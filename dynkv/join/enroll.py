@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,11 +32,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from dynkv.join.token import JoinToken, TokenError, verify
+from dynkv.join.token import NODE_NAME, JoinToken, TokenError, verify
 
 NODE_CERT_DAYS = 365
 ANSWER_TTL_S = 300
-NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 _BACKDATE = datetime.timedelta(minutes=5)
 
 

@@ -44,6 +44,8 @@ MAX_TOKEN_CHARS = 64 * 1024  # a real one is ~3 KB; anything far larger is not o
 _TTL = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_TTL_S = 365 * 86400
+# a node's name: in worker ids (`<node>-agg-0`), NATS subjects and pool directories
+NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
 
 class TokenError(Exception):
