@@ -2,9 +2,9 @@
 
 Both live in `<state dir>/<name>/join/` (0700): `join.key` (32 random bytes, hex, 0600), made by
 the first `dynkv join-token`, and `used/<token id>` (empty, 0600), one per token a node enrolled
-with, so that a token joins one node only. `dynkv down` removes the deployment dir and with it
-both: tokens printed before a `down` stop working, as the CA they carry is kept but the key that
-vouches for them is not (docs/multi-host.md#joining-hosts-join-token-join).
+with, so that a token joins one node only. `dynkv down` leaves both in place (like `tls/` and the
+deployment secret): tokens printed before stay valid until they expire; removing `join.key` voids
+every unused one (docs/multi-host.md#joining-hosts-join-token-join).
 """
 
 from __future__ import annotations
