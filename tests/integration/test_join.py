@@ -101,7 +101,7 @@ def test_two_hosts_join_serve_and_leave(hosts):
     h.use(h.a)
     up = invoke(
         "up", "-d", "--json", "--workers", "0", "--advertise", "127.0.0.1",
-        "--model", str(h.model), "--device", "cpu",
+        "--model", str(h.model), "--device", "cpu", "--skip-checks",
     )  # fmt: skip
     assert up.exit_code == 0, up.output
     names = [s["name"] for s in json.loads(up.stdout)["services"]]
