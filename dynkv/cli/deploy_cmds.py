@@ -26,9 +26,10 @@ from dynkv.cli.group import EXIT_FAILURE, UserError
 from dynkv.cli.options import JsonOpt, NameOpt, resolve_from_options
 from dynkv.cli.output import emit_json, err, warn
 from dynkv.infra.docker import DockerUnavailable
+from dynkv.infra.etcd_client import EtcdClient, EtcdError
 from dynkv.supervisor import deployment_status, log_sources, stop_deployment
 from dynkv.supervisor.logs import follow
-from dynkv.supervisor.state import CorruptState
+from dynkv.supervisor.state import CorruptState, StateStore
 
 WatchOpt = Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")]
 IntervalOpt = Annotated[float, typer.Option("--interval", help="Seconds between refreshes.")]
@@ -81,6 +82,7 @@ def _no_deployment(name: str, ddir: Path) -> UserError:
 def down(name: NameOpt = None, timeout: TimeoutOpt = 10.0, json_out: JsonOpt = False) -> None:
     """Stop every service of the deployment and clean its state (idempotent)."""
     dep_name, ddir = _deployment(name)
+    _tell_nodes_to_leave(dep_name, ddir, quiet=json_out)
     try:
         report = stop_deployment(
             ddir, grace=timeout, observer=None if json_out else QuietObserver()
@@ -107,6 +109,39 @@ def down(name: NameOpt = None, timeout: TimeoutOpt = 10.0, json_out: JsonOpt = F
     )
 
 
+def _tell_nodes_to_leave(name: str, ddir: Path, *, quiet: bool) -> None:
+    """The first host of an advertised deployment asks its joined nodes to leave, and waits for
+    their registrations to go, before its etcd stops (docs/multi-host.md)."""
+    from dynkv.join.cluster import cli_tls, request_leave, wait_nodes_gone
+
+    tls = cli_tls(ddir)
+    state = StateStore(ddir).snapshot() if tls is not None else None
+    if tls is None or state is None or "enroll" not in {s.name for s in state.services}:
+        return  # loopback only, not running, or a joined node (which leaves alone)
+    try:
+        with EtcdClient(state.etcd_endpoints, tls=tls, timeout=2.0) as client:
+            if not registrations_elsewhere(client, name):
+                return
+            request_leave(client, name)
+            if not quiet:
+                err.print("asking the joined nodes to leave…")
+            left = wait_nodes_gone(client, name)
+    except EtcdError as exc:
+        warn(f"could not ask the joined nodes to leave ({exc}); their workers stay up")
+        return
+    if left:
+        warn(
+            f"node(s) {', '.join(left)} did not leave in time; their workers lose etcd with "
+            "this host and stay up (run `dynkv down` there)"
+        )
+
+
+def registrations_elsewhere(client: EtcdClient, name: str) -> bool:
+    from dynkv.join.cluster import FIRST_HOST, registrations
+
+    return any(node != FIRST_HOST for node in registrations(client, name, None))
+
+
 def status(
     name: NameOpt = None,
     json_out: JsonOpt = False,
@@ -131,12 +166,15 @@ def status(
 
     if not watch:
         rep = report()
+        hosts = _hosts(dep_name, ddir)
         if json_out:
-            emit_json(rep.to_json())
+            emit_json({**rep.to_json(), **({"hosts": hosts} if hosts is not None else {})})
         else:
             err.print(status_table(rep))
             for line in kvbm_lines(rep) + router_lines(rep):
                 err.print(line, markup=False, soft_wrap=True)
+            for line in host_lines(hosts):
+                err.print(line, markup=False, soft_wrap=True, highlight=False)
         if not rep.healthy:
             raise typer.Exit(EXIT_FAILURE)
         return
@@ -156,6 +194,26 @@ def status(
                 refresh=True,
             )
             time.sleep(interval)
+
+
+def _hosts(name: str, ddir: Path) -> dict | None:
+    """The deployment's registered workers by host (an advertised or joined deployment)."""
+    from dynkv.join.cluster import hosts_view
+
+    state = StateStore(ddir).snapshot()
+    return None if state is None else hosts_view(ddir, name, state.etcd_endpoints)
+
+
+def host_lines(hosts: dict | None) -> list[str]:
+    if not hosts:
+        return []
+    if "error" in hosts:
+        return [f"deployment across hosts: {hosts['error']}"]
+    lines = ["deployment across hosts (registered workers):"]
+    for node, workers in hosts.items():
+        lines.append(f"  {node}: {len(workers)} worker(s)")
+        lines += [f"    {w['id']:<24} {w['role']:<8} {w['url']}" for w in workers]
+    return lines
 
 
 def logs(

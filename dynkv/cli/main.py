@@ -15,6 +15,7 @@ from dynkv.cli import (
     deploy_cmds,
     doctor_cmd,
     export_cmd,
+    join_cmds,
     restart_cmd,
     up_cmd,
 )
@@ -53,6 +54,8 @@ def _root(
 app.command("config")(config_cmd.config)
 app.command("profiles")(config_cmd.profiles)
 app.command("up")(up_cmd.up)
+app.command("join-token")(join_cmds.join_token)
+app.command("join")(join_cmds.join)
 app.command("down")(deploy_cmds.down)
 app.command("status")(deploy_cmds.status)
 app.command("logs")(deploy_cmds.logs)

@@ -22,7 +22,12 @@ TopologyOpt = Annotated[
 ]
 WorkersOpt = Annotated[
     int | None,
-    typer.Option("--workers", help="agg: how many workers (DYNKV_WORKERS; docs/fleet.md).", min=1),
+    typer.Option(
+        "--workers",
+        help="agg: how many workers (DYNKV_WORKERS; docs/fleet.md); 0 with --advertise: etcd, "
+        "NATS and the frontend only, for workers other hosts join (docs/multi-host.md).",
+        min=0,
+    ),
 ]
 PrefillWorkersOpt = Annotated[
     int | None,

@@ -331,6 +331,9 @@ def _foreground(supervisor: Supervisor) -> None:
     if result.reason == "removed":
         err.print(f"{state.name} was stopped by `dynkv down`")
         return
+    if result.reason == "left":  # a joined node (docs/multi-host.md)
+        err.print(f"{state.name}: the first host went down and asked its nodes to leave")
+        return
     raise UserError(
         f"{result.service} exited with code {result.exit_code}; everything was stopped",
         f"read its log: dynkv logs {result.service} --name {state.name}",

@@ -12,7 +12,7 @@ def cores(ctx: DoctorContext) -> Outcome | None:
     if ctx.device != "cpu":
         return None
     n, ids = ctx.workers, ctx.cpus
-    if not ids:
+    if not ids or not n:  # n = 0: a control-plane-only first host (docs/multi-host.md)
         return None
     lists = split_cores(ids, n)
     shown = ", ".join(cpu_list(c) for c in lists[:8]) + (" …" if n > 8 else "")

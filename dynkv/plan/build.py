@@ -12,14 +12,16 @@ from dynkv.infra.embedded import LOOPBACK, etcd_service, nats_service
 from dynkv.infra.external import external_probes, nats_host_port, split_endpoints
 from dynkv.kvbm.event_settings import KvEventsSettings
 from dynkv.kvbm.roles import Role
+from dynkv.plan.checks import check_settings, disagg_transfer
 from dynkv.plan.cpu import cpu_engine_env, split_cores
 from dynkv.plan.dtype import argv_value, default_dtype_argv, dtype_note
-from dynkv.plan.engine_args import check_engine_args, engine_notes, role_argv
+from dynkv.plan.engine_args import engine_notes, role_argv
+from dynkv.plan.enroll import ENROLL, enroll_service
 from dynkv.plan.errors import PlanError
 from dynkv.plan.fleet import assign_gpus, check_counts, per_worker_gpus, worker_slots
 from dynkv.plan.frontend import API_KEY_ENV, checked_access, frontend_service
 from dynkv.plan.host import HostFacts, find_prometheus
-from dynkv.plan.model import Plan, Service, topological_order
+from dynkv.plan.model import Plan, Service, TcpProbe, topological_order
 from dynkv.plan.ports import check_port_clashes, worker_port
 from dynkv.plan.prometheus import plan_prometheus
 from dynkv.plan.secure import (
@@ -49,23 +51,7 @@ __all__ = ["HostFacts", "PlanError", "build_plan", "disagg_transfer", "find_prom
 def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     dep = resolved.deployment
     ddir = dep.deployment_dir
-    if dep.topology == "disagg" and host.device == "cpu" and len(host.cpus) < 2:
-        raise PlanError(
-            "disagg on CPU needs at least 2 cores (prefill and decode each get their own)",
-            "use --topology agg, or run on a host with more cores",
-        )
-    if dep.topology == "disagg" and not dep.kvbm:
-        raise PlanError(
-            "disagg hands the prompt's KV from prefill to decode through the KVBM connector, "
-            "and DYNKV_KVBM=false turns it off",
-            "use --topology agg for a deployment without KVBM, or drop --no-kvbm (DYNKV_KVBM)",
-        )
-    if host.device == "cpu" and dep.block_size % 32:
-        raise PlanError(
-            f"block size {dep.block_size} does not work with vLLM on CPU (needs a multiple of 32)",
-            "export DYNKV_BLOCK_SIZE=32 (or 64, 96, ...)",
-        )
-    check_engine_args(resolved, host.vllm_args)
+    check_settings(resolved, host)
 
     services: list[Service] = []
     external = ()
@@ -131,15 +117,29 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
                     monitor_port=dep.nats_monitor_port,
                 ),
             ]
-    infra_names = tuple(s.name for s in services)
+    if tls is not None:  # answers other hosts' `dynkv join` (docs/multi-host.md)
+        services.append(
+            enroll_service(
+                deployment=dep.name,
+                deployment_dir=ddir,
+                python=host.python,
+                etcd_endpoints=endpoints,
+                tls=tls,
+                env=_pythonpath(host),
+                depends_on=("etcd",),
+            )
+        )
+    infra_names = tuple(s.name for s in services if s.name != ENROLL)
     transfer = disagg_transfer(resolved, host)  # workers and frontend must agree on it
     check_counts(resolved)
     workers = _workers(resolved, host, endpoints, infra_names, transfer, nats_url)
+    # with no worker of its own (--workers 0) the frontend waits for the infra instead
+    after = tuple(w.name for w in workers) or infra_names
     frontend = _frontend(
         resolved,
         host,
         endpoints,
-        tuple(w.name for w in workers),
+        after,
         transfer,
         nats_url,
         workers[0].argv if workers else (),
@@ -147,6 +147,9 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     if tls is not None:
         workers = [secure_worker(w, tls, token) for w in workers]
         frontend = secure_frontend(frontend, tls, token, user_cert=frontend_user_cert(resolved))
+        if not workers:  # its /health says "starting" until a joined node's worker registers
+            port = frontend.ports["http"]
+            frontend = frontend.replace(probes=(TcpProbe(host=tls.advertise, port=port),))
     services += workers
     services.append(frontend)
     if dep.observability:
@@ -172,26 +175,6 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     )
 
 
-def disagg_transfer(resolved: Resolved, host: HostFacts) -> str | None:
-    """How a disagg deployment moves the prompt's KV from prefill to decode: "handoff" (dynkv's
-    shared-memory pool) or "nixl" (vLLM's NixlConnector); None for agg."""
-    dep = resolved.deployment
-    if dep.topology != "disagg":
-        return None
-    nixl_ok = host.device == "cuda" and host.nixl
-    if dep.disagg_transfer == "auto":
-        return "nixl" if nixl_ok else "handoff"
-    if dep.disagg_transfer == "nixl" and not nixl_ok:
-        missing = "a CUDA device" if host.device != "cuda" else "the nixl package"
-        raise PlanError(
-            f"DYNKV_DISAGG_TRANSFER=nixl needs CUDA and the nixl package, and this host lacks "
-            f"{missing}",
-            "pip install nixl on a CUDA host, or export DYNKV_DISAGG_TRANSFER=handoff "
-            "(dynkv's shared-memory handoff, one host)",
-        )
-    return str(dep.disagg_transfer)
-
-
 def _workers(
     resolved: Resolved,
     host: HostFacts,
@@ -199,13 +182,20 @@ def _workers(
     depends_on: tuple[str, ...],
     transfer: str | None,
     nats_url: str,
+    node: str | None = None,
+    bind: str = LOOPBACK,
 ) -> list[Service]:
+    """The deployment's workers; `node`/`bind`: a joined node's (`dynkv.plan.join`), whose ids,
+    G3 pools and handoff pool carry the node name and whose vLLM listens on its address."""
     dep, kvbm = resolved.deployment, resolved.kvbm
+    local = f"{dep.name}-{node}" if node else dep.name  # one box may simulate both hosts
     kv_bytes = None if dep.device_kv_gb is None else int(dep.device_kv_gb * 1e9)
-    handoff = handoff_dir(dep.name) if transfer == "handoff" else None
+    handoff = handoff_dir(local) if transfer == "handoff" else None
     slots = worker_slots(dep)
     # each prefill worker writes a pool of its own, named by its id; decode workers read those
     prefill_pools = ",".join(s.worker_id for s in slots if s.role == Role.PREFILL)
+    if not slots:  # --workers 0: a control-plane-only first host (docs/multi-host.md)
+        return []
     cores = split_cores(host.cpus, len(slots)) if host.device == "cpu" else []
     gpus = {}
     if host.device == "cuda":
@@ -213,6 +203,7 @@ def _workers(
     workers = []
     for slot in slots:
         role, index = slot.role, slot.position
+        worker_id = f"{node}-{slot.worker_id}" if node else slot.worker_id
         port = worker_port(dep.worker_port, index)
         # over NIXL the decode worker runs vLLM's NixlConnector alone: the profile's tiers
         # serve the prefill worker, and no dynkv handoff pool exists to read
@@ -226,7 +217,7 @@ def _workers(
             # one pool per deployment and worker: pools are locked to one engine, and a
             # restarted deployment finds its own blocks again
             env["DYN_KVBM_DISK_CACHE_DIR"] = str(
-                kvbm.disk_cache_dir / f"{dep.name}-{slot.pool_suffix}"
+                kvbm.disk_cache_dir / f"{local}-{slot.pool_suffix}"
             )
         engine = _engine_argv(resolved, role, host)
         # vLLM's own KV events (G1) for every worker, bridged into the worker's stream by its
@@ -241,7 +232,7 @@ def _workers(
                 KvEventsSettings.env(
                     nats_url=nats_url,
                     deployment=dep.name,
-                    worker_id=slot.worker_id,
+                    worker_id=worker_id,
                     g1_endpoint=g1_endpoint,
                 )
             )
@@ -260,7 +251,7 @@ def _workers(
             for name in DECODE_TIERLESS:
                 env[name] = "0"
         if transfer == "nixl":
-            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = LOOPBACK
+            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = bind
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(worker_port(dep.nixl_side_channel_port, index))
         if gpus.get(slot.name) is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot.name])  # disjoint (docs/fleet.md)
@@ -285,6 +276,7 @@ def _workers(
             kv_transfer=kv_transfer_config(dynkv=dynkv, nixl=transfer == "nixl"),
             kv_events=kv_events_config(g1_endpoint) if g1_endpoint else None,
             engine=engine,
+            bind=bind,
         )
         served_metrics = (
             None if metrics_port is None else metrics_url(kvbm.metrics_host, metrics_port)
@@ -309,6 +301,9 @@ def _workers(
                 depends_on=depends_on,
                 secret=host.secret,
                 g1_events_block_size=dep.block_size if g1_endpoint and not dynkv else None,
+                worker_id=worker_id,
+                bind=bind,
+                node=node,
             )
         )
         if g1_endpoint:
@@ -329,7 +324,7 @@ def _frontend(
     worker_argv: tuple[str, ...] = (),
 ) -> Service:
     dep = resolved.deployment
-    env = {"PYTHONPATH": host.environ["PYTHONPATH"]} if host.environ.get("PYTHONPATH") else {}
+    env = _pythonpath(host)
     return frontend_service(
         deployment=dep.name,
         deployment_dir=dep.deployment_dir,
@@ -356,6 +351,10 @@ def _frontend(
 # a prefill worker names the pool it writes, a decode worker the pools it may read (docs/disagg.md)
 HANDOFF_POOL = "DYN_KVBM_HANDOFF_POOL"
 HANDOFF_POOLS = "DYN_KVBM_HANDOFF_POOLS"
+
+
+def _pythonpath(host: HostFacts) -> dict[str, str]:
+    return {"PYTHONPATH": host.environ["PYTHONPATH"]} if host.environ.get("PYTHONPATH") else {}
 
 
 DECODE_TIERLESS = (

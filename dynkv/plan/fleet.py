@@ -90,6 +90,13 @@ def check_counts(resolved: Resolved) -> None:
     of 1 is harmless and is what a profile shared by both topologies may say. Any number of
     prefill workers works with either transfer (each has its own handoff pool: docs/disagg.md)."""
     dep = resolved.deployment
+    if str(dep.topology) == "agg" and dep.workers == 0 and dep.advertise is None:
+        raise PlanError(
+            "--workers 0 (DYNKV_WORKERS) runs no worker: only a first host that other hosts "
+            "join can serve with none",
+            "give --workers 1 or more, or add --advertise ADDR and join workers with "
+            "`dynkv join` (docs/multi-host.md)",
+        )
     agg = str(dep.topology) == "agg"
     wrong = ("prefill_workers", "decode_workers") if agg else ("workers",)
     for field in wrong:

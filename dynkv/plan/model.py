@@ -230,6 +230,17 @@ class Service(_Frozen):
         return data
 
 
+class JoinedNode(_Frozen):
+    """What makes a plan a joined node's (`dynkv join`, dynkv.plan.join): its name, the address
+    its workers serve on, the first host's frontend, and its certificate files (the deployment
+    CA's certificate, no CA key, and the node's own certificate)."""
+
+    node: str
+    advertise: str
+    frontend_url: str
+    security: TransportSecurity
+
+
 class Plan(_Frozen):
     """A deployment as data. `services` are in start order (dependencies first); `external` are
     probes of endpoints someone else runs (external infra mode): checked, never started."""
@@ -247,6 +258,8 @@ class Plan(_Frozen):
     startup_timeout_secs: float = 900.0
     # set by `up --advertise`: certificate paths, never a secret (docs/multi-host.md)
     transport_security: TransportSecurity | None = None
+    # set by `dynkv join`: a node of another host's deployment (dynkv.plan.join)
+    joined: JoinedNode | None = None
 
     def service(self, name: str) -> Service:
         for svc in self.services:
@@ -275,6 +288,8 @@ class Plan(_Frozen):
         }
         if self.transport_security is not None:  # absent: a loopback plan prints as it always did
             data["transport_security"] = self.transport_security.to_json()
+        if self.joined is not None:
+            data["joined"] = self.joined.model_dump(mode="json", exclude_none=True)
         return data
 
 

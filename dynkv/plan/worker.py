@@ -125,7 +125,10 @@ def vllm_argv(
     kv_transfer: str | None = None,
     kv_events: str | None = None,
     engine: tuple[str, ...] = (),
+    bind: str = "127.0.0.1",
 ) -> tuple[str, ...]:
+    """`bind`: the address vLLM listens on; loopback unless a joined node serves the first
+    host's frontend from its advertised address (docs/multi-host.md)."""
     argv = [
         python,
         "-m",
@@ -133,7 +136,7 @@ def vllm_argv(
         "--model",
         model,
         "--host",
-        "127.0.0.1",
+        bind,
         "--port",
         str(port),
         "--block-size",
@@ -183,16 +186,21 @@ def worker_service(
     secret: str | None = None,
     name: str | None = None,
     g1_events_block_size: int | None = None,
+    worker_id: str | None = None,
+    bind: str = "127.0.0.1",
+    node: str | None = None,
 ) -> Service:
     """`secret`: the deployment secret, which the wrapper signs its registration with and
     derives vLLM's API key from (docs/security.md). `index` counts within the role (the
     registration id is `<role>-<index>`); `name` is the service's name (`dynkv.plan.fleet`),
     by default that id, or `worker` for the first agg worker. `g1_events_block_size`: the
-    wrapper bridges vLLM's KV events itself (a worker without the KVBM connector)."""
-    worker_id = f"{role}-{index}"
+    wrapper bridges vLLM's KV events itself (a worker without the KVBM connector). A joined
+    node's workers (`node`) take ids prefixed by the node name (`worker_id`), so that they cannot
+    collide with the first host's, and are reached at the node's address (`bind`)."""
+    worker_id = worker_id or f"{role}-{index}"
     if name is None:
-        name = "worker" if role == Role.AGG and index == 0 else worker_id
-    url = f"http://127.0.0.1:{port}"
+        name = "worker" if role == Role.AGG and index == 0 else f"{role}-{index}"
+    url = f"http://{bind}:{port}"
     key = worker_key(deployment, worker_id)
     argv = (
         python,
@@ -212,6 +220,7 @@ def worker_service(
         "--lease-ttl",
         str(lease_ttl),
         *(("--g1-events-block-size", str(g1_events_block_size)) if g1_events_block_size else ()),
+        *(("--node", node) if node else ()),
         "--",
         *vllm,
     )

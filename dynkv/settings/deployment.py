@@ -120,7 +120,7 @@ class DeploymentSettings(EnvSettings):
     )
     workers: int = Field(
         1,
-        ge=1,
+        ge=0,  # 0: a first host that only serves the control plane (--advertise; fleet.check_counts)
         le=64,
         description="agg: how many workers (vLLM engines) to run, each with its own ports, "
         "cores or GPUs, G3 pool and registration (docs/fleet.md).",

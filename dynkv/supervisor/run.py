@@ -57,7 +57,9 @@ class _Handle:
 
 @dataclass
 class WatchResult:
-    reason: str  # "died" | "removed" (state gone: `dynkv down` elsewhere) | "output_closed"
+    # "died" | "removed" (state gone: `dynkv down` elsewhere) | "output_closed" | "left" (a
+    # joined node told to leave by the first host's `dynkv down`: docs/multi-host.md)
+    reason: str
     service: str | None = None
     exit_code: int | None = None
     log_tail: list[str] = field(default_factory=list)
@@ -76,8 +78,12 @@ class Supervisor:
         probe_timeout: float = 1.0,
         grace: float = DEFAULT_GRACE,
         restart: RestartPolicy | None = None,
+        leave: Callable[[], bool] | None = None,
     ) -> None:
+        """`leave`: asked every few seconds while the deployment runs; True ends the run as
+        "left" (a joined node whose first host went down: `dynkv.join.leave`)."""
         self.plan = plan
+        self.leave = leave
         self.store = StateStore(plan.deployment_dir)
         self.observer = observer or Observer()
         self.docker = docker or DockerBackend()  # contacted only for a container service
@@ -215,6 +221,8 @@ class Supervisor:
                 return False
             next_check = time.monotonic() + check_every
             result = WatchResult("output_closed") if output_closed() else self._check_running()
+            if result is None and self.leave is not None and self.leave():
+                result = WatchResult("left")
             return result is not None
 
         for name, line in follow(self.log_sources(), should_stop=should_stop):
@@ -243,6 +251,8 @@ class Supervisor:
                 return WatchResult("removed")
             for item in self.restarter.step():  # restarts disabled: recorded as given up
                 self.restarter.exited(item, exit_record(item, item.unit.exit_code() or 0))
+            if self.leave is not None and self.leave():
+                return WatchResult("left")
             time.sleep(check_every)
 
     # ---- stop ----------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class WorkerConfig(BaseModel):
     g1_events_block_size: int | None = Field(
         None, ge=1, description="bridge vLLM's KV events into G1 events, with this block size"
     )
+    node: str | None = Field(None, description="the joined node it runs on (dynkv join)")
 
     @field_validator("etcd_endpoints", mode="before")
     @classmethod

@@ -6,7 +6,7 @@ key a worker's readiness probe waits for (`dynkv.plan.worker`). Pure (pydantic a
 library): the plan imports it and starts nothing.
 
 Key `/dynkv/<deployment>/workers/<worker_id>` → JSON `{"id", "role", "url", "model",
-"metrics_url", "pid", "started_at", "signature"}`. Forward compatible: a reader ignores fields it
+"metrics_url", "pid", "started_at", "node", "signature"}`. Forward compatible: a reader ignores fields it
 does not know, and the signature covers every field the writer wrote (not only those the reader
 knows), so a newer worker's record still verifies on an older frontend.
 
@@ -57,6 +57,9 @@ class WorkerRecord(BaseModel):
     metrics_url: str | None = None
     pid: int | None = None
     started_at: float | None = None
+    # the host it runs on: None on the first host, the node name on a joined one
+    # (docs/multi-host.md); `status` groups the deployment's workers by it
+    node: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

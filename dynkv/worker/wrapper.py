@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_url=cfg.metrics_url,
         pid=child.pid,
         started_at=time.time(),
+        node=cfg.node,
     )
     registrar = Registrar(
         client,

@@ -256,11 +256,23 @@ def test_several_prefill_workers_take_either_transfer():
         assert names == ["prefill-0", "prefill-1", "prefill-2", "decode-0"]
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "65", "two"])
+@pytest.mark.parametrize("value", ["-1", "65", "two"])
 def test_bad_counts_are_settings_errors(value):
     with pytest.raises(SettingsError) as exc:
         resolve(env={"DYNKV_WORKERS": value})
     assert "DYNKV_WORKERS" in str(exc.value)
+
+
+def test_no_worker_only_for_a_first_host_others_join():
+    with pytest.raises(PlanError) as exc:
+        plan_for({"DYNKV_WORKERS": "0"})
+    assert "--advertise" in exc.value.fix
+    plan = plan_for({"DYNKV_WORKERS": "0", "DYNKV_ADVERTISE": "127.0.0.1"}, secret="s" * 64)
+    assert plan.workers == ()
+    assert [s.name for s in plan.services] == ["etcd", "nats", "enroll", "frontend"]
+    frontend = plan.service("frontend")
+    assert frontend.depends_on == ("etcd", "nats")
+    assert [p.kind for p in frontend.probes] == ["tcp"]  # /health says "starting" until one joins
 
 
 @pytest.mark.parametrize(
