@@ -2,7 +2,7 @@
 
 Run as a script (vLLM spawns workers, so its entry point needs a __main__ guard):
     python kvbm_engine.py '<json config>'
-Config: {"model": path, "scenario": "tiers"|"restart"|"produce"|"consume" or a list of them,
+Config: {"model": path, "scenario": "tiers"|"restart"|"produce"|"consume"|"model" or a list,
          "prompts": [[ids…], …], "device_kv_bytes": int, "metrics_port": int,
          "reference_digests": [sha256 hex, …] (restart, consume), "params": [...] (consume)}
 The DYN_KVBM_* environment configures the tiers, exactly as in production. The engine runs in
@@ -31,6 +31,8 @@ Scenarios
   checked against the first engine's `computed_digests`.
 - produce / consume: the prefill and decode halves of disaggregated serving; the decode engine's
   onboarded blocks are checked against the prefill engine's `computed_digests`.
+- model: the model through vLLM's text paths ("text_prompt" decoded greedily twice, a chat): its
+  architecture, vLLM's prompt token ids and the outputs.
 """
 
 from __future__ import annotations
@@ -300,7 +302,30 @@ def restart(e: Engine) -> dict:
     return result
 
 
-SCENARIOS = {"tiers": tiers, "produce": produce, "consume": consume, "restart": restart}
+def model(e: Engine) -> dict:
+    """The model itself through vLLM's text paths: its architecture, a text prompt tokenized by
+    vLLM and decoded greedily twice (the second from the prefix cache), and a chat (template)."""
+    from vllm import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    runs = [e.llm.generate([e.cfg["text_prompt"]], greedy)[0] for _ in range(2)]
+    chat = e.llm.chat([{"role": "user", "content": "Hello there"}], greedy)[0]
+    return {
+        "architectures": e.llm.llm_engine.model_config.hf_config.architectures,
+        "prompt_ids": list(runs[0].prompt_token_ids),
+        "runs": [list(r.outputs[0].token_ids) for r in runs],
+        "chat_prompt_ids": list(chat.prompt_token_ids),
+        "chat_ids": list(chat.outputs[0].token_ids),
+    }
+
+
+SCENARIOS = {
+    "tiers": tiers,
+    "produce": produce,
+    "consume": consume,
+    "restart": restart,
+    "model": model,
+}
 
 
 def main() -> None:
