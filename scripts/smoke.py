@@ -163,7 +163,8 @@ def smoke(env: dict[str, str], *, keep: bool) -> int:
     finally:
         if not (keep and passed):
             state = DeploymentState.from_json(result["state"]) if result.get("state") else None
-            failure = failure or take_down(env, state)
+            left = take_down(env, state)  # whatever happened
+            failure = failure or left
     if failure:
         say(f"FAILED: {failure}")
         return 1
