@@ -12,10 +12,12 @@ hold exactly the bytes vLLM computed (`*_identical` of `*_loaded`).
 Optional: "sequential_reference": true (consume: the reference is computed one prompt at a time,
 as the handoffs are; batched decoding may round differently on a real model's near-ties).
 Optional: "slow_disk_ms": N (tiers): a last phase on a slowed G3 (docs/onboard-policy.md).
+Optional: "reference_salt": "s" (consume: the reference runs under that cache salt, so that a
+tier of the decode engine holding the prompts cannot serve it: it is recomputed).
 A list of scenarios runs them one after the other on the same engine (one engine start instead of
 several, where the tests' configurations agree), each from an empty device cache (prefix cache
 reset, device KV zeroed) while the tiers keep what they hold; the RESULT maps each name to its
-result.
+result. An entry may be {"scenario": name, …}: its other keys override the config for that one.
 
 Scenarios
 - tiers: cold run (the digests of every block vLLM computed are kept), a repeat served by vLLM's
@@ -287,10 +289,12 @@ def consume(e: Engine) -> dict:
     e.settle()
     result["metrics"] = _metrics(e.port)
     e.llm.reset_prefix_cache()
+    salt = e.cfg.get("reference_salt")  # keys no tier of this engine holds: recomputed
+    prompts = [{**p, "cache_salt": salt} for p in e.prompts] if salt else e.prompts
     if e.cfg.get("sequential_reference"):  # one prompt at a time, as the handoffs above ran
-        result["reference"] = [e.generate([p])[0] for p in e.prompts]
+        result["reference"] = [e.generate([p])[0] for p in prompts]
     else:
-        result["reference"] = e.generate(e.prompts)
+        result["reference"] = e.generate(prompts)
     return result
 
 
@@ -333,11 +337,14 @@ def main() -> None:
     engine = Engine(cfg)
     if isinstance(cfg["scenario"], str):
         result = SCENARIOS[cfg["scenario"]](engine)
-    else:  # several on one engine (one start fewer), each from an empty device cache
+    else:  # several on one engine (fewer starts), each from an empty device cache
         result = {}
-        for i, name in enumerate(cfg["scenario"]):
+        for i, step in enumerate(cfg["scenario"]):
+            name, own = (step, {}) if isinstance(step, str) else (step["scenario"], step)
             if i:
                 engine.fresh_device()
+            engine.cfg = cfg | own
+            engine.reference = set(engine.cfg.get("reference_digests", ()))
             result[name] = SCENARIOS[name](engine)
     print("RESULT " + json.dumps(result), flush=True)
 
