@@ -1,11 +1,12 @@
 """The smoke test behind scripts/smoke: command A end to end, as a user runs it.
 
-Steps: `scripts/up -d --json` with a private state dir, deployment name and free ports (what `up`
-says is passed on) → a chat completion through the frontend → long prompts sent until the device
-KV cache (G1, sized small here) cannot hold them, then the first one again, which
-`dynkv status --json` must show as a host-tier hit (`onboard_blocks_h2d` > 0) → `dynkv down` →
-no process of the run left (recorded pids, their process groups, the run's DYNKV_INSTANCE
-marker). `dynkv down` runs whatever happens. Exit 0 (and a JSON summary on stdout) or 1.
+Steps: `scripts/up -d` with a private state dir, deployment name and free ports (what it prints
+is passed on; where the services are is read from its state file) → a chat completion through the
+frontend → long prompts sent until the device KV cache (G1, sized small here) cannot hold them,
+then the first one again, which `dynkv status --json` must show as a host-tier hit
+(`onboard_blocks_h2d` > 0) → `dynkv down` → no process of the run left (recorded pids, their
+process groups, the run's DYNKV_INSTANCE marker). `dynkv down` runs whatever happens. Exit 0 (and
+a JSON summary on stdout) or 1.
 
 Two more modes serve a caller that goes on testing the same stack (one `up` instead of two:
 tests/e2e/test_frontend_openai.py runs the smoke this way):
@@ -80,7 +81,7 @@ def worker_kvbm(env: dict[str, str]) -> dict:
 def run(env: dict[str, str]) -> dict:
     started = time.monotonic()
     up = subprocess.run(
-        [str(ROOT / "scripts" / "up"), "-d", "--json"],
+        [str(ROOT / "scripts" / "up"), "-d"],
         env=env,
         capture_output=True,
         text=True,
@@ -88,8 +89,11 @@ def run(env: dict[str, str]) -> dict:
     )
     if up.returncode != 0:
         raise SystemExit(f"scripts/up -d failed ({up.returncode}):\n{up.stderr[-4000:]}")
-    print(up.stderr, end="", file=sys.stderr, flush=True)  # what `up` tells a user, passed on
-    state = json.loads(up.stdout)
+    print(up.stdout + up.stderr, end="", file=sys.stderr, flush=True)  # what `up` tells a user
+    kept = read_state(Path(env["DYNKV_STATE_DIR"]) / env["DYNKV_NAME"])
+    if kept is None:
+        raise SystemExit("scripts/up -d returned 0 but left no deployment state")
+    state = kept.to_json()
     result = {"up_s": round(time.monotonic() - started, 1), "state": state}
     frontend = next(s for s in state["services"] if s["name"] == "frontend")
     base = frontend["meta"]["openai_url"]
