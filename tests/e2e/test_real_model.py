@@ -7,7 +7,10 @@ Greedy token ids must be exactly equal from cold, from vLLM's own prefix cache, 
 from G3 after an engine restart, and through the disaggregated handoff (prefill → decode).
 
 Cost: the model is fetched once into the model cache (tests then reuse it: docs/models.md), and
-five engine starts (G2, G3, restart, prefill, decode) of the engine driver kvbm_engine.py.
+three engine starts of the engine driver kvbm_engine.py: G2 (which then also runs the prefill
+half of the handoff, its prompts in G2 as a prefill engine's would be), G3, and a restart on G3's
+pool (which then also runs the decode half, its reference recomputed under a cache salt that its
+G3 cannot serve).
 """
 
 from __future__ import annotations
@@ -80,7 +83,9 @@ def prompts(model) -> list[list[int]]:
     return out
 
 
-def run_engine(model: Path, prompts, scenario: str, env: dict[str, str], tmp: Path, **cfg):
+def run_engine(
+    model: Path, prompts, scenario: str | list[str], env: dict[str, str], tmp: Path, **cfg
+):
     config = {
         "model": str(model),
         "scenario": scenario,
@@ -106,9 +111,33 @@ def full_blocks(prompts) -> int:
 
 
 @pytest.fixture(scope="module")
-def g2(model, prompts, tmp_path_factory):
-    env = {"DYN_KVBM_CPU_CACHE_GB": "0.3"}
-    return run_engine(model, prompts, "tiers", env, tmp_path_factory.mktemp("g2"))[0]
+def handoff_dir():
+    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dynkv-e2e-real-handoff-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+HANDOFF_GB = "0.3"
+
+
+@pytest.fixture(scope="module")
+def g2_engine(model, prompts, handoff_dir, tmp_path_factory):
+    """One engine (one start fewer): the tiers scenario on G2, then the prefill half of disagg
+    (`produce`) from an empty device cache, its prompts in G2 as a prefill engine's would be."""
+    env = {
+        "DYN_KVBM_CPU_CACHE_GB": "0.3",
+        "DYN_KVBM_HANDOFF_DIR": str(handoff_dir),
+        "DYN_KVBM_HANDOFF_GB": HANDOFF_GB,
+        # the decode half runs after the G3 engine: the handoffs must not expire before
+        "DYN_KVBM_HANDOFF_TTL_SECS": "3600",
+    }
+    scenarios = ["tiers", "produce"]
+    return run_engine(model, prompts, scenarios, env, tmp_path_factory.mktemp("g2"))[0]
+
+
+@pytest.fixture(scope="module")
+def g2(g2_engine):
+    return g2_engine["tiers"]
 
 
 @pytest.fixture(scope="module")
@@ -143,51 +172,49 @@ def test_g3_gives_the_same_tokens(g3, g2, prompts):
     assert g3["kvbm_hit_loaded"] == g3["kvbm_hit_identical"] == full_blocks(prompts)
 
 
-def test_after_a_restart_disk_hits_give_the_same_tokens(g3, g3_dir, model, prompts):
-    result, _ = run_engine(
-        model,
-        prompts,
-        "restart",
-        {"DYN_KVBM_DISK_CACHE_GB": "0.3"},
-        g3_dir,
-        reference_digests=g3["computed_digests"],
-    )
+@pytest.fixture(scope="module")
+def restart_decode(g3, g3_dir, g2_engine, handoff_dir, model, prompts):
+    """One engine (one start fewer): a fresh engine on the G3 pool (`restart`), then the decode
+    half of disagg (`consume`) from an empty device cache. Its reference runs under a cache salt
+    of its own, so that its G3 cannot serve it: it is recomputed, as on a decode engine without
+    tiers."""
+    produced = g2_engine["produce"]
+    env = {
+        "DYN_KVBM_DISK_CACHE_GB": "0.3",
+        "DYN_KVBM_HANDOFF_DIR": str(handoff_dir),
+        "DYN_KVBM_HANDOFF_GB": HANDOFF_GB,
+    }
+    scenarios = [
+        {"scenario": "restart", "reference_digests": g3["computed_digests"]},
+        {
+            "scenario": "consume",
+            "params": produced["params"],
+            "sequential_reference": True,
+            "reference_salt": "decode-reference",
+            "reference_digests": produced["computed_digests"],
+        },
+    ]
+    return run_engine(model, prompts, scenarios, env, g3_dir)[0]
+
+
+def test_after_a_restart_disk_hits_give_the_same_tokens(restart_decode, g3, prompts):
+    result = restart_decode["restart"]
     assert ids(result["run"]) == ids(g3["cold"])
     assert result["metrics"]["kvbm_onboard_blocks_d2d_total"] == full_blocks(prompts)
     assert result["run_loaded"] == result["run_identical"] == full_blocks(prompts)
 
 
-def test_disaggregated_handoff_gives_the_same_tokens(model, prompts, tmp_path):
-    """The decode engine decodes each handed-off prompt alone; its reference (the same prompts
-    recomputed after its prefix cache is reset) is computed alone too. Compared with a batch of
-    two, single-request decoding may round differently where two tokens nearly tie: seen here once
-    on the 16th token, so the batched outputs of the other engines are not the reference."""
-    handoff = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dynkv-e2e-real-handoff-"))
-    try:
-        env = {
-            "DYN_KVBM_CPU_CACHE_GB": "0.3",
-            "DYN_KVBM_HANDOFF_DIR": str(handoff),
-            "DYN_KVBM_HANDOFF_GB": "0.3",
-        }
-        produced, _ = run_engine(model, prompts, "produce", env, tmp_path / "prefill")
-        params = produced["params"]
-        assert all(
-            p and len(p["dynkv"]["slots"]) == len(q) // 32
-            for p, q in zip(params, prompts, strict=True)
-        )
-        env = {"DYN_KVBM_HANDOFF_DIR": str(handoff), "DYN_KVBM_HANDOFF_GB": "0.3"}
-        result, _ = run_engine(
-            model,
-            prompts,
-            "consume",
-            env,
-            tmp_path / "decode",
-            params=params,
-            sequential_reference=True,
-            reference_digests=produced["computed_digests"],
-        )
-    finally:
-        shutil.rmtree(handoff, ignore_errors=True)
+def test_disaggregated_handoff_gives_the_same_tokens(restart_decode, g2_engine, prompts):
+    """The prefill half ran on the G2 engine, the decode half on the restart engine. The decode
+    engine decodes each handed-off prompt alone; its reference (the same prompts recomputed) is
+    computed alone too. Compared with a batch of two, single-request decoding may round
+    differently where two tokens nearly tie: seen here once on the 16th token, so the batched
+    outputs of the other engines are not the reference."""
+    params = g2_engine["produce"]["params"]
+    assert all(
+        p and len(p["dynkv"]["slots"]) == len(q) // 32 for p, q in zip(params, prompts, strict=True)
+    )
+    result = restart_decode["consume"]
     assert ids(result["handoff"]) == ids(result["reference"])
     assert all(len(o["ids"]) == MAX_TOKENS for o in result["handoff"])
     metrics = result["metrics"]
