@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from dynkv.cli.display import QuietObserver, render_plan, signals_as_interrupt
+from dynkv.cli.display import QuietObserver, signals_as_interrupt
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
     DecodeWorkersOpt,
@@ -29,16 +29,16 @@ from dynkv.cli.options import (
     WorkersOpt,
     resolve_from_options,
 )
-from dynkv.cli.output import emit_json, err, warn
+from dynkv.cli.output import err, warn
 from dynkv.cli.up_cmd import (
     DetachOpt,
     DryRunOpt,
     SkipChecksOpt,
-    _down_fix,
     _foreground,
     _model,
     _report_detached,
     _start,
+    printed_or_claimed,
 )
 from dynkv.hardware import resolve_device
 from dynkv.infra.etcd_client import EtcdClient
@@ -50,7 +50,7 @@ from dynkv.plan import HostFacts
 from dynkv.plan.join import build_join_plan, node_tls_dir
 from dynkv.plan.secret import secret_path
 from dynkv.preflight import preflight, problems
-from dynkv.supervisor import AlreadyRunning, Supervisor, ensure_not_running
+from dynkv.supervisor import Supervisor
 from dynkv.supervisor.restart_policy import RestartPolicy
 from dynkv.supervisor.state import DeploymentState, StateStore
 from dynkv.supervisor.status import live_detail
@@ -279,16 +279,8 @@ def join(
             joining_transfer=_transfer(plan),
         )
 
-    if dry_run:
-        if json_out:
-            emit_json(plan.to_json())
-        else:
-            render_plan(plan)
+    if printed_or_claimed(plan, dry_run=dry_run, json_out=json_out):
         return
-    try:
-        ensure_not_running(plan.deployment_dir, plan.name)
-    except AlreadyRunning as exc:
-        raise UserError(str(exc), _down_fix(plan.name)) from None
     if not skip_checks:
         with err.status("checking the host (dynkv doctor)…"):
             blocking = problems(preflight(resolved, plan))

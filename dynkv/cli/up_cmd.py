@@ -61,7 +61,7 @@ from dynkv.cli.output import emit_json, err, warn
 from dynkv.doctor import Status
 from dynkv.hardware import resolve_device
 from dynkv.infra.docker import DockerUnavailable
-from dynkv.plan import HostFacts, build_plan, choose_model
+from dynkv.plan import HostFacts, Plan, build_plan, choose_model
 from dynkv.preflight import observability_problems, preflight, problems
 from dynkv.settings import SettingsError
 from dynkv.supervisor import (
@@ -150,19 +150,8 @@ def up(
         facts = HostFacts.detect(resolved, choice, device=dev)
     plan = build_plan(resolved, facts)
 
-    if dry_run:
-        if json_out:
-            emit_json(plan.to_json())
-        else:
-            render_plan(plan)
+    if printed_or_claimed(plan, dry_run=dry_run, json_out=json_out):
         return
-
-    try:
-        ensure_not_running(plan.deployment_dir, plan.name)
-    except AlreadyRunning as exc:
-        raise UserError(str(exc), _down_fix(plan.name)) from None
-    except DockerUnavailable as exc:
-        raise UserError(exc.cause, exc.fix) from None
 
     if skip_checks:
         warn(
@@ -229,6 +218,24 @@ def _needs_fetch(model: str) -> bool:
         return False
     entry = lookup(model)
     return bool(entry and not entry.generated and installed(entry) is None)
+
+
+def printed_or_claimed(plan: Plan, *, dry_run: bool, json_out: bool) -> bool:
+    """`--dry-run`: print the plan and say so (the caller stops). Otherwise refuse a deployment
+    of that name that is already running, with the fix. Shared by `up` and `join`."""
+    if dry_run:
+        if json_out:
+            emit_json(plan.to_json())
+        else:
+            render_plan(plan)
+        return True
+    try:
+        ensure_not_running(plan.deployment_dir, plan.name)
+    except AlreadyRunning as exc:
+        raise UserError(str(exc), _down_fix(plan.name)) from None
+    except DockerUnavailable as exc:
+        raise UserError(exc.cause, exc.fix) from None
+    return False
 
 
 def _down_fix(name: str) -> str:
