@@ -99,7 +99,7 @@ async def _connect(url: str, **options):
     import nats
 
     return await nats.connect(
-        servers=url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3, **options
+        servers=url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=10, **options
     )
 
 
@@ -118,7 +118,11 @@ def test_nats_with_the_ca_and_the_token_publishes_and_subscribes(advertised):
             box = await sub.subscribe("dynkv.tls.kv.test")
             await sub.flush()
             await pub.publish("dynkv.tls.kv.test", b"over tls")
-            msg = await box.next_msg(timeout=3)
+            # the server has the message once the publisher's PING is answered; the generous
+            # waits are for a loaded CI box (a 3 s wait once timed out there), not for NATS
+            await pub.flush(timeout=10)
+            assert sub.is_connected, "the subscriber lost its connection"
+            msg = await box.next_msg(timeout=10)
             return msg.data
         finally:
             await pub.close()
