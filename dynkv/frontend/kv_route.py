@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -73,11 +73,14 @@ class KvTicket:
     prefill_tokens: int
     predicted_cached: int
     released: bool = False
+    on_prefilled: Callable[[], None] | None = None  # the router's in-flight record ends
 
     def prefilled(self) -> None:
         if not self.released:
             self.released = True
             self.book.sub(self.worker, self.prefill_tokens)
+            if self.on_prefilled is not None:
+                self.on_prefilled()
 
 
 @dataclass
@@ -193,7 +196,13 @@ class KvRouting:
         worker = by_id[chosen.worker]
         prefill = max(0, len(ids) - chosen.cached_tokens)
         self.book.add(worker.id, prefill)
-        ticket = KvTicket(self.book, worker.id, prefill, chosen.cached_tokens)
+        ticket = KvTicket(
+            self.book,
+            worker.id,
+            prefill,
+            chosen.cached_tokens,
+            on_prefilled=lambda: self.router.prefilled(decision),
+        )
         return KvPick(Choice(worker, decision.reason), ticket, time.perf_counter() - t0)
 
 

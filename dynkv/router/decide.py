@@ -12,12 +12,13 @@ from dynkv.router.index import KvIndex
 from dynkv.router.score import Estimate, ScorerConfig, WorkerLoad, choose, estimate_all
 
 
-@dataclass(frozen=True)
+@dataclass
 class Decision:
     chosen: Estimate
     estimates: list[Estimate]
     seconds: float  # time the decision took (the router's decision-time histogram)
     reason: str = "kv"  # kv (a cached prefix won), kv_miss (none cached), nats_down (by load)
+    in_flight: int | None = None  # the router's record of the prompt's blocks headed there
 
 
 def decide(

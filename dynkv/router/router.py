@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dynkv.kvbm.keys import BlockHasher, extra_keys
 from dynkv.router.decide import Decision
 from dynkv.router.index import KvIndex, PrefixMatch
+from dynkv.router.inflight import InFlight, with_in_flight
 from dynkv.router.score import Estimate, ScorerConfig, WorkerLoad, choose, estimate_all
 from dynkv.router.subscriber import KvEventSubscriber
 from dynkv.router.sync import IndexSync
@@ -43,6 +44,7 @@ class KvRouter:
         self.cfg = cfg or ScorerConfig()
         self.index = KvIndex(max_blocks)
         self.sync = IndexSync(self.index)
+        self.inflight = InFlight()
         self.subscriber = KvEventSubscriber(
             nats_url,
             deployment,
@@ -85,6 +87,7 @@ class KvRouter:
     def remove_worker(self, worker: str) -> None:
         """The worker left etcd: forget its blocks and rates."""
         self.subscriber.remove_worker(worker)
+        self.inflight.drop_worker(worker)
 
     # ---- decisions -------------------------------------------------------------------------------
     def prompt_keys(
@@ -126,11 +129,16 @@ class KvRouter:
             if rates is not None and rates.fingerprint and self.sync.synced(w):
                 groups.setdefault((rates.fingerprint, rates.block_size), []).append(w)
         matches: dict[str, PrefixMatch] = {}
+        keys_of: dict[str, list[int]] = {}
         block_size = 0
         for (fingerprint, bs), workers in groups.items():
             keys = self.prompt_keys(token_ids, fingerprint, bs, cache_salt, lora)
             found = self.index.match(keys)
-            matches.update({w: found[w] for w in workers if w in found})
+            for w in workers:
+                keys_of[w] = keys
+                match = with_in_flight(found.get(w), self.inflight.run(w, keys))
+                if match is not None:
+                    matches[w] = match
             block_size = bs
         if not block_size:  # no worker announced its keys yet: nothing matched, any size will do
             block_size = 16
@@ -139,7 +147,15 @@ class KvRouter:
         )
         chosen = choose(estimates, self.cfg.temperature, self.rng)
         reason = "kv" if chosen.cached_tokens else "kv_miss"
-        return self._done(reason, chosen, estimates, t0)
+        decision = self._done(reason, chosen, estimates, t0)
+        if chosen.worker in keys_of:  # later prompts with this prefix will find it there
+            decision.in_flight = self.inflight.add(chosen.worker, keys_of[chosen.worker])
+        return decision
+
+    def prefilled(self, decision: Decision) -> None:
+        """The decision's request got its first byte: its blocks are computed on the worker."""
+        if decision.in_flight is not None:
+            self.inflight.prefilled(decision.in_flight)
 
     def _least_loaded(self, loads: Mapping[str, WorkerLoad], prompt_tokens: int) -> Estimate:
         def key(w: str) -> tuple[int, int]:
@@ -165,6 +181,7 @@ class KvRouter:
         return {
             "index_blocks": len(self.index),
             "index_memory_bytes": self.index.memory_bytes(),
+            "in_flight_prompts": len(self.inflight),
             "evicted_blocks": self.index.evicted_blocks,
             "workers": self.index.workers,
             "sync": vars(self.sync.counters).copy(),

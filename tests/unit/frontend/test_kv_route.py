@@ -187,3 +187,28 @@ def test_the_frontend_reads_the_kv_router_settings():
     assert (cfg.router_tier_weights, cfg.router_temperature) == ("1,0.75,0.25", 0.5)
     with pytest.raises(SystemExit):
         parse_args(["--etcd-endpoints", "http://e", "--router-tier-weights", "2,1,1"], {})
+
+
+def test_a_prompt_just_sent_counts_as_held_on_its_worker_before_its_events_arrive(tiny):
+    """A burst behind one long prefix: once the first request is prefilled there, the next ones
+    go to the same worker and are predicted to reuse the prefix, though no event has come yet."""
+    pool = pool_of(("agg-0", "http://a"), ("agg-1", "http://b"))
+    kv = KvRouting(fed_router("agg-0", []), PromptTokenizer(tiny))
+    ctx = context(pool, kv)
+    prefix = "a long shared system prompt " * 40
+    first = request(prompt=prefix + "question one")
+    _, choice, ticket = asyncio.run(ctx.choose(first, "agg", pool.healthy("m", "agg")))
+    holder = choice.worker.id
+    assert ticket.predicted_cached == 0 and len(kv.router.index) == 0
+    ticket.prefilled()
+    second = request(prompt=prefix + "question two")
+    _, choice, ticket = asyncio.run(ctx.choose(second, "agg", pool.healthy("m", "agg")))
+    ids = PromptTokenizer(tiny).token_ids("completions", second.body)
+    assert choice.worker.id == holder and choice.reason == "kv"
+    assert 0 < ticket.predicted_cached < len(ids)
+    # the second is not prefilled yet: a third with the same prefix still goes to the holder (a
+    # short question queued there costs less than the whole prefix elsewhere) and reuses it
+    third = request(prompt=prefix + "question three")
+    _, choice, ticket3 = asyncio.run(ctx.choose(third, "agg", pool.healthy("m", "agg")))
+    assert choice.worker.id == holder and ticket3.predicted_cached == ticket.predicted_cached
+    assert kv.router.stats()["in_flight_prompts"] == 3
