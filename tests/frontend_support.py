@@ -78,6 +78,7 @@ class FakeWorker:
     delay: float = 0.0
     health_status: int = 200
     transfer_params: dict | None = None  # returned as kv_transfer_params (a prefill's handoff)
+    cached_tokens: int | None = None  # reported as usage.prompt_tokens_details.cached_tokens
     bodies: list[bytes] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     disconnected: threading.Event = field(default_factory=threading.Event)
@@ -126,6 +127,8 @@ class FakeWorker:
             "choices": [choice],
             "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
         }
+        if self.cached_tokens is not None:
+            answer["usage"]["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
         if self.transfer_params is not None:
             answer["kv_transfer_params"] = self.transfer_params
         return JSONResponse(answer)

@@ -26,6 +26,7 @@ from typing import Any
 from starlette.responses import Response
 
 from dynkv.frontend.errors import ApiError, no_worker
+from dynkv.frontend.kv_route import UsageTap
 from dynkv.frontend.pool import WorkerPool
 from dynkv.frontend.protocol import INTERNAL_FIELDS, ApiRequest
 from dynkv.frontend.router import RouteContext, Strategy
@@ -56,6 +57,12 @@ _PREFILL_DROP = (
     "best_of",
     *INTERNAL_FIELDS,
 )
+
+
+def usage_of(answer: bytes) -> UsageTap:
+    tap = UsageTap()
+    tap(answer)
+    return tap
 
 
 def prefill_body(req: ApiRequest, transfer: str = "handoff") -> bytes:
@@ -90,6 +97,11 @@ class Disaggregated(Strategy):
             log.warning("prefill unavailable (%s): decode serves %s alone", exc.message, req.model)
         else:
             answer = await prefill.read()
+            if prefill.ticket is not None and prefill.status == 200:
+                # the KV router predicted what the prefill worker reuses: its answer says
+                ctx.metrics.cached_tokens(
+                    prefill.worker.id, prefill.ticket.predicted_cached, usage_of(answer)
+                )
             if prefill.status != 200:  # e.g. the prompt is too long: that is the answer
                 return Response(
                     answer, status_code=prefill.status, headers=prefill.client_headers()

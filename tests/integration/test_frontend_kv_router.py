@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from frontend_support import FakeWorker, ServerThread, pool_of
+from frontend_support import FakeWorker, ServerThread, pool_of, registration
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynkv.frontend import create_app
@@ -147,5 +147,55 @@ def test_a_prefix_goes_where_its_blocks_were_announced(tiny, nats):
                 assert send(fe, "kv") == "agg-0"
                 until(lambda: metric(fe, "dynkv_router_nats_fallbacks_total") >= 1)
                 assert metric(fe, "dynkv_router_decisions_total", reason="nats_down") >= 1
+    finally:
+        pub.close()
+
+
+def test_disagg_kv_places_the_prefill_and_measures_its_accuracy_there(tiny, nats):
+    """Disaggregated: kv chooses the prefill worker by its announced blocks, and the prefill
+    answer's cached tokens are what the prediction is compared with (the decode worker's answer
+    reports the handed-off prompt, not a reuse)."""
+    _, url = nats
+    ids = PromptTokenizer(str(tiny)).token_ids("completions", {"prompt": PROMPT})
+    keys = BlockHasher(bytes.fromhex(FINGERPRINT), BLOCK).keys(ids)
+    settings = KvEventsSettings(
+        nats_url=url,
+        deployment=DEPLOYMENT,
+        worker_id="prefill-1",
+        flush_ms=10,
+        rates_interval_secs=0.2,
+        reconnect_secs=0.1,
+    )
+    pub = KvEventPublisher(settings, block_size=BLOCK, fingerprint=FINGERPRINT).start()
+    handoff = {"dynkv": {"fingerprint": "ab", "block_size": BLOCK, "slots": [1], "expires": 9e9}}
+    held = min(len(keys), (len(ids) - 1) // BLOCK) * BLOCK  # the last token is always computed
+    fakes = [
+        FakeWorker("p0", transfer_params=handoff, cached_tokens=0),
+        FakeWorker("p1", transfer_params=handoff, cached_tokens=held),
+        FakeWorker("d0", cached_tokens=len(ids)),
+    ]
+    try:
+        with (
+            ServerThread(fakes[0].app()) as s0,
+            ServerThread(fakes[1].app()) as s1,
+            ServerThread(fakes[2].app()) as s2,
+        ):
+            pool = pool_of(("prefill-0", s0.url), ("prefill-1", s1.url), role="prefill")
+            pool.put("/dynkv/t/workers/decode-0", registration("decode-0", s2.url, role="decode"))
+            config = FrontendConfig(
+                deployment=DEPLOYMENT, nats_url=url, tokenizer=str(tiny), router="kv"
+            )
+            app = create_app(config, pool=pool, discover=False)
+            with ServerThread(app) as fe:
+                for key in keys:
+                    pub.stored(Tier.HOST, key)
+                until(lambda: metric(fe, "dynkv_router_index_blocks") == len(keys))
+                time.sleep(0.5)  # a rates message: the router learns prefill-1's fingerprint
+                assert send(fe) == "decode-0"
+                assert len(fakes[1].bodies) == 1 and not fakes[0].bodies
+                predicted = metric(fe, "dynkv_router_predicted_cached_tokens_total")
+                actual = metric(fe, "dynkv_router_actual_cached_tokens_total")
+                assert predicted == actual == held
+                assert metric(fe, "dynkv_router_actual_cached_tokens_total", worker="prefill-1")
     finally:
         pub.close()
