@@ -8,7 +8,7 @@ import datetime
 import socket
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -16,18 +16,11 @@ from rich.markup import escape
 from dynkv.cli.display import QuietObserver, signals_as_interrupt
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
-    DecodeWorkersOpt,
-    DeviceOpt,
-    EngineArgsArg,
-    GpusOpt,
+    WORKER_SHAPE,
     JsonOpt,
-    ModelOpt,
     NameOpt,
-    PrefillWorkersOpt,
-    ProfileOpt,
-    TopologyOpt,
-    WorkersOpt,
     resolve_from_options,
+    settings_options,
 )
 from dynkv.cli.output import err, warn
 from dynkv.cli.up_cmd import (
@@ -189,23 +182,17 @@ def default_node_name(advertise: str) -> str:
     return base[:32].strip("-")
 
 
+@settings_options(*WORKER_SHAPE, "device", "engine_args")
 def join(
     token: TokenArg,
     advertise: JoinAdvertiseOpt = None,
     node: NodeOpt = None,
-    profile: ProfileOpt = None,
-    topology: TopologyOpt = None,
-    workers: WorkersOpt = None,
-    prefill_workers: PrefillWorkersOpt = None,
-    decode_workers: DecodeWorkersOpt = None,
-    gpus: GpusOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = None,
+    *,
+    flags: dict[str, Any],
     detach: DetachOpt = False,
     dry_run: DryRunOpt = False,
     skip_checks: SkipChecksOpt = False,
     json_out: JsonOpt = False,
-    engine_args: EngineArgsArg = None,
 ) -> None:
     """Join another host's deployment with this host's workers (and its own G2/G3 tiers).
 
@@ -223,20 +210,11 @@ def join(
             "add --advertise <this host's address> (e.g. --advertise 10.0.0.6)",
             EXIT_USAGE,
         )
-    resolved = resolve_from_options(
-        profile=profile,
-        topology=topology or tok.topology,
-        workers=workers,
-        prefill_workers=prefill_workers,
-        decode_workers=decode_workers,
-        gpus=gpus,
-        model=model,
-        name=tok.deployment,
-        device=device,
-        advertise=advertise,
-        quiet=json_out,
-        engine_args=engine_args,
+    # the token names the deployment, and its topology unless --topology says otherwise
+    flags = flags | dict(
+        topology=flags["topology"] or tok.topology, name=tok.deployment, advertise=advertise
     )
+    resolved = resolve_from_options(**flags, quiet=json_out)
     dep = resolved.deployment
     addr = str(dep.advertise)
     node = node or tok.node or default_node_name(addr)

@@ -1,8 +1,12 @@
-"""Options shared by every command that resolves settings (`config`, `up`, `doctor`, `bench`)."""
+"""Options shared by every command that resolves settings (`config`, `up`, `doctor`, `export`,
+`join`, `bench`): each declared once here, and `settings_options` hands a command the ones it
+offers, so that every command's `--help` says the same about the same flag."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -153,45 +157,95 @@ EngineArgsArg = Annotated[
 ]
 
 
-# The settings flags: a command's parameter name → the setting it gives. Each is named after its
-# setting, except the frontend's --host/--port.
+# The declaration of every settings option, by parameter name (the settings flags, the profile
+# and the engine arguments after --); a command takes its own from here with `settings_options`.
+SETTINGS_OPTIONS: dict[str, Any] = {
+    "profile": ProfileOpt,
+    "topology": TopologyOpt,
+    "workers": WorkersOpt,
+    "prefill_workers": PrefillWorkersOpt,
+    "decode_workers": DecodeWorkersOpt,
+    "gpus": GpusOpt,
+    "model": ModelOpt,
+    "name": NameOpt,
+    "device": DeviceOpt,
+    "infra": InfraOpt,
+    "etcd_endpoints": EtcdOpt,
+    "nats_url": NatsOpt,
+    "host": HostOpt,
+    "port": PortOpt,
+    "advertise": AdvertiseOpt,
+    "cpu_cache_gb": CpuGbOpt,
+    "disk_cache_gb": DiskGbOpt,
+    "disk_cache_dir": DiskDirOpt,
+    "api_key": ApiKeyOpt,
+    "api_key_file": ApiKeyFileOpt,
+    "tls_cert": TlsCertOpt,
+    "tls_key": TlsKeyOpt,
+    "insecure": InsecureOpt,
+    "router": RouterOpt,
+    "router_temperature": RouterTemperatureOpt,
+    "router_tier_weights": RouterTierWeightsOpt,
+    "kvbm": KvbmOpt,
+    "device_kv_gb": DeviceKvOpt,
+    "observability": ObservabilityOpt,
+    "engine_args": EngineArgsArg,
+}
+# The settings flags among them: a parameter name → the setting it gives, the strongest layer.
+# Each is named after its setting, except the frontend's --host/--port.
 KVBM_FLAGS = {name: name for name in ("cpu_cache_gb", "disk_cache_gb", "disk_cache_dir")}
-DEPLOYMENT_FLAGS = {
-    name: name
-    for name in (
-        "topology",
-        "workers",
-        "prefill_workers",
-        "decode_workers",
-        "gpus",
-        "model",
-        "name",
-        "device",
-        "infra",
-        "etcd_endpoints",
-        "nats_url",
-        "advertise",
-        "api_key",
-        "api_key_file",
-        "tls_cert",
-        "tls_key",
-        "insecure",
-        "router",
-        "router_temperature",
-        "router_tier_weights",
-        "kvbm",
-        "observability",
-        "device_kv_gb",
-    )
-} | {"host": "frontend_host", "port": "frontend_port"}
-SETTINGS_PARAMS = frozenset({"profile", "engine_args", *KVBM_FLAGS, *DEPLOYMENT_FLAGS})
+_NOT_DEPLOYMENT = {"profile", "engine_args", "host", "port", *KVBM_FLAGS}
+DEPLOYMENT_FLAGS = {name: name for name in SETTINGS_OPTIONS if name not in _NOT_DEPLOYMENT} | {
+    "host": "frontend_host",
+    "port": "frontend_port",
+}
+# The options every deploying command starts with (config, doctor, up, export, join), in order.
+WORKER_SHAPE = (
+    "profile",
+    "topology",
+    "workers",
+    "prefill_workers",
+    "decode_workers",
+    "gpus",
+    "model",
+)
 
 
-def settings_flags(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings flags among a command's parameters, for `resolve_from_options`: a command
-    passes its `locals()` on entry (the parameters as typer gave them), and its own options
-    (--json, --detach, ...) stay out. One call instead of every flag spelled out again."""
-    return {key: value for key, value in params.items() if key in SETTINGS_PARAMS}
+def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A command offers the settings options `names`, declared once in `SETTINGS_OPTIONS`, and
+    receives the values given (None: not given) as one dict in its parameter `flags`, ready for
+    `resolve_from_options(**flags)`. The signature typer reads (and so --help) has them where
+    `flags` stands, in the order of `names`; a name of one of the command's own parameters puts
+    that one there among them (`up`'s --served-model-name between --model and --name)."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = inspect.signature(command, eval_str=True).parameters
+        if "flags" not in own:
+            raise TypeError(f"{command.__name__} takes no 'flags'")
+        shared = [n for n in names if n not in own]
+        kw = inspect.Parameter.KEYWORD_ONLY
+        block = [
+            own.get(n) or inspect.Parameter(n, kw, default=None, annotation=SETTINGS_OPTIONS[n])
+            for n in names
+        ]
+        params: list[inspect.Parameter] = []
+        for param in own.values():
+            if param.name == "flags":
+                params += block
+            elif param.name not in names:
+                params.append(param)
+        params = [p.replace(kind=kw) for p in params]  # typer passes them all by name
+
+        @functools.wraps(command)
+        def with_flags(**given: Any) -> Any:
+            flags = {n: given.pop(n, None) for n in shared}
+            return command(**given, flags=flags)
+
+        with_flags.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        with_flags.__annotations__ = {p.name: p.annotation for p in params}
+        return with_flags
+
+    return decorate
 
 
 def resolve_from_options(

@@ -3,7 +3,7 @@ everything on Ctrl-C/SIGTERM; `-d` returns once every service is healthy."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -23,39 +23,11 @@ from dynkv.cli.display import (
 )
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
-    AdvertiseOpt,
-    ApiKeyFileOpt,
-    ApiKeyOpt,
-    CpuGbOpt,
-    DecodeWorkersOpt,
-    DeviceKvOpt,
-    DeviceOpt,
-    DiskDirOpt,
-    DiskGbOpt,
-    EngineArgsArg,
-    EtcdOpt,
-    GpusOpt,
-    HostOpt,
-    InfraOpt,
-    InsecureOpt,
+    KVBM_FLAGS,
+    WORKER_SHAPE,
     JsonOpt,
-    KvbmOpt,
-    ModelOpt,
-    NameOpt,
-    NatsOpt,
-    ObservabilityOpt,
-    PortOpt,
-    PrefillWorkersOpt,
-    ProfileOpt,
-    RouterOpt,
-    RouterTemperatureOpt,
-    RouterTierWeightsOpt,
-    TlsCertOpt,
-    TlsKeyOpt,
-    TopologyOpt,
-    WorkersOpt,
     resolve_from_options,
-    settings_flags,
+    settings_options,
 )
 from dynkv.cli.output import emit_json, err, warn
 from dynkv.doctor import Status
@@ -93,42 +65,38 @@ SkipChecksOpt = Annotated[
 ]
 
 
+@settings_options(
+    *WORKER_SHAPE,
+    "served_model_name",
+    "name",
+    "device",
+    "infra",
+    "etcd_endpoints",
+    "nats_url",
+    "host",
+    "port",
+    "advertise",
+    *KVBM_FLAGS,
+    "api_key",
+    "api_key_file",
+    "tls_cert",
+    "tls_key",
+    "insecure",
+    "router",
+    "router_temperature",
+    "router_tier_weights",
+    "kvbm",
+    "device_kv_gb",
+    "observability",
+    "engine_args",
+)
 def up(
-    profile: ProfileOpt = None,
-    topology: TopologyOpt = None,
-    workers: WorkersOpt = None,
-    prefill_workers: PrefillWorkersOpt = None,
-    decode_workers: DecodeWorkersOpt = None,
-    gpus: GpusOpt = None,
-    model: ModelOpt = None,
+    flags: dict[str, Any],
     served_model_name: ServedNameOpt = None,
-    name: NameOpt = None,
-    device: DeviceOpt = None,
-    infra: InfraOpt = None,
-    etcd_endpoints: EtcdOpt = None,
-    nats_url: NatsOpt = None,
-    host: HostOpt = None,
-    port: PortOpt = None,
-    advertise: AdvertiseOpt = None,
-    cpu_cache_gb: CpuGbOpt = None,
-    disk_cache_gb: DiskGbOpt = None,
-    disk_cache_dir: DiskDirOpt = None,
-    api_key: ApiKeyOpt = None,
-    api_key_file: ApiKeyFileOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    insecure: InsecureOpt = None,
-    router: RouterOpt = None,
-    router_temperature: RouterTemperatureOpt = None,
-    router_tier_weights: RouterTierWeightsOpt = None,
-    kvbm: KvbmOpt = None,
-    device_kv_gb: DeviceKvOpt = None,
-    observability: ObservabilityOpt = None,
     detach: DetachOpt = False,
     dry_run: DryRunOpt = False,
     skip_checks: SkipChecksOpt = False,
     json_out: JsonOpt = False,
-    engine_args: EngineArgsArg = None,
 ) -> None:
     """Start etcd, NATS, the vLLM worker with the bundled KVBM connector, and the OpenAI frontend.
 
@@ -139,7 +107,7 @@ def up(
             "add -d, or --dry-run",
             EXIT_USAGE,
         )
-    resolved = resolve_from_options(**settings_flags(locals()), quiet=json_out)
+    resolved = resolve_from_options(**flags, quiet=json_out)
     dep = resolved.deployment
     dev = resolve_device(str(dep.device))
     choice = _model(dep.model, dev, served_model_name, dry_run=dry_run, quiet=json_out)

@@ -137,14 +137,26 @@ def test_installed_console_script_exit_codes(tmp_path):
 def test_every_settings_flag_gives_a_setting_and_reaches_it(clean_env):
     """The commands hand their flags to `resolve_from_options` through one table
     (dynkv.cli.options): each entry names a real setting, and a flag's value arrives there."""
-    from dynkv.cli.options import DEPLOYMENT_FLAGS, KVBM_FLAGS, resolve_from_options, settings_flags
+    from dynkv.cli.options import (
+        DEPLOYMENT_FLAGS,
+        KVBM_FLAGS,
+        SETTINGS_OPTIONS,
+        resolve_from_options,
+        settings_options,
+    )
     from dynkv.kvbm.config import KvbmSettings
     from dynkv.settings.deployment import DeploymentSettings
 
     assert set(DEPLOYMENT_FLAGS.values()) <= DeploymentSettings.model_fields.keys()
     assert set(KVBM_FLAGS.values()) <= KvbmSettings.model_fields.keys()
-    params = {"port": 9001, "cpu_cache_gb": 2.0, "json_out": True, "detach": False}
-    resolved = resolve_from_options(**settings_flags(params), quiet=True)
+    assert SETTINGS_OPTIONS.keys() == {"profile", "engine_args", *KVBM_FLAGS, *DEPLOYMENT_FLAGS}
+
+    @settings_options("port", "cpu_cache_gb")
+    def command(flags, json_out=False, detach=False):
+        assert json_out is True and detach is False
+        return resolve_from_options(**flags, quiet=True)
+
+    resolved = command(port=9001, cpu_cache_gb=2.0, json_out=True, detach=False)
     assert resolved.deployment.frontend_port == 9001 and resolved.kvbm.cpu_cache_gb == 2.0
     with pytest.raises(TypeError, match="not a settings flag: detach"):
         resolve_from_options(detach=True)
