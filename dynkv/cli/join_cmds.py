@@ -13,7 +13,6 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from dynkv.cli.display import QuietObserver, signals_as_interrupt
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
     WORKER_SHAPE,
@@ -27,11 +26,9 @@ from dynkv.cli.up_cmd import (
     DetachOpt,
     DryRunOpt,
     SkipChecksOpt,
-    _foreground,
     _model,
-    _report_detached,
-    _start,
     printed_or_claimed,
+    supervise,
 )
 from dynkv.hardware import resolve_device
 from dynkv.infra.etcd_client import EtcdClient
@@ -43,8 +40,6 @@ from dynkv.plan import HostFacts
 from dynkv.plan.join import build_join_plan, node_tls_dir
 from dynkv.plan.secret import secret_path
 from dynkv.preflight import preflight, problems
-from dynkv.supervisor import Supervisor
-from dynkv.supervisor.restart_policy import RestartPolicy
 from dynkv.supervisor.state import DeploymentState, StateStore
 from dynkv.supervisor.status import live_detail
 from dynkv.tls.layout import nats_token
@@ -280,15 +275,8 @@ def join(
         raise UserError(exc.cause, exc.fix, EXIT_USAGE) from None
     if not json_out:
         err.print(f"[green]✓[/green] node {escape(node)} enrolled in {escape(dep.name)}")
-    restart = RestartPolicy(limit=dep.restart_limit, window=dep.restart_window_secs)
     leave = LeaveCheck(tok.etcd_endpoints, dep.name, client_tls)
-    supervisor = Supervisor(plan, observer=QuietObserver(), restart=restart, leave=leave)
-    with signals_as_interrupt():
-        _start(supervisor, plan.name, detach=detach, quiet=json_out)
-        if detach:
-            _report_detached(supervisor, json_out)
-            return
-        _foreground(supervisor)
+    supervise(plan, dep, detach=detach, json_out=json_out, leave=leave)
 
 
 def _transfer(plan) -> str | None:

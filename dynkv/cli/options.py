@@ -16,180 +16,159 @@ from dynkv.cli.output import warn
 from dynkv.settings import Resolved, resolve
 from dynkv.settings.deployment import Device, InfraMode, RouterPolicy, Topology
 
-ProfileOpt = Annotated[
-    str | None,
-    typer.Option("--profile", "-p", help="Tier profile: a name from `dynkv profiles`, or a path."),
-]
-TopologyOpt = Annotated[
-    Topology | None,
-    typer.Option("--topology", help="agg (whole requests) or disagg (prefill + decode workers)."),
-]
-WorkersOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--workers",
-        help="agg: how many workers (DYNKV_WORKERS; docs/fleet.md); 0 with --advertise: etcd, "
-        "NATS and the frontend only, for workers other hosts join (docs/multi-host.md).",
-        min=0,
-    ),
-]
-PrefillWorkersOpt = Annotated[
-    int | None,
-    typer.Option("--prefill-workers", help="disagg: how many prefill workers.", min=1),
-]
-DecodeWorkersOpt = Annotated[
-    int | None,
-    typer.Option("--decode-workers", help="disagg: how many decode workers.", min=1),
-]
-GpusOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--gpus",
-        help="CUDA: the GPUs workers share out (0,1,2,3); each takes tensor_parallel_size.",
-    ),
-]
-ModelOpt = Annotated[
-    str | None, typer.Option("--model", "-m", help="Model directory or Hugging Face id.")
-]
 NameOpt = Annotated[
     str | None, typer.Option("--name", "-n", help="Deployment name (default: default).")
 ]
-DeviceOpt = Annotated[Device | None, typer.Option("--device", help="auto, cuda or cpu.")]
-InfraOpt = Annotated[
-    InfraMode | None, typer.Option("--infra", help="etcd/NATS: embedded, docker or external.")
-]
-EtcdOpt = Annotated[
-    str | None, typer.Option("--etcd-endpoints", help="External etcd URL(s), comma-separated.")
-]
-NatsOpt = Annotated[str | None, typer.Option("--nats-url", help="External NATS URL.")]
-HostOpt = Annotated[str | None, typer.Option("--host", help="Frontend bind address.")]
-AdvertiseOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--advertise",
-        help="Serve other hosts at this address: etcd, NATS and the frontend bind it, all over "
-        "TLS from a per-deployment CA (docs/multi-host.md).",
-    ),
-]
-PortOpt = Annotated[int | None, typer.Option("--port", help="Frontend port.")]
-CpuGbOpt = Annotated[float | None, typer.Option("--cpu-cache-gb", help="G2 host tier, decimal GB.")]
-DiskGbOpt = Annotated[
-    float | None, typer.Option("--disk-cache-gb", help="G3 disk tier, decimal GB.")
-]
-DiskDirOpt = Annotated[Path | None, typer.Option("--disk-cache-dir", help="G3 directory.")]
-ApiKeyOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--api-key",
-        help="Require 'Authorization: Bearer <key>' at the frontend (or DYNKV_API_KEY). Never printed.",
-        show_default=False,
-    ),
-]
-ApiKeyFileOpt = Annotated[
-    Path | None,
-    typer.Option("--api-key-file", help="Read the frontend's API key from this file."),
-]
-TlsCertOpt = Annotated[
-    Path | None, typer.Option("--tls-cert", help="Serve the frontend over HTTPS (PEM cert).")
-]
-TlsKeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="Private key of --tls-cert.")]
-InsecureOpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--insecure",
-        help="Allow a non-loopback frontend without an API key (docs/security.md).",
-        show_default=False,
-    ),
-]
-RouterOpt = Annotated[
-    RouterPolicy | None,
-    typer.Option(
-        "--router",
-        help="How the frontend picks a worker: round_robin, least_outstanding, session "
-        "(affinity by x-session-id / OpenAI user) or kv (where the prompt's prefix is cached; "
-        "docs/frontend.md#routing).",
-    ),
-]
-RouterTemperatureOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--router-temperature",
-        help="kv router: 0 picks the lowest estimated TTFT; > 0 samples among near-ties.",
-        min=0.0,
-    ),
-]
-RouterTierWeightsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--router-tier-weights",
-        help="kv router: G1,G2,G3 weights of a cached block instead of measured rates "
-        "(dynamo = 1,0.75,0.25).",
-    ),
-]
-KvbmOpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--kvbm/--no-kvbm",
-        help="Workers with the bundled KVBM connector (default), or plain vLLM (no offload).",
-        show_default=False,
-    ),
-]
-ObservabilityOpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--observability/--no-observability",
-        help="Also start Prometheus (127.0.0.1:DYNKV_PROMETHEUS_PORT) scraping the stack.",
-        show_default=False,
-    ),
-]
-DeviceKvOpt = Annotated[
-    float | None, typer.Option("--device-kv-gb", help="G1 (vLLM's KV cache) per worker, GB.")
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
-EngineArgsArg = Annotated[
-    list[str] | None,
-    typer.Argument(
-        metavar="-- VLLM_ARGS",
-        help="vLLM engine arguments after --, e.g. `-- --max-num-seqs 8` "
-        "(they win over the profile's vllm tables; see docs/engine-args.md).",
-        show_default=False,
-    ),
-]
 
 
 # The declaration of every settings option, by parameter name (the settings flags, the profile
 # and the engine arguments after --); a command takes its own from here with `settings_options`.
 SETTINGS_OPTIONS: dict[str, Any] = {
-    "profile": ProfileOpt,
-    "topology": TopologyOpt,
-    "workers": WorkersOpt,
-    "prefill_workers": PrefillWorkersOpt,
-    "decode_workers": DecodeWorkersOpt,
-    "gpus": GpusOpt,
-    "model": ModelOpt,
+    "profile": Annotated[
+        str | None,
+        typer.Option(
+            "--profile", "-p", help="Tier profile: a name from `dynkv profiles`, or a path."
+        ),
+    ],
+    "topology": Annotated[
+        Topology | None,
+        typer.Option(
+            "--topology", help="agg (whole requests) or disagg (prefill + decode workers)."
+        ),
+    ],
+    "workers": Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="agg: how many workers (DYNKV_WORKERS; docs/fleet.md); 0 with --advertise: etcd, "
+            "NATS and the frontend only, for workers other hosts join (docs/multi-host.md).",
+            min=0,
+        ),
+    ],
+    "prefill_workers": Annotated[
+        int | None,
+        typer.Option("--prefill-workers", help="disagg: how many prefill workers.", min=1),
+    ],
+    "decode_workers": Annotated[
+        int | None,
+        typer.Option("--decode-workers", help="disagg: how many decode workers.", min=1),
+    ],
+    "gpus": Annotated[
+        str | None,
+        typer.Option(
+            "--gpus",
+            help="CUDA: the GPUs workers share out (0,1,2,3); each takes tensor_parallel_size.",
+        ),
+    ],
+    "model": Annotated[
+        str | None, typer.Option("--model", "-m", help="Model directory or Hugging Face id.")
+    ],
     "name": NameOpt,
-    "device": DeviceOpt,
-    "infra": InfraOpt,
-    "etcd_endpoints": EtcdOpt,
-    "nats_url": NatsOpt,
-    "host": HostOpt,
-    "port": PortOpt,
-    "advertise": AdvertiseOpt,
-    "cpu_cache_gb": CpuGbOpt,
-    "disk_cache_gb": DiskGbOpt,
-    "disk_cache_dir": DiskDirOpt,
-    "api_key": ApiKeyOpt,
-    "api_key_file": ApiKeyFileOpt,
-    "tls_cert": TlsCertOpt,
-    "tls_key": TlsKeyOpt,
-    "insecure": InsecureOpt,
-    "router": RouterOpt,
-    "router_temperature": RouterTemperatureOpt,
-    "router_tier_weights": RouterTierWeightsOpt,
-    "kvbm": KvbmOpt,
-    "device_kv_gb": DeviceKvOpt,
-    "observability": ObservabilityOpt,
-    "engine_args": EngineArgsArg,
+    "device": Annotated[Device | None, typer.Option("--device", help="auto, cuda or cpu.")],
+    "infra": Annotated[
+        InfraMode | None, typer.Option("--infra", help="etcd/NATS: embedded, docker or external.")
+    ],
+    "etcd_endpoints": Annotated[
+        str | None, typer.Option("--etcd-endpoints", help="External etcd URL(s), comma-separated.")
+    ],
+    "nats_url": Annotated[str | None, typer.Option("--nats-url", help="External NATS URL.")],
+    "host": Annotated[str | None, typer.Option("--host", help="Frontend bind address.")],
+    "port": Annotated[int | None, typer.Option("--port", help="Frontend port.")],
+    "advertise": Annotated[
+        str | None,
+        typer.Option(
+            "--advertise",
+            help="Serve other hosts at this address: etcd, NATS and the frontend bind it, all over "
+            "TLS from a per-deployment CA (docs/multi-host.md).",
+        ),
+    ],
+    "cpu_cache_gb": Annotated[
+        float | None, typer.Option("--cpu-cache-gb", help="G2 host tier, decimal GB.")
+    ],
+    "disk_cache_gb": Annotated[
+        float | None, typer.Option("--disk-cache-gb", help="G3 disk tier, decimal GB.")
+    ],
+    "disk_cache_dir": Annotated[
+        Path | None, typer.Option("--disk-cache-dir", help="G3 directory.")
+    ],
+    "api_key": Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            help="Require 'Authorization: Bearer <key>' at the frontend (or DYNKV_API_KEY). Never printed.",
+            show_default=False,
+        ),
+    ],
+    "api_key_file": Annotated[
+        Path | None,
+        typer.Option("--api-key-file", help="Read the frontend's API key from this file."),
+    ],
+    "tls_cert": Annotated[
+        Path | None, typer.Option("--tls-cert", help="Serve the frontend over HTTPS (PEM cert).")
+    ],
+    "tls_key": Annotated[Path | None, typer.Option("--tls-key", help="Private key of --tls-cert.")],
+    "insecure": Annotated[
+        bool | None,
+        typer.Option(
+            "--insecure",
+            help="Allow a non-loopback frontend without an API key (docs/security.md).",
+            show_default=False,
+        ),
+    ],
+    "router": Annotated[
+        RouterPolicy | None,
+        typer.Option(
+            "--router",
+            help="How the frontend picks a worker: round_robin, least_outstanding, session "
+            "(affinity by x-session-id / OpenAI user) or kv (where the prompt's prefix is cached; "
+            "docs/frontend.md#routing).",
+        ),
+    ],
+    "router_temperature": Annotated[
+        float | None,
+        typer.Option(
+            "--router-temperature",
+            help="kv router: 0 picks the lowest estimated TTFT; > 0 samples among near-ties.",
+            min=0.0,
+        ),
+    ],
+    "router_tier_weights": Annotated[
+        str | None,
+        typer.Option(
+            "--router-tier-weights",
+            help="kv router: G1,G2,G3 weights of a cached block instead of measured rates "
+            "(dynamo = 1,0.75,0.25).",
+        ),
+    ],
+    "kvbm": Annotated[
+        bool | None,
+        typer.Option(
+            "--kvbm/--no-kvbm",
+            help="Workers with the bundled KVBM connector (default), or plain vLLM (no offload).",
+            show_default=False,
+        ),
+    ],
+    "device_kv_gb": Annotated[
+        float | None, typer.Option("--device-kv-gb", help="G1 (vLLM's KV cache) per worker, GB.")
+    ],
+    "observability": Annotated[
+        bool | None,
+        typer.Option(
+            "--observability/--no-observability",
+            help="Also start Prometheus (127.0.0.1:DYNKV_PROMETHEUS_PORT) scraping the stack.",
+            show_default=False,
+        ),
+    ],
+    "engine_args": Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="-- VLLM_ARGS",
+            help="vLLM engine arguments after --, e.g. `-- --max-num-seqs 8` "
+            "(they win over the profile's vllm tables; see docs/engine-args.md).",
+            show_default=False,
+        ),
+    ],
 }
 # The settings flags among them: a parameter name → the setting it gives, the strongest layer.
 # Each is named after its setting, except the frontend's --host/--port.
@@ -209,6 +188,8 @@ WORKER_SHAPE = (
     "gpus",
     "model",
 )
+# Where etcd and NATS come from, and where the frontend listens (doctor checks them, up runs them).
+INFRA_AND_FRONTEND = ("infra", "etcd_endpoints", "nats_url", "host", "port")
 
 
 def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

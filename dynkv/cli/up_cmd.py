@@ -3,6 +3,7 @@ everything on Ctrl-C/SIGTERM; `-d` returns once every service is healthy."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -23,6 +24,7 @@ from dynkv.cli.display import (
 )
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
+    INFRA_AND_FRONTEND,
     KVBM_FLAGS,
     WORKER_SHAPE,
     JsonOpt,
@@ -36,6 +38,7 @@ from dynkv.infra.docker import DockerUnavailable
 from dynkv.plan import HostFacts, Plan, build_plan, choose_model
 from dynkv.preflight import observability_problems, preflight, problems
 from dynkv.settings import SettingsError
+from dynkv.settings.deployment import DeploymentSettings
 from dynkv.supervisor import (
     AlreadyRunning,
     StartFailed,
@@ -70,11 +73,7 @@ SkipChecksOpt = Annotated[
     "served_model_name",
     "name",
     "device",
-    "infra",
-    "etcd_endpoints",
-    "nats_url",
-    "host",
-    "port",
+    *INFRA_AND_FRONTEND,
     "advertise",
     *KVBM_FLAGS,
     "api_key",
@@ -140,8 +139,22 @@ def up(
         for note in plan.notes:
             err.print(f"[yellow]note:[/yellow] {escape(note)}")
 
+    supervise(plan, dep, detach=detach, json_out=json_out)
+
+
+def supervise(
+    plan: Plan,
+    dep: DeploymentSettings,
+    *,
+    detach: bool,
+    json_out: bool,
+    leave: Callable[[], bool] | None = None,
+) -> None:
+    """Start the plan under a supervisor that restarts what fails (docs/restart.md); with -d
+    report and return, else stream the logs until the end. Shared by `up` and `join` (whose
+    `leave` says when the first host asked its nodes to leave)."""
     restart = RestartPolicy(limit=dep.restart_limit, window=dep.restart_window_secs)
-    supervisor = Supervisor(plan, observer=QuietObserver(), restart=restart)
+    supervisor = Supervisor(plan, observer=QuietObserver(), restart=restart, leave=leave)
     with signals_as_interrupt():
         _start(supervisor, plan.name, detach=detach, quiet=json_out)
         if detach:
