@@ -18,6 +18,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from dynkv.infra.embedded import LOOPBACK, etcd_health_probe, nats_health_probe
+from dynkv.infra.etcd_argv import (
+    ETCD_CLIENT_PORT,
+    ETCD_PEER_PORT,
+    container_etcd_argv,
+    member_name,
+)
 from dynkv.infra.images import ETCD_IMAGE, NATS_IMAGE  # noqa: F401 (re-exported)
 from dynkv.plan.model import ContainerSpec, Service, ServiceInfo
 
@@ -52,28 +58,19 @@ def nats_container(
 def etcd_container(
     *, deployment: str, client_port: int, peer_port: int, image: str = ETCD_IMAGE
 ) -> ContainerSpec:
-    member = f"dynkv-{deployment}"
     return ContainerSpec(
         image=image,
         name=container_name(deployment, "etcd"),
-        command=(
-            "/usr/local/bin/etcd",
-            "--name",
-            member,
-            "--data-dir",
-            "/etcd-data",
-            "--listen-client-urls",
-            "http://0.0.0.0:2379",
-            "--advertise-client-urls",
-            f"http://{LOOPBACK}:{client_port}",
-            "--listen-peer-urls",
-            "http://0.0.0.0:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            f"{member}=http://127.0.0.1:2380",
+        command=container_etcd_argv(
+            member_name(deployment),
+            data_dir="/etcd-data",
+            client_url=f"http://{LOOPBACK}:{client_port}",
+            peer_url=f"http://{LOOPBACK}:{ETCD_PEER_PORT}",
         ),
-        ports={"2379/tcp": (LOOPBACK, client_port), "2380/tcp": (LOOPBACK, peer_port)},
+        ports={
+            f"{ETCD_CLIENT_PORT}/tcp": (LOOPBACK, client_port),
+            f"{ETCD_PEER_PORT}/tcp": (LOOPBACK, peer_port),
+        },
         labels=labels(deployment, "etcd"),
     )
 
