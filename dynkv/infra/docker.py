@@ -25,7 +25,7 @@ from dynkv.infra.etcd_argv import (
     member_name,
 )
 from dynkv.infra.images import ETCD_IMAGE, NATS_IMAGE  # noqa: F401 (re-exported)
-from dynkv.plan.model import ContainerSpec, Service, ServiceInfo
+from dynkv.plan.model import ContainerSpec, HttpProbe, Service, ServiceInfo
 
 LABEL_DEPLOYMENT = "dynkv.deployment"
 LABEL_SERVICE = "dynkv.service"
@@ -81,28 +81,28 @@ def etcd_docker_service(
     spec = etcd_container(
         deployment=deployment, client_port=client_port, peer_port=peer_port, image=image
     )
-    return Service(
-        name="etcd",
-        role="etcd",
-        kind="container",
-        container=spec,
-        ports={"client": client_port, "peer": peer_port},
-        probes=(etcd_health_probe(client_port),),
-        info=ServiceInfo(container=spec.name),
-    )
+    ports = {"client": client_port, "peer": peer_port}
+    return _container_service("etcd", spec, ports, etcd_health_probe(client_port))
 
 
 def nats_docker_service(
     *, deployment: str, port: int, monitor_port: int, image: str = NATS_IMAGE
 ) -> Service:
     spec = nats_container(deployment=deployment, port=port, monitor_port=monitor_port, image=image)
+    ports = {"client": port, "monitor": monitor_port}
+    return _container_service("nats", spec, ports, nats_health_probe(monitor_port))
+
+
+def _container_service(
+    name: str, spec: ContainerSpec, ports: dict[str, int], probe: HttpProbe
+) -> Service:
     return Service(
-        name="nats",
-        role="nats",
+        name=name,
+        role=name,
         kind="container",
         container=spec,
-        ports={"client": port, "monitor": monitor_port},
-        probes=(nats_health_probe(monitor_port),),
+        ports=ports,
+        probes=(probe,),
         info=ServiceInfo(container=spec.name),
     )
 
