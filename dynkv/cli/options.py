@@ -1,6 +1,11 @@
 """Options shared by every command that resolves settings (`config`, `up`, `doctor`, `export`,
-`join`, `bench`): each declared once here, and `settings_options` hands a command the ones it
-offers, so that every command's `--help` says the same about the same flag."""
+`join`, `bench`), each declared once, so that every command's --help says the same of a flag.
+
+A new settings flag: its declaration goes into `SETTINGS_OPTIONS` under the name of the setting
+it gives (which makes it a deployment flag, or add it to `KVBM_FLAGS`), and its name into the
+`@settings_options(...)` of each command that offers it; the command's code does not change,
+since it hands all its flags to `resolve_from_options` at once.
+"""
 
 from __future__ import annotations
 

@@ -160,3 +160,30 @@ def test_every_settings_flag_gives_a_setting_and_reaches_it(clean_env):
     assert resolved.deployment.frontend_port == 9001 and resolved.kvbm.cpu_cache_gb == 2.0
     with pytest.raises(TypeError, match="not a settings flag: detach"):
         resolve_from_options(detach=True)
+
+
+def test_settings_options_stand_where_the_command_puts_them():
+    """`@settings_options` builds the signature typer reads: the shared options where `flags`
+    stands, a command's own parameter where the list names it, the others around them."""
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    up = [p.name for p in commands["up"].params]
+    assert up[:9] == [
+        "profile",
+        "topology",
+        "workers",
+        "prefill_workers",
+        "decode_workers",
+        "gpus",
+        "model",
+        "served_model_name",
+        "name",
+    ]
+    export = [p.name for p in commands["export"].params]
+    assert export[:2] == ["target", "profile"] and export.index("engine_args") < export.index(
+        "output"
+    )
+    join = {p.name: p for p in commands["join"].params}
+    assert list(join)[:4] == ["token", "advertise", "node", "profile"]
+    assert "name" not in join and "(required)" in join["advertise"].help  # join's own --advertise
