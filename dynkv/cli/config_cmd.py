@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import shlex
+from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
 from dynkv.cli.options import (
-    CpuGbOpt,
-    DecodeWorkersOpt,
-    DeviceOpt,
-    DiskDirOpt,
-    DiskGbOpt,
-    EngineArgsArg,
-    GpusOpt,
+    KVBM_FLAGS,
+    WORKER_SHAPE,
     JsonOpt,
-    KvbmOpt,
-    ModelOpt,
-    NameOpt,
-    PrefillWorkersOpt,
-    ProfileOpt,
-    TopologyOpt,
-    WorkersOpt,
     resolve_from_options,
-    settings_flags,
+    settings_options,
 )
 from dynkv.cli.output import emit_json, err
 from dynkv.plan.engine_args import role_argv
@@ -32,26 +21,11 @@ from dynkv.plan.ports import worker_roles
 from dynkv.settings import list_profiles
 
 
-def config(
-    profile: ProfileOpt = None,
-    topology: TopologyOpt = None,
-    workers: WorkersOpt = None,
-    prefill_workers: PrefillWorkersOpt = None,
-    decode_workers: DecodeWorkersOpt = None,
-    gpus: GpusOpt = None,
-    model: ModelOpt = None,
-    name: NameOpt = None,
-    device: DeviceOpt = None,
-    cpu_cache_gb: CpuGbOpt = None,
-    disk_cache_gb: DiskGbOpt = None,
-    disk_cache_dir: DiskDirOpt = None,
-    kvbm: KvbmOpt = None,
-    json_out: JsonOpt = False,
-    engine_args: EngineArgsArg = None,
-) -> None:
+@settings_options(*WORKER_SHAPE, "name", "device", *KVBM_FLAGS, "kvbm", "engine_args")
+def config(flags: dict[str, Any], json_out: JsonOpt = False) -> None:
     """Print every resolved setting with its source, the environment each worker receives, and
     the vLLM engine arguments (profile [vllm] tables, words after --)."""
-    resolved = resolve_from_options(**settings_flags(locals()), quiet=json_out)
+    resolved = resolve_from_options(**flags, quiet=json_out)
     data = resolved.to_json()
     if json_out:
         emit_json(data)

@@ -17,35 +17,14 @@ import secrets
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from dynkv import __version__
 from dynkv.cli.group import UserError
-from dynkv.cli.options import (
-    CpuGbOpt,
-    DecodeWorkersOpt,
-    DeviceKvOpt,
-    DeviceOpt,
-    DiskGbOpt,
-    EngineArgsArg,
-    GpusOpt,
-    HostOpt,
-    InsecureOpt,
-    KvbmOpt,
-    ModelOpt,
-    NameOpt,
-    PortOpt,
-    PrefillWorkersOpt,
-    ProfileOpt,
-    RouterOpt,
-    TopologyOpt,
-    WorkersOpt,
-    resolve_from_options,
-    settings_flags,
-)
+from dynkv.cli.options import WORKER_SHAPE, resolve_from_options, settings_options
 from dynkv.cli.output import err
 from dynkv.cli.up_cmd import ServedNameOpt
 from dynkv.export import compose, kubernetes
@@ -100,35 +79,32 @@ G3VolumeOpt = Annotated[
 ]
 
 
+@settings_options(
+    *WORKER_SHAPE,
+    "served_model_name",
+    "name",
+    "device",
+    "host",
+    "port",
+    "cpu_cache_gb",
+    "disk_cache_gb",
+    "insecure",
+    "router",
+    "kvbm",
+    "device_kv_gb",
+    "engine_args",
+)
 def export(
     target: TargetArg,
-    profile: ProfileOpt = None,
-    topology: TopologyOpt = None,
-    workers: WorkersOpt = None,
-    prefill_workers: PrefillWorkersOpt = None,
-    decode_workers: DecodeWorkersOpt = None,
-    gpus: GpusOpt = None,
-    model: ModelOpt = None,
+    flags: dict[str, Any],
     served_model_name: ServedNameOpt = None,
-    name: NameOpt = None,
-    device: DeviceOpt = None,
-    host: HostOpt = None,
-    port: PortOpt = None,
-    cpu_cache_gb: CpuGbOpt = None,
-    disk_cache_gb: DiskGbOpt = None,
-    insecure: InsecureOpt = None,
-    router: RouterOpt = None,
-    kvbm: KvbmOpt = None,
-    device_kv_gb: DeviceKvOpt = None,
     output: OutputOpt = None,
     image: ImageOpt = None,
     g3_volume: G3VolumeOpt = "emptyDir",
-    engine_args: EngineArgsArg = None,
 ) -> None:
     """Render the deployment `dynkv up` would run as a compose file or Kubernetes manifests.
 
     Words after `--` go to every worker's vLLM, as for `up`. Nothing is started."""
-    flags = settings_flags(locals())
     volume = parse_g3_volume(g3_volume)  # a bad value fails before anything else
     resolved = resolve_from_options(**flags)
     plan, spec = _plan(resolved, served_model_name)

@@ -8,37 +8,27 @@ import datetime
 import socket
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from dynkv.cli.display import QuietObserver, signals_as_interrupt
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
-    DecodeWorkersOpt,
-    DeviceOpt,
-    EngineArgsArg,
-    GpusOpt,
+    WORKER_SHAPE,
     JsonOpt,
-    ModelOpt,
     NameOpt,
-    PrefillWorkersOpt,
-    ProfileOpt,
-    TopologyOpt,
-    WorkersOpt,
     resolve_from_options,
+    settings_options,
 )
 from dynkv.cli.output import err, warn
 from dynkv.cli.up_cmd import (
     DetachOpt,
     DryRunOpt,
     SkipChecksOpt,
-    _foreground,
     _model,
-    _report_detached,
-    _start,
     printed_or_claimed,
+    supervise,
 )
 from dynkv.hardware import resolve_device
 from dynkv.infra.etcd_client import EtcdClient
@@ -50,8 +40,6 @@ from dynkv.plan import HostFacts
 from dynkv.plan.join import build_join_plan, node_tls_dir
 from dynkv.plan.secret import secret_path
 from dynkv.preflight import preflight, problems
-from dynkv.supervisor import Supervisor
-from dynkv.supervisor.restart_policy import RestartPolicy
 from dynkv.supervisor.state import DeploymentState, StateStore
 from dynkv.supervisor.status import live_detail
 from dynkv.tls.layout import nats_token
@@ -189,23 +177,17 @@ def default_node_name(advertise: str) -> str:
     return base[:32].strip("-")
 
 
+@settings_options(*WORKER_SHAPE, "device", "engine_args")
 def join(
     token: TokenArg,
     advertise: JoinAdvertiseOpt = None,
     node: NodeOpt = None,
-    profile: ProfileOpt = None,
-    topology: TopologyOpt = None,
-    workers: WorkersOpt = None,
-    prefill_workers: PrefillWorkersOpt = None,
-    decode_workers: DecodeWorkersOpt = None,
-    gpus: GpusOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = None,
+    *,
+    flags: dict[str, Any],
     detach: DetachOpt = False,
     dry_run: DryRunOpt = False,
     skip_checks: SkipChecksOpt = False,
     json_out: JsonOpt = False,
-    engine_args: EngineArgsArg = None,
 ) -> None:
     """Join another host's deployment with this host's workers (and its own G2/G3 tiers).
 
@@ -223,20 +205,11 @@ def join(
             "add --advertise <this host's address> (e.g. --advertise 10.0.0.6)",
             EXIT_USAGE,
         )
-    resolved = resolve_from_options(
-        profile=profile,
-        topology=topology or tok.topology,
-        workers=workers,
-        prefill_workers=prefill_workers,
-        decode_workers=decode_workers,
-        gpus=gpus,
-        model=model,
-        name=tok.deployment,
-        device=device,
-        advertise=advertise,
-        quiet=json_out,
-        engine_args=engine_args,
+    # the token names the deployment, and its topology unless --topology says otherwise
+    flags = flags | dict(
+        topology=flags["topology"] or tok.topology, name=tok.deployment, advertise=advertise
     )
+    resolved = resolve_from_options(**flags, quiet=json_out)
     dep = resolved.deployment
     addr = str(dep.advertise)
     node = node or tok.node or default_node_name(addr)
@@ -302,15 +275,8 @@ def join(
         raise UserError(exc.cause, exc.fix, EXIT_USAGE) from None
     if not json_out:
         err.print(f"[green]✓[/green] node {escape(node)} enrolled in {escape(dep.name)}")
-    restart = RestartPolicy(limit=dep.restart_limit, window=dep.restart_window_secs)
     leave = LeaveCheck(tok.etcd_endpoints, dep.name, client_tls)
-    supervisor = Supervisor(plan, observer=QuietObserver(), restart=restart, leave=leave)
-    with signals_as_interrupt():
-        _start(supervisor, plan.name, detach=detach, quiet=json_out)
-        if detach:
-            _report_detached(supervisor, json_out)
-            return
-        _foreground(supervisor)
+    supervise(plan, dep, detach=detach, json_out=json_out, leave=leave)
 
 
 def _transfer(plan) -> str | None:

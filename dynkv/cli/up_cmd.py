@@ -3,7 +3,8 @@ everything on Ctrl-C/SIGTERM; `-d` returns once every service is healthy."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -23,39 +24,12 @@ from dynkv.cli.display import (
 )
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
-    AdvertiseOpt,
-    ApiKeyFileOpt,
-    ApiKeyOpt,
-    CpuGbOpt,
-    DecodeWorkersOpt,
-    DeviceKvOpt,
-    DeviceOpt,
-    DiskDirOpt,
-    DiskGbOpt,
-    EngineArgsArg,
-    EtcdOpt,
-    GpusOpt,
-    HostOpt,
-    InfraOpt,
-    InsecureOpt,
+    INFRA_AND_FRONTEND,
+    KVBM_FLAGS,
+    WORKER_SHAPE,
     JsonOpt,
-    KvbmOpt,
-    ModelOpt,
-    NameOpt,
-    NatsOpt,
-    ObservabilityOpt,
-    PortOpt,
-    PrefillWorkersOpt,
-    ProfileOpt,
-    RouterOpt,
-    RouterTemperatureOpt,
-    RouterTierWeightsOpt,
-    TlsCertOpt,
-    TlsKeyOpt,
-    TopologyOpt,
-    WorkersOpt,
     resolve_from_options,
-    settings_flags,
+    settings_options,
 )
 from dynkv.cli.output import emit_json, err, warn
 from dynkv.doctor import Status
@@ -64,6 +38,7 @@ from dynkv.infra.docker import DockerUnavailable
 from dynkv.plan import HostFacts, Plan, build_plan, choose_model
 from dynkv.preflight import observability_problems, preflight, problems
 from dynkv.settings import SettingsError
+from dynkv.settings.deployment import DeploymentSettings
 from dynkv.supervisor import (
     AlreadyRunning,
     StartFailed,
@@ -93,42 +68,34 @@ SkipChecksOpt = Annotated[
 ]
 
 
+@settings_options(
+    *WORKER_SHAPE,
+    "served_model_name",
+    "name",
+    "device",
+    *INFRA_AND_FRONTEND,
+    "advertise",
+    *KVBM_FLAGS,
+    "api_key",
+    "api_key_file",
+    "tls_cert",
+    "tls_key",
+    "insecure",
+    "router",
+    "router_temperature",
+    "router_tier_weights",
+    "kvbm",
+    "device_kv_gb",
+    "observability",
+    "engine_args",
+)
 def up(
-    profile: ProfileOpt = None,
-    topology: TopologyOpt = None,
-    workers: WorkersOpt = None,
-    prefill_workers: PrefillWorkersOpt = None,
-    decode_workers: DecodeWorkersOpt = None,
-    gpus: GpusOpt = None,
-    model: ModelOpt = None,
+    flags: dict[str, Any],
     served_model_name: ServedNameOpt = None,
-    name: NameOpt = None,
-    device: DeviceOpt = None,
-    infra: InfraOpt = None,
-    etcd_endpoints: EtcdOpt = None,
-    nats_url: NatsOpt = None,
-    host: HostOpt = None,
-    port: PortOpt = None,
-    advertise: AdvertiseOpt = None,
-    cpu_cache_gb: CpuGbOpt = None,
-    disk_cache_gb: DiskGbOpt = None,
-    disk_cache_dir: DiskDirOpt = None,
-    api_key: ApiKeyOpt = None,
-    api_key_file: ApiKeyFileOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    insecure: InsecureOpt = None,
-    router: RouterOpt = None,
-    router_temperature: RouterTemperatureOpt = None,
-    router_tier_weights: RouterTierWeightsOpt = None,
-    kvbm: KvbmOpt = None,
-    device_kv_gb: DeviceKvOpt = None,
-    observability: ObservabilityOpt = None,
     detach: DetachOpt = False,
     dry_run: DryRunOpt = False,
     skip_checks: SkipChecksOpt = False,
     json_out: JsonOpt = False,
-    engine_args: EngineArgsArg = None,
 ) -> None:
     """Start etcd, NATS, the vLLM worker with the bundled KVBM connector, and the OpenAI frontend.
 
@@ -139,7 +106,7 @@ def up(
             "add -d, or --dry-run",
             EXIT_USAGE,
         )
-    resolved = resolve_from_options(**settings_flags(locals()), quiet=json_out)
+    resolved = resolve_from_options(**flags, quiet=json_out)
     dep = resolved.deployment
     dev = resolve_device(str(dep.device))
     choice = _model(dep.model, dev, served_model_name, dry_run=dry_run, quiet=json_out)
@@ -172,8 +139,22 @@ def up(
         for note in plan.notes:
             err.print(f"[yellow]note:[/yellow] {escape(note)}")
 
+    supervise(plan, dep, detach=detach, json_out=json_out)
+
+
+def supervise(
+    plan: Plan,
+    dep: DeploymentSettings,
+    *,
+    detach: bool,
+    json_out: bool,
+    leave: Callable[[], bool] | None = None,
+) -> None:
+    """Start the plan under a supervisor that restarts what fails (docs/restart.md); with -d
+    report and return, else stream the logs until the end. Shared by `up` and `join` (whose
+    `leave` says when the first host asked its nodes to leave)."""
     restart = RestartPolicy(limit=dep.restart_limit, window=dep.restart_window_secs)
-    supervisor = Supervisor(plan, observer=QuietObserver(), restart=restart)
+    supervisor = Supervisor(plan, observer=QuietObserver(), restart=restart, leave=leave)
     with signals_as_interrupt():
         _start(supervisor, plan.name, detach=detach, quiet=json_out)
         if detach:

@@ -21,8 +21,6 @@ from typing import Any
 
 from dynkv.export.containers import (
     CONTAINER_PYTHON,
-    ETCD_CLIENT_PORT,
-    ETCD_PEER_PORT,
     G3_MOUNT,
     HF_CACHE,
     NATS_MONITOR_PORT,
@@ -30,12 +28,12 @@ from dynkv.export.containers import (
     ContainerWorker,
     ExportOptions,
     Naming,
-    etcd_command,
     infra_endpoints,
     infra_in_containers,
     secret_union,
     translate,
 )
+from dynkv.infra.etcd_argv import ETCD_CLIENT_PORT, ETCD_PEER_PORT, container_etcd_argv, member_name
 from dynkv.plan.model import Plan, Probe, probe_json
 
 WORKERS_ENV_FILE = "workers.env"
@@ -87,14 +85,15 @@ def secret_env_files(plan: Plan, options: ExportOptions) -> dict[str, tuple[str,
 
 
 def _etcd(plan: Plan, options: ExportOptions) -> dict[str, Any]:
-    member = f"dynkv-{plan.name}"
     return {
         "image": options.etcd_image,
-        "command": etcd_command(
-            member,
-            data_dir="/etcd-data",
-            client_url=f"http://etcd:{ETCD_CLIENT_PORT}",
-            peer_url=f"http://etcd:{ETCD_PEER_PORT}",
+        "command": list(
+            container_etcd_argv(
+                member_name(plan.name),
+                data_dir="/etcd-data",
+                client_url=f"http://etcd:{ETCD_CLIENT_PORT}",
+                peer_url=f"http://etcd:{ETCD_PEER_PORT}",
+            )
         ),
         "restart": RESTART,
         # the plan's probe is GET /health; the etcd image has etcdctl but no HTTP client

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
+from dynkv.infra.etcd_argv import ANY_ADDRESS, ETCD_CLIENT_PORT
 from dynkv.infra.images import ETCD_IMAGE, NATS_IMAGE
 from dynkv.plan.frontend import API_KEY_ENV
 from dynkv.plan.frontend import ETCD_ENDPOINTS_ENV as FRONTEND_ETCD_ENV
@@ -48,10 +49,8 @@ from dynkv.settings.errors import SettingsError
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, workers_prefix
 
 CONTAINER_PYTHON = "python3"  # the interpreter of the official vLLM image
-ANY_ADDRESS = "0.0.0.0"
 G3_MOUNT = "/var/cache/dynkv/g3"
 HF_CACHE = "/root/.cache/huggingface"  # the vLLM image runs as root
-ETCD_CLIENT_PORT, ETCD_PEER_PORT = 2379, 2380
 NATS_PORT, NATS_MONITOR_PORT = 4222, 8222
 NATS_URL_ENV = "DYNKV_KV_EVENTS_NATS_URL"
 SIDE_CHANNEL_HOST_ENV = "VLLM_NIXL_SIDE_CHANNEL_HOST"
@@ -186,28 +185,6 @@ def infra_endpoints(plan: Plan, *, etcd_host: str, nats_host: str) -> tuple[tupl
     if infra_in_containers(plan):
         return (f"http://{etcd_host}:{ETCD_CLIENT_PORT}",), f"nats://{nats_host}:{NATS_PORT}"
     return plan.etcd_endpoints, plan.nats_url
-
-
-def etcd_command(member: str, *, data_dir: str, client_url: str, peer_url: str) -> list[str]:
-    """A one-member etcd cluster listening on every address of its container and advertising
-    the URLs the target's other containers reach it at."""
-    return [
-        "/usr/local/bin/etcd",
-        "--name",
-        member,
-        "--data-dir",
-        data_dir,
-        "--listen-client-urls",
-        f"http://{ANY_ADDRESS}:{ETCD_CLIENT_PORT}",
-        "--advertise-client-urls",
-        client_url,
-        "--listen-peer-urls",
-        f"http://{ANY_ADDRESS}:{ETCD_PEER_PORT}",
-        "--initial-advertise-peer-urls",
-        peer_url,
-        "--initial-cluster",
-        f"{member}={peer_url}",
-    ]
 
 
 def secret_union(items: Iterable[ContainerWorker | ContainerFrontend]) -> tuple[str, ...]:

@@ -9,14 +9,12 @@ import re
 from typing import Any
 
 from dynkv.export.containers import (
-    ETCD_CLIENT_PORT,
-    ETCD_PEER_PORT,
     NATS_MONITOR_PORT,
     NATS_PORT,
     ExportError,
     ExportOptions,
-    etcd_command,
 )
+from dynkv.infra.etcd_argv import ETCD_CLIENT_PORT, ETCD_PEER_PORT, container_etcd_argv
 from dynkv.plan.model import Plan
 
 PROBE_TIMING = {"periodSeconds": 10, "timeoutSeconds": 10, "failureThreshold": 3}
@@ -92,7 +90,7 @@ def etcd(plan: Plan, options: ExportOptions) -> list[dict[str, Any]]:
     name = f"{base_name(plan)}-etcd"
     member = f"{name}-0"
     peer = f"http://{member}.{name}:{ETCD_PEER_PORT}"
-    command = etcd_command(
+    command = container_etcd_argv(
         member,
         data_dir="/data",
         client_url=f"http://{member}.{name}:{ETCD_CLIENT_PORT}",
@@ -100,7 +98,7 @@ def etcd(plan: Plan, options: ExportOptions) -> list[dict[str, Any]]:
     )
     ports = {"client": ETCD_CLIENT_PORT, "peer": ETCD_PEER_PORT}
     probe = http_probe("/health", ETCD_CLIENT_PORT)
-    return _infra(plan, "etcd", options.etcd_image, {"command": command}, ports, probe)
+    return _infra(plan, "etcd", options.etcd_image, {"command": list(command)}, ports, probe)
 
 
 def nats(plan: Plan, options: ExportOptions) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ label space.
 from __future__ import annotations
 
 from collections import Counter as Tally
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -102,81 +103,66 @@ class _IndexCollector:
 
 class FrontendMetrics:
     def __init__(self, pool: WorkerPool | None = None) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
+        self.registry = r = CollectorRegistry()
+        counter, gauge = partial(Counter, registry=r), partial(Gauge, registry=r)
+        histogram = partial(Histogram, registry=r)
+        self.requests = counter(
             "dynkv_frontend_requests",
             "Finished requests.",
             ["model", "worker", "endpoint", "status"],
-            registry=r,
         )
-        self.errors = Counter(
-            "dynkv_frontend_errors",
-            "Failed requests by kind.",
-            ["model", "worker", "kind"],
-            registry=r,
+        self.errors = counter(
+            "dynkv_frontend_errors", "Failed requests by kind.", ["model", "worker", "kind"]
         )
-        self.retries = Counter(
+        self.retries = counter(
             "dynkv_frontend_retries",
             "Requests retried on another worker after a connection failure.",
             ["model"],
-            registry=r,
         )
-        self.latency = Histogram(
+        self.latency = histogram(
             "dynkv_frontend_request_duration_seconds",
             "Request arrival to last byte.",
             ["model", "worker"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = histogram(
             "dynkv_frontend_ttft_seconds",
             "Request arrival to the first byte of a streamed response (time to first token).",
             ["model", "worker"],
             buckets=TTFT_BUCKETS,
-            registry=r,
         )
-        self.inflight = Gauge(
-            "dynkv_frontend_inflight_requests",
-            "Requests being served.",
-            ["model", "worker"],
-            registry=r,
+        self.inflight = gauge(
+            "dynkv_frontend_inflight_requests", "Requests being served.", ["model", "worker"]
         )
-        self.decisions = Counter(
+        self.decisions = counter(
             "dynkv_router_decisions",
             "Worker choices of the routing policy, by policy and reason.",
             ["policy", "reason"],
-            registry=r,
         )
-        self.decision_seconds = Histogram(
+        self.decision_seconds = histogram(
             "dynkv_router_decision_seconds",
             "Time to choose a worker (kv: tokenize, hash and score the prompt).",
             ["policy"],
             buckets=DECISION_BUCKETS,
-            registry=r,
         )
-        self.routed = Counter(
+        self.routed = counter(
             "dynkv_router_routed",
             "Requests sent to each worker, by routing policy.",
             ["policy", "worker"],
-            registry=r,
         )
-        self.predicted_cached = Counter(
+        self.predicted_cached = counter(
             "dynkv_router_predicted_cached_tokens",
             "Prompt tokens the kv router predicted cached, over answers that report usage.",
             ["worker"],
-            registry=r,
         )
-        self.actual_cached = Counter(
+        self.actual_cached = counter(
             "dynkv_router_actual_cached_tokens",
             "Prompt tokens the worker reported cached (usage.prompt_tokens_details), same requests.",
             ["worker"],
-            registry=r,
         )
-        self.nats_fallbacks = Counter(
+        self.nats_fallbacks = counter(
             "dynkv_router_nats_fallbacks",
             "kv decisions made by load because NATS was unreachable.",
-            registry=r,
         )
         self.index = _IndexCollector()
         r.register(self.index)

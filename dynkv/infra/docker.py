@@ -18,8 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from dynkv.infra.embedded import LOOPBACK, etcd_health_probe, nats_health_probe
+from dynkv.infra.etcd_argv import (
+    ETCD_CLIENT_PORT,
+    ETCD_PEER_PORT,
+    container_etcd_argv,
+    member_name,
+)
 from dynkv.infra.images import ETCD_IMAGE, NATS_IMAGE  # noqa: F401 (re-exported)
-from dynkv.plan.model import ContainerSpec, Service, ServiceInfo
+from dynkv.plan.model import ContainerSpec, HttpProbe, Service, ServiceInfo
 
 LABEL_DEPLOYMENT = "dynkv.deployment"
 LABEL_SERVICE = "dynkv.service"
@@ -52,28 +58,19 @@ def nats_container(
 def etcd_container(
     *, deployment: str, client_port: int, peer_port: int, image: str = ETCD_IMAGE
 ) -> ContainerSpec:
-    member = f"dynkv-{deployment}"
     return ContainerSpec(
         image=image,
         name=container_name(deployment, "etcd"),
-        command=(
-            "/usr/local/bin/etcd",
-            "--name",
-            member,
-            "--data-dir",
-            "/etcd-data",
-            "--listen-client-urls",
-            "http://0.0.0.0:2379",
-            "--advertise-client-urls",
-            f"http://{LOOPBACK}:{client_port}",
-            "--listen-peer-urls",
-            "http://0.0.0.0:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            f"{member}=http://127.0.0.1:2380",
+        command=container_etcd_argv(
+            member_name(deployment),
+            data_dir="/etcd-data",
+            client_url=f"http://{LOOPBACK}:{client_port}",
+            peer_url=f"http://{LOOPBACK}:{ETCD_PEER_PORT}",
         ),
-        ports={"2379/tcp": (LOOPBACK, client_port), "2380/tcp": (LOOPBACK, peer_port)},
+        ports={
+            f"{ETCD_CLIENT_PORT}/tcp": (LOOPBACK, client_port),
+            f"{ETCD_PEER_PORT}/tcp": (LOOPBACK, peer_port),
+        },
         labels=labels(deployment, "etcd"),
     )
 
@@ -84,28 +81,28 @@ def etcd_docker_service(
     spec = etcd_container(
         deployment=deployment, client_port=client_port, peer_port=peer_port, image=image
     )
-    return Service(
-        name="etcd",
-        role="etcd",
-        kind="container",
-        container=spec,
-        ports={"client": client_port, "peer": peer_port},
-        probes=(etcd_health_probe(client_port),),
-        info=ServiceInfo(container=spec.name),
-    )
+    ports = {"client": client_port, "peer": peer_port}
+    return _container_service("etcd", spec, ports, etcd_health_probe(client_port))
 
 
 def nats_docker_service(
     *, deployment: str, port: int, monitor_port: int, image: str = NATS_IMAGE
 ) -> Service:
     spec = nats_container(deployment=deployment, port=port, monitor_port=monitor_port, image=image)
+    ports = {"client": port, "monitor": monitor_port}
+    return _container_service("nats", spec, ports, nats_health_probe(monitor_port))
+
+
+def _container_service(
+    name: str, spec: ContainerSpec, ports: dict[str, int], probe: HttpProbe
+) -> Service:
     return Service(
-        name="nats",
-        role="nats",
+        name=name,
+        role=name,
         kind="container",
         container=spec,
-        ports={"client": port, "monitor": monitor_port},
-        probes=(nats_health_probe(monitor_port),),
+        ports=ports,
+        probes=(probe,),
         info=ServiceInfo(container=spec.name),
     )
 

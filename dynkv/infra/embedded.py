@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dynkv.infra.etcd_argv import etcd_argv, member_name
 from dynkv.plan.model import HttpProbe, Service
 from dynkv.tls.model import ClientTLS, TransportSecurity
 
@@ -47,33 +48,15 @@ def etcd_service(
     peer_port: int,
     tls: TransportSecurity | None = None,
 ) -> Service:
-    member = f"dynkv-{deployment}"
+    member = member_name(deployment)
     client = f"http://{LOOPBACK}:{client_port}"
     if tls is not None:
         client = f"https://{tls.advertise}:{client_port}"
     peer = f"http://{LOOPBACK}:{peer_port}"
     data_dir = deployment_dir / "etcd-data"
-    argv = (
-        binary,
-        "--name",
-        member,
-        "--data-dir",
-        str(data_dir),
-        "--listen-client-urls",
-        client,
-        "--advertise-client-urls",
-        client,
-        "--listen-peer-urls",
-        peer,
-        "--initial-advertise-peer-urls",
-        peer,
-        "--initial-cluster",
-        f"{member}={peer}",
-        "--initial-cluster-token",
-        member,
-        "--initial-cluster-state",
-        "new",
-    )
+    argv = etcd_argv(
+        binary, member=member, data_dir=str(data_dir), client_url=client, peer_url=peer
+    ) + ("--initial-cluster-token", member, "--initial-cluster-state", "new")
     probe = etcd_health_probe(client_port)
     if tls is not None:
         server = tls.service("etcd").server

@@ -67,14 +67,31 @@ class _Attempt:
         return False
 
 
-class _Failover:
-    """The endpoint choice both clients share: the one that answered last first, then the others
-    in turn; a watch moves on to the next endpoint until it has failed for `timeout`."""
+def _verify(tls: ClientTLS | None) -> Any:
+    """httpx's `verify`: an advertised deployment's CA and client certificate (etcd runs with
+    --client-cert-auth, docs/multi-host.md); httpx's default otherwise (plain http on loopback)."""
+    return True if tls is None else tls.ssl_context()
 
-    def __init__(self, endpoints: str | Sequence[str], timeout: float) -> None:
+
+class _Failover:
+    """What both clients share: their httpx client (`_HTTP`, sync or async), and the endpoint
+    choice: the one that answered last first, then the others in turn; a watch moves on to the
+    next endpoint until it has failed for `timeout`."""
+
+    _HTTP: Any  # httpx.Client or httpx.AsyncClient
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls: ClientTLS | None = None,
+    ) -> None:
         self.endpoints = endpoint_list(endpoints)
         self.timeout = timeout
         self._current = 0
+        # loopback: no proxy
+        self._http = self._HTTP(timeout=timeout, trust_env=False, verify=_verify(tls))
 
     def _attempts(self) -> Iterator[_Attempt]:
         """An attempt per endpoint, current first; EtcdUnavailable when all of them failed."""
@@ -122,26 +139,11 @@ class _Watch:
         self.failing_since = self.failover._watch_lost(exc, self.failing_since)
 
 
-def _verify(tls: ClientTLS | None) -> Any:
-    """httpx's `verify`: an advertised deployment's CA and client certificate (etcd runs with
-    --client-cert-auth, docs/multi-host.md); httpx's default otherwise (plain http on loopback)."""
-    return True if tls is None else tls.ssl_context()
-
-
 class EtcdClient(_Failover):
     """Synchronous client. Use as a context manager, or call close(). `tls`: https endpoints of
     an advertised deployment, verified against its CA, with a client certificate."""
 
-    def __init__(
-        self,
-        endpoints: str | Sequence[str],
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        tls: ClientTLS | None = None,
-    ):
-        super().__init__(endpoints, timeout)
-        # loopback: no proxy
-        self._http = httpx.Client(timeout=timeout, trust_env=False, verify=_verify(tls))
+    _HTTP = httpx.Client
 
     def __enter__(self) -> EtcdClient:
         return self
@@ -229,15 +231,7 @@ class AsyncEtcdClient(_Failover):
     """The same API as EtcdClient, as coroutines; `watch_prefix` is an async generator that a
     task cancels to stop."""
 
-    def __init__(
-        self,
-        endpoints: str | Sequence[str],
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        tls: ClientTLS | None = None,
-    ):
-        super().__init__(endpoints, timeout)
-        self._http = httpx.AsyncClient(timeout=timeout, trust_env=False, verify=_verify(tls))
+    _HTTP = httpx.AsyncClient
 
     async def __aenter__(self) -> AsyncEtcdClient:
         return self

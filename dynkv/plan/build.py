@@ -44,6 +44,7 @@ from dynkv.plan.worker import (
 )
 from dynkv.settings.resolve import Resolved
 from dynkv.tls.layout import nats_token
+from dynkv.tls.model import TransportSecurity
 
 __all__ = ["HostFacts", "PlanError", "build_plan", "disagg_transfer", "find_prometheus"]
 
@@ -60,24 +61,6 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     if tls is not None:  # `up --advertise`: etcd and NATS on that address, over TLS
         endpoints = (f"https://{tls.advertise}:{dep.etcd_port}",)
         nats_url = f"tls://{tls.advertise}:{dep.nats_port}"
-        services += [
-            etcd_service(
-                deployment=dep.name,
-                deployment_dir=ddir,
-                binary=host.etcd_binary,
-                client_port=dep.etcd_port,
-                peer_port=dep.etcd_peer_port,
-                tls=tls,
-            ),
-            nats_service(
-                deployment_dir=ddir,
-                binary=host.nats_binary,
-                port=dep.nats_port,
-                monitor_port=dep.nats_monitor_port,
-                tls=tls,
-                token=token,
-            ),
-        ]
     elif dep.infra == "external":
         endpoints = split_endpoints(dep.etcd_endpoints)
         nats_host_port(dep.nats_url)  # validates the URL
@@ -86,37 +69,8 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
     else:
         endpoints = (f"http://{LOOPBACK}:{dep.etcd_port}",)
         nats_url = f"nats://{LOOPBACK}:{dep.nats_port}"
-        if dep.infra == "docker":
-            services += [
-                etcd_docker_service(
-                    deployment=dep.name,
-                    client_port=dep.etcd_port,
-                    peer_port=dep.etcd_peer_port,
-                    image=dep.etcd_image,
-                ),
-                nats_docker_service(
-                    deployment=dep.name,
-                    port=dep.nats_port,
-                    monitor_port=dep.nats_monitor_port,
-                    image=dep.nats_image,
-                ),
-            ]
-        else:
-            services += [
-                etcd_service(
-                    deployment=dep.name,
-                    deployment_dir=ddir,
-                    binary=host.etcd_binary,
-                    client_port=dep.etcd_port,
-                    peer_port=dep.etcd_peer_port,
-                ),
-                nats_service(
-                    deployment_dir=ddir,
-                    binary=host.nats_binary,
-                    port=dep.nats_port,
-                    monitor_port=dep.nats_monitor_port,
-                ),
-            ]
+    if tls is not None or dep.infra != "external":
+        services += _own_infra(resolved, host, tls, token)
     if tls is not None:  # answers other hosts' `dynkv join` (docs/multi-host.md)
         services.append(
             enroll_service(
@@ -173,6 +127,45 @@ def build_plan(resolved: Resolved, host: HostFacts) -> Plan:
         startup_timeout_secs=dep.startup_timeout_secs,
         transport_security=tls,
     )
+
+
+def _own_infra(
+    resolved: Resolved, host: HostFacts, tls: TransportSecurity | None, token: str | None
+) -> list[Service]:
+    """The etcd and NATS the deployment runs: containers with --infra docker, else local
+    processes (serving --advertise over TLS)."""
+    dep = resolved.deployment
+    if tls is None and dep.infra == "docker":
+        etcd = etcd_docker_service(
+            deployment=dep.name,
+            client_port=dep.etcd_port,
+            peer_port=dep.etcd_peer_port,
+            image=dep.etcd_image,
+        )
+        nats = nats_docker_service(
+            deployment=dep.name,
+            port=dep.nats_port,
+            monitor_port=dep.nats_monitor_port,
+            image=dep.nats_image,
+        )
+        return [etcd, nats]
+    etcd = etcd_service(
+        deployment=dep.name,
+        deployment_dir=dep.deployment_dir,
+        binary=host.etcd_binary,
+        client_port=dep.etcd_port,
+        peer_port=dep.etcd_peer_port,
+        tls=tls,
+    )
+    nats = nats_service(
+        deployment_dir=dep.deployment_dir,
+        binary=host.nats_binary,
+        port=dep.nats_port,
+        monitor_port=dep.nats_monitor_port,
+        tls=tls,
+        token=token,
+    )
+    return [etcd, nats]
 
 
 def _workers(

@@ -137,14 +137,53 @@ def test_installed_console_script_exit_codes(tmp_path):
 def test_every_settings_flag_gives_a_setting_and_reaches_it(clean_env):
     """The commands hand their flags to `resolve_from_options` through one table
     (dynkv.cli.options): each entry names a real setting, and a flag's value arrives there."""
-    from dynkv.cli.options import DEPLOYMENT_FLAGS, KVBM_FLAGS, resolve_from_options, settings_flags
+    from dynkv.cli.options import (
+        DEPLOYMENT_FLAGS,
+        KVBM_FLAGS,
+        SETTINGS_OPTIONS,
+        resolve_from_options,
+        settings_options,
+    )
     from dynkv.kvbm.config import KvbmSettings
     from dynkv.settings.deployment import DeploymentSettings
 
     assert set(DEPLOYMENT_FLAGS.values()) <= DeploymentSettings.model_fields.keys()
     assert set(KVBM_FLAGS.values()) <= KvbmSettings.model_fields.keys()
-    params = {"port": 9001, "cpu_cache_gb": 2.0, "json_out": True, "detach": False}
-    resolved = resolve_from_options(**settings_flags(params), quiet=True)
+    assert SETTINGS_OPTIONS.keys() == {"profile", "engine_args", *KVBM_FLAGS, *DEPLOYMENT_FLAGS}
+
+    @settings_options("port", "cpu_cache_gb")
+    def command(flags, json_out=False, detach=False):
+        assert json_out is True and detach is False
+        return resolve_from_options(**flags, quiet=True)
+
+    resolved = command(port=9001, cpu_cache_gb=2.0, json_out=True, detach=False)
     assert resolved.deployment.frontend_port == 9001 and resolved.kvbm.cpu_cache_gb == 2.0
     with pytest.raises(TypeError, match="not a settings flag: detach"):
         resolve_from_options(detach=True)
+
+
+def test_settings_options_stand_where_the_command_puts_them():
+    """`@settings_options` builds the signature typer reads: the shared options where `flags`
+    stands, a command's own parameter where the list names it, the others around them."""
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    up = [p.name for p in commands["up"].params]
+    assert up[:9] == [
+        "profile",
+        "topology",
+        "workers",
+        "prefill_workers",
+        "decode_workers",
+        "gpus",
+        "model",
+        "served_model_name",
+        "name",
+    ]
+    export = [p.name for p in commands["export"].params]
+    assert export[:2] == ["target", "profile"] and export.index("engine_args") < export.index(
+        "output"
+    )
+    join = {p.name: p for p in commands["join"].params}
+    assert list(join)[:4] == ["token", "advertise", "node", "profile"]
+    assert "name" not in join and "(required)" in join["advertise"].help  # join's own --advertise
