@@ -70,7 +70,9 @@ LAYOUT: tuple[PortSetting, ...] = (  # in the order `dynkv doctor` reports them
     PortSetting(
         "DYNKV_ETCD_PEER_PORT", ("etcd",), "peer", "etcd peer", "ports.etcd", on_service_host=False
     ),
-    PortSetting("DYNKV_NATS_PORT", ("nats",), "client", "NATS client", "ports.nats", advertised=True),
+    PortSetting(
+        "DYNKV_NATS_PORT", ("nats",), "client", "NATS client", "ports.nats", advertised=True
+    ),
     PortSetting(
         "DYNKV_NATS_MONITOR_PORT",
         ("nats",),
