@@ -118,6 +118,7 @@ class StackRecord(PartialRecord):
     profile: str | None = None
     kvbm: bool | None = None
     topology: str | None = None
+    transport: str | None = None  # `bench compare --transports`: loopback or tls
     name: str | None = None
     state_dir: str | None = None
     up_s: float | None = None
