@@ -91,6 +91,17 @@ def test_an_advertised_deployment_serves_over_tls_end_to_end(deployment):
     worker = f"https://127.0.0.1:{env['DYNKV_WORKER_PORT']}"
     assert httpx.get(f"{worker}/health", timeout=5, verify=cli.ssl_context()).status_code == 200
 
+    # `bench serve` finds the deployment that serves the URL and verifies against its CA: the
+    # workload, and the router comparison's reads of the frontend's /metrics
+    workload = ["--users", "1", "--rounds", "2", "--system-tokens", "16", "--question-tokens"]
+    workload += ["4", "--answer-tokens", "2", "--compare-router", "round_robin", "--json"]
+    bench = runner.invoke(app, ["bench", "serve", "--url", f"{frontend}/v1", *workload])
+    assert bench.exit_code == 0, bench.output
+    (run,) = json.loads(bench.stdout)["runs"]
+    assert run["completed"] == run["requests"] == 2, run
+    assert run["config"]["ca_cert"] == ca and run["config"]["ca_cert_from"] == "deployment adv"
+    assert run["router"].get("error") is None, run["router"]
+
     status = runner.invoke(app, ["status", "--json"])
     assert status.exit_code == 0, status.output
     data = json.loads(status.stdout)
