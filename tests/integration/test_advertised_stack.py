@@ -43,8 +43,31 @@ def deployment(tmp_path, monkeypatch):
     runner.invoke(app, ["down"])
 
 
+def refused_while_a_port_is_held_on_the_address(env, model) -> None:
+    """NATS binds only ADDR under --advertise: a port held there (not on 127.0.0.1) is found by
+    the preflight, with its owner and a fix, before anything starts; and by a plain `doctor`.
+    (Run first in the end-to-end test, whose `up` then reuses the vLLM probe this one paid.)"""
+    port = int(env["DYNKV_NATS_PORT"])
+    with socket.socket() as sock:
+        sock.bind((ADDR, port))
+        sock.listen()
+        up = runner.invoke(
+            app, ["up", "-d", "--model", str(model), "--device", "cpu", "--advertise", ADDR]
+        )
+        doctor = runner.invoke(
+            app, ["doctor", "--model", str(model), "--device", "cpu"], env={"DYNKV_ADVERTISE": ADDR}
+        )
+    assert up.exit_code == 1, up.output
+    assert doctor.exit_code == 1, doctor.output
+    for result in (up, doctor):
+        assert f"client port {port} is taken by" in result.stderr, result.output
+        assert f"pid {os.getpid()}" in result.stderr and "DYNKV_NATS_PORT=" in result.stderr
+    assert read_state(Path(env["DYNKV_STATE_DIR"]) / "adv") is None  # nothing started
+
+
 def test_an_advertised_deployment_serves_over_tls_end_to_end(deployment):
     env, model = deployment
+    refused_while_a_port_is_held_on_the_address(env, model)
     up = runner.invoke(
         app, ["up", "-d", "--json", "--model", str(model), "--device", "cpu", "--advertise", ADDR]
     )
@@ -112,24 +135,3 @@ def test_an_advertised_deployment_serves_over_tls_end_to_end(deployment):
     assert down.exit_code == 0, down.output
     assert_nothing_left(pids, ddir)
     assert os.path.exists(tls_dir / "ca.key")  # the CA outlives `down`, like the secret
-
-
-def test_a_port_held_on_the_advertised_address_fails_the_preflight(deployment, monkeypatch):
-    """NATS binds only ADDR under --advertise: a port held there (not on 127.0.0.1) is found by
-    the preflight, with its owner and a fix, before anything starts; and by a plain `doctor`."""
-    env, model = deployment
-    port = int(env["DYNKV_NATS_PORT"])
-    with socket.socket() as sock:
-        sock.bind((ADDR, port))
-        sock.listen()
-        up = runner.invoke(
-            app, ["up", "-d", "--model", str(model), "--device", "cpu", "--advertise", ADDR]
-        )
-        monkeypatch.setenv("DYNKV_ADVERTISE", ADDR)
-        doctor = runner.invoke(app, ["doctor", "--model", str(model), "--device", "cpu"])
-    assert up.exit_code == 1, up.output
-    for result in (up, doctor):
-        assert f"client port {port} is taken by" in result.stderr, result.output
-        assert f"pid {os.getpid()}" in result.stderr and "DYNKV_NATS_PORT=" in result.stderr
-    assert doctor.exit_code == 1
-    assert read_state(Path(env["DYNKV_STATE_DIR"]) / "adv") is None  # nothing started
