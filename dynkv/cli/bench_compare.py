@@ -1,6 +1,6 @@
 """`dynkv bench compare --profiles PROFILE… | --topologies agg,disagg | --transports
-loopback,tls`: bring up each configuration with `dynkv up -d` in turn (private name, ports and state dir), run the same
-workload against it, take it down, and write one combined report.
+loopback,tls`: bring up each configuration with `dynkv up -d` in turn (private name, ports and
+state dir), run the same workload against it, take it down, and write one combined report.
 
 Thin: the options (shared with `bench serve`, `dynkv.cli.bench_options`) build the workload; this
 module plans the configurations (`dynkv.bench.compare`), starts each stack with
