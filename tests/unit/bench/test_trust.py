@@ -98,3 +98,20 @@ def test_without_the_ca_or_with_another_the_handshake_fails(ca, tmp_path):
     for result in (plain, wrong):
         assert result.exit_code == 1, result.output
         assert "CERTIFICATE_VERIFY_FAILED" in result.stderr and "--ca-cert" in result.stderr
+
+
+def test_bench_load_sends_and_reports_with_the_same_trust(ca):
+    from dynkv.bench import load
+
+    ca_file, server = ca
+    options = load.LoadOptions(
+        clients=1, duration=0.2, max_tokens=2, system_words=4, question_words=2, sample=0.1,
+        warmup=0.0, trust=trust.choose(Path(ca_file), {}),
+    )  # fmt: skip
+    with Serving(FrontendMimic(), tls=server) as url:
+        rep = load.run(options, url, {})
+    assert rep.requests and rep.completed == rep.requests, rep.error_samples
+    config = rep.model_dump(mode="json")["config"]
+    assert config["ca_cert"] == ca_file and config["ca_cert_from"] == "--ca-cert"
+    plain = load.report(load.LoadOptions(), [], 1.0, load.RssSampler({}, interval=1.0))
+    assert "ca_cert" not in plain.model_dump(mode="json")["config"]  # a loopback load as before
