@@ -159,7 +159,11 @@ def run(
         command=command,
         configurations=[c.to_json() for c in configs],
         stack_options={
-            **{k: v for k, v in dataclasses.asdict(stack_options).items() if v is not None},
+            **{
+                k: v
+                for k, v in dataclasses.asdict(stack_options).items()
+                if k != "advertise" or v is not None  # only a comparison with --transports tls
+            },
             "env": dict(stack_options.env),
         },
     )

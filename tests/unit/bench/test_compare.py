@@ -435,6 +435,7 @@ def test_a_comparison_without_transports_keeps_its_report_shape(fake_stacks, tmp
     data = json.loads(result.stdout)
     assert "transport" not in data["runs"][0]["stack"]
     assert "advertise" not in data["compare"]["stack_options"]
+    assert data["compare"]["stack_options"]["model"] is None  # the other keys as they were
     assert "transport" not in data["compare"]["configurations"][0]
 
 
