@@ -2,9 +2,12 @@
 down, and keep one summary per configuration for `dynkv.bench.report`.
 
 What a configuration is (`StackConfig`): a tier profile, whether the workers carry the KVBM
-connector at all (the no-offload baseline: plain vLLM with only its own prefix cache), and a
-topology. `plan_configs` turns the CLI's `--profiles PROFILE…` (plus the baseline) or
-`--topologies agg disagg` (one profile, each topology) into that list.
+connector at all (the no-offload baseline: plain vLLM with only its own prefix cache), a
+topology, and a transport (`loopback`, or `tls`: the same stack started with `--advertise`, every
+hop over TLS, docs/multi-host.md#measuring-tls-overhead). `plan_configs` turns the CLI's
+`--profiles PROFILE…` (plus the baseline) or `--topologies agg disagg` (one profile, each
+topology) into that list, and `--transports loopback,tls` runs each of those (or the one
+`--profile`) once per transport.
 
 How the stacks start and stop is injected (`Launcher`): the CLI uses `dynkv.bench.stacks`
 (`dynkv up -d` under a private name, ports and state dir); tests pass a fake. The rules kept here:
@@ -22,9 +25,12 @@ from typing import Any, Protocol
 
 from dynkv.bench import report, runner, scrape
 from dynkv.bench.summary import BenchSummary, RunConfig, StackRecord
+from dynkv.bench.trust import Trust
 from dynkv.bench.workloads import Workload
 
 TOPOLOGIES = ("agg", "disagg")
+TRANSPORTS = ("loopback", "tls")
+DEFAULT_ADVERTISE = "127.0.0.2"  # the `tls` transport's address: loopback, but not 127.0.0.1
 BASELINE_LABEL = "no offload"
 
 
@@ -53,9 +59,13 @@ class StackConfig:
     profile: str | None = None
     kvbm: bool = True
     topology: str | None = None  # None: the profile's own topology
+    transport: str | None = None  # None: loopback, and not a compared axis
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.transport is None:  # a comparison without --transports records what it did
+            del data["transport"]
+        return data
 
 
 @dataclass
@@ -66,6 +76,7 @@ class RunningStack:
     model: str
     metrics_urls: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # name, state dir, start-up time, ...
+    trust: Trust | None = None  # the CA of its https frontend (`dynkv.bench.trust`)
 
 
 class Launcher(Protocol):
@@ -93,23 +104,26 @@ def plan_configs(
     *,
     profile: str | None = None,
     baseline: bool | None = None,
+    transports: Sequence[str] = (),
 ) -> list[StackConfig]:
     """The configurations in the order they run: the baseline first (when asked; by default with
-    --profiles, not with --topologies), then each profile or each topology."""
+    --profiles, not with --topologies), then each profile or each topology; with --transports,
+    each of those once per transport, side by side (or the one --profile per transport)."""
     if profiles and topologies:
         raise CompareError(
             "--profiles and --topologies cannot be combined",
             "compare profiles (--profiles gpu-cpu,gpu-cpu-disk) or topologies of one profile "
             "(--topologies agg,disagg --profile gpu-cpu), in two runs",
         )
-    if not profiles and not topologies:
+    if not profiles and not topologies and not transports:
         raise CompareError(
             "nothing to compare",
-            "pass --profiles PROFILE[,PROFILE…] or --topologies agg,disagg",
+            "pass --profiles PROFILE[,PROFILE…], --topologies agg,disagg or "
+            "--transports loopback,tls",
         )
     if profile is not None and profiles:
         raise CompareError(
-            "--profile names the one profile of --topologies",
+            "--profile names the one profile of --topologies or --transports",
             "drop --profile, or list the profiles with --profiles",
         )
     configs: list[StackConfig] = []
@@ -122,11 +136,38 @@ def plan_configs(
             raise CompareError(f"unknown topology {topology!r}", "use --topologies agg,disagg")
         shown = profile or "default profile"
         configs.append(StackConfig(f"{topology} ({shown})", profile, topology=topology))
+    if transports:
+        if not profiles and not topologies:  # the one --profile, per transport
+            configs.append(StackConfig("", profile))
+        configs = _per_transport(configs, transports, profile)
     labels = [c.label for c in configs]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
         raise CompareError(f"{', '.join(repeated)} is listed twice", "name each configuration once")
     return configs
+
+
+def _per_transport(
+    configs: list[StackConfig], transports: Sequence[str], profile: str | None
+) -> list[StackConfig]:
+    """Each configuration once per transport, labelled `<label>, <transport>`; the unlabelled one
+    (--transports alone: the one --profile) as `<transport> (<profile>)`, as --topologies
+    labels a topology."""
+    unknown = [t for t in transports if t not in TRANSPORTS]
+    if unknown:
+        raise CompareError(
+            f"unknown transport {unknown[0]!r}", f"use --transports {','.join(TRANSPORTS)}"
+        )
+    shown = profile or "default profile"
+    return [
+        dataclasses.replace(
+            c,
+            label=f"{c.label}, {t}" if c.label else f"{t} ({shown})",
+            transport=t,
+        )
+        for c in configs
+        for t in transports
+    ]
 
 
 Measure = Callable[[StackConfig, RunningStack], BenchSummary]
@@ -174,6 +215,17 @@ def run_compare(
     return summaries
 
 
+def stack_options(options: runner.RunOptions, stack: RunningStack) -> runner.RunOptions:
+    """`options` pointed at `stack`: its URL, its model unless one was named, the CA of its
+    frontend (a stack's own wins: a compare stack over TLS has a CA of its own)."""
+    return dataclasses.replace(
+        options,
+        url=stack.url,
+        model=options.model or stack.model,
+        trust=stack.trust or options.trust,
+    )
+
+
 def measure_with(
     work: Workload,
     warm: Workload | None,
@@ -185,12 +237,17 @@ def measure_with(
     metrics before and after, the workload (the same object, so the same prompts) in between."""
 
     def measure(config: StackConfig, stack: RunningStack) -> BenchSummary:
-        opts = dataclasses.replace(options, url=stack.url, model=options.model or stack.model)
+        opts = stack_options(options, stack)
         before = scrape.scrape_all(stack.metrics_urls)
         result = runner.run(work, opts, warm, progress(config) if progress else None)
         after = scrape.scrape_all(stack.metrics_urls)
         cfg = run_config.model_copy(
-            update={"url": stack.url, "model": opts.model, "metrics_urls": list(stack.metrics_urls)}
+            update={
+                "url": stack.url,
+                "model": opts.model,
+                "metrics_urls": list(stack.metrics_urls),
+                **(opts.trust.record() if opts.trust else {}),
+            }
         )
         return report.summarize(report.LabelledRun(config.label, result, cfg, before, after))
 

@@ -28,6 +28,7 @@ from dynkv.bench.report import percentiles
 from dynkv.bench.rss import MIB, RssSampler, flatness
 from dynkv.bench.runner import auth_headers, discover_model
 from dynkv.bench.summary import Percentiles
+from dynkv.bench.trust import Trust, verify_of
 from dynkv.bench.workloads import text
 from dynkv.private_deployment import fresh_ports
 from dynkv.supervisor import read_state
@@ -47,6 +48,7 @@ class LoadOptions:
     rss_tolerance_mib: float = 16.0
     api_key: str | None = None
     samples: bool = False
+    trust: Trust | None = None  # the CA of an https frontend (`dynkv.bench.trust`)
 
 
 def say(message: str) -> None:
@@ -115,7 +117,12 @@ async def run_clients(
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     system = text(random.Random("load-system"), args.system_words)
     async with httpx.AsyncClient(
-        base_url=base, headers=headers, timeout=timeout, limits=limits, trust_env=False
+        base_url=base,
+        headers=headers,
+        timeout=timeout,
+        limits=limits,
+        trust_env=False,
+        verify=verify_of(args.trust),
     ) as http:
         t0 = time.perf_counter()
         deadline = t0 + args.duration
@@ -148,7 +155,9 @@ def report(
         for name in sampler.services
     }
     out = LoadReport(
-        config=LoadConfig.model_validate(dataclasses.asdict(args)),
+        config=LoadConfig.model_validate(
+            {**dataclasses.asdict(args), **(args.trust.record() if args.trust else {})}
+        ),
         requests=len(results),
         completed=len(ok),
         errors=len(errors),
@@ -209,7 +218,7 @@ def summary(rep: LoadReport) -> None:
 
 
 def run(args: LoadOptions, base: str, services: dict) -> LoadReport:
-    model = discover_model(base, args.api_key, trust_env=False)
+    model = discover_model(base, args.api_key, trust_env=False, trust=args.trust)
     say(f"{args.clients} streaming clients × {args.duration:g} s against {base} (model {model})")
     sampler = RssSampler(services, interval=args.sample).start()
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from dynkv.bench.summary import PartialRecord, Percentiles, Record
+from dynkv.bench.summary import PartialRecord, Percentiles
 
 Verdict = Literal["flat", "settling", "growing"]
 
@@ -36,8 +36,9 @@ class RssVerdict(PartialRecord):
     reason: str | None = None  # why there is no verdict
 
 
-class LoadConfig(Record):
-    """The options the load ran with (`dynkv.bench.load.LoadOptions`, less the key)."""
+class LoadConfig(PartialRecord):
+    """The options the load ran with (`dynkv.bench.load.LoadOptions`, less the key; the CA an
+    https frontend was verified against only when there was one)."""
 
     clients: int
     duration: float
@@ -49,6 +50,8 @@ class LoadConfig(Record):
     warmup: float
     rss_tolerance_pct: float
     rss_tolerance_mib: float
+    ca_cert: str | None = None
+    ca_cert_from: str | None = None
 
 
 # [seconds since the start, {service: MiB}] and [seconds, {service: {process: MiB}}]

@@ -29,6 +29,7 @@ import httpx
 from dynkv import router_metrics
 from dynkv.bench import compare, runner
 from dynkv.bench.summary import BenchSummary, RouterStats, RunConfig, WorkerLoad
+from dynkv.bench.trust import Trust, verify_of
 from dynkv.bench.workloads import Workload
 
 POLICIES = ("kv", "round_robin", "least_outstanding", "session")
@@ -73,9 +74,12 @@ def frontend_metrics_url(url: str) -> str:
 Reading = router_metrics.RouterReading | str  # a reading, or why there is none
 
 
-def read_router(url: str, api_key: str | None, timeout_s: float = 5.0) -> Reading:
+def read_router(
+    url: str, api_key: str | None, timeout_s: float = 5.0, *, trust: Trust | None = None
+) -> Reading:
+    """The frontend's /metrics, verified against `trust` (the CA the workload is sent with)."""
     try:
-        return router_metrics.fetch(url, timeout_s, api_key=api_key)
+        return router_metrics.fetch(url, timeout_s, api_key=api_key, verify=verify_of(trust))
     except (httpx.HTTPError, ValueError) as exc:
         return f"{type(exc).__name__}: {exc}"
 
@@ -134,6 +138,7 @@ def run_policies(
     run_id = run_id or new_run_id()
     notify = on_event or (lambda *_: None)
     url = frontend_metrics_url(stack.url)
+    trust = compare.stack_options(options, stack).trust
     summaries = []
     for policy in policies:
         salt = cache_salt(run_id, policy)
@@ -147,9 +152,9 @@ def run_policies(
 
         measure = compare.measure_with(work, warm, opts, cfg, bar)
         notify("measure", policy, salt)
-        before = read_router(url, options.api_key)
+        before = read_router(url, options.api_key, trust=trust)
         summary = measure(compare.StackConfig(policy), stack)
-        after = read_router(url, options.api_key)
+        after = read_router(url, options.api_key, trust=trust)
         summary.router = router_stats(policy, salt, url, before, after)
         notify("done", policy, summary)
         summaries.append(summary)

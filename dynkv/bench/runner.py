@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from dynkv.bench.client import Endpoint, RequestResult, request_body, stream_request
+from dynkv.bench.trust import Trust, verify_of
 from dynkv.bench.workloads import RequestSpec, Workload
 
 # Called after each measured request finishes: (done, total).
@@ -47,6 +48,8 @@ class RunOptions:
     router: str | None = None
     cache_salt: str | None = None
     session_header: bool = False
+    # the CA an https frontend is verified against (`dynkv.bench.trust`); None: the system's
+    trust: Trust | None = None
 
 
 ROUTER_HEADER = "x-dynkv-router"
@@ -103,6 +106,7 @@ def make_client(
         timeout=httpx.Timeout(options.timeout_s, connect=10.0),
         limits=limits,
         transport=transport,
+        verify=verify_of(options.trust),
     )
 
 
@@ -188,15 +192,22 @@ def run(
 
 
 def discover_model(
-    url: str, api_key: str | None = None, timeout_s: float = 10.0, *, trust_env: bool = True
+    url: str,
+    api_key: str | None = None,
+    timeout_s: float = 10.0,
+    *,
+    trust_env: bool = True,
+    trust: Trust | None = None,
 ) -> str:
     """The first model the server lists at GET /v1/models (raises httpx errors, KeyError).
-    `trust_env=False` ignores proxy variables (a loopback deployment)."""
+    `trust_env=False` ignores proxy variables (a loopback deployment); `trust`: the CA of an
+    https frontend."""
     response = httpx.get(
         f"{url.rstrip('/')}/v1/models",
         headers=auth_headers(api_key),
         timeout=timeout_s,
         trust_env=trust_env,
+        verify=verify_of(trust),
     )
     response.raise_for_status()
     return response.json()["data"][0]["id"]

@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynkv.bench.compare import CompareError, RunningStack, StackConfig, StackFailed
+from dynkv.bench.compare import (
+    DEFAULT_ADVERTISE,
+    CompareError,
+    RunningStack,
+    StackConfig,
+    StackFailed,
+)
+from dynkv.bench.trust import Trust
 from dynkv.kvbm.roles import ROLE_NAMES
 from dynkv.private_deployment import (
     WORKERS_PER_STACK,
@@ -38,6 +45,7 @@ from dynkv.private_deployment import (
     without_settings,
 )
 from dynkv.settings import SettingsError, load_profile, resolve
+from dynkv.tls.model import ClientTLS
 
 _TAIL_LINES = 25
 
@@ -53,6 +61,7 @@ class StackOptions:
     disk_cache_gb: float | None = None
     max_model_len: int | None = None
     workers: int | None = None  # agg workers (`DYNKV_WORKERS`); None: dynkv's default
+    advertise: str | None = None  # the `tls` transport's address (`DYNKV_ADVERTISE`); None: default
     startup_timeout_s: float = 900.0
     env: Mapping[str, str] = field(default_factory=dict)  # --stack-env, wins over the rest
 
@@ -103,6 +112,8 @@ class UpLauncher:
             env["DYNKV_PROFILE"] = config.profile
         if config.topology:
             env["DYNKV_TOPOLOGY"] = config.topology
+        if config.transport == "tls":  # `up --advertise`: TLS on every hop (docs/multi-host.md)
+            env["DYNKV_ADVERTISE"] = o.advertise or DEFAULT_ADVERTISE
         for name, value in (
             ("DYNKV_MODEL", o.model),
             ("DYNKV_DEVICE_KV_GB", o.device_kv_gb),
@@ -189,6 +200,7 @@ class UpLauncher:
         frontend = next(s for s in state["services"] if s["role"] == "frontend")
         workers = [s for s in state["services"] if s["role"] in ROLE_NAMES]
         settings = {k: v for k, v in env.items() if k.startswith(("DYNKV_", "DYN_KVBM_"))}
+        ca = frontend["meta"].get("ca_cert")  # an advertised stack's frontend: its own CA
         return RunningStack(
             url=frontend["meta"]["url"],
             model=frontend["meta"]["model"],
@@ -202,6 +214,7 @@ class UpLauncher:
                 "workers": [w["name"] for w in workers],
                 "env": settings,
             },
+            trust=Trust(ClientTLS(ca=ca), f"deployment {name}") if ca else None,
         )
 
     def down(self, stack: RunningStack) -> None:

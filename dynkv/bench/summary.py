@@ -106,6 +106,8 @@ class RunConfig(PartialRecord):
     router: str | None = None  # a router comparison's policy, sent as `x-dynkv-router`
     cache_salt: str | None = None  # the run's vLLM cache salt (fresh per policy run)
     session_header: bool | None = None  # each request carried its affinity key as x-session-id
+    ca_cert: str | None = None  # the CA file an https frontend was verified against (a path)
+    ca_cert_from: str | None = None  # --ca-cert, DYNKV_CLIENT_CA or `deployment NAME`
 
 
 class StackRecord(PartialRecord):
@@ -116,6 +118,7 @@ class StackRecord(PartialRecord):
     profile: str | None = None
     kvbm: bool | None = None
     topology: str | None = None
+    transport: str | None = None  # `bench compare --transports`: loopback or tls
     name: str | None = None
     state_dir: str | None = None
     up_s: float | None = None

@@ -4,7 +4,8 @@ A user passes the URL the openai client takes (`http://host:8000/v1`) as often a
 root: both mean the same server, so `/v1` is dropped here and added back per request. Against a
 dynkv deployment the workers' metrics URLs are in its state file: `--name` picks the deployment,
 and a URL that a local deployment's frontend serves finds it by itself, so the hit rates are
-filled in without `--metrics-url`.
+filled in without `--metrics-url`; so is the CA of an advertised deployment's frontend
+(`dynkv.bench.trust`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Target:
     url: str  # base URL, no /v1
     metrics_urls: tuple[str, ...]
     deployment: str | None = None  # the local deployment it belongs to, when found
+    ca_cert: str | None = None  # its frontend's CA (`up --advertise`), when it has one
 
 
 def _frontend_url(rec: ServiceRecord) -> str | None:
@@ -53,6 +55,12 @@ def worker_metrics(state: DeploymentState) -> tuple[str, ...]:
 def frontend_url(state: DeploymentState) -> str | None:
     rec = next((s for s in state.services if s.role == "frontend"), None)
     return None if rec is None else _frontend_url(rec)
+
+
+def frontend_ca(state: DeploymentState) -> str | None:
+    """The CA file an advertised deployment's frontend certificate is from (docs/multi-host.md)."""
+    rec = next((s for s in state.services if s.role == "frontend"), None)
+    return None if rec is None else rec.info.ca_cert
 
 
 def _same_server(a: str, b: str) -> bool:
@@ -87,4 +95,9 @@ def serving(url: str, state_dir: Path) -> DeploymentState | None:
 
 def of_deployment(state: DeploymentState) -> Target:
     """A deployment's frontend and its workers' metrics."""
-    return Target(base_url(frontend_url(state) or DEFAULT_URL), worker_metrics(state), state.name)
+    return Target(
+        base_url(frontend_url(state) or DEFAULT_URL),
+        worker_metrics(state),
+        state.name,
+        frontend_ca(state),
+    )

@@ -9,6 +9,7 @@ stderr. `dynkv bench compare` (cli/bench_compare.py) brings up stacks of its own
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import httpx
@@ -20,10 +21,12 @@ from dynkv.bench.summary import BenchSummary
 from dynkv.cli import bench_compare, bench_load_cmd, bench_router_compare
 from dynkv.cli.bench_options import (
     BenchJob,
+    CaCertOpt,
     MarkdownOpt,
     PlotOpt,
     WorkloadArgs,
     progress,
+    trust_or_usage,
     usage,
     workload_options,
 )
@@ -54,8 +57,9 @@ def _check_url(url: str, flag: str) -> str:
 
 
 def _find_target(url: str | None, name: str | None, metrics_urls: list[str]) -> target.Target:
-    """The server and the metrics to scrape: --metrics-url when given, else the workers of the
-    deployment --name names, or of the local deployment that serves --url."""
+    """The server, the metrics to scrape and the CA of its frontend: --metrics-url when given,
+    else the workers of the deployment --name names, or of the local deployment that serves
+    --url (whose frontend's CA is found either way)."""
     from dynkv.cli.options import resolve_from_options
 
     if name is not None:
@@ -70,20 +74,19 @@ def _find_target(url: str | None, name: str | None, metrics_urls: list[str]) -> 
             )
         found = target.of_deployment(state)
         if url is not None:
-            found = target.Target(target.base_url(url), found.metrics_urls, state.name)
+            found = dataclasses.replace(found, url=target.base_url(url))
     else:
         base = target.base_url(url or DEFAULT_URL)
         found = target.Target(base, ())
-        if not metrics_urls:
-            try:
-                dep = resolve_from_options(require_tier=False, quiet=True).deployment
-                state = target.serving(base, dep.state_dir)
-            except Exception:  # noqa: BLE001 - no settings, no deployment: nothing to scrape
-                state = None
-            if state is not None:
-                found = target.Target(base, target.worker_metrics(state), state.name)
+        try:
+            dep = resolve_from_options(require_tier=False, quiet=True).deployment
+            state = target.serving(base, dep.state_dir)
+        except Exception:  # noqa: BLE001 - no settings, no deployment: nothing to scrape
+            state = None
+        if state is not None:
+            found = dataclasses.replace(target.of_deployment(state), url=base)
     if metrics_urls:
-        found = target.Target(found.url, tuple(metrics_urls), found.deployment)
+        found = dataclasses.replace(found, metrics_urls=tuple(metrics_urls))
     return found
 
 
@@ -145,6 +148,7 @@ def serve(
         str | None,
         typer.Option("--api-key", envvar="DYNKV_API_KEY", show_default=False, help="Bearer token."),
     ] = None,
+    ca_cert: CaCertOpt = None,
     metrics_url: Annotated[
         list[str] | None,
         typer.Option(
@@ -194,24 +198,27 @@ def serve(
     workload, warm = work.build()
     found = _find_target(url, name, list(metrics_url or []))
     url, metrics_urls = found.url, list(found.metrics_urls)
+    trust = trust_or_usage(ca_cert, deployment_ca=found.ca_cert, deployment=found.deployment)
 
     try:
-        served = model or runner.discover_model(url, api_key)
+        served = model or runner.discover_model(url, api_key, trust=trust)
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
         raise UserError(
             f"cannot list the models at {url}/v1/models: {type(exc).__name__}: {exc}",
             "start the server (dynkv up), or pass --url of a running OpenAI-compatible "
-            "server (and --api-key if it requires one); --model NAME skips the lookup",
+            "server (and --api-key if it requires one, --ca-cert if its certificate is from "
+            "a CA of its own); --model NAME skips the lookup",
             EXIT_FAILURE,
         ) from None
 
-    options = work.run_options(url, served, api_key)
+    options = work.run_options(url, served, api_key, trust)
     config = work.run_config(workload).model_copy(
         update={
             "url": url,
             "model": served,
             "metrics_urls": metrics_urls,
             "deployment": found.deployment,
+            **(trust.record() if trust else {}),
         }
     )
     if not json_out and policies is None:
@@ -222,7 +229,7 @@ def serve(
         )
 
     if policies is not None:
-        stack = compare.RunningStack(url, served, metrics_urls)
+        stack = compare.RunningStack(url, served, metrics_urls, trust=trust)
         job = BenchJob(workload, warm, options, config, markdown, plot, json_out)
         bench_router_compare.run(policies=policies, stack=stack, job=job)
         return

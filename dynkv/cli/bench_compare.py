@@ -1,6 +1,6 @@
-"""`dynkv bench compare --profiles PROFILE… | --topologies agg,disagg`: bring up each
-configuration with `dynkv up -d` in turn (private name, ports and state dir), run the same
-workload against it, take it down, and write one combined report.
+"""`dynkv bench compare --profiles PROFILE… | --topologies agg,disagg | --transports
+loopback,tls`: bring up each configuration with `dynkv up -d` in turn (private name, ports and
+state dir), run the same workload against it, take it down, and write one combined report.
 
 Thin: the options (shared with `bench serve`, `dynkv.cli.bench_options`) build the workload; this
 module plans the configurations (`dynkv.bench.compare`), starts each stack with
@@ -69,6 +69,7 @@ def run(
     *,
     profiles: list[str],
     topologies: list[str],
+    transports: list[str],
     profile: str | None,
     baseline: bool | None,
     stack_options: stacks.StackOptions,
@@ -79,7 +80,9 @@ def run(
     work, warm, options, run_config = job.work, job.warm, job.options, job.run_config
     markdown, plot, json_out = job.markdown, job.plot, job.json_out
     try:
-        configs = compare.plan_configs(profiles, topologies, profile=profile, baseline=baseline)
+        configs = compare.plan_configs(
+            profiles, topologies, profile=profile, baseline=baseline, transports=transports
+        )
     except compare.CompareError as exc:
         raise usage(exc.cause, exc.fix) from None
     out = out_dir or default_out_dir()
@@ -155,7 +158,14 @@ def run(
         date=started.isoformat(timespec="seconds"),
         command=command,
         configurations=[c.to_json() for c in configs],
-        stack_options={**dataclasses.asdict(stack_options), "env": dict(stack_options.env)},
+        stack_options={
+            **{
+                k: v
+                for k, v in dataclasses.asdict(stack_options).items()
+                if k != "advertise" or v is not None  # only a comparison with --transports tls
+            },
+            "env": dict(stack_options.env),
+        },
     )
     data = combined.model_dump(mode="json")
     out.mkdir(parents=True, exist_ok=True)
@@ -194,6 +204,8 @@ def _stack_note(o: stacks.StackOptions) -> str:
         parts.append(f"G3 {o.disk_cache_gb:g} GB")
     if o.max_model_len is not None:
         parts.append(f"max model len {o.max_model_len}")
+    if o.advertise is not None:
+        parts.append(f"tls on {o.advertise}")
     parts += [f"{k}={v}" for k, v in o.env.items()]
     return ", ".join(parts)
 
@@ -217,8 +229,26 @@ def compare_cmd(
             show_default=False,
         ),
     ] = None,
+    transports: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--transports",
+            help="Bring up each configuration (or --profile) once per transport: loopback, and "
+            "tls (`dynkv up --advertise --advertise-addr`: TLS on every hop; "
+            "docs/multi-host.md#measuring-tls-overhead).",
+            show_default=False,
+        ),
+    ] = None,
+    advertise_addr: Annotated[
+        str | None,
+        typer.Option(
+            "--advertise-addr",
+            help=f"The address of --transports tls (default {compare.DEFAULT_ADVERTISE}).",
+            show_default=False,
+        ),
+    ] = None,
     profile: Annotated[
-        str | None, typer.Option("--profile", help="The profile of --topologies.")
+        str | None, typer.Option("--profile", help="The profile of --topologies or --transports.")
     ] = None,
     baseline: Annotated[
         bool | None,
@@ -292,7 +322,7 @@ def compare_cmd(
     served_model: Annotated[str | None, typer.Option("--model", "-m", hidden=True)] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Bring up each profile (or topology) in turn with `dynkv up -d`, run the same workload
+    """Bring up each profile (topology, transport) in turn with `dynkv up -d`, run the same workload
     against it, take it down, and write one combined report."""
     if served_model is not None:
         raise usage(
@@ -302,14 +332,17 @@ def compare_cmd(
     policies = None
     if routers is not None:
         policies = bench_router_compare.policies_or_usage(routers)
-        if profiles or topologies or baseline is not None:
+        if profiles or topologies or transports or baseline is not None:
             raise usage(
-                "--routers compares policies on one fleet; --profiles, --topologies and "
-                "--baseline compare stacks",
+                "--routers compares policies on one fleet; --profiles, --topologies, "
+                "--transports and --baseline compare stacks",
                 "run them as two comparisons",
             )
     elif workers is not None:
         raise usage("--workers is the fleet of --routers", "pass --routers, or drop --workers")
+    tls = "tls" in compare.split_values(transports)
+    if advertise_addr is not None and not tls:
+        raise usage("--advertise-addr is the address of --transports tls", "pass --transports tls")
     workload, warm = work.build()
     try:
         stack_options = stacks.StackOptions(
@@ -319,6 +352,7 @@ def compare_cmd(
             disk_cache_gb=disk_cache_gb,
             max_model_len=max_model_len,
             workers=(workers or 2) if policies else None,
+            advertise=(advertise_addr or compare.DEFAULT_ADVERTISE) if tls else None,
             env=stacks.parse_env_pairs(stack_env),
         )
     except compare.CompareError as exc:
@@ -338,6 +372,7 @@ def compare_cmd(
     run(
         profiles=compare.split_values(profiles),
         topologies=compare.split_values(topologies),
+        transports=compare.split_values(transports),
         profile=profile,
         baseline=baseline,
         stack_options=stack_options,

@@ -10,6 +10,7 @@ judged `growing`, 1 otherwise, 2 for bad options.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -20,14 +21,17 @@ import typer
 
 from dynkv.bench import load, target
 from dynkv.bench.load_report import LoadReport
+from dynkv.cli.bench_options import CaCertOpt, trust_or_usage
 from dynkv.cli.group import EXIT_FAILURE, UserError
 from dynkv.cli.options import JsonOpt
 from dynkv.cli.output import emit_json
 from dynkv.private_deployment import dynkv_cli
 
 
-def _services(name: str | None) -> dict:
+def _deployment(name: str | None) -> tuple[dict, str | None, str]:
+    """The running deployment's services, its frontend's CA (an advertised one's) and name."""
     from dynkv.cli.options import resolve_from_options
+    from dynkv.supervisor import read_state
 
     dep = resolve_from_options(name=name, require_tier=False, quiet=True).deployment
     services = load.services_of(dep.deployment_dir)
@@ -37,7 +41,8 @@ def _services(name: str | None) -> dict:
             "pass the --name (and DYNKV_STATE_DIR) it was started with, or leave out --url "
             "to load a deployment of its own",
         )
-    return services
+    state = read_state(dep.deployment_dir)
+    return services, target.frontend_ca(state) if state else None, dep.name
 
 
 def _own_deployment(options: load.LoadOptions) -> LoadReport:
@@ -101,6 +106,7 @@ def bench_load(
     samples: Annotated[
         bool, typer.Option("--samples", help="Include every RSS sample in --json.")
     ] = False,
+    ca_cert: CaCertOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Streaming clients for a bounded time against a deployment: errors, TTFT and end-to-end
@@ -121,7 +127,10 @@ def bench_load(
     )
     try:
         if url:
-            rep = load.run(options, target.base_url(url), _services(name))
+            services, ca, found = _deployment(name)
+            trust = trust_or_usage(ca_cert, deployment_ca=ca, deployment=found)
+            options = dataclasses.replace(options, trust=trust)
+            rep = load.run(options, target.base_url(url), services)
         else:
             rep = _own_deployment(options)
     except httpx.HTTPError as exc:

@@ -25,6 +25,7 @@ from dynkv.cli.output import err
 
 if TYPE_CHECKING:
     from dynkv.bench.runner import RunOptions
+    from dynkv.bench.trust import Trust
 
 
 class WorkloadName(StrEnum):
@@ -129,6 +130,17 @@ MarkdownOpt = Annotated[
 ]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG of TTFT per round.")]
 
+CaCertOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-cert",
+        help="Verify an https server against this CA file (PEM). Default: $DYNKV_CLIENT_CA, else "
+        "the CA of the deployment found by --name or --url (`dynkv up --advertise`), else the "
+        "system's store.",
+        show_default=False,
+    ),
+]
+
 SendSessionOpt = Annotated[
     bool,
     typer.Option(
@@ -225,8 +237,10 @@ class WorkloadArgs:
         except workloads.WorkloadError as exc:
             raise usage(exc.cause, exc.fix) from None
 
-    def run_options(self, url: str = "", model: str = "", api_key: str | None = None):
-        """How the runner sends (a compare run fills url and model in per stack)."""
+    def run_options(
+        self, url: str = "", model: str = "", api_key: str | None = None, trust: Trust | None = None
+    ):
+        """How the runner sends (a compare run fills url, model and trust in per stack)."""
         from dynkv.bench.runner import RunOptions
 
         return RunOptions(
@@ -240,6 +254,7 @@ class WorkloadArgs:
             ignore_eos=self.ignore_eos,
             api_key=api_key,
             send_session=self.send_session,
+            trust=trust,
         )
 
     def run_config(self, work: workloads.Workload) -> RunConfig:
@@ -302,6 +317,21 @@ def workload_options(command: Callable[..., None]) -> Callable[..., None]:
     with_work.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     with_work.__annotations__ = {p.name: p.annotation for p in params}
     return with_work
+
+
+def trust_or_usage(
+    ca_cert: Path | None, *, deployment_ca: str | None = None, deployment: str | None = None
+) -> Trust | None:
+    """The CA the bench verifies an https server against (`dynkv.bench.trust.choose`); a CA
+    file that does not load is a usage error."""
+    import os
+
+    from dynkv.bench import trust
+
+    try:
+        return trust.choose(ca_cert, os.environ, deployment_ca=deployment_ca, deployment=deployment)
+    except trust.TrustError as exc:
+        raise usage(exc.cause, exc.fix) from None
 
 
 def usage(cause: str, fix: str) -> UserError:

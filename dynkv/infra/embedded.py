@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dynkv.infra.etcd_argv import etcd_argv, member_name
-from dynkv.plan.model import HttpProbe, Service
+from dynkv.plan.model import HttpProbe, Service, ServiceInfo
 from dynkv.tls.model import ClientTLS, TransportSecurity
 
 LOOPBACK = "127.0.0.1"
@@ -80,7 +80,14 @@ def etcd_service(
         probes=(probe,),
         log_file=str(deployment_dir / "logs" / "etcd.log"),
         data_dirs=(str(data_dir),),
+        info=_bound_on(tls),
     )
+
+
+def _bound_on(tls: TransportSecurity | None) -> ServiceInfo:
+    """An advertised service declares the address it binds, so that the preflight checks its
+    client port there (`dynkv.plan.ports`); a loopback one declares nothing, as always."""
+    return ServiceInfo(bind_host=tls.advertise) if tls is not None else ServiceInfo()
 
 
 def nats_service(
@@ -125,6 +132,7 @@ def nats_service(
         data_dirs=(str(store),),
         env=env,
         files=files,
+        info=_bound_on(tls),
     )
 
 

@@ -157,7 +157,9 @@ class ServiceInfo(BaseModel):
     model: str | None = None  # the served model name (workers and frontend)
     metrics_url: str | None = None  # a worker's KVBM metrics; None: KVBM off for it
     etcd_key: str | None = None  # a worker's registration key
-    bind_host: str | None = None  # frontend: the address it binds (may be non-loopback)
+    # the address it binds besides loopback: the frontend's, and under --advertise etcd's, NATS's
+    # and a joined node's workers' (the preflight checks their ports there: dynkv.plan.ports)
+    bind_host: str | None = None
     auth: Literal["bearer", "none"] | None = None  # frontend: API key required or not
     container: str | None = None  # docker infra: the container's name
     ca_cert: str | None = None  # frontend of `up --advertise`: the CA its certificate is from

@@ -34,6 +34,12 @@ class PortSetting:
     group: str
     per_worker: bool = False  # worker i binds value + i
     host_variable: str | None = None  # the setting of its bind address, when it has one
+    # Bound on the service's own address too (`ServiceInfo.bind_host`); False: this port stays
+    # on loopback (or on its own `host_variable`) whatever address the rest of the service binds.
+    on_service_host: bool = True
+    # `up --advertise ADDR` binds it on ADDR (docs/multi-host.md); the first host's workers stay
+    # on loopback, a joined node's declare its address as their `bind_host`.
+    advertised: bool = False
 
 
 LAYOUT: tuple[PortSetting, ...] = (  # in the order `dynkv doctor` reports them
@@ -44,6 +50,7 @@ LAYOUT: tuple[PortSetting, ...] = (  # in the order `dynkv doctor` reports them
         "frontend",
         "ports.frontend",
         host_variable="DYNKV_FRONTEND_HOST",
+        advertised=True,
     ),
     PortSetting("DYNKV_WORKER_PORT", WORKER_ROLES, "http", "worker", "ports.workers", True),
     PortSetting(
@@ -54,12 +61,26 @@ LAYOUT: tuple[PortSetting, ...] = (  # in the order `dynkv doctor` reports them
         "ports.kvbm_metrics",
         True,
         "DYN_KVBM_METRICS_HOST",
+        on_service_host=False,
     ),
     PortSetting("DYNKV_NIXL_SIDE_CHANNEL_PORT", WORKER_ROLES, None, "NIXL side channel", "", True),
-    PortSetting("DYNKV_ETCD_PORT", ("etcd",), "client", "etcd client", "ports.etcd"),
-    PortSetting("DYNKV_ETCD_PEER_PORT", ("etcd",), "peer", "etcd peer", "ports.etcd"),
-    PortSetting("DYNKV_NATS_PORT", ("nats",), "client", "NATS client", "ports.nats"),
-    PortSetting("DYNKV_NATS_MONITOR_PORT", ("nats",), "monitor", "NATS monitor", "ports.nats"),
+    PortSetting(
+        "DYNKV_ETCD_PORT", ("etcd",), "client", "etcd client", "ports.etcd", advertised=True
+    ),
+    PortSetting(
+        "DYNKV_ETCD_PEER_PORT", ("etcd",), "peer", "etcd peer", "ports.etcd", on_service_host=False
+    ),
+    PortSetting(
+        "DYNKV_NATS_PORT", ("nats",), "client", "NATS client", "ports.nats", advertised=True
+    ),
+    PortSetting(
+        "DYNKV_NATS_MONITOR_PORT",
+        ("nats",),
+        "monitor",
+        "NATS monitor",
+        "ports.nats",
+        on_service_host=False,
+    ),
     PortSetting("DYNKV_PROMETHEUS_PORT", ("prometheus",), "http", "Prometheus", "ports.prometheus"),
 )
 
@@ -118,9 +139,14 @@ def setting_of(role: str, name: str) -> PortSetting | None:
     return None
 
 
-def _bind_host(svc: Service) -> str | None:
-    """The address a service binds when it is not loopback (the frontend's DYNKV_FRONTEND_HOST)."""
-    return svc.info.bind_host
+def _hosts(svc: Service, setting: PortSetting | None) -> tuple[str, ...]:
+    """Where one of `svc`'s ports is checked: loopback, and the address the service declares it
+    binds (`bind_host`: the frontend's DYNKV_FRONTEND_HOST, and under `--advertise` etcd's, NATS's
+    and a joined node's workers' address) unless that port stays on loopback."""
+    bind = svc.info.bind_host
+    if bind and bind != LOOPBACK and (setting is None or setting.on_service_host):
+        return (LOOPBACK, bind)
+    return (LOOPBACK,)
 
 
 def plan_ports(plan: Plan) -> list[PortUse]:
@@ -131,17 +157,13 @@ def plan_ports(plan: Plan) -> list[PortUse]:
     for svc in plan.services:
         index = worker_index if svc.role in WORKER_ROLES else 0
         worker_index += svc.role in WORKER_ROLES
-        hosts = [LOOPBACK]
-        bind = _bind_host(svc)
-        if bind and bind not in hosts:
-            hosts.append(bind)
         for name, port in svc.ports.items():
             setting = setting_of(svc.role, name)
             uses.append(
                 PortUse(
                     label=f"{svc.name} {name}",
                     port=port,
-                    hosts=tuple(hosts),
+                    hosts=_hosts(svc, setting),
                     variable=setting.variable if setting else "the matching DYNKV_*_PORT",
                     group=setting.group if setting else "ports.other",
                     offset=index if setting and setting.per_worker else 0,
@@ -178,11 +200,13 @@ def settings_ports(resolved: Resolved) -> list[PortUse]:
     for s in _listed(LAYOUT):
         if s.variable in skip or s.variable not in values:
             continue
-        host = hosts.get(s.host_variable or "", LOOPBACK)
+        bound: tuple[str, ...] = (hosts.get(s.host_variable or "", LOOPBACK),)
+        if d.advertise and s.advertised:  # as plan_ports checks the plan of `up --advertise`
+            bound = (LOOPBACK, d.advertise) if d.advertise != LOOPBACK else (LOOPBACK,)
         for i in range(workers if s.per_worker else 1):
             label = f"{s.label} {i}" if s.per_worker else s.label
             port = worker_port(values[s.variable], i) if s.per_worker else values[s.variable]
-            uses.append(PortUse(label, port, (host,), s.variable, s.group, i, s.host_variable))
+            uses.append(PortUse(label, port, bound, s.variable, s.group, i, s.host_variable))
     return uses
 
 

@@ -252,6 +252,8 @@ def worker_service(
             model=served_name,
             metrics_url=metrics or None,  # None: no KVBM (status shows none)
             etcd_key=key,
+            # a joined node's address: the preflight checks the worker's port there too
+            bind_host=bind if bind != "127.0.0.1" else None,
         ),
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 
 from dynkv.cli.main import app
 from dynkv.infra.etcd_client import EtcdClient, EtcdError
+from dynkv.supervisor import read_state
 from dynkv.tls.ca import DeploymentCA
 from dynkv.tls.model import ClientTLS
 
@@ -41,8 +43,31 @@ def deployment(tmp_path, monkeypatch):
     runner.invoke(app, ["down"])
 
 
+def refused_while_a_port_is_held_on_the_address(env, model) -> None:
+    """NATS binds only ADDR under --advertise: a port held there (not on 127.0.0.1) is found by
+    the preflight, with its owner and a fix, before anything starts; and by a plain `doctor`.
+    (Run first in the end-to-end test, whose `up` then reuses the vLLM probe this one paid.)"""
+    port = int(env["DYNKV_NATS_PORT"])
+    with socket.socket() as sock:
+        sock.bind((ADDR, port))
+        sock.listen()
+        up = runner.invoke(
+            app, ["up", "-d", "--model", str(model), "--device", "cpu", "--advertise", ADDR]
+        )
+        doctor = runner.invoke(
+            app, ["doctor", "--model", str(model), "--device", "cpu"], env={"DYNKV_ADVERTISE": ADDR}
+        )
+    assert up.exit_code == 1, up.output
+    assert doctor.exit_code == 1, doctor.output
+    for result in (up, doctor):
+        assert f"client port {port} is taken by" in result.stderr, result.output
+        assert f"pid {os.getpid()}" in result.stderr and "DYNKV_NATS_PORT=" in result.stderr
+    assert read_state(Path(env["DYNKV_STATE_DIR"]) / "adv") is None  # nothing started
+
+
 def test_an_advertised_deployment_serves_over_tls_end_to_end(deployment):
     env, model = deployment
+    refused_while_a_port_is_held_on_the_address(env, model)
     up = runner.invoke(
         app, ["up", "-d", "--json", "--model", str(model), "--device", "cpu", "--advertise", ADDR]
     )
@@ -88,6 +113,17 @@ def test_an_advertised_deployment_serves_over_tls_end_to_end(deployment):
         httpx.get(f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}/health", timeout=5)
     worker = f"https://127.0.0.1:{env['DYNKV_WORKER_PORT']}"
     assert httpx.get(f"{worker}/health", timeout=5, verify=cli.ssl_context()).status_code == 200
+
+    # `bench serve` finds the deployment that serves the URL and verifies against its CA: the
+    # workload, and the router comparison's reads of the frontend's /metrics
+    workload = ["--users", "1", "--rounds", "2", "--system-tokens", "16", "--question-tokens"]
+    workload += ["4", "--answer-tokens", "2", "--compare-router", "round_robin", "--json"]
+    bench = runner.invoke(app, ["bench", "serve", "--url", f"{frontend}/v1", *workload])
+    assert bench.exit_code == 0, bench.output
+    (run,) = json.loads(bench.stdout)["runs"]
+    assert run["completed"] == run["requests"] == 2, run
+    assert run["config"]["ca_cert"] == ca and run["config"]["ca_cert_from"] == "deployment adv"
+    assert run["router"].get("error") is None, run["router"]
 
     status = runner.invoke(app, ["status", "--json"])
     assert status.exit_code == 0, status.output

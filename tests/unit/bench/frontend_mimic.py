@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -158,14 +159,21 @@ def _handler(mimic: FrontendMimic):
 
 
 class Serving:
-    """`with Serving(mimic) as url:` the mimic on a free loopback port."""
+    """`with Serving(mimic) as url:` the mimic on a free loopback port; over https with
+    `tls=(cert file, key file)`, as an advertised deployment's frontend serves."""
 
-    def __init__(self, mimic: FrontendMimic) -> None:
+    def __init__(self, mimic: FrontendMimic, tls: tuple[str, str] | None = None) -> None:
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), _handler(mimic))
+        self.scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
 
     def __enter__(self) -> str:
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     def __exit__(self, *exc) -> None:
         self.server.shutdown()

@@ -11,7 +11,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from dynkv.bench import compare, stacks
+from dynkv.bench import compare, runner, stacks
 from dynkv.bench.compare import (
     BASELINE_LABEL,
     CompareError,
@@ -343,3 +343,113 @@ def test_a_stack_option_given_to_serve_names_bench_compare():
     result = CliRunner().invoke(app, ["bench", "serve", "--stack-model", "m"])
     assert result.exit_code == 2
     assert "--stack-model is an option of `dynkv bench compare`" in result.stderr
+
+
+# ---- the transport axis (docs/multi-host.md#measuring-tls-overhead) ---------------------------
+
+
+def test_transports_alone_bring_up_the_one_profile_per_transport():
+    configs = plan_configs([], [], profile="gpu-cpu", transports=["loopback", "tls"])
+    assert [(c.label, c.profile, c.transport, c.kvbm) for c in configs] == [
+        ("loopback (gpu-cpu)", "gpu-cpu", "loopback", True),
+        ("tls (gpu-cpu)", "gpu-cpu", "tls", True),
+    ]
+    default = plan_configs([], [], transports=["tls"])
+    assert [c.label for c in default] == ["tls (default profile)"]
+
+
+def test_transports_run_each_configuration_side_by_side():
+    configs = plan_configs(["gpu-cpu"], [], transports=["loopback", "tls"])
+    assert [(c.label, c.kvbm, c.transport) for c in configs] == [
+        (f"{BASELINE_LABEL}, loopback", False, "loopback"),
+        (f"{BASELINE_LABEL}, tls", False, "tls"),
+        ("gpu-cpu, loopback", True, "loopback"),
+        ("gpu-cpu, tls", True, "tls"),
+    ]
+    topo = plan_configs([], ["agg", "disagg"], profile="gpu-cpu", transports=["tls"])
+    assert [(c.label, c.topology) for c in topo] == [
+        ("agg (gpu-cpu), tls", "agg"),
+        ("disagg (gpu-cpu), tls", "disagg"),
+    ]
+    # without --transports a configuration records no transport, as before
+    assert "transport" not in plan_configs(["gpu-cpu"], [])[0].to_json()
+    assert configs[1].to_json()["transport"] == "tls"
+
+
+@pytest.mark.parametrize(
+    ("transports", "needle"),
+    [(["quic"], "unknown transport 'quic'"), (["tls", "tls"], "listed twice")],
+)
+def test_bad_transports_are_usage_errors(transports, needle):
+    with pytest.raises(CompareError) as exc:
+        plan_configs([], [], transports=transports)
+    assert needle in exc.value.cause and exc.value.fix
+
+
+def test_a_tls_stack_is_started_with_advertise_and_verified_against_its_ca(tmp_path):
+    up = launcher(tmp_path, advertise="127.0.0.3")
+    assert up.settings_env(StackConfig("t", "gpu-cpu", transport="tls"))["DYNKV_ADVERTISE"] == (
+        "127.0.0.3"
+    )
+    assert "DYNKV_ADVERTISE" not in up.settings_env(StackConfig("l", transport="loopback"))
+    default = launcher(tmp_path).settings_env(StackConfig("t", transport="tls"))
+    assert default["DYNKV_ADVERTISE"] == compare.DEFAULT_ADVERTISE == "127.0.0.2"
+    up.check(StackConfig("t", "gpu-cpu", transport="tls"))  # resolves as `up --advertise` will
+    with pytest.raises(CompareError, match="DYNKV_ADVERTISE"):
+        launcher(tmp_path, advertise="nowhere").check(StackConfig("t", transport="tls"))
+    frontend = {"url": "https://127.0.0.3:9", "model": "m", "ca_cert": "/s/cmp1/tls/ca.crt"}
+    state = {"services": [{"name": "frontend", "role": "frontend", "meta": frontend}]}
+    stack = up._running(state, "cmp1-t", tmp_path, 1.0, {})
+    assert stack.trust is not None
+    assert stack.trust.record() == {
+        "ca_cert": "/s/cmp1/tls/ca.crt",
+        "ca_cert_from": "deployment cmp1-t",
+    }
+    opts = compare.stack_options(runner.RunOptions(url="", model=""), stack)
+    assert (opts.url, opts.model, opts.trust) == ("https://127.0.0.3:9", "m", stack.trust)
+
+
+def test_compare_transports_cli_labels_each_run(fake_stacks, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["bench", "compare", "--transports", "loopback,tls", "--profile", "gpu-cpu"]
+        + ["--users", "1", "--rounds", "1", "--answer-tokens", "2", "--out", str(tmp_path)]
+        + ["--json"],
+    )
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [r["label"] for r in data["runs"]] == ["loopback (gpu-cpu)", "tls (gpu-cpu)"]
+    assert [r["stack"]["transport"] for r in data["runs"]] == ["loopback", "tls"]
+    assert data["compare"]["stack_options"]["advertise"] == "127.0.0.2"
+    assert [c["transport"] for c in data["compare"]["configurations"]] == ["loopback", "tls"]
+    assert [c.transport for c in fake_stacks] == ["loopback", "tls"]
+
+
+def test_a_comparison_without_transports_keeps_its_report_shape(fake_stacks, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["bench", "compare", "--topologies", "agg", "--users", "1", "--rounds", "1"]
+        + ["--answer-tokens", "2", "--out", str(tmp_path), "--json"],
+    )
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert "transport" not in data["runs"][0]["stack"]
+    assert "advertise" not in data["compare"]["stack_options"]
+    assert data["compare"]["stack_options"]["model"] is None  # the other keys as they were
+    assert "transport" not in data["compare"]["configurations"][0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--transports", "loopback,quic"], "unknown transport 'quic'"),
+        (["--profiles", "gpu-cpu", "--advertise-addr", "127.0.0.3"], "--transports tls"),
+        (["--routers", "kv", "--transports", "tls"], "--routers compares policies on one fleet"),
+        (["--transports", "tls", "--advertise-addr", "0.0.0.0"], "DYNKV_ADVERTISE"),
+    ],
+)
+def test_compare_transports_usage_errors_exit_2(args, needle, fake_stacks):
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["bench", "compare", *args])
+    assert result.exit_code == 2, result.stderr
+    assert needle in result.stderr and "fix:" in result.stderr
+    assert fake_stacks == []  # nothing started
