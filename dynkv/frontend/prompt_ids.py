@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import time
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -50,19 +51,33 @@ class PromptTokenizer:
     """The workers' tokenizer, loaded once (lazily, in the caller's thread). Not thread-safe:
     the frontend calls it from one worker thread."""
 
+    # a tokenizer that failed to load is not tried again for this long: every kv request would
+    # otherwise pay a load attempt (seconds) before falling back to routing by load
+    RETRY_SECS = 60.0
+
     def __init__(self, source: str, chat_template: str | None = None) -> None:
         self.source = source
         self.chat_template_arg = chat_template
         self._tok: Any = None
+        self._failed: tuple[float, Exception] | None = None  # (when, why) of the last failure
         self._lock = threading.Lock()
 
     @property
     def tokenizer(self) -> Any:
         with self._lock:
             if self._tok is None:
+                if (
+                    self._failed is not None
+                    and time.monotonic() - self._failed[0] < self.RETRY_SECS
+                ):
+                    raise self._failed[1]
                 from transformers import AutoTokenizer
 
-                self._tok = AutoTokenizer.from_pretrained(self.source, local_files_only=True)
+                try:
+                    self._tok = AutoTokenizer.from_pretrained(self.source, local_files_only=True)
+                except Exception as exc:
+                    self._failed = (time.monotonic(), exc)
+                    raise
             return self._tok
 
     def token_ids(self, endpoint: str, body: Mapping[str, Any]) -> list[int]:

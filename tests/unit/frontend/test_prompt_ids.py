@@ -164,3 +164,25 @@ def test_completion_ids(tiny):
     for prompt in (["a", "b"], [[1], [2]], 5, [], [True]):
         with pytest.raises(Unsupported):
             tok.token_ids("completions", {"prompt": prompt})
+
+
+def test_a_tokenizer_that_cannot_load_is_not_tried_again_on_every_request(tmp_path, monkeypatch):
+    """Each kv request would otherwise pay a load attempt (seconds) before routing by load."""
+    import transformers
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise OSError("no tokenizer files")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    tok = PromptTokenizer(str(tmp_path))
+    for _ in range(3):
+        with pytest.raises(OSError, match="no tokenizer files"):
+            tok.token_ids("completions", {"prompt": "hi"})
+    assert len(calls) == 1
+    monkeypatch.setattr(PromptTokenizer, "RETRY_SECS", 0.0)  # after the pause: tried again
+    with pytest.raises(OSError):
+        tok.token_ids("completions", {"prompt": "hi"})
+    assert len(calls) == 2
