@@ -87,20 +87,33 @@ def send(fe: ServerThread, router: str | None = None, salt: str | None = None) -
     return r.headers["x-dynkv-worker"]
 
 
+def publisher(url: str, worker: str) -> KvEventPublisher:
+    """`worker`'s KV event publisher, as its KVBM would run it (fast flushes and rates)."""
+    settings = KvEventsSettings(
+        nats_url=url,
+        deployment=DEPLOYMENT,
+        worker_id=worker,
+        flush_ms=10,
+        rates_interval_secs=0.2,
+        reconnect_secs=0.1,
+    )
+    return KvEventPublisher(settings, block_size=BLOCK, fingerprint=FINGERPRINT).start()
+
+
+def announce(pub: KvEventPublisher, fe: ServerThread, keys: list[int]) -> None:
+    """`keys` stored in G2, in the frontend's index, and the worker's fingerprint known."""
+    for key in keys:
+        pub.stored(Tier.HOST, key)
+    until(lambda: metric(fe, "dynkv_router_index_blocks") == len(keys))
+    time.sleep(0.5)  # a rates message: the router learns the worker's fingerprint
+
+
 def test_a_prefix_goes_where_its_blocks_were_announced(tiny, nats):
     proc, url = nats
     ids = PromptTokenizer(str(tiny)).token_ids("completions", {"prompt": PROMPT})
     keys = BlockHasher(bytes.fromhex(FINGERPRINT), BLOCK).keys(ids)
     assert len(keys) >= 3
-    settings = KvEventsSettings(
-        nats_url=url,
-        deployment=DEPLOYMENT,
-        worker_id="agg-1",
-        flush_ms=10,
-        rates_interval_secs=0.2,
-        reconnect_secs=0.1,
-    )
-    pub = KvEventPublisher(settings, block_size=BLOCK, fingerprint=FINGERPRINT).start()
+    pub = publisher(url, "agg-1")
     fakes = [FakeWorker("w0"), FakeWorker("w1")]
     try:
         with ServerThread(fakes[0].app()) as s0, ServerThread(fakes[1].app()) as s1:
@@ -110,10 +123,7 @@ def test_a_prefix_goes_where_its_blocks_were_announced(tiny, nats):
             )
             app = create_app(config, pool=pool, discover=False)
             with ServerThread(app) as fe:
-                for key in keys:
-                    pub.stored(Tier.HOST, key)
-                until(lambda: metric(fe, "dynkv_router_index_blocks") == len(keys))
-                time.sleep(0.5)  # a rates message: the router learns agg-1's fingerprint
+                announce(pub, fe, keys)
 
                 # the default policy stays round robin; the header asks for kv per request
                 assert {send(fe), send(fe)} == {"agg-0", "agg-1"}
@@ -158,15 +168,7 @@ def test_disagg_kv_places_the_prefill_and_measures_its_accuracy_there(tiny, nats
     _, url = nats
     ids = PromptTokenizer(str(tiny)).token_ids("completions", {"prompt": PROMPT})
     keys = BlockHasher(bytes.fromhex(FINGERPRINT), BLOCK).keys(ids)
-    settings = KvEventsSettings(
-        nats_url=url,
-        deployment=DEPLOYMENT,
-        worker_id="prefill-1",
-        flush_ms=10,
-        rates_interval_secs=0.2,
-        reconnect_secs=0.1,
-    )
-    pub = KvEventPublisher(settings, block_size=BLOCK, fingerprint=FINGERPRINT).start()
+    pub = publisher(url, "prefill-1")
     handoff = {"dynkv": {"fingerprint": "ab", "block_size": BLOCK, "slots": [1], "expires": 9e9}}
     held = min(len(keys), (len(ids) - 1) // BLOCK) * BLOCK  # the last token is always computed
     fakes = [
@@ -187,10 +189,7 @@ def test_disagg_kv_places_the_prefill_and_measures_its_accuracy_there(tiny, nats
             )
             app = create_app(config, pool=pool, discover=False)
             with ServerThread(app) as fe:
-                for key in keys:
-                    pub.stored(Tier.HOST, key)
-                until(lambda: metric(fe, "dynkv_router_index_blocks") == len(keys))
-                time.sleep(0.5)  # a rates message: the router learns prefill-1's fingerprint
+                announce(pub, fe, keys)
                 assert send(fe) == "decode-0"
                 assert len(fakes[1].bodies) == 1 and not fakes[0].bodies
                 predicted = metric(fe, "dynkv_router_predicted_cached_tokens_total")
