@@ -321,8 +321,10 @@ def _load(base: str, seconds: float, clients: int, kill_at: float, kill) -> list
 def test_a_worker_killed_under_load_is_restarted_and_only_its_requests_fail(fleet):
     """kill -9 of worker-1 during a 30 s load: the other worker keeps serving, the background
     supervisor of `up -d` restarts the killed one, its registration returns and round robin
-    sends to it again. The only requests allowed to fail are those in flight on it (at most
-    one per client); how many did is printed, as is what the restart cost."""
+    sends to it again. The only requests allowed to fail are those of the killed worker: in
+    flight on it (one per client), or taken by its vLLM server in the moment between the kill of
+    the worker's wrapper and the supervisor's cleanup of its process group (once seen in CI:
+    5 with 4 clients). How many failed is printed, as is what the restart cost."""
     env, ddir = fleet
     base = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"
     victim = read_state(ddir).service("worker-1")
@@ -336,7 +338,8 @@ def test_a_worker_killed_under_load_is_restarted_and_only_its_requests_fail(flee
         f"(in flight on the killed worker), served {dict(served)}; worker-1 healthy and "
         f"registered again {back_after:.1f} s after the load ended"
     )
-    assert len(failed) <= clients, failed  # only what was in flight on worker-1
+    assert {w for _, w in failed} <= {"agg-1"}, failed  # agg-0 never failed a request
+    assert len(failed) <= 2 * clients, failed  # only what worker-1 had taken when it died
     assert served["agg-0"] > served["agg-1"] > 0  # agg-0 carried the load while agg-1 was down
 
     rec = read_state(ddir).service("worker-1")
