@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -42,6 +43,21 @@ def use_fake_vllm(monkeypatch, tmp_path: Path, name: str, **extra: str) -> tuple
     model = tmp_path / "model"
     model.mkdir()
     return env, model
+
+
+def with_model_config(model: Path) -> Path:
+    """A small Llama's config.json in `model`: the fake vLLM serves nothing real, but `up`
+    checks the model like any other (dynkv doctor)."""
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": 2,
+        "hidden_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "torch_dtype": "bfloat16",
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    return model
 
 
 def fake_vllm_values(monkeypatch, tmp_path: Path, name: str) -> dict[str, str]:

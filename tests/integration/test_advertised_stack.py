@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from infra_helpers import assert_nothing_left, use_fake_vllm
+from infra_helpers import assert_nothing_left, use_fake_vllm, with_model_config
 from typer.testing import CliRunner
 
 from dynkv.cli.main import app
@@ -30,15 +30,7 @@ ADDR = "127.0.0.2"
 @pytest.fixture
 def deployment(tmp_path, monkeypatch):
     env, model = use_fake_vllm(monkeypatch, tmp_path, "adv")
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "num_hidden_layers": 2,
-        "hidden_size": 128,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "torch_dtype": "bfloat16",
-    }
-    (model / "config.json").write_text(json.dumps(config))
+    with_model_config(model)
     yield env, model
     runner.invoke(app, ["down"])
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from infra_helpers import use_fake_vllm, wait_for
+from infra_helpers import use_fake_vllm, wait_for, with_model_config
 from typer.testing import CliRunner
 
 from dynkv.cli.main import app
@@ -36,19 +36,6 @@ def invoke(*args: str):
     return runner.invoke(app, list(args))
 
 
-def model_dir(path: Path) -> Path:
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "num_hidden_layers": 2,
-        "hidden_size": 128,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "torch_dtype": "bfloat16",
-    }
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
 class Hosts:
     """Switches this process's settings between host A and host B (the CLI reads them)."""
 
@@ -56,7 +43,7 @@ class Hosts:
         self.mp = monkeypatch
         (tmp / "a").mkdir()
         self.a, model = use_fake_vllm(monkeypatch, tmp / "a", NAME, DYNKV_LEASE_TTL_SECS=TTL)
-        self.model = model_dir(model)
+        self.model = with_model_config(model)
         self.b = {
             **self.a,
             "DYNKV_STATE_DIR": str(tmp / "b" / "state"),
