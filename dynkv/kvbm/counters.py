@@ -40,6 +40,11 @@ class Count(Enum):
         "kvbm_offload_dropped_blocks",
         "Blocks not offloaded because every slot was busy or the disk queue was full",
     )
+    STORES_DISCARDED = (
+        "kvbm_store_discarded_blocks",
+        "Blocks not stored because their step also failed to load blocks (KV computed over a "
+        "failed load is not the prompt's; it is stored when vLLM recomputes it)",
+    )
     JOURNAL_FAILURES = (
         "kvbm_disk_journal_failures",
         "Times the G3 index journal could not be written (G3 then serves without persisting "

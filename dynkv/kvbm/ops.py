@@ -133,3 +133,34 @@ class StoreReport:
             or self.loads
             or self.steps
         )
+
+
+def discard_computed(ops: StepOps) -> tuple[StepOps, StoreReport]:
+    """The ops of a step whose loads failed, less what that step computed.
+
+    A failed load leaves garbage in a device block that the same step's forward pass then
+    attends to, so every block the step computed — its stores and handoffs — holds KV that is
+    not the prompt's until vLLM recomputes it (it rewinds the request to the failed block).
+    Which request a store belongs to does not cross into the worker, so the whole step's
+    stores and handoffs go, reported as failures so the leader forgets their slots; the
+    recompute stores them again. Offloads of blocks already in G2 stay, except those of a
+    discarded store's slot (the bytes never arrived), whose pins are released."""
+    report = StoreReport()
+    dropped_host: set[int] = set()
+    for op in ops.stores:
+        if op.host_slot >= 0:
+            dropped_host.add(op.host_slot)
+            report.failures.append((Tier.HOST, op.host_slot, op.key))
+        else:
+            report.failures.append((Tier.DISK, op.disk_slot, op.key))
+    offloads = []
+    for op in ops.offloads:
+        if op.host_slot in dropped_host:
+            report.failures.append((Tier.DISK, op.disk_slot, op.key))
+            report.offloads_done.append(op.host_slot)
+        else:
+            offloads.append(op)
+    for op in ops.handoffs:
+        report.failures.append((Tier.HANDOFF, op.slot, op.key))
+    report.count(Count.STORES_DISCARDED, len(ops.stores) + len(ops.handoffs))
+    return StepOps(loads=ops.loads, offloads=offloads), report

@@ -238,6 +238,11 @@ class BlockStore:
             self._report.merge(report)
 
     # ---- reporting and lifecycle -------------------------------------------------------------------
+    def add_report(self, report: StoreReport) -> None:
+        """What the worker reports for the store (ops it discarded) goes out with the rest."""
+        with self._lock:
+            self._report.merge(report)
+
     def take_report(self) -> StoreReport:
         with self._lock:
             report, self._report = self._report, StoreReport()

@@ -16,7 +16,7 @@ from typing import Any
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.errors import KvbmConfigError
 from dynkv.kvbm.layout import BlockLayout
-from dynkv.kvbm.ops import StepOps, StoreReport
+from dynkv.kvbm.ops import StepOps, StoreReport, discard_computed
 from dynkv.kvbm.store import BlockStore
 
 log = logging.getLogger("dynkv.kvbm")
@@ -33,6 +33,7 @@ class WorkerSide:
         self.device = None
         self.store: BlockStore | None = None
         self._load_errors: set[int] = set()
+        self._failed_this_step = False  # a load failed: the step's own KV is not to be stored
         self._steps: list[int] = []  # steps the scheduler asked to hear back about
         self._busy = 0.0  # seconds spent loading and saving since the last report
 
@@ -72,15 +73,21 @@ class WorkerSide:
             )
 
     def start_load(self, ops: StepOps, unloadable: list[int]) -> None:
-        self._load_errors.update(unloadable)
+        failed = set(unloadable)
         if ops.loads and self.store is not None and self.device is not None:
             t0 = time.perf_counter()
-            self._load_errors.update(self.store.load(ops.loads, self.device))
+            failed.update(self.store.load(ops.loads, self.device))
             self._busy += time.perf_counter() - t0
+        self._load_errors.update(failed)
+        self._failed_this_step = bool(failed)
 
     def save(self, ops: StepOps) -> None:
         if self.store is None or self.device is None:
             return
+        failed, self._failed_this_step = self._failed_this_step, False
+        if failed:  # the forward attended to blocks that did not load: keep none of its KV
+            ops, discarded = discard_computed(ops)
+            self.store.add_report(discarded)
         t0 = time.perf_counter()
         if ops.stores or ops.offloads:
             self.store.store(ops.stores, ops.offloads, self.device)

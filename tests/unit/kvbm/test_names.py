@@ -23,6 +23,7 @@ EXPOSED = {
     "kvbm_integrity_failures_total",
     "kvbm_load_failures_total",
     "kvbm_offload_dropped_blocks_total",
+    "kvbm_store_discarded_blocks_total",  # a step whose load failed keeps none of its KV
     "kvbm_disk_journal_failures_total",
     "kvbm_handoff_blocks_sent_total",
     "kvbm_handoff_blocks_received_total",
