@@ -111,6 +111,13 @@ class KvbmSettings(EnvSettings):
         "measure it again (a disk that was busy is not skipped for good).",
         "30",
     )
+    host_verify: Literal["sampled", "always"] = Field(
+        "sampled",
+        description="G2 loads: sampled verifies a random 1 in 8 blocks of each load (at least "
+        "one) against its key and checksum; always verifies every block. G3 and handoff blocks "
+        "are verified on every load either way (docs/kvbm.md#integrity-never-waits-never-lies).",
+        json_schema_extra=_expect("sampled or always", "always"),
+    )
     leader_worker_init_timeout_secs: float = seconds(
         120.0,
         "How long the runtime waits for its tiers to initialise before failing.",

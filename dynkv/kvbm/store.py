@@ -30,6 +30,7 @@ from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.disk import DiskPool
 from dynkv.kvbm.disk_tier import MAX_RUN, MAX_STAGED_BYTES, DiskHandler
 from dynkv.kvbm.handlers import (
+    HOST_SAMPLE,
     Device,
     Fetched,
     HostHandler,
@@ -81,7 +82,10 @@ class BlockStore:
         self._disk: DiskHandler | None = None
         self._handoff: HandoffHandler | None = None
         if host_slots:
-            self._host = HostHandler(host_slots, self.stride, pin_memory=pin_memory, warn=warn)
+            sample = HOST_SAMPLE if settings.host_verify == "sampled" else 1
+            self._host = HostHandler(
+                host_slots, self.stride, pin_memory=pin_memory, warn=warn, sample=sample
+            )
             self.handlers[Tier.HOST] = self._host
         if disk_slots:
             self._disk = DiskHandler(

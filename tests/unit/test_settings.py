@@ -97,6 +97,7 @@ GOOD = [
     ("DYN_KVBM_ONBOARD_POLICY", "always", "onboard_policy", "always"),
     ("DYN_KVBM_ONBOARD_MARGIN", "0.8", "onboard_margin", 0.8),
     ("DYN_KVBM_ONBOARD_PROBE_SECS", "10", "onboard_probe_secs", 10.0),
+    ("DYN_KVBM_HOST_VERIFY", "always", "host_verify", "always"),
 ]
 
 

@@ -152,7 +152,7 @@ def test_disk_hits_are_promoted_to_host(g1, disk_dir):
 
 
 def test_host_corruption_is_a_miss_counted_and_freed(g1):
-    m = g2()
+    m = g2(host_verify="always")
     keys = keys_for(3)
     store(m, g1, keys)
     slot = m.leader.host.slot_of(keys[1])
@@ -372,4 +372,18 @@ def test_a_load_from_host_and_disk_at_once_in_small_chunks(g1, disk_dir, monkeyp
     assert Tier.HOST in m.match(first).tiers  # promoted (G2 holds 4: the rest read via staging)
     failed, data = load(m, g1, first, first_block=40)
     assert failed == [] and data == [expected_bytes(k) for k in first]
+    m.close()
+
+
+@pytest.mark.parametrize(("blocks", "verified"), [(16, 2), (3, 1), (1, 1)])
+def test_sampled_host_verification_checks_one_block_in_eight(g1, blocks, verified):
+    """G2 is verified on a sample (the default): every block of the pool corrupted, a load
+    fails exactly the sampled ones — at least one per load — and loads the others."""
+    m = g2(n=16)
+    keys = keys_for(blocks)
+    store(m, g1, keys)
+    m.store.host.array[:, 10] ^= 0xFF
+    failed, _ = load(m, g1, keys, first_block=40)
+    assert len(failed) == verified
+    assert m.metrics.value(Count.INTEGRITY_FAILURES) == verified
     m.close()
