@@ -63,7 +63,9 @@ class Connector:
     every G2 block verified."""
 
     def __init__(self) -> None:
-        s = settings(cpu_cache_override_num_blocks=32, onboard_policy="always", host_verify="always")
+        s = settings(
+            cpu_cache_override_num_blocks=32, onboard_policy="always", host_verify="always"
+        )
         self.g1 = G1()
         self.worker = WorkerSide(LAYOUT, s, num_blocks=self.g1.dev.num_blocks)
         self.worker.register_kv_caches(self.g1.kv)
