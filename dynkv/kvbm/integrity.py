@@ -1,4 +1,5 @@
-"""Per-block checksums: a stored block is verified before its bytes reach vLLM.
+"""Per-block checksums: a stored block is verified before its bytes reach vLLM (every G3 and
+handoff block; G2 blocks on a sample unless DYN_KVBM_HOST_VERIFY=always, docs/kvbm.md).
 
 The checksum is xxh3-64 of the block's bytes seeded with the block's key, so it also catches a
 block that landed in the wrong slot, not only flipped bits or a torn write. A mismatch is a miss

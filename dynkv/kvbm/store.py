@@ -1,4 +1,4 @@
-"""The block store: the bytes of G2 and G3, moved as the leader's ops say, verified on every load.
+"""The block store: the bytes of G2 and G3, moved as the leader's ops say, verified on load.
 
 Runs in the vLLM worker process, next to the device KV tensors (G1). Per step:
 - `load(ops, device)` (before the forward): `fetch` groups the loads by source (G2, G3, the
