@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dynkv.plan.cpu import CPU_ENGINE_DEFAULTS
 from dynkv.ports import free_port
 
 ENGINE = Path(__file__).parent / "e2e" / "kvbm_engine.py"
@@ -33,6 +34,7 @@ def run_engine_driver(
     } | {
         "VLLM_CPU_OMP_THREADS_BIND": pinned_cpus(),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        **CPU_ENGINE_DEFAULTS,  # what dynkv's plan gives a CPU engine (docs/fleet.md#cpu-engines)
         "DYN_KVBM_METRICS": "true",
         "DYN_KVBM_METRICS_PORT": str(port),
         "DYN_KVBM_DISK_CACHE_DIR": str(tmp / "g3"),

