@@ -289,14 +289,14 @@ class SchedulerSide:
             req = st.request
             after = min(req.num_computed_tokens + scheduled, req.num_tokens)
             self._time_prefill(st, after, bool(plan.ops.loads), finishing)
-            if st.produce and st.handoff_slots is None and after >= req.num_prompt_tokens:
-                self._plan_handoff(st, plan, block_ids_of(req_id))
             # vLLM rewinds a request whose load failed (to the failed block) and one it preempted:
             # what it computes again is stored again (`plan_store` only touches blocks still held;
             # the worker discarded the stores of the failed step, ops.discard_computed)
             st.stored = min(st.stored, req.num_computed_tokens // self.block_size)
             if st.handoff_slots is not None and req.num_computed_tokens < req.num_prompt_tokens:
                 st.handoff_slots = None  # and a prompt computed again is handed off again
+            if st.produce and st.handoff_slots is None and after >= req.num_prompt_tokens:
+                self._plan_handoff(st, plan, block_ids_of(req_id))
             full = after // self.block_size
             if full <= st.stored:
                 continue
