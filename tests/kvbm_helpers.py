@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,38 @@ def load(manager, g1: G1, keys, first_block: int = 32):
     failed = manager.load(keys, g1.dev, blocks)
     data = [None if b in failed else g1.get(b) for b in blocks]
     return failed, data
+
+
+@dataclass
+class Request:
+    """What the connector's scheduler half reads of a vLLM request (vLLM 0.32's `Request`)."""
+
+    request_id: str
+    all_token_ids: list[int]
+    num_computed_tokens: int = 0
+    cache_salt: str | None = None
+    lora_request: object = None
+    mm_features: object = None
+    prompt_embeds: object = None
+    kv_transfer_params: dict | None = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+
+class Blocks:
+    """vLLM's `KVCacheBlocks` as `update_state_after_alloc` reads it: one KV cache group."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def get_block_ids(self):
+        return (self.ids,)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from kvbm_helpers import G1, LAYOUT, NUM_BLOCKS, settings
+from kvbm_helpers import G1, LAYOUT, NUM_BLOCKS, Blocks, Request, settings
 
 from dynkv.kvbm.counters import Count
 from dynkv.kvbm.handoff import POOL_FILE
@@ -31,35 +31,6 @@ from dynkv.kvbm.vllm_worker import WorkerSide
 BS = LAYOUT.block_size
 PROMPT_BLOCKS = 5
 PREFILLS = ("prefill-0", "prefill-1")
-
-
-class Request:
-    """What the connector reads of vLLM's Request."""
-
-    cache_salt = None
-    lora_request = None
-    mm_features = None
-    prompt_embeds = None
-
-    def __init__(self, request_id: str, tokens: list[int], params: dict | None) -> None:
-        self.request_id = request_id
-        self.all_token_ids = tokens
-        self.kv_transfer_params = params
-        self.num_computed_tokens = 0
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-    num_prompt_tokens = num_tokens
-
-
-class Blocks:
-    def __init__(self, ids: list[int]) -> None:
-        self.ids = ids
-
-    def get_block_ids(self):
-        return (self.ids,)
 
 
 class Engine:
@@ -78,7 +49,7 @@ class Engine:
         (tokens the connector supplied, device blocks that failed to load, the answer's
         kv_transfer_params as JSON would carry them)."""
         self.n += 1
-        req = Request(f"r{self.n}", tokens, params)
+        req = Request(f"r{self.n}", tokens, kv_transfer_params=params)
         ids = list(range(first_block, first_block + PROMPT_BLOCKS + 1))
         external, _ = self.sched.get_num_new_matched_tokens(req, 0)
         self.sched.update_state_after_alloc(req, Blocks(ids), external)

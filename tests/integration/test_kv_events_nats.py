@@ -174,28 +174,13 @@ def test_lost_batches_and_a_late_router_are_repaired_by_snapshots(nats_server):
     asyncio.run(scenario())
 
 
-class Request:
-    """The fields of a vLLM request the scheduler side reads."""
-
-    def __init__(self, request_id: str, tokens: list[int], salt: str | None = None) -> None:
-        self.request_id = request_id
-        self.all_token_ids = tokens
-        self.num_tokens = self.num_prompt_tokens = len(tokens)
-        self.num_computed_tokens = 0
-        self.cache_salt = salt
-        self.lora_request = None
-        self.mm_features = None
-        self.prompt_embeds = None
-        self.kv_transfer_params = None
-
-
 def test_a_kvbm_engine_publishes_the_keys_the_router_computes_for_the_prompt(
     nats_server, monkeypatch, tmp_path
 ):
     """The scheduler half of the connector, as vLLM drives it, with the plan's environment: its
     stored blocks reach the router under the keys the router computes from the prompt's tokens
     (salt and fingerprint included), and the router sends the prompt there."""
-    from kvbm_helpers import LAYOUT, settings
+    from kvbm_helpers import LAYOUT, Request, settings
 
     from dynkv.kvbm.keys import BlockHasher
     from dynkv.kvbm.vllm_scheduler import SchedulerSide
@@ -216,7 +201,7 @@ def test_a_kvbm_engine_publishes_the_keys_the_router_computes_for_the_prompt(
         try:
             assert side.events is not None
             tokens = list(range(1000, 1000 + 10 * LAYOUT.block_size + 2))  # 10 full blocks
-            req = Request("r1", tokens, salt="tenant-a")
+            req = Request("r1", tokens, cache_salt="tenant-a")
             side.get_num_new_matched_tokens(req, 0)
             side.build_step({"r1": len(tokens)}, lambda _rid: list(range(11)))
             hasher = BlockHasher(LAYOUT.fingerprint(), LAYOUT.block_size)

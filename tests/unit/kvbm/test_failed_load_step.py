@@ -8,10 +8,8 @@ G1 tensors; the failure is a G2 block corrupted in place, which fails its checks
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
-from kvbm_helpers import G1, LAYOUT, settings
+from kvbm_helpers import G1, LAYOUT, Blocks, Request, settings
 
 from dynkv.kvbm.counters import Count
 from dynkv.kvbm.keys import extra_keys
@@ -28,34 +26,6 @@ from dynkv.kvbm.vllm_scheduler import SchedulerSide
 from dynkv.kvbm.vllm_worker import WorkerSide
 
 BS = LAYOUT.block_size
-
-
-@dataclass
-class Request:
-    request_id: str
-    all_token_ids: list[int]
-    num_computed_tokens: int = 0
-    cache_salt: str | None = None
-    lora_request: object = None
-    mm_features: object = None
-    prompt_embeds: object = None
-    kv_transfer_params: dict = field(default_factory=dict)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-
-class Blocks:
-    def __init__(self, ids: list[int]) -> None:
-        self.ids = ids
-
-    def get_block_ids(self):
-        return (self.ids,)
 
 
 class Connector:

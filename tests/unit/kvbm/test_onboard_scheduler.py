@@ -9,10 +9,8 @@ measurements. Decisions and counters are asserted, never timings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
-from kvbm_helpers import G1, LAYOUT, settings
+from kvbm_helpers import G1, LAYOUT, Blocks, Request, settings
 
 from dynkv.bench import slow_disk
 from dynkv.kvbm.counters import Count
@@ -30,34 +28,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@dataclass
-class Request:
-    request_id: str
-    all_token_ids: list[int]
-    num_computed_tokens: int = 0
-    cache_salt: str | None = None
-    lora_request: object = None
-    mm_features: object = None
-    prompt_embeds: object = None
-    kv_transfer_params: dict = field(default_factory=dict)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-
-class Blocks:
-    def __init__(self, ids: list[int]) -> None:
-        self.ids = ids
-
-    def get_block_ids(self):
-        return (self.ids,)
 
 
 class Engine:
