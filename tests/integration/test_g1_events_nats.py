@@ -138,9 +138,8 @@ def test_kvbm_g1_and_g2_changes_share_one_stream_and_one_snapshot(
     """The connector's scheduler half with the plan's environment: its bridge keys vLLM's blocks
     with the layout's fingerprint, so one prefix has one key in G1 and G2 and the router sees the
     best tier of each block."""
-    from kvbm_helpers import LAYOUT
+    from kvbm_helpers import LAYOUT, Request
     from kvbm_helpers import settings as kvbm_settings
-    from test_kv_events_nats import Request
 
     from dynkv.kvbm.vllm_scheduler import SchedulerSide
 
@@ -168,7 +167,7 @@ def test_kvbm_g1_and_g2_changes_share_one_stream_and_one_snapshot(
             assert side.events is not None and side.g1_events is not None
             await asyncio.to_thread(wait_subscriber, vllm)
             vllm.publish([stored(h[:4], None, prompt[: 4 * bs], bs, salt="t")])  # G1: 4 blocks
-            req = Request("r1", prompt, salt="t")
+            req = Request("r1", prompt, cache_salt="t")
             side.get_num_new_matched_tokens(req, 0)
             side.build_step({"r1": len(prompt)}, lambda _rid: list(range(7)))  # G2: all 6
             await until(

@@ -124,3 +124,32 @@ def test_discard_computed_reports_every_slot_it_gives_up():
     )
     assert report.offloads_done == [3]  # the pin its offload held on the G2 slot
     assert report.counts == {Count.STORES_DISCARDED: 3}
+
+
+def test_a_prefill_rewound_after_its_handoff_hands_its_prompt_off_again(tmp_path):
+    """A prefill request whose step failed had its handoff discarded by the worker: when vLLM
+    computes the prompt again, the scheduler plans the handoff again (the decode would
+    otherwise be sent slots that hold nothing)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    area = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="dynkv-test-rewind-"))
+    s = settings(cpu_cache_override_num_blocks=32, handoff_dir=area / "pool")
+    sched = SchedulerSide(LAYOUT, s, serve_metrics=False)
+    try:
+        req = Request("p", list(range(3 * BS + 1)), kv_transfer_params={"dynkv": {"produce": True}})
+        blocks = [0, 1, 2, 3]
+        external, _ = sched.get_num_new_matched_tokens(req, 0)
+        sched.update_state_after_alloc(req, Blocks(blocks), external)
+        first = sched.build_step({"p": req.num_tokens}, lambda _r: blocks)
+        assert len(first.ops.handoffs) == 3
+        # its load failed: the worker discarded the handoff and reported the slots
+        sched.apply_report(discard_computed(first.ops)[1])
+        req.num_computed_tokens = 0  # and vLLM rewound it: computed again from the start
+        again = sched.build_step({"p": req.num_tokens}, lambda _r: blocks)
+        assert [op.key for op in again.ops.handoffs] == [op.key for op in first.ops.handoffs]
+        assert sched.request_finished("p") is not None
+    finally:
+        sched.close()
+        shutil.rmtree(area, ignore_errors=True)
