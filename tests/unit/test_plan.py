@@ -158,6 +158,15 @@ def test_cpu_worker_compiles_without_aot_unless_the_user_says_otherwise():
     assert mine.env["VLLM_USE_AOT_COMPILE"] == "1"
 
 
+def test_cpu_worker_spins_openmp_threads_briefly_unless_the_user_says_otherwise():
+    """A short libgomp spin frees the core the EngineCore needs between steps
+    (docs/fleet.md#cpu-engines)."""
+    assert plan_for().service("worker").env["GOMP_SPINCOUNT"] == "10000"
+    assert plan_for(environ={"GOMP_SPINCOUNT": "300000"}).service("worker").env[
+        "GOMP_SPINCOUNT"
+    ] == "300000"
+
+
 def test_explicit_device_kv_removes_the_variable_that_would_override_it():
     worker = plan_for(
         {"DYNKV_DEVICE_KV_GB": "0.5"}, environ={"VLLM_CPU_KVCACHE_SPACE": "8"}
