@@ -9,10 +9,11 @@ label space.
 
 - `dynkv_frontend_requests_total{model, worker, endpoint, status}`: finished requests.
 - `dynkv_frontend_errors_total{model, worker, kind}`: bad_request, unauthorized,
-  model_not_found, no_worker, connect (a worker refused or dropped the connection), timeout,
-  stream_broken (a worker failed mid-response), upstream_status (a worker answered ≥ 400).
+  model_not_found, no_worker, connect (a worker refused or dropped the connection), engine_dead
+  (a worker answered 5xx and its /health failed), timeout, stream_broken (a worker failed
+  mid-response), upstream_status (a worker answered ≥ 400).
 - `dynkv_frontend_retries_total{model}`: requests sent to a second worker after a connection
-  failure.
+  failure or a dead engine.
 - `dynkv_frontend_request_duration_seconds{model, worker}`: arrival → last byte.
 - `dynkv_frontend_ttft_seconds{model, worker}`: arrival → first byte of a streamed response
   (the first SSE event vLLM sends carries the first token). Non-streamed requests have no time

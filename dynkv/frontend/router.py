@@ -46,7 +46,7 @@ from dynkv.frontend.upstream import (
 from dynkv.kvbm.roles import Role
 
 log = logging.getLogger("dynkv.frontend")
-ATTEMPTS = 2  # the first worker, and one other after a connection failure
+ATTEMPTS = 2  # the first worker, and one other after a connection failure or a dead engine
 
 
 @dataclass
@@ -118,7 +118,7 @@ class RouteContext:
             except WorkerUnreachable as exc:
                 lease.release()
                 self.pool.mark_unhealthy(worker, exc.detail)
-                self.metrics.error(model=req.model, worker=worker.id, kind="connect")
+                self.metrics.error(model=req.model, worker=worker.id, kind=exc.kind)
                 failures.append(f"{worker.id}: {exc.detail}")
             except UpstreamTimeout as exc:
                 lease.release()

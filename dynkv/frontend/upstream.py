@@ -85,12 +85,13 @@ def make_client(
 
 
 class WorkerUnreachable(Exception):
-    """The worker could not be reached, or dropped the connection before its first byte:
-    nothing reached the client, so another worker may take the request."""
+    """The worker could not be reached, dropped the connection before its first byte, or
+    answered 5xx with an engine that its /health says is dead: nothing reached the client, so
+    another worker may take the request. `kind` labels the error metric."""
 
-    def __init__(self, worker: Worker, detail: str) -> None:
+    def __init__(self, worker: Worker, detail: str, kind: str = "connect") -> None:
         super().__init__(f"{worker.id}: {detail}")
-        self.worker, self.detail = worker, detail
+        self.worker, self.detail, self.kind = worker, detail, kind
 
 
 class UpstreamTimeout(Exception):
@@ -228,6 +229,16 @@ class Forwarder:
         except BaseException:  # cancelled (the client went away): vLLM aborts on the close
             await _close(response)
             raise
+        if response.status_code >= 500:
+            # vLLM answers 500 to every request once its engine has died, and /health 503: then
+            # the worker, not the request, is at fault, and another worker can take it. A 5xx
+            # from a worker whose /health still answers is the request's own error, relayed.
+            problem = await self._probe(worker)
+            if problem is not None:
+                await _close(response)
+                raise WorkerUnreachable(
+                    worker, f"answered {response.status_code} and {problem}", kind="engine_dead"
+                )
         return Upstream(worker, lease, response, first, chunks, time.monotonic())
 
 

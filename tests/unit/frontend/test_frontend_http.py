@@ -211,6 +211,43 @@ def test_connection_failure_is_retried_once_on_another_worker(worker, broken):
             assert dropper.accepted >= 1  # the request, then the health re-probes
 
 
+ENGINE_DEAD = {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError",
+                         "param": None, "code": 500}}  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_worker_whose_engine_died_is_skipped_and_the_request_retried(worker, stream):
+    """vLLM answers 500 to every request once its engine died, and /health 503."""
+    _, server = worker
+    dead = FakeWorker("dead", fail=(500, ENGINE_DEAD), health_status=503)
+    with ServerThread(dead.app()) as dead_server:
+        pool = pool_of(("agg-0", dead_server.url), ("agg-1", server.url))
+        with frontend(pool) as fe:
+            resp = post(fe, "/v1/chat/completions", {**CHAT, "stream": stream})
+            assert resp.status_code == 200 and resp.headers["x-dynkv-worker"] == "agg-1"
+            assert "w1" in resp.text
+            bad = pool.workers()[0]
+            assert not bad.healthy and "500" in bad.reason and "503" in bad.reason
+            assert post(fe, "/v1/chat/completions", CHAT).headers["x-dynkv-worker"] == "agg-1"
+            assert len(dead.bodies) == 1  # out of rotation after the first request
+            assert sample(fe, "dynkv_frontend_retries_total", model="m") == 1
+            dead_errors = sample(fe, "dynkv_frontend_errors_total", kind="engine_dead")
+            assert dead_errors == 1
+
+
+def test_a_5xx_from_a_healthy_worker_is_the_requests_own_and_reaches_the_client(worker):
+    _, server = worker
+    failing = FakeWorker("failing", fail=(500, ENGINE_DEAD))  # /health answers 200
+    with ServerThread(failing.app()) as failing_server:
+        pool = pool_of(("agg-0", failing_server.url), ("agg-1", server.url))
+        with frontend(pool) as fe:
+            resp = post(fe, "/v1/chat/completions", CHAT)
+            assert resp.status_code == 500 and resp.json() == ENGINE_DEAD
+            assert resp.headers["x-dynkv-worker"] == "agg-0" and pool.workers()[0].healthy
+            assert sample(fe, "dynkv_frontend_retries_total", model="m") == 0
+            assert sample(fe, "dynkv_frontend_errors_total", kind="upstream_status") == 1
+
+
 def test_no_reachable_worker_is_503_with_the_failures_in_the_log_only(caplog):
     pool = pool_of(("agg-0", dead_url()), ("agg-1", dead_url()), ("agg-2", dead_url()))
     with frontend(pool) as fe:
