@@ -162,9 +162,8 @@ def test_cpu_worker_spins_openmp_threads_briefly_unless_the_user_says_otherwise(
     """A short libgomp spin frees the core the EngineCore needs between steps
     (docs/fleet.md#cpu-engines)."""
     assert plan_for().service("worker").env["GOMP_SPINCOUNT"] == "10000"
-    assert plan_for(environ={"GOMP_SPINCOUNT": "300000"}).service("worker").env[
-        "GOMP_SPINCOUNT"
-    ] == "300000"
+    mine = plan_for(environ={"GOMP_SPINCOUNT": "300000"}).service("worker")
+    assert mine.env["GOMP_SPINCOUNT"] == "300000"
 
 
 def test_explicit_device_kv_removes_the_variable_that_would_override_it():
