@@ -34,7 +34,7 @@ CPU_ENV_VARS = (
 # iterations after every parallel region, so each time the worker returns to Python between two
 # steps its second thread holds a core that the EngineCore needs to hand it the next step. A short
 # spin keeps the threads hot between the ops of one forward pass and frees the core between steps:
-# measured on 2 cores, decode 16.5–18.5 → 10.5–12.5 ms a token, a prefix-cache hit 39–43 → 36 ms,
+# measured on 2 cores, decode 13.5–18.9 → 10.5–14.1 ms a token, a prefix-cache hit 39–43 → 36 ms,
 # prefill unchanged (docs/fleet.md#cpu-engines).
 CPU_ENGINE_DEFAULTS = {"VLLM_USE_AOT_COMPILE": "0", "GOMP_SPINCOUNT": "10000"}
 
