@@ -84,6 +84,7 @@ class OffloadReport(PartialRecord):
     targets: dict[str, bool | None] = {}
     configs: dict[str, OffloadRun] = {}
     workload: dict[str, int] = {}
+    dtype: str | None = None  # every engine's (absent from reports before it was chosen)
 
     # The keys `bench offload` prints on its last line without --json (scripts read them).
     HEADLINE: ClassVar[tuple[str, ...]] = (
@@ -118,6 +119,7 @@ class SlowDiskReport(PartialRecord):
     targets: dict[str, bool | None] = {}
     configs: dict[str, dict[str, Any]] = {}  # round times, and the policy's counters per run
     workload: dict[str, float] = {}
+    dtype: str | None = None
 
     HEADLINE: ClassVar[tuple[str, ...]] = ("recompute_ms", "g3_slow_auto_ms", "g3_slow_always_ms")
 

@@ -4,7 +4,8 @@ W1: D documents of ~L tokens, each sent twice (round 1, then round 2), max_token
 32, prefix caching on. Each configuration runs in an engine of its own, with the same pinned
 threads (`VLLM_CPU_OMP_THREADS_BIND`, `VLLM_CPU_NUM_OF_RESERVED_CPU=0`): vLLM on CPU reserves one
 of two cores when no KV connector is set and uses both when one is, which alone halves prefill
-time and would make every comparison lie.
+time and would make every comparison lie. Every engine computes in one dtype: `--dtype`, else
+the one `up` serves on this machine (`served_dtype`).
 
 Configurations (the device KV of all but `floor` cannot hold the working set):
   recompute  no connector, small device KV: round 2 recomputes
@@ -196,13 +197,17 @@ def run(
     g3_read_delay_ms: float = 0.0,
     progress: Callable[[str], None] = lambda _msg: None,
     engine: dict | None = None,
+    dtype: str | None = None,
 ) -> OffloadReport | SlowDiskReport:
     """W1 over `configurations` (all but the opt-in ones, or those in `only`); `engine`: extra
-    `vllm.LLM` arguments for every engine (scripts/gpu-check: enforce_eager, to start fast)."""
+    `vllm.LLM` arguments for every engine (scripts/gpu-check: enforce_eager, to start fast);
+    `dtype`: every engine's, by default the one `up` serves on this machine (`served_dtype`)."""
+    dtype = dtype or served_dtype()
     workdir = Path(tempfile.mkdtemp(prefix="dynkv-w1-", dir=directory))
     try:
         payload = {
             "model": model,
+            "dtype": dtype,
             "docs": documents(docs, doc_tokens, vocab, seed=1),
             "warmup": documents(1, 256, vocab, seed=99)[0],
             "max_model_len": max(2048, doc_tokens + 64),
@@ -236,8 +241,20 @@ def run(
     workload = {"docs": docs, "doc_tokens": doc_tokens, "small_kv": small_kv, "large_kv": large_kv}
     if g3_read_delay_ms > 0:
         slow = summarize_slow_disk(results, g3_read_delay_ms=g3_read_delay_ms, **workload)
-        return SlowDiskReport.model_validate(slow)
-    return OffloadReport.model_validate(summarize(results, **workload))
+        return SlowDiskReport.model_validate({**slow, "dtype": dtype})
+    return OffloadReport.model_validate({**summarize(results, **workload), "dtype": dtype})
+
+
+def served_dtype() -> str:
+    """The dtype a `dynkv up` worker computes in on this machine, so W1 measures what is served:
+    bfloat16 (every model dynkv serves) on a GPU or a CPU with native bfloat16, float32 on a CPU
+    without it (dynkv.plan.dtype; there vLLM-cpu emulates bfloat16, slowly and inexactly)."""
+    from dynkv.hardware import resolve_device
+    from dynkv.plan.dtype import CPU_FALLBACK_DTYPE, cpu_bf16_native
+
+    if resolve_device("auto") == "cuda" or cpu_bf16_native():
+        return "bfloat16"
+    return CPU_FALLBACK_DTYPE
 
 
 def summarize_slow_disk(results: dict[str, dict], **workload) -> dict:

@@ -34,7 +34,7 @@ def main() -> None:
         )
     llm = LLM(
         model=cfg["model"],
-        dtype="bfloat16",
+        dtype=cfg.get("dtype", "bfloat16"),
         block_size=cfg.get("block_size", 32),
         max_model_len=cfg.get("max_model_len", 8192),
         kv_cache_memory_bytes=cfg["device_kv_bytes"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,12 @@ from dynkv.bench.kvbm_report import OffloadReport, SlowDiskReport
 from dynkv.cli.group import EXIT_USAGE, UserError
 from dynkv.cli.options import JsonOpt
 from dynkv.cli.output import emit_json, err, numbers_table
+
+
+class W1Dtype(StrEnum):
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
 
 
 def tiers(
@@ -92,6 +99,14 @@ def offload(
             "recompute, g3_slow_auto and g3_slow_always (docs/onboard-policy.md).",
         ),
     ] = 0.0,
+    dtype: Annotated[
+        W1Dtype | None,
+        typer.Option(
+            "--dtype",
+            help="Every engine's dtype (default: the one `up` serves here: float32 on a CPU "
+            "without native bfloat16, else bfloat16).",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Workload W1 (docs/benchmarks.md): round-2 TTFT for recompute, the floor, the peer and dynkv's tiers.
@@ -119,21 +134,22 @@ def offload(
         tier_gb=tier_gb,
         only=only,
         g3_read_delay_ms=g3_read_delay_ms,
+        dtype=dtype.value if dtype is not None else None,
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
     )
     if isinstance(result, SlowDiskReport):
         _print_slow_disk(result, json_out)
         return
     if not json_out:
-        err.print(_offload_table(result, docs, doc_tokens))
+        err.print(_offload_table(result, docs, doc_tokens, result.dtype))
         err.print(f"cold overhead: {result.cold_overhead}; targets: {result.targets}")
     # one line either way: the summary keys are at the top level of the last line of stdout
     typer.echo(json.dumps(result.model_dump(mode="json") if json_out else result.headline()))
 
 
-def _offload_table(result: OffloadReport, docs: int, doc_tokens: int) -> Table:
+def _offload_table(result: OffloadReport, docs: int, doc_tokens: int, dtype: str | None) -> Table:
     table = numbers_table(
-        f"W1: {docs} docs × {doc_tokens} tokens, round-2 median (≈ TTFT)",
+        f"W1: {docs} docs × {doc_tokens} tokens, {dtype}, round-2 median (≈ TTFT)",
         ("configuration", "round 1 ms", "round 2 ms", "vs floor"),
     )
     for name, r in result.configs.items():
