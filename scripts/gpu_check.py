@@ -144,6 +144,7 @@ def w1_native(limit: float) -> dict[str, Any]:
     numbers = {k: summary.get(k) for k in keys}
     numbers |= {k: v for k, v in summary.items() if k.endswith("_vs_floor")}
     numbers["targets"] = summary["targets"]
+    numbers["dtype"] = summary.get("dtype")
     numbers["seconds"] = seconds
     # a benchmark passes when it measured every configuration; the targets are reported, not gated
     missing = [n for n in W1["only"] if summary.get(f"{n}_ms") is None]
