@@ -12,10 +12,12 @@ import socket
 import stat
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import nats.errors
 import pytest
 from infra_helpers import infra_plan, port_env
 
@@ -117,13 +119,23 @@ def test_nats_with_the_ca_and_the_token_publishes_and_subscribes(advertised):
         try:
             box = await sub.subscribe("dynkv.tls.kv.test")
             await sub.flush()
-            await pub.publish("dynkv.tls.kv.test", b"over tls")
-            # the server has the message once the publisher's PING is answered; the generous
-            # waits are for a loaded CI box (a 3 s wait once timed out there), not for NATS
-            await pub.flush(timeout=10)
-            assert sub.is_connected, "the subscriber lost its connection"
-            msg = await box.next_msg(timeout=10)
-            return msg.data
+            # Twice in about ten CI runs a first message did not arrive within 10 s although both
+            # clients stayed connected and the server logged nothing (never reproduced here: 15
+            # runs alone or under load). KV events tolerate a lost message (a sequence gap asks
+            # for a snapshot, docs/kv-events.md), so this checks that messages flow over TLS with
+            # the token, publishing again each second, and warns when one was lost.
+            for attempt in range(1, 11):
+                await pub.publish("dynkv.tls.kv.test", b"over tls")
+                await pub.flush(timeout=10)  # the server has it once this PING is answered
+                assert sub.is_connected, "the subscriber lost its connection"
+                try:
+                    msg = await box.next_msg(timeout=1)
+                except nats.errors.TimeoutError:
+                    continue
+                if attempt > 1:
+                    warnings.warn(f"NATS over TLS: {attempt - 1} message(s) lost", stacklevel=1)
+                return msg.data
+            raise AssertionError("no message arrived over TLS in 10 attempts")
         finally:
             await pub.close()
             await sub.close()
