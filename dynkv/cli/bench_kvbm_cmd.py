@@ -141,15 +141,15 @@ def offload(
         _print_slow_disk(result, json_out)
         return
     if not json_out:
-        err.print(_offload_table(result, docs, doc_tokens, result.dtype))
+        err.print(_offload_table(result, docs, doc_tokens))
         err.print(f"cold overhead: {result.cold_overhead}; targets: {result.targets}")
     # one line either way: the summary keys are at the top level of the last line of stdout
     typer.echo(json.dumps(result.model_dump(mode="json") if json_out else result.headline()))
 
 
-def _offload_table(result: OffloadReport, docs: int, doc_tokens: int, dtype: str | None) -> Table:
+def _offload_table(result: OffloadReport, docs: int, doc_tokens: int) -> Table:
     table = numbers_table(
-        f"W1: {docs} docs × {doc_tokens} tokens, {dtype}, round-2 median (≈ TTFT)",
+        f"W1: {docs} docs × {doc_tokens} tokens, {result.dtype}, round-2 median (≈ TTFT)",
         ("configuration", "round 1 ms", "round 2 ms", "vs floor"),
     )
     for name, r in result.configs.items():

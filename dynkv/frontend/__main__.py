@@ -21,7 +21,7 @@ GRACEFUL_SHUTDOWN_SECS = 5
 # How long the event loop may hold the GIL while the kv router's tokenizer thread waits for it
 # (CPython's default is 5 ms). Tokenizing a chat hands the GIL back and forth between Python
 # (the chat template) and the tokenizer's native code; at 5 ms a handoff, a prompt tokenized in
-# 5 ms on an idle frontend took 20 ms beside a busy event loop (docs/frontend.md#routing).
+# 5 ms on an idle frontend took 20 ms beside a busy event loop (docs/frontend.md#the-kv-policy).
 GIL_SWITCH_INTERVAL_SECS = 0.0005
 
 
