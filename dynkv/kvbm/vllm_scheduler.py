@@ -34,7 +34,7 @@ from dynkv.kvbm.layout import BlockLayout
 from dynkv.kvbm.leader import BlockLeader, tier_sizes
 from dynkv.kvbm.metrics import KvbmMetrics
 from dynkv.kvbm.onboard_policy import Decision, OnboardPolicy
-from dynkv.kvbm.ops import LoadOp, OffloadOp, StepOps, StoreOp, StoreReport, Tier
+from dynkv.kvbm.ops import StepOps, StoreReport, Tier
 
 log = logging.getLogger("dynkv.kvbm")
 
@@ -47,7 +47,7 @@ class _Request:
     stored: int = 0  # blocks [0, stored) were considered for write-through
     lookup_start: int = 0  # block index of the last lookup (vLLM's own hit, in blocks)
     recorded: bool = False  # this request's lookup is in the hit-rate window
-    skip: bool = False  # inputs KVBM cannot key (multimodal, prompt embeddings)
+    skip: bool = False  # inputs KVBM cannot key (multimodal, prompt embeddings), or opted out
     produce: bool = False  # a prefill request of disaggregated serving: hand its prompt off
     handoff_slots: list[int] | None = None  # where the prompt's blocks went (prefill side)
     receive: list[int] | None = None  # handoff slots of the prompt's blocks (decode side)
@@ -147,14 +147,17 @@ class SchedulerSide:
         return st
 
     def _read_transfer_params(self, st: _Request) -> None:
-        """`kv_transfer_params["dynkv"]`: {"produce": true} on a prefill request; on a decode
-        request what the prefill returned. Anything that does not match this engine (another
-        model or block size, expired, malformed, a pool that is not one of this deployment's
-        prefill workers' — DYN_KVBM_HANDOFF_POOLS) is ignored: the decode recomputes. The params
-        come from the network (the frontend): nothing in them is used unchecked."""
+        """`kv_transfer_params["dynkv"]` (docs/kvbm.md): {"offload": false} keeps a request out
+        of the tiers; {"produce": true} asks a prefill for a handoff; a decode request carries
+        what its prefill returned. What does not match this engine (another model or block
+        size, expired, malformed, a pool not in DYN_KVBM_HANDOFF_POOLS) is ignored: the decode
+        recomputes. The params come from the network: nothing in them is used unchecked."""
         params = getattr(st.request, "kv_transfer_params", None) or {}
         ours = params.get("dynkv") if isinstance(params, dict) else None
         if not isinstance(ours, dict):
+            return
+        if ours.get("offload") is False:
+            st.skip = True
             return
         if ours.get("produce") is True:
             if self.leader.handoff is None:
@@ -393,6 +396,3 @@ class SchedulerSide:
         if self.events is not None:
             self.events.close()
         self.metrics.close()
-
-
-__all__ = ["LoadOp", "OffloadOp", "SchedulerSide", "StepPlan", "StoreOp"]

@@ -41,10 +41,10 @@ class Engine:
         self.sched = SchedulerSide(LAYOUT, s, serve_metrics=False, clock=self.clock)
         self.n = 0
 
-    def serve(self, tokens: list[int], busy: float = 0.0) -> int:
+    def serve(self, tokens: list[int], busy: float = 0.0, params: dict | None = None) -> int:
         """One prompt, prefilled in one step; returns the tokens KVBM supplied."""
         self.n += 1
-        req = Request(f"r{self.n}", tokens)
+        req = Request(f"r{self.n}", tokens, kv_transfer_params=params or {})
         ids = list(range(PROMPT_BLOCKS + 1))  # device blocks 0..4
         external, _ = self.sched.get_num_new_matched_tokens(req, 0)
         self.sched.update_state_after_alloc(req, Blocks(ids), external)
@@ -162,3 +162,13 @@ def test_a_load_cut_by_the_read_deadline_costs_its_wait_per_block_delivered(make
     [(tier, blocks, seconds)] = report.loads
     assert (tier.value, blocks) == ("disk", 1)  # nothing delivered: the wait is one block's cost
     assert seconds >= 0.1
+
+
+def test_a_request_that_opts_out_is_neither_stored_nor_loaded(make):
+    e = make(**G3_ONLY)
+    private = {"dynkv": {"offload": False}}
+    assert e.serve(prompt(1), params=private) == 0
+    assert e.serve(prompt(1)) == 0  # the private request left nothing in the tiers
+    assert e.serve(prompt(1)) == PROMPT_BLOCKS * BS  # the one before it was stored
+    assert e.serve(prompt(1), params=private) == 0  # held, but not looked up for it
+    assert e.sched.metrics.value(Count.DISK_HIT_BLOCKS) == PROMPT_BLOCKS
