@@ -19,10 +19,11 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
+from typing import Any
 
 from dynkv.kvbm.diskio import fallocate, fallocate_unsupported, zero_fill
 from dynkv.kvbm.errors import KvbmConfigError
@@ -200,10 +201,20 @@ class DiskPool:
 
         return self._pool.submit(task)
 
-    def read_run(self, first_slot: int, bufs: Sequence) -> Future:
+    def read_run(
+        self, first_slot: int, bufs: Sequence, then: Callable[[int], Any] | None = None
+    ) -> Future:
         """Read consecutive slots into `bufs` (one buffer per slot) with one preadv. The future's
-        result is how many leading slots were read whole (fewer than asked: a truncated file)."""
-        return self._pool.submit(self._io, os.preadv, first_slot, bufs, False)
+        result is `(n, then(n))`, n being how many leading slots were read whole (fewer than
+        asked: a truncated file): `then` works on the bytes just read on the same I/O thread
+        (the G3 handler checksums them there, so the checks of several runs, and of one run and
+        the read of the next, run in parallel)."""
+
+        def task() -> tuple[int, Any]:
+            n = self._io(os.preadv, first_slot, bufs, False)
+            return n, (then(n) if then is not None else None)
+
+        return self._pool.submit(task)
 
     def _io(self, call, first_slot: int, bufs: Sequence, whole: bool = True) -> int:
         self._check(first_slot)

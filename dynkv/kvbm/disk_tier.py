@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -34,7 +35,10 @@ from dynkv.kvbm.ops import LoadOp, OffloadOp, StoreOp, StoreReport, Tier
 
 log = logging.getLogger("dynkv.kvbm")
 
-MAX_RUN = 64  # blocks per vectored disk request
+MAX_RUN = 64  # blocks per vectored disk write
+# blocks per vectored disk read: several reads in flight at once, each checksummed by the thread
+# that read it, so reading and verifying a load's blocks use every core the pool can get
+MAX_READ_RUN = 16
 MAX_STAGED_BYTES = 512 << 20  # G1→G3 without G2: bytes allowed to wait for the disk
 
 
@@ -47,11 +51,16 @@ class _Write:
     host_slot: int = -1
 
 
-def runs(items: Sequence, slot_of: Callable) -> list[list]:
-    """Split `items` (in order) into runs whose disk slots are consecutive, at most MAX_RUN long."""
+def _checksums(rows: Sequence[np.ndarray], keys: Sequence[int], read: int) -> list[int]:
+    """Checksums of the first `read` rows (those a run's preadv filled), each seeded with its key."""
+    return [block_checksum(rows[i], keys[i]) for i in range(read)]
+
+
+def runs(items: Sequence, slot_of: Callable, longest: int = MAX_RUN) -> list[list]:
+    """Split `items` (in order) into runs whose disk slots are consecutive, at most `longest`."""
     out: list[list] = []
     for item in items:
-        if out and len(out[-1]) < MAX_RUN and slot_of(item) == slot_of(out[-1][-1]) + 1:
+        if out and len(out[-1]) < longest and slot_of(item) == slot_of(out[-1][-1]) + 1:
             out[-1].append(item)
         else:
             out.append([item])
@@ -106,6 +115,7 @@ class DiskHandler:
                 len(self.entries),
             )
         self._lock = threading.Lock()
+        self._checked: dict[int, int] = {}  # disk slot -> checksum of what this load read
         self._writes: dict[int, Future] = {}  # disk slot -> last write submitted
         self._staged_bytes = 0
         self._report = StoreReport()  # what completed writes have to say, until taken
@@ -121,8 +131,11 @@ class DiskHandler:
         blocked = {s for s, f in pending.items() if f is not None and not f.done()}
         reads: dict[int, tuple[Future, int]] = {}  # op index -> (its run's read, place in run)
         readable = [(i, op) for i, op in enumerate(ops) if op.disk_slot not in blocked]
-        for run in runs(readable, lambda item: item[1].disk_slot):
-            fut = self.pool.read_run(run[0][1].disk_slot, [into[i] for i, _ in run])
+        self._checked = {}
+        for run in runs(readable, lambda item: item[1].disk_slot, MAX_READ_RUN):
+            rows = [into[i] for i, _ in run]
+            keys = [op.key for _, op in run]
+            fut = self.pool.read_run(run[0][1].disk_slot, rows, partial(_checksums, rows, keys))
             for position, (i, _) in enumerate(run):
                 reads[i] = (fut, position)
         futures_wait({f for f, _ in reads.values()}, timeout=max(0.0, deadline - time.monotonic()))
@@ -135,11 +148,12 @@ class DiskHandler:
                 late.append(op)
                 self._fail(op, report, Count.DISK_READ_TIMEOUTS)
                 rows.append(None)
-            elif fut.exception() is not None or fut.result() <= position:
+            elif fut.exception() is not None or fut.result()[0] <= position:
                 unread.append(fut.exception() or "the pool file ends before this slot")
                 self._fail(op, report, Count.LOAD_FAILURES)
                 rows.append(None)
             else:
+                self._checked[op.disk_slot] = fut.result()[1][position]
                 rows.append(i)
         self._log_misses(late, unread)
         return Rows(into, rows)
@@ -169,8 +183,11 @@ class DiskHandler:
             )
 
     def verify(self, op: LoadOp, block: np.ndarray, report: StoreReport) -> bool:
+        """Compare the checksum `read` took of these bytes (on the I/O thread that read them, in
+        this load: nothing writes the row since) with the one recorded when they were written."""
         expected = int(self.sums[op.disk_slot])
-        if block_checksum(block, op.key) != expected:
+        checked = self._checked.pop(op.disk_slot, None)
+        if (block_checksum(block, op.key) if checked is None else checked) != expected:
             self._integrity_failure(op, report)
             return False
         report.count(Count.ONBOARD_D2D)

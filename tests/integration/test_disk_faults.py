@@ -127,14 +127,16 @@ def test_a_stalled_disk_read_is_a_counted_miss_not_a_frozen_engine(tmp_path, cap
     m.flush()
     stalled: Future = Future()
     monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setattr(m.store.disk, "read_run", lambda first, bufs: stalled)
+    monkeypatch.setattr(m.store.disk, "read_run", lambda first, bufs, then=None: stalled)
     result: list = []
     loader = threading.Thread(target=lambda: result.append(load(m, g1, keys)), daemon=True)
     with caplog.at_level(logging.WARNING, logger="dynkv.kvbm"):
         loader.start()
         loader.join(timeout=10)
     frozen = loader.is_alive()
-    stalled.set_result(4)  # let the old code's wait end, so the thread does not outlive the test
+    stalled.set_result(
+        (4, None)
+    )  # let the old code's wait end, so the thread does not outlive the test
     loader.join(timeout=10)
     monkeypatch.undo()
     assert not frozen, "the load waited for the stalled disk"
