@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import ConfigDict
 
+from dynkv.bench.offload_same import SameEngineFigures, SameEngineRun
 from dynkv.bench.summary import PartialRecord, Record
 
 
@@ -51,13 +52,14 @@ class TiersReport(Record):
         ]
 
 
-class OffloadRun(Record):
+class OffloadRun(PartialRecord):
     """One configuration's engine: per-document latencies of each round, and their medians."""
 
     round1_ms: list[float]
     round2_ms: list[float]
     round1_median_ms: float
     round2_median_ms: float
+    same_engine: SameEngineRun | None = None  # g2_same/g3_same: what the one engine measured
 
 
 class OffloadReport(PartialRecord):
@@ -85,6 +87,7 @@ class OffloadReport(PartialRecord):
     configs: dict[str, OffloadRun] = {}
     workload: dict[str, int] = {}
     dtype: str | None = None  # every engine's (absent from reports before it was chosen)
+    same_engine: dict[str, SameEngineFigures] = {}  # by tier (g2, g3): ratios inside one engine
 
     # The keys `bench offload` prints on its last line without --json (scripts read them).
     HEADLINE: ClassVar[tuple[str, ...]] = (

@@ -16,11 +16,15 @@ Configurations (the device KV of all but `floor` cannot hold the working set):
              condition of the G3 target
   g3_direct  the same with O_DIRECT (dynkv's default): round 2 reads the device itself
   g2g3       dynkv, host and disk tiers
+  g2_same    dynkv's G2 in one engine whose device KV holds every document: the floor, G2 and
+             a no-offload round 1 measured side by side in it (dynkv.bench.offload_same)
+  g3_same    the same for G3 (buffered I/O)
   native     vLLM's own OffloadingConnector (`--kv-offloading-size`, CPU offload of CUDA KV):
              CUDA only, so run only when named (`--only native`; scripts/gpu-check does)
 Reported: round-2 median latency per configuration (≈ TTFT, one output token), and
 cold_overhead = dynkv's round-1 median ÷ the recompute configuration's (same device KV, no
-connector). Targets: g2 ≤ 1.1 × floor and ≤ peer, g3 ≤ 1.3 × floor, cold_overhead ≤ 1.03.
+connector). Targets: g2 ≤ 1.1 × floor and ≤ peer, g3 ≤ 1.3 × floor, cold_overhead ≤ 1.03; the
+same-engine configurations are held to the same factors (`same_engine` in the report).
 
 The slow-disk variant (`g3_read_delay_ms` > 0, docs/onboard-policy.md) runs instead:
   recompute       as above
@@ -44,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynkv.bench import offload_same as same
 from dynkv.bench.kvbm_report import OffloadReport, SlowDiskReport
 from dynkv.plan.cpu import CPU_ENGINE_DEFAULTS
 
@@ -59,6 +64,7 @@ class Config:
     engine: dict = field(default_factory=dict)  # extra `vllm.LLM` arguments
     opt_in: bool = False  # run only when named in `only`
     slow_disk_ms: float = 0.0  # > 0: the engine runs in-process, its G3 reads slowed
+    same_engine: bool = False  # floor, tier and no-offload baseline in this one engine
 
 
 SLOW_DISK_CONFIGS = ("recompute", "g3_slow_auto", "g3_slow_always")
@@ -125,6 +131,24 @@ def configurations(small_kv: int, large_kv: int, tier_gb: float, workdir: Path) 
             },
         ),
         Config(
+            "g2_same",
+            large_kv,
+            CONNECTOR,
+            {"DYN_KVBM_CPU_CACHE_GB": str(tier_gb)},
+            same_engine=True,
+        ),
+        Config(
+            "g3_same",
+            large_kv,
+            CONNECTOR,
+            {
+                "DYN_KVBM_DISK_CACHE_GB": str(tier_gb),
+                "DYN_KVBM_DISK_CACHE_DIR": str(workdir / "g3_same"),
+                "DYN_KVBM_DISK_DISABLE_O_DIRECT": "true",
+            },
+            same_engine=True,
+        ),
+        Config(
             "native",
             small_kv,
             # vLLM's size is in GiB, ours in decimal GB: the same bytes
@@ -168,9 +192,13 @@ def run_engine(
         **config.connector,
         "engine_kwargs": {**(engine or {}), **config.engine},
         "slow_disk_ms": config.slow_disk_ms,
+        "same_engine": config.same_engine,
+        "passes": same.PASSES,
     }
+    cfg_file = workdir / f"{config.name}.config.json"
+    cfg_file.write_text(json.dumps(cfg))
     proc = subprocess.run(
-        [sys.executable, "-m", "dynkv.bench.offload_engine", json.dumps(cfg)],
+        [sys.executable, "-m", "dynkv.bench.offload_engine", str(cfg_file)],
         env=env,
         capture_output=True,
         text=True,
@@ -210,6 +238,7 @@ def run(
             "dtype": dtype,
             "docs": documents(docs, doc_tokens, vocab, seed=1),
             "warmup": documents(1, 256, vocab, seed=99)[0],
+            "warmup_full": documents(1, doc_tokens, vocab, seed=98)[0],
             "max_model_len": max(2048, doc_tokens + 64),
         }
         results: dict[str, dict] = {}
@@ -232,6 +261,10 @@ def run(
             }
             if "policy" in ran:
                 results[config.name]["policy"] = ran["policy"]
+            if "same_engine" in ran:
+                results[config.name]["same_engine"] = {
+                    k: [round(x, 1) for x in v] for k, v in ran["same_engine"].items()
+                }
             progress(
                 f"{config.name}: round 1 {results[config.name]['round1_median_ms']} ms, "
                 f"round 2 {results[config.name]['round2_median_ms']} ms"
@@ -308,6 +341,10 @@ def summarize(results: dict[str, dict], **workload) -> dict:
         if out["cold_overhead"] is None
         else out["cold_overhead"] <= 1.03,
     }
+    same_engine, same_targets = same.summarize(results)
+    if same_engine:
+        out["same_engine"] = same_engine
+        out["targets"].update(same_targets)
     out["configs"] = results
     out["workload"] = workload
     return out

@@ -1,8 +1,9 @@
 """One engine of the W1 benchmark: warm up, send every document (round 1), then every document
 again (round 2), one request at a time with max_tokens=1, and print the latencies as JSON.
 
-Run as `python -m dynkv.bench.offload_engine '<json>'` (the result goes to `result_file`) — vLLM spawns its workers, so the engine
-lives behind a __main__ guard in a process of its own, one per configuration.
+Run as `python -m dynkv.bench.offload_engine CONFIG.json` (a file: the documents' token ids
+outgrow one command-line argument; the result goes to `result_file`). vLLM spawns its workers,
+so the engine lives behind a __main__ guard in a process of its own, one per configuration.
 With "slow_disk_ms" (the slow-disk variant; the engine then runs in this process,
 VLLM_ENABLE_V1_MULTIPROCESSING=0) every G3 read takes that much longer per block
 (`dynkv.bench.slow_disk`), and the onboard policy's counters are returned with the latencies.
@@ -13,10 +14,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 
 
 def main() -> None:
-    cfg = json.loads(sys.argv[1])
+    with open(sys.argv[1]) as fh:
+        cfg = json.load(fh)
     if cfg.get("slow_disk_ms"):
         from dynkv.bench import slow_disk
 
@@ -46,20 +49,71 @@ def main() -> None:
     one = SamplingParams(temperature=0.0, max_tokens=1)
     llm.generate([{"prompt_token_ids": cfg["warmup"]}], one, use_tqdm=False)
 
-    def timed(doc: list[int]) -> float:
+    # a request that stays out of the tiers (docs/kvbm.md): the no-offload baseline in this engine
+    private = SamplingParams(
+        temperature=0.0,
+        max_tokens=1,
+        extra_args={"kv_transfer_params": {"dynkv": {"offload": False}}},
+    )
+
+    def timed(doc: list[int], offload: bool = True, salt: str | None = None) -> float:
+        prompt: dict = {"prompt_token_ids": doc}
+        if salt is not None:  # a prefix of its own, for vLLM's cache and dynkv's tiers alike
+            prompt["cache_salt"] = salt
         t0 = time.perf_counter()
-        llm.generate([{"prompt_token_ids": doc}], one, use_tqdm=False)
+        llm.generate([prompt], one if offload else private, use_tqdm=False)
         return (time.perf_counter() - t0) * 1000
 
-    rounds = []
-    for _ in range(cfg.get("rounds", 2)):
-        rounds.append([timed(doc) for doc in cfg["docs"]])
-    out: dict = {"rounds": rounds}
+    if cfg.get("same_engine"):
+        out: dict = same_engine(llm, cfg["docs"], cfg["warmup_full"], cfg.get("passes", 3), timed)
+    else:
+        out = {"rounds": [[timed(doc) for doc in cfg["docs"]] for _ in range(cfg.get("rounds", 2))]}
     if cfg.get("slow_disk_ms") and transfer is not None:
         out["policy"] = _policy_counters(llm)
     # a file, not stdout: vLLM's processes log to stdout too, and lines can interleave
     with open(cfg["result_file"], "w") as fh:
         json.dump(out, fh)
+
+
+def same_engine(
+    llm, docs: list[list[int]], warmup: list[int], passes: int, timed: Callable[..., float]
+) -> dict:
+    """W1 inside one engine whose device KV holds every document (docs/benchmarks.md#w1-in-one-engine).
+
+    Cold: two rounds over the documents, each under a `cache_salt` of its own (a new prefix for
+    vLLM's cache and the tiers alike); the first offloads the even documents and keeps the odd
+    ones out of the tiers, the second the other way round, so every document is timed both ways
+    in this engine. Then vLLM's prefix cache is reset, every document is sent once (offloaded),
+    and `passes` times: a pass served by vLLM's own prefix cache (the floor), a reset, and a pass
+    the tier serves back (afterwards G1 holds them again, for the next floor pass). `rounds`
+    keeps W1's shape: the cold requests, then the tier's passes."""
+    timed(warmup, offload=False)  # a full-length prompt first: the first cold one is not special
+    offloaded, private = [], []
+    for cold in range(2):
+        for i, doc in enumerate(docs):
+            on = (i + cold) % 2 == 0
+            (offloaded if on else private).append(timed(doc, offload=on, salt=f"cold-{cold}"))
+    _reset(llm)
+    first = [timed(doc) for doc in docs]
+    floor, tier = [], []
+    for _ in range(passes):
+        floor += [timed(doc) for doc in docs]
+        _reset(llm)
+        tier += [timed(doc) for doc in docs]
+    return {
+        "rounds": [offloaded + private + first, tier],
+        "same_engine": {
+            "cold_offloaded_ms": offloaded,
+            "cold_private_ms": private,
+            "floor_ms": floor,
+            "tier_ms": tier,
+        },
+    }
+
+
+def _reset(llm) -> None:
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM did not reset its prefix cache (a request still running?)")
 
 
 def _policy_counters(llm) -> dict:

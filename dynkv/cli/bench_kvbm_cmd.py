@@ -142,6 +142,11 @@ def offload(
         return
     if not json_out:
         err.print(_offload_table(result, docs, doc_tokens))
+        for tier, f in result.same_engine.items():
+            err.print(
+                f"in one engine: {tier} {f.tier_ms:.0f} ms = {f.tier_vs_floor:.2f} × its floor "
+                f"({f.floor_ms:.0f} ms); cold overhead {f.cold_overhead:.3f}"
+            )
         err.print(f"cold overhead: {result.cold_overhead}; targets: {result.targets}")
     # one line either way: the summary keys are at the top level of the last line of stdout
     typer.echo(json.dumps(result.model_dump(mode="json") if json_out else result.headline()))

@@ -21,7 +21,7 @@ def engines(monkeypatch):
     seen: dict[str, dict] = {}
 
     def fake_engine(argv, **kw):
-        cfg = json.loads(argv[-1])
+        cfg = json.loads(Path(argv[-1]).read_text())
         seen[Path(cfg["result_file"]).stem] = cfg
         Path(cfg["result_file"]).write_text(json.dumps({"rounds": [[1.0], [1.0]]}))
         return subprocess.CompletedProcess(argv, 0, "", "")

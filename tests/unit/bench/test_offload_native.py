@@ -36,7 +36,7 @@ def test_engine_arguments_reach_the_engine_and_native_runs_only_when_named(monke
     seen: dict[str, dict] = {}
 
     def fake_engine(argv, **kw):  # stands in for the vLLM engine child (no engine here)
-        cfg = json.loads(argv[-1])
+        cfg = json.loads(Path(argv[-1]).read_text())
         name = Path(cfg["result_file"]).stem
         seen[name] = cfg["engine_kwargs"]
         Path(cfg["result_file"]).write_text(json.dumps({"rounds": [[1.0], [1.0]]}))

@@ -1,0 +1,116 @@
+"""W1 in one engine (`g2_same`, `g3_same`): the engine's procedure, played against a stand-in for
+`vllm.LLM` that records what it was asked, and the summary's ratios and targets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dynkv.bench import offload
+from dynkv.bench.kvbm_report import OffloadReport
+from dynkv.bench.offload_engine import same_engine
+
+
+class FakeLLM:
+    def __init__(self, reset_ok: bool = True) -> None:
+        self.calls: list[tuple] = []
+        self.reset_ok = reset_ok
+
+    def reset_prefix_cache(self) -> bool:
+        self.calls.append(("reset",))
+        return self.reset_ok
+
+
+def test_every_document_is_timed_cold_both_ways_and_the_passes_reset_between_floor_and_tier():
+    llm = FakeLLM()
+    docs = [[i] for i in range(3)]
+
+    def timed(doc, offload=True, salt=None):
+        llm.calls.append((doc[0], offload, salt))
+        return 10.0 * (doc[0] + 1) + (0 if offload else 1)
+
+    out = same_engine(llm, docs, [99], passes=2, timed=timed)
+    assert llm.calls[0] == (99, False, None)  # the full-length warm-up stays out of the tiers
+    assert llm.calls[1:7] == [
+        (0, True, "cold-0"), (1, False, "cold-0"), (2, True, "cold-0"),
+        (0, False, "cold-1"), (1, True, "cold-1"), (2, False, "cold-1"),
+    ]  # fmt: skip
+    every = [(0, True, None), (1, True, None), (2, True, None)]
+    assert llm.calls[7:] == [("reset",)] + every + (every + [("reset",)] + every) * 2
+    se = out["same_engine"]
+    assert se["cold_offloaded_ms"] == [10.0, 30.0, 20.0]
+    assert se["cold_private_ms"] == [21.0, 11.0, 31.0]
+    assert len(se["floor_ms"]) == len(se["tier_ms"]) == 6
+    assert out["rounds"][1] == se["tier_ms"]
+
+
+def test_a_prefix_cache_that_does_not_reset_fails_the_run():
+    with pytest.raises(RuntimeError, match="reset"):
+        same_engine(FakeLLM(reset_ok=False), [[1]], [2], passes=1, timed=lambda *a, **k: 1.0)
+
+
+def run_of(floor, tier, offloaded, private):
+    return {
+        "round1_ms": [1.0],
+        "round2_ms": [1.0],
+        "round1_median_ms": 1.0,
+        "round2_median_ms": 1.0,
+        "same_engine": {
+            "floor_ms": floor,
+            "tier_ms": tier,
+            "cold_offloaded_ms": offloaded,
+            "cold_private_ms": private,
+        },
+    }
+
+
+def test_the_summary_gives_each_tier_its_own_floor_and_targets():
+    out = offload.summarize(
+        {
+            "g2_same": run_of([60, 62, 100], [65, 66, 64], [3100, 3000], [3000, 2990]),
+            "g3_same": run_of([60, 61], [90, 91], [3300], [3000]),
+        }
+    )
+    g2, g3 = out["same_engine"]["g2"], out["same_engine"]["g3"]
+    assert (g2["floor_ms"], g2["tier_ms"], g2["tier_vs_floor"]) == (62, 65, 1.048)
+    assert g2["cold_overhead"] == round(3050 / 2995, 3)
+    assert g3["tier_vs_floor"] == round(90.5 / 60.5, 3)
+    t = out["targets"]
+    assert t["g2_le_1.1x_floor_same_engine"] is True
+    assert t["g3_le_1.3x_floor_same_engine"] is False
+    assert t["cold_overhead_le_1.03_same_engine"] is True  # G2's engine's, not G3's (1.1)
+    report = OffloadReport.model_validate(out)
+    assert report.same_engine["g3"].cold_overhead == 1.1
+    assert report.model_dump(mode="json")["same_engine"]["g2"]["tier_ms"] == 65
+    assert "same_engine" not in offload.summarize({"g2": run_of([1], [1], [1], [1])})
+
+
+def test_same_engine_configurations_hold_every_document_and_reach_the_engine(monkeypatch, tmp_path):
+    configs = {c.name: c for c in offload.configurations(1 << 20, 1 << 30, 1.0, tmp_path)}
+    for name in ("g2_same", "g3_same"):
+        assert configs[name].same_engine and configs[name].device_kv_bytes == 1 << 30
+        assert not configs[name].opt_in
+    assert not configs["g2"].same_engine
+    seen: dict[str, dict] = {}
+
+    def fake_engine(argv, **kw):  # stands in for the vLLM engine child (no engine here)
+        cfg = json.loads(Path(argv[-1]).read_text())
+        name = Path(cfg["result_file"]).stem
+        seen[name] = cfg
+        result = {"rounds": [[1.0], [1.0]]}
+        if cfg["same_engine"]:
+            result["same_engine"] = run_of([50.0], [55.0], [1.0], [1.0])["same_engine"]
+        Path(cfg["result_file"]).write_text(json.dumps(result))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(offload.subprocess, "run", fake_engine)
+    report = offload.run(
+        model="m", docs=2, doc_tokens=64, directory=str(tmp_path), only=["g2", "g2_same"]
+    )
+    assert seen["g2_same"]["same_engine"] and not seen["g2"]["same_engine"]
+    assert len(seen["g2_same"]["warmup_full"]) == 64
+    assert report.same_engine["g2"].tier_vs_floor == 1.1
+    assert report.configs["g2_same"].same_engine.tier_ms == [55.0]
