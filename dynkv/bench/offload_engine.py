@@ -85,14 +85,15 @@ def same_engine(
     ones out of the tiers, the second the other way round, so every document is timed both ways
     in this engine. Then vLLM's prefix cache is reset, every document is sent once (offloaded),
     and `passes` times: a pass served by vLLM's own prefix cache (the floor), a reset, and a pass
-    the tier serves back (afterwards G1 holds them again, for the next floor pass). `rounds`
-    keeps W1's shape: the cold requests, then the tier's passes."""
+    the tier serves back (afterwards G1 holds them again, for the next floor pass). The lists
+    pair up by index: a document's two cold times, a document's floor and tier times of one
+    pass. `rounds` keeps W1's shape: the cold requests, then the tier's passes."""
     timed(warmup, offload=False)  # a full-length prompt first: the first cold one is not special
-    offloaded, private = [], []
+    offloaded, private = [0.0] * len(docs), [0.0] * len(docs)  # by document
     for cold in range(2):
         for i, doc in enumerate(docs):
             on = (i + cold) % 2 == 0
-            (offloaded if on else private).append(timed(doc, offload=on, salt=f"cold-{cold}"))
+            (offloaded if on else private)[i] = timed(doc, offload=on, salt=f"cold-{cold}")
     _reset(llm)
     first = [timed(doc) for doc in docs]
     floor, tier = [], []

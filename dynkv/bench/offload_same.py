@@ -23,7 +23,9 @@ PASSES = 3  # floor/tier pass pairs per engine
 
 
 class SameEngineRun(Record):
-    """One same-engine configuration's latencies (ms), as the engine measured them."""
+    """One same-engine configuration's latencies (ms), as the engine measured them. The lists
+    pair up by index: `cold_offloaded_ms[i]` and `cold_private_ms[i]` are one document's,
+    `floor_ms[j]` and `tier_ms[j]` one document's in one pass."""
 
     cold_offloaded_ms: list[float]
     cold_private_ms: list[float]
@@ -32,7 +34,9 @@ class SameEngineRun(Record):
 
 
 class SameEngineFigures(Record):
-    """Medians of one same-engine configuration and its ratios."""
+    """Medians of one same-engine configuration, and its ratios: each the median of the ratios of
+    paired samples (the same document, measured close together), so a drift within the engine
+    over the run (a floor pass at 55 ms, a later one at 85 on this machine kind) cancels out."""
 
     floor_ms: float
     tier_ms: float
@@ -46,15 +50,16 @@ def figures(run: SameEngineRun) -> SameEngineFigures:
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 1)
 
-    floor, tier = med(run.floor_ms), med(run.tier_ms)
-    offloaded, private = med(run.cold_offloaded_ms), med(run.cold_private_ms)
+    def paired(num: list[float], den: list[float]) -> float:
+        return round(statistics.median(a / b for a, b in zip(num, den, strict=True)), 3)
+
     return SameEngineFigures(
-        floor_ms=floor,
-        tier_ms=tier,
-        tier_vs_floor=round(tier / floor, 3),
-        cold_offloaded_ms=offloaded,
-        cold_private_ms=private,
-        cold_overhead=round(offloaded / private, 3),
+        floor_ms=med(run.floor_ms),
+        tier_ms=med(run.tier_ms),
+        tier_vs_floor=paired(run.tier_ms, run.floor_ms),
+        cold_offloaded_ms=med(run.cold_offloaded_ms),
+        cold_private_ms=med(run.cold_private_ms),
+        cold_overhead=paired(run.cold_offloaded_ms, run.cold_private_ms),
     )
 
 
