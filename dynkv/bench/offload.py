@@ -17,7 +17,7 @@ Configurations (the device KV of all but `floor` cannot hold the working set):
   g3_direct  the same with O_DIRECT (dynkv's default): round 2 reads the device itself
   g2g3       dynkv, host and disk tiers
   g2_same    dynkv's G2 in one engine whose device KV holds every document: the floor, G2 and
-             a no-offload round 1 measured side by side in it (dynkv.bench.offload_same)
+             the cold overhead measured side by side in it (dynkv.bench.offload_same)
   g3_same    the same for G3 (buffered I/O)
   native     vLLM's own OffloadingConnector (`--kv-offloading-size`, CPU offload of CUDA KV):
              CUDA only, so run only when named (`--only native`; scripts/gpu-check does)
