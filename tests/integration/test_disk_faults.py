@@ -134,9 +134,8 @@ def test_a_stalled_disk_read_is_a_counted_miss_not_a_frozen_engine(tmp_path, cap
         loader.start()
         loader.join(timeout=10)
     frozen = loader.is_alive()
-    stalled.set_result(
-        (4, None)
-    )  # let the old code's wait end, so the thread does not outlive the test
+    # let the old code's wait end, so the thread does not outlive the test
+    stalled.set_result((4, None))
     loader.join(timeout=10)
     monkeypatch.undo()
     assert not frozen, "the load waited for the stalled disk"
