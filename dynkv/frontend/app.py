@@ -44,7 +44,7 @@ from dynkv.frontend.errors import (
     overloaded,
     too_large,
 )
-from dynkv.frontend.kv_route import KV, ROUTER_HEADER, kv_routing, policy_override
+from dynkv.frontend.kv_route import ROUTER_HEADER, kv_routing, policy_override
 from dynkv.frontend.metrics import CONTENT_TYPE, NO_WORKER, UNKNOWN_MODEL, FrontendMetrics
 from dynkv.frontend.policy import POLICIES, LeastOutstanding, make_policy
 from dynkv.frontend.pool import WorkerPool
@@ -118,7 +118,7 @@ class Frontend:
             kv=self.kv,
             default=str(cfg.router),
         )
-        await self.kv.start(warm=cfg.router == KV)
+        await self.kv.start()
         strategies = self.strategies
         if strategies is None:
             strategies = (

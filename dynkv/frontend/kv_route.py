@@ -122,10 +122,12 @@ class KvRouting:
     def available(self) -> bool:
         return self.router is not None and self.tokenizer is not None
 
-    async def start(self, warm: bool = False) -> None:
+    async def start(self) -> None:
         if self.router is not None:
             await self.router.start()
-        if warm and self.tokenizer is not None:  # load it before the first request needs it
+        # Load the tokenizer before the first kv request needs it (seconds for a real model). Any
+        # request may choose kv with the header, so this does not wait for kv to be the default.
+        if self.available:
             loop = asyncio.get_running_loop()
             loop.run_in_executor(self._pool, self._warm)
 

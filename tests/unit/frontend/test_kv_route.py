@@ -212,3 +212,21 @@ def test_a_prompt_just_sent_counts_as_held_on_its_worker_before_its_events_arriv
     _, choice, ticket3 = asyncio.run(ctx.choose(third, "agg", pool.healthy("m", "agg")))
     assert choice.worker.id == holder and ticket3.predicted_cached == ticket.predicted_cached
     assert kv.router.stats()["in_flight_prompts"] == 3
+
+
+def test_the_tokenizer_loads_at_start_whenever_a_request_may_choose_kv(tiny):
+    """Any request may ask for kv with the header, so the frontend loads the tokenizer when it
+    starts (in the tokenizing thread), not on the first kv request, whatever the default policy.
+    Without a router kv cannot be chosen, and nothing is loaded."""
+
+    async def started(router) -> PromptTokenizer:
+        tok = PromptTokenizer(tiny)
+        kv = KvRouting(router, tok)
+        await kv.start()
+        kv._pool.submit(lambda: None).result(timeout=60)  # the warm-up ran before this
+        await kv.close()
+        return tok
+
+    with_router = KvRouter("nats://127.0.0.1:1", "d", ScorerConfig(), retry_secs=60)
+    assert asyncio.run(started(with_router))._tok is not None
+    assert asyncio.run(started(None))._tok is None
