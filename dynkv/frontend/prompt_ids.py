@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
+from dynkv.frontend.piece_cache import PieceEncoder
+
 CHAT_DEFAULTS = {"add_generation_prompt": True, "continue_final_message": False}
 # apply_chat_template's own parameters a request may set through chat_template_kwargs
 _TEMPLATE_PARAMS = frozenset(
@@ -60,6 +62,7 @@ class PromptTokenizer:
         self.chat_template_arg = chat_template
         self._tok: Any = None
         self._failed: tuple[float, Exception] | None = None  # (when, why) of the last failure
+        self.pieces: PieceEncoder | None = None  # set with the tokenizer, where it is safe
         self._lock = threading.Lock()
 
     @property
@@ -74,10 +77,12 @@ class PromptTokenizer:
                 from transformers import AutoTokenizer
 
                 try:
-                    self._tok = AutoTokenizer.from_pretrained(self.source, local_files_only=True)
+                    tok = AutoTokenizer.from_pretrained(self.source, local_files_only=True)
                 except Exception as exc:
                     self._failed = (time.monotonic(), exc)
                     raise
+                self.pieces = PieceEncoder.of(tok)
+                self._tok = tok
             return self._tok
 
     def token_ids(self, endpoint: str, body: Mapping[str, Any]) -> list[int]:
@@ -92,8 +97,7 @@ class PromptTokenizer:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
-            add_special = body.get("add_special_tokens", True)
-            return list(self.tokenizer.encode(prompt, add_special_tokens=bool(add_special)))
+            return self.encode(prompt, bool(body.get("add_special_tokens", True)))
         if isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
             return list(prompt)
         raise Unsupported("a prompt that is not one string or one list of token ids")
@@ -122,8 +126,17 @@ class PromptTokenizer:
             tokenize=False,
             **kwargs,
         )
-        add_special = bool(body.get("add_special_tokens", False))
-        return list(tok.encode(text, add_special_tokens=add_special))
+        return self.encode(text, bool(body.get("add_special_tokens", False)))
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """The text's ids as the tokenizer gives them, pieces seen before taken from the cache
+        (dynkv/frontend/piece_cache.py)."""
+        tok = self.tokenizer
+        if self.pieces is not None:
+            ids = self.pieces.encode(text, add_special_tokens)
+            if ids is not None:
+                return ids
+        return list(tok.encode(text, add_special_tokens=add_special_tokens))
 
     def resolve_template(self, template: str | None, tools: list | None) -> str:
         """The template text: the request's or the workers' (a file path or the text itself),
