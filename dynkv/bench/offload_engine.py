@@ -16,6 +16,10 @@ import sys
 import time
 from collections.abc import Callable
 
+# A pause after offloaded requests, for the disk writes they leave on the pool's threads (a
+# 3,600-token document's take 0.1-0.3 s here) to finish before requests that must not pay them.
+SETTLE_S = 1.0
+
 
 def main() -> None:
     with open(sys.argv[1]) as fh:
@@ -76,26 +80,36 @@ def main() -> None:
 
 
 def same_engine(
-    llm, docs: list[list[int]], warmup: list[int], passes: int, timed: Callable[..., float]
+    llm,
+    docs: list[list[int]],
+    warmup: list[int],
+    passes: int,
+    timed: Callable[..., float],
+    settle_s: float = SETTLE_S,
 ) -> dict:
     """W1 inside one engine whose device KV holds every document (docs/benchmarks.md#w1-in-one-engine).
 
-    Cold: two rounds over the documents, each under a `cache_salt` of its own (a new prefix for
-    vLLM's cache and the tiers alike); the first offloads the even documents and keeps the odd
-    ones out of the tiers, the second the other way round, so every document is timed both ways
-    in this engine. Then vLLM's prefix cache is reset, every document is sent once (offloaded),
-    and `passes` times: a pass served by vLLM's own prefix cache (the floor), a reset, and a pass
-    the tier serves back (afterwards G1 holds them again, for the next floor pass). The lists
-    pair up by index: a document's two cold times, a document's floor and tier times of one
-    pass. `rounds` keeps W1's shape: the cold requests, then the tier's passes."""
+    Cold: every document is sent offloaded and kept out of the tiers, each time under a
+    `cache_salt` of its own (a new prefix for vLLM's cache and the tiers alike), in blocks
+    ordered offloaded, kept out, kept out, offloaded: the blocks' order cancels a linear drift of
+    the engine, and an offloaded request pays the disk writes the one before it left running on
+    the pool's threads, as in serving, while a kept-out request pays none (alternating documents
+    one by one charged those writes to the kept-out ones). Then vLLM's prefix cache is reset,
+    every document is sent once (offloaded), and `passes` times: a pass served by vLLM's own
+    prefix cache (the floor), a reset, and a pass the tier serves back (afterwards G1 holds them
+    again, for the next floor pass). The lists pair up by index: a document's two cold times, a
+    document's floor and tier times of one pass. `rounds` keeps W1's shape: the cold requests,
+    then the tier's passes."""
     timed(warmup, offload=False)  # a full-length prompt first: the first cold one is not special
-    offloaded, private = [0.0] * len(docs), [0.0] * len(docs)  # by document
-    for cold in range(2):
-        for i, doc in enumerate(docs):
-            on = (i + cold) % 2 == 0
-            (offloaded if on else private)[i] = timed(doc, offload=on, salt=f"cold-{cold}")
+    cold = []
+    for block, on in enumerate((True, False, False, True)):
+        cold.append([timed(doc, offload=on, salt=f"cold-{block}") for doc in docs])
+        time.sleep(settle_s)
+    # a document's offloaded time pairs with its kept-out time in the block beside it
+    offloaded, private = cold[0] + cold[3], cold[1] + cold[2]
     _reset(llm)
     first = [timed(doc) for doc in docs]
+    time.sleep(settle_s)  # the floor's first documents do not share the cores with these writes
     floor, tier = [], []
     for _ in range(passes):
         floor += [timed(doc) for doc in docs]

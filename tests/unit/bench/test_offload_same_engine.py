@@ -32,24 +32,26 @@ def test_every_document_is_timed_cold_both_ways_and_the_passes_reset_between_flo
         llm.calls.append((doc[0], offload, salt))
         return 10.0 * (doc[0] + 1) + (0 if offload else 1)
 
-    out = same_engine(llm, docs, [99], passes=2, timed=timed)
+    out = same_engine(llm, docs, [99], passes=2, timed=timed, settle_s=0)
     assert llm.calls[0] == (99, False, None)  # the full-length warm-up stays out of the tiers
-    assert llm.calls[1:7] == [
-        (0, True, "cold-0"), (1, False, "cold-0"), (2, True, "cold-0"),
-        (0, False, "cold-1"), (1, True, "cold-1"), (2, False, "cold-1"),
-    ]  # fmt: skip
+    # blocks offloaded, kept out, kept out, offloaded; a salt of its own each
+    assert llm.calls[1:13] == [
+        (d, on, f"cold-{b}") for b, on in enumerate((True, False, False, True)) for d in range(3)
+    ]
     every = [(0, True, None), (1, True, None), (2, True, None)]
-    assert llm.calls[7:] == [("reset",)] + every + (every + [("reset",)] + every) * 2
+    assert llm.calls[13:] == [("reset",)] + every + (every + [("reset",)] + every) * 2
     se = out["same_engine"]
-    assert se["cold_offloaded_ms"] == [10.0, 20.0, 30.0]  # by document
-    assert se["cold_private_ms"] == [11.0, 21.0, 31.0]
+    assert se["cold_offloaded_ms"] == [10.0, 20.0, 30.0] * 2  # by document, blocks 1 and 4
+    assert se["cold_private_ms"] == [11.0, 21.0, 31.0] * 2  # blocks 2 and 3
     assert len(se["floor_ms"]) == len(se["tier_ms"]) == 6
     assert out["rounds"][1] == se["tier_ms"]
 
 
 def test_a_prefix_cache_that_does_not_reset_fails_the_run():
     with pytest.raises(RuntimeError, match="reset"):
-        same_engine(FakeLLM(reset_ok=False), [[1]], [2], passes=1, timed=lambda *a, **k: 1.0)
+        same_engine(
+            FakeLLM(reset_ok=False), [[1]], [2], passes=1, timed=lambda *a, **k: 1.0, settle_s=0
+        )
 
 
 def run_of(floor, tier, offloaded, private):
