@@ -90,10 +90,10 @@ def same_engine(
     """W1 inside one engine whose device KV holds every document (docs/benchmarks.md#w1-in-one-engine).
 
     Cold: every document is sent offloaded and kept out of the tiers, each time under a
-    `cache_salt` of its own (a new prefix for vLLM's cache and the tiers alike), in blocks
-    ordered offloaded, kept out, kept out, offloaded: the blocks' order cancels a linear drift of
-    the engine, and an offloaded request pays the disk writes the one before it left running on
-    the pool's threads, as in serving, while a kept-out request pays none (alternating documents
+    `cache_salt` of its own (a new prefix for vLLM's cache and the tiers alike), in blocks ordered
+    offloaded, kept out, kept out, offloaded: the blocks' order cancels a linear drift of the
+    engine, and an offloaded request pays the disk writes the one before it left running on the
+    pool's threads, as in serving, while a kept-out request pays none (alternating documents
     one by one charged those writes to the kept-out ones). Then vLLM's prefix cache is reset,
     every document is sent once (offloaded), and `passes` times: a pass served by vLLM's own
     prefix cache (the floor), a reset, and a pass the tier serves back (afterwards G1 holds them
