@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import statistics
 from collections.abc import Callable, Sequence
 
 import httpx
 
 from dynkv import router_metrics
-from dynkv.bench import compare, runner
-from dynkv.bench.summary import BenchSummary, RouterStats, RunConfig, WorkerLoad
+from dynkv.bench import compare, report, runner
+from dynkv.bench.summary import BenchSummary, PolicyRepeats, RouterStats, RunConfig, WorkerLoad
 from dynkv.bench.trust import Trust, verify_of
 from dynkv.bench.workloads import Workload
 
@@ -132,30 +133,100 @@ def run_policies(
     run_id: str | None = None,
     progress: Callable[[str], runner.Progress | None] | None = None,
     on_event: Event | None = None,
+    repeat: int = 1,
 ) -> list[BenchSummary]:
-    """One summary per policy, in order, each with its `router` numbers, against one running
-    fleet (`stack`: the frontend, and the workers' KVBM metrics)."""
+    """One summary per policy run, in the order of `schedule`, each with its `router` numbers,
+    against one running fleet (`stack`: the frontend, and the workers' KVBM metrics). With
+    `repeat` > 1 each run is labelled `<policy> #<n>`."""
     run_id = run_id or new_run_id()
     notify = on_event or (lambda *_: None)
     url = frontend_metrics_url(stack.url)
     trust = compare.stack_options(options, stack).trust
     summaries = []
-    for policy in policies:
-        salt = cache_salt(run_id, policy)
+    for n, policy in schedule(policies, repeat):
+        # with repeats every run gets a salt of its own: no repeat reuses an earlier one's cache
+        salt = cache_salt(run_id, policy if repeat == 1 else f"{policy}-{n}")
+        label = policy if repeat == 1 else f"{policy} #{n}"
         opts = dataclasses.replace(options, router=policy, cache_salt=salt, session_header=True)
         cfg = run_config.model_copy(
             update={"router": policy, "cache_salt": salt, "session_header": True}
         )
 
-        def bar(_config: compare.StackConfig, policy: str = policy) -> runner.Progress | None:
-            return progress(policy) if progress else None
+        def bar(_config: compare.StackConfig, label: str = label) -> runner.Progress | None:
+            return progress(label) if progress else None
 
         measure = compare.measure_with(work, warm, opts, cfg, bar)
-        notify("measure", policy, salt)
+        notify("measure", label, salt)
         before = read_router(url, options.api_key, trust=trust)
-        summary = measure(compare.StackConfig(policy), stack)
+        summary = measure(compare.StackConfig(label), stack)
         after = read_router(url, options.api_key, trust=trust)
         summary.router = router_stats(policy, salt, url, before, after)
-        notify("done", policy, summary)
+        notify("done", label, summary)
         summaries.append(summary)
     return summaries
+
+
+def schedule(policies: Sequence[str], repeat: int = 1) -> list[tuple[int, str]]:
+    """(repeat number from 1, policy) in the order they run. Each repeat starts one policy later
+    than the one before: on a small machine the run that comes first on a stack, or after a given
+    policy, is measurably different, and one order per repeat spreads that over the policies."""
+    out: list[tuple[int, str]] = []
+    for r in range(repeat):
+        k = r % len(policies)
+        out += [(r + 1, p) for p in [*policies[k:], *policies[:k]]]
+    return out
+
+
+def repeat_medians(summaries: Sequence[BenchSummary]) -> list[PolicyRepeats]:
+    """Each policy's medians over its runs, in the order the policies first ran; the ratios are
+    to the first policy's medians (the one under test, listed first)."""
+    runs: dict[str, list[BenchSummary]] = {}
+    for s in summaries:
+        runs.setdefault(s.router.policy if s.router else s.label, []).append(s)
+
+    def med(values) -> float | None:
+        present = [v for v in values if v is not None]
+        return statistics.median(present) if present else None
+
+    out = [
+        PolicyRepeats(
+            policy=policy,
+            runs=len(group),
+            ttft_p50_ms=med(s.ttft_ms.p50 for s in group),
+            ttft_p90_ms=med(s.ttft_ms.p90 for s in group),
+            later_rounds_p50_ms=med(s.later_rounds_ttft_ms.p50 for s in group),
+        )
+        for policy, group in runs.items()
+    ]
+    if out:
+        first = out[0]
+        for p in out:
+            p.later_rounds_p50_vs_first = _ratio(p.later_rounds_p50_ms, first.later_rounds_p50_ms)
+            p.ttft_p90_vs_first = _ratio(p.ttft_p90_ms, first.ttft_p90_ms)
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def repeats_markdown(medians: Sequence[PolicyRepeats]) -> str:
+    """The medians table appended to a repeated comparison's markdown."""
+    if not medians:
+        return ""
+    first = medians[0].policy
+    lines = [
+        f"Medians over repeats (ratios to {first})",
+        "",
+        "| policy | runs | TTFT p50 ms | TTFT p90 ms | TTFT p50 rounds ≥ 2 ms "
+        f"| rounds ≥ 2 p50 ÷ {first} | p90 ÷ {first} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    num, ratio = report.fmt_number, report.fmt_ratio
+    for p in medians:
+        lines.append(
+            f"| {p.policy} | {p.runs} | {num(p.ttft_p50_ms)} | {num(p.ttft_p90_ms)} "
+            f"| {num(p.later_rounds_p50_ms)} | {ratio(p.later_rounds_p50_vs_first)} "
+            f"| {ratio(p.ttft_p90_vs_first)} |"
+        )
+    return "\n".join(lines) + "\n"

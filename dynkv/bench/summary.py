@@ -208,15 +208,32 @@ class CompareMeta(Record):
     stack_options: dict[str, Any] = {}
 
 
+class PolicyRepeats(Record):
+    """One routing policy over a router comparison's repeats (`--repeat N`): the median of its
+    runs' numbers, and the ratio of its rounds ≥ 2 TTFT p50 to the first policy's."""
+
+    policy: str
+    runs: int
+    ttft_p50_ms: float | None = None
+    ttft_p90_ms: float | None = None
+    later_rounds_p50_ms: float | None = None
+    later_rounds_p50_vs_first: float | None = None
+    ttft_p90_vs_first: float | None = None
+
+
 class CompareReport(Record):
-    """Several configurations' summaries, in the order they ran (report.json of `bench compare`)."""
+    """Several configurations' summaries, in the order they ran (report.json of `bench compare`);
+    a router comparison run with `--repeat` adds each policy's medians (`repeats`)."""
 
     runs: list[BenchSummary] = []
     compare: CompareMeta | None = None
+    repeats: list[PolicyRepeats] = []
 
     @model_serializer(mode="wrap")
     def _no_meta_until_known(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
         if self.compare is None:
             data.pop("compare", None)
+        if not self.repeats:
+            data.pop("repeats", None)
         return data

@@ -174,6 +174,16 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    repeat: Annotated[
+        int,
+        typer.Option(
+            "--repeat",
+            min=1,
+            max=20,
+            help="--compare-router: run every policy N times, each repeat starting one policy "
+            "later, and report each policy's medians (docs/benchmarks.md#comparing-routers).",
+        ),
+    ] = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Stream a multi-turn, shared-prefix or long-document workload to a running server; report
@@ -184,6 +194,10 @@ def serve(
             "dynkv bench compare --profiles PROFILE[,PROFILE…] (or --topologies agg,disagg)",
         )
     policies = None
+    if repeat > 1 and compare_router is None:
+        raise usage(
+            "--repeat repeats a router comparison", "add --compare-router, or drop --repeat"
+        )
     if compare_router is not None:
         policies = bench_router_compare.policies_or_usage(compare_router)
         if label is not None:
@@ -231,7 +245,7 @@ def serve(
     if policies is not None:
         stack = compare.RunningStack(url, served, metrics_urls, trust=trust)
         job = BenchJob(workload, warm, options, config, markdown, plot, json_out)
-        bench_router_compare.run(policies=policies, stack=stack, job=job)
+        bench_router_compare.run(policies=policies, stack=stack, job=job, repeat=repeat)
         return
 
     before = scrape.scrape_all(metrics_urls)

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dynkv.bench import compare, report, router_compare, stacks
-from dynkv.bench.summary import BenchSummary, CompareMeta
+from dynkv.bench.summary import BenchSummary, CompareMeta, PolicyRepeats
 from dynkv.cli.bench_options import BenchJob, progress, usage
 from dynkv.cli.group import EXIT_FAILURE, UserError
 from dynkv.cli.output import emit_json, err, numbers_table, warn
@@ -58,14 +58,35 @@ def table(summaries: list[BenchSummary]) -> Table:
     return out
 
 
+def medians_table(medians: list[PolicyRepeats]) -> Table:
+    first = medians[0].policy
+    cols = ("policy", "runs", "TTFT p50", "p90", "p50 r≥2", f"r≥2 ÷ {first}", f"p90 ÷ {first}")
+    out = numbers_table("medians over repeats (ms)", cols)
+    fmt, ratio = report.fmt_number, report.fmt_ratio
+    for p in medians:
+        out.add_row(
+            escape(p.policy),
+            str(p.runs),
+            fmt(p.ttft_p50_ms),
+            fmt(p.ttft_p90_ms),
+            fmt(p.later_rounds_p50_ms),
+            ratio(p.later_rounds_p50_vs_first),
+            ratio(p.ttft_p90_vs_first),
+        )
+    return out
+
+
 def run(
     *,
     policies: list[str],
     stack: compare.RunningStack,
     job: BenchJob,
     out: Path | None = None,
+    repeat: int = 1,
 ) -> None:
-    """`out`: also write report.json, report.md and ttft.png there (`bench compare`'s files)."""
+    """`out`: also write report.json, report.md and ttft.png there (`bench compare`'s files).
+    `repeat` > 1: every policy runs that many times (`router_compare.schedule`), and the report
+    adds each policy's medians."""
     work, warm, options, run_config = job.work, job.warm, job.options, job.run_config
     markdown, plot, json_out = job.markdown, job.plot, job.json_out
     started = dt.datetime.now(dt.UTC)
@@ -75,7 +96,8 @@ def run(
         err.print(
             f"[bold]bench serve --compare-router[/bold] {escape(work.name)} → "
             f"{escape(stack.url)} ({escape(stack.model)}): {len(policies)} policies "
-            f"({escape(', '.join(policies))}), {len(work.requests)} requests each, seed "
+            f"({escape(', '.join(policies))}){f' × {repeat}' if repeat > 1 else ''}, "
+            f"{len(work.requests)} requests each, seed "
             f"{options.seed}; cache salt dynkv-bench-{run_id}-<policy> (no run reuses another's "
             "cache)",
             soft_wrap=True,
@@ -109,12 +131,15 @@ def run(
             run_id=run_id,
             progress=progress_of,
             on_event=on_event,
+            repeat=repeat,
         )
     finally:
         for bar in bars:
             bar.stop()
 
     combined = report.combined(summaries)
+    if repeat > 1:
+        combined.repeats = router_compare.repeat_medians(summaries)
     combined.compare = CompareMeta(
         date=started.isoformat(timespec="seconds"),
         command=command,
@@ -132,13 +157,18 @@ def run(
         (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
         markdown, plot = markdown or out / "report.md", plot or out / "ttft.png"
     if markdown:
-        markdown.write_text(report.markdown(summaries, title=title, notes=notes))
+        text = report.markdown(summaries, title=title, notes=notes)
+        if combined.repeats:
+            text += "\n" + router_compare.repeats_markdown(combined.repeats)
+        markdown.write_text(text)
     if plot:
         report.plot(summaries, plot, title=f"TTFT per round: {work.name}")
     if json_out:
         emit_json(combined.model_dump(mode="json"))
     else:
         err.print(table(summaries))
+        if combined.repeats:
+            err.print(medians_table(combined.repeats))
         for path in (markdown, plot):
             if path:
                 err.print(f"  wrote {escape(str(path))}")

@@ -158,6 +158,51 @@ def test_cli_json_markdown_and_plot(tmp_path):
     assert Counter(s.router for s in mimic.seen) == {"kv": 8, "session": 8, "round_robin": 8}
 
 
+def test_each_repeat_starts_one_policy_later():
+    assert router_compare.schedule(["kv", "rr", "s"], 1) == [(1, "kv"), (1, "rr"), (1, "s")]
+    assert [p for _, p in router_compare.schedule(["kv", "rr", "s"], 4)] == [
+        "kv", "rr", "s", "rr", "s", "kv", "s", "kv", "rr", "kv", "rr", "s",
+    ]  # fmt: skip
+
+
+def test_repeated_policies_get_salts_and_labels_of_their_own_and_medians(tmp_path):
+    mimic = FrontendMimic()
+    md = tmp_path / "routers.md"
+    with Serving(mimic) as url:
+        result = cli.invoke(
+            app,
+            [
+                "bench", "serve", "--url", url, "-w", "multi-turn", "--users", "3",
+                "--rounds", "3", "--system-tokens", "20", "--question-tokens", "4",
+                "--answer-tokens", "2", "--compare-router", "kv,round_robin", "--repeat", "3",
+                "--markdown", str(md), "--json",
+            ],
+        )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = CompareReport.model_validate(json.loads(result.stdout))
+    assert [r.label for r in data.runs] == [
+        "kv #1", "round_robin #1", "round_robin #2", "kv #2", "kv #3", "round_robin #3",
+    ]  # fmt: skip
+    assert [r.router.policy for r in data.runs if r.router] == [
+        "kv", "round_robin", "round_robin", "kv", "kv", "round_robin",
+    ]  # fmt: skip
+    salts = {r.config.cache_salt for r in data.runs}
+    assert len(salts) == 6  # no repeat reuses an earlier run's cache
+    assert Counter(s.salt for s in mimic.seen) == {salt: 9 for salt in salts}
+    kv, rr = data.repeats
+    assert (kv.policy, kv.runs, rr.policy, rr.runs) == ("kv", 3, "round_robin", 3)
+    runs_kv = [r.later_rounds_ttft_ms.p50 for r in data.runs if r.label.startswith("kv")]
+    assert kv.later_rounds_p50_ms == sorted(runs_kv)[1]  # the median of three
+    assert kv.later_rounds_p50_vs_first == 1.0
+    assert rr.later_rounds_p50_vs_first == round(rr.later_rounds_p50_ms / kv.later_rounds_p50_ms, 3)
+    assert "Medians over repeats (ratios to kv)" in md.read_text()
+    assert "| round_robin | 3 |" in md.read_text()
+
+
+def test_a_comparison_without_repeats_keeps_its_report_shape():
+    assert "repeats" not in CompareReport().model_dump(mode="json")
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -168,6 +213,7 @@ def test_cli_json_markdown_and_plot(tmp_path):
             "--affinity applies to --workload shared-prefix",
         ),
         (["--per-user-system", "-w", "shared-prefix"], "--per-user-system applies"),
+        (["--repeat", "2"], "--repeat repeats a router comparison"),
     ],
 )
 def test_cli_usage_errors(args, needle):
