@@ -299,6 +299,10 @@ def compare_cmd(
             "--workers", min=1, max=64, help="--routers: the fleet's workers (default 2)."
         ),
     ] = None,
+    repeat: Annotated[
+        int,
+        typer.Option("--repeat", min=1, max=20, help="--routers: run every policy N times."),
+    ] = 1,
     stack_env: Annotated[
         list[str] | None,
         typer.Option(
@@ -338,8 +342,9 @@ def compare_cmd(
                 "--transports and --baseline compare stacks",
                 "run them as two comparisons",
             )
-    elif workers is not None:
-        raise usage("--workers is the fleet of --routers", "pass --routers, or drop --workers")
+    elif workers is not None or repeat > 1:
+        flag = "--workers is the fleet" if workers is not None else "--repeat repeats the policies"
+        raise usage(f"{flag} of --routers", "pass --routers, or drop it")
     tls = "tls" in compare.split_values(transports)
     if advertise_addr is not None and not tls:
         raise usage("--advertise-addr is the address of --transports tls", "pass --transports tls")
@@ -367,6 +372,7 @@ def compare_cmd(
             stack_options=stack_options,
             out=out or default_out_dir(),
             job=job,
+            repeat=repeat,
         )
         return
     run(

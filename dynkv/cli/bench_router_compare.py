@@ -191,6 +191,7 @@ def run_on_new_fleet(
     stack_options: stacks.StackOptions,
     out: Path,
     job: BenchJob,
+    repeat: int = 1,
 ) -> None:
     """Start one agg fleet (`dynkv up -d` under a private name, ports and state dir in `out`),
     compare the policies on it, and take it down whatever happens."""
@@ -211,7 +212,7 @@ def run_on_new_fleet(
             EXIT_FAILURE,
         ) from None
     try:
-        run(policies=policies, stack=stack, job=job, out=out)
+        run(policies=policies, stack=stack, job=job, out=out, repeat=repeat)
     finally:
         launcher.down(stack)
         for message in launcher.warnings:

@@ -234,6 +234,7 @@ def test_plain_serve_runs_keep_their_report_shape():
     [
         (["--routers", "kv", "--profiles", "gpu-cpu"], "--routers compares policies on one fleet"),
         (["--workers", "2", "--profiles", "gpu-cpu"], "--workers is the fleet of --routers"),
+        (["--repeat", "3"], "--repeat repeats the policies of --routers"),
         (["--routers", "kv,nope"], "unknown routing policy 'nope'"),
     ],
 )
