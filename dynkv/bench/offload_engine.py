@@ -16,8 +16,9 @@ import sys
 import time
 from collections.abc import Callable
 
-# A pause after offloaded requests, for the disk writes they leave on the pool's threads (a
-# 3,600-token document's take 0.1-0.3 s here) to finish before requests that must not pay them.
+# A pause after offloaded requests, so that the disk writes they leave on the pool's threads are
+# done before requests that must not pay them. (The kernel's writeback of buffered writes can
+# run longer: g3_same's first kept-out documents after an offloaded block were still slower.)
 SETTLE_S = 1.0
 
 

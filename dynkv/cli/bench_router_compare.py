@@ -98,7 +98,8 @@ def run(
             f"{escape(stack.url)} ({escape(stack.model)}): {len(policies)} policies "
             f"({escape(', '.join(policies))}){f' × {repeat}' if repeat > 1 else ''}, "
             f"{len(work.requests)} requests each, seed "
-            f"{options.seed}; cache salt dynkv-bench-{run_id}-<policy> (no run reuses another's "
+            f"{options.seed}; cache salt dynkv-bench-{run_id}-<policy>"
+            f"{'-<n>' if repeat > 1 else ''} (no run reuses another's "
             "cache)",
             soft_wrap=True,
         )

@@ -70,14 +70,14 @@ class PieceEncoder:
             return None
         try:
             spec = json.loads(backend.to_str())
-        except Exception:
+            if not piecewise_safe(spec):
+                return None
+            added = {t["content"]: t["id"] for t in spec.get("added_tokens") or ()}
+            if not added:
+                return None
+            return cls(backend, added, max_chars, single_specials(spec))
+        except Exception:  # a description this module cannot read: encode whole texts
             return None
-        if not piecewise_safe(spec):
-            return None
-        added = {t["content"]: t["id"] for t in spec.get("added_tokens") or ()}
-        if not added:
-            return None
-        return cls(backend, added, max_chars, single_specials(spec))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int] | None:
         """The text's ids; None when `add_special_tokens` asks for specials this encoder does

@@ -114,3 +114,14 @@ def test_a_post_processor_it_does_not_read_leaves_specials_to_the_tokenizer(hf):
     pieces = PieceEncoder(hf.backend_tokenizer, {"<|eot_id|>": 1}, 1000, specials=None)
     assert pieces.encode("text", add_special_tokens=True) is None
     assert pieces.encode("text") == hf.encode("text", add_special_tokens=False)
+
+
+def test_a_description_it_cannot_read_means_whole_texts():
+    class Odd:
+        class backend_tokenizer:  # noqa: N801 - stands in for the attribute
+            @staticmethod
+            def to_str():
+                return json.dumps({"normalizer": None, "model": {"type": "BPE"},
+                                   "pre_tokenizer": {"type": "ByteLevel"}, "added_tokens": [{}]})  # fmt: skip
+
+    assert PieceEncoder.of(Odd()) is None
