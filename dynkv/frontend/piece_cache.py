@@ -82,16 +82,15 @@ class PieceEncoder:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int] | None:
         """The text's ids; None when `add_special_tokens` asks for specials this encoder does
         not know (the caller encodes the whole text then)."""
-        if add_special_tokens:
-            if self.specials is None:
-                return None
+        if not add_special_tokens:
+            before, after = [], []
+        elif self.specials is None:
+            return None
+        else:
             before, after = self.specials
-            out = list(before)
-            self._encode_into(text, out)
-            out.extend(after)
-            return out
-        out = []
+        out = list(before)
         self._encode_into(text, out)
+        out.extend(after)
         return out
 
     def _encode_into(self, text: str, out: list[int]) -> None:
