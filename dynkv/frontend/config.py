@@ -70,7 +70,8 @@ class FrontendConfig(BaseModel):
         0.01,
         ge=0,
         allow_inf_nan=False,
-        description="kv router: queueing cost of a request in flight",
+        description="kv router: queueing cost of a request in flight, until the worker has "
+        "measured its own",
     )
     request_timeout: float = Field(600.0, gt=0, description="seconds of worker silence")
     connect_timeout: float = Field(3.0, gt=0)

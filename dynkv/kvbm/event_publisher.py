@@ -320,6 +320,7 @@ class KvEventPublisher:
             prefill=reading.prefill,
             g2_to_g1_tokens_per_s=reading.g2_to_g1_tokens_per_s,
             g3_to_g1_tokens_per_s=reading.g3_to_g1_tokens_per_s,
+            decode_seconds_per_request=reading.decode_seconds_per_request,
             held_blocks=held,
             dropped_batches=self.dropped_batches,
         )

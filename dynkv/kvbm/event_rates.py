@@ -1,17 +1,26 @@
-"""The rates a worker publishes with its KV events, from what the runtime measures today.
+"""The rates a worker publishes with its KV events: what a hit, a miss and its decode load cost.
 
-G2→G1: blocks onboarded (from either tier) per second spent copying into the device; G3→G1 adds
-the disk reads' seconds per disk block. Both are lifetime averages of the `kvbm_transfer_seconds`
-histogram and the onboard counters, None until a load happened. Prefill speed is not measured by
-the runtime yet: `RatesReading.prefill` stays empty and the router uses its default, until an
-online measurement is passed to the publisher as its `rates_source` (docs/kv-events.md).
+- G2→G1: blocks onboarded (from either tier) per second spent copying into the device; G3→G1 adds
+  the disk reads' seconds per disk block. Both are lifetime averages of the `kvbm_transfer_seconds`
+  histogram and the onboard counters, None until a load happened.
+- Prefill: the scheduler's own measurement for the load-or-recompute policy (`PrefillRates`,
+  per prefill-length bucket, clean prefills only), empty until a prompt was computed.
+- Decode: seconds a running request adds to a step (`DecodeCost`), None until measured.
+
+The router prices each worker with these (docs/kv-events.md#scoring).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dynkv.kvbm.counters import Count
 from dynkv.kvbm.event_settings import RatesReading, RatesSource
 from dynkv.kvbm.metrics import KvbmMetrics
+
+if TYPE_CHECKING:
+    from dynkv.kvbm.decode_cost import DecodeCost
+    from dynkv.kvbm.onboard_policy import PrefillRates
 
 
 def _histogram(metrics: KvbmMetrics, direction: str) -> tuple[float, float]:
@@ -22,7 +31,12 @@ def _histogram(metrics: KvbmMetrics, direction: str) -> tuple[float, float]:
     return total, count
 
 
-def metrics_rates(metrics: KvbmMetrics, block_size: int) -> RatesSource:
+def metrics_rates(
+    metrics: KvbmMetrics,
+    block_size: int,
+    prefill: PrefillRates | None = None,
+    decode: DecodeCost | None = None,
+) -> RatesSource:
     def read() -> RatesReading:
         host_blocks = metrics.value(Count.ONBOARD_H2D)
         disk_blocks = metrics.value(Count.ONBOARD_D2D)
@@ -35,6 +49,11 @@ def metrics_rates(metrics: KvbmMetrics, block_size: int) -> RatesSource:
             g2 = block_size / per_block
             if disk_blocks and disk_s > 0:
                 g3 = block_size / (per_block + disk_s / disk_blocks)
-        return RatesReading(g2_to_g1_tokens_per_s=g2, g3_to_g1_tokens_per_s=g3)
+        return RatesReading(
+            prefill=prefill.published() if prefill is not None else [],
+            g2_to_g1_tokens_per_s=g2,
+            g3_to_g1_tokens_per_s=g3,
+            decode_seconds_per_request=decode.seconds_per_request if decode is not None else None,
+        )
 
     return read

@@ -99,11 +99,13 @@ _SHARED = frozenset({"tls_ca", "nats_token"})  # read under the deployment-wide 
 
 @dataclass
 class RatesReading:
-    """What `rates_source` returns: the measured costs of a hit (None: not measured yet)."""
+    """What `rates_source` returns: the measured costs of a hit and of the decode load (None:
+    not measured yet)."""
 
     prefill: list[PrefillRate] = field(default_factory=list)
     g2_to_g1_tokens_per_s: float | None = None
     g3_to_g1_tokens_per_s: float | None = None
+    decode_seconds_per_request: float | None = None
 
 
 RatesSource = Callable[[], RatesReading]

@@ -126,6 +126,8 @@ class WorkerRates(_Wire):
     prefill: list[PrefillRate] = Field(default_factory=list)
     g2_to_g1_tokens_per_s: float | None = Field(None, gt=0)
     g3_to_g1_tokens_per_s: float | None = Field(None, gt=0)
+    # seconds each running request adds to an engine step: what decode load costs a new prompt
+    decode_seconds_per_request: float | None = Field(None, gt=0)
     held_blocks: dict[KvTier, int] = Field(default_factory=dict)
     dropped_batches: int = 0  # since this instance started (NATS down, queue full)
 

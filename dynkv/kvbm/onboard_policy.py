@@ -26,11 +26,13 @@ Pure: the clock is injected, nothing here touches vLLM or the bytes.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from dynkv.kvbm.events import PrefillRate
 from dynkv.kvbm.ops import Tier
 
 ALPHA = 0.3  # weight of a new sample in the EWMAs here
@@ -59,11 +61,13 @@ class Ewma:
         self.alpha = alpha
         self.value: float | None = None
         self.updated = -math.inf
+        self.samples = 0
 
     def add(self, sample: float, now: float, alpha: float | None = None) -> None:
         a = self.alpha if alpha is None else alpha
         self.value = sample if self.value is None else self.value + a * (sample - self.value)
         self.updated = now
+        self.samples += 1
 
 
 def bucket(tokens: int) -> int:
@@ -71,27 +75,52 @@ def bucket(tokens: int) -> int:
     return max(0, math.ceil(math.log2(max(tokens, 1) / MIN_BUCKET)))
 
 
+def bucket_bounds(key: int) -> tuple[int, int]:
+    """The prefill lengths of bucket `key`, as `min ≤ length < max`."""
+    if key <= 0:
+        return 0, MIN_BUCKET + 1
+    return MIN_BUCKET * 2 ** (key - 1) + 1, MIN_BUCKET * 2**key + 1
+
+
 class PrefillRates:
-    """Seconds per prefill token, by prefill length."""
+    """Seconds per prefill token, by prefill length (the tokens computed: the prompt less what a
+    cache supplied). Fed by the scheduler; read by it and by the KV events publisher's thread."""
 
     def __init__(self) -> None:
         self._buckets: dict[int, Ewma] = {}
+        self._lock = threading.Lock()
 
     def add(self, tokens: int, seconds: float, now: float, length: int | None = None) -> None:
         """`tokens` computed in `seconds`, by prefills of `length` tokens (default: one prefill
         of `tokens`; prompts batched into one step are one sample of their summed tokens)."""
         if tokens > 0 and seconds > 0:
             key = bucket(length or tokens)
-            self._buckets.setdefault(key, Ewma()).add(seconds / tokens, now)
+            with self._lock:
+                self._buckets.setdefault(key, Ewma()).add(seconds / tokens, now)
 
     def per_token(self, tokens: int) -> float | None:
         """The estimate for a prefill of `tokens` tokens: its bucket's, else the nearest
         measured bucket's; None before any sample."""
-        if not self._buckets:
-            return None
-        want = bucket(tokens)
-        nearest = min(self._buckets, key=lambda b: (abs(b - want), -b))
-        return self._buckets[nearest].value
+        with self._lock:
+            if not self._buckets:
+                return None
+            want = bucket(tokens)
+            nearest = min(self._buckets, key=lambda b: (abs(b - want), -b))
+            return self._buckets[nearest].value
+
+    def published(self) -> list[PrefillRate]:
+        """Every measured bucket as the router reads it (tokens/s), shortest prefills first."""
+        with self._lock:
+            buckets = sorted((k, e.value, e.samples) for k, e in self._buckets.items())
+        out = []
+        for key, per_token, samples in buckets:
+            if per_token:
+                low, high = bucket_bounds(key)
+                rate = PrefillRate(
+                    min_tokens=low, max_tokens=high, tokens_per_s=1.0 / per_token, samples=samples
+                )
+                out.append(rate)
+        return out
 
 
 class TierRates:

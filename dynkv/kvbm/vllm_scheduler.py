@@ -20,11 +20,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.counters import Count
+from dynkv.kvbm.decode_cost import DecodeCost
 from dynkv.kvbm.event_publisher import start_from_env
 from dynkv.kvbm.event_rates import metrics_rates
 from dynkv.kvbm.g1_bridge import start_for as start_g1_bridge
@@ -33,42 +33,11 @@ from dynkv.kvbm.keys import BlockHasher, extra_keys
 from dynkv.kvbm.layout import BlockLayout
 from dynkv.kvbm.leader import BlockLeader, tier_sizes
 from dynkv.kvbm.metrics import KvbmMetrics
-from dynkv.kvbm.onboard_policy import Decision, OnboardPolicy
-from dynkv.kvbm.ops import StepOps, StoreReport, Tier
+from dynkv.kvbm.onboard_policy import OnboardPolicy
+from dynkv.kvbm.ops import StoreReport, Tier
+from dynkv.kvbm.scheduler_state import MAX_TIMED_STEPS, RequestState, StepPlan
 
 log = logging.getLogger("dynkv.kvbm")
-
-
-@dataclass
-class _Request:
-    request: Any
-    extra: tuple[str, ...]
-    keys: list[int] = field(default_factory=list)
-    stored: int = 0  # blocks [0, stored) were considered for write-through
-    lookup_start: int = 0  # block index of the last lookup (vLLM's own hit, in blocks)
-    recorded: bool = False  # this request's lookup is in the hit-rate window
-    skip: bool = False  # inputs KVBM cannot key (multimodal, prompt embeddings), or opted out
-    produce: bool = False  # a prefill request of disaggregated serving: hand its prompt off
-    handoff_slots: list[int] | None = None  # where the prompt's blocks went (prefill side)
-    receive: list[int] | None = None  # handoff slots of the prompt's blocks (decode side)
-    receive_pool: str = ""  # the handoff pool they are in (a checked id of a prefill worker)
-    use_handoff: bool = False  # the last lookup chose the handoff over the local tiers
-    decision: Decision | None = None  # the onboard policy's, at the last lookup
-    prefill_t0: float | None = None  # when the step that started computing the prompt was planned
-    prefill_from: int = 0  # tokens already held when it started (prefix caches)
-    loaded: bool = False  # a KVBM load ran while it was computed: not a clean prefill sample
-
-
-MAX_TIMED_STEPS = 64  # steps awaiting their report; older ones are forgotten (never reported)
-
-
-@dataclass
-class StepPlan:
-    """The scheduler's plan for one step (carried inside vLLM's connector metadata)."""
-
-    ops: StepOps = field(default_factory=StepOps)
-    unloadable: list[int] = field(default_factory=list)  # device blocks promised but not held
-    step: int = -1  # ≥ 0: the worker reports this step back when done (a prefill is timed)
 
 
 class SchedulerSide:
@@ -103,16 +72,7 @@ class SchedulerSide:
         if serve_metrics if serve_metrics is not None else settings.metrics:
             self.metrics.serve_or_warn(settings.metrics_host, settings.metrics_port)
         self.metrics.start_log_thread(settings.cache_stats_log_interval_secs)
-        # KV events for the router (docs/kv-events.md); None unless DYNKV_KV_EVENTS_NATS_URL is set
-        self.events = start_from_env(
-            self.leader,
-            self.block_size,
-            layout.fingerprint_hex(),
-            metrics_rates(self.metrics, self.block_size),
-        )
-        # and vLLM's own (G1) events, bridged into the same stream when the plan enabled them
-        self.g1_events = start_g1_bridge(self.events, self.hasher)
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, RequestState] = {}
         self._plan = StepPlan()
         self.clock = clock
         self.policy = OnboardPolicy(
@@ -122,6 +82,17 @@ class SchedulerSide:
             block_size=self.block_size,
             clock=clock,
         )
+        self.decode_cost = DecodeCost()
+        # what the router prices this worker with: its measured loads, prefill speed, decode cost
+        self.rates = metrics_rates(
+            self.metrics, self.block_size, self.policy.prefill, self.decode_cost
+        )
+        # KV events for the router (docs/kv-events.md); None unless DYNKV_KV_EVENTS_NATS_URL is set
+        self.events = start_from_env(
+            self.leader, self.block_size, layout.fingerprint_hex(), self.rates
+        )
+        # and vLLM's own (G1) events, bridged into the same stream when the plan enabled them
+        self.g1_events = start_g1_bridge(self.events, self.hasher)
         self._queued_disk = 0  # G3 blocks planned for loading in the step being built
         self._step = 0
         self._timed: dict[int, list[tuple[int, float]]] = {}  # step -> (tokens, start) samples
@@ -129,7 +100,7 @@ class SchedulerSide:
             log.info("KVBM: %d blocks on disk are available from an earlier run", len(entries))
 
     # ---- request tracking ------------------------------------------------------------------------
-    def _state(self, request: Any) -> _Request:
+    def _state(self, request: Any) -> RequestState:
         st = self._requests.get(request.request_id)
         if st is None or st.request is not request:
             lora = getattr(request, "lora_request", None)
@@ -141,12 +112,12 @@ class SchedulerSide:
             skip = bool(getattr(request, "mm_features", None)) or (
                 getattr(request, "prompt_embeds", None) is not None
             )
-            st = _Request(request, extra, skip=skip)
+            st = RequestState(request, extra, skip=skip)
             self._read_transfer_params(st)
             self._requests[request.request_id] = st
         return st
 
-    def _read_transfer_params(self, st: _Request) -> None:
+    def _read_transfer_params(self, st: RequestState) -> None:
         """`kv_transfer_params["dynkv"]` (docs/kvbm.md): {"offload": false} keeps a request out
         of the tiers; {"produce": true} asks a prefill for a handoff; a decode request carries
         what its prefill returned. What does not match this engine (another model or block
@@ -198,7 +169,7 @@ class SchedulerSide:
             return
         st.receive, st.receive_pool = slots, pool
 
-    def _keys(self, st: _Request, blocks: int) -> list[int]:
+    def _keys(self, st: RequestState, blocks: int) -> list[int]:
         """Keys of the request's first `blocks` full blocks, extending the cached chain."""
         have = len(st.keys)
         if blocks > have:
@@ -284,6 +255,9 @@ class SchedulerSide:
         """Plan the write-through of blocks that become full in this step."""
         plan, self._plan = self._plan, StepPlan()
         self._queued_disk = 0
+        self.decode_cost.planned(
+            self.clock(), num_scheduled_tokens.keys(), self._decode_only(num_scheduled_tokens)
+        )
         finishing: list[tuple[int, float]] = []  # prefills this step completes: (tokens, start)
         for req_id, scheduled in num_scheduled_tokens.items():
             st = self._requests.get(req_id)
@@ -320,8 +294,16 @@ class SchedulerSide:
                 del self._timed[next(iter(self._timed))]
         return plan
 
+    def _decode_only(self, num_scheduled_tokens: dict[str, int]) -> bool:
+        """Every request of the step is past its prompt (a step that computes no prompt)."""
+        for req_id in num_scheduled_tokens:
+            st = self._requests.get(req_id)
+            if st is None or st.request.num_computed_tokens < st.request.num_prompt_tokens:
+                return False
+        return True
+
     def _time_prefill(
-        self, st: _Request, after: int, step_loads: bool, finishing: list[tuple[int, float]]
+        self, st: RequestState, after: int, step_loads: bool, finishing: list[tuple[int, float]]
     ) -> None:
         """Start timing a prompt when its first chunk is scheduled; a step that completes it
         carries the sample until the worker reports the step done. A prefill that ran beside a
@@ -337,13 +319,13 @@ class SchedulerSide:
                 finishing.append((req.num_prompt_tokens - st.prefill_from, st.prefill_t0))
             st.prefill_t0, st.loaded = None, False
 
-    def _count_skipped(self, st: _Request) -> None:
+    def _count_skipped(self, st: RequestState) -> None:
         if st.decision is None or st.use_handoff:
             return
         for (tier, reason), n in st.decision.skipped.items():
             self.metrics.count(Count.ONBOARD_SKIPPED, n, tier=tier.value, reason=reason.value)
 
-    def _plan_handoff(self, st: _Request, plan: StepPlan, block_ids: list[int]) -> None:
+    def _plan_handoff(self, st: RequestState, plan: StepPlan, block_ids: list[int]) -> None:
         """The prompt is computed (in this step): all its full blocks go to the handoff pool,
         including those vLLM or KVBM supplied from a cache — the decode needs every one."""
         full = st.request.num_prompt_tokens // self.block_size

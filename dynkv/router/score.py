@@ -2,8 +2,10 @@
 
 TTFT(worker) = recompute time of the prompt tokens it holds in no tier (at its measured prefill
 rate) + load time of the blocks it holds in G2/G3 (at its measured G2→G1 / G3→G1 rates) +
-queueing: its outstanding prefill tokens at its prefill rate, plus a cost per running request.
-G1 hits are free. With `tier_weights` (Dynamo's constants 1 / 0.75 / 0.25) a held block instead
+queueing: its outstanding prefill tokens at its prefill rate, plus its running requests at its
+measured decode cost per request (a new prompt waits for the step in progress and shares the next
+with every running request). Rates are the worker's own measurements (prefill by the length
+recomputed), `ScorerConfig`'s defaults until it has published them. G1 hits are free. With `tier_weights` (Dynamo's constants 1 / 0.75 / 0.25) a held block instead
 counts as that fraction of a device hit and loads cost nothing, for comparison
 (docs/kv-events.md). Pure functions: the router's event loop calls them per request.
 """
@@ -63,25 +65,35 @@ class Costs:
     prefill_tokens_per_s: float
     g2_tokens_per_s: float
     g3_tokens_per_s: float
+    decode_seconds_per_request: float | None = None  # None: the ScorerConfig's
 
 
-def costs_for(rates: WorkerRates | None, prompt_tokens: int, cfg: ScorerConfig) -> Costs:
-    """The worker's rates for a prompt of this length: the measured bucket holding it, else the
+def costs_for(rates: WorkerRates | None, prefill_tokens: int, cfg: ScorerConfig) -> Costs:
+    """The worker's rates for computing `prefill_tokens` tokens (the prompt less what it holds,
+    as the worker buckets its measurements): the measured bucket holding that length, else the
     nearest measured bucket, else the defaults."""
     prefill = cfg.default_prefill_tokens_per_s
     g2, g3 = cfg.default_g2_tokens_per_s, cfg.default_g3_tokens_per_s
+    decode = cfg.decode_seconds_per_request
     if rates is not None:
         if rates.prefill:
 
             def distance(b) -> int:
-                if b.min_tokens <= prompt_tokens < b.max_tokens:
+                if b.min_tokens <= prefill_tokens < b.max_tokens:
                     return 0
-                return min(abs(prompt_tokens - b.min_tokens), abs(prompt_tokens - b.max_tokens))
+                return min(abs(prefill_tokens - b.min_tokens), abs(prefill_tokens - b.max_tokens))
 
             prefill = min(rates.prefill, key=distance).tokens_per_s
         g2 = rates.g2_to_g1_tokens_per_s or g2
         g3 = rates.g3_to_g1_tokens_per_s or g3
-    return Costs(prefill, g2, g3)
+        decode = rates.decode_seconds_per_request or decode
+    return Costs(prefill, g2, g3, decode)
+
+
+def usable_blocks(match: PrefixMatch, prompt_tokens: int, block_size: int) -> int:
+    """The matched blocks a worker can reuse: vLLM computes at least the prompt's last token,
+    whatever is cached."""
+    return min(match.blocks, max(0, (prompt_tokens - 1) // block_size))
 
 
 @dataclass(frozen=True)
@@ -104,8 +116,7 @@ def estimate(
     load: WorkerLoad,
     cfg: ScorerConfig,
 ) -> Estimate:
-    # vLLM computes at least the prompt's last token, whatever is cached
-    usable = min(match.blocks, max(0, (prompt_tokens - 1) // block_size))
+    usable = usable_blocks(match, prompt_tokens, block_size)
     device = min(match.device, usable)
     host = min(match.host, usable - device)
     disk = usable - device - host
@@ -119,9 +130,12 @@ def estimate(
             host * block_size / costs.g2_tokens_per_s + disk * block_size / costs.g3_tokens_per_s
         )
     recompute_s = max(1.0, prompt_tokens - cached) / costs.prefill_tokens_per_s
+    decode = costs.decode_seconds_per_request
+    if decode is None:
+        decode = cfg.decode_seconds_per_request
     queue_s = (
         load.outstanding_prefill_tokens / costs.prefill_tokens_per_s
-        + load.running_requests * cfg.decode_seconds_per_request
+        + load.running_requests * decode
     )
     return Estimate(
         worker=worker,
@@ -163,15 +177,10 @@ def estimate_all(
     """One estimate per worker in `loads` (the healthy candidates); a worker the index does not
     know yet holds nothing."""
     empty = PrefixMatch()
-    return [
-        estimate(
-            w,
-            matches.get(w, empty),
-            prompt_tokens,
-            block_size,
-            costs_for(rates.get(w), prompt_tokens, cfg),
-            load,
-            cfg,
-        )
-        for w, load in loads.items()
-    ]
+    out = []
+    for w, load in loads.items():
+        match = matches.get(w, empty)
+        prefill = prompt_tokens - usable_blocks(match, prompt_tokens, block_size) * block_size
+        costs = costs_for(rates.get(w), prefill, cfg)
+        out.append(estimate(w, match, prompt_tokens, block_size, costs, load, cfg))
+    return out

@@ -141,7 +141,7 @@ def test_g1_events_of_a_served_prompt_reach_a_kv_router(fleet):
         await kv.start()
         try:
             await until(lambda: all(kv.sync.synced(w) and w in kv.sync.rates for w in loads))
-            body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "cache_salt": "g1-e2e"}
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "cache_salt": "g1-e2e"}
             r = await asyncio.to_thread(
                 httpx.post, f"{url}/v1/completions", json=body, headers=auth, timeout=120
             )
@@ -157,14 +157,20 @@ def test_g1_events_of_a_served_prompt_reach_a_kv_router(fleet):
             blocks = len(tokens) // kv.sync.rates["agg-1"].block_size
             assert blocks >= 2
             await until(lambda: kv.pick(tokens, loads, cache_salt="g1-e2e").chosen.match.device)
-            return blocks, len(tokens), kv.pick(tokens, loads, cache_salt="g1-e2e")
+            # and the engine's own measurements of that request, in its next rates message
+            rates = lambda: kv.sync.rates["agg-1"]  # noqa: E731
+            await until(lambda: rates().prefill and rates().decode_seconds_per_request)
+            return blocks, len(tokens), kv.pick(tokens, loads, cache_salt="g1-e2e"), rates()
         finally:
             await kv.close()
 
-    blocks, n_tokens, d = asyncio.run(scenario())
+    blocks, n_tokens, d, rates = asyncio.run(scenario())
     print(f"\nG1 events through a real engine: {time.monotonic() - started:.1f} s")
     assert (d.chosen.worker, d.reason) == ("agg-1", "kv")
     assert d.chosen.match.device == blocks, (d.chosen.match, n_tokens)
+    # the prompt was computed whole, so its length's bucket is the one measured
+    assert any(r.min_tokens <= n_tokens < r.max_tokens for r in rates.prefill), rates.prefill
+    assert 0 < rates.decode_seconds_per_request < 5
 
 
 def test_logs_of_the_fleet(fleet):

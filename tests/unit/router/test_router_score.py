@@ -141,3 +141,35 @@ def test_bench_router_reports_decision_times_as_json():
     out = json.loads(result.stdout)
     assert out["indexed_blocks"] >= 5000 and out["workers"] == 3 and out["decisions"] == 20
     assert 0 < out["decide_cpu_p50_ms"] <= out["decide_cpu_p99_ms"]
+
+
+def rates_of(**kw) -> WorkerRates:
+    return WorkerRates(worker_id="w", instance_id="i", seq=0, ts=0, block_size=BS, **kw)
+
+
+def test_a_workers_measured_decode_cost_prices_its_running_requests():
+    cfg = ScorerConfig(decode_seconds_per_request=0.01)
+    busy = WorkerLoad(running_requests=4)
+    measured = costs_for(rates_of(decode_seconds_per_request=0.05), 100, cfg)
+    assert measured.decode_seconds_per_request == 0.05
+    assert est(PrefixMatch(), busy, costs=measured, cfg=cfg).queue_s == pytest.approx(0.2)
+    unmeasured = costs_for(rates_of(), 100, cfg)  # the frontend's setting until measured
+    assert est(PrefixMatch(), busy, costs=unmeasured, cfg=cfg).queue_s == pytest.approx(0.04)
+
+
+def test_prefill_is_priced_at_the_speed_of_the_length_each_worker_would_compute():
+    # short prefills measured 10× faster per token than long ones (as the worker buckets them:
+    # by the tokens it computes, the prompt less its cache hit)
+    fast_short = [
+        PrefillRate(min_tokens=0, max_tokens=129, tokens_per_s=20_000, samples=5),
+        PrefillRate(min_tokens=513, max_tokens=1025, tokens_per_s=2_000, samples=5),
+    ]
+    rates = {w: rates_of(prefill=fast_short) for w in ("holder", "other")}
+    idx = KvIndex()
+    keys = list(range(200, 264))  # 1024 tokens
+    idx.stored("holder", KvTier.DEVICE, keys[:60])  # all but 64 tokens cached
+    loads = {"holder": WorkerLoad(), "other": WorkerLoad()}
+    d = decide(idx, keys, 1024, BS, loads, rates, CFG, random.Random(0))
+    by = {e.worker: e for e in d.estimates}
+    assert by["holder"].recompute_s == pytest.approx(64 / 20_000)
+    assert by["other"].recompute_s == pytest.approx(1024 / 2_000)
