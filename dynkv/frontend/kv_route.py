@@ -8,8 +8,8 @@ benchmark compares policies on one fleet). Per request routed by `kv`:
    chat template must not stall the event loop); a request this cannot tokenize is routed least
    outstanding, counted as reason `tokenize_failed`;
 2. `KvRouter.pick` with each candidate's load: the prompt tokens this frontend has sent it that
-   are not prefilled yet (released when the worker's first byte arrives) and its requests in
-   flight; it chooses by estimated TTFT (dynkv/router/score.py) or, while NATS is down, by load
+   are not prefilled yet (released when the worker's first byte arrives; how long the oldest
+   has been computing, `prefill_book.py`) and its requests in flight; it chooses by estimated TTFT (dynkv/router/score.py) or, while NATS is down, by load
    (reason `nats_down`, also counted in `dynkv_router_nats_fallbacks_total`);
 3. the prediction (cached tokens) is kept so that the response's `usage` can be compared with it
    (`UsageTap`).
@@ -22,15 +22,15 @@ import asyncio
 import logging
 import re
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dynkv.frontend.errors import bad_request
 from dynkv.frontend.policy import POLICIES, Choice, LeastOutstanding
 from dynkv.frontend.pool import Worker
+from dynkv.frontend.prefill_book import PrefillBook, Queued
 from dynkv.frontend.prompt_ids import PromptTokenizer, Unsupported
 from dynkv.frontend.protocol import ApiRequest
 
@@ -65,12 +65,11 @@ def policy_override(header: str | None) -> str | None:
 
 @dataclass
 class KvTicket:
-    """One kv decision's bookkeeping: the prefill tokens it added to the worker's queue (until
-    its first byte) and what the router predicted it would find cached."""
+    """One kv decision's bookkeeping: the prefill it queued on the worker (until its first
+    byte) and what the router predicted it would find cached."""
 
     book: PrefillBook
-    worker: str
-    prefill_tokens: int
+    queued: Queued
     predicted_cached: int
     released: bool = False
     on_prefilled: Callable[[], None] | None = None  # the router's in-flight record ends
@@ -78,26 +77,9 @@ class KvTicket:
     def prefilled(self) -> None:
         if not self.released:
             self.released = True
-            self.book.sub(self.worker, self.prefill_tokens)
+            self.book.done(self.queued)
             if self.on_prefilled is not None:
                 self.on_prefilled()
-
-
-@dataclass
-class PrefillBook:
-    """Prompt tokens sent to each worker and not yet prefilled (by worker id)."""
-
-    tokens: Counter[str] = field(default_factory=Counter)
-
-    def add(self, worker: str, n: int) -> None:
-        self.tokens[worker] += n
-
-    def sub(self, worker: str, n: int) -> None:
-        left = self.tokens[worker] - n
-        if left > 0:
-            self.tokens[worker] = left
-        else:
-            self.tokens.pop(worker, None)
 
 
 @dataclass
@@ -145,7 +127,7 @@ class KvRouting:
     def remove_worker(self, worker: Worker) -> None:
         if self.router is not None:
             self.router.remove_worker(worker.id)
-        self.book.tokens.pop(worker.id, None)
+        self.book.drop(worker.id)
 
     async def token_ids(self, req: ApiRequest) -> list[int] | None:
         """The prompt's token ids (computed once per request), None when they cannot be."""
@@ -185,23 +167,23 @@ class KvRouting:
         from dynkv.router.score import WorkerLoad
 
         by_id = {w.id: w for w in candidates}
-        loads = {
-            w.id: WorkerLoad(
-                outstanding_prefill_tokens=self.book.tokens.get(w.id, 0),
+        loads = {}
+        for w in candidates:
+            queue = self.book.load(w.id)
+            loads[w.id] = WorkerLoad(
+                outstanding_prefill_tokens=queue.tokens,
                 running_requests=w.outstanding,
+                head_prefill_tokens=queue.head_tokens,
+                head_prefill_elapsed_s=queue.head_elapsed_s,
             )
-            for w in candidates
-        }
         salt = req.body.get("cache_salt")
         decision = self.router.pick(ids, loads, salt if isinstance(salt, str) else None)
         chosen = decision.chosen
         worker = by_id[chosen.worker]
-        prefill = max(0, len(ids) - chosen.cached_tokens)
-        self.book.add(worker.id, prefill)
+        queued = self.book.add(worker.id, max(0, len(ids) - chosen.cached_tokens))
         ticket = KvTicket(
             self.book,
-            worker.id,
-            prefill,
+            queued,
             chosen.cached_tokens,
             on_prefilled=lambda: self.router.prefilled(decision),
         )

@@ -2,12 +2,13 @@
 
 TTFT(worker) = recompute time of the prompt tokens it holds in no tier (at its measured prefill
 rate) + load time of the blocks it holds in G2/G3 (at its measured G2→G1 / G3→G1 rates) +
-queueing: its outstanding prefill tokens at its prefill rate, plus its running requests at its
-measured decode cost per request (a new prompt waits for the step in progress and shares the next
-with every running request). Rates are the worker's own measurements (prefill by the length
-recomputed), `ScorerConfig`'s defaults until it has published them. G1 hits are free. With `tier_weights` (Dynamo's constants 1 / 0.75 / 0.25) a held block instead
-counts as that fraction of a device hit and loads cost nothing, for comparison
-(docs/kv-events.md). Pure functions: the router's event loop calls them per request.
+queueing: its outstanding prefill tokens at its prefill rate (less what the oldest has computed
+so far), plus its running requests at its measured decode cost per request (a new prompt waits
+for the step in progress and shares the next with every running request). Rates are the
+worker's own measurements (prefill by the length recomputed), `ScorerConfig`'s defaults until
+it has published them. G1 hits are free. With `tier_weights` (Dynamo's constants 1 / 0.75 /
+0.25) a held block instead counts as that fraction of a device hit and loads cost nothing, for
+comparison (docs/kv-events.md). Pure functions: the router's event loop calls them per request.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class WorkerLoad:
 
     outstanding_prefill_tokens: int = 0
     running_requests: int = 0
+    # the oldest outstanding prompt (part of the tokens above) and how long it has been computing
+    head_prefill_tokens: int = 0
+    head_prefill_elapsed_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,14 @@ class Estimate:
     queue_s: float
 
 
+def prefill_queue_s(load: WorkerLoad, tokens_per_s: float) -> float:
+    """Seconds of prefill queued ahead of a new prompt: the oldest prompt's tokens less what its
+    time computing has covered, then the rest in full (docs/kv-events.md#scoring)."""
+    head = min(load.head_prefill_tokens, load.outstanding_prefill_tokens)
+    head_left = max(0.0, head / tokens_per_s - load.head_prefill_elapsed_s)
+    return head_left + (load.outstanding_prefill_tokens - head) / tokens_per_s
+
+
 def estimate(
     worker: str,
     match: PrefixMatch,
@@ -133,10 +145,7 @@ def estimate(
     decode = costs.decode_seconds_per_request
     if decode is None:
         decode = cfg.decode_seconds_per_request
-    queue_s = (
-        load.outstanding_prefill_tokens / costs.prefill_tokens_per_s
-        + load.running_requests * decode
-    )
+    queue_s = prefill_queue_s(load, costs.prefill_tokens_per_s) + load.running_requests * decode
     return Estimate(
         worker=worker,
         ttft_s=recompute_s + load_s + queue_s,

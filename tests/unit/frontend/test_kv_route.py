@@ -17,12 +17,12 @@ from dynkv.frontend.kv_route import (
     NO_ROUTER,
     TOKENIZE_FAILED,
     KvRouting,
-    PrefillBook,
     UsageTap,
     policy_override,
 )
 from dynkv.frontend.metrics import FrontendMetrics
 from dynkv.frontend.policy import LeastOutstanding, RoundRobin, make_policy
+from dynkv.frontend.prefill_book import PrefillBook, QueueLoad
 from dynkv.frontend.prompt_ids import PromptTokenizer
 from dynkv.frontend.protocol import parse_request
 from dynkv.frontend.router import RouteContext
@@ -105,16 +105,16 @@ def test_kv_picks_the_holder_and_books_its_prefill_until_the_first_byte(tiny):
     name, choice, ticket = asyncio.run(ctx.choose(req, "agg", pool.healthy("m", "agg")))
     assert (name, choice.worker.id, choice.reason) == ("kv", "agg-1", "kv")
     assert ticket.predicted_cached == len(keys) * 32
-    assert kv.book.tokens["agg-1"] == len(ids) - len(keys) * 32
+    assert kv.book.tokens("agg-1") == len(ids) - len(keys) * 32
     ticket.prefilled()
     ticket.prefilled()  # once
-    assert kv.book.tokens == {}
+    assert kv.book.workers() == []
     # a prompt nobody holds goes to the less loaded worker: queued prefill, then requests
     other = request(prompt="something else entirely " * 30)
-    kv.book.add("agg-0", 5000)
+    queued = kv.book.add("agg-0", 5000)
     _, choice, _ = asyncio.run(ctx.choose(other, "agg", pool.healthy("m", "agg")))
     assert (choice.worker.id, choice.reason) == ("agg-1", "kv_miss")
-    kv.book.tokens.clear()
+    kv.book.done(queued)
     pool.workers()[1].outstanding = 4
     _, choice, _ = asyncio.run(
         ctx.choose(request(prompt="x y " * 50), "agg", pool.healthy("m", "agg"))
@@ -144,14 +144,28 @@ def test_a_worker_that_leaves_the_pool_leaves_the_index():
     pool.on_leave.append(kv.remove_worker)
     kv.book.add("agg-1", 9)
     pool.remove("/dynkv/t/workers/agg-1")
-    assert len(kv.router.index) == 0 and kv.book.tokens == {}
+    assert len(kv.router.index) == 0 and kv.book.workers() == []
 
 
-def test_the_book_never_goes_negative():
-    book = PrefillBook()
-    book.add("w", 3)
-    book.sub("w", 5)
-    assert book.tokens == {}
+def test_the_book_says_how_long_the_oldest_prompt_has_been_computing():
+    now = [10.0]
+    book = PrefillBook(clock=lambda: now[0])
+    a = book.add("w", 300)
+    now[0] = 11.0
+    b = book.add("w", 200)
+    now[0] = 12.5
+    assert book.load("w") == QueueLoad(500, 300, 2.5) and book.load("idle") == QueueLoad()
+    now[0] = 13.0
+    book.done(a)  # first byte: b is the head, computing from now on (not since it was sent)
+    book.done(a)  # once
+    now[0] = 13.25
+    assert book.load("w") == QueueLoad(200, 200, 0.25)
+    book.done(b)
+    assert book.workers() == [] and book.tokens("w") == 0
+    now[0] = 20.0
+    book.add("w", 50)  # after an idle spell: computing since it was sent
+    now[0] = 20.5
+    assert book.load("w").head_elapsed_s == 0.5
 
 
 def test_usage_tap_reads_cached_tokens_from_json_and_sse():

@@ -173,3 +173,18 @@ def test_prefill_is_priced_at_the_speed_of_the_length_each_worker_would_compute(
     by = {e.worker: e for e in d.estimates}
     assert by["holder"].recompute_s == pytest.approx(64 / 20_000)
     assert by["other"].recompute_s == pytest.approx(1024 / 2_000)
+
+
+def test_the_oldest_queued_prompt_counts_only_what_it_has_left_to_compute():
+    fresh = WorkerLoad(outstanding_prefill_tokens=3000, head_prefill_tokens=2000)
+    half = WorkerLoad(3000, head_prefill_tokens=2000, head_prefill_elapsed_s=1.0)
+    late = WorkerLoad(3000, head_prefill_tokens=2000, head_prefill_elapsed_s=5.0)
+    assert est(PrefixMatch(), fresh).queue_s == pytest.approx(3.0)  # 1,000 tokens/s
+    assert est(PrefixMatch(), half).queue_s == pytest.approx(2.0)
+    assert est(PrefixMatch(), late).queue_s == pytest.approx(1.0)  # the rest waits in full
+    # so a conversation stays where its prefix is while the worker finishes another prompt
+    finishing = WorkerLoad(2000, head_prefill_tokens=2000, head_prefill_elapsed_s=1.9)
+    just_sent = WorkerLoad(2000, head_prefill_tokens=2000)
+    miss_idle = est(PrefixMatch()).ttft_s  # the other worker: 1,024 tokens to recompute
+    assert est(PrefixMatch(device=60), finishing).ttft_s < miss_idle
+    assert est(PrefixMatch(device=60), just_sent).ttft_s > miss_idle
