@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dynkv.kvbm.events import WorkerRates
 from dynkv.router.index import PrefixMatch
@@ -70,6 +70,8 @@ class Costs:
     g2_tokens_per_s: float
     g3_tokens_per_s: float
     decode_seconds_per_request: float | None = None  # None: the ScorerConfig's
+    # the speed of the prompts queued ahead (their own length's bucket); None: prefill's
+    queue_tokens_per_s: float | None = None
 
 
 def costs_for(rates: WorkerRates | None, prefill_tokens: int, cfg: ScorerConfig) -> Costs:
@@ -145,7 +147,8 @@ def estimate(
     decode = costs.decode_seconds_per_request
     if decode is None:
         decode = cfg.decode_seconds_per_request
-    queue_s = prefill_queue_s(load, costs.prefill_tokens_per_s) + load.running_requests * decode
+    queue_rate = costs.queue_tokens_per_s or costs.prefill_tokens_per_s
+    queue_s = prefill_queue_s(load, queue_rate) + load.running_requests * decode
     return Estimate(
         worker=worker,
         ttft_s=recompute_s + load_s + queue_s,
@@ -191,5 +194,11 @@ def estimate_all(
         match = matches.get(w, empty)
         prefill = prompt_tokens - usable_blocks(match, prompt_tokens, block_size) * block_size
         costs = costs_for(rates.get(w), prefill, cfg)
+        # prompts queued ahead run at the speed of their own length, not this prompt's: a short
+        # remainder after a hit is slow per token (one step), a long prompt queued is not
+        queued = load.head_prefill_tokens or load.outstanding_prefill_tokens
+        if queued:
+            queue_rate = costs_for(rates.get(w), queued, cfg).prefill_tokens_per_s
+            costs = replace(costs, queue_tokens_per_s=queue_rate)
         out.append(estimate(w, match, prompt_tokens, block_size, costs, load, cfg))
     return out

@@ -188,3 +188,26 @@ def test_the_oldest_queued_prompt_counts_only_what_it_has_left_to_compute():
     miss_idle = est(PrefixMatch()).ttft_s  # the other worker: 1,024 tokens to recompute
     assert est(PrefixMatch(device=60), finishing).ttft_s < miss_idle
     assert est(PrefixMatch(device=60), just_sent).ttft_s > miss_idle
+
+
+def test_queued_prompts_are_priced_at_the_speed_of_their_own_length():
+    # effective speeds as a CPU worker measures them under load: a short prefill is about one
+    # step, so few tokens a second; a long one many
+    speeds = [
+        PrefillRate(min_tokens=0, max_tokens=129, tokens_per_s=200, samples=5),
+        PrefillRate(min_tokens=1025, max_tokens=4097, tokens_per_s=2_000, samples=5),
+    ]
+    rates = {w: rates_of(prefill=speeds) for w in ("holder", "other")}
+    idx = KvIndex()
+    keys = list(range(300, 556))  # 4096 tokens
+    idx.stored("holder", KvTier.DEVICE, keys[:254])  # all but 32 tokens cached
+    loads = {
+        "holder": WorkerLoad(outstanding_prefill_tokens=2000, head_prefill_tokens=2000),
+        "other": WorkerLoad(),
+    }
+    d = decide(idx, keys, 4096, BS, loads, rates, CFG, random.Random(0))
+    by = {e.worker: e for e in d.estimates}
+    assert by["holder"].queue_s == pytest.approx(2000 / 2_000)  # not 2000 / 200 = 10 s
+    assert by["holder"].recompute_s == pytest.approx(32 / 200)
+    assert by["other"].ttft_s == pytest.approx(4096 / 2_000)
+    assert d.chosen.worker == "holder"  # 1.16 s against 2.05 s
