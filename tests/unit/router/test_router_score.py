@@ -157,20 +157,27 @@ def test_a_workers_measured_decode_cost_prices_its_running_requests():
     assert est(PrefixMatch(), busy, costs=unmeasured, cfg=cfg).queue_s == pytest.approx(0.04)
 
 
+def holder_and_other(short_tps, long_tps, long_from, prompt_blocks, held_blocks, holder_load):
+    """A decision between a worker holding the first `held_blocks` of the prompt and an idle one
+    holding nothing, both having measured `short_tps` for prefills ≤ 128 tokens and `long_tps`
+    from `long_from` tokens up to 4,096; the decision and its estimates by worker."""
+    speeds = [
+        PrefillRate(min_tokens=0, max_tokens=129, tokens_per_s=short_tps, samples=5),
+        PrefillRate(min_tokens=long_from, max_tokens=4097, tokens_per_s=long_tps, samples=5),
+    ]
+    rates = {w: rates_of(prefill=speeds) for w in ("holder", "other")}
+    idx = KvIndex()
+    keys = list(range(1000, 1000 + prompt_blocks))
+    idx.stored("holder", KvTier.DEVICE, keys[:held_blocks])
+    loads = {"holder": holder_load, "other": WorkerLoad()}
+    d = decide(idx, keys, prompt_blocks * BS, BS, loads, rates, CFG, random.Random(0))
+    return d, {e.worker: e for e in d.estimates}
+
+
 def test_prefill_is_priced_at_the_speed_of_the_length_each_worker_would_compute():
     # short prefills measured 10× faster per token than long ones (as the worker buckets them:
-    # by the tokens it computes, the prompt less its cache hit)
-    fast_short = [
-        PrefillRate(min_tokens=0, max_tokens=129, tokens_per_s=20_000, samples=5),
-        PrefillRate(min_tokens=513, max_tokens=1025, tokens_per_s=2_000, samples=5),
-    ]
-    rates = {w: rates_of(prefill=fast_short) for w in ("holder", "other")}
-    idx = KvIndex()
-    keys = list(range(200, 264))  # 1024 tokens
-    idx.stored("holder", KvTier.DEVICE, keys[:60])  # all but 64 tokens cached
-    loads = {"holder": WorkerLoad(), "other": WorkerLoad()}
-    d = decide(idx, keys, 1024, BS, loads, rates, CFG, random.Random(0))
-    by = {e.worker: e for e in d.estimates}
+    # by the tokens it computes, the prompt less its cache hit); all but 64 of 1,024 tokens held
+    _, by = holder_and_other(20_000, 2_000, 513, 64, 60, WorkerLoad())
     assert by["holder"].recompute_s == pytest.approx(64 / 20_000)
     assert by["other"].recompute_s == pytest.approx(1024 / 2_000)
 
@@ -192,21 +199,10 @@ def test_the_oldest_queued_prompt_counts_only_what_it_has_left_to_compute():
 
 def test_queued_prompts_are_priced_at_the_speed_of_their_own_length():
     # effective speeds as a CPU worker measures them under load: a short prefill is about one
-    # step, so few tokens a second; a long one many
-    speeds = [
-        PrefillRate(min_tokens=0, max_tokens=129, tokens_per_s=200, samples=5),
-        PrefillRate(min_tokens=1025, max_tokens=4097, tokens_per_s=2_000, samples=5),
-    ]
-    rates = {w: rates_of(prefill=speeds) for w in ("holder", "other")}
-    idx = KvIndex()
-    keys = list(range(300, 556))  # 4096 tokens
-    idx.stored("holder", KvTier.DEVICE, keys[:254])  # all but 32 tokens cached
-    loads = {
-        "holder": WorkerLoad(outstanding_prefill_tokens=2000, head_prefill_tokens=2000),
-        "other": WorkerLoad(),
-    }
-    d = decide(idx, keys, 4096, BS, loads, rates, CFG, random.Random(0))
-    by = {e.worker: e for e in d.estimates}
+    # step, so few tokens a second; a long one many. All but 32 of 4,096 tokens held; a
+    # 2,000-token prompt queued on the holder.
+    queued = WorkerLoad(outstanding_prefill_tokens=2000, head_prefill_tokens=2000)
+    d, by = holder_and_other(200, 2_000, 1025, 256, 254, queued)
     assert by["holder"].queue_s == pytest.approx(2000 / 2_000)  # not 2000 / 200 = 10 s
     assert by["holder"].recompute_s == pytest.approx(32 / 200)
     assert by["other"].ttft_s == pytest.approx(4096 / 2_000)
