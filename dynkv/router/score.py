@@ -74,22 +74,29 @@ class Costs:
     queue_tokens_per_s: float | None = None
 
 
+def prefill_speed(rates: WorkerRates | None, tokens: int, cfg: ScorerConfig) -> float:
+    """The worker's measured prefill tokens/s for computing `tokens` tokens (as the worker
+    buckets its measurements): the bucket holding that length, else the nearest measured
+    bucket, else the default."""
+    if rates is None or not rates.prefill:
+        return cfg.default_prefill_tokens_per_s
+
+    def distance(b) -> int:
+        if b.min_tokens <= tokens < b.max_tokens:
+            return 0
+        return min(abs(tokens - b.min_tokens), abs(tokens - b.max_tokens))
+
+    return min(rates.prefill, key=distance).tokens_per_s
+
+
 def costs_for(rates: WorkerRates | None, prefill_tokens: int, cfg: ScorerConfig) -> Costs:
-    """The worker's rates for computing `prefill_tokens` tokens (the prompt less what it holds,
-    as the worker buckets its measurements): the measured bucket holding that length, else the
-    nearest measured bucket, else the defaults."""
-    prefill = cfg.default_prefill_tokens_per_s
+    """The worker's rates for computing `prefill_tokens` tokens (the prompt less what it
+    holds): its prefill speed for that length (`prefill_speed`), its load rates and decode
+    cost, each the default until measured."""
+    prefill = prefill_speed(rates, prefill_tokens, cfg)
     g2, g3 = cfg.default_g2_tokens_per_s, cfg.default_g3_tokens_per_s
     decode = cfg.decode_seconds_per_request
     if rates is not None:
-        if rates.prefill:
-
-            def distance(b) -> int:
-                if b.min_tokens <= prefill_tokens < b.max_tokens:
-                    return 0
-                return min(abs(prefill_tokens - b.min_tokens), abs(prefill_tokens - b.max_tokens))
-
-            prefill = min(rates.prefill, key=distance).tokens_per_s
         g2 = rates.g2_to_g1_tokens_per_s or g2
         g3 = rates.g3_to_g1_tokens_per_s or g3
         decode = rates.decode_seconds_per_request or decode
@@ -198,7 +205,6 @@ def estimate_all(
         # remainder after a hit is slow per token (one step), a long prompt queued is not
         queued = load.head_prefill_tokens or load.outstanding_prefill_tokens
         if queued:
-            queue_rate = costs_for(rates.get(w), queued, cfg).prefill_tokens_per_s
-            costs = replace(costs, queue_tokens_per_s=queue_rate)
+            costs = replace(costs, queue_tokens_per_s=prefill_speed(rates.get(w), queued, cfg))
         out.append(estimate(w, match, prompt_tokens, block_size, costs, load, cfg))
     return out
