@@ -30,7 +30,8 @@ def clean_env(monkeypatch, tmp_path):
 def private_probe_cache(monkeypatch, tmp_path):
     """In-process doctor runs keep their vLLM import probe to the test: tests that fake a probe
     result must not read a success another test (or the developer's `up`) kept. Processes the
-    e2e tests start (`dynkv up`) use the real cache, which spares each a vLLM import."""
+    e2e tests start (`dynkv up`) share the session's cache (tests/e2e/conftest.py: e2e_cache),
+    which spares each later stack a vLLM import."""
     from dynkv.doctor import probe_cache
 
     monkeypatch.setattr(probe_cache, "cache_path", lambda: tmp_path / "vllm-probe.json")

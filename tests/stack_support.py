@@ -1,6 +1,6 @@
 """Real stacks for the end-to-end tests: `dynkv up -d` of the generated tiny model on the CPU,
-under a deployment name, state dir, model cache and ports of the test's own, so that stacks of
-different test modules (and whatever the user runs) never meet."""
+under a deployment name, state dir and ports of the test's own, so that stacks of different test
+modules (and whatever the user runs) never meet; the model cache is the session's (e2e_cache)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,16 @@ from dynkv.supervisor import processes_left
 __all__ = ["assert_nothing_left", "counter", "dynkv", "stack_env"]
 
 
-def stack_env(tmp: Path, name: str, *, workers: int = 2, **settings: str) -> dict[str, str]:
+def stack_env(
+    tmp: Path, name: str, *, cache: Path, workers: int = 2, **settings: str
+) -> dict[str, str]:
     """The environment of `dynkv up` for a private CPU stack: none of the caller's settings,
-    fresh ports (room for `workers` workers), the tiny model generated under `tmp`, then
-    `settings` (which win)."""
+    state under `tmp`, fresh ports (room for `workers` workers), the tiny model and vLLM's cached
+    facts in `cache` (the session's e2e_cache, shared by the stacks), then `settings` (which win)."""
     return (
         without_settings(os.environ)
         | {
-            "XDG_CACHE_HOME": str(tmp / "cache"),  # the tiny model and default G3 stay in tmp
+            "XDG_CACHE_HOME": str(cache),
             "DYNKV_STATE_DIR": str(tmp / "state"),
             "DYNKV_NAME": name,
             "DYNKV_DEVICE": "cpu",

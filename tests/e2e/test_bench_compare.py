@@ -7,6 +7,7 @@ runs plain vLLM, the KVBM stack's metrics are scraped, and nothing is left runni
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from dynkv.supervisor.process import marked_processes, marker_prefix
 pytestmark = pytest.mark.e2e
 
 
-def test_compare_baseline_and_gpu_cpu(tmp_path):
+def test_compare_baseline_and_gpu_cpu(tmp_path, e2e_cache):
     out = tmp_path / "cmp"
     argv = [sys.executable, "-m", "dynkv.cli.main", "bench", "compare", "--profiles", "gpu-cpu"]
     argv += ["--users", "2", "--rounds", "2", "--system-tokens", "128", "--question-tokens", "32"]
@@ -27,7 +28,8 @@ def test_compare_baseline_and_gpu_cpu(tmp_path):
     argv += ["--stack-env", "DYNKV_STARTUP_TIMEOUT_SECS=300", "--out", str(out), "--json"]
     argv += ["--stack-model", "dynkv-tiny"]  # fast; the default (a real model) is not needed here
     started = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    env = os.environ | {"XDG_CACHE_HOME": str(e2e_cache)}  # the model, for this and later stacks
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     print(f"\nbench compare (2 stacks): {time.monotonic() - started:.1f} s")
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads(proc.stdout)

@@ -38,11 +38,12 @@ NAME = "dis2e"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, e2e_cache):
     tmp = tmp_path_factory.mktemp("disagg-e2e")
     env = stack_env(
         tmp,
         NAME,
+        cache=e2e_cache,
         workers=4,
         DYNKV_TOPOLOGY="disagg",
         DYNKV_PREFILL_WORKERS="2",

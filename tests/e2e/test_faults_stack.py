@@ -90,11 +90,12 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, e2e_cache):
     tmp = tmp_path_factory.mktemp("faults-e2e")
     env = stack_env(
         tmp,
         NAME,
+        cache=e2e_cache,
         **{
             "DYNKV_PROFILE": "gpu-cpu-disk",
             "DYNKV_API_KEY": KEY,

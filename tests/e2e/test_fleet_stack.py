@@ -35,11 +35,12 @@ WORKERS = ("worker-0", "worker-1")
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+def fleet(tmp_path_factory, e2e_cache):
     tmp = tmp_path_factory.mktemp("fleet-e2e")
     env = stack_env(
         tmp,
         NAME,
+        cache=e2e_cache,
         DYNKV_PROFILE="gpu-cpu",
         DYN_KVBM_CPU_CACHE_GB="0.05",
         DYNKV_DEVICE_KV_GB="0.02",

@@ -62,11 +62,12 @@ def smoke(*args: str, env: dict[str, str], timeout: float) -> subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, e2e_cache):
     tmp = tmp_path_factory.mktemp("frontend-e2e")
     env = stack_env(
         tmp,
         "fe2e",
+        cache=e2e_cache,
         DYNKV_VENV=sys.prefix,  # scripts/smoke and scripts/up: this interpreter, no set-up step
         DYNKV_API_KEY=KEY,  # to `up`, and the smoke sends it
         # one more service on the same stack (a second `up` costs a minute)

@@ -31,14 +31,17 @@ WORKER_ID = f"{NODE}-agg-0"
 
 
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory):
+def hosts(tmp_path_factory, e2e_cache):
     tmp = tmp_path_factory.mktemp("multi-host-e2e")
-    common = {"XDG_CACHE_HOME": str(tmp / "cache"), "DYNKV_LEASE_TTL_SECS": "4"}
-    a = stack_env(tmp / "a", NAME, workers=1, DYNKV_ADVERTISE="127.0.0.1", **common)
+    common = {"DYNKV_LEASE_TTL_SECS": "4"}
+    a = stack_env(
+        tmp / "a", NAME, cache=e2e_cache, workers=1, DYNKV_ADVERTISE="127.0.0.1", **common
+    )
     a["DYNKV_WORKERS"] = "0"
     b = stack_env(
         tmp / "b",
         NAME,
+        cache=e2e_cache,
         workers=1,
         DYNKV_PROFILE="gpu-cpu",
         DYN_KVBM_CPU_CACHE_GB="0.05",
