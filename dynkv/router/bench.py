@@ -3,9 +3,11 @@
 Fills an index with `indexed_blocks` blocks spread over `workers` workers (chains of one
 prompt's length, each held by one to three workers in a random tier), then times decisions for
 prompts of `prompt_tokens` tokens that share a random part of an indexed chain (each prompt
-is built outside the timed region). Reports the
-decision time (index match + scoring + choice) and, apart, the time to compute the prompt's
-chained block keys, which the router also pays per request.
+is built outside the timed region). Every worker is priced as on a live fleet: measured rates
+as workers publish them (a prefill speed per power-of-two length bucket, G2 and G3 load speeds,
+a decode cost) and a queue whose oldest prompt has been computing a while. Reports the decision
+time (index match + scoring + choice) and, apart, the time to compute the prompt's chained block
+keys, which the router also pays per request.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from dynkv.kvbm.events import TIERS
+from dynkv.kvbm.events import TIERS, PrefillRate, WorkerRates
 from dynkv.kvbm.keys import BlockHasher
+from dynkv.kvbm.onboard_policy import bucket_bounds
 from dynkv.router.decide import decide
 from dynkv.router.index import KvIndex
 from dynkv.router.score import ScorerConfig, WorkerLoad
@@ -45,6 +48,36 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _measured_rates(name: str, block_size: int, max_tokens: int, rng: random.Random) -> WorkerRates:
+    """A worker's rates message with every prefill bucket up to `max_tokens` measured."""
+    buckets, key = [], 0
+    while True:
+        low, high = bucket_bounds(key)
+        speed = rng.uniform(200, 20_000)
+        buckets.append(PrefillRate(min_tokens=low, max_tokens=high, tokens_per_s=speed, samples=8))
+        if high > max_tokens:
+            break
+        key += 1
+    return WorkerRates(
+        worker_id=name,
+        instance_id=f"{name}-bench",
+        seq=0,
+        ts=0.0,
+        block_size=block_size,
+        prefill=buckets,
+        g2_to_g1_tokens_per_s=rng.uniform(50_000, 500_000),
+        g3_to_g1_tokens_per_s=rng.uniform(5_000, 100_000),
+        decode_seconds_per_request=rng.uniform(0.002, 0.09),
+    )
+
+
+def _queue(rng: random.Random) -> WorkerLoad:
+    """Outstanding prompts whose oldest has been computing for a while, and running requests."""
+    outstanding = rng.randint(0, 4096)
+    head = rng.randint(0, outstanding)
+    return WorkerLoad(outstanding, rng.randint(0, 8), head, rng.uniform(0.0, 0.5) if head else 0.0)
+
+
 def run_router_bench(
     *,
     indexed_blocks: int = 1_000_000,
@@ -68,7 +101,8 @@ def run_router_bench(
             index.stored(w, rng.choice(TIERS), chain[:held])
         chains.append(chain)
     fill = time.perf_counter() - t0
-    loads = {w: WorkerLoad(rng.randint(0, 4096), rng.randint(0, 8)) for w in names}
+    loads = {w: _queue(rng) for w in names}
+    rates = {w: _measured_rates(w, block_size, prompt_tokens, rng) for w in names}
     cfg = ScorerConfig()
     times: list[float] = []
     cpu: list[float] = []
@@ -77,7 +111,7 @@ def run_router_bench(
         shared = rng.randint(0, len(chain))
         keys = chain[:shared] + [rng.getrandbits(128) for _ in range(blocks_per_prompt - shared)]
         c0 = time.thread_time()
-        times.append(decide(index, keys, prompt_tokens, block_size, loads, {}, cfg, rng).seconds)
+        times.append(decide(index, keys, prompt_tokens, block_size, loads, rates, cfg, rng).seconds)
         cpu.append(time.thread_time() - c0)
     hasher = BlockHasher(b"bench", block_size)
     tokens = [rng.randrange(32000) for _ in range(prompt_tokens)]

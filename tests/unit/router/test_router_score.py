@@ -143,6 +143,19 @@ def test_bench_router_reports_decision_times_as_json():
     assert 0 < out["decide_cpu_p50_ms"] <= out["decide_cpu_p99_ms"]
 
 
+def test_bench_router_prices_every_worker_with_measured_rates_as_published():
+    """The timed decisions take the scoring's whole path: every length the prompt can leave to
+    compute falls in a measured bucket, the tiers and decode have measured costs."""
+    from dynkv.router.bench import _measured_rates
+
+    rates = _measured_rates("agg-0", BS, 8192, random.Random(0))
+    bounds = [(b.min_tokens, b.max_tokens) for b in rates.prefill]
+    assert bounds[0][0] == 0 and bounds[-1][1] > 8192
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # contiguous
+    assert rates.g2_to_g1_tokens_per_s and rates.g3_to_g1_tokens_per_s
+    assert rates.decode_seconds_per_request
+
+
 def rates_of(**kw) -> WorkerRates:
     return WorkerRates(worker_id="w", instance_id="i", seq=0, ts=0, block_size=BS, **kw)
 
