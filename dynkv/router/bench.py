@@ -17,9 +17,9 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from dynkv.kvbm.events import TIERS, PrefillRate, WorkerRates
+from dynkv.kvbm.events import TIERS, WorkerRates
 from dynkv.kvbm.keys import BlockHasher
-from dynkv.kvbm.onboard_policy import bucket_bounds
+from dynkv.kvbm.onboard_policy import MIN_BUCKET, PrefillRates
 from dynkv.router.decide import decide
 from dynkv.router.index import KvIndex
 from dynkv.router.score import ScorerConfig, WorkerLoad
@@ -49,22 +49,21 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _measured_rates(name: str, block_size: int, max_tokens: int, rng: random.Random) -> WorkerRates:
-    """A worker's rates message with every prefill bucket up to `max_tokens` measured."""
-    buckets, key = [], 0
+    """A worker's rates message with every prefill bucket up to `max_tokens` measured, built by
+    the worker's own `PrefillRates` from one prefill of each power-of-two length."""
+    prefill, length = PrefillRates(), MIN_BUCKET
     while True:
-        low, high = bucket_bounds(key)
-        speed = rng.uniform(200, 20_000)
-        buckets.append(PrefillRate(min_tokens=low, max_tokens=high, tokens_per_s=speed, samples=8))
-        if high > max_tokens:
+        prefill.add(length, length / rng.uniform(200, 20_000), now=0.0)
+        if length > max_tokens:
             break
-        key += 1
+        length *= 2
     return WorkerRates(
         worker_id=name,
         instance_id=f"{name}-bench",
         seq=0,
         ts=0.0,
         block_size=block_size,
-        prefill=buckets,
+        prefill=prefill.published(),
         g2_to_g1_tokens_per_s=rng.uniform(50_000, 500_000),
         g3_to_g1_tokens_per_s=rng.uniform(5_000, 100_000),
         decode_seconds_per_request=rng.uniform(0.002, 0.09),
