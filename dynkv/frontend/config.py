@@ -73,6 +73,13 @@ class FrontendConfig(BaseModel):
         description="kv router: queueing cost of a request in flight, until the worker has "
         "measured its own",
     )
+    router_replica_half_life: float = Field(
+        60.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="kv router: half-life (seconds) of a prefix's heat, the requests a replica's "
+        "recompute is shared with; 0: never share it",
+    )
     request_timeout: float = Field(600.0, gt=0, description="seconds of worker silence")
     connect_timeout: float = Field(3.0, gt=0)
     health_interval: float = Field(1.0, gt=0, description="re-probe of unhealthy workers")

@@ -43,8 +43,8 @@ log = logging.getLogger("dynkv.frontend")
 ROUTER_HEADER = "x-dynkv-router"
 KV = "kv"
 POLICY_NAMES = (*POLICIES, KV)
-# reasons of dynkv_router_decisions_total{policy="kv"} besides the router's own (kv, kv_miss,
-# nats_down)
+# reasons of dynkv_router_decisions_total{policy="kv"} besides the router's own (kv, kv_replica,
+# kv_miss, nats_down)
 TOKENIZE_FAILED = "tokenize_failed"
 NO_ROUTER = "kv_unavailable"  # no NATS configured, or no tokenizer: least outstanding
 DECODE = "decode_fewest_outstanding"  # disagg: the decode step goes least outstanding
@@ -229,6 +229,7 @@ def kv_routing(config: FrontendConfig) -> KvRouting:
                 decode_seconds_per_request=config.router_decode_seconds,
                 tier_weights=parse_tier_weights(config.router_tier_weights),
                 temperature=config.router_temperature,
+                replica_half_life_s=config.router_replica_half_life,
             ),
         )
     tokenizer = (

@@ -21,6 +21,7 @@ from dynkv.kvbm.events import TIERS, WorkerRates
 from dynkv.kvbm.keys import BlockHasher
 from dynkv.kvbm.onboard_policy import MIN_BUCKET, PrefillRates
 from dynkv.router.decide import decide
+from dynkv.router.heat import PrefixHeat
 from dynkv.router.index import KvIndex
 from dynkv.router.score import ScorerConfig, WorkerLoad
 
@@ -103,6 +104,7 @@ def run_router_bench(
     loads = {w: _queue(rng) for w in names}
     rates = {w: _measured_rates(w, block_size, prompt_tokens, rng) for w in names}
     cfg = ScorerConfig()
+    heat = PrefixHeat(cfg.replica_half_life_s)  # decisions count their boundary, as the router's
     times: list[float] = []
     cpu: list[float] = []
     for _ in range(decisions):
@@ -110,7 +112,9 @@ def run_router_bench(
         shared = rng.randint(0, len(chain))
         keys = chain[:shared] + [rng.getrandbits(128) for _ in range(blocks_per_prompt - shared)]
         c0 = time.thread_time()
-        times.append(decide(index, keys, prompt_tokens, block_size, loads, rates, cfg, rng).seconds)
+        times.append(
+            decide(index, keys, prompt_tokens, block_size, loads, rates, cfg, rng, heat).seconds
+        )
         cpu.append(time.thread_time() - c0)
     hasher = BlockHasher(b"bench", block_size)
     tokens = [rng.randrange(32000) for _ in range(prompt_tokens)]

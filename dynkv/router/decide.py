@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dynkv.kvbm.events import WorkerRates
-from dynkv.router.index import KvIndex
-from dynkv.router.score import Estimate, ScorerConfig, WorkerLoad, choose, estimate_all
+from dynkv.router.heat import PrefixHeat
+from dynkv.router.index import KvIndex, PrefixMatch
+from dynkv.router.score import (
+    Estimate,
+    ScorerConfig,
+    WorkerLoad,
+    choose,
+    estimate_all,
+    fleet_depth,
+)
 
 
 @dataclass
@@ -17,7 +25,9 @@ class Decision:
     chosen: Estimate
     estimates: list[Estimate]
     seconds: float  # time the decision took (the router's decision-time histogram)
-    reason: str = "kv"  # kv (a cached prefix won), kv_miss (none cached), nats_down (by load)
+    # kv (a cached prefix won), kv_replica (it computes blocks another worker holds), kv_miss
+    # (none cached anywhere), nats_down (NATS unreachable: by load)
+    reason: str = "kv"
     in_flight: int | None = None  # the router's record of the prompt's blocks headed there
 
 
@@ -30,12 +40,38 @@ def decide(
     rates: Mapping[str, WorkerRates],
     cfg: ScorerConfig,
     rng: random.Random | None = None,
+    heat: PrefixHeat | None = None,
 ) -> Decision:
     """Pick among the workers of `loads` (the healthy candidates) for a prompt whose full blocks
-    have `keys`."""
+    have `keys`; `heat` counts the prompt at its boundary and prices replicas with it."""
     t0 = time.perf_counter()
     matches = index.match(keys)
-    estimates = estimate_all(matches, prompt_tokens, block_size, loads, rates, cfg)
+    hot = observe_boundary(heat, matches, loads, prompt_tokens, block_size, lambda _: keys)
+    estimates = estimate_all(matches, prompt_tokens, block_size, loads, rates, cfg, hot)
     chosen = choose(estimates, cfg.temperature, rng)
-    reason = "kv" if chosen.cached_tokens else "kv_miss"
-    return Decision(chosen, estimates, time.perf_counter() - t0, reason)
+    return Decision(chosen, estimates, time.perf_counter() - t0, reason_of(chosen))
+
+
+def observe_boundary(
+    heat: PrefixHeat | None,
+    matches: Mapping[str, PrefixMatch],
+    loads: Mapping[str, WorkerLoad],
+    prompt_tokens: int,
+    block_size: int,
+    keys_of: Callable[[str], Sequence[int]],
+) -> float:
+    """Count the prompt at its boundary (the deepest block any candidate holds, keyed as that
+    worker computes keys) and return the heat there before it: 0 without `heat` or a holder."""
+    if heat is None:
+        return 0.0
+    holder, depth = fleet_depth(matches, loads, prompt_tokens, block_size)
+    if holder is None:
+        return 0.0
+    return heat.observe(keys_of(holder)[depth - 1])
+
+
+def reason_of(chosen: Estimate) -> str:
+    """The decision's reason label (dynkv_router_decisions_total{reason})."""
+    if chosen.replica_tokens:
+        return "kv_replica"
+    return "kv" if chosen.cached_tokens else "kv_miss"

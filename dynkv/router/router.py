@@ -19,10 +19,17 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from dynkv.kvbm.keys import BlockHasher, extra_keys
-from dynkv.router.decide import Decision
+from dynkv.router.decide import Decision, observe_boundary, reason_of
+from dynkv.router.heat import PrefixHeat
 from dynkv.router.index import KvIndex, PrefixMatch
 from dynkv.router.inflight import InFlight, with_in_flight
-from dynkv.router.score import Estimate, ScorerConfig, WorkerLoad, choose, estimate_all
+from dynkv.router.score import (
+    Estimate,
+    ScorerConfig,
+    WorkerLoad,
+    choose,
+    estimate_all,
+)
 from dynkv.router.subscriber import KvEventSubscriber
 from dynkv.router.sync import IndexSync
 
@@ -45,6 +52,12 @@ class KvRouter:
         self.index = KvIndex(max_blocks)
         self.sync = IndexSync(self.index)
         self.inflight = InFlight()
+        # requests per prefix boundary, to price replicas (Dynamo's weights know none)
+        self.heat = (
+            PrefixHeat(self.cfg.replica_half_life_s)
+            if self.cfg.replica_half_life_s > 0 and self.cfg.tier_weights is None
+            else None
+        )
         self.subscriber = KvEventSubscriber(
             nats_url,
             deployment,
@@ -142,12 +155,14 @@ class KvRouter:
             block_size = bs
         if not block_size:  # no worker announced its keys yet: nothing matched, any size will do
             block_size = 16
+        heat = observe_boundary(
+            self.heat, matches, loads, len(token_ids), block_size, keys_of.__getitem__
+        )
         estimates = estimate_all(
-            matches, len(token_ids), block_size, loads, self.sync.rates, self.cfg
+            matches, len(token_ids), block_size, loads, self.sync.rates, self.cfg, heat
         )
         chosen = choose(estimates, self.cfg.temperature, self.rng)
-        reason = "kv" if chosen.cached_tokens else "kv_miss"
-        decision = self._done(reason, chosen, estimates, t0)
+        decision = self._done(reason_of(chosen), chosen, estimates, t0)
         if chosen.worker in keys_of:  # later prompts with this prefix will find it there
             decision.in_flight = self.inflight.add(chosen.worker, keys_of[chosen.worker])
         return decision
@@ -182,6 +197,7 @@ class KvRouter:
             "index_blocks": len(self.index),
             "index_memory_bytes": self.index.memory_bytes(),
             "in_flight_prompts": len(self.inflight),
+            "hot_prefixes": len(self.heat) if self.heat is not None else 0,
             "evicted_blocks": self.index.evicted_blocks,
             "workers": self.index.workers,
             "sync": vars(self.sync.counters).copy(),

@@ -6,7 +6,9 @@ queueing: its outstanding prefill tokens at its prefill rate (less what the olde
 so far), plus its running requests at its measured decode cost per request (a new prompt waits
 for the step in progress and shares the next with every running request). Rates are the
 worker's own measurements (prefill by the length recomputed), `ScorerConfig`'s defaults until
-it has published them. G1 hits are free. With `tier_weights` (Dynamo's constants 1 / 0.75 /
+it has published them. G1 hits are free. Blocks another worker holds are priced as a replica: their
+recompute shared with the requests expected to follow them (`heat`, see `dynkv.router.heat`), so a
+hot prefix gets a second copy once its holder's queue costs more than that share. With `tier_weights` (Dynamo's constants 1 / 0.75 /
 0.25) a held block instead counts as that fraction of a device hit and loads cost nothing, for
 comparison (docs/kv-events.md). Pure functions: the router's event loop calls them per request.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from dynkv.kvbm.events import WorkerRates
@@ -51,6 +53,8 @@ class ScorerConfig:
     decode_seconds_per_request: float = 0.0  # queueing cost of each request a worker runs
     tier_weights: tuple[float, float, float] | None = None  # (G1, G2, G3); None: measured rates
     temperature: float = 0.0  # 0: the lowest estimate; > 0: softmax among near-ties
+    # half-life of a prefix's heat (the requests a replica's recompute is shared with); 0: none
+    replica_half_life_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class Estimate:
     recompute_s: float
     load_s: float
     queue_s: float
+    replica_tokens: int = 0  # tokens it would compute that another worker holds (a replica)
 
 
 def prefill_queue_s(load: WorkerLoad, tokens_per_s: float) -> float:
@@ -136,7 +141,12 @@ def estimate(
     costs: Costs,
     load: WorkerLoad,
     cfg: ScorerConfig,
+    *,
+    fleet_blocks: int = 0,
+    heat: float = 0.0,
 ) -> Estimate:
+    """`fleet_blocks`: the deepest usable match of any candidate; `heat`: the requests that
+    have recently stopped at that depth (`dynkv.router.heat`)."""
     usable = usable_blocks(match, prompt_tokens, block_size)
     device = min(match.device, usable)
     host = min(match.host, usable - device)
@@ -150,7 +160,11 @@ def estimate(
         load_s = (
             host * block_size / costs.g2_tokens_per_s + disk * block_size / costs.g3_tokens_per_s
         )
-    recompute_s = max(1.0, prompt_tokens - cached) / costs.prefill_tokens_per_s
+    # blocks held elsewhere: a replica, whose recompute the `heat` requests expected after this
+    # one share (docs/kv-events.md#replicating-a-hot-prefix); Dynamo's weights know no replicas
+    replica = max(0, fleet_blocks - usable) * block_size
+    shared = replica * heat / (1.0 + heat) if cfg.tier_weights is None else 0.0
+    recompute_s = max(1.0, prompt_tokens - cached - shared) / costs.prefill_tokens_per_s
     decode = costs.decode_seconds_per_request
     if decode is None:
         decode = cfg.decode_seconds_per_request
@@ -164,6 +178,7 @@ def estimate(
         recompute_s=recompute_s,
         load_s=load_s,
         queue_s=queue_s,
+        replica_tokens=replica,
     )
 
 
@@ -192,10 +207,12 @@ def estimate_all(
     loads: Mapping[str, WorkerLoad],
     rates: Mapping[str, WorkerRates],
     cfg: ScorerConfig,
+    heat: float = 0.0,
 ) -> list[Estimate]:
     """One estimate per worker in `loads` (the healthy candidates); a worker the index does not
-    know yet holds nothing."""
+    know yet holds nothing. `heat`: that of the candidates' deepest match (`fleet_depth`)."""
     empty = PrefixMatch()
+    fleet_blocks = fleet_depth(matches, loads, prompt_tokens, block_size)[1]
     out = []
     for w, load in loads.items():
         match = matches.get(w, empty)
@@ -206,5 +223,34 @@ def estimate_all(
         queued = load.head_prefill_tokens or load.outstanding_prefill_tokens
         if queued:
             costs = replace(costs, queue_tokens_per_s=prefill_speed(rates.get(w), queued, cfg))
-        out.append(estimate(w, match, prompt_tokens, block_size, costs, load, cfg))
+        out.append(
+            estimate(
+                w,
+                match,
+                prompt_tokens,
+                block_size,
+                costs,
+                load,
+                cfg,
+                fleet_blocks=fleet_blocks,
+                heat=heat,
+            )
+        )
     return out
+
+
+def fleet_depth(
+    matches: Mapping[str, PrefixMatch],
+    candidates: Iterable[str],
+    prompt_tokens: int,
+    block_size: int,
+) -> tuple[str | None, int]:
+    """The candidate with the deepest usable match and its depth in blocks ((None, 0): none
+    holds any): the prompt's boundary, where its heat is counted."""
+    best: tuple[str | None, int] = (None, 0)
+    for w in candidates:
+        match = matches.get(w)
+        depth = usable_blocks(match, prompt_tokens, block_size) if match is not None else 0
+        if depth > best[1]:
+            best = (w, depth)
+    return best

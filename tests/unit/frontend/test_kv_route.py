@@ -18,6 +18,7 @@ from dynkv.frontend.kv_route import (
     TOKENIZE_FAILED,
     KvRouting,
     UsageTap,
+    kv_routing,
     policy_override,
 )
 from dynkv.frontend.metrics import FrontendMetrics
@@ -194,11 +195,18 @@ def test_the_frontend_reads_the_kv_router_settings():
 
     cfg = parse_args(
         ["--etcd-endpoints", "http://127.0.0.1:2379", "--router", "kv", "--tokenizer", "/m",
-         "--router-tier-weights", "dynamo", "--router-temperature", "0.5"],
+         "--router-tier-weights", "dynamo", "--router-temperature", "0.5",
+         "--router-replica-half-life", "0"],
         {"DYNKV_FRONTEND_NATS_URL": "nats://127.0.0.1:4222"},
     )  # fmt: skip
     assert (cfg.router, cfg.nats_url, cfg.tokenizer) == ("kv", "nats://127.0.0.1:4222", "/m")
     assert (cfg.router_tier_weights, cfg.router_temperature) == ("1,0.75,0.25", 0.5)
+    assert cfg.router_replica_half_life == 0
+    hot = cfg.model_copy(update={"router_tier_weights": None, "router_replica_half_life": 30.0})
+    router = kv_routing(hot).router
+    assert router is not None and router.heat is not None and router.heat.half_life_s == 30
+    router = kv_routing(cfg).router
+    assert router is not None and router.heat is None  # no replicas: off, and Dynamo's weights
     with pytest.raises(SystemExit):
         parse_args(["--etcd-endpoints", "http://e", "--router-tier-weights", "2,1,1"], {})
 
