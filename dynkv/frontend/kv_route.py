@@ -180,6 +180,16 @@ class KvRouting:
         salt = req.body.get("cache_salt")
         decision = self.router.pick(ids, loads, salt if isinstance(salt, str) else None)
         chosen = decision.chosen
+        if log.isEnabledFor(logging.DEBUG):  # why this worker: every candidate's estimate
+            log.debug(
+                "kv router: request %s -> %s (%s, heat %.1f): %s", req.request_id, chosen.worker,
+                decision.reason, decision.heat, "; ".join(
+                    f"{e.worker} {e.ttft_s * 1000:.0f} ms = recompute {e.recompute_s * 1000:.0f}"
+                    f" + load {e.load_s * 1000:.0f} + queue {e.queue_s * 1000:.0f}, holds "
+                    f"{e.match.blocks} blocks, copies {e.replica_tokens} tokens"
+                    for e in decision.estimates
+                ),
+            )  # fmt: skip
         worker = by_id[chosen.worker]
         queued = self.book.add(worker.id, max(0, len(ids) - chosen.cached_tokens))
         ticket = KvTicket(

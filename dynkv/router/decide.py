@@ -29,6 +29,7 @@ class Decision:
     # (none cached anywhere), nats_down (NATS unreachable: by load)
     reason: str = "kv"
     in_flight: int | None = None  # the router's record of the prompt's blocks headed there
+    heat: float = 0.0  # requests that recently stopped at the prompt's boundary (before it)
 
 
 def decide(
@@ -49,7 +50,7 @@ def decide(
     hot = observe_boundary(heat, matches, loads, prompt_tokens, block_size, lambda _: keys)
     estimates = estimate_all(matches, prompt_tokens, block_size, loads, rates, cfg, hot)
     chosen = choose(estimates, cfg.temperature, rng)
-    return Decision(chosen, estimates, time.perf_counter() - t0, reason_of(chosen))
+    return Decision(chosen, estimates, time.perf_counter() - t0, reason_of(chosen), heat=hot)
 
 
 def observe_boundary(

@@ -163,6 +163,7 @@ class KvRouter:
         )
         chosen = choose(estimates, self.cfg.temperature, self.rng)
         decision = self._done(reason_of(chosen), chosen, estimates, t0)
+        decision.heat = heat
         if chosen.worker in keys_of:  # later prompts with this prefix will find it there
             decision.in_flight = self.inflight.add(chosen.worker, keys_of[chosen.worker])
         return decision
