@@ -108,7 +108,8 @@ class KvbmSettings(EnvSettings):
     onboard_probe_secs: float = seconds(
         30.0,
         "auto policy: a tier not measured for this long is loaded once more, to "
-        "measure it again (a disk that was busy is not skipped for good).",
+        "measure it again (a disk that was busy is not skipped for good); a prefill "
+        "length not measured for this long is not published to the router.",
         "30",
     )
     host_verify: Literal["sampled", "always"] = Field(

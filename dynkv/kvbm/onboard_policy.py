@@ -84,9 +84,18 @@ def bucket_bounds(key: int) -> tuple[int, int]:
 
 class PrefillRates:
     """Seconds per prefill token, by prefill length (the tokens computed: the prompt less what a
-    cache supplied). Fed by the scheduler; read by it and by the KV events publisher's thread."""
+    cache supplied). Fed by the scheduler; read by it and by the KV events publisher's thread.
 
-    def __init__(self) -> None:
+    A bucket not fed for `max_age_s` is left out of what the router is sent, and its next sample
+    starts it anew: a worker measured slow during a burst would otherwise never be sent a prompt
+    of that length again, and never measured again (the router then prices that length with the
+    nearest bucket still fed, else its default, and the next prompt measures it)."""
+
+    def __init__(
+        self, max_age_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_age_s = max_age_s
+        self.clock = clock
         self._buckets: dict[int, Ewma] = {}
         self._lock = threading.Lock()
 
@@ -96,7 +105,10 @@ class PrefillRates:
         if tokens > 0 and seconds > 0:
             key = bucket(length or tokens)
             with self._lock:
-                self._buckets.setdefault(key, Ewma()).add(seconds / tokens, now)
+                ewma = self._buckets.get(key)
+                if ewma is None or now - ewma.updated > self.max_age_s:
+                    ewma = self._buckets[key] = Ewma()
+                ewma.add(seconds / tokens, now)
 
     def per_token(self, tokens: int) -> float | None:
         """The estimate for a prefill of `tokens` tokens: its bucket's, else the nearest
@@ -109,9 +121,15 @@ class PrefillRates:
             return self._buckets[nearest].value
 
     def published(self) -> list[PrefillRate]:
-        """Every measured bucket as the router reads it (tokens/s), shortest prefills first."""
+        """Every bucket fed in the last `max_age_s`, as the router reads it (tokens/s), shortest
+        prefills first."""
+        now = self.clock()
         with self._lock:
-            buckets = sorted((k, e.value, e.samples) for k, e in self._buckets.items())
+            buckets = sorted(
+                (k, e.value, e.samples)
+                for k, e in self._buckets.items()
+                if now - e.updated <= self.max_age_s
+            )
         out = []
         for key, per_token, samples in buckets:
             if per_token:
@@ -210,7 +228,7 @@ class OnboardPolicy:
         self.probe_secs = probe_secs
         self.block_size = block_size
         self.clock = clock
-        self.prefill = PrefillRates()
+        self.prefill = PrefillRates(probe_secs, clock)
         self.tiers = TierRates(probe_secs)
 
     # ---- measurements ------------------------------------------------------------------------

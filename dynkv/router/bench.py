@@ -52,7 +52,7 @@ def _percentile(values: list[float], q: float) -> float:
 def _measured_rates(name: str, block_size: int, max_tokens: int, rng: random.Random) -> WorkerRates:
     """A worker's rates message with every prefill bucket up to `max_tokens` measured, built by
     the worker's own `PrefillRates` from one prefill of each power-of-two length."""
-    prefill, length = PrefillRates(), MIN_BUCKET
+    prefill, length = PrefillRates(clock=lambda: 0.0), MIN_BUCKET
     while True:
         prefill.add(length, length / rng.uniform(200, 20_000), now=0.0)
         if length > max_tokens:

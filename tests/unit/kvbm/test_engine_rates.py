@@ -42,7 +42,8 @@ def test_idle_gaps_and_prompt_steps_are_not_decode_samples():
 
 
 def test_prefill_buckets_publish_tokens_per_second_over_the_lengths_they_hold():
-    rates = PrefillRates()
+    clock = [1.0]
+    rates = PrefillRates(max_age_s=30.0, clock=lambda: clock[0])
     assert rates.published() == []
     rates.add(50, 0.01, now=0)  # 5,000 tokens/s for ≤ 64 tokens
     rates.add(1000, 0.5, now=0)  # 2,000 tokens/s for 513–1024 tokens
@@ -55,6 +56,15 @@ def test_prefill_buckets_publish_tokens_per_second_over_the_lengths_they_hold():
     for n in (1, 64, 65, 128, 129, 1024, 1025, 5000):
         low, high = bucket_bounds(bucket(n))
         assert low <= n < high
+
+    # a bucket not fed for 30 s is not sent (the router probes that length again), and its next
+    # sample starts it anew rather than blending with what it was
+    clock[0] = 30.5
+    assert [r.max_tokens for r in rates.published()] == [1025]
+    rates.add(50, 0.05, now=31.0)  # 1,000 tokens/s now
+    clock[0] = 31.0
+    assert rates.published()[0].tokens_per_s == pytest.approx(1000)
+    assert rates.published()[0].samples == 1
 
 
 def test_the_scheduler_publishes_its_measured_prefill_and_decode_costs(tmp_path):
