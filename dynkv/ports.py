@@ -13,6 +13,8 @@ from pathlib import Path
 
 import psutil
 
+MAX_PORT = 65535
+
 
 @dataclass(frozen=True)
 class PortOwner:
@@ -27,7 +29,10 @@ class PortOwner:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when a listening socket could bind host:port now (SO_REUSEADDR, as servers do)."""
+    """True when a listening socket could bind host:port now (SO_REUSEADDR, as servers do).
+    A number outside 1–65535 names no port, so none is free there."""
+    if not 0 < port <= MAX_PORT:
+        return False
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -83,10 +88,10 @@ def free_port(host: str = "127.0.0.1") -> int:
     low, high = ephemeral_range()
     candidates = [(10000, low - 1)] if low > 11000 else []
     if high < 65000:
-        candidates.append((high + 1, 65535))
+        candidates.append((high + 1, MAX_PORT))
     rng = random.Random()
     for _ in range(500):
-        lo, hi = rng.choice(candidates) if candidates else (1024, 65535)
+        lo, hi = rng.choice(candidates) if candidates else (1024, MAX_PORT)
         port = rng.randint(lo, hi)
         if port in _handed_out or not port_is_free(port, host):
             continue

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Mapping
 
 from dynkv.plan.ports import PER_WORKER_VARIABLES, SHARED_VARIABLES
-from dynkv.ports import free_port, port_is_free
+from dynkv.ports import MAX_PORT, free_port, port_is_free
 
 SETTING_PREFIXES = ("DYNKV_", "DYN_KVBM_")
 
@@ -41,8 +41,8 @@ def without_settings(environ: Mapping[str, str]) -> dict[str, str]:
 def free_port_run(length: int) -> int:
     """A free port p such that p … p+length-1 are all free (NoFreePorts after 200 tries)."""
     for _ in range(200):
-        base = free_port()
-        if all(port_is_free(base + i) for i in range(1, length)):
+        base = free_port()  # may be as high as 65535: the run must fit below it
+        if base + length - 1 <= MAX_PORT and all(port_is_free(base + i) for i in range(1, length)):
             return base
     raise NoFreePorts(f"found no {length} free consecutive ports")
 

@@ -98,13 +98,22 @@ def worker_port(base: int, index: int) -> int:
 
 
 def check_port_clashes(services: tuple[Service, ...]) -> None:
-    """Two services binding one port: the plan cannot start (exit 2, the setting to change)."""
+    """Two services binding one port, or a worker's port past 65535 (each worker takes its
+    setting's value + its index): the plan cannot start (exit 2, the setting to change)."""
     from dynkv.plan.errors import PlanError
+    from dynkv.ports import MAX_PORT
 
     seen: dict[int, str] = {}
     for svc in services:
         for pname, port in svc.ports.items():
             label = f"{svc.name} {pname}"
+            if port > MAX_PORT:
+                setting = PORT_SETTINGS.get((svc.role, pname), "its port setting")
+                raise PlanError(
+                    f"{label} would listen on port {port}, past the last port ({MAX_PORT}): "
+                    "worker i takes its port setting's value + i",
+                    f"export {setting}=<a port at least {port - MAX_PORT} lower>",
+                )
             if port in seen:
                 first = seen[port]
                 setting = PORT_SETTINGS.get((svc.role, pname), "its port setting")

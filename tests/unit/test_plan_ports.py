@@ -61,3 +61,15 @@ def test_doctor_without_a_plan_checks_the_advertised_ports_on_the_address():
     both = ("127.0.0.1", ADDR)
     assert hosts["etcd client"] == hosts["NATS client"] == hosts["frontend"] == both
     assert hosts["etcd peer"] == hosts["NATS monitor"] == hosts["worker 0"] == ("127.0.0.1",)
+
+
+def test_a_worker_port_past_65535_is_a_usage_error_naming_the_setting():
+    import pytest
+
+    from dynkv.plan.errors import PlanError
+
+    ok = plan_for({"DYNKV_WORKER_PORT": "65534", "DYNKV_WORKERS": "2"})
+    assert [s.ports["http"] for s in ok.services if s.role == "agg"] == [65534, 65535]
+    with pytest.raises(PlanError) as exc:
+        plan_for({"DYNKV_WORKER_PORT": "65535", "DYNKV_WORKERS": "2"})
+    assert "65536" in exc.value.cause and "DYNKV_WORKER_PORT" in exc.value.fix

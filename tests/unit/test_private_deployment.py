@@ -41,3 +41,15 @@ def test_dynkv_cli_runs_the_cli_with_this_interpreter_and_only_the_given_env(tmp
     result = dynkv_cli("profiles", "--json", env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert '"gpu-cpu-disk"' in result.stdout
+
+
+def test_a_run_of_ports_never_reaches_past_65535(monkeypatch):
+    """free_port may pick 65535 (above the ephemeral range); a run of two cannot start there."""
+    import dynkv.private_deployment as pd
+    from dynkv.ports import free_port
+
+    picks = iter([65535, 65534])
+    monkeypatch.setattr(pd, "free_port", lambda: next(picks, None) or free_port())
+    base = pd.free_port_run(2)
+    assert base + 1 <= 65535
+    assert not port_is_free(65536) and not port_is_free(0)
