@@ -9,8 +9,8 @@ The DYN_KVBM_* environment configures the tiers, exactly as in production. The e
 this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set below) so that the connector's view of
 the device KV tensors can be read: every scenario reports, for the blocks it onboarded, how many
 hold exactly the bytes vLLM computed (`*_identical` of `*_loaded`).
-Optional: "sequential_reference": true (consume: the reference is computed one prompt at a time,
-as the handoffs are; batched decoding may round differently on a real model's near-ties).
+Optional: "batched": true (consume: the handoffs are decoded in one batch, as the reference is;
+otherwise one at a time).
 Optional: "slow_disk_ms": N (tiers): a last phase on a slowed G3 (docs/onboard-policy.md).
 Optional: "reference_salt": "s" (consume: the reference runs under that cache salt, so that a
 tier of the decode engine holding the prompts cannot serve it: it is recomputed).
@@ -280,10 +280,16 @@ def produce(e: Engine) -> dict:
 def consume(e: Engine) -> dict:
     """The decode half: the prefix from the handoff, then the reference."""
     handed = []
-    for prompt, params in zip(e.prompts, e.cfg["params"], strict=True):
+    per_prompt = []
+    for params in e.cfg["params"]:
         sp = e.greedy.clone()
         sp.extra_args = {"kv_transfer_params": params}
-        handed.append(e.llm.generate([prompt], sp)[0])
+        per_prompt.append(sp)
+    if e.cfg.get("batched"):  # every handoff in one batch, as the reference's batch
+        handed = e.llm.generate(e.prompts, per_prompt)
+    else:
+        for prompt, sp in zip(e.prompts, per_prompt, strict=True):
+            handed.append(e.llm.generate([prompt], sp)[0])
     result: dict = {"handoff": _outputs(handed)}
     e.onboarded(result, "handoff")
     e.settle()
@@ -291,10 +297,7 @@ def consume(e: Engine) -> dict:
     e.llm.reset_prefix_cache()
     salt = e.cfg.get("reference_salt")  # keys no tier of this engine holds: recomputed
     prompts = [{**p, "cache_salt": salt} for p in e.prompts] if salt else e.prompts
-    if e.cfg.get("sequential_reference"):  # one prompt at a time, as the handoffs above ran
-        result["reference"] = [e.generate([p])[0] for p in prompts]
-    else:
-        result["reference"] = e.generate(prompts)
+    result["reference"] = e.generate(prompts)
     return result
 
 
