@@ -119,6 +119,12 @@ class KvbmSettings(EnvSettings):
         "are verified on every load either way (docs/kvbm.md#integrity-never-waits-never-lies).",
         json_schema_extra=_expect("sampled or always", "always"),
     )
+    host_prefault: bool = flag(
+        True,
+        "Commit G2's memory when the worker starts (~0.3 s per GB) instead of page by page at "
+        "each block's first store, where a cold request paid it (docs/kvbm.md#g2-memory).",
+        "false",
+    )
     leader_worker_init_timeout_secs: float = seconds(
         120.0,
         "How long the runtime waits for its tiers to initialise before failing.",

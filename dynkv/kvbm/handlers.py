@@ -148,9 +148,16 @@ class HostHandler:
     tier = Tier.HOST
 
     def __init__(
-        self, slots: int, stride: int, *, pin_memory: bool, warn: WarnOnce, sample: int = 1
+        self,
+        slots: int,
+        stride: int,
+        *,
+        pin_memory: bool,
+        warn: WarnOnce,
+        sample: int = 1,
+        prefault: bool = False,
     ) -> None:
-        self.pool = HostArray(slots, stride, pin=pin_memory)
+        self.pool = HostArray(slots, stride, pin=pin_memory, prefault=prefault)
         self.sums = np.zeros(slots, dtype=np.uint64)
         self._warn = warn
         self._sample = max(1, sample)

@@ -84,7 +84,12 @@ class BlockStore:
         if host_slots:
             sample = HOST_SAMPLE if settings.host_verify == "sampled" else 1
             self._host = HostHandler(
-                host_slots, self.stride, pin_memory=pin_memory, warn=warn, sample=sample
+                host_slots,
+                self.stride,
+                pin_memory=pin_memory,
+                warn=warn,
+                sample=sample,
+                prefault=settings.host_prefault,
             )
             self.handlers[Tier.HOST] = self._host
         if disk_slots:
