@@ -209,9 +209,9 @@ def test_disaggregated_handoff_gives_the_same_tokens(restart_decode, g2_engine, 
     KV was computed with both prompts in one batch (the tiers scenario's cold run, onboarded from
     G2 by `produce`), so the decode engine decodes both handoffs in one batch, and its reference
     (the same prompts recomputed) is one batch too. In bfloat16 (AMX hosts) a prompt's KV
-    computed alone differs from the same prompt's KV computed beside another in the low bits,
-    and that moved a near-tie on the 16th token when the handoffs and the reference ran alone
-    (float32 hosts never showed it); batch against batch is the same computation, as in
+    computed alone can differ in the low bits from its KV computed beside another: with the
+    handoffs and the reference decoded alone, a near-tie on the 16th token moved on every run
+    there (float32 hosts passed); batch against batch is the same computation, as in
     `test_cold_prefix_cache_and_g2_give_the_same_tokens`."""
     params = g2_engine["produce"]["params"]
     assert all(
