@@ -98,6 +98,7 @@ GOOD = [
     ("DYN_KVBM_ONBOARD_MARGIN", "0.8", "onboard_margin", 0.8),
     ("DYN_KVBM_ONBOARD_PROBE_SECS", "10", "onboard_probe_secs", 10.0),
     ("DYN_KVBM_HOST_VERIFY", "always", "host_verify", "always"),
+    ("DYN_KVBM_HOST_PREFAULT", "false", "host_prefault", False),
 ]
 
 
@@ -133,6 +134,7 @@ BAD = [
     ("DYN_KVBM_DISK_ZEROFILL_FALLBACK", "2", "boolean"),
     ("DYN_KVBM_DISK_DISABLE_O_DIRECT", "si", "boolean"),
     ("DYN_KVBM_METRICS", "enabled", "boolean"),
+    ("DYN_KVBM_HOST_PREFAULT", "lazy", "boolean"),
     ("DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "0", "seconds"),
     ("DYN_KVBM_METRICS_PORT", "70000", "TCP port"),
     ("DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS", "-5", "seconds"),
