@@ -107,8 +107,8 @@ def check_port_clashes(services: tuple[Service, ...]) -> None:
     for svc in services:
         for pname, port in svc.ports.items():
             label = f"{svc.name} {pname}"
+            setting = PORT_SETTINGS.get((svc.role, pname), "its port setting")
             if port > MAX_PORT:
-                setting = PORT_SETTINGS.get((svc.role, pname), "its port setting")
                 raise PlanError(
                     f"{label} would listen on port {port}, past the last port ({MAX_PORT}): "
                     "worker i takes its port setting's value + i",
@@ -116,7 +116,6 @@ def check_port_clashes(services: tuple[Service, ...]) -> None:
                 )
             if port in seen:
                 first = seen[port]
-                setting = PORT_SETTINGS.get((svc.role, pname), "its port setting")
                 raise PlanError(
                     f"port {port} is configured twice: for {first} and for {label}",
                     f"give {label} another port (export {setting}=<free port>)",

@@ -39,7 +39,7 @@ def test_kernels_without_populate_write_get_one_write_per_page(monkeypatch):
     assert grown >= 60 * MB and not pool.array[:, ::4096].any()
 
 
-def test_prefault_is_on_by_default_and_reaches_the_store(tmp_path):
+def test_prefault_is_on_by_default_and_reaches_the_store():
     from dynkv.kvbm.layout import BlockLayout
     from dynkv.kvbm.store import BlockStore
 
