@@ -9,7 +9,8 @@ is abandoned because the late read may still write into it. A stalled disk thus 
 deadline per load, never a frozen engine. A verified block is copied into its G2 promotion slot.
 
 Writes never block the engine: they complete on the pool's threads; each block is journaled,
-counted and reported to the leader (through `take_report`) when its run completes.
+counted and reported to the leader (through `take_report`) when its run completes. Without G2
+they leave from `WriteStaging` rows, reused from store to store.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import numpy as np
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.counters import Count
 from dynkv.kvbm.disk import DiskPool
-from dynkv.kvbm.handlers import Device, HostHandler, Rows, Staging, WarnOnce, staging
+from dynkv.kvbm.handlers import Device, HostHandler, Rows, Staging, WarnOnce
 from dynkv.kvbm.integrity import block_checksum
 from dynkv.kvbm.journal import Entry, Journal
 from dynkv.kvbm.ops import LoadOp, OffloadOp, StoreOp, StoreReport, Tier
+from dynkv.kvbm.write_staging import WriteStaging
 
 log = logging.getLogger("dynkv.kvbm")
 
@@ -49,6 +51,7 @@ class _Write:
     buf: object
     checksum: int
     host_slot: int = -1
+    staged_row: int = -1  # the `WriteStaging` row `buf` is, freed when the write completes
 
 
 def _checksums(rows: Sequence[np.ndarray], keys: Sequence[int], read: int) -> list[int]:
@@ -117,7 +120,7 @@ class DiskHandler:
         self._lock = threading.Lock()
         self._checked: dict[int, int] = {}  # disk slot -> checksum of what this load read
         self._writes: dict[int, Future] = {}  # disk slot -> last write submitted
-        self._staged_bytes = 0
+        self.write_staging = WriteStaging(MAX_STAGED_BYTES, stride)
         self._report = StoreReport()  # what completed writes have to say, until taken
         self._journal_counted = False
         self._count_journal_failure()  # an index that could not be rewritten at start-up
@@ -232,28 +235,23 @@ class DiskHandler:
         self, ops: Sequence[StoreOp], device: Device, report: StoreReport
     ) -> None:
         """G1 → G3 without G2, through staging memory held until the disk has it (bounded)."""
-        with self._lock:
-            room = max(0, (MAX_STAGED_BYTES - self._staged_bytes) // self.stride)
-        accepted, dropped = list(ops[:room]), list(ops[room:])
+        rows = self.write_staging.take(len(ops))
+        accepted, dropped = list(ops[: len(rows)]), list(ops[len(rows) :])
         for op in dropped:
             report.count(Count.OFFLOAD_DROPPED)
             report.failures.append((Tier.DISK, op.disk_slot, op.key))
         if not accepted:
             return
-        rows, keep = staging(len(accepted), self.stride)
-        device.to_host([op.device_block for op in accepted], rows, list(range(len(accepted))))
+        array = self.write_staging.array
+        device.to_host([op.device_block for op in accepted], array, rows)
         device.synchronize()
-        with self._lock:
-            self._staged_bytes += len(accepted) * self.stride
         writes = [
-            _Write(op.key, op.disk_slot, rows[i], block_checksum(rows[i], op.key))
-            for i, op in enumerate(accepted)
+            _Write(op.key, op.disk_slot, array[row], block_checksum(array[row], op.key), -1, row)
+            for op, row in zip(accepted, rows, strict=True)
         ]
-        self._write_blocks(writes, counter=Count.OFFLOAD_D2D, keep=keep, staged=True)
+        self._write_blocks(writes, counter=Count.OFFLOAD_D2D)
 
-    def _write_blocks(
-        self, writes: list[_Write], *, counter: Count, keep: object = None, staged: bool = False
-    ) -> None:
+    def _write_blocks(self, writes: list[_Write], *, counter: Count) -> None:
         """Submit writes as runs of consecutive disk slots (one pwritev each). A run starts once
         every write still pending on any of its slots has finished: a slot's writes land in order."""
         for run in runs(writes, lambda w: w.slot):
@@ -263,22 +261,17 @@ class DiskHandler:
                 fut = self.pool.write_run(run[0].slot, [w.buf for w in run], after)
                 for w in run:
                     self._writes[w.slot] = fut
-            fut.add_done_callback(
-                lambda f, run=run, t0=t0, _keep=keep: self._written(f, run, t0, counter, staged)
-            )
+            fut.add_done_callback(lambda f, run=run, t0=t0: self._written(f, run, t0, counter))
 
-    def _written(
-        self, f: Future, run: list[_Write], t0: float, counter: Count, staged: bool
-    ) -> None:
+    def _written(self, f: Future, run: list[_Write], t0: float, counter: Count) -> None:
         # Bookkeeping first and unconditionally: a slot left in _writes would make flush() wait
         # forever, a missing offload ack would pin its G2 slot for good.
         exc = f.exception()
+        self.write_staging.give_back(w.staged_row for w in run if w.staged_row >= 0)
         with self._lock:
             for w in run:
                 if self._writes.get(w.slot) is f:
                     del self._writes[w.slot]
-                if staged:
-                    self._staged_bytes -= self.stride
                 if exc is None:
                     self.sums[w.slot] = w.checksum
                     self._index.pop(w.slot, None)
