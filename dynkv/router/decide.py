@@ -60,15 +60,19 @@ def observe_boundary(
     prompt_tokens: int,
     block_size: int,
     keys_of: Callable[[str], Sequence[int]],
+    *,
+    count: bool = True,
 ) -> float:
     """Count the prompt at its boundary (the deepest block any candidate holds, keyed as that
-    worker computes keys) and return the heat there before it: 0 without `heat` or a holder."""
+    worker computes keys) and return the heat there before it: 0 without `heat` or a holder.
+    `count=False` only reads it (a decision that sends nothing)."""
     if heat is None:
         return 0.0
     holder, depth = fleet_depth(matches, loads, prompt_tokens, block_size)
     if holder is None:
         return 0.0
-    return heat.observe(keys_of(holder)[depth - 1])
+    key = keys_of(holder)[depth - 1]
+    return heat.observe(key) if count else heat.heat(key)
 
 
 def reason_of(chosen: Estimate) -> str:

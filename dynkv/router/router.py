@@ -1,7 +1,7 @@
 """The KV-aware routing policy as a frontend uses it: events in, one decision per request.
 
 `KvRouter` owns the index, its sync and the NATS subscriber. `pick(token_ids, loads, cache_salt)`
-computes the prompt's block keys the way the workers do (`BlockHasher` rooted in the model
+(and `estimate`, the same answer without a trace) computes the prompt's block keys the way the workers do (`BlockHasher` rooted in the model
 fingerprint each worker announces in its rates, and the runtime's extra-key convention), matches
 them and chooses by estimated TTFT. While NATS is unreachable it falls back to the least loaded
 worker (one log line per outage; `decisions["nats_down"]` counts them) and the index
@@ -126,14 +126,39 @@ class KvRouter:
         cache_salt: str | None = None,
         lora: tuple[str, str] | None = None,
     ) -> Decision:
-        """Choose among `loads` (the healthy workers and what each has outstanding)."""
+        """Choose among `loads` (the healthy workers and what each has outstanding) for a request
+        about to be sent: the decision is counted, the prompt heats its prefix, and its blocks are
+        recorded as headed to the chosen worker."""
+        return self._decide(token_ids, loads, cache_salt, lora, commit=True)
+
+    def estimate(
+        self,
+        token_ids: Sequence[int],
+        loads: Mapping[str, WorkerLoad],
+        cache_salt: str | None = None,
+        lora: tuple[str, str] | None = None,
+    ) -> Decision:
+        """What `pick` would decide now, with no trace: nothing counted, heated or recorded. For
+        whoever asks without sending (a probe, a test polling the index): a `pick` per poll
+        would record the prompt as headed to a worker, and the next poll would find it there."""
+        return self._decide(token_ids, loads, cache_salt, lora, commit=False)
+
+    def _decide(
+        self,
+        token_ids: Sequence[int],
+        loads: Mapping[str, WorkerLoad],
+        cache_salt: str | None,
+        lora: tuple[str, str] | None,
+        *,
+        commit: bool,
+    ) -> Decision:
         if not loads:
             raise ValueError("no worker to choose from")
         t0 = time.perf_counter()
         if not self.connected:
             self._log_down("NATS is unreachable")
             chosen = self._least_loaded(loads, len(token_ids))
-            return self._done("nats_down", chosen, [chosen], t0)
+            return self._done("nats_down", chosen, [chosen], t0, commit)
         self._down_logged = False
         # workers whose keys share a root (model fingerprint, block size) are matched together
         groups: dict[tuple[str, int], list[str]] = {}
@@ -156,15 +181,21 @@ class KvRouter:
         if not block_size:  # no worker announced its keys yet: nothing matched, any size will do
             block_size = 16
         heat = observe_boundary(
-            self.heat, matches, loads, len(token_ids), block_size, keys_of.__getitem__
+            self.heat,
+            matches,
+            loads,
+            len(token_ids),
+            block_size,
+            keys_of.__getitem__,
+            count=commit,
         )
         estimates = estimate_all(
             matches, len(token_ids), block_size, loads, self.sync.rates, self.cfg, heat
         )
         chosen = choose(estimates, self.cfg.temperature, self.rng)
-        decision = self._done(reason_of(chosen), chosen, estimates, t0)
+        decision = self._done(reason_of(chosen), chosen, estimates, t0, commit)
         decision.heat = heat
-        if chosen.worker in keys_of:  # later prompts with this prefix will find it there
+        if commit and chosen.worker in keys_of:  # later prompts with this prefix find it there
             decision.in_flight = self.inflight.add(chosen.worker, keys_of[chosen.worker])
         return decision
 
@@ -182,9 +213,10 @@ class KvRouter:
         return Estimate(worker, 0.0, 0, PrefixMatch(), 0.0, 0.0, 0.0)
 
     def _done(
-        self, reason: str, chosen: Estimate, estimates: list[Estimate], t0: float
+        self, reason: str, chosen: Estimate, estimates: list[Estimate], t0: float, commit: bool
     ) -> Decision:
-        self.decisions[reason] += 1
+        if commit:
+            self.decisions[reason] += 1
         return Decision(chosen, estimates, time.perf_counter() - t0, reason)
 
     def _log_down(self, why: str) -> None:

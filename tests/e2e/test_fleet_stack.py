@@ -122,7 +122,7 @@ def test_g1_events_of_a_served_prompt_reach_a_kv_router(fleet):
     import asyncio
 
     from dynkv.router.router import KvRouter
-    from dynkv.router.score import ScorerConfig, WorkerLoad
+    from dynkv.router.score import WorkerLoad
 
     env, ddir = fleet
     started = time.monotonic()
@@ -139,10 +139,9 @@ def test_g1_events_of_a_served_prompt_reach_a_kv_router(fleet):
             await asyncio.sleep(0.1)
 
     async def scenario() -> tuple[int, int, object]:
-        # no prefix heat: every poll below is a pick, and the polls would make the prompt's
-        # prefix look hot enough to copy to agg-0 (docs/kv-events.md#replicating-a-hot-prefix)
-        cfg = ScorerConfig(replica_half_life_s=0)
-        kv = KvRouter(f"nats://127.0.0.1:{env['DYNKV_NATS_PORT']}", NAME, cfg, snapshot_timeout=5)
+        # the polls below ask with `estimate`: a pick per poll would heat the prompt's prefix and
+        # record it as headed to the worker chosen, and the next poll would find it there
+        kv = KvRouter(f"nats://127.0.0.1:{env['DYNKV_NATS_PORT']}", NAME, snapshot_timeout=5)
         await kv.start()
         try:
             await until(lambda: all(kv.sync.synced(w) and w in kv.sync.rates for w in loads))
@@ -161,7 +160,7 @@ def test_g1_events_of_a_served_prompt_reach_a_kv_router(fleet):
             tokens = tok.json()["tokens"]
             blocks = len(tokens) // kv.sync.rates["agg-1"].block_size
             assert blocks >= 2
-            await until(lambda: kv.pick(tokens, loads, cache_salt="g1-e2e").chosen.match.device)
+            await until(lambda: kv.estimate(tokens, loads, cache_salt="g1-e2e").chosen.match.device)
             # and the engine's own measurements of that request, in a later rates message (the
             # worker may have published others' before: wait for a bucket holding this length)
             rates = lambda: kv.sync.rates["agg-1"]  # noqa: E731
@@ -172,7 +171,7 @@ def test_g1_events_of_a_served_prompt_reach_a_kv_router(fleet):
                     and rates().decode_seconds_per_request
                 )
             )
-            return blocks, len(tokens), kv.pick(tokens, loads, cache_salt="g1-e2e"), rates()
+            return blocks, len(tokens), kv.estimate(tokens, loads, cache_salt="g1-e2e"), rates()
         finally:
             await kv.close()
 

@@ -271,7 +271,9 @@ def test_kv_router_picks_by_prefix_and_falls_back_to_load_while_nats_is_down(nat
             assert (d.chosen.worker, d.reason) == ("agg-0", "nats_down")  # least outstanding
             nats_server.start()
             await until(lambda: kv.connected and kv.sync.synced("agg-1"), timeout=20)
-            await until(lambda: kv.pick(tokens, loads, cache_salt="s1").reason == "kv")
+            # polled with estimate: a pick per poll would record the prompt as headed to the
+            # worker it chose, and the next poll would find it there whatever the index held
+            await until(lambda: kv.estimate(tokens, loads, cache_salt="s1").reason == "kv")
             assert kv.stats()["decisions"]["nats_down"] == 1
         finally:
             pub.close()

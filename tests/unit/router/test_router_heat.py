@@ -140,3 +140,32 @@ def test_the_router_copies_a_hot_prefix_but_keeps_a_conversation_on_its_worker()
     piled = {off.pick(system + [rng.randrange(32000) for _ in range(40)], busy).chosen.worker
              for _ in range(12)}  # fmt: skip
     assert piled == {"agg-0"} and off.heat is None
+
+
+def test_an_estimate_answers_as_pick_would_and_leaves_no_trace():
+    rng = random.Random(2)
+    router = fed_router(ScorerConfig(default_prefill_tokens_per_s=1000.0))
+    system = [rng.randrange(32000) for _ in range(64 * BS)]
+    router.index.apply("agg-0", Stored(tier=KvTier.HOST, keys=router.prompt_keys(system, FP, BS)))
+    busy = {"agg-0": WorkerLoad(outstanding_prefill_tokens=200), "agg-1": WorkerLoad()}
+    prompt = system + [rng.randrange(32000) for _ in range(40)]
+
+    # polled as a probe polls: no heat builds, nothing is recorded as headed anywhere
+    polls = [router.estimate(prompt, busy) for _ in range(10)]
+    assert {(e.chosen.worker, e.reason, e.heat, e.in_flight) for e in polls} == {
+        ("agg-0", "kv", 0.0, None)
+    }
+    assert not router.decisions and len(router.inflight) == 0 and len(router.heat) == 0
+
+    d = router.pick(prompt, busy)  # the same answer, and now it counts
+    assert (d.chosen.worker, d.reason, d.heat) == ("agg-0", "kv", 0.0)
+    assert router.decisions == {"kv": 1} and len(router.inflight) == 1 and len(router.heat) == 1
+    # another user's question stops at the same boundary: it reads the heat pick counted
+    e = router.estimate(system + [rng.randrange(32000) for _ in range(40)], busy)
+    assert e.chosen.worker == "agg-0" and e.heat == pytest.approx(1.0, rel=1e-3)
+    assert router.decisions == {"kv": 1} and len(router.inflight) == 1
+    assert router.heat.heat(router.prompt_keys(system, FP, BS)[-1]) == pytest.approx(1.0, 1e-3)
+
+    router.subscriber.nc = SimpleNamespace(is_connected=False)  # by load, still uncounted
+    assert router.estimate(prompt, busy).reason == "nats_down"
+    assert router.decisions == {"kv": 1}
