@@ -65,6 +65,7 @@ class Config:
     opt_in: bool = False  # run only when named in `only`
     slow_disk_ms: float = 0.0  # > 0: the engine runs in-process, its G3 reads slowed
     same_engine: bool = False  # floor, tier and no-offload baseline in this one engine
+    cold_pairs: bool = False  # same engine: a document's cold sends back to back (no async work)
 
 
 SLOW_DISK_CONFIGS = ("recompute", "g3_slow_auto", "g3_slow_always")
@@ -136,6 +137,7 @@ def configurations(small_kv: int, large_kv: int, tier_gb: float, workdir: Path) 
             CONNECTOR,
             {"DYN_KVBM_CPU_CACHE_GB": str(tier_gb)},
             same_engine=True,
+            cold_pairs=True,  # G2's stores are done when a request answers: nothing spills over
         ),
         Config(
             "g3_same",
@@ -193,6 +195,7 @@ def run_engine(
         "engine_kwargs": {**(engine or {}), **config.engine},
         "slow_disk_ms": config.slow_disk_ms,
         "same_engine": config.same_engine,
+        "cold_pairs": config.cold_pairs,
         "passes": same.PASSES,
     }
     cfg_file = workdir / f"{config.name}.config.json"

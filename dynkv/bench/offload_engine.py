@@ -70,7 +70,14 @@ def main() -> None:
         return (time.perf_counter() - t0) * 1000
 
     if cfg.get("same_engine"):
-        out: dict = same_engine(llm, cfg["docs"], cfg["warmup_full"], cfg.get("passes", 3), timed)
+        out: dict = same_engine(
+            llm,
+            cfg["docs"],
+            cfg["warmup_full"],
+            cfg.get("passes", 3),
+            timed,
+            cold_pairs=cfg.get("cold_pairs", False),
+        )
     else:
         out = {"rounds": [[timed(doc) for doc in cfg["docs"]] for _ in range(cfg.get("rounds", 2))]}
     if cfg.get("slow_disk_ms") and transfer is not None:
@@ -87,6 +94,8 @@ def same_engine(
     passes: int,
     timed: Callable[..., float],
     settle_s: float = SETTLE_S,
+    *,
+    cold_pairs: bool = False,
 ) -> dict:
     """W1 inside one engine whose device KV holds every document (docs/benchmarks.md#w1-in-one-engine).
 
@@ -100,12 +109,25 @@ def same_engine(
     prefix cache (the floor), a reset, and a pass the tier serves back (afterwards G1 holds them
     again, for the next floor pass). The lists pair up by index: a document's two cold times, a
     document's floor and tier times of one pass. `rounds` keeps W1's shape: the cold requests,
-    then the tier's passes."""
+    then the tier's passes.
+
+    `cold_pairs`: for a tier that leaves no work behind a request (G2: its copies are done when
+    the request answers), the same four sends in that order per document instead, back to back:
+    a document's offloaded and kept-out times are then measured seconds apart, not blocks of
+    documents apart, and the engine's drift between blocks (5-15% on a 2-core VM) cancels."""
     timed(warmup, offload=False)  # a full-length prompt first: the first cold one is not special
-    cold = []
-    for block, on in enumerate((True, False, False, True)):
-        cold.append([timed(doc, offload=on, salt=f"cold-{block}") for doc in docs])
+    order = (True, False, False, True)
+    if cold_pairs:
+        sent = [
+            [timed(doc, offload=on, salt=f"cold-{k}") for k, on in enumerate(order)] for doc in docs
+        ]
+        cold = [[times[k] for times in sent] for k in range(len(order))]
         time.sleep(settle_s)
+    else:
+        cold = []
+        for block, on in enumerate(order):
+            cold.append([timed(doc, offload=on, salt=f"cold-{block}") for doc in docs])
+            time.sleep(settle_s)
     # a document's offloaded time pairs with its kept-out time in the block beside it
     offloaded, private = cold[0] + cold[3], cold[1] + cold[2]
     _reset(llm)

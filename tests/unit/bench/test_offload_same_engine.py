@@ -47,6 +47,22 @@ def test_every_document_is_timed_cold_both_ways_and_the_passes_reset_between_flo
     assert out["rounds"][1] == se["tier_ms"]
 
 
+def test_cold_pairs_send_each_documents_four_cold_requests_back_to_back():
+    llm = FakeLLM()
+    docs = [[i] for i in range(3)]
+
+    def timed(doc, offload=True, salt=None):
+        llm.calls.append((doc[0], offload, salt))
+        return 10.0 * (doc[0] + 1) + (0 if offload else 1)
+
+    out = same_engine(llm, docs, [99], passes=1, timed=timed, settle_s=0, cold_pairs=True)
+    order = (True, False, False, True)
+    assert llm.calls[1:13] == [(d, on, f"cold-{k}") for d in range(3) for k, on in enumerate(order)]
+    se = out["same_engine"]  # the same pairing by index as the blocks give
+    assert se["cold_offloaded_ms"] == [10.0, 20.0, 30.0] * 2
+    assert se["cold_private_ms"] == [11.0, 21.0, 31.0] * 2
+
+
 def test_a_prefix_cache_that_does_not_reset_fails_the_run():
     with pytest.raises(RuntimeError, match="reset"):
         same_engine(
@@ -105,6 +121,9 @@ def test_same_engine_configurations_hold_every_document_and_reach_the_engine(mon
         assert configs[name].same_engine and configs[name].device_kv_bytes == 1 << 30
         assert not configs[name].opt_in
     assert not configs["g2"].same_engine
+    # G2 leaves no work behind a request, so its cold sends pair up per document; G3's disk
+    # writes finish after the answer, so its kinds stay in blocks
+    assert configs["g2_same"].cold_pairs and not configs["g3_same"].cold_pairs
     seen: dict[str, dict] = {}
 
     def fake_engine(argv, **kw):  # stands in for the vLLM engine child (no engine here)
@@ -122,6 +141,7 @@ def test_same_engine_configurations_hold_every_document_and_reach_the_engine(mon
         model="m", docs=2, doc_tokens=64, directory=str(tmp_path), only=["g2", "g2_same"]
     )
     assert seen["g2_same"]["same_engine"] and not seen["g2"]["same_engine"]
+    assert seen["g2_same"]["cold_pairs"] is True
     assert len(seen["g2_same"]["warmup_full"]) == 64
     assert report.same_engine["g2"].tier_vs_floor == 1.1
     assert report.configs["g2_same"].same_engine.tier_ms == [55.0]
