@@ -246,7 +246,9 @@ class DiskHandler:
         device.to_host([op.device_block for op in accepted], array, rows)
         device.synchronize()
         writes = [
-            _Write(op.key, op.disk_slot, array[row], block_checksum(array[row], op.key), -1, row)
+            _Write(
+                op.key, op.disk_slot, array[row], block_checksum(array[row], op.key), staged_row=row
+            )
             for op, row in zip(accepted, rows, strict=True)
         ]
         self._write_blocks(writes, counter=Count.OFFLOAD_D2D)

@@ -1,11 +1,12 @@
 """The KV-aware routing policy as a frontend uses it: events in, one decision per request.
 
 `KvRouter` owns the index, its sync and the NATS subscriber. `pick(token_ids, loads, cache_salt)`
-(and `estimate`, the same answer without a trace) computes the prompt's block keys the way the workers do (`BlockHasher` rooted in the model
-fingerprint each worker announces in its rates, and the runtime's extra-key convention), matches
-them and chooses by estimated TTFT. While NATS is unreachable it falls back to the least loaded
-worker (one log line per outage; `decisions["nats_down"]` counts them) and the index
-resynchronises by itself once NATS is back (docs/kv-events.md).
+(and `estimate`, the same answer without a trace) computes the prompt's block keys the way the
+workers do (`BlockHasher` rooted in the model fingerprint each worker announces in its rates,
+and the runtime's extra-key convention), matches them and chooses by estimated TTFT. While
+NATS is unreachable it falls back to the least loaded worker (one log line per outage;
+`decisions["nats_down"]` counts them) and the index resynchronises by itself once NATS is back
+(docs/kv-events.md).
 """
 
 from __future__ import annotations

@@ -23,16 +23,17 @@ class FakeLLM:
         self.calls.append(("reset",))
         return self.reset_ok
 
+    def timed(self, doc, offload=True, salt=None) -> float:
+        """The engine's `timed`: records the send; document d takes 10(d+1) ms, +1 kept out."""
+        self.calls.append((doc[0], offload, salt))
+        return 10.0 * (doc[0] + 1) + (0 if offload else 1)
+
 
 def test_every_document_is_timed_cold_both_ways_and_the_passes_reset_between_floor_and_tier():
     llm = FakeLLM()
     docs = [[i] for i in range(3)]
 
-    def timed(doc, offload=True, salt=None):
-        llm.calls.append((doc[0], offload, salt))
-        return 10.0 * (doc[0] + 1) + (0 if offload else 1)
-
-    out = same_engine(llm, docs, [99], passes=2, timed=timed, settle_s=0)
+    out = same_engine(llm, docs, [99], passes=2, timed=llm.timed, settle_s=0)
     assert llm.calls[0] == (99, False, None)  # the full-length warm-up stays out of the tiers
     # blocks offloaded, kept out, kept out, offloaded; a salt of its own each
     assert llm.calls[1:13] == [
@@ -51,11 +52,7 @@ def test_cold_pairs_send_each_documents_four_cold_requests_back_to_back():
     llm = FakeLLM()
     docs = [[i] for i in range(3)]
 
-    def timed(doc, offload=True, salt=None):
-        llm.calls.append((doc[0], offload, salt))
-        return 10.0 * (doc[0] + 1) + (0 if offload else 1)
-
-    out = same_engine(llm, docs, [99], passes=1, timed=timed, settle_s=0, cold_pairs=True)
+    out = same_engine(llm, docs, [99], passes=1, timed=llm.timed, settle_s=0, cold_pairs=True)
     order = (True, False, False, True)
     assert llm.calls[1:13] == [(d, on, f"cold-{k}") for d in range(3) for k, on in enumerate(order)]
     se = out["same_engine"]  # the same pairing by index as the blocks give
