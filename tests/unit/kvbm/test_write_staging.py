@@ -64,7 +64,7 @@ def test_each_store_reuses_the_rows_the_last_one_committed(tmp_path, monkeypatch
 
 def test_rows_held_by_pending_writes_bound_a_store(tmp_path, monkeypatch):
     capacity = 4
-    monkeypatch.setattr(disk_tier, "MAX_STAGED_BYTES", capacity * LAYOUT.bytes_per_block)
+    monkeypatch.setattr(disk_tier, "MAX_STAGED_BYTES", capacity * LAYOUT.slot_stride)
     m = g3(tmp_path)
     pool = m.store._disk.pool
     release = threading.Event()
