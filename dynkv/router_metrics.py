@@ -14,6 +14,9 @@ never predicts) is absent from the reading, never 0, and what is built from it i
   Δpredicted / Δactual over a window (since start for `status`, over a run for `bench`).
 - `dynkv_router_index_blocks`, `dynkv_router_index_bytes`: the index's size (gauges).
 - `dynkv_router_nats_fallbacks_total`: decisions made without the index (NATS down).
+- `dynkv_router_acquired_blocks_total{worker}` and `dynkv_router_duplicated_blocks_total{worker}`:
+  blocks each worker's events stored that it held in no tier, and those another worker held
+  already (in an agg fleet, a prefix computed again: `dynkv advise`'s `router_spreads_prefixes`).
 - `dynkv_router_decision_seconds{policy}`: decision time (histogram; the dashboard's).
 - `dynkv_frontend_requests_total{worker}`: finished requests per worker, the load's fallback
   source when `dynkv_router_routed_total` is absent.
@@ -35,6 +38,8 @@ INDEX_BLOCKS = "dynkv_router_index_blocks"
 INDEX_BYTES = "dynkv_router_index_bytes"
 NATS_FALLBACKS = "dynkv_router_nats_fallbacks"
 DECISION_SECONDS = "dynkv_router_decision_seconds"
+ACQUIRED = "dynkv_router_acquired_blocks"
+DUPLICATED = "dynkv_router_duplicated_blocks"
 FRONTEND_REQUESTS = "dynkv_frontend_requests"
 NO_WORKER = "none"  # the frontend's `worker` label of requests it answered itself
 
@@ -47,6 +52,8 @@ SAMPLES = (
     INDEX_BLOCKS,
     INDEX_BYTES,
     f"{NATS_FALLBACKS}_total",
+    f"{ACQUIRED}_total",
+    f"{DUPLICATED}_total",
     *(f"{DECISION_SECONDS}{s}" for s in ("_bucket", "_sum", "_count")),
 )
 
@@ -63,6 +70,8 @@ class RouterReading:
     predicted: Counts = field(default_factory=dict)  # (worker,)
     actual: Counts = field(default_factory=dict)  # (worker,)
     requests: Counts = field(default_factory=dict)  # (worker,), the frontend's finished requests
+    acquired: Counts = field(default_factory=dict)  # (worker,), blocks it came to hold
+    duplicated: Counts = field(default_factory=dict)  # (worker,), …another worker held already
     index_blocks: float | None = None
     index_bytes: float | None = None
     nats_fallbacks: float | None = None
@@ -93,6 +102,8 @@ def parse(text: str) -> RouterReading:
         predicted=_by(text, PREDICTED, ("worker",)),
         actual=_by(text, ACTUAL, ("worker",)),
         requests={k: v for k, v in requests.items() if k != (NO_WORKER,)},
+        acquired=_by(text, ACQUIRED, ("worker",)),
+        duplicated=_by(text, DUPLICATED, ("worker",)),
         index_blocks=plain.get(INDEX_BLOCKS),
         index_bytes=plain.get(INDEX_BYTES),
         nats_fallbacks=plain.get(NATS_FALLBACKS),
@@ -132,6 +143,8 @@ def difference(before: RouterReading, after: RouterReading) -> RouterReading:
         predicted=_delta(before.predicted, after.predicted),
         actual=_delta(before.actual, after.actual),
         requests=_delta(before.requests, after.requests),
+        acquired=_delta(before.acquired, after.acquired),
+        duplicated=_delta(before.duplicated, after.duplicated),
         index_blocks=after.index_blocks,
         index_bytes=after.index_bytes,
         nats_fallbacks=fallbacks,

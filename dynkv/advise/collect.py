@@ -4,6 +4,10 @@ Metrics come straight from each worker's KVBM metrics endpoint (the one `dynkv s
 twice, a window apart: that endpoint exists whenever KVBM runs, while Prometheus runs only with
 `--observability`. Parsing is `dynkv.metrics_text`'s, shared with `status` and `bench`.
 
+The frontend's /metrics gives the router's counters (`dynkv.router_metrics`, the reader of
+`status`): which policy routed the window's requests, and the blocks each worker computed while
+another worker held them, for the fleet-wide `router_spreads_prefixes`.
+
 Settings are the worker's own: the `DYN_KVBM_*` variables of its process (what the runtime
 actually read), so advice names the values in force rather than what the current shell would
 resolve. Where the process cannot be read (a container, another user) the caller's resolved
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -22,11 +26,12 @@ import psutil
 from pydantic import ValidationError
 
 from dynkv import metrics_text
-from dynkv.advise.model import MetricsSnapshot, WorkerMetrics
+from dynkv.advise.model import MetricsSnapshot, RouterCounts, WorkerMetrics
 from dynkv.kvbm.config import ENV_PREFIX, KvbmSettings
 from dynkv.kvbm.roles import ROLE_NAMES
 from dynkv.settings.env_source import read_env
 from dynkv.supervisor.process import same_process
+from dynkv.supervisor.router_status import read_reading
 from dynkv.supervisor.state import ServiceRecord
 from dynkv.supervisor.status import read_state
 
@@ -48,9 +53,47 @@ def targets(deployment_dir: Path | str) -> list[Target]:
         url = rec.info.metrics_url
         if rec.role not in ROLE_NAMES or not url:
             continue
-        if rec.is_container or same_process(rec.pid, rec.create_time) is not None:
+        if _alive(rec):
             out.append(Target(rec.name, url, rec))
     return out
+
+
+def _alive(rec: ServiceRecord) -> bool:
+    return rec.is_container or same_process(rec.pid, rec.create_time) is not None
+
+
+@dataclass(frozen=True)
+class Frontend:
+    record: ServiceRecord
+    api_key: str | None = field(default=None, repr=False)
+
+
+def frontend(deployment_dir: Path | str, api_key: str | None = None) -> Frontend | None:
+    """The deployment's running frontend, None without one (or without a deployment)."""
+    state = read_state(deployment_dir)
+    if state is None:
+        return None
+    for rec in state.services:
+        if rec.role == "frontend" and rec.info.url and _alive(rec):
+            return Frontend(rec, api_key)
+    return None
+
+
+def read_router(front: Frontend, timeout: float) -> RouterCounts:
+    reading = read_reading(front.record, timeout, front.api_key)
+    if reading is None:
+        url = f"{(front.record.info.url or '').rstrip('/')}/metrics"
+        why = (
+            "wants the API key (DYNKV_API_KEY)"
+            if front.record.info.auth == "bearer" and not front.api_key
+            else "could not be read"
+        )
+        return RouterCounts(error=f"{url} {why}")
+    return RouterCounts(
+        decisions={"/".join(k): v for k, v in reading.decisions.items()},
+        acquired={k[0]: v for k, v in reading.acquired.items()},
+        duplicated={k[0]: v for k, v in reading.duplicated.items()},
+    )
 
 
 def read_worker(target: Target, timeout: float) -> WorkerMetrics:
@@ -62,15 +105,24 @@ def read_worker(target: Target, timeout: float) -> WorkerMetrics:
             for labels, value in metrics_text.labelled(text, metrics_text.SKIPPED).items()
         }
     except (httpx.HTTPError, ValueError) as exc:
-        return WorkerMetrics(worker=target.worker, error=f"{target.url}: {exc}")
-    return WorkerMetrics(worker=target.worker, values=values, skipped=skipped)
+        return WorkerMetrics(
+            worker=target.worker, role=target.record.role, error=f"{target.url}: {exc}"
+        )
+    return WorkerMetrics(
+        worker=target.worker, role=target.record.role, values=values, skipped=skipped
+    )
 
 
 def snapshot(
-    found: list[Target], timeout: float = 2.0, clock: Callable[[], float] = time.time
+    found: list[Target],
+    timeout: float = 2.0,
+    clock: Callable[[], float] = time.time,
+    front: Frontend | None = None,
 ) -> MetricsSnapshot:
     at = clock()
-    return MetricsSnapshot(at=at, workers=[read_worker(t, timeout) for t in found])
+    workers = [read_worker(t, timeout) for t in found]
+    router = read_router(front, timeout) if front is not None else None
+    return MetricsSnapshot(at=at, workers=workers, router=router)
 
 
 def worker_settings(target: Target) -> KvbmSettings | None:

@@ -21,6 +21,7 @@ from dynkv.advise.model import (
     WorkerMetrics,
     WorkerWindow,
 )
+from dynkv.advise.router_rule import router_check
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.counters import Count
 
@@ -319,17 +320,11 @@ def worker_window(before: MetricsSnapshot, end: WorkerMetrics) -> WorkerWindow:
     )
 
 
-ROUTER_PENDING = (
-    "router_spreads_prefixes: needs per-prefix hit data (which worker matched which prefix) from "
-    "the KV-aware router; the KVBM counters are per worker and cannot tell the same prefix "
-    "matched on several workers"
-)
-
-
 def advise(
     name: str, before: MetricsSnapshot, after: MetricsSnapshot, settings: KvbmSettings
 ) -> Advice:
-    """The whole report: per-worker window numbers, findings, and what could not be judged."""
+    """The whole report: per-worker window numbers, findings (the workers' and the fleet's
+    router finding, `dynkv.advise.router_rule`), and what could not be judged."""
     readable = [w for w in after.workers if w.error is None]
     notes = []
     for end in readable:
@@ -340,11 +335,12 @@ def advise(
                 " too little traffic for the traffic-based checks; run with load, or a longer "
                 "--window"
             )
+    fleet, pending = router_check(before.router, after.router, [w.role for w in readable])
     return Advice(
         name=name,
         window_s=round(after.at - before.at, 3),
         workers=[worker_window(before, w) for w in after.workers],
-        findings=findings(before, after, settings),
+        findings=findings(before, after, settings) + ([fleet] if fleet is not None else []),
         notes=notes,
-        pending=[ROUTER_PENDING] if len(readable) > 1 else [],
+        pending=pending,
     )

@@ -18,14 +18,28 @@ class WorkerMetrics(BaseModel):
     does not expose is absent (not measured), never 0."""
 
     worker: str
+    role: str = "agg"  # the service's role: agg, prefill or decode
     values: dict[str, float] = Field(default_factory=dict)
     skipped: dict[str, float] = Field(default_factory=dict)  # "disk/slower_than_recompute" → n
     error: str | None = None  # the endpoint could not be read
 
 
+class RouterCounts(BaseModel):
+    """The frontend's router counters at one moment (docs/observability.md#router): decisions
+    by `policy/reason`, and per worker the blocks its KV events stored that it held in no tier
+    (acquired) and, of those, the blocks another worker held already (duplicated). Empty
+    without a KV router."""
+
+    decisions: dict[str, float] = Field(default_factory=dict)  # "round_robin/turn" → n
+    acquired: dict[str, float] = Field(default_factory=dict)  # worker → blocks
+    duplicated: dict[str, float] = Field(default_factory=dict)  # worker → blocks
+    error: str | None = None  # the frontend's /metrics could not be read
+
+
 class MetricsSnapshot(BaseModel):
     at: float  # seconds (time.time() of the read)
     workers: list[WorkerMetrics]
+    router: RouterCounts | None = None  # None: the deployment has no frontend to read
 
     def worker(self, name: str) -> WorkerMetrics | None:
         return next((w for w in self.workers if w.worker == name), None)

@@ -1,5 +1,5 @@
-"""`dynkv advise`: read a running deployment's KVBM metrics over a window and say whether
-offloading pays, and what to change (docs/advise.md)."""
+"""`dynkv advise`: read a running deployment's KVBM metrics (and its frontend's router counters)
+over a window and say whether offloading pays, and what to change (docs/advise.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dynkv.advise.model import Advice
 from dynkv.cli.group import EXIT_USAGE, UserError
 from dynkv.cli.options import JsonOpt, NameOpt, resolve_from_options
 from dynkv.cli.output import emit_json, err, warn
+from dynkv.plan.frontend import caller_api_key
 from dynkv.supervisor.state import CorruptState
 
 WindowOpt = Annotated[
@@ -91,9 +92,10 @@ def advise(name: NameOpt = None, json_out: JsonOpt = False, window: WindowOpt = 
             f"reading {len(found)} worker(s) of {escape(dep.name)} over {window:g} s "
             "(keep the traffic going)…"
         )
-    before = collect.snapshot(found)
+    front = collect.frontend(dep.deployment_dir, caller_api_key(dep))
+    before = collect.snapshot(found, front=front)
     time.sleep(window)
-    after = collect.snapshot(found)
+    after = collect.snapshot(found, front=front)
     advice = build_advice(dep.name, before, after, settings)
     if json_out:
         emit_json(advice.model_dump(mode="json"))

@@ -3,7 +3,6 @@ from any terminal, for foreground and detached deployments alike."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -52,17 +51,13 @@ def _deployment(name: str | None) -> tuple[str, Path]:
 
 
 def _api_key(name: str | None) -> str | None:
-    """The frontend's API key as this caller's settings give it (DYNKV_API_KEY or
-    --api-key-file's file): `status` reads the router from the frontend's /metrics with it."""
-    dep = resolve_from_options(name=name, require_tier=False, quiet=True).deployment
-    if dep.api_key:
-        return dep.api_key.get_secret_value()
-    if dep.api_key_file is not None:
-        from dynkv.plan.frontend import read_key_file
+    """The frontend's API key as this caller's settings give it: `status` reads the router from
+    the frontend's /metrics with it."""
+    from dynkv.plan.frontend import caller_api_key
 
-        with contextlib.suppress(OSError, ValueError):
-            return read_key_file(dep.api_key_file)
-    return None
+    return caller_api_key(
+        resolve_from_options(name=name, require_tier=False, quiet=True).deployment
+    )
 
 
 def _corrupt(name: str, exc: CorruptState) -> UserError:

@@ -32,6 +32,10 @@ label space.
 - `dynkv_router_nats_fallbacks_total`: kv decisions made by load because NATS was down.
 - `dynkv_router_index_blocks`, `dynkv_router_index_bytes`: the KV router's index (keys held,
   memory estimate), read at scrape time.
+- `dynkv_router_acquired_blocks_total{worker}` and `dynkv_router_duplicated_blocks_total{worker}`:
+  blocks each worker's KV events stored that it held in no tier (computed, or received in
+  disagg), and those of them another worker held already: in an agg fleet, prefixes computed
+  again (whatever routed them; `dynkv advise` reads them, docs/advise.md).
 - `dynkv_frontend_registrations_rejected_total{reason}`: etcd records under the workers prefix
   that were ignored: malformed, unsigned, bad_signature (docs/security.md).
 """
@@ -45,6 +49,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dynkv.frontend.pool import WorkerPool
+from dynkv.router_metrics import ACQUIRED, DUPLICATED
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NO_WORKER = "none"
@@ -100,6 +105,22 @@ class _IndexCollector:
         )
         size.add_metric([], stats.get("index_memory_bytes", 0))
         yield size
+        for name, key, doc in (
+            (
+                ACQUIRED,
+                "acquired_blocks",
+                "Blocks the worker's KV events stored that it held in no tier.",
+            ),
+            (
+                DUPLICATED,
+                "duplicated_blocks",
+                "Blocks the worker acquired while another worker held them.",
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["worker"])
+            for worker, blocks in sorted(stats.get(key, {}).items()):
+                family.add_metric([worker], blocks)
+            yield family
 
 
 class FrontendMetrics:

@@ -8,6 +8,7 @@ it), never in argv, which every user of the machine can read and the state file 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from dynkv.plan.model import HttpProbe, Service, ServiceInfo, TcpProbe
 from dynkv.plan.secret import read_or_new, secret_path
+from dynkv.settings.deployment import DeploymentSettings
 from dynkv.settings.errors import SettingsError
 from dynkv.settings.resolve import Resolved
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV
@@ -24,7 +26,8 @@ ETCD_ENDPOINTS_ENV = "DYNKV_FRONTEND_ETCD_ENDPOINTS"
 # ... and for `nats_url`: the KV router subscribes to the workers' KV events there
 NATS_URL_ENV = "DYNKV_FRONTEND_NATS_URL"
 
-__all__ = ["Access", "checked_access", "frontend_service", "read_or_new"]  # read_or_new: build
+# read_or_new: for the plan's build
+__all__ = ["Access", "caller_api_key", "checked_access", "frontend_service", "read_or_new"]
 
 FRONTEND_MODULE = "dynkv.frontend"
 API_KEY_ENV = "DYNKV_API_KEY"
@@ -76,6 +79,18 @@ class Access:
     api_key: str | None = field(default=None, repr=False)
     tls: tuple[str, str] | None = None
     insecure: bool = False
+
+
+def caller_api_key(dep: DeploymentSettings) -> str | None:
+    """The frontend's API key as a caller's settings give it (DYNKV_API_KEY or the file of
+    DYNKV_API_KEY_FILE), None without one or with an unreadable file: `status` and `advise` read
+    the frontend's /metrics with it."""
+    if dep.api_key:
+        return dep.api_key.get_secret_value()
+    if dep.api_key_file is not None:
+        with contextlib.suppress(OSError, ValueError):
+            return read_key_file(dep.api_key_file)
+    return None
 
 
 def checked_access(resolved: Resolved) -> Access:

@@ -7,6 +7,14 @@ major bits keep the values small (below 256, Python's shared small ints, for up 
 one machine word for up to ten). A worker holding a block in G2 and G3 has both bits: losing one
 copy keeps the other.
 
+Besides where blocks are, it counts what the fleet holds twice: a block a worker's events store
+while it held it in no tier is one it *acquired* (computed, or received from a prefill worker in
+disagg); acquired while another worker held it, a *duplicate* (`acquired`, `duplicated`; in an agg
+fleet, a prefix computed again though the fleet had it: `dynkv advise`'s `router_spreads_prefixes`,
+docs/advise.md). Any tier counts, not G1 alone: with write-through the G2 copy of a computed block
+is announced before its G1 one, and a block loaded from the worker's own G2/G3 is no new copy.
+Only events count, not snapshots: a snapshot restates blocks held since before the router started.
+
 Bounded by block count: past `max_blocks`, the least recently stored keys are dropped in one
 sweep of `max_blocks // 32` (a stale or missing entry costs a cache miss, never a wrong answer:
 the worker still computes whatever it does not hold). Not thread-safe: the router's event loop
@@ -16,6 +24,7 @@ owns it.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -54,6 +63,8 @@ class KvIndex:
         self._slot_of: dict[str, int] = {}
         self._free: list[int] = []  # slots of removed workers, reused lowest first
         self.evicted_blocks = 0
+        self.acquired: Counter[str] = Counter()  # blocks each worker came to hold, by its events
+        self.duplicated: Counter[str] = Counter()  # …that another worker held already
 
     # ---- workers ---------------------------------------------------------------------------------
     @property
@@ -131,11 +142,28 @@ class KvIndex:
 
     def apply(self, worker: str, event: Stored | Removed | Cleared) -> None:
         if isinstance(event, Stored):
+            self._count_acquired(worker, event.keys)
             self.stored(worker, event.tier, event.keys)
         elif isinstance(event, Removed):
             self.removed(worker, event.tier, event.keys)
         else:
             self.clear_worker(worker, event.tier)
+
+    def _count_acquired(self, worker: str, keys: Sequence[int]) -> None:
+        """Count the keys `worker` holds in no tier yet, and those of them another worker holds."""
+        own = self._worker_mask(self.add_worker(worker))
+        get = self._map.get
+        new = again = 0
+        for k in keys:
+            v = get(k, 0)
+            if not v & own:
+                new += 1
+                if v:
+                    again += 1
+        if new:
+            self.acquired[worker] += new
+        if again:
+            self.duplicated[worker] += again
 
     def _evict(self, n: int) -> None:
         oldest = list(islice(self._map, n))

@@ -233,6 +233,8 @@ class KvRouter:
             "in_flight_prompts": len(self.inflight),
             "hot_prefixes": len(self.heat) if self.heat is not None else 0,
             "evicted_blocks": self.index.evicted_blocks,
+            "acquired_blocks": dict(self.index.acquired),
+            "duplicated_blocks": dict(self.index.duplicated),
             "workers": self.index.workers,
             "sync": vars(self.sync.counters).copy(),
             "decisions": dict(self.decisions),

@@ -43,10 +43,11 @@ def summarize(reading: router_metrics.RouterReading, policy: str | None) -> dict
     }
 
 
-def read_router(
+def read_reading(
     rec: ServiceRecord, timeout: float, api_key: str | None = None
-) -> dict[str, Any] | None:
-    """The router of the frontend `rec`, or None (no URL, no router families, unreadable)."""
+) -> router_metrics.RouterReading | None:
+    """One reading of the frontend `rec`'s /metrics, or None (no URL, no key where it wants
+    one, a certificate that cannot be loaded, unreadable)."""
     url = rec.info.url
     if not url:
         return None
@@ -60,11 +61,18 @@ def read_router(
         except (OSError, ssl.SSLError):
             return None
     try:
-        reading = router_metrics.fetch(
+        return router_metrics.fetch(
             f"{url.rstrip('/')}/metrics", timeout, api_key=api_key, verify=verify
         )
     except (httpx.HTTPError, ValueError):
         return None
-    if not reading.exposed:
+
+
+def read_router(
+    rec: ServiceRecord, timeout: float, api_key: str | None = None
+) -> dict[str, Any] | None:
+    """The router of the frontend `rec`, or None (no URL, no router families, unreadable)."""
+    reading = read_reading(rec, timeout, api_key)
+    if reading is None or not reading.exposed:
         return None
     return summarize(reading, _flag(rec.argv, "--router"))

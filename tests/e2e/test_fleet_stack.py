@@ -255,6 +255,50 @@ def test_kv_router_keeps_a_conversation_on_the_worker_holding_it(fleet):
         assert alone.json()["choices"][0]["message"]["content"] == messages[-1]["content"]
 
 
+def test_advise_finds_round_robin_recomputing_a_prefix_another_worker_holds(fleet):
+    """`dynkv advise` over a window in which round robin sends one long prompt to both workers:
+    the second computes the ~20 blocks the first holds, the frontend's KV index counts them from
+    the workers' KV events, and the report names `router_spreads_prefixes` with the change."""
+    import subprocess
+    import sys
+
+    env, _ = fleet
+    base = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"
+    advise = subprocess.Popen(
+        [sys.executable, "-m", "dynkv.cli.main", "advise", "--window", "10"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        started = advise.stderr.readline()  # printed just before the window's first read
+        assert "reading 2 worker(s)" in started, started + advise.stderr.read()
+        time.sleep(2)  # that read done: a tiny-model request takes less than reading the metrics
+        body = {
+            "model": MODEL,
+            "prompt": "Rivers cut valleys and mountains shed their snow into them. " * 32,
+            "max_tokens": 2,
+            "cache_salt": f"advise-e2e-{random.random()}",
+        }
+        rr = {"x-dynkv-router": "round_robin"}
+        served = set()
+        for _ in range(2):
+            r = httpx.post(f"{base}/v1/completions", json=body, headers=rr, timeout=120)
+            assert r.status_code == 200, r.text
+            served.add(r.headers["x-dynkv-worker"])
+        assert served == {"agg-0", "agg-1"}
+        out, err = advise.communicate(timeout=60)
+    finally:
+        advise.kill()
+    assert advise.returncode == 0, err
+    print(f"\n{out}")
+    assert "router_spreads_prefixes: the router spreads prefixes" in out, out
+    assert "change: DYNKV_ROUTER=kv | [deployment] router = kv | dynkv up --router kv" in out
+    duplicated = _frontend_metric(base, "dynkv_router_duplicated_blocks_total")
+    assert duplicated >= 15  # the prompt's ~20 full blocks, computed again by the second worker
+
+
 def test_an_unknown_router_header_is_a_400_naming_the_choices(fleet):
     env, _ = fleet
     base = f"http://127.0.0.1:{env['DYNKV_FRONTEND_PORT']}"

@@ -213,7 +213,7 @@ def test_labelled_counter_parse_keeps_the_label_sets_apart():
     assert metrics_text.labelled("", metrics_text.SKIPPED) == {}
 
 
-@pytest.mark.parametrize("module", ["findings.py", "model.py"])
+@pytest.mark.parametrize("module", ["findings.py", "model.py", "router_rule.py"])
 def test_the_engine_is_pure(module):
     path = Path(__file__).resolve().parents[2] / "dynkv" / "advise" / module
     tree = ast.parse(path.read_text())

@@ -94,7 +94,7 @@ def test_dashboard_router_row(dashboard):
     panels = dashboard["panels"]
     (row,) = [p for p in panels if p["type"] == "row" and p["title"] == "Router"]
     below = [p for p in panels if p["gridPos"]["y"] > row["gridPos"]["y"]]
-    assert len(below) == 5 and all(p["gridPos"]["w"] in (12, 24) for p in below)
+    assert len(below) == 6 and all(p["gridPos"]["w"] in (12, 24) for p in below)
     exprs = " ".join(t["expr"] for p in below for t in p["targets"])
     for name in (
         "dynkv_router_decisions_total",
@@ -105,6 +105,8 @@ def test_dashboard_router_row(dashboard):
         "dynkv_router_index_blocks",
         "dynkv_router_index_bytes",
         "dynkv_router_nats_fallbacks_total",
+        "dynkv_router_acquired_blocks_total",
+        "dynkv_router_duplicated_blocks_total",
     ):
         assert name in exprs, name
     assert "histogram_quantile(0.5, sum by (le, policy)" in exprs
