@@ -352,6 +352,12 @@ def router_lines(report: StatusReport) -> list[str]:
     shares = r.get("shares") or {}
     if shares:
         parts.append("routed " + ", ".join(f"{w} {_pct(s)}" for w, s in shares.items()))
+    acquired, duplicated = r.get("acquired_blocks"), r.get("duplicated_blocks")
+    if acquired:  # held elsewhere already: in an agg fleet, computed again
+        parts.append(
+            f"held twice {duplicated or 0:,.0f} of {acquired:,.0f} new blocks "
+            f"({_pct((duplicated or 0) / acquired)})"
+        )
     # the KV router's own parts, once it is in use (a frontend exposes them at 0 without one)
     kv = r.get("policy") == "kv" or "kv" in decisions or bool(r.get("index_blocks"))
     if r.get("index_blocks") is not None and kv:

@@ -1,6 +1,6 @@
 """The frontend's router for `dynkv status`: the policy it was started with, its decisions, its
-accuracy, each worker's share of the routed requests, its index and its NATS fallbacks, all since
-the frontend started (docs/observability.md#router).
+accuracy, each worker's share of the routed requests, the blocks held twice, its index and its
+NATS fallbacks, all since the frontend started (docs/observability.md#router).
 
 Read from the frontend's /metrics with `dynkv.router_metrics` (the reader `bench serve
 --compare-router` uses); a frontend that exposes no router family, or that cannot be read (down,
@@ -40,6 +40,10 @@ def summarize(reading: router_metrics.RouterReading, policy: str | None) -> dict
         "index_blocks": reading.index_blocks,
         "index_bytes": reading.index_bytes,
         "nats_fallbacks": reading.nats_fallbacks,
+        # blocks the workers came to hold, and of those another worker held already (in an agg
+        # fleet, prefixes computed again: docs/observability.md#router); None: not exposed
+        "acquired_blocks": sum(reading.acquired.values()) if reading.acquired else None,
+        "duplicated_blocks": sum(reading.duplicated.values()) if reading.acquired else None,
     }
 
 

@@ -97,6 +97,27 @@ def test_the_kv_parts_only_once_the_kv_router_is_in_use():
     assert not router_metrics.parse(KV_PARTS_AT_ZERO).exposed
 
 
+def test_blocks_held_twice_join_the_line_once_the_index_counts_them():
+    counted = (
+        "# TYPE dynkv_router_acquired_blocks_total counter\n"
+        'dynkv_router_acquired_blocks_total{worker="agg-0"} 80\n'
+        'dynkv_router_acquired_blocks_total{worker="agg-1"} 112\n'
+        "# TYPE dynkv_router_duplicated_blocks_total counter\n"
+        'dynkv_router_duplicated_blocks_total{worker="agg-1"} 102\n'
+    )
+    data = summarize(router_metrics.parse(TODAY + counted), "round_robin")
+    assert (data["acquired_blocks"], data["duplicated_blocks"]) == (192, 102)
+    (line,) = router_lines(report_with(data))
+    assert line.endswith(
+        "routed agg-0 60.0%, agg-1 40.0%; held twice 102 of 192 new blocks (53.1%)"
+    )
+    before = summarize(router_metrics.parse(TODAY), "round_robin")
+    assert (
+        before["acquired_blocks"] is None
+        and "held twice" not in router_lines(report_with(before))[0]
+    )
+
+
 def test_no_router_no_line_and_no_key_in_json():
     assert not router_metrics.parse(NO_ROUTER).exposed
     assert router_lines(report_with(None)) == []
