@@ -58,6 +58,15 @@ def targets(deployment_dir: Path | str) -> list[Target]:
     return out
 
 
+def worker_roles(deployment_dir: Path | str) -> list[str]:
+    """The roles of the deployment's running workers, with KVBM or without (`up --no-kvbm`
+    workers have no KVBM metrics endpoint, and the router still indexes their G1)."""
+    state = read_state(deployment_dir)
+    if state is None:
+        return []
+    return [rec.role for rec in state.services if rec.role in ROLE_NAMES and _alive(rec)]
+
+
 def _alive(rec: ServiceRecord) -> bool:
     return rec.is_container or same_process(rec.pid, rec.create_time) is not None
 

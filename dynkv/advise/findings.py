@@ -321,10 +321,15 @@ def worker_window(before: MetricsSnapshot, end: WorkerMetrics) -> WorkerWindow:
 
 
 def advise(
-    name: str, before: MetricsSnapshot, after: MetricsSnapshot, settings: KvbmSettings
+    name: str,
+    before: MetricsSnapshot,
+    after: MetricsSnapshot,
+    settings: KvbmSettings,
+    roles: list[str] | None = None,
 ) -> Advice:
     """The whole report: per-worker window numbers, findings (the workers' and the fleet's
-    router finding, `dynkv.advise.router_rule`), and what could not be judged."""
+    router finding, `dynkv.advise.router_rule`), and what could not be judged. `roles`: of the
+    deployment's workers, KVBM or not (default: the readable KVBM workers')."""
     readable = [w for w in after.workers if w.error is None]
     notes = []
     for end in readable:
@@ -335,7 +340,9 @@ def advise(
                 " too little traffic for the traffic-based checks; run with load, or a longer "
                 "--window"
             )
-    fleet, pending = router_check(before.router, after.router, [w.role for w in readable])
+    if roles is None:
+        roles = [w.role for w in readable]
+    fleet, pending = router_check(before.router, after.router, roles)
     return Advice(
         name=name,
         window_s=round(after.at - before.at, 3),

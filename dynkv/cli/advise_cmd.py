@@ -31,7 +31,8 @@ def _num(value: float | None, unit: str = "") -> str:
 
 
 def render(advice: Advice) -> list[str]:
-    lines = [f"{advice.name}: KVBM over {advice.window_s:g} s"]
+    what = "KVBM" if advice.workers else "router"  # a fleet without KVBM: its router alone
+    lines = [f"{advice.name}: {what} over {advice.window_s:g} s"]
     for w in advice.workers:
         if w.error:
             lines.append(f"  {w.worker}: metrics unavailable ({w.error})")
@@ -65,16 +66,21 @@ def render(advice: Advice) -> list[str]:
 
 def advise(name: NameOpt = None, json_out: JsonOpt = False, window: WindowOpt = 30.0) -> None:
     """Read the running deployment's KVBM metrics twice, --window seconds apart, and report what
-    would make offloading pay: each finding with its numbers and the setting to change."""
+    would make offloading pay: each finding with its numbers and the setting to change. A fleet
+    without KVBM has its router judged alone."""
     resolved = resolve_from_options(name=name, require_tier=False, quiet=True)
     dep = resolved.deployment
     try:
         found = collect.targets(dep.deployment_dir)
+        roles = collect.worker_roles(dep.deployment_dir)
+        front = collect.frontend(dep.deployment_dir, caller_api_key(dep))
     except CorruptState as exc:
         raise UserError(
             f"{exc}", f"dynkv down --name {dep.name} cleans it up", exit_code=EXIT_USAGE
         ) from None
-    if not found:
+    # a fleet without KVBM (`up --no-kvbm`): its router is still worth judging
+    router_only = not found and front is not None and len(roles) > 1
+    if not found and not router_only:
         raise UserError(
             f"no running deployment named {dep.name!r} with KVBM workers "
             f"(no live worker with a KVBM metrics endpoint in {dep.deployment_dir})",
@@ -83,20 +89,26 @@ def advise(name: NameOpt = None, json_out: JsonOpt = False, window: WindowOpt = 
         )
     settings = next((s for s in (collect.worker_settings(t) for t in found) if s is not None), None)
     if settings is None:
-        warn(
-            "could not read the workers' DYN_KVBM_* environment; advising on this shell's settings"
-        )
+        if found:
+            warn(
+                "could not read the workers' DYN_KVBM_* environment; advising on this shell's "
+                "settings"
+            )
         settings = resolved.kvbm
     if not json_out:
+        what = f"the router of {len(roles)}" if router_only else f"{len(found)}"
         err.print(
-            f"reading {len(found)} worker(s) of {escape(dep.name)} over {window:g} s "
+            f"reading {what} worker(s) of {escape(dep.name)} over {window:g} s "
             "(keep the traffic going)…"
         )
-    front = collect.frontend(dep.deployment_dir, caller_api_key(dep))
     before = collect.snapshot(found, front=front)
     time.sleep(window)
     after = collect.snapshot(found, front=front)
-    advice = build_advice(dep.name, before, after, settings)
+    advice = build_advice(dep.name, before, after, settings, roles)
+    if router_only:
+        advice.notes.append(
+            "these workers run without KVBM (`dynkv up --no-kvbm`): only the router is judged"
+        )
     if json_out:
         emit_json(advice.model_dump(mode="json"))
         return

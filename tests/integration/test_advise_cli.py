@@ -117,3 +117,88 @@ def test_advise_without_a_running_deployment_is_a_usage_error(env):
     assert result.returncode == 2
     assert "no running deployment named 'nothing'" in result.stderr
     assert "dynkv up --name nothing" in result.stderr
+
+
+FRONTEND = textwrap.dedent(
+    """
+    import sys
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    reads = [0]
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+        def do_GET(self):  # each read: 4 more round-robin turns, 40 new blocks, 15 held twice
+            reads[0] += 1
+            n = reads[0]
+            body = (
+                "# TYPE dynkv_router_decisions_total counter\\n"
+                f'dynkv_router_decisions_total{{policy="round_robin",reason="turn"}} {4 * n}\\n'
+                "# TYPE dynkv_router_acquired_blocks_total counter\\n"
+                f'dynkv_router_acquired_blocks_total{{worker="agg-0"}} {20 * n}\\n'
+                f'dynkv_router_acquired_blocks_total{{worker="agg-1"}} {20 * n}\\n'
+                "# TYPE dynkv_router_duplicated_blocks_total counter\\n"
+                f'dynkv_router_duplicated_blocks_total{{worker="agg-1"}} {15 * n}\\n'
+            ).encode()
+            self.send_response(200)
+            self.send_header("content-type", "text/plain")
+            self.end_headers()
+            self.wfile.write(body)
+    HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+    """
+)
+
+
+@pytest.fixture
+def fleet_without_kvbm(tmp_path, env):
+    """Two live `--no-kvbm` workers (no KVBM metrics endpoint: processes that only sleep) behind
+    a frontend process whose /metrics counts what round robin duplicates."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", FRONTEND, str(port)], env=env)]
+    procs += [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in "ab"
+    ]
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(f"{url}/health", timeout=0.5)
+            break
+        except httpx.HTTPError:
+            assert procs[0].poll() is None and time.monotonic() < deadline, "frontend did not serve"
+            time.sleep(0.1)
+    store = StateStore(tmp_path / "state" / "dev")
+    state = DeploymentState(name="dev", instance="t#1", infra="embedded", phase="running")
+    for name, role, proc, info in (
+        ("worker-0", "agg", procs[1], ServiceInfo(worker_id="agg-0")),
+        ("worker-1", "agg", procs[2], ServiceInfo(worker_id="agg-1")),
+        ("frontend", "frontend", procs[0], ServiceInfo(url=url)),
+    ):
+        create_time = psutil.Process(proc.pid).create_time()
+        state.services.append(
+            ServiceRecord(name=name, role=role, pid=proc.pid, create_time=create_time, info=info)
+        )
+    with store.lock():
+        store.write(state)
+    yield
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_fleet_without_kvbm_has_its_router_judged(fleet_without_kvbm, env):
+    result = dynkv("advise", "--name", "dev", "--json", "--window", "1", env=env)
+    assert result.returncode == 0, result.stderr
+    advice = json.loads(result.stdout)
+    (finding,) = advice["findings"]
+    assert finding["kind"] == "router_spreads_prefixes" and finding["worker"] is None
+    assert finding["evidence"]["computed_while_held_elsewhere"] == 15
+    assert finding["evidence"]["computed_blocks"] == 40
+    assert finding["change"][0]["env"] == "DYNKV_ROUTER"
+    assert advice["workers"] == [] and "only the router is judged" in advice["notes"][0]
+
+    text = dynkv("advise", "--name", "dev", "--window", "1", env=env)
+    assert text.returncode == 0, text.stderr
+    assert "reading the router of 2 worker(s) of dev" in text.stderr
+    assert (
+        "change: DYNKV_ROUTER=kv | [deployment] router = kv | dynkv up --router kv" in text.stdout
+    )
