@@ -56,33 +56,38 @@ def env(tmp_path):
     return out
 
 
+def wait_served(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(url, timeout=0.5).raise_for_status()
+            return
+        except httpx.HTTPError:
+            assert proc.poll() is None and time.monotonic() < deadline, f"{url} not served"
+            time.sleep(0.1)
+
+
+def write_state(tmp_path, services: list[tuple[str, str, subprocess.Popen, ServiceInfo]]) -> None:
+    """Deployment `dev`'s state file, recording each (name, role, process, info) as running."""
+    store = StateStore(tmp_path / "state" / "dev")
+    state = DeploymentState(name="dev", instance="t#1", infra="embedded", phase="running")
+    for name, role, proc, info in services:
+        create_time = psutil.Process(proc.pid).create_time()
+        state.services.append(
+            ServiceRecord(name=name, role=role, pid=proc.pid, create_time=create_time, info=info)
+        )
+    with store.lock():
+        store.write(state)
+
+
 @pytest.fixture
 def worker(tmp_path, env):
     port = free_port()
     wenv = {**env, "DYN_KVBM_CPU_CACHE_GB": "4", "DYN_KVBM_DISK_CACHE_GB": "8"}
     proc = subprocess.Popen([sys.executable, "-c", WORKER, str(port)], env=wenv)
     url = f"http://127.0.0.1:{port}/metrics"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(url, timeout=0.5).raise_for_status()
-            break
-        except httpx.HTTPError:
-            assert proc.poll() is None and time.monotonic() < deadline, "worker did not serve"
-            time.sleep(0.1)
-    store = StateStore(tmp_path / "state" / "dev")
-    state = DeploymentState(name="dev", instance="t#1", infra="embedded", phase="running")
-    state.services.append(
-        ServiceRecord(
-            name="worker",
-            role="agg",
-            pid=proc.pid,
-            create_time=psutil.Process(proc.pid).create_time(),
-            info=ServiceInfo(metrics_url=url),
-        )
-    )
-    with store.lock():
-        store.write(state)
+    wait_served(url, proc)
+    write_state(tmp_path, [("worker", "agg", proc, ServiceInfo(metrics_url=url))])
     yield proc
     proc.terminate()
     proc.wait(10)
@@ -158,27 +163,15 @@ def fleet_without_kvbm(tmp_path, env):
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in "ab"
     ]
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(f"{url}/health", timeout=0.5)
-            break
-        except httpx.HTTPError:
-            assert procs[0].poll() is None and time.monotonic() < deadline, "frontend did not serve"
-            time.sleep(0.1)
-    store = StateStore(tmp_path / "state" / "dev")
-    state = DeploymentState(name="dev", instance="t#1", infra="embedded", phase="running")
-    for name, role, proc, info in (
-        ("worker-0", "agg", procs[1], ServiceInfo(worker_id="agg-0")),
-        ("worker-1", "agg", procs[2], ServiceInfo(worker_id="agg-1")),
-        ("frontend", "frontend", procs[0], ServiceInfo(url=url)),
-    ):
-        create_time = psutil.Process(proc.pid).create_time()
-        state.services.append(
-            ServiceRecord(name=name, role=role, pid=proc.pid, create_time=create_time, info=info)
-        )
-    with store.lock():
-        store.write(state)
+    wait_served(f"{url}/metrics", procs[0])
+    write_state(
+        tmp_path,
+        [
+            ("worker-0", "agg", procs[1], ServiceInfo(worker_id="agg-0")),
+            ("worker-1", "agg", procs[2], ServiceInfo(worker_id="agg-1")),
+            ("frontend", "frontend", procs[0], ServiceInfo(url=url)),
+        ],
+    )
     yield
     for proc in procs:
         proc.terminate()
