@@ -278,7 +278,7 @@ def router_markdown(summaries: Sequence[BenchSummary]) -> list[str]:
     header = (
         "| policy | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | TTFT p50 rounds ≥ 2 ms "
         "| host hit | disk hit | router accuracy | busiest worker | load per worker "
-        "| NATS fallbacks |"
+        "| held twice | NATS fallbacks |"
     )
     lines = ["Routers", "", header, "|" + "---|" * header.count(" | ") + "---|"]
     for s in summaries:
@@ -297,6 +297,7 @@ def router_markdown(summaries: Sequence[BenchSummary]) -> list[str]:
                     fmt_ratio(r.accuracy if r else None),
                     fmt_percent(r.max_share if r else None),
                     worker_loads(s),
+                    fmt_percent(r.held_twice_share if r else None),
                     fmt_number(r.nats_fallbacks if r else None, 0),
                 ]
             )

@@ -116,6 +116,9 @@ def router_stats(
     stats.decisions = {f"{p}:{r}": n for (p, r), n in sorted(delta.decisions.items()) if n}
     stats.nats_fallbacks = delta.nats_fallbacks
     stats.index_blocks, stats.index_bytes = delta.index_blocks, delta.index_bytes
+    if delta.acquired:
+        stats.computed_blocks = sum(delta.acquired.values())
+        stats.held_twice_blocks = sum(delta.duplicated.values())
     return stats
 
 

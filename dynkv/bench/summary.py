@@ -157,6 +157,16 @@ class RouterStats(Record):
     nats_fallbacks: float | None = None
     index_blocks: float | None = None
     index_bytes: float | None = None
+    # blocks the workers came to hold during the run, and of those another worker held already
+    # (in an agg fleet, a prefix computed twice: docs/observability.md#router); None: not counted
+    computed_blocks: float | None = None
+    held_twice_blocks: float | None = None
+
+    @property
+    def held_twice_share(self) -> float | None:
+        if not self.computed_blocks or self.held_twice_blocks is None:
+            return None
+        return self.held_twice_blocks / self.computed_blocks
 
 
 class BenchSummary(Record):

@@ -37,7 +37,7 @@ def table(summaries: list[BenchSummary]) -> Table:
     """The few numbers that fit a terminal; the markdown and JSON have the rest."""
     cols = (
         "policy", "ok", "TTFT p50", "p90", "p99", "p50 r≥2", "G2 hit", "G3 hit", "accuracy",
-        "load per worker",
+        "held twice", "load per worker",
     )  # fmt: skip
     out = numbers_table("routers (ms)", cols, text=("load per worker",))
     fmt = report.fmt_number
@@ -53,6 +53,7 @@ def table(summaries: list[BenchSummary]) -> Table:
             report.fmt_percent(s.hit_rates.host),
             report.fmt_percent(s.hit_rates.disk),
             report.fmt_ratio(r.accuracy if r else None),
+            report.fmt_percent(r.held_twice_share if r else None),
             escape(report.worker_loads(s)),
         )
     return out

@@ -13,6 +13,7 @@ import pytest
 from frontend_mimic import FrontendMimic, Serving
 from typer.testing import CliRunner
 
+from dynkv import router_metrics
 from dynkv.bench import compare, report, router_compare, runner, stacks, workloads
 from dynkv.bench.summary import BenchSummary, CompareReport, RunConfig
 from dynkv.cli.main import app
@@ -250,3 +251,24 @@ def test_a_started_fleet_gets_its_workers():
     assert env["DYNKV_WORKERS"] == "3" and env["DYNKV_TOPOLOGY"] == "agg"
     plain = stacks.UpLauncher(stacks.StackOptions(), Path("/nonexistent"), environ={})
     assert "DYNKV_WORKERS" not in plain.settings_env(compare.StackConfig("p", "gpu-cpu"))
+
+
+def test_blocks_held_twice_over_a_run_come_from_the_index_counters():
+    def reading(n: int) -> router_metrics.RouterReading:
+        return router_metrics.parse(
+            "# TYPE dynkv_router_acquired_blocks_total counter\n"
+            f'dynkv_router_acquired_blocks_total{{worker="agg-0"}} {30 * n}\n'
+            f'dynkv_router_acquired_blocks_total{{worker="agg-1"}} {10 * n}\n'
+            "# TYPE dynkv_router_duplicated_blocks_total counter\n"
+            f'dynkv_router_duplicated_blocks_total{{worker="agg-1"}} {10 * n}\n'
+        )
+
+    stats = router_compare.router_stats("round_robin", "s", "u", reading(1), reading(3))
+    assert (stats.computed_blocks, stats.held_twice_blocks) == (80, 20)
+    assert stats.held_twice_share == 0.25
+    line = report.router_markdown([BenchSummary(label="round_robin", router=stats)])[-1]
+    assert "| 25.0% |" in line
+    older = router_compare.router_stats(
+        "kv", "s", "u", router_metrics.parse(""), router_metrics.parse("")
+    )
+    assert older.computed_blocks is None and older.held_twice_share is None

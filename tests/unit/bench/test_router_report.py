@@ -55,7 +55,7 @@ def test_markdown_has_a_router_row_per_policy_and_percentiles_per_round():
     cells = [c.strip() for c in kv.strip("|").split("|")]
     assert cells == [
         "kv", "40.0", "80.0", "120.0", "20.0", "25.0%", "–", "0.975", "50.0%",
-        "agg-0 50.0%, agg-1 50.0%", "0",
+        "agg-0 50.0%, agg-1 50.0%", "–", "0",
     ]  # fmt: skip
     session = next(line for line in lines if line.startswith("| session |"))
     assert "| n/a | 100.0% | agg-1 100.0% |" in session
