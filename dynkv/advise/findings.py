@@ -326,10 +326,12 @@ def advise(
     after: MetricsSnapshot,
     settings: KvbmSettings,
     roles: list[str] | None = None,
+    middle: MetricsSnapshot | None = None,
 ) -> Advice:
     """The whole report: per-worker window numbers, findings (the workers' and the fleet's
     router finding, `dynkv.advise.router_rule`), and what could not be judged. `roles`: of the
-    deployment's workers, KVBM or not (default: the readable KVBM workers')."""
+    deployment's workers, KVBM or not (default: the readable KVBM workers'); `middle`: a read
+    halfway through the window (the router finding then wants its evidence in both halves)."""
     readable = [w for w in after.workers if w.error is None]
     notes = []
     for end in readable:
@@ -342,7 +344,8 @@ def advise(
             )
     if roles is None:
         roles = [w.role for w in readable]
-    fleet, pending = router_check(before.router, after.router, roles)
+    halfway = middle.router if middle is not None else None
+    fleet, pending = router_check(before.router, after.router, roles, halfway)
     return Advice(
         name=name,
         window_s=round(after.at - before.at, 3),

@@ -9,7 +9,13 @@ had, computed again. Round robin, least outstanding and session affinity do not 
 prefixes, so under them that count is the price of routing blind; the KV router makes such copies
 only where it prices a second copy of a hot prefix below its holder's queue (`kv_replica`), so a
 window routed mostly by `kv` is not judged; nor is disagg, where a decode worker acquires its
-prefill worker's blocks by design. Pure, like `dynkv.advise.findings`.
+prefill worker's blocks by design.
+
+A hot prefix copied once to each worker counts too, and round robin makes that copy as `kv` does
+(priced). What tells a prefix-blind policy apart is that it keeps duplicating, every time a
+conversation moves: so with a read in the middle of the window the duplicates must be significant
+in both halves, and a one-time copy of a new prefix, inside one half, is not judged. Pure, like
+`dynkv.advise.findings`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dynkv.advise.model import Finding, FindingKind, RouterCounts, SettingChange
 
 MIN_BLOCKS = 8  # duplicated blocks in the window before the rule judges…
 SHARE = 0.05  # …and this share of the blocks the workers acquired
+MIN_HALF = MIN_BLOCKS // 2  # with a middle read: duplicated blocks in each half, at that share
 KV_SHARE = 0.5  # the kv policy routed at least this share of the window's decisions: not judged
 
 ROUTER_KV = SettingChange(
@@ -42,15 +49,33 @@ def _policies(decisions: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def router_spreads_prefixes(before: RouterCounts | None, after: RouterCounts) -> Finding | None:
+def _counts(before: RouterCounts, after: RouterCounts) -> tuple[float, float]:
+    """(blocks acquired, of them duplicated) from `before` to `after`, all workers."""
+    stored = sum(_delta(before.acquired, after.acquired).values())
+    return stored, sum(_delta(before.duplicated, after.duplicated).values())
+
+
+def _significant(stored: float, again: float, least: float) -> bool:
+    return again >= least and again >= SHARE * stored
+
+
+def router_spreads_prefixes(
+    before: RouterCounts | None, after: RouterCounts, middle: RouterCounts | None = None
+) -> Finding | None:
     """A significant share of the blocks the window's workers computed were held by another
-    worker already, and a prefix-blind policy routed most of the window's requests."""
+    worker already (in each half of the window, given a `middle` read), and a prefix-blind
+    policy routed most of the window's requests."""
     prior = before or RouterCounts()
     stored = _delta(prior.acquired, after.acquired)
     again = _delta(prior.duplicated, after.duplicated)
     total_stored, total_again = sum(stored.values()), sum(again.values())
-    if total_again < MIN_BLOCKS or total_again < SHARE * total_stored:
+    if not _significant(total_stored, total_again, MIN_BLOCKS):
         return None
+    halves = None
+    if middle is not None and middle.error is None and middle.acquired:
+        halves = (_counts(prior, middle), _counts(middle, after))
+        if not all(_significant(s, a, MIN_HALF) for s, a in halves):
+            return None  # a one-time copy (a new prefix reaching each worker), not a habit
     decisions = _delta(prior.decisions, after.decisions)
     policies = _policies(decisions)
     routed = sum(policies.values())
@@ -64,6 +89,9 @@ def router_spreads_prefixes(before: RouterCounts | None, after: RouterCounts) ->
         "decisions_by_policy": ", ".join(f"{p} {n:g}" for p, n in sorted(policies.items())) or None,
         "kv_replica_decisions": decisions.get("kv/kv_replica"),
     }
+    if halves is not None:
+        for name, (s_half, a_half) in zip(("first_half", "second_half"), halves, strict=True):
+            evidence[f"{name}_share"] = round(a_half / s_half, 3) if s_half else None
     for worker, n in sorted(again.items()):
         evidence[f"computed_while_held_elsewhere[{worker}]"] = n
     return Finding(
@@ -85,11 +113,14 @@ def router_spreads_prefixes(before: RouterCounts | None, after: RouterCounts) ->
 
 
 def router_check(
-    before: RouterCounts | None, after: RouterCounts | None, roles: list[str]
+    before: RouterCounts | None,
+    after: RouterCounts | None,
+    roles: list[str],
+    middle: RouterCounts | None = None,
 ) -> tuple[Finding | None, list[str]]:
-    """(the finding or None, what could not be judged and why) for a deployment whose readable
-    workers have `roles`: one worker cannot spread anything, and in disagg a duplicate is a
-    handoff, not a recompute."""
+    """(the finding or None, what could not be judged and why) for a deployment whose workers
+    have `roles`: one worker cannot spread anything, and in disagg a duplicate is a handoff, not
+    a recompute."""
     if len(roles) < 2:
         return None, []
     name = FindingKind.ROUTER_SPREADS_PREFIXES.value
@@ -107,4 +138,4 @@ def router_check(
             f"{name}: the frontend's KV router has seen no block events (a frontend without "
             "NATS, or one older than these counters)"
         ]
-    return router_spreads_prefixes(before, after), []
+    return router_spreads_prefixes(before, after, middle), []

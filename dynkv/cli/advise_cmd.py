@@ -102,9 +102,12 @@ def advise(name: NameOpt = None, json_out: JsonOpt = False, window: WindowOpt = 
             "(keep the traffic going)…"
         )
     before = collect.snapshot(found, front=front)
-    time.sleep(window)
+    time.sleep(window / 2)
+    # halfway: the router finding wants its duplicates in both halves (a habit, not one copy)
+    middle = collect.snapshot([], front=front) if front is not None else None
+    time.sleep(window / 2)
     after = collect.snapshot(found, front=front)
-    advice = build_advice(dep.name, before, after, settings, roles)
+    advice = build_advice(dep.name, before, after, settings, roles, middle)
     if router_only:
         advice.notes.append(
             "these workers run without KVBM (`dynkv up --no-kvbm`): only the router is judged"

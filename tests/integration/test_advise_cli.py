@@ -184,8 +184,10 @@ def test_a_fleet_without_kvbm_has_its_router_judged(fleet_without_kvbm, env):
     advice = json.loads(result.stdout)
     (finding,) = advice["findings"]
     assert finding["kind"] == "router_spreads_prefixes" and finding["worker"] is None
-    assert finding["evidence"]["computed_while_held_elsewhere"] == 15
-    assert finding["evidence"]["computed_blocks"] == 40
+    # read at the start, halfway and at the end: 40 new blocks, 15 held twice, in each half
+    assert finding["evidence"]["computed_while_held_elsewhere"] == 30
+    assert finding["evidence"]["computed_blocks"] == 80
+    assert finding["evidence"]["first_half_share"] == finding["evidence"]["second_half_share"]
     assert finding["change"][0]["env"] == "DYNKV_ROUTER"
     assert advice["workers"] == [] and "only the router is judged" in advice["notes"][0]
 

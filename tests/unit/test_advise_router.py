@@ -138,6 +138,20 @@ def test_not_found_when_the_kv_router_routed_the_window():
     assert router_spreads_prefixes(BEFORE, counts(rr=70, kv=40, stored=1100, again=405))
 
 
+def test_with_a_middle_read_the_duplicates_must_recur_in_both_halves():
+    """A new hot prefix copied once to each worker lands in one half; moving conversations do not
+    stop duplicating."""
+    after = counts(rr=110, kv=0, stored=1100, again=405)
+    habit = counts(rr=60, kv=0, stored=600, again=205)  # 200 of the 400 in each half
+    f = router_spreads_prefixes(BEFORE, after, habit)
+    assert f is not None
+    assert f.evidence["first_half_share"] == 0.4 and f.evidence["second_half_share"] == 0.4
+    once = counts(rr=60, kv=0, stored=600, again=405)  # every duplicate in the first half
+    assert router_spreads_prefixes(BEFORE, after, once) is None
+    unreadable = RouterCounts(error="refused")  # no middle read: judged on the whole window
+    assert router_spreads_prefixes(BEFORE, after, unreadable) is not None
+
+
 def test_a_restarted_frontend_counts_from_zero():
     f = router_spreads_prefixes(
         counts(500, 0, 9000, 3000), counts(rr=100, kv=0, stored=1000, again=400)
