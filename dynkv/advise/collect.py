@@ -43,49 +43,40 @@ class Target:
     record: ServiceRecord
 
 
-def targets(deployment_dir: Path | str) -> list[Target]:
-    """The running KVBM workers of the deployment ([] when none, or no deployment)."""
-    state = read_state(deployment_dir)
-    if state is None:
-        return []
-    out = []
-    for rec in state.services:
-        url = rec.info.metrics_url
-        if rec.role not in ROLE_NAMES or not url:
-            continue
-        if _alive(rec):
-            out.append(Target(rec.name, url, rec))
-    return out
-
-
-def worker_roles(deployment_dir: Path | str) -> list[str]:
-    """The roles of the deployment's running workers, with KVBM or without (`up --no-kvbm`
-    workers have no KVBM metrics endpoint, and the router still indexes their G1)."""
-    state = read_state(deployment_dir)
-    if state is None:
-        return []
-    return [rec.role for rec in state.services if rec.role in ROLE_NAMES and _alive(rec)]
-
-
-def _alive(rec: ServiceRecord) -> bool:
-    return rec.is_container or same_process(rec.pid, rec.create_time) is not None
-
-
 @dataclass(frozen=True)
 class Frontend:
     record: ServiceRecord
     api_key: str | None = field(default=None, repr=False)
 
 
-def frontend(deployment_dir: Path | str, api_key: str | None = None) -> Frontend | None:
-    """The deployment's running frontend, None without one (or without a deployment)."""
+@dataclass(frozen=True)
+class Running:
+    """What `advise` reads of a deployment, from one read of its state, each service checked
+    alive once."""
+
+    targets: list[Target]  # the live KVBM workers, whose metrics endpoints are read
+    roles: list[str]  # every live worker's role, KVBM or not (`up --no-kvbm` has no endpoint)
+    frontend: Frontend | None  # the live frontend, whose router counters are read
+
+
+def running(deployment_dir: Path | str, api_key: str | None = None) -> Running:
+    """The deployment's live workers and frontend (none of them without a deployment)."""
     state = read_state(deployment_dir)
-    if state is None:
-        return None
-    for rec in state.services:
-        if rec.role == "frontend" and rec.info.url and _alive(rec):
-            return Frontend(rec, api_key)
-    return None
+    targets: list[Target] = []
+    roles: list[str] = []
+    front = None
+    for rec in state.services if state is not None else []:
+        if rec.role in ROLE_NAMES and _alive(rec):
+            roles.append(rec.role)
+            if rec.info.metrics_url:
+                targets.append(Target(rec.name, rec.info.metrics_url, rec))
+        elif rec.role == "frontend" and rec.info.url and front is None and _alive(rec):
+            front = Frontend(rec, api_key)
+    return Running(targets, roles, front)
+
+
+def _alive(rec: ServiceRecord) -> bool:
+    return rec.is_container or same_process(rec.pid, rec.create_time) is not None
 
 
 def read_router(front: Frontend, timeout: float) -> RouterCounts:

@@ -71,13 +71,12 @@ def advise(name: NameOpt = None, json_out: JsonOpt = False, window: WindowOpt = 
     resolved = resolve_from_options(name=name, require_tier=False, quiet=True)
     dep = resolved.deployment
     try:
-        found = collect.targets(dep.deployment_dir)
-        roles = collect.worker_roles(dep.deployment_dir)
-        front = collect.frontend(dep.deployment_dir, caller_api_key(dep))
+        live = collect.running(dep.deployment_dir, caller_api_key(dep))
     except CorruptState as exc:
         raise UserError(
             f"{exc}", f"dynkv down --name {dep.name} cleans it up", exit_code=EXIT_USAGE
         ) from None
+    found, roles, front = live.targets, live.roles, live.frontend
     # a fleet without KVBM (`up --no-kvbm`): its router is still worth judging
     router_only = not found and front is not None and len(roles) > 1
     if not found and not router_only:
