@@ -47,5 +47,8 @@ def log_config(level: str) -> dict[str, Any]:
             "uvicorn.error": {"level": level},
             "uvicorn.access": {"handlers": ["access"], "level": level, "propagate": False},
             "dynkv.frontend": {"handlers": ["stderr"], "level": level, "propagate": False},
+            # the KV router runs in the frontend's process: its lines (NATS down, the decision
+            # trace) belong in the same log, formatted alike
+            "dynkv.router": {"handlers": ["stderr"], "level": level, "propagate": False},
         },
     }

@@ -297,6 +297,8 @@ def _workers(
                 worker_id=worker_id,
                 bind=bind,
                 node=node,
+                # engines sharing a host: each one's API server and EngineCore on its own cores
+                cpus=cores[index] if host.device == "cpu" and len(slots) > 1 else None,
             )
         )
         if g1_endpoint:

@@ -70,6 +70,22 @@ def cpu_list(cpus: Iterable[int]) -> str:
     return ",".join(parts)
 
 
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """`"0-2,5"` → `(0, 1, 2, 5)`, the inverse of `cpu_list` (also `"0-1|2-3"`, vLLM's list per
+    rank, as their union). ValueError with the reason for anything else (`auto`, `nobind`)."""
+    ids: set[int] = set()
+    for part in text.replace("|", ",").split(","):
+        part = part.strip()
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"{text!r} is not a list of CPU ids like 0-2,5")
+        lo, hi = int(first), int(last) if dash else int(first)
+        if hi < lo:
+            raise ValueError(f"{text!r}: the range {part} runs backwards")
+        ids.update(range(lo, hi + 1))
+    return tuple(sorted(ids))
+
+
 def split_cores(cpus: Iterable[int], engines: int) -> list[tuple[int, ...]]:
     """Disjoint bind lists for `engines` engines: consecutive runs of the cores, as even as they
     go, a later engine taking a spare one (two engines on 5 cores: 0-1 and 2-4). With fewer cores

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dynkv.kvbm.roles import Role
+from dynkv.plan.cpu import cpu_list
 from dynkv.plan.model import EtcdKeyProbe, HttpProbe, Service, ServiceInfo
 from dynkv.worker.config import ENV_PREFIX as WORKER_ENV_PREFIX
 from dynkv.worker.record import DEPLOYMENT_SECRET_ENV, worker_key, workers_prefix
@@ -189,6 +190,7 @@ def worker_service(
     worker_id: str | None = None,
     bind: str = "127.0.0.1",
     node: str | None = None,
+    cpus: tuple[int, ...] | None = None,
 ) -> Service:
     """`secret`: the deployment secret, which the wrapper signs its registration with and
     derives vLLM's API key from (docs/security.md). `index` counts within the role (the
@@ -196,7 +198,8 @@ def worker_service(
     by default that id, or `worker` for the first agg worker. `g1_events_block_size`: the
     wrapper bridges vLLM's KV events itself (a worker without the KVBM connector). A joined
     node's workers (`node`) take ids prefixed by the node name (`worker_id`), so that they cannot
-    collide with the first host's, and are reached at the node's address (`bind`)."""
+    collide with the first host's, and are reached at the node's address (`bind`). `cpus`: the
+    cores of one of several CPU engines on the host, which the wrapper runs all of vLLM on."""
     worker_id = worker_id or f"{role}-{index}"
     if name is None:
         name = "worker" if role == Role.AGG and index == 0 else f"{role}-{index}"
@@ -221,6 +224,7 @@ def worker_service(
         str(lease_ttl),
         *(("--g1-events-block-size", str(g1_events_block_size)) if g1_events_block_size else ()),
         *(("--node", node) if node else ()),
+        *(("--cpus", cpu_list(cpus)) if cpus else ()),
         "--",
         *vllm,
     )

@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvError
 
 from dynkv.kvbm.roles import Role
+from dynkv.plan.cpu import parse_cpu_list
 from dynkv.settings.env_source import read_env
 
 ENV_PREFIX = "DYNKV_WORKER_"
@@ -52,6 +53,11 @@ class WorkerConfig(BaseModel):
         None, ge=1, description="bridge vLLM's KV events into G1 events, with this block size"
     )
     node: str | None = Field(None, description="the joined node it runs on (dynkv join)")
+    # one of several CPU engines on a host: vLLM's API server and EngineCore run on the engine's
+    # own cores too, not on a neighbour's (docs/fleet.md#cpu-engines)
+    cpus: tuple[int, ...] | None = Field(
+        None, description="run vLLM, every process of it, on these CPUs (0-2,5); none: anywhere"
+    )
 
     @field_validator("etcd_endpoints", mode="before")
     @classmethod
@@ -60,12 +66,18 @@ class WorkerConfig(BaseModel):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         return value
 
+    @field_validator("cpus", mode="before")
+    @classmethod
+    def _cpu_list(cls, value: Any) -> Any:
+        return parse_cpu_list(value) if isinstance(value, str) else value
+
 
 class WorkerSettings(BaseSettings, WorkerConfig):
     """The same fields read from the environment: `DYNKV_WORKER_<FIELD>`."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
     etcd_endpoints: Annotated[tuple[str, ...], NoDecode] = Field(min_length=1)  # comma-separated
+    cpus: Annotated[tuple[int, ...] | None, NoDecode] = None  # 0-2,5
 
 
 def _flag(name: str) -> str:

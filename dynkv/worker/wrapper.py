@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     g1 = None
     if cfg.g1_events_block_size is not None:  # no KVBM in vLLM: its G1 events are bridged here
         g1 = start_g1_events(cfg.served_model_name, cfg.g1_events_block_size, _events_settings())
+    if cfg.cpus:
+        pin_to(cfg.cpus)
     child = subprocess.Popen(child_argv, env=child_env(os.environ, secret))
     _log(f"started {child_argv[0]} (pid {child.pid}); waiting for {cfg.url}/health")
     if secret is None:
@@ -181,6 +183,25 @@ class HealthWatch:
 
     def close(self) -> None:
         self.http.close()
+
+
+def pin_to(cpus: tuple[int, ...]) -> None:
+    """Run this thread, and so every process it starts (vLLM and its engine), on `cpus` (of
+    those this process may use).
+
+    vLLM binds its model runner's threads to `VLLM_CPU_OMP_THREADS_BIND`, but not its API server
+    or EngineCore: on a host split between engines those ran wherever the scheduler put them,
+    often on a neighbour's cores, and a prompt computing on one engine slowed down by a third
+    whenever the other finished one (docs/fleet.md#cpu-engines)."""
+    allowed = os.sched_getaffinity(0)
+    mine = set(cpus) & allowed
+    if not mine:
+        _log(
+            f"--cpus {sorted(cpus)} has no CPU this process may use ({sorted(allowed)}): not pinned"
+        )
+        return
+    os.sched_setaffinity(0, mine)
+    _log(f"vLLM runs on CPUs {sorted(mine)}")
 
 
 def child_env(environ: dict[str, str] | os._Environ, secret: str | None) -> dict[str, str]:

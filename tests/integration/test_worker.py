@@ -184,3 +184,30 @@ def test_a_hung_vllm_is_withdrawn_and_comes_back(etcd, etcd_url, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_cpus_pins_vllm_and_its_processes(etcd, etcd_url, tmp_path):
+    """One of several CPU engines on a host: the wrapper runs vLLM (its API server and the
+    processes it starts) on the engine's cores, not wherever the scheduler likes."""
+    core = sorted(os.sched_getaffinity(0))[-1]
+    proc, key, _ = start_wrapper(etcd_url, tmp_path, wrapper_args=("--cpus", str(core)))
+    try:
+        wait_for(lambda: etcd.get(key))
+        vllm = children_of(proc)[0]
+        assert vllm.cpu_affinity() == [core]
+        assert f"vLLM runs on CPUs [{core}]" in (tmp_path / "worker.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_cpus_it_may_not_use_leave_vllm_unpinned(etcd, etcd_url, tmp_path):
+    allowed = sorted(os.sched_getaffinity(0))
+    proc, key, _ = start_wrapper(etcd_url, tmp_path, wrapper_args=("--cpus", "4096"))
+    try:
+        wait_for(lambda: etcd.get(key))  # it still serves
+        assert children_of(proc)[0].cpu_affinity() == allowed
+        assert "has no CPU this process may use" in (tmp_path / "worker.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from dynkv.cli.main import app
 from dynkv.infra.docker import ETCD_IMAGE, NATS_IMAGE
 from dynkv.plan import PlanError, mask_argv, mask_env
-from dynkv.plan.cpu import cpu_engine_env, cpu_list, split_cores
+from dynkv.plan.cpu import cpu_engine_env, cpu_list, parse_cpu_list, split_cores
 from dynkv.plan.model import MASK, Plan, Service, start_waves, topological_order
 from dynkv.settings import SettingsError
 
@@ -482,6 +482,21 @@ def test_plan_json_is_plain_json():
 )
 def test_cpu_list(cpus, text):
     assert cpu_list(cpus) == text
+
+
+@pytest.mark.parametrize(
+    "text, cpus", [("0", (0,)), ("0-3,7-8,10", (0, 1, 2, 3, 7, 8, 10)), ("0-1|2-3", (0, 1, 2, 3))]
+)
+def test_parse_cpu_list(text, cpus):
+    assert parse_cpu_list(text) == cpus
+    if "|" not in text:
+        assert cpu_list(parse_cpu_list(text)) == text
+
+
+@pytest.mark.parametrize("text", ["", "auto", "nobind", "3-1", "0,,2", "1-", "-1"])
+def test_parse_cpu_list_refuses_what_is_not_a_list(text):
+    with pytest.raises(ValueError):
+        parse_cpu_list(text)
 
 
 def test_cpu_engine_env_splits_cores_between_prefill_and_decode():

@@ -167,6 +167,28 @@ def test_cpu_workers_get_disjoint_bind_lists_and_their_own_g1():
         assert w.env["VLLM_CPU_KVCACHE_SPACE"] == "2"  # G1 per worker (dynkv's CPU default)
 
 
+def wrapper_part(argv) -> list[str]:
+    argv = list(argv)
+    return argv[: argv.index("--")]
+
+
+def test_cpu_workers_run_all_of_vllm_on_their_own_cores():
+    """vLLM binds only its model runner's threads: the wrapper pins the API server and the
+    EngineCore to the same cores, so that one engine's front processes do not run on a
+    neighbour's core (docs/fleet.md#cpu-engines)."""
+    plan = plan_for({"DYNKV_WORKERS": "2"}, cpus=(0, 1, 2, 3), environ={})
+    assert [flag(wrapper_part(w.argv), "--cpus") for w in workers(plan)] == ["0-1", "2-3"]
+    disagg = plan_for({"DYNKV_TOPOLOGY": "disagg"}, cpus=(0, 1, 2))
+    assert [flag(wrapper_part(w.argv), "--cpus") for w in workers(disagg)] == ["0", "1-2"]
+
+
+def test_one_engine_or_gpus_leave_vllm_where_the_scheduler_puts_it():
+    alone = workers(plan_for(cpus=(0, 1), environ={}))[0]
+    assert "--cpus" not in wrapper_part(alone.argv)  # its front processes may use any core
+    on_gpus = workers(plan_for({"DYNKV_WORKERS": "2"}, device="cuda"))
+    assert all("--cpus" not in w.argv for w in on_gpus)
+
+
 def test_a_user_binding_serves_one_engine_only():
     environ = {"VLLM_CPU_OMP_THREADS_BIND": "1"}
     one = workers(plan_for(environ=environ))[0]
