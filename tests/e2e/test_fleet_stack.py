@@ -20,11 +20,13 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from stack_support import assert_nothing_left, counter, dynkv, stack_env
 
 from dynkv.bench.target import of_deployment
 from dynkv.infra.etcd_client import EtcdClient
+from dynkv.plan.cpu import parse_cpu_list
 from dynkv.supervisor import read_state
 from dynkv.worker.record import worker_api_key
 
@@ -89,6 +91,21 @@ def test_engine_arguments_after_dashdash_reach_every_engine(fleet):
         models = httpx.get(f"{worker.info.url}/v1/models", headers=auth, timeout=30).json()
         assert [m["max_model_len"] for m in models["data"]] == [1024]
         assert "--max-num-seqs" in worker.argv  # as planned, checked by vLLM's own parser
+
+
+def test_each_engine_runs_all_its_processes_on_its_own_cores(fleet):
+    """The API server and EngineCore, which vLLM does not bind, run where the model runner
+    does: on the worker's share of the host (docs/fleet.md#cpu-engines)."""
+    _, ddir = fleet
+    shares = []
+    for worker in (s for s in read_state(ddir).services if s.name in WORKERS):
+        argv = list(worker.argv)
+        cores = sorted(parse_cpu_list(argv[argv.index("--cpus") + 1]))
+        shares.append(cores)
+        engine = psutil.Process(worker.pid).children(recursive=True)
+        assert len(engine) >= 3  # the API server, its EngineCore and the model runner
+        assert {tuple(p.cpu_affinity()) for p in engine} == {tuple(cores)}, worker.name
+    assert not set(shares[0]) & set(shares[1]) or len(os.sched_getaffinity(0)) < 2
 
 
 def test_round_robin_serves_from_both(fleet):
