@@ -10,7 +10,8 @@ of those means something else, so `translate` rewrites them once, here:
   target chooses through a `Naming`;
 - etcd and NATS are reached at the target's service names, on their standard ports;
 - GPUs become the target's device reservation (`gpu_ids` for compose, a count for Kubernetes);
-  CUDA_VISIBLE_DEVICES, the CPU binding, PYTHONPATH and HF_HOME (this host's paths) are dropped;
+  CUDA_VISIBLE_DEVICES, the CPU binding (and the wrapper's `--cpus`), PYTHONPATH and HF_HOME
+  (this host's paths) are dropped;
 - a G3 pool moves under `G3_MOUNT`, where the target mounts a volume; the handoff pool stays at
   /dev/shm/dynkv-<name>, which the target shares between the prefill and decode containers;
 - secrets (the deployment secret, the frontend's API key, Hugging Face tokens) never travel as
@@ -282,6 +283,9 @@ def _worker_argv(argv: tuple[str, ...], *, url: str, worker_id: str) -> tuple[tu
     container's interpreter; and the model vLLM loads."""
     split = argv.index("--")
     wrapper = _set_flags(argv[:split], {"--url": url, "--worker-id": worker_id})
+    if "--cpus" in wrapper:  # this host's cores: a container gets its own (the target's limits)
+        at = wrapper.index("--cpus")
+        wrapper = wrapper[:at] + wrapper[at + 2 :]
     vllm = _set_flags(argv[split + 1 :], {"--host": ANY_ADDRESS})
     if "--kv-events-config" in vllm:  # vLLM's KV events socket: in the container, not the state dir
         events = json.loads(vllm[vllm.index("--kv-events-config") + 1])

@@ -76,6 +76,8 @@ def test_nothing_host_local_reaches_a_pod():
     for local in ("127.0.0.1:2379", "127.0.0.1:4222", "/state/", "/home/me", "/venv/bin"):
         assert local not in text, local
     assert "VLLM_CPU_OMP_THREADS_BIND" not in text  # this host's cores
+    fleet = to_yaml(manifests(plan_for({"DYNKV_WORKERS": "2"}, cpus=(0, 1)), options()))
+    assert "--cpus" not in fleet and "VLLM_CPU_OMP_THREADS_BIND" not in fleet
 
 
 def test_etcd_and_nats_are_the_configured_images_reached_by_service_name():
