@@ -19,6 +19,9 @@ wrapper probes `/health` every `--health-interval` seconds and suspends the regi
 registers again once `/health` answers. A registration key deleted by someone else while the lease
 lives is put back at the next probe.
 
+One of several CPU engines on a host gets its cores (`--cpus`): the wrapper runs itself, and so
+all of vLLM, on them (`pin_to`).
+
 Settings (flags or `DYNKV_WORKER_*`, with their defaults): `dynkv.worker.config`.
 
 An advertised deployment (docs/multi-host.md) gives the wrapper `DYNKV_CLIENT_CA`, `DYNKV_CLIENT_CERT`
@@ -191,8 +194,11 @@ def pin_to(cpus: tuple[int, ...]) -> None:
 
     vLLM binds its model runner's threads to `VLLM_CPU_OMP_THREADS_BIND`, but not its API server
     or EngineCore: on a host split between engines those ran wherever the scheduler put them,
-    often on a neighbour's cores, and a prompt computing on one engine slowed down by a third
-    whenever the other finished one (docs/fleet.md#cpu-engines)."""
+    often on a neighbour's cores, and a prompt computing on one engine slowed down by a quarter to
+    a third whenever the other finished one (docs/fleet.md#cpu-engines)."""
+    if not hasattr(os, "sched_setaffinity"):  # not Linux: no CPU affinity to set
+        _log(f"--cpus {sorted(cpus)}: this system cannot pin processes; not pinned")
+        return
     allowed = os.sched_getaffinity(0)
     mine = set(cpus) & allowed
     if not mine:

@@ -67,6 +67,7 @@ def test_the_plans_command_line_parses(tmp_path):
         etcd_endpoints=("http://127.0.0.1:2379",),
         lease_ttl=10,
         depends_on=(),
+        cpus=(2, 3, 5),
     )
     argv = list(svc.argv)
     # the plan's environment, as the supervisor gives it: etcd URLs travel there, off argv
@@ -74,6 +75,7 @@ def test_the_plans_command_line_parses(tmp_path):
     assert cfg.role is Role.PREFILL and cfg.worker_id == "prefill-0"
     assert cfg.etcd_endpoints == ("http://127.0.0.1:2379",)
     assert cfg.metrics_url and child == ["vllm", "serve", "tiny"]
+    assert cfg.cpus == (2, 3, 5)  # written 2-3,5
 
 
 @pytest.mark.parametrize(
@@ -85,6 +87,8 @@ def test_the_plans_command_line_parses(tmp_path):
         ([*REQUIRED, "--etcd-endpoints", " , ", "--", "true"], {}, "--etcd-endpoints:"),
         ([*REQUIRED, "--", "true"], {"DYNKV_WORKER_LEASE_TTL": "soon"}, "DYNKV_WORKER_LEASE_TTL:"),
         ([*REQUIRED, "--bogus", "1", "--", "true"], {}, "unrecognized arguments: --bogus"),
+        ([*REQUIRED, "--cpus", "auto", "--", "true"], {}, "--cpus:"),
+        ([*REQUIRED, "--", "true"], {"DYNKV_WORKER_CPUS": "3-1"}, "DYNKV_WORKER_CPUS:"),
     ],
 )
 def test_usage_errors_exit_2_with_the_cause(argv, env, message, capsys):
