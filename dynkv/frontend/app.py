@@ -168,6 +168,7 @@ class Frontend:
                 endpoint,
                 await _read_body(request, self.config.max_body_bytes),
                 request_id=client_id,
+                log_id=rid,
                 received_at=started,
                 session_header=request.headers.get(SESSION_HEADER),
                 policy=policy_override(request.headers.get(ROUTER_HEADER)),

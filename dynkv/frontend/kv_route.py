@@ -140,13 +140,13 @@ class KvRouting:
         try:
             ids = await loop.run_in_executor(self._pool, tok.token_ids, req.endpoint, req.body)
         except Unsupported as exc:
-            log.debug("kv router: request %s routed by load: %s", req.request_id, exc)
+            log.debug("kv router: request %s routed by load: %s", req.log_id, exc)
             ids = None
         except Exception as exc:  # a template error, a tokenizer that cannot load
             level = logging.DEBUG if self._warned else logging.WARNING
             self._warned = True
             log.log(level, "kv router: cannot tokenize request %s (%s); routed by load "
-                    "(further failures are logged at debug level)", req.request_id, exc)  # fmt: skip
+                    "(further failures are logged at debug level)", req.log_id, exc)  # fmt: skip
             ids = None
         req.scratch["token_ids"] = ids
         return ids
@@ -182,7 +182,7 @@ class KvRouting:
         chosen = decision.chosen
         if log.isEnabledFor(logging.DEBUG):  # why this worker: every candidate's estimate
             log.debug(
-                "kv router: request %s -> %s (%s, heat %.1f): %s", req.request_id, chosen.worker,
+                "kv router: request %s -> %s (%s, heat %.1f): %s", req.log_id, chosen.worker,
                 decision.reason, decision.heat, "; ".join(
                     f"{e.worker} {e.ttft_s * 1000:.0f} ms = recompute {e.recompute_s * 1000:.0f}"
                     f" + load {e.load_s * 1000:.0f} + queue {e.queue_s * 1000:.0f}, holds "

@@ -32,8 +32,11 @@ class ApiRequest:
     stream: bool
     raw: bytes  # the body as received: what a worker gets unless a strategy rewrites it
     body: dict[str, Any]
-    request_id: str | None = None
+    request_id: str | None = None  # the client's x-request-id, forwarded as received
     received_at: float = field(default_factory=time.monotonic)
+    # what the frontend's logs and error answers call it: the client's id when it is a short
+    # printable token, else one of the frontend's own (`app._request_id`)
+    log_id: str = "-"
     session: str | None = None  # the affinity key (`session_key`), None without one
     policy: str | None = None  # the routing policy it asked for (`x-dynkv-router`), if any
     # what routing computed once for this request (the kv policy's token ids, for a retry)
@@ -79,6 +82,7 @@ def parse_request(
     received_at: float | None = None,
     session_header: str | None = None,
     policy: str | None = None,
+    log_id: str = "-",
 ) -> ApiRequest:
     """→ ApiRequest, or an ApiError 400 saying what is wrong (as OpenAI words it).
     `received_at` (monotonic) starts the request's clock when it arrived, before its body;
@@ -131,6 +135,7 @@ def parse_request(
         body=body,
         request_id=request_id,
         received_at=time.monotonic() if received_at is None else received_at,
+        log_id=log_id,
         session=session_key(session_header, body),
         policy=policy,
     )

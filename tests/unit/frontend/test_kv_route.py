@@ -252,3 +252,16 @@ def test_the_tokenizer_loads_at_start_whenever_a_request_may_choose_kv(tiny):
     with_router = KvRouter("nats://127.0.0.1:1", "d", ScorerConfig(), retry_secs=60)
     assert asyncio.run(started(with_router))._tok is not None
     assert asyncio.run(started(None))._tok is None
+
+
+def test_the_decision_trace_names_the_request_as_its_answers_do(tiny, caplog):
+    """A request without `x-request-id` is logged under the id the frontend gives it, the
+    `request_id` its error answers carry, not as `None`."""
+    pool = pool_of(("agg-0", "http://a"), ("agg-1", "http://b"))
+    body = json.dumps({"model": "m", "prompt": "hello there " * 40}).encode()
+    req = parse_request("completions", body, policy="kv", log_id="f3a9")
+    assert req.request_id is None  # nothing is forwarded to the worker as the client's id
+    kv = KvRouting(fed_router("agg-1", []), PromptTokenizer(tiny))
+    with caplog.at_level("DEBUG", logger="dynkv.frontend"):
+        asyncio.run(context(pool, kv).choose(req, "agg", pool.healthy("m", "agg")))
+    assert any("kv router: request f3a9 -> " in r.getMessage() for r in caplog.records)
