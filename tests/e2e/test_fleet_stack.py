@@ -100,11 +100,11 @@ def test_each_engine_runs_all_its_processes_on_its_own_cores(fleet):
     shares = []
     for worker in (s for s in read_state(ddir).services if s.name in WORKERS):
         argv = list(worker.argv)
-        cores = sorted(parse_cpu_list(argv[argv.index("--cpus") + 1]))
+        cores = parse_cpu_list(argv[argv.index("--cpus") + 1])  # sorted, as affinity lists are
         shares.append(cores)
         engine = psutil.Process(worker.pid).children(recursive=True)
         assert len(engine) >= 3  # the API server, its EngineCore and the model runner
-        assert {tuple(p.cpu_affinity()) for p in engine} == {tuple(cores)}, worker.name
+        assert {tuple(p.cpu_affinity()) for p in engine} == {cores}, worker.name
     assert not set(shares[0]) & set(shares[1]) or len(os.sched_getaffinity(0)) < 2
 
 
