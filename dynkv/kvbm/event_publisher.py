@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Iterable
 
+from dynkv.kvbm.background import Background
 from dynkv.kvbm.event_settings import KvEventsSettings, RatesReading, RatesSource
 from dynkv.kvbm.events import (
     Cleared,
@@ -37,6 +38,7 @@ from dynkv.kvbm.events import (
     Stored,
     WorkerRates,
     events_subject,
+    reconnecting,
     snapshot_subject,
 )
 from dynkv.kvbm.ops import Tier
@@ -50,8 +52,11 @@ _STORED, _REMOVED, _CLEARED = 0, 1, 2
 KEY_WIRE_BYTES = 35  # "<32 hex digits>",
 
 
-class KvEventPublisher:
-    """Feed it with `stored`/`removed` (the leader's `TierSink`), `start()` it, `close()` it."""
+class KvEventPublisher(Background):
+    """Feed it with `stored`/`removed` (the leader's `TierSink`), `start()` it, `close()` it
+    (which sends what is pending, if NATS is up, and stops)."""
+
+    thread_name = "dynkv-kv-events"
 
     def __init__(
         self,
@@ -61,6 +66,7 @@ class KvEventPublisher:
         fingerprint: str = "",
         rates_source: RatesSource | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings.check()
         self.block_size = block_size
         self.fingerprint = fingerprint
@@ -73,8 +79,6 @@ class KvEventPublisher:
         self._held: dict[KvTier, set[int]] = {t: set() for t in _TIER.values()}
         self._seq = 0  # the last batch number handed out
         self._queue: queue.Queue[tuple[int, float, list]] = queue.Queue(settings.queue_max)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.connected = threading.Event()
         # counters (read by tests and the rates message)
         self.dropped_batches = 0
@@ -135,22 +139,10 @@ class KvEventPublisher:
         with self._lock:
             self._cut_locked()
 
-    # ---- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> KvEventPublisher:
-        self._thread = threading.Thread(
-            target=asyncio.run, args=(self._main(),), name="dynkv-kv-events", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def close(self, timeout: float = 2.0) -> None:
-        """Send what is pending (if NATS is up) and stop."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
     # ---- the publisher thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
     async def _main(self) -> None:
         import nats  # imported here: an engine without NATS settings never loads it
 
@@ -211,13 +203,10 @@ class KvEventPublisher:
         nc = await nats.connect(
             servers=s.nats_url,
             name=f"dynkv-kv-{s.worker_id}",
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=s.reconnect_secs,
-            connect_timeout=2,
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            **reconnecting(s.reconnect_secs),
             **s.nats_options(),
         )
 

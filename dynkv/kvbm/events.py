@@ -187,3 +187,15 @@ def events_wildcard(deployment: str) -> str:
 
 def worker_of(subject: str) -> str:
     return subject.rsplit(".", 1)[-1]
+
+
+def reconnecting(wait_s: float) -> dict[str, object]:
+    """nats.connect's arguments for a client that outlives NATS restarts: the first connection
+    fails fast (2 s) and is retried by its owner; once connected, nats-py reconnects forever,
+    `wait_s` apart. The publisher and the router's subscriber both connect this way."""
+    return {
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": wait_s,
+        "connect_timeout": 2,
+    }

@@ -20,6 +20,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
+from dynkv.kvbm.background import Background
 from dynkv.kvbm.g1_events import BadPayload, G1Sink, G1Translator, decode_batch
 
 if TYPE_CHECKING:
@@ -32,28 +33,18 @@ RCV_HWM = 100_000  # vLLM's own PUB high-water mark: a slow bridge loses batches
 POLL_MS = 100
 
 
-class G1Bridge:
+class G1Bridge(Background):
+    thread_name = "dynkv-g1-events"
+
     def __init__(self, endpoint: str, translator: G1Translator, sink: G1Sink) -> None:
+        super().__init__()
         self.endpoint = endpoint
         self.translator = translator
         self.sink = sink
         self.batches = 0  # vLLM batches applied
         self.gaps = 0  # times the bridge lost track and reported G1 cleared
         self.last_seq: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.subscribed = threading.Event()  # the socket is connecting (tests wait on it)
-
-    def start(self) -> G1Bridge:
-        self._thread = threading.Thread(target=self._run, name="dynkv-g1-events", daemon=True)
-        self._thread.start()
-        return self
-
-    def close(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
 
     def _run(self) -> None:
         try:

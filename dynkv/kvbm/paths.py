@@ -68,6 +68,14 @@ def _refuse(path: Path, why: str, fix: str) -> UnsafePath:
     return UnsafePath(f"refusing to use {path}: it {why}", fix, path)
 
 
+def _ours(info: os.stat_result, path: Path, want_dir: bool, fix: str) -> os.stat_result:
+    """`info` when `_problem` finds nothing wrong with it; UnsafePath otherwise."""
+    why = _problem(info, want_dir)
+    if why is not None:
+        raise _refuse(path, why, fix)
+    return info
+
+
 def holder_problem(directory: str | os.PathLike) -> str | None:
     """Why another user could rename or replace what `directory` holds, or None: it must be owned
     by us or root, and not writable by group or other unless sticky (like /tmp and /dev/shm).
@@ -117,10 +125,7 @@ def private_dir(
             ) from None
         raise
     try:
-        info = os.fstat(fd)
-        why = _problem(info, True)
-        if why is not None:
-            raise _refuse(path, why, fix)
+        info = _ours(os.fstat(fd), path, True, fix)
         if created or (tighten and info.st_mode & GROUP_OTHER):
             os.fchmod(fd, 0o700)
     finally:
@@ -147,10 +152,7 @@ def open_private_file(
             raise _refuse(path, "is a symbolic link", fix) from None
         raise
     try:
-        info = os.fstat(fd)
-        why = _problem(info, False)
-        if why is not None:
-            raise _refuse(path, why, fix)
+        info = _ours(os.fstat(fd), path, False, fix)
         if info.st_mode & GROUP_OTHER:
             os.fchmod(fd, 0o600)
     except BaseException:
@@ -167,6 +169,4 @@ def check_existing_file(path: str | os.PathLike, fix: str) -> None:
         info = os.lstat(path)
     except FileNotFoundError:
         return
-    why = _problem(info, False)
-    if why is not None:
-        raise _refuse(path, why, fix)
+    _ours(info, path, False, fix)

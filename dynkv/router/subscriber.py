@@ -28,6 +28,7 @@ from dynkv.kvbm.events import (
     SnapshotChunk,
     events_wildcard,
     parse_message,
+    reconnecting,
     snapshot_subject,
     worker_of,
 )
@@ -87,13 +88,10 @@ class KvEventSubscriber:
         self.nc = await nats.connect(
             servers=self.nats_url,
             name="dynkv-router",
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=self.retry_secs,
-            connect_timeout=2,
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            **reconnecting(self.retry_secs),
             **self.connect_options,
         )
         await self.nc.subscribe(events_wildcard(self.deployment), cb=self._on_message)
