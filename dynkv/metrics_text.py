@@ -21,7 +21,8 @@ Dynamo's own KVBM) the rule falls back to the mean of the workers' window gauges
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
+from typing import TypeVar
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,6 +42,20 @@ SKIPPED = Count.ONBOARD_SKIPPED.metric
 SAVED = Count.PREFILL_SECONDS_SAVED.metric
 COUNTERS = tuple(c.metric for c in Count)
 FAMILIES = GAUGES + COUNTERS
+K = TypeVar("K", bound=Hashable)
+
+
+def increase(start: float | None, end: float) -> float:
+    """A counter's increase from `start` (None: not read before, 0) to `end`. A counter that went
+    down belongs to a process that restarted in between: it counts from zero, so `end` is all of
+    its increase that can be known."""
+    start = start or 0.0
+    return end - start if end >= start else end
+
+
+def increases(before: Mapping[K, float], after: Mapping[K, float]) -> dict[K, float]:
+    """`increase` per key of `after` (a family or label set that appeared started from 0)."""
+    return {key: increase(before.get(key), end) for key, end in after.items()}
 
 
 def parse(text: str, families: Iterable[str] = FAMILIES) -> dict[str, float]:

@@ -119,32 +119,19 @@ def fetch(
     return parse(metrics_text.fetch_text(url, timeout, headers=headers, verify=verify))
 
 
-def _delta(before: Counts, after: Counts) -> Counts:
-    """after − before per label set; a counter that went down (a restarted frontend) counts
-    from zero."""
-    out = {}
-    for key, value in after.items():
-        old = before.get(key, 0.0)
-        out[key] = value - old if value >= old else value
-    return out
-
-
 def difference(before: RouterReading, after: RouterReading) -> RouterReading:
     """The counters' increase from `before` to `after`; the gauges as `after` read them."""
     fallbacks = None
     if after.nats_fallbacks is not None:
-        old = before.nats_fallbacks or 0.0
-        fallbacks = (
-            after.nats_fallbacks - old if after.nats_fallbacks >= old else after.nats_fallbacks
-        )
+        fallbacks = metrics_text.increase(before.nats_fallbacks, after.nats_fallbacks)
     return RouterReading(
-        decisions=_delta(before.decisions, after.decisions),
-        routed=_delta(before.routed, after.routed),
-        predicted=_delta(before.predicted, after.predicted),
-        actual=_delta(before.actual, after.actual),
-        requests=_delta(before.requests, after.requests),
-        acquired=_delta(before.acquired, after.acquired),
-        duplicated=_delta(before.duplicated, after.duplicated),
+        decisions=metrics_text.increases(before.decisions, after.decisions),
+        routed=metrics_text.increases(before.routed, after.routed),
+        predicted=metrics_text.increases(before.predicted, after.predicted),
+        actual=metrics_text.increases(before.actual, after.actual),
+        requests=metrics_text.increases(before.requests, after.requests),
+        acquired=metrics_text.increases(before.acquired, after.acquired),
+        duplicated=metrics_text.increases(before.duplicated, after.duplicated),
         index_blocks=after.index_blocks,
         index_bytes=after.index_bytes,
         nats_fallbacks=fallbacks,

@@ -47,8 +47,7 @@ class Window:
         end = self.after.get(family)
         if end is None:
             return None
-        start = self.before.get(family, 0.0)
-        return end if end < start else end - start
+        return metrics_text.increase(self.before.get(family), end)
 
     def count(self, counter: Count) -> float | None:
         return self.delta(counter.metric)

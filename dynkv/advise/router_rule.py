@@ -21,6 +21,7 @@ in both halves, and a one-time copy of a new prefix, inside one half, is not jud
 from __future__ import annotations
 
 from dynkv.advise.model import Finding, FindingKind, RouterCounts, SettingChange
+from dynkv.metrics_text import increases
 
 MIN_BLOCKS = 8  # duplicated blocks in the window before the rule judges…
 SHARE = 0.05  # …and this share of the blocks the workers acquired
@@ -30,15 +31,6 @@ KV_SHARE = 0.5  # the kv policy routed at least this share of the window's decis
 ROUTER_KV = SettingChange(
     env="DYNKV_ROUTER", value="kv", profile_key="[deployment] router", flag="dynkv up --router kv"
 )
-
-
-def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """after − before per key; a counter that went down (a restarted frontend) counts from 0."""
-    out = {}
-    for key, end in after.items():
-        start = before.get(key, 0.0)
-        out[key] = end if end < start else end - start
-    return out
 
 
 def _policies(decisions: dict[str, float]) -> dict[str, float]:
@@ -51,8 +43,8 @@ def _policies(decisions: dict[str, float]) -> dict[str, float]:
 
 def _counts(before: RouterCounts, after: RouterCounts) -> tuple[float, float]:
     """(blocks acquired, of them duplicated) from `before` to `after`, all workers."""
-    stored = sum(_delta(before.acquired, after.acquired).values())
-    return stored, sum(_delta(before.duplicated, after.duplicated).values())
+    stored = sum(increases(before.acquired, after.acquired).values())
+    return stored, sum(increases(before.duplicated, after.duplicated).values())
 
 
 def _significant(stored: float, again: float, least: float) -> bool:
@@ -66,8 +58,8 @@ def router_spreads_prefixes(
     worker already (in each half of the window, given a `middle` read), and a prefix-blind
     policy routed most of the window's requests."""
     prior = before or RouterCounts()
-    stored = _delta(prior.acquired, after.acquired)
-    again = _delta(prior.duplicated, after.duplicated)
+    stored = increases(prior.acquired, after.acquired)
+    again = increases(prior.duplicated, after.duplicated)
     total_stored, total_again = sum(stored.values()), sum(again.values())
     if not _significant(total_stored, total_again, MIN_BLOCKS):
         return None
@@ -76,7 +68,7 @@ def router_spreads_prefixes(
         halves = (_counts(prior, middle), _counts(middle, after))
         if not all(_significant(s, a, MIN_HALF) for s, a in halves):
             return None  # a one-time copy (a new prefix reaching each worker), not a habit
-    decisions = _delta(prior.decisions, after.decisions)
+    decisions = increases(prior.decisions, after.decisions)
     policies = _policies(decisions)
     routed = sum(policies.values())
     if routed and policies.get("kv", 0.0) >= KV_SHARE * routed:

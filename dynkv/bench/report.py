@@ -42,7 +42,7 @@ from dynkv.bench.summary import (
     RunConfig,
     Warmup,
 )
-from dynkv.metrics_text import hit_rates
+from dynkv.metrics_text import hit_rates, increase
 
 QUANTILES = (50, 90, 99)
 _ERROR_SAMPLES = 5
@@ -73,7 +73,7 @@ def percentiles(values: Sequence[float], scale: float = 1.0) -> dict[str, float 
 def counter_delta(before: float | None, after: float | None) -> float | None:
     if before is None or after is None:
         return None
-    return after - before if after >= before else after
+    return increase(before, after)
 
 
 @dataclass

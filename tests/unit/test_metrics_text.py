@@ -87,3 +87,16 @@ def test_status_and_bench_agree_on_one_worker():
     zero = {n: 0.0 for n in metrics_text.COUNTERS}
     bench = report.tier_stats([Snapshot("w", zero)], [after]).hit_rates.model_dump()
     assert bench == {"host": status["host_cache_hit_rate"], "disk": status["disk_cache_hit_rate"]}
+
+
+def test_a_counter_that_went_down_restarted_and_counts_from_zero():
+    assert metrics_text.increase(10.0, 25.0) == 15.0
+    assert metrics_text.increase(None, 7.0) == 7.0  # not read before: from zero
+    assert metrics_text.increase(40.0, 3.0) == 3.0  # restarted in between: 3 is all it did
+    before = {("agg-0",): 5.0, ("agg-1",): 9.0}
+    after = {("agg-0",): 8.0, ("agg-1",): 2.0, ("agg-2",): 4.0}
+    assert metrics_text.increases(before, after) == {
+        ("agg-0",): 3.0,
+        ("agg-1",): 2.0,
+        ("agg-2",): 4.0,
+    }
