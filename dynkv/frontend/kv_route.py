@@ -4,9 +4,12 @@ When the deployment has NATS the frontend always runs a `KvRouter` (dynkv.router
 default policy, so that any request may choose `kv` with the `x-dynkv-router` header (a
 benchmark compares policies on one fleet). Per request routed by `kv`:
 
-1. its prompt token ids, computed as the worker will (`prompt_ids`), in a worker thread (a long
-   chat template must not stall the event loop); a request this cannot tokenize is routed least
-   outstanding, counted as reason `tokenize_failed`;
+1. its prompt token ids, computed as the worker will (`prompt_ids`): on the event loop when at
+   most `INLINE_FRESH_CHARS` characters of it are not in the piece cache (a conversation's next
+   round, a known system prompt: well under a millisecond), else in the tokenizer thread, so a
+   new long prompt does not stall the loop (on a busy small host the hop to that thread and
+   back cost a few milliseconds of every decision); a request this cannot tokenize is routed
+   least outstanding, counted as reason `tokenize_failed`;
 2. `KvRouter.pick` with each candidate's load: the prompt tokens this frontend has sent it that
    are not prefilled yet (released when the worker's first byte arrives; how long the oldest
    has been computing, `prefill_book.py`) and its requests in flight; it chooses by estimated
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dynkv.frontend.errors import bad_request
+from dynkv.frontend.piece_cache import NotCached
 from dynkv.frontend.policy import POLICIES, Choice, LeastOutstanding
 from dynkv.frontend.pool import Worker
 from dynkv.frontend.prefill_book import PrefillBook, Queued
@@ -48,6 +52,9 @@ POLICY_NAMES = (*POLICIES, KV)
 TOKENIZE_FAILED = "tokenize_failed"
 NO_ROUTER = "kv_unavailable"  # no NATS configured, or no tokenizer: least outstanding
 DECODE = "decode_fewest_outstanding"  # disagg: the decode step goes least outstanding
+# characters of a prompt the event loop may encode itself (500–900 tokens: ~0.5 ms on an idle
+# core); a prompt with more that the piece cache lacks goes to the tokenizer thread
+INLINE_FRESH_CHARS = 2048
 
 
 def policy_override(header: str | None) -> str | None:
@@ -138,7 +145,10 @@ class KvRouting:
         loop = asyncio.get_running_loop()
         tok = self.tokenizer
         try:
-            ids = await loop.run_in_executor(self._pool, tok.token_ids, req.endpoint, req.body)
+            try:  # most of a prompt was seen before: its ids come from the cache, here and now
+                ids = tok.token_ids(req.endpoint, req.body, fresh_budget=INLINE_FRESH_CHARS)
+            except NotCached:  # encoding would hold the event loop: the tokenizer thread does
+                ids = await loop.run_in_executor(self._pool, tok.token_ids, req.endpoint, req.body)
         except Unsupported as exc:
             log.debug("kv router: request %s routed by load: %s", req.log_id, exc)
             ids = None

@@ -17,12 +17,19 @@ start of the text would make a piece's ids depend on its place); added tokens th
 whitespace beside them and match anywhere (`lstrip`, `rstrip`, `single_word` all false). Other
 tokenizers encode the whole text every time, as before. A test compares both ways on fuzzed
 text (tests/unit/frontend/test_piece_cache.py).
+
+`encode(..., fresh_budget=n)` encodes only when at most `n` characters need the tokenizer (the
+rest comes from the cache) and raises `NotCached` otherwise: the frontend's event loop
+tokenizes a prompt it has mostly seen itself, and hands the others to its tokenizer thread
+(dynkv/frontend/kv_route.py). The two threads share the cache, so its reads and writes hold a
+lock (never held while the tokenizer encodes).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from array import array
 from collections import OrderedDict
 from typing import Any
@@ -36,9 +43,13 @@ DEFAULT_MAX_CHARS = 16 * 1024 * 1024
 _SAFE_PRE_TOKENIZERS = {"ByteLevel", "Split", "Digits"}
 
 
+class NotCached(Exception):
+    """More of the text than the caller's `fresh_budget` would have to be encoded."""
+
+
 class PieceEncoder:
     """Encodes text as its tokenizer does (`add_special_tokens=False`), reusing the ids of
-    long pieces it encoded before. Not thread-safe: the frontend calls it from one thread."""
+    long pieces it encoded before. Safe to call from several threads (the cache is locked)."""
 
     def __init__(
         self,
@@ -56,6 +67,7 @@ class PieceEncoder:
         alternatives = sorted(added, key=len, reverse=True)
         self._split = re.compile("|".join(re.escape(t) for t in alternatives))
         self._cache: OrderedDict[str, array] = OrderedDict()
+        self._lock = threading.Lock()
         self.max_chars = max_chars
         self.cached_chars = 0
         self.hits = 0
@@ -79,48 +91,79 @@ class PieceEncoder:
         except Exception:  # a description this module cannot read: encode whole texts
             return None
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int] | None:
+    def encode(
+        self, text: str, add_special_tokens: bool = False, fresh_budget: int | None = None
+    ) -> list[int] | None:
         """The text's ids; None when `add_special_tokens` asks for specials this encoder does
-        not know (the caller encodes the whole text then)."""
+        not know (the caller encodes the whole text then). With `fresh_budget`, NotCached when
+        more than that many characters are not in the cache (short pieces count too): nothing
+        is encoded then, and the cache is left as it was."""
         if not add_special_tokens:
             before, after = [], []
         elif self.specials is None:
             return None
         else:
             before, after = self.specials
+        pieces = self._pieces(text)
+        if fresh_budget is not None:
+            self._check_budget(pieces, fresh_budget)
         out = list(before)
-        self._encode_into(text, out)
+        for piece in pieces:
+            if isinstance(piece, int):
+                out.append(piece)
+            else:
+                self._piece(piece, out)
         out.extend(after)
         return out
 
-    def _encode_into(self, text: str, out: list[int]) -> None:
+    def _pieces(self, text: str) -> list[str | int]:
+        """The text cut at its added tokens: the text between them, and their ids."""
+        out: list[str | int] = []
         pos = 0
         for m in self._split.finditer(text):
             if m.start() > pos:
-                self._piece(text[pos : m.start()], out)
+                out.append(text[pos : m.start()])
             out.append(self._added[m.group()])
             pos = m.end()
         if pos < len(text):
-            self._piece(text[pos:], out)
+            out.append(text[pos:])
+        return out
+
+    def _check_budget(self, pieces: list[str | int], budget: int) -> None:
+        fresh = 0
+        with self._lock:
+            for piece in pieces:
+                if isinstance(piece, str) and (
+                    len(piece) < MIN_CACHED_CHARS or piece not in self._cache
+                ):
+                    fresh += len(piece)
+                    if fresh > budget:
+                        raise NotCached(f"{fresh}+ characters to encode, {budget} allowed")
 
     def _piece(self, piece: str, out: list[int]) -> None:
         if len(piece) < MIN_CACHED_CHARS:
             out.extend(self._backend.encode(piece, add_special_tokens=False).ids)
             return
-        ids = self._cache.get(piece)
-        if ids is not None:
-            self._cache.move_to_end(piece)
-            self.hits += 1
-        else:
-            self.misses += 1
+        with self._lock:
+            ids = self._cache.get(piece)
+            if ids is not None:
+                self._cache.move_to_end(piece)
+                self.hits += 1
+        if ids is None:
             ids = array("I", self._backend.encode(piece, add_special_tokens=False).ids)
-            if len(piece) <= self.max_chars:
-                self._cache[piece] = ids
-                self.cached_chars += len(piece)
-                while self.cached_chars > self.max_chars:
-                    old, _ = self._cache.popitem(last=False)
-                    self.cached_chars -= len(old)
+            self._remember(piece, ids)
         out.extend(ids)
+
+    def _remember(self, piece: str, ids: array) -> None:
+        with self._lock:
+            self.misses += 1
+            if len(piece) > self.max_chars or piece in self._cache:
+                return  # too long to keep, or another thread has just kept it
+            self._cache[piece] = ids
+            self.cached_chars += len(piece)
+            while self.cached_chars > self.max_chars:
+                old, _ = self._cache.popitem(last=False)
+                self.cached_chars -= len(old)
 
 
 def piecewise_safe(spec: dict[str, Any]) -> bool:

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from dynkv.frontend.piece_cache import PieceEncoder
+from dynkv.frontend.piece_cache import NotCached, PieceEncoder
 
 CHAT_DEFAULTS = {"add_generation_prompt": True, "continue_final_message": False}
 # apply_chat_template's own parameters a request may set through chat_template_kwargs
@@ -50,8 +50,10 @@ class Unsupported(Exception):
 
 
 class PromptTokenizer:
-    """The workers' tokenizer, loaded once (lazily, in the caller's thread). Not thread-safe:
-    the frontend calls it from one worker thread."""
+    """The workers' tokenizer, loaded once (lazily, in the caller's thread). The frontend calls
+    it from its tokenizer thread, and with `fresh_budget` from its event loop: transformers'
+    fast tokenizers and jinja templates encode and render from several threads, and the piece
+    cache is locked."""
 
     # a tokenizer that failed to load is not tried again for this long: every kv request would
     # otherwise pay a load attempt (seconds) before falling back to routing by load
@@ -85,25 +87,35 @@ class PromptTokenizer:
                 self._tok = tok
             return self._tok
 
-    def token_ids(self, endpoint: str, body: Mapping[str, Any]) -> list[int]:
-        ids = self.chat_ids(body) if endpoint == "chat" else self.completion_ids(body)
+    def token_ids(
+        self, endpoint: str, body: Mapping[str, Any], fresh_budget: int | None = None
+    ) -> list[int]:
+        """The request's prompt ids. With `fresh_budget`: NotCached unless the tokenizer is
+        loaded and at most that many characters need encoding (the rest is in the piece
+        cache), so the caller can afford to compute them where it is (docs/frontend.md#routing)."""
+        if fresh_budget is not None and (self._tok is None or self.pieces is None):
+            raise NotCached("the tokenizer is not loaded, or has no piece cache")
+        if endpoint == "chat":
+            ids = self.chat_ids(body, fresh_budget)
+        else:
+            ids = self.completion_ids(body, fresh_budget)
         return _truncated(ids, body)
 
     # ---- completions ---------------------------------------------------------------------------
-    def completion_ids(self, body: Mapping[str, Any]) -> list[int]:
+    def completion_ids(self, body: Mapping[str, Any], fresh_budget: int | None = None) -> list[int]:
         if body.get("prompt_embeds") is not None:
             raise Unsupported("prompt_embeds")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
-            return self.encode(prompt, bool(body.get("add_special_tokens", True)))
+            return self.encode(prompt, bool(body.get("add_special_tokens", True)), fresh_budget)
         if isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
             return list(prompt)
         raise Unsupported("a prompt that is not one string or one list of token ids")
 
     # ---- chat ----------------------------------------------------------------------------------
-    def chat_ids(self, body: Mapping[str, Any]) -> list[int]:
+    def chat_ids(self, body: Mapping[str, Any], fresh_budget: int | None = None) -> list[int]:
         tok = self.tokenizer
         if type(tok).__name__.startswith("Mistral"):
             raise Unsupported("Mistral tokenizer")
@@ -126,16 +138,20 @@ class PromptTokenizer:
             tokenize=False,
             **kwargs,
         )
-        return self.encode(text, bool(body.get("add_special_tokens", False)))
+        return self.encode(text, bool(body.get("add_special_tokens", False)), fresh_budget)
 
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def encode(
+        self, text: str, add_special_tokens: bool, fresh_budget: int | None = None
+    ) -> list[int]:
         """The text's ids as the tokenizer gives them, pieces seen before taken from the cache
-        (dynkv/frontend/piece_cache.py)."""
+        (dynkv/frontend/piece_cache.py); `fresh_budget` as in `token_ids`."""
         tok = self.tokenizer
         if self.pieces is not None:
-            ids = self.pieces.encode(text, add_special_tokens)
+            ids = self.pieces.encode(text, add_special_tokens, fresh_budget)
             if ids is not None:
                 return ids
+        if fresh_budget is not None:
+            raise NotCached("specials the piece cache does not know")
         return list(tok.encode(text, add_special_tokens=add_special_tokens))
 
     def resolve_template(self, template: str | None, tools: list | None) -> str:

@@ -265,3 +265,28 @@ def test_the_decision_trace_names_the_request_as_its_answers_do(tiny, caplog):
     with caplog.at_level("DEBUG", logger="dynkv.frontend"):
         asyncio.run(context(pool, kv).choose(req, "agg", pool.healthy("m", "agg")))
     assert any("kv router: request f3a9 -> " in r.getMessage() for r in caplog.records)
+
+
+def test_a_prompt_mostly_seen_before_is_tokenized_on_the_event_loop(tiny):
+    """The next round of a conversation (its system prompt in the piece cache) is tokenized
+    where the decision runs, without the hop to the tokenizer thread that cost a few ms of
+    every decision on a busy host; a new long prompt still goes to that thread."""
+
+    async def run() -> None:
+        kv = KvRouting(fed_router("agg-0", []), PromptTokenizer(tiny))
+        await kv.start()  # loads the tokenizer in its thread
+        kv._pool.submit(lambda: None).result(timeout=60)
+        system = "a long system prompt that every round repeats " * 30
+        first = request(prompt=system + "question one")
+        ids = await kv.token_ids(first)  # unseen: encoded in the tokenizer thread
+        assert ids == PromptTokenizer(tiny).token_ids("completions", first.body)
+        kv._pool.shutdown()  # from here a hop to the thread would raise
+        second = request(prompt=system + "question two")
+        assert await kv.token_ids(second) == PromptTokenizer(tiny).token_ids(
+            "completions", second.body
+        )
+        new = request(prompt="an unseen and rather long prompt " * 100)
+        assert await kv.token_ids(new) is None  # the thread was needed: routed by load
+        await kv.close()
+
+    asyncio.run(run())

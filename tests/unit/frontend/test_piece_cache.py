@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dynkv.frontend.piece_cache import (
     MIN_CACHED_CHARS,
+    NotCached,
     PieceEncoder,
     piecewise_safe,
     single_specials,
@@ -73,6 +74,28 @@ def test_a_chat_prompt_is_encoded_once_per_new_piece(tiny):
     assert second[: len(first) - 8] == first[: len(first) - 8]
 
 
+def test_a_fresh_budget_encodes_only_what_is_mostly_cached(hf):
+    """With `fresh_budget` the encoder refuses, touching nothing, a text with more characters
+    to encode than allowed (an unseen long piece, or short pieces, which are never cached), and
+    gives the tokenizer's own ids for one it has mostly seen."""
+    pieces = PieceEncoder.of(hf)
+    assert pieces is not None
+    eot = next(iter(hf.get_added_vocab()))
+    long = "a long system prompt, seen in every round " * 20
+    text = long + eot + "short question"
+    with pytest.raises(NotCached):
+        pieces.encode(text, fresh_budget=len(long) - 1)
+    assert (pieces.hits, pieces.misses, pieces.cached_chars) == (0, 0, 0)
+    assert pieces.encode(text, fresh_budget=len(long) + 20) == hf.encode(
+        text, add_special_tokens=False
+    )
+    assert pieces.misses == 1  # within the budget it encodes and remembers as usual
+    again = long + eot + "another question"
+    assert pieces.encode(again, True, fresh_budget=20) == hf.encode(again, add_special_tokens=True)
+    with pytest.raises(NotCached):
+        pieces.encode(again, fresh_budget=len("another question") - 1)
+
+
 def test_the_cache_keeps_to_its_bound(hf):
     pieces = PieceEncoder.of(hf, max_chars=3 * MIN_CACHED_CHARS)
     assert pieces is not None
@@ -125,3 +148,16 @@ def test_a_description_it_cannot_read_means_whole_texts():
                                    "pre_tokenizer": {"type": "ByteLevel"}, "added_tokens": [{}]})  # fmt: skip
 
     assert PieceEncoder.of(Odd()) is None
+
+
+def test_a_fresh_budget_never_loads_the_tokenizer(tiny):
+    """The event loop asks with a budget: a tokenizer not loaded yet (seconds) is the thread's
+    job, so the call refuses at once and leaves it unloaded."""
+    tok = PromptTokenizer(tiny)
+    with pytest.raises(NotCached):
+        tok.token_ids("completions", {"prompt": "hi"}, fresh_budget=10**9)
+    assert tok._tok is None
+    tok.token_ids("completions", {"prompt": "hi"})
+    assert tok.token_ids("completions", {"prompt": "hi"}, fresh_budget=10) == tok.token_ids(
+        "completions", {"prompt": "hi"}
+    )
