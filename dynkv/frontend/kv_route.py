@@ -55,6 +55,9 @@ DECODE = "decode_fewest_outstanding"  # disagg: the decode step goes least outst
 # characters of a prompt the event loop may encode itself (500–900 tokens: ~0.5 ms on an idle
 # core); a prompt with more that the piece cache lacks goes to the tokenizer thread
 INLINE_FRESH_CHARS = 2048
+# …and only from a body this small (a 256 KB chat the cache holds whole: ~1.2 ms to render, cut
+# and look up its pieces)
+INLINE_MAX_BODY_BYTES = 256 * 1024
 
 
 def policy_override(header: str | None) -> str | None:
@@ -145,9 +148,8 @@ class KvRouting:
         loop = asyncio.get_running_loop()
         tok = self.tokenizer
         try:
-            try:  # most of a prompt was seen before: its ids come from the cache, here and now
-                ids = tok.token_ids(req.endpoint, req.body, fresh_budget=INLINE_FRESH_CHARS)
-            except NotCached:  # encoding would hold the event loop: the tokenizer thread does
+            ids = self._inline_ids(req)
+            if ids is None:  # encoding would hold the event loop: the tokenizer thread does it
                 ids = await loop.run_in_executor(self._pool, tok.token_ids, req.endpoint, req.body)
         except Unsupported as exc:
             log.debug("kv router: request %s routed by load: %s", req.log_id, exc)
@@ -160,6 +162,16 @@ class KvRouting:
             ids = None
         req.scratch["token_ids"] = ids
         return ids
+
+    def _inline_ids(self, req: ApiRequest) -> list[int] | None:
+        """The ids when the piece cache holds most of the prompt, computed here; else None."""
+        if len(req.raw) > INLINE_MAX_BODY_BYTES:
+            return None  # rendering and cutting alone would hold the loop a millisecond or more
+        assert self.tokenizer is not None
+        try:
+            return self.tokenizer.token_ids(req.endpoint, req.body, fresh_budget=INLINE_FRESH_CHARS)
+        except NotCached:
+            return None
 
     async def pick(self, req: ApiRequest, candidates: Sequence[Worker]) -> KvPick | None:
         if not candidates:

@@ -14,6 +14,7 @@ from frontend_support import pool_of
 
 from dynkv.frontend.errors import ApiError
 from dynkv.frontend.kv_route import (
+    INLINE_MAX_BODY_BYTES,
     NO_ROUTER,
     TOKENIZE_FAILED,
     KvRouting,
@@ -280,6 +281,8 @@ def test_a_prompt_mostly_seen_before_is_tokenized_on_the_event_loop(tiny):
         first = request(prompt=system + "question one")
         ids = await kv.token_ids(first)  # unseen: encoded in the tokenizer thread
         assert ids == PromptTokenizer(tiny).token_ids("completions", first.body)
+        huge = "x" * INLINE_MAX_BODY_BYTES  # one piece: cached after its first encoding
+        assert await kv.token_ids(request(prompt=huge + "a")) is not None
         kv._pool.shutdown()  # from here a hop to the thread would raise
         second = request(prompt=system + "question two")
         assert await kv.token_ids(second) == PromptTokenizer(tiny).token_ids(
@@ -287,6 +290,8 @@ def test_a_prompt_mostly_seen_before_is_tokenized_on_the_event_loop(tiny):
         )
         new = request(prompt="an unseen and rather long prompt " * 100)
         assert await kv.token_ids(new) is None  # the thread was needed: routed by load
+        # cached, but a body this large is rendered and cut in the thread all the same
+        assert await kv.token_ids(request(prompt=huge + "a")) is None
         await kv.close()
 
     asyncio.run(run())
