@@ -12,7 +12,6 @@ NATS is unreachable it falls back to the least loaded worker (one log line per o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -33,6 +32,7 @@ from dynkv.router.score import (
 )
 from dynkv.router.subscriber import KvEventSubscriber
 from dynkv.router.sync import IndexSync
+from dynkv.router.tasks import cancel_and_wait
 
 log = logging.getLogger("dynkv.router")
 
@@ -88,10 +88,9 @@ class KvRouter:
                 await asyncio.sleep(self.retry_secs)
 
     async def close(self) -> None:
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._connect_task
+        task, self._connect_task = self._connect_task, None
+        if task is not None:
+            await cancel_and_wait([task])  # it may be in nats-py's first connection, for ever
         await self.subscriber.close()
 
     @property

@@ -33,6 +33,7 @@ from dynkv.kvbm.events import (
     worker_of,
 )
 from dynkv.router.sync import IndexSync
+from dynkv.router.tasks import cancel_and_wait
 from dynkv.tls.model import NATS_TOKEN_ENV, ClientTLS
 
 log = logging.getLogger("dynkv.router")
@@ -99,11 +100,7 @@ class KvEventSubscriber:
 
     async def close(self) -> None:
         self._closing = True
-        for task in self._tasks.values():
-            task.cancel()
-        for task in list(self._tasks.values()):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(self._tasks.values())  # snapshot requests (dynkv/router/tasks.py)
         self._tasks.clear()
         if self.nc is not None:
             with contextlib.suppress(Exception):

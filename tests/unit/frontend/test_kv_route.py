@@ -275,8 +275,7 @@ def test_a_prompt_mostly_seen_before_is_tokenized_on_the_event_loop(tiny):
 
     async def run() -> None:
         kv = KvRouting(fed_router("agg-0", []), PromptTokenizer(tiny))
-        await kv.start()  # loads the tokenizer in its thread
-        kv._pool.submit(lambda: None).result(timeout=60)
+        kv._pool.submit(kv._warm).result(timeout=60)  # what start() does: load it in the thread
         system = "a long system prompt that every round repeats " * 30
         first = request(prompt=system + "question one")
         ids = await kv.token_ids(first)  # unseen: encoded in the tokenizer thread
