@@ -190,9 +190,11 @@ def worker_of(subject: str) -> str:
 
 
 def reconnecting(wait_s: float) -> dict[str, object]:
-    """nats.connect's arguments for a client that outlives NATS restarts: the first connection
-    fails fast (2 s) and is retried by its owner; once connected, nats-py reconnects forever,
-    `wait_s` apart. The publisher and the router's subscriber both connect this way."""
+    """nats.connect's arguments for a client that outlives NATS restarts: nats-py retries for
+    ever, `wait_s` apart and each attempt bounded by 2 s, the first connection included (so
+    `connect` returns only once NATS answers: its owner runs it where it can stop it, a thread
+    it leaves behind or a task it cancels, dynkv/router/tasks.py). The publisher and the
+    router's subscriber both connect this way."""
     return {
         "allow_reconnect": True,
         "max_reconnect_attempts": -1,
