@@ -14,6 +14,7 @@ The container specs are pure data (unit-tested); `DockerBackend` is the thin lay
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,11 +137,13 @@ class DockerBackend:
 
     def __init__(self, client: Any | None = None) -> None:
         self._client = client
+        self._connecting = threading.Lock()  # `status` asks from several threads at once
 
     @property
     def client(self) -> Any:
-        if self._client is None:
-            self._client = connect()
+        with self._connecting:
+            if self._client is None:
+                self._client = connect()
         return self._client
 
     def start(self, spec: ContainerSpec) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,12 @@ from dynkv.supervisor.process import same_process
 from dynkv.supervisor.router_status import read_router
 from dynkv.supervisor.state import DeploymentState, ServiceRecord, StateStore
 from dynkv.supervisor.units import unit_for
+
+# How long a probe of `status` may take before the service counts as unhealthy. The probes run
+# concurrently, so this bounds the whole command; a worker's /health is answered by vLLM's API
+# process, which a busy 2-core host can keep waiting well past a second.
+STATUS_PROBE_TIMEOUT = 3.0
+PROBE_THREADS = 16
 
 
 class AlreadyRunning(Exception):
@@ -180,7 +187,7 @@ def deployment_status(
     deployment_dir: Path | str,
     *,
     docker: DockerBackend | None = None,
-    probe_timeout: float = 1.0,
+    probe_timeout: float = STATUS_PROBE_TIMEOUT,
     api_key: str | None = None,
 ) -> StatusReport | None:
     """Each recorded service: running (pid + create_time), healthy (its probes), uptime; for
@@ -191,9 +198,15 @@ def deployment_status(
         return None
     docker = docker or DockerBackend()
     now = time.time()
-    services = [
-        service_status(rec, docker, probe_timeout=probe_timeout, now=now) for rec in state.services
-    ]
+    # every service at once: a fleet's status costs one probe round, not one per service, and a
+    # box busy enough to slow one answer does not add up the delays of the others
+    with ThreadPoolExecutor(max_workers=min(PROBE_THREADS, len(state.services) or 1)) as pool:
+        services = list(
+            pool.map(
+                lambda rec: service_status(rec, docker, probe_timeout=probe_timeout, now=now),
+                state.services,
+            )
+        )
     router = None
     for rec, svc in zip(state.services, services, strict=True):
         if rec.role == "frontend" and svc.running:

@@ -150,12 +150,13 @@ def test_all_workers_run_and_each_prefill_worker_has_its_pool_in_shared_memory(s
     env, ddir = stack
     status = json.loads(dynkv("status", "--json", env=env).stdout)
     workers = {s["name"]: s["healthy"] for s in status["services"] if s["role"] != "frontend"}
+    details = {s["name"]: s["detail"] for s in status["services"]}
     assert {k: v for k, v in workers.items() if k not in ("etcd", "nats")} == {
         "prefill-0": True,
         "prefill-1": True,
         "decode-0": True,
         "decode-1": True,
-    }
+    }, details
     area = Path(f"/dev/shm/dynkv-{NAME}")
     assert sorted(os.listdir(area)) == ["prefill-0", "prefill-1"]  # one pool each
     # private: prompts' KV bytes live there (0700 directories, 0600 files)
