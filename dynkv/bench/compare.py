@@ -27,6 +27,7 @@ from dynkv.bench import report, runner, scrape
 from dynkv.bench.summary import BenchSummary, RunConfig, StackRecord
 from dynkv.bench.trust import Trust
 from dynkv.bench.workloads import Workload
+from dynkv.errors import CauseFix
 
 TOPOLOGIES = ("agg", "disagg")
 TRANSPORTS = ("loopback", "tls")
@@ -34,12 +35,8 @@ DEFAULT_ADVERTISE = "127.0.0.2"  # the `tls` transport's address: loopback, but 
 BASELINE_LABEL = "no offload"
 
 
-class CompareError(Exception):
+class CompareError(CauseFix):
     """A comparison that cannot be set up as asked (a usage error: cause + fix)."""
-
-    def __init__(self, cause: str, fix: str) -> None:
-        super().__init__(cause)
-        self.cause, self.fix = cause, fix
 
 
 class StackFailed(Exception):

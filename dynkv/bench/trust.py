@@ -18,17 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynkv.errors import CauseFix
 from dynkv.tls.model import CA_ENV, ClientTLS
 
 OPTION = "--ca-cert"
 
 
-class TrustError(Exception):
+class TrustError(CauseFix):
     """A CA file that cannot be used (a usage error: cause + fix)."""
-
-    def __init__(self, cause: str, fix: str) -> None:
-        super().__init__(cause)
-        self.cause, self.fix = cause, fix
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynkv.errors import CauseFix
+
 WORKLOADS = ("multi-turn", "long-doc", "shared-prefix")
 AFFINITIES = ("prefix", "user")
 REPEAT_MODES = ("tile", "random", "interleave")
@@ -63,12 +65,8 @@ WORDS = tuple(_WORD_TEXT.split())
 LONG_DOC_QUESTION = "what is this document about."  # 6 words + period: 7 tokens by the estimate
 
 
-class WorkloadError(ValueError):
+class WorkloadError(CauseFix, ValueError):
     """A workload parameter out of range: the cause and how to fix it (the CLI prints both)."""
-
-    def __init__(self, cause: str, fix: str) -> None:
-        super().__init__(cause)
-        self.cause, self.fix = cause, fix
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,18 @@ from typer._click.exceptions import BadParameter, NoSuchOption, UsageError
 from typer.core import TyperGroup
 
 from dynkv.cli.output import failure
+from dynkv.errors import CauseFix
 from dynkv.settings.errors import SettingsError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class UserError(Exception):
+class UserError(CauseFix):
     """A problem the user can fix (not a bug): printed as cause + fix, never as a traceback."""
 
     def __init__(self, cause: str, fix: str, exit_code: int = EXIT_FAILURE) -> None:
-        super().__init__(cause)
-        self.cause, self.fix, self.exit_code = cause, fix, exit_code
+        super().__init__(cause, fix)
+        self.exit_code = exit_code
 
 
 class DynkvGroup(TyperGroup):

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dynkv.errors import CauseFix
 from dynkv.model import tokenizer as tok
 from dynkv.model.presets import PRESETS, ModelShape
 from dynkv.model.weights import write_safetensors
@@ -45,12 +46,8 @@ RANDOM_WEIGHTS_NOTE = (
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class ModelError(Exception):
+class ModelError(CauseFix):
     """Bad input to the generator (unknown preset, occupied output): a cause and a fix."""
-
-    def __init__(self, cause: str, fix: str) -> None:
-        super().__init__(cause)
-        self.cause, self.fix = cause, fix
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,14 @@ import hashlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from dynkv.errors import CauseFix
+
 SUMS_FILE = "SHA256SUMS"
 _CHUNK = 1 << 20
 
 
-class IntegrityError(Exception):
+class IntegrityError(CauseFix):
     """A model file is missing or does not match its recorded checksum."""
-
-    def __init__(self, cause: str, fix: str) -> None:
-        super().__init__(cause)
-        self.cause, self.fix = cause, fix
 
 
 def sha256_file(path: Path, advance: Callable[[int], None] | None = None) -> str:
