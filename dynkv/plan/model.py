@@ -65,26 +65,27 @@ class HttpProbe(_Frozen):
         return f"GET {self.url}"
 
 
-class TcpProbe(_Frozen):
+class _SocketProbe(_Frozen):
+    """A probe of one host:port; each subclass narrows `kind`, which `describe` names."""
+
+    kind: str
+    host: str
+    port: int
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.host}:{self.port}"
+
+
+class TcpProbe(_SocketProbe):
     """A connection to host:port is accepted."""
 
     kind: Literal["tcp"] = "tcp"
-    host: str
-    port: int
-
-    def describe(self) -> str:
-        return f"tcp {self.host}:{self.port}"
 
 
-class NatsProbe(_Frozen):
+class NatsProbe(_SocketProbe):
     """The server at host:port greets with an `INFO ` line (it is NATS, not just a socket)."""
 
     kind: Literal["nats"] = "nats"
-    host: str
-    port: int
-
-    def describe(self) -> str:
-        return f"nats {self.host}:{self.port}"
 
 
 class EtcdHealthProbe(_Frozen):
