@@ -2,7 +2,7 @@
 
 Semantics (Dynamo's filter; docs/kvbm.md): a block's frequency starts at 1 when it is first seen and
 doubles on each further sighting (a hit, or a store of a block seen before); every decay period
-all frequencies drop by 1 and zeros are forgotten; a block is offloaded to disk only when its
+(counted from the filter's creation) all frequencies drop by 1 and zeros are forgotten; a block is offloaded to disk only when its
 frequency is ≥ 2. The table is bounded: past `max_entries` the least recently seen entry goes.
 
 Decay is applied lazily on access, by whole periods elapsed, so there is no timer thread and tests
@@ -31,11 +31,15 @@ class FrequencyFilter:
         self.decay_secs = decay_secs
         self.max_entries = max_entries
         self._clock = clock
+        # Periods start when the filter does, not at multiples of the monotonic clock (host
+        # uptime): otherwise a period could end a moment after the engine starts, and a block
+        # seen once before that moment and again after it would look seen once.
+        self._origin = clock()
         self._freq: OrderedDict[int, int] = OrderedDict()
         self._period = self._current_period()
 
     def _current_period(self) -> int:
-        return int(self._clock() // self.decay_secs)
+        return int((self._clock() - self._origin) // self.decay_secs)
 
     def _decay(self) -> None:
         period = self._current_period()

@@ -134,6 +134,19 @@ def test_filter_arithmetic():
     assert f.frequency(1) == 0 and len(f) == 0  # zeros are forgotten
 
 
+def test_filter_periods_start_with_the_filter():
+    """A filter created 0.1 s before the monotonic clock passes a multiple of the period: a block
+    seen on both sides of that moment has been seen twice (its first period is not over)."""
+    clock = Clock()
+    clock.now = 599.9
+    f = FrequencyFilter(decay_secs=600, max_entries=10, clock=clock)
+    f.observe(1)
+    clock.now = 600.1
+    assert f.observe(1) == 2 and f.should_offload(1)
+    clock.now = 599.9 + 600  # the filter's first period ends
+    assert f.frequency(1) == 1
+
+
 def test_filter_table_is_bounded_lru():
     f = FrequencyFilter(decay_secs=600, max_entries=3, clock=Clock())
     for key in (1, 2, 3):
