@@ -19,7 +19,16 @@ from dynkv.cli.output import emit_json
 from dynkv.doctor import exit_code, run_checks, to_json
 
 
-@settings_options(*WORKER_SHAPE, "name", "device", *INFRA_AND_FRONTEND, "advertise", *KVBM_FLAGS)
+@settings_options(
+    *WORKER_SHAPE,
+    "name",
+    "device",
+    *INFRA_AND_FRONTEND,
+    "advertise",
+    *KVBM_FLAGS,
+    "device_kv_gb",
+    "max_model_len",
+)
 def doctor(flags: dict[str, Any], json_out: JsonOpt = False) -> None:
     """Check the GPU, vLLM, memory, disk tier, tier sizes, model, ports and etcd/NATS before
     `dynkv up`; exit 1 when something would fail, 0 when there are at most warnings."""

@@ -92,6 +92,7 @@ G3VolumeOpt = Annotated[
     "router",
     "kvbm",
     "device_kv_gb",
+    "max_model_len",
     "engine_args",
 )
 def export(

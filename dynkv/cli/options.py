@@ -157,6 +157,14 @@ SETTINGS_OPTIONS: dict[str, Any] = {
     "device_kv_gb": Annotated[
         float | None, typer.Option("--device-kv-gb", help="G1 (vLLM's KV cache) per worker, GB.")
     ],
+    "max_model_len": Annotated[
+        int | None,
+        typer.Option(
+            "--max-model-len",
+            min=16,
+            help="Longest sequence a worker accepts (vLLM's --max-model-len; default: the model's).",
+        ),
+    ],
     "observability": Annotated[
         bool | None,
         typer.Option(

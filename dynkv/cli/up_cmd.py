@@ -86,6 +86,7 @@ SkipChecksOpt = Annotated[
     "router_tier_weights",
     "kvbm",
     "device_kv_gb",
+    "max_model_len",
     "observability",
     "engine_args",
 )

@@ -289,6 +289,24 @@ def test_up_dry_run_passes_words_after_dashdash_and_says_they_were_not_checked(n
     assert any("not checked against vLLM's parser" in n for n in data["notes"])
 
 
+def test_up_max_model_len_flag_reaches_every_worker_and_conflicts_with_the_words(no_vllm):
+    result = CliRunner().invoke(
+        app, ["up", "--dry-run", "--json", "--device", "cpu", "--workers", "2",
+              "--max-model-len", "1024"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    workers = [s for s in json.loads(result.stdout)["services"] if s["role"] == "agg"]
+    assert len(workers) == 2
+    for worker in workers:
+        argv = vllm_part(worker["argv"])
+        assert argv[argv.index("--max-model-len") + 1] == "1024"
+    both = ["up", "--dry-run", "--max-model-len", "1024", "--", "--max-model-len", "2048"]
+    result = CliRunner().invoke(app, both)
+    assert result.exit_code == 2 and "both set it" in result.output
+    result = CliRunner().invoke(app, ["up", "--dry-run", "--max-model-len", "8"])
+    assert result.exit_code == 2 and "--max-model-len 16 or more" in result.output
+
+
 def test_up_refuses_a_positional_word_after_dashdash(no_vllm):
     result = CliRunner().invoke(app, ["up", "--dry-run", "--", "max-num-seqs", "8"])
     assert result.exit_code == 2 and "is not an option" in result.output
