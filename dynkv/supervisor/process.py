@@ -151,6 +151,7 @@ def spawn(service: Service, *, instance: str, log_path: Path, append: bool = Fal
         argv=mask_argv(service.argv),
         probes=[probe_json(p) for p in service.probes],
         data_dirs=list(service.data_dirs),
+        depends_on=list(service.depends_on),
         info=service.info,
     )
     return Spawned(popen, writer, record)

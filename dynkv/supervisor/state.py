@@ -89,6 +89,9 @@ class ServiceRecord(_Kept):
     argv: list[str] = Field(default_factory=list)
     probes: list[dict[str, Any]] = Field(default_factory=list)  # plan.model.probe_json
     data_dirs: list[str] = Field(default_factory=list)
+    # the services this one needed running (the plan's depends_on): it is stopped before them.
+    # None in a state written before dynkv recorded it; such a state stops one service at a time
+    depends_on: list[str] | None = None
     container_id: str | None = None
     info: ServiceInfo = Field(
         default_factory=ServiceInfo,

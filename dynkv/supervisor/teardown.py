@@ -1,9 +1,10 @@
 """Stop a deployment, from the process that runs it or from any other (`dynkv down`).
 
 The rules this module keeps:
-- Stopping goes in reverse start order, then sweeps every process carrying the run's
-  `DYNKV_INSTANCE` marker (descendants that escaped their process group) and removes the
-  services' data dirs (etcd data, NATS store). Logs are kept for a post-mortem.
+- Stopping goes by the start waves reversed, the services of a wave together (`stop_waves`),
+  then sweeps every process carrying the run's `DYNKV_INSTANCE` marker (descendants that
+  escaped their process group) and removes the services' data dirs (etcd data, NATS store).
+  Logs are kept for a post-mortem.
 - A foreground or still-starting `up` tears its own services down when told to (SIGTERM): `down`
   asks it first and gives it the time, rather than racing it.
 - `down` is idempotent and stops what it can find even without a readable state: processes
@@ -18,6 +19,8 @@ import shutil
 import signal
 import stat
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from dynkv.supervisor.process import (
     terminate,
     with_descendants,
 )
-from dynkv.supervisor.state import CorruptState, DeploymentState, StateStore
+from dynkv.supervisor.state import CorruptState, DeploymentState, ServiceRecord, StateStore
 from dynkv.supervisor.units import unit_for
 
 DEFAULT_GRACE = 10.0
@@ -74,19 +77,30 @@ def stop_state(
     """Stop every service of `state` (call under the state lock)."""
     docker = docker or DockerBackend()  # contacted only for a container service
     report = StopReport(found=True)
-    for record in reversed(state.services):
-        if observer:
-            # a display that lost its terminal (EIO) or its reader (rich: SystemExit) must not
-            # cut the teardown short
-            with contextlib.suppress(OSError, SystemExit):
-                observer.stopping(record.name)
+
+    def stop(record: ServiceRecord) -> int | DockerUnavailable:
         try:
-            report.killed += unit_for(record, docker).stop(instance=state.instance, grace=grace)
+            return unit_for(record, docker).stop(instance=state.instance, grace=grace)
         except DockerUnavailable as exc:
-            report.warnings.append(f"{record.name}: {exc.cause}")
-        else:
-            report.containers += int(record.is_container and bool(record.container_id))
-        report.stopped.append(record.name)
+            return exc
+
+    for wave in stop_waves(state.services):
+        if observer:
+            for record in wave:
+                # a display that lost its terminal (EIO) or its reader (rich: SystemExit) must
+                # not cut the teardown short
+                with contextlib.suppress(OSError, SystemExit):
+                    observer.stopping(record.name)
+        # a fleet's workers stop together: `down` waits for the slowest, not for their sum
+        with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+            outcomes = list(pool.map(stop, wave))
+        for record, outcome in zip(wave, outcomes, strict=True):
+            if isinstance(outcome, DockerUnavailable):
+                report.warnings.append(f"{record.name}: {outcome.cause}")
+            else:
+                report.killed += outcome
+                report.containers += int(record.is_container and bool(record.container_id))
+            report.stopped.append(record.name)
     stragglers = with_descendants(marked_processes(state.instance))
     if stragglers:
         report.stragglers = len(stragglers)
@@ -97,6 +111,24 @@ def stop_state(
     if clear:
         store.clear()
     return report
+
+
+def stop_waves(services: Sequence[ServiceRecord]) -> list[list[ServiceRecord]]:
+    """The start waves reversed: every service stops before the services it depends on (a
+    worker deregisters while etcd still runs), and the services of one wave stop together. A
+    state written before dynkv recorded `depends_on` stops one service at a time, in reverse
+    start order."""
+    if any(record.depends_on is None for record in services):
+        return [[record] for record in reversed(services)]
+    wave_of: dict[str, int] = {}
+    for record in services:  # start order: what a service depends on was started before it
+        deps = [wave_of[d] for d in record.depends_on or () if d in wave_of]
+        wave_of[record.name] = 1 + max(deps, default=-1)
+    last = max(wave_of.values(), default=-1)
+    return [
+        [record for record in reversed(services) if wave_of[record.name] == wave]
+        for wave in range(last, -1, -1)
+    ]
 
 
 def _remove_inside(path: Path, root: Path) -> None:

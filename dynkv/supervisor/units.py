@@ -182,6 +182,7 @@ def start_unit(
             argv=list(service.container.command),
             probes=[probe_json(p) for p in service.probes],
             data_dirs=list(service.data_dirs),
+            depends_on=list(service.depends_on),
             info=service.info,
         )
         return ContainerUnit(record, docker)

@@ -31,7 +31,8 @@ from dynkv.supervisor import (
     read_state,
     stop_deployment,
 )
-from dynkv.supervisor.state import INSTANCE_ENV
+from dynkv.supervisor.state import INSTANCE_ENV, ServiceRecord
+from dynkv.supervisor.teardown import stop_waves
 
 pytestmark = pytest.mark.integration
 
@@ -216,6 +217,67 @@ def test_independent_services_start_together_and_dependents_after_them(env):
     finally:
         stop_deployment(plan.deployment_dir, grace=3)
     assert_nothing_left(pids_of(state), plan.deployment_dir)
+
+
+SLOW_TO_STOP = """
+import signal, socket, sys, time
+log, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def on_term(*_):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's and the process's own SIGTERM
+    with open(log, "a") as f:
+        f.write(name + " term\\n")
+    time.sleep(0.5)
+    with open(log, "a") as f:
+        f.write(name + " exit\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+s = socket.socket(); s.bind(("127.0.0.1", port)); s.listen()
+time.sleep(600)
+"""
+
+
+def test_down_stops_a_wave_together_and_dependents_first(env, tmp_path):
+    """`down` stops by the start waves reversed: what depends on the others (the frontend) first,
+    then the services of one wave (a fleet's workers) together: both are told to stop before
+    either has finished, each taking half a second to."""
+    plan = infra_plan(env)
+    events = tmp_path / "events"
+
+    def service(name: str, deps: tuple[str, ...]) -> Service:
+        port = free_port()
+        return Service(
+            name=name,
+            role="test",
+            argv=(sys.executable, "-c", SLOW_TO_STOP, str(events), str(port), name),
+            cwd=plan.deployment_dir,
+            probes=(TcpProbe(host="127.0.0.1", port=port),),
+            depends_on=deps,
+            log_file=f"{plan.deployment_dir}/logs/{name}.log",
+        )
+
+    plan = plan.replace(services=(service("a", ()), service("b", ()), service("front", ("a", "b"))))
+    state = Supervisor(plan, poll_interval=0.05).start(detach=True)
+    assert [s.depends_on for s in state.services] == [[], [], ["a", "b"]]
+    report = stop_deployment(plan.deployment_dir, grace=5)
+    assert report.stopped == ["front", "b", "a"] and report.killed == 0
+    lines = events.read_text().splitlines()
+    assert lines[:2] == ["front term", "front exit"]
+    assert sorted(lines[2:4]) == ["a term", "b term"]  # both told before either is done
+    assert sorted(lines[4:]) == ["a exit", "b exit"]
+    assert_nothing_left(pids_of(state), plan.deployment_dir)
+
+
+def test_a_state_without_dependencies_stops_one_service_at_a_time():
+    """A state file written before dynkv recorded `depends_on` keeps the old order."""
+    old = [ServiceRecord(name=n, role="test") for n in ("etcd", "nats", "worker")]
+    assert stop_waves(old) == [[old[2]], [old[1]], [old[0]]]
+    new = [
+        ServiceRecord(name="etcd", role="etcd", depends_on=[]),
+        ServiceRecord(name="w0", role="agg", depends_on=["etcd", "gone"]),  # gone: not recorded
+        ServiceRecord(name="w1", role="agg", depends_on=["etcd"]),
+        ServiceRecord(name="fe", role="frontend", depends_on=["w0", "w1"]),
+    ]
+    assert [[r.name for r in wave] for wave in stop_waves(new)] == [["fe"], ["w1", "w0"], ["etcd"]]
 
 
 def test_a_service_never_healthy_times_out_and_leaves_nothing(env):
