@@ -4,7 +4,8 @@ background one of `up -d`) stop and start chosen services, and wait until they a
 The request travels as a file in the deployment's state dir (`StateStore.add_restart_request`),
 written under the state lock; the supervisor takes it at its next check (about a second). The
 supervisor restarts, not this command, because only it has the plan (the services' environment
-and secrets are not in the state file) and is their parent. docs/restart.md.
+and secrets are not in the state file) and is their parent. With `--rolling` the requests go one
+service at a time, each after the one before is healthy again. docs/restart.md.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ WaitOpt = Annotated[
 TimeoutOpt = Annotated[
     float, typer.Option("--timeout", "-t", help="Seconds to wait for them to be healthy.")
 ]
+RollingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--rolling",
+        help="One service at a time, each healthy again before the next is stopped "
+        "(a fleet keeps serving on the others).",
+    ),
+]
 TAKE_WITHIN = 15.0  # seconds for the supervisor to take the request before we call it gone
 
 
@@ -41,11 +50,18 @@ def restart(
     services: ServicesArg = None,
     name: NameOpt = None,
     wait: WaitOpt = True,
+    rolling: RollingOpt = False,
     timeout: TimeoutOpt = 900.0,
     json_out: JsonOpt = False,
 ) -> None:
     """Restart services of a running deployment (default: every worker), waiting until they
     are healthy again. Works for foreground and detached (`up -d`) deployments."""
+    if rolling and not wait:
+        raise UserError(
+            "--rolling waits for each service before it restarts the next",
+            "drop --no-wait, or drop --rolling to ask for every restart at once",
+            EXIT_USAGE,
+        )
     dep_name, ddir = _deployment(name)
     state = _state(dep_name, ddir)
     chosen = _choose(state, services, dep_name)
@@ -56,16 +72,20 @@ def restart(
             f"dynkv down --name {dep_name}, then dynkv up -d --name {dep_name}",
         )
     store = StateStore(ddir)
-    asked_at = time.time()
-    with store.lock():
-        store.add_restart_request(chosen)
     if not wait:
+        with store.lock():
+            store.add_restart_request(chosen)
         if json_out:
             emit_json({"name": dep_name, "asked": chosen})
         else:
             err.print(f"asked the supervisor to restart {escape(', '.join(chosen))}")
         return
-    took = _wait(store, dep_name, chosen, asked_at, timeout)
+    took: dict[str, float] = {}
+    for batch in [[svc] for svc in chosen] if rolling else [chosen]:
+        asked_at = time.time()
+        with store.lock():
+            store.add_restart_request(batch)
+        took |= _wait(store, dep_name, batch, asked_at, timeout)
     if json_out:
         emit_json({"name": dep_name, "restarted": took})
         return

@@ -157,6 +157,47 @@ def test_the_background_supervisor_restarts_a_killed_service_and_takes_requests(
     assert_nothing_left(pids, plan.deployment_dir)
 
 
+SLOW_START = (
+    "import socket, sys, time\n"
+    "time.sleep(1.5)  # loading, as a vLLM engine does before it answers\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); time.sleep(600)\n"
+)
+
+
+def test_a_rolling_restart_stops_each_service_after_the_one_before_is_back(env):
+    """`dynkv restart --rolling`: one worker at a time, so the others keep serving: the second
+    is started again only once the first answers, 1.5 s after its own start."""
+    plan = infra_plan(env)
+    slow = [
+        service(name, plan, 600).replace(
+            argv=(sys.executable, "-c", SLOW_START, str(port := free_port())),
+            ports={"tcp": port},
+            probes=(TcpProbe(host="127.0.0.1", port=port),),
+        )
+        for name in ("a", "b")
+    ]
+    plan = plan.replace(services=(plan.services[0], *slow))
+    state = start_in_background(Supervisor(plan, poll_interval=0.1, restart=FAST))
+    pids = [(r.pid, r.create_time) for r in state.services]
+    cli_env = {**os.environ, **env}
+    try:
+        refused = dynkv_cli("restart", "a", "b", "--rolling", "--no-wait", env=cli_env)
+        assert refused.returncode == 2 and "--rolling" in refused.stderr, refused.stderr
+        done = dynkv_cli("restart", "a", "b", "--rolling", "--json", env=cli_env)
+        assert done.returncode == 0, done.stderr
+        assert set(json.loads(done.stdout)["restarted"]) == {"a", "b"}
+        after = read_state(plan.deployment_dir)
+        a, b = after.service("a"), after.service("b")
+        pids += [(a.pid, a.create_time), (b.pid, b.create_time)]
+        assert a.restarts == b.restarts == 1
+        assert b.started_at >= a.started_at + 1.5  # b stopped only once a answered again
+    finally:
+        stop_deployment(plan.deployment_dir, grace=5)
+    wait_for(lambda: not psutil.pid_exists(state.supervisor_pid) or _reaped(state.supervisor_pid))
+    assert_nothing_left(pids, plan.deployment_dir)
+
+
 def _reaped(pid: int) -> bool:
     try:
         return os.waitpid(pid, os.WNOHANG)[0] == pid
