@@ -2,8 +2,9 @@
 
 Semantics (Dynamo's filter; docs/kvbm.md): a block's frequency starts at 1 when it is first seen and
 doubles on each further sighting (a hit, or a store of a block seen before); every decay period
-(counted from the filter's creation) all frequencies drop by 1 and zeros are forgotten; a block is offloaded to disk only when its
-frequency is ≥ 2. The table is bounded: past `max_entries` the least recently seen entry goes.
+(counted from the filter's creation) all frequencies drop by 1 and zeros are forgotten; a block is
+offloaded to disk only when its frequency is ≥ 2. The table is bounded: past `max_entries` the
+least recently seen entry goes.
 
 Decay is applied lazily on access, by whole periods elapsed, so there is no timer thread and tests
 drive time through an injected clock.
