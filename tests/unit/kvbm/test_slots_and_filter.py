@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from dynkv.kvbm.filter import FrequencyFilter
+from dynkv.kvbm.filter import SWEEP, FrequencyFilter
 from dynkv.kvbm.slots import PoolFull, SlotIndex
 
 
@@ -145,6 +145,25 @@ def test_filter_periods_start_with_the_filter():
     assert f.observe(1) == 2 and f.should_offload(1)
     clock.now = 599.9 + 600  # the filter's first period ends
     assert f.frequency(1) == 1
+
+
+def test_a_period_end_walks_no_table():
+    """Decay is per entry: when a period ends, the entries that decayed to zero read as never
+    seen at once, and are dropped a few per call (SWEEP) instead of in one pass over the whole
+    table inside the scheduler's step; entries still alive keep their place."""
+    clock = Clock()
+    f = FrequencyFilter(decay_secs=600, max_entries=1000, clock=clock)
+    for key in range(100):
+        f.observe(key)
+    f.observe(100)
+    f.observe(100)  # frequency 2: alive after one period
+    clock.now = 600
+    assert f.frequency(5) == 0 and f.frequency(100) == 1
+    assert len(f) == 101 - 2 * SWEEP  # two calls, SWEEP dropped by each
+    assert f.observe(7) == 1  # a decayed entry counts as never seen
+    while len(f) > 2:
+        f.frequency(0)
+    assert f.frequency(100) == 1 and f.frequency(7) == 1
 
 
 def test_filter_table_is_bounded_lru():
