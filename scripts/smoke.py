@@ -73,7 +73,15 @@ def smoke_env(state_dir: Path) -> dict[str, str]:
 def worker_kvbm(env: dict[str, str]) -> dict:
     status = dynkv_cli("status", "--json", env=env)
     if status.returncode != 0:
-        raise SystemExit(f"dynkv status failed: {status.stderr[-2000:]}")
+        try:  # exit 1: a service is not healthy; its probe's detail says why
+            unhealthy = {
+                s["name"]: s["detail"]
+                for s in json.loads(status.stdout)["services"]
+                if not s["healthy"]
+            }
+        except (ValueError, KeyError):
+            unhealthy = {}
+        raise SystemExit(f"dynkv status failed: {unhealthy} {status.stderr[-2000:]}")
     services = json.loads(status.stdout)["services"]
     return next(s for s in services if s["role"] in ("agg", "decode"))["kvbm"] or {}
 

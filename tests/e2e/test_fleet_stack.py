@@ -429,7 +429,7 @@ def test_a_worker_killed_under_load_is_restarted_and_only_its_requests_fail(flee
     status = json.loads(dynkv("status", "--json", env=env).stdout)
     worker = next(s for s in status["services"] if s["name"] == "worker-1")
     assert worker["restarts"] == 1 and worker["last_exit"]["describe"] == "killed by SIGKILL"
-    assert worker["healthy"], worker
+    assert worker["healthy"], worker["detail"]
     with EtcdClient(f"http://127.0.0.1:{env['DYNKV_ETCD_PORT']}") as etcd:
         keys = sorted(kv.key for kv in etcd.get_prefix(f"/dynkv/{NAME}/workers/").kvs)
     assert keys == [f"/dynkv/{NAME}/workers/agg-0", f"/dynkv/{NAME}/workers/agg-1"]
