@@ -13,7 +13,7 @@ another process.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -379,8 +379,17 @@ def start_waves(services: tuple[Service, ...]) -> tuple[tuple[Service, ...], ...
     same time (a disagg deployment's prefill and decode workers each take minutes to load a model
     on their own GPU, or their own cores), and a service still never starts before what it needs
     is healthy."""
-    wave_of: dict[str, int] = {}
-    for svc in topological_order(services):
-        wave_of[svc.name] = 1 + max((wave_of[d] for d in svc.depends_on), default=-1)
+    wave_of = wave_numbers((svc.name, svc.depends_on) for svc in topological_order(services))
     count = 1 + max(wave_of.values(), default=-1)
     return tuple(tuple(s for s in services if wave_of[s.name] == i) for i in range(count))
+
+
+def wave_numbers(ordered: Iterable[tuple[str, Sequence[str]]]) -> dict[str, int]:
+    """Each (name, depends_on), given after everything it depends on: its start wave, one past
+    the latest of its dependencies' (0 without any). A dependency not among them is ignored (a
+    recorded service whose dependency runs on another host). `start_waves` starts by it, and
+    `down` stops by it, reversed (`supervisor.teardown.stop_waves`)."""
+    wave_of: dict[str, int] = {}
+    for name, depends_on in ordered:
+        wave_of[name] = 1 + max((wave_of[d] for d in depends_on if d in wave_of), default=-1)
+    return wave_of

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 
 from dynkv.infra.docker import DockerBackend, DockerUnavailable
-from dynkv.plan.model import Service
+from dynkv.plan.model import Service, wave_numbers
 from dynkv.supervisor.process import (
     marked_processes,
     marker_prefix,
@@ -120,10 +120,8 @@ def stop_waves(services: Sequence[ServiceRecord]) -> list[list[ServiceRecord]]:
     start order."""
     if any(record.depends_on is None for record in services):
         return [[record] for record in reversed(services)]
-    wave_of: dict[str, int] = {}
-    for record in services:  # start order: what a service depends on was started before it
-        deps = [wave_of[d] for d in record.depends_on or () if d in wave_of]
-        wave_of[record.name] = 1 + max(deps, default=-1)
+    # start order: what a service depends on was started before it
+    wave_of = wave_numbers((record.name, record.depends_on or ()) for record in services)
     last = max(wave_of.values(), default=-1)
     return [
         [record for record in reversed(services) if wave_of[record.name] == wave]
