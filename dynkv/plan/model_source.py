@@ -38,7 +38,19 @@ def placeholder(name: str) -> str:
 
 
 def looks_local(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+    if model.startswith(("/", "./", "../", "~")):
+        return True
+    try:
+        return Path(model).expanduser().exists()
+    except OSError:  # a name too long for the file system (ENAMETOOLONG): no directory there
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # too long a name for the file system: no directory there
+        return False
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -91,7 +103,7 @@ def choose_model(
         )
     if model and looks_local(model):
         path = Path(model).expanduser().resolve()
-        if not path.is_dir():
+        if not _is_dir(path):
             raise SettingsError(
                 f"model directory {path} does not exist",
                 "pass --model with an existing model directory or a Hugging Face id",

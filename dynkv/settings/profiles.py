@@ -86,19 +86,28 @@ def _locate(name_or_path: str) -> Path:
     candidate = Path(name_or_path).expanduser()
     looks_like_path = "/" in name_or_path or name_or_path.endswith(".toml")
     if looks_like_path:
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
         raise SettingsError(
             f"profile file {name_or_path} does not exist",
             "pass an existing .toml file, or one of: " + ", ".join(available_profile_names()),
         )
     builtin = profiles_dir() / f"{name_or_path}.toml"
-    if builtin.is_file():
+    if _is_file(builtin):
         return builtin
     raise SettingsError(
         f"unknown profile {name_or_path!r}; available: " + ", ".join(available_profile_names()),
         f"use --profile {DEFAULT_PROFILE} (or another name above), or a path to a .toml file",
     )
+
+
+def _is_file(path: Path) -> bool:
+    """`Path.is_file`, but a name the file system refuses (too long: ENAMETOOLONG, which Python
+    3.11 raises instead of answering False) names no profile either."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _parse(path: Path, raw: dict[str, Any]) -> Profile:

@@ -19,6 +19,7 @@ from dynkv.model import integrity
 from dynkv.model.fetch import FetchError, fetch_model, installed
 from dynkv.plan.model_source import choose_model, served_name_for
 from dynkv.ports import free_port
+from dynkv.settings import SettingsError
 
 
 @pytest.fixture
@@ -185,6 +186,14 @@ def test_a_directory_serves_under_the_models_own_name(tmp_path):
     plain.mkdir()
     assert served_name_for(str(plain)) == "my-model"
     assert choose_model(str(hf), "cpu", served_name="mine").served_name == "mine"
+
+
+def test_a_model_name_too_long_for_the_file_system_is_an_id_or_a_missing_directory():
+    # Path.exists/is_dir raise ENAMETOOLONG on Python 3.11: a user's typo, not a cache failure
+    long = "a" * 300
+    assert choose_model(long, "cuda").model == long  # not a directory here: a Hugging Face id
+    with pytest.raises(SettingsError, match="does not exist"):
+        choose_model("/" + long, "cpu")
 
 
 def test_catalogue_names_and_the_cpu_default_plan_without_fetching(clean_env, tmp_path):

@@ -231,6 +231,14 @@ def test_unknown_profile_lists_the_available_ones():
     assert "gpu-cpu-disk" in info.value.cause and "gpu-disk" in info.value.cause
 
 
+@pytest.mark.parametrize("name", ["9" * 400, "/tmp/" + "x" * 400 + ".toml"])
+def test_a_profile_name_too_long_for_the_file_system_is_unknown(name):
+    # Path.is_file raises ENAMETOOLONG on Python 3.11 instead of answering False (found by
+    # test_cli_fuzz's environment values: DYNKV_PROFILE=999…)
+    with pytest.raises(SettingsError, match="profile"):
+        load_profile(name)
+
+
 def test_malformed_toml(tmp_path):
     prof = write_profile(tmp_path, "[kvbm\ncpu_cache_gb = 1\n")
     with pytest.raises(SettingsError, match="not valid TOML"):
