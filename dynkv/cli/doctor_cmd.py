@@ -8,8 +8,7 @@ import typer
 
 from dynkv.cli.check_report import render_report
 from dynkv.cli.options import (
-    INFRA_AND_FRONTEND,
-    KVBM_FLAGS,
+    ON_THIS_HOST,
     WORKER_SHAPE,
     JsonOpt,
     resolve_from_options,
@@ -21,11 +20,7 @@ from dynkv.doctor import exit_code, run_checks, to_json
 
 @settings_options(
     *WORKER_SHAPE,
-    "name",
-    "device",
-    *INFRA_AND_FRONTEND,
-    "advertise",
-    *KVBM_FLAGS,
+    *ON_THIS_HOST,
     "device_kv_gb",
     "max_model_len",
 )

@@ -201,8 +201,19 @@ WORKER_SHAPE = (
     "gpus",
     "model",
 )
-# Where etcd and NATS come from, and where the frontend listens (doctor checks them, up runs them).
-INFRA_AND_FRONTEND = ("infra", "etcd_endpoints", "nats_url", "host", "port")
+# What doctor checks on this host and up runs there, after WORKER_SHAPE: the deployment and its
+# device, where etcd and NATS come from, where the frontend listens and is reached, the KVBM tiers.
+ON_THIS_HOST = (
+    "name",
+    "device",
+    "infra",
+    "etcd_endpoints",
+    "nats_url",
+    "host",
+    "port",
+    "advertise",
+    *KVBM_FLAGS,
+)
 
 
 def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

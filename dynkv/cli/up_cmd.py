@@ -24,8 +24,7 @@ from dynkv.cli.display import (
 )
 from dynkv.cli.group import EXIT_FAILURE, EXIT_USAGE, UserError
 from dynkv.cli.options import (
-    INFRA_AND_FRONTEND,
-    KVBM_FLAGS,
+    ON_THIS_HOST,
     WORKER_SHAPE,
     JsonOpt,
     resolve_from_options,
@@ -71,11 +70,7 @@ SkipChecksOpt = Annotated[
 @settings_options(
     *WORKER_SHAPE,
     "served_model_name",
-    "name",
-    "device",
-    *INFRA_AND_FRONTEND,
-    "advertise",
-    *KVBM_FLAGS,
+    *ON_THIS_HOST,
     "api_key",
     "api_key_file",
     "tls_cert",
