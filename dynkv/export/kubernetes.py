@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from dynkv.export import containers
 from dynkv.export import k8s_objects as k8s
 from dynkv.export.compose import probe_command
 from dynkv.export.containers import (
@@ -35,10 +36,6 @@ from dynkv.export.containers import (
     ContainerWorker,
     ExportOptions,
     Naming,
-    infra_endpoints,
-    infra_in_containers,
-    secret_union,
-    translate,
 )
 from dynkv.plan.model import HttpProbe, Plan, Probe
 
@@ -59,7 +56,9 @@ def uses_handoff(plan: Plan) -> bool:
 
 def naming(plan: Plan) -> Naming:
     base = k8s.base_name(plan)
-    etcd, nats = infra_endpoints(plan, etcd_host=f"{base}-etcd", nats_host=f"{base}-nats")
+    etcd, nats = containers.infra_endpoints(
+        plan, etcd_host=f"{base}-etcd", nats_host=f"{base}-nats"
+    )
     one_pod = uses_handoff(plan)  # fixed containers: they keep the plan's ids
     return Naming(
         etcd=etcd,
@@ -73,7 +72,7 @@ def naming(plan: Plan) -> Naming:
 def manifests(plan: Plan, options: ExportOptions) -> list[dict[str, Any]]:
     """Every object of the deployment except the Secret (see `secret_manifest`)."""
     base = k8s.base_name(plan)
-    workers, frontend = translate(plan, options, naming(plan))
+    workers, frontend = containers.translate(plan, options, naming(plan))
     shared = _shared_env(workers)
     docs: list[dict[str, Any]] = [
         k8s.resource("v1", "ConfigMap", f"{base}-settings", plan, "settings", data=shared)
@@ -89,7 +88,7 @@ def manifests(plan: Plan, options: ExportOptions) -> list[dict[str, Any]]:
                 data={"profile.toml": options.profile_text},
             )
         )
-    if infra_in_containers(plan):
+    if containers.infra_in_containers(plan):
         docs += k8s.etcd(plan, options) + k8s.nats(plan, options)
     groups: dict[str, list[ContainerWorker]] = {}
     if uses_handoff(plan):
@@ -99,16 +98,16 @@ def manifests(plan: Plan, options: ExportOptions) -> list[dict[str, Any]]:
             groups.setdefault("worker" if worker.role == "agg" else worker.role, []).append(worker)
     for group, members in groups.items():
         one_pod = group == "disagg"
-        containers = members if one_pod else members[:1]
+        in_pod = members if one_pod else members[:1]
         replicas = 1 if one_pod else len(members)
-        docs.append(_workers(plan, options, group, containers, replicas, shared))
+        docs.append(_workers(plan, options, group, in_pod, replicas, shared))
     docs += _frontend(plan, options, frontend)
     return docs
 
 
 def secret_names(plan: Plan, options: ExportOptions) -> tuple[str, ...]:
-    workers, frontend = translate(plan, options, naming(plan))
-    return secret_union((*workers, frontend))
+    workers, frontend = containers.translate(plan, options, naming(plan))
+    return containers.secret_union((*workers, frontend))
 
 
 def secret_manifest(plan: Plan, values: Mapping[str, str]) -> dict[str, Any]:
