@@ -10,7 +10,7 @@ benchmark compares policies on one fleet). Per request routed by `kv`:
    new long prompt does not stall the loop (on a busy small host the hop to that thread and
    back cost a few milliseconds of every decision); a request this cannot tokenize is routed
    least outstanding, counted as reason `tokenize_failed`;
-2. `KvRouter.pick` with each candidate's load: the prompt tokens this frontend has sent it that
+2. `KvRouter.pick` of the prompt (its tokens and cache salt) with each candidate's load: the prompt tokens this frontend has sent it that
    are not prefilled yet (released when the worker's first byte arrives; how long the oldest
    has been computing, `prefill_book.py`) and its requests in flight; it chooses by estimated
    TTFT (dynkv/router/score.py) or, while NATS is down, by load (reason `nats_down`, also
@@ -187,6 +187,7 @@ class KvRouting:
             assert fallback is not None
             choice = Choice(fallback.worker, TOKENIZE_FAILED)
             return KvPick(choice, None, time.perf_counter() - t0)
+        from dynkv.router.router import Prompt
         from dynkv.router.score import WorkerLoad
 
         by_id = {w.id: w for w in candidates}
@@ -200,7 +201,7 @@ class KvRouting:
                 head_prefill_elapsed_s=queue.head_elapsed_s,
             )
         salt = req.body.get("cache_salt")
-        decision = self.router.pick(ids, loads, salt if isinstance(salt, str) else None)
+        decision = self.router.pick(Prompt(ids, salt if isinstance(salt, str) else None), loads)
         chosen = decision.chosen
         if log.isEnabledFor(logging.DEBUG):  # why this worker: every candidate's estimate
             log.debug(

@@ -1,7 +1,7 @@
 """The KV-aware routing policy as a frontend uses it: events in, one decision per request.
 
-`KvRouter` owns the index, its sync and the NATS subscriber. `pick(token_ids, loads, cache_salt)`
-(and `estimate`, the same answer without a trace) computes the prompt's block keys the way the
+`KvRouter` owns the index, its sync and the NATS subscriber. `pick(prompt, loads)` (and
+`estimate`, the same answer without a trace) computes the prompt's block keys the way the
 workers do (`BlockHasher` rooted in the model fingerprint each worker announces in its rates,
 and the runtime's extra-key convention), matches them and chooses by estimated TTFT. While
 NATS is unreachable it falls back to the least loaded worker (one log line per outage;
@@ -17,6 +17,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from dynkv.kvbm.keys import BlockHasher, extra_keys
 from dynkv.router.decide import Decision, observe_boundary, reason_of
@@ -35,6 +36,17 @@ from dynkv.router.sync import IndexSync
 from dynkv.router.tasks import cancel_and_wait
 
 log = logging.getLogger("dynkv.router")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a prompt's block keys hang on: its tokens, and what the runtime folds into the first
+    block's key besides (a tenant's `cache_salt`, a LoRA adapter as `(name, path)`), so that
+    equal tokens of another tenant or adapter match nothing."""
+
+    token_ids: Sequence[int]
+    cache_salt: str | None = None
+    lora: tuple[str, str] | None = None
 
 
 class KvRouter:
@@ -103,61 +115,35 @@ class KvRouter:
         self.inflight.drop_worker(worker)
 
     # ---- decisions -------------------------------------------------------------------------------
-    def prompt_keys(
-        self,
-        token_ids: Sequence[int],
-        fingerprint: str,
-        block_size: int,
-        cache_salt: str | None = None,
-        lora: tuple[str, str] | None = None,
-    ) -> list[int]:
+    def prompt_keys(self, prompt: Prompt, fingerprint: str, block_size: int) -> list[int]:
         hasher = self._hashers.get((fingerprint, block_size))
         if hasher is None:
             hasher = self._hashers[(fingerprint, block_size)] = BlockHasher(
                 bytes.fromhex(fingerprint), block_size
             )
-        lora_name, lora_path = lora if lora is not None else (None, "")
-        return hasher.keys(token_ids, extra_keys(cache_salt, lora_name, lora_path))
+        lora_name, lora_path = prompt.lora if prompt.lora is not None else (None, "")
+        return hasher.keys(prompt.token_ids, extra_keys(prompt.cache_salt, lora_name, lora_path))
 
-    def pick(
-        self,
-        token_ids: Sequence[int],
-        loads: Mapping[str, WorkerLoad],
-        cache_salt: str | None = None,
-        lora: tuple[str, str] | None = None,
-    ) -> Decision:
+    def pick(self, prompt: Prompt, loads: Mapping[str, WorkerLoad]) -> Decision:
         """Choose among `loads` (the healthy workers and what each has outstanding) for a request
         about to be sent: the decision is counted, the prompt heats its prefix, and its blocks are
         recorded as headed to the chosen worker."""
-        return self._decide(token_ids, loads, cache_salt, lora, commit=True)
+        return self._decide(prompt, loads, commit=True)
 
-    def estimate(
-        self,
-        token_ids: Sequence[int],
-        loads: Mapping[str, WorkerLoad],
-        cache_salt: str | None = None,
-        lora: tuple[str, str] | None = None,
-    ) -> Decision:
+    def estimate(self, prompt: Prompt, loads: Mapping[str, WorkerLoad]) -> Decision:
         """What `pick` would decide now, with no trace: nothing counted, heated or recorded. For
         whoever asks without sending (a probe, a test polling the index): a `pick` per poll
         would record the prompt as headed to a worker, and the next poll would find it there."""
-        return self._decide(token_ids, loads, cache_salt, lora, commit=False)
+        return self._decide(prompt, loads, commit=False)
 
-    def _decide(
-        self,
-        token_ids: Sequence[int],
-        loads: Mapping[str, WorkerLoad],
-        cache_salt: str | None,
-        lora: tuple[str, str] | None,
-        *,
-        commit: bool,
-    ) -> Decision:
+    def _decide(self, prompt: Prompt, loads: Mapping[str, WorkerLoad], *, commit: bool) -> Decision:
         if not loads:
             raise ValueError("no worker to choose from")
+        prompt_tokens = len(prompt.token_ids)
         t0 = time.perf_counter()
         if not self.connected:
             self._log_down("NATS is unreachable")
-            chosen = self._least_loaded(loads, len(token_ids))
+            chosen = self._least_loaded(loads, prompt_tokens)
             return self._done("nats_down", chosen, [chosen], t0, commit)
         self._down_logged = False
         # workers whose keys share a root (model fingerprint, block size) are matched together
@@ -170,7 +156,7 @@ class KvRouter:
         keys_of: dict[str, list[int]] = {}
         block_size = 0
         for (fingerprint, bs), workers in groups.items():
-            keys = self.prompt_keys(token_ids, fingerprint, bs, cache_salt, lora)
+            keys = self.prompt_keys(prompt, fingerprint, bs)
             found = self.index.match(keys)
             for w in workers:
                 keys_of[w] = keys
@@ -184,13 +170,13 @@ class KvRouter:
             self.heat,
             matches,
             loads,
-            len(token_ids),
+            prompt_tokens,
             block_size,
             keys_of.__getitem__,
             count=commit,
         )
         estimates = estimate_all(
-            matches, len(token_ids), block_size, loads, self.sync.rates, self.cfg, heat
+            matches, prompt_tokens, block_size, loads, self.sync.rates, self.cfg, heat
         )
         chosen = choose(estimates, self.cfg.temperature, self.rng)
         decision = self._done(reason_of(chosen), chosen, estimates, t0, commit)

@@ -138,7 +138,7 @@ def test_g1_events_of_a_served_prompt_reach_a_kv_router(fleet):
     prompt's full blocks in agg-1's G1, under the keys it computes from agg-1's own tokens."""
     import asyncio
 
-    from dynkv.router.router import KvRouter
+    from dynkv.router.router import KvRouter, Prompt
     from dynkv.router.score import WorkerLoad
 
     env, ddir = fleet
@@ -177,7 +177,7 @@ def test_g1_events_of_a_served_prompt_reach_a_kv_router(fleet):
             tokens = tok.json()["tokens"]
             blocks = len(tokens) // kv.sync.rates["agg-1"].block_size
             assert blocks >= 2
-            await until(lambda: kv.estimate(tokens, loads, cache_salt="g1-e2e").chosen.match.device)
+            await until(lambda: kv.estimate(Prompt(tokens, "g1-e2e"), loads).chosen.match.device)
             # and the engine's own measurements of that request, in a later rates message (the
             # worker may have published others' before: wait for a bucket holding this length)
             rates = lambda: kv.sync.rates["agg-1"]  # noqa: E731
@@ -188,7 +188,7 @@ def test_g1_events_of_a_served_prompt_reach_a_kv_router(fleet):
                     and rates().decode_seconds_per_request
                 )
             )
-            return blocks, len(tokens), kv.estimate(tokens, loads, cache_salt="g1-e2e"), rates()
+            return blocks, len(tokens), kv.estimate(Prompt(tokens, "g1-e2e"), loads), rates()
         finally:
             await kv.close()
 

@@ -20,7 +20,7 @@ from dynkv.kvbm.event_settings import KvEventsSettings
 from dynkv.kvbm.events import KvTier
 from dynkv.kvbm.g1_events import g1_fingerprint
 from dynkv.kvbm.keys import BlockHasher, extra_keys
-from dynkv.router.router import KvRouter
+from dynkv.router.router import KvRouter, Prompt
 from dynkv.router.score import WorkerLoad
 from dynkv.worker.g1_events import start_g1_events
 
@@ -102,9 +102,9 @@ def test_a_worker_without_kvbm_is_routed_to_by_its_g1_blocks(nats_server, tmp_pa
             await until(lambda: kv.sync.rates["agg-0"].held_blocks.get(KvTier.DEVICE) == 7)
 
             loads = {"agg-0": WorkerLoad(outstanding_prefill_tokens=50), "agg-1": WorkerLoad()}
-            d = kv.pick(prompt, loads, cache_salt="s1")
+            d = kv.pick(Prompt(prompt, "s1"), loads)
             assert (d.chosen.worker, d.reason, d.chosen.match.device) == ("agg-0", "kv", 7)
-            assert kv.pick(prompt, loads, cache_salt="s2").reason == "kv_miss"  # other tenant
+            assert kv.pick(Prompt(prompt, "s2"), loads).reason == "kv_miss"  # other tenant
 
             # a router that joins late gets the G1 keys from the worker's snapshot
             late, sub = router(nats_server.url)

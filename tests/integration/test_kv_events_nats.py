@@ -234,7 +234,7 @@ def test_kv_router_picks_by_prefix_and_falls_back_to_load_while_nats_is_down(nat
     """`KvRouter` as a frontend would use it: it hashes prompts with the fingerprint the worker
     announces, routes a cached prefix to its holder, and routes by load while NATS is down."""
     from dynkv.kvbm.keys import BlockHasher, extra_keys
-    from dynkv.router.router import KvRouter
+    from dynkv.router.router import KvRouter, Prompt
     from dynkv.router.score import WorkerLoad
 
     fingerprint = "ab" * 16
@@ -259,21 +259,21 @@ def test_kv_router_picks_by_prefix_and_falls_back_to_load_while_nats_is_down(nat
                 pub.stored(Tier.DISK, k)
             await until(lambda: "agg-1" in kv.sync.rates and len(kv.index) == len(keys))
             loads = {"agg-0": WorkerLoad(), "agg-1": WorkerLoad(outstanding_prefill_tokens=10)}
-            d = kv.pick(tokens, loads, cache_salt="s1")
+            d = kv.pick(Prompt(tokens, "s1"), loads)
             assert (d.chosen.worker, d.reason, d.chosen.cached_tokens) == ("agg-1", "kv", 128)
             assert d.chosen.match.disk == 8
-            other = kv.pick(tokens, loads, cache_salt="s2")  # another tenant: nothing cached
+            other = kv.pick(Prompt(tokens, "s2"), loads)  # another tenant: nothing cached
             assert (other.chosen.worker, other.reason) == ("agg-0", "kv_miss")
 
             nats_server.kill()
             await until(lambda: not kv.connected)
-            d = kv.pick(tokens, loads, cache_salt="s1")
+            d = kv.pick(Prompt(tokens, "s1"), loads)
             assert (d.chosen.worker, d.reason) == ("agg-0", "nats_down")  # least outstanding
             nats_server.start()
             await until(lambda: kv.connected and kv.sync.synced("agg-1"), timeout=20)
             # polled with estimate: a pick per poll would record the prompt as headed to the
             # worker it chose, and the next poll would find it there whatever the index held
-            await until(lambda: kv.estimate(tokens, loads, cache_salt="s1").reason == "kv")
+            await until(lambda: kv.estimate(Prompt(tokens, "s1"), loads).reason == "kv")
             assert kv.stats()["decisions"]["nats_down"] == 1
         finally:
             pub.close()

@@ -13,7 +13,7 @@ from dynkv.kvbm.events import KvTier, Stored, WorkerRates
 from dynkv.router.decide import decide
 from dynkv.router.heat import PrefixHeat
 from dynkv.router.index import KvIndex, PrefixMatch
-from dynkv.router.router import KvRouter
+from dynkv.router.router import KvRouter, Prompt
 from dynkv.router.score import Costs, ScorerConfig, WorkerLoad, estimate, estimate_all
 
 BS = 16
@@ -114,20 +114,23 @@ def test_the_router_copies_a_hot_prefix_but_keeps_a_conversation_on_its_worker()
     cfg = ScorerConfig(default_prefill_tokens_per_s=1000.0)
     router = fed_router(cfg)
     system = [rng.randrange(32000) for _ in range(64 * BS)]
-    router.index.apply("agg-0", Stored(tier=KvTier.HOST, keys=router.prompt_keys(system, FP, BS)))
+    router.index.apply(
+        "agg-0", Stored(tier=KvTier.HOST, keys=router.prompt_keys(Prompt(system), FP, BS))
+    )
     busy = {"agg-0": WorkerLoad(outstanding_prefill_tokens=200), "agg-1": WorkerLoad()}
 
     # a conversation: every round resends the history, so every round ends at a new boundary
     history = list(system)
     for _ in range(8):
         history += [rng.randrange(32000) for _ in range(3 * BS)]
-        d = router.pick(history, busy)
+        d = router.pick(Prompt(history), busy)
         assert (d.chosen.worker, d.reason) == ("agg-0", "kv")
         router.prefilled(d)
 
     # many users behind the same system prompt: the same boundary, hotter with each request
     users = [
-        router.pick(system + [rng.randrange(32000) for _ in range(40)], busy) for _ in range(8)
+        router.pick(Prompt(system + [rng.randrange(32000) for _ in range(40)]), busy)
+        for _ in range(8)
     ]
     # heat 1 (the conversation's first round stopped there too) to 4 stay; the fifth is a copy
     assert [d.chosen.worker for d in users] == ["agg-0"] * 4 + ["agg-1"] * 4
@@ -136,8 +139,8 @@ def test_the_router_copies_a_hot_prefix_but_keeps_a_conversation_on_its_worker()
 
     # off: the stream piles on the holder
     off = fed_router(ScorerConfig(default_prefill_tokens_per_s=1000.0, replica_half_life_s=0))
-    off.index.apply("agg-0", Stored(tier=KvTier.HOST, keys=off.prompt_keys(system, FP, BS)))
-    piled = {off.pick(system + [rng.randrange(32000) for _ in range(40)], busy).chosen.worker
+    off.index.apply("agg-0", Stored(tier=KvTier.HOST, keys=off.prompt_keys(Prompt(system), FP, BS)))
+    piled = {off.pick(Prompt(system + [rng.randrange(32000) for _ in range(40)]), busy).chosen.worker
              for _ in range(12)}  # fmt: skip
     assert piled == {"agg-0"} and off.heat is None
 
@@ -146,26 +149,30 @@ def test_an_estimate_answers_as_pick_would_and_leaves_no_trace():
     rng = random.Random(2)
     router = fed_router(ScorerConfig(default_prefill_tokens_per_s=1000.0))
     system = [rng.randrange(32000) for _ in range(64 * BS)]
-    router.index.apply("agg-0", Stored(tier=KvTier.HOST, keys=router.prompt_keys(system, FP, BS)))
+    router.index.apply(
+        "agg-0", Stored(tier=KvTier.HOST, keys=router.prompt_keys(Prompt(system), FP, BS))
+    )
     busy = {"agg-0": WorkerLoad(outstanding_prefill_tokens=200), "agg-1": WorkerLoad()}
     prompt = system + [rng.randrange(32000) for _ in range(40)]
 
     # polled as a probe polls: no heat builds, nothing is recorded as headed anywhere
-    polls = [router.estimate(prompt, busy) for _ in range(10)]
+    polls = [router.estimate(Prompt(prompt), busy) for _ in range(10)]
     assert {(e.chosen.worker, e.reason, e.heat, e.in_flight) for e in polls} == {
         ("agg-0", "kv", 0.0, None)
     }
     assert not router.decisions and len(router.inflight) == 0 and len(router.heat) == 0
 
-    d = router.pick(prompt, busy)  # the same answer, and now it counts
+    d = router.pick(Prompt(prompt), busy)  # the same answer, and now it counts
     assert (d.chosen.worker, d.reason, d.heat) == ("agg-0", "kv", 0.0)
     assert router.decisions == {"kv": 1} and len(router.inflight) == 1 and len(router.heat) == 1
     # another user's question stops at the same boundary: it reads the heat pick counted
-    e = router.estimate(system + [rng.randrange(32000) for _ in range(40)], busy)
+    e = router.estimate(Prompt(system + [rng.randrange(32000) for _ in range(40)]), busy)
     assert e.chosen.worker == "agg-0" and e.heat == pytest.approx(1.0, rel=1e-3)
     assert router.decisions == {"kv": 1} and len(router.inflight) == 1
-    assert router.heat.heat(router.prompt_keys(system, FP, BS)[-1]) == pytest.approx(1.0, 1e-3)
+    assert router.heat.heat(router.prompt_keys(Prompt(system), FP, BS)[-1]) == pytest.approx(
+        1.0, 1e-3
+    )
 
     router.subscriber.nc = SimpleNamespace(is_connected=False)  # by load, still uncounted
-    assert router.estimate(prompt, busy).reason == "nats_down"
+    assert router.estimate(Prompt(prompt), busy).reason == "nats_down"
     assert router.decisions == {"kv": 1}
