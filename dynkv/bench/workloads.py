@@ -185,6 +185,19 @@ def _checked(**counts: int) -> dict[str, int]:
     return counts
 
 
+def _conversation(
+    users: int, rounds: int, system_tokens: int, question_tokens: int, answer_tokens: int
+) -> dict[str, int]:
+    """What both conversation workloads are shaped by, checked, as their reports list it."""
+    return _checked(
+        users=users,
+        rounds=rounds,
+        system_tokens=system_tokens,
+        question_tokens=question_tokens,
+        answer_tokens=answer_tokens,
+    )
+
+
 def multi_turn(
     users: int = 4,
     rounds: int = 4,
@@ -198,13 +211,8 @@ def multi_turn(
     """Round-major order (every user's round 1, then every user's round 2, …). `per_user_system`:
     each user gets a system prompt of its own (`system_tokens` long) instead of the shared one;
     the report's params then say `per_user_system: true` (absent otherwise, as before)."""
-    params = _checked(
-        users=users,
-        rounds=rounds,
-        system_tokens=system_tokens,
-        question_tokens=question_tokens,
-        answer_tokens=answer_tokens,
-    ) | {"seed": seed}
+    shape = _conversation(users, rounds, system_tokens, question_tokens, answer_tokens)
+    params = shape | {"seed": seed}
 
     def system(purpose: str, u: int = 0) -> str | None:
         return text(_rng(seed, purpose, u), system_tokens, count) if system_tokens else None
@@ -250,13 +258,8 @@ def shared_prefix(
     if affinity not in AFFINITIES:
         fix = f"use --affinity with one of: {', '.join(AFFINITIES)}"
         raise WorkloadError(f"unknown affinity {affinity!r}", fix)
-    params = _checked(
-        users=users,
-        rounds=rounds,
-        system_tokens=system_tokens,
-        question_tokens=question_tokens,
-        answer_tokens=answer_tokens,
-    ) | {"affinity": affinity, "seed": seed}
+    shape = _conversation(users, rounds, system_tokens, question_tokens, answer_tokens)
+    params = shape | {"affinity": affinity, "seed": seed}
     system = text(_rng(seed, "shared-prefix"), system_tokens, count) if system_tokens else None
     requests = []
     for r in range(rounds):
