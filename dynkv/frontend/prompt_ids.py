@@ -30,7 +30,7 @@ import copy
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -208,9 +208,7 @@ def tool_dicts(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     if not isinstance(tools, list):
         raise Unsupported("tools is not a list")
     out = []
-    for tool in tools:
-        if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
-            raise Unsupported("a tool without a function")
+    for tool in _objects_with(tools, "function", dict, "a tool without a function"):
         fn = tool["function"]
         defer = tool.get("defer_loading")
         fn_defer = fn.get("defer_loading")
@@ -262,9 +260,7 @@ def content_format(template: str) -> str:
 
 def conversation_of(messages: list[Any], fmt: str) -> list[dict[str, Any]]:
     out = []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise Unsupported("a message without a role")
+    for message in _objects_with(messages, "role", str, "a message without a role"):
         role = message["role"]
         content = message.get("content")
         if content is None:
@@ -331,13 +327,22 @@ def _strip_billing_header(parts: list[Any]) -> list[Any]:
     return out
 
 
+def _objects_with(items: list[Any], key: str, kind: type, what: str) -> Iterator[dict[str, Any]]:
+    """`items`, each checked to be a JSON object whose `key` holds a `kind` (a tool's or a tool
+    call's function, a message's role); anything else is `what` the template cannot render."""
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get(key), kind):
+            raise Unsupported(what)
+        yield item
+
+
 def _tool_calls(calls: Any) -> list[dict[str, Any]]:
     if not isinstance(calls, list):
         raise Unsupported("tool_calls is not a list")
     out = []
-    for call in copy.deepcopy(calls):
-        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-            raise Unsupported("a tool call without a function")
+    for call in _objects_with(
+        copy.deepcopy(calls), "function", dict, "a tool call without a function"
+    ):
         fn = call["function"]
         args = fn.get("arguments")
         if not args:

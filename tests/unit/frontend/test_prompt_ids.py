@@ -66,6 +66,27 @@ def test_tool_calls_get_object_arguments_and_tool_results_plain_text():
     assert calls[0]["function"]["arguments"] == '{"x": 1}'  # the request is not modified
 
 
+@pytest.mark.parametrize(
+    ("render", "refused"),
+    [
+        (lambda: conversation_of(["hi"], "string"), "a message without a role"),
+        (
+            lambda: conversation_of([{"role": 1, "content": "x"}], "string"),
+            "a message without a role",
+        ),
+        (lambda: tool_dicts({"tools": [{"type": "function"}]}), "a tool without a function"),
+        (lambda: tool_dicts({"tools": [{"function": "f"}]}), "a tool without a function"),
+        (
+            lambda: conversation_of([{"role": "assistant", "tool_calls": [{"id": "1"}]}], "string"),
+            "a tool call without a function",
+        ),
+    ],
+)
+def test_a_message_tool_or_call_of_the_wrong_shape_is_refused_not_guessed(render, refused):
+    with pytest.raises(Unsupported, match=refused):
+        render()
+
+
 def test_tools_are_serialised_as_vllm_does():
     body = {
         "tools": [
