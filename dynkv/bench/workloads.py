@@ -189,13 +189,7 @@ def _conversation(
     users: int, rounds: int, system_tokens: int, question_tokens: int, answer_tokens: int
 ) -> dict[str, int]:
     """What both conversation workloads are shaped by, checked, as their reports list it."""
-    return _checked(
-        users=users,
-        rounds=rounds,
-        system_tokens=system_tokens,
-        question_tokens=question_tokens,
-        answer_tokens=answer_tokens,
-    )
+    return _checked(**locals())  # the five counts above, by their names, in their order
 
 
 def multi_turn(
