@@ -82,8 +82,10 @@ def _first_unwritable(root: Path) -> Path | None:
     return None
 
 
+# os.path.* rather than Path's methods: Python 3.11's raise on a name too long (ENAMETOOLONG),
+# which a mistyped HF_HOME is; the check reports it instead of crashing.
 def _existing_ancestor(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
+    while not os.path.exists(path) and path != path.parent:
         path = path.parent
     return path
 
@@ -92,7 +94,7 @@ def hf_cache(ctx: DoctorContext) -> Outcome:
     home, cache = hf_home(ctx.env), hf_hub_cache(ctx.env)
     needs_hub = ctx.model.kind in ("remote", "hf_cache")
     problem_status = fail if needs_hub else warn
-    if not cache.exists():
+    if not os.path.exists(cache):
         parent = _existing_ancestor(cache)
         if os.access(parent, os.W_OK | os.X_OK):
             return ok(f"{cache} does not exist yet; {parent} is writable")
@@ -126,7 +128,7 @@ def token(ctx: DoctorContext) -> Outcome:
         if ctx.env.get(key, "").strip():
             return ok(f"{key} is set")
     token_file = Path(ctx.env.get("HF_TOKEN_PATH") or hf_home(ctx.env) / "token").expanduser()
-    if token_file.is_file() and token_file.stat().st_size > 0:
+    if os.path.isfile(token_file) and token_file.stat().st_size > 0:
         return ok(f"a saved token ({token_file}, from `hf auth login`) is present")
     if ctx.model.kind == "remote":
         return warn(

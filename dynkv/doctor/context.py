@@ -196,7 +196,7 @@ class DoctorContext:
     def disk_dir(self) -> DiskDirState:
         """The G3 directory, created 0700 (it holds KV of users' prompts) when missing."""
         path = Path(self.kvbm.disk_cache_dir).expanduser()
-        existed = path.is_dir()
+        existed = os.path.isdir(path)  # not Path.is_dir: 3.11's raises on too long a name
         try:
             # each worker's pool dir goes inside: nobody else may be able to swap it
             # (docs/security.md, Shared paths)

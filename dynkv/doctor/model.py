@@ -99,10 +99,14 @@ def _catalog_entry(spec: str | None) -> Any:
     return lookup(spec or DEFAULT_CPU_MODEL)
 
 
+# os.path.exists/isdir/isfile here, not Path's: on Python 3.11 those raise on a name too long for
+# the file system (ENAMETOOLONG), and a mistyped --model must be a finding, never a crashed check.
 def locate_model(spec: str | None, env: Mapping[str, str]) -> ModelSource:
     """kind `generated` (dynkv-tiny, dynkv-bench) or `catalog` (fetched on first use, the CPU
     default) for a catalogue name; `path` is set once it is in the model cache."""
-    local = bool(spec) and (looks_like_path(spec or "") or Path(spec or "").expanduser().exists())
+    local = bool(spec) and (
+        looks_like_path(spec or "") or os.path.exists(Path(spec or "").expanduser())
+    )
     entry = None if local else _catalog_entry(spec)
     if entry is not None:
         from dynkv.model.catalog import shape_config
@@ -110,7 +114,7 @@ def locate_model(spec: str | None, env: Mapping[str, str]) -> ModelSource:
         kind = "generated" if entry.generated else "catalog"
         path = generated_models_root(env) / (entry.preset or entry.name)
         config = _read_config(path / "config.json") or shape_config(entry)
-        if not path.is_dir():
+        if not os.path.isdir(path):
             return ModelSource(kind, spec or entry.name, None, config)
         return ModelSource(kind, spec or entry.name, path, config, weights_size(path))
     if not spec:
@@ -118,22 +122,22 @@ def locate_model(spec: str | None, env: Mapping[str, str]) -> ModelSource:
         config = _read_config(path / "config.json")
         if config is None:
             config = _tiny_preset_config()
-        if not path.is_dir():
+        if not os.path.isdir(path):
             return ModelSource("generated", None, None, config)
         return ModelSource("generated", None, path, config, weights_size(path))
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if os.path.isdir(path):
         config_path = path / "config.json"
         config = _read_config(config_path)
         if config is None:
             problem = (
                 "has no config.json"
-                if not config_path.exists()
+                if not os.path.exists(config_path)
                 else "has an unreadable config.json"
             )
             return ModelSource("broken", spec, path, problem=problem)
         return ModelSource("local", spec, path, config, weights_size(path))
-    if looks_like_path(spec) or path.exists():
+    if looks_like_path(spec) or os.path.exists(path):
         return ModelSource("broken", spec, path, problem="does not exist or is not a directory")
     snapshot = hf_snapshot(spec, hf_hub_cache(env))
     if snapshot is not None:
@@ -151,7 +155,7 @@ def hf_snapshot(repo_id: str, cache: Path) -> Path | None:
     """The cached snapshot of `repo_id` (the `main` ref first) that has a config.json."""
     repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
     snapshots = repo_dir / "snapshots"
-    if not snapshots.is_dir():
+    if not os.path.isdir(snapshots):
         return None
     try:
         main = (repo_dir / "refs" / "main").read_text().strip()
@@ -159,7 +163,7 @@ def hf_snapshot(repo_id: str, cache: Path) -> Path | None:
         main = ""
     ordered = sorted(snapshots.iterdir(), key=lambda p: (p.name != main, -_mtime(p)))
     for snap in ordered:
-        if (snap / "config.json").is_file():
+        if os.path.isfile(snap / "config.json"):
             return snap
     return None
 

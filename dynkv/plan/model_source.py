@@ -10,6 +10,7 @@ the whole stack and the KV cache, but its text is noise, so `up` says so.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,19 +39,8 @@ def placeholder(name: str) -> str:
 
 
 def looks_local(model: str) -> bool:
-    if model.startswith(("/", "./", "../", "~")):
-        return True
-    try:
-        return Path(model).expanduser().exists()
-    except OSError:  # a name too long for the file system (ENAMETOOLONG): no directory there
-        return False
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
-    except OSError:  # too long a name for the file system: no directory there
-        return False
+    # os.path.exists, not Path.exists: Python 3.11's raises on a name too long (ENAMETOOLONG)
+    return model.startswith(("/", "./", "../", "~")) or os.path.exists(Path(model).expanduser())
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -103,7 +93,7 @@ def choose_model(
         )
     if model and looks_local(model):
         path = Path(model).expanduser().resolve()
-        if not _is_dir(path):
+        if not os.path.isdir(path):  # not Path.is_dir: 3.11's raises ENAMETOOLONG
             raise SettingsError(
                 f"model directory {path} does not exist",
                 "pass --model with an existing model directory or a Hugging Face id",

@@ -91,6 +91,20 @@ def default_state_dir() -> Path:
     return Path(base) / "dynkv"
 
 
+NAME_MAX = 255  # bytes of one path component on Linux file systems (ext4, xfs, tmpfs)
+
+
+def _nameable(path: Path) -> Path:
+    """A directory path the file system can name: every lookup under a component over NAME_MAX
+    fails with ENAMETOOLONG, which Python 3.11's `Path.is_dir` raises rather than answers."""
+    if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX for part in path.parts):
+        raise ValueError(f"a path component is longer than {NAME_MAX} bytes")
+    return path
+
+
+StateDir = Annotated[Path, AfterValidator(_nameable)]
+
+
 _PORT = {"ge": 1, "le": 65535, "json_schema_extra": _expect("a TCP port 1–65535", "8000")}
 
 
@@ -205,10 +219,14 @@ class DeploymentSettings(EnvSettings):
     etcd_peer_port: int = Field(2380, description="Embedded/docker etcd peer port.", **_PORT)
     nats_port: int = Field(4222, description="Embedded/docker NATS client port.", **_PORT)
     nats_monitor_port: int = Field(8222, description="NATS monitoring (health) port.", **_PORT)
-    state_dir: Path = Field(
+    state_dir: StateDir = Field(
         default_factory=default_state_dir,
+        validate_default=True,  # $XDG_STATE_HOME is the user's too
         description="Where deployments keep pids, ports and logs ($XDG_STATE_HOME/dynkv).",
-        json_schema_extra=_expect("a directory path", "~/.local/state/dynkv"),
+        json_schema_extra=_expect(
+            "a directory path (default $XDG_STATE_HOME/dynkv), each name at most 255 bytes",
+            "~/.local/state/dynkv",
+        ),
     )
     router: RouterPolicy = Field(
         RouterPolicy.ROUND_ROBIN,

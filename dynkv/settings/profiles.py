@@ -8,6 +8,7 @@ back to a default; `[vllm]` names are checked against vLLM's own parser when the
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,28 +87,19 @@ def _locate(name_or_path: str) -> Path:
     candidate = Path(name_or_path).expanduser()
     looks_like_path = "/" in name_or_path or name_or_path.endswith(".toml")
     if looks_like_path:
-        if _is_file(candidate):
+        if os.path.isfile(candidate):  # not Path.is_file: 3.11's raises ENAMETOOLONG
             return candidate
         raise SettingsError(
             f"profile file {name_or_path} does not exist",
             "pass an existing .toml file, or one of: " + ", ".join(available_profile_names()),
         )
     builtin = profiles_dir() / f"{name_or_path}.toml"
-    if _is_file(builtin):
+    if os.path.isfile(builtin):
         return builtin
     raise SettingsError(
         f"unknown profile {name_or_path!r}; available: " + ", ".join(available_profile_names()),
         f"use --profile {DEFAULT_PROFILE} (or another name above), or a path to a .toml file",
     )
-
-
-def _is_file(path: Path) -> bool:
-    """`Path.is_file`, but a name the file system refuses (too long: ENAMETOOLONG, which Python
-    3.11 raises instead of answering False) names no profile either."""
-    try:
-        return path.is_file()
-    except OSError:
-        return False
 
 
 def _parse(path: Path, raw: dict[str, Any]) -> Profile:

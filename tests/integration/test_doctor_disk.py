@@ -91,6 +91,15 @@ def test_uncreatable_directory_fails_and_skips_the_probes(tmp_path, mounted):
     assert not {"disk.space", "disk.fallocate", "disk.o_direct"} & set(res)
 
 
+def test_a_directory_name_too_long_fails_with_its_fix_not_a_crash(tmp_path):
+    # Path.is_dir raises ENAMETOOLONG on Python 3.11: the check crashed ("a dynkv bug")
+    res = run(base_env(tmp_path, DYN_KVBM_DISK_CACHE_DIR=str(tmp_path / ("g" * 300))))
+    check = res["disk.dir"]
+    assert check.status is Status.FAIL and "too long" in check.detail, check
+    assert "DYN_KVBM_DISK_CACHE_DIR" in check.fix
+    assert not {"disk.space", "disk.fallocate", "disk.o_direct"} & set(res)
+
+
 def test_not_enough_free_space_fails(tmp_path, mounted):
     small = mounted("tmpfs", "size=8m")
     check = run(base_env(tmp_path, DYN_KVBM_DISK_CACHE_DIR=str(small), DYN_KVBM_DISK_CACHE_GB="1"))[

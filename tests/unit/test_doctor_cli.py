@@ -131,6 +131,32 @@ def test_bad_settings_still_exit_2(doctor_env):
     assert result.exit_code == 2 and "DYN_KVBM_CPU_CACHE_GB='abc'" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "variable", ["HF_HOME", "XDG_CACHE_HOME", "DYNKV_MODEL", "DYN_KVBM_DISK_CACHE_DIR"]
+)
+def test_a_path_too_long_for_the_file_system_is_a_finding_not_a_crashed_check(
+    doctor_env, tmp_path, variable
+):
+    # Python 3.11's Path.exists/is_dir/is_file raise ENAMETOOLONG instead of answering False
+    doctor_env.setenv(variable, str(tmp_path / ("n" * 300)))
+    result = invoke("--json")
+    crashed = [c for c in json.loads(result.stdout)["checks"] if "crashed" in c["detail"]]
+    assert crashed == []
+
+
+@pytest.mark.parametrize("variable", ["DYNKV_STATE_DIR", "XDG_STATE_HOME"])
+@pytest.mark.parametrize("command", ["doctor", "status", "down", "logs"])
+def test_a_state_dir_too_long_for_the_file_system_is_a_usage_error(
+    doctor_env, tmp_path, variable, command
+):
+    doctor_env.delenv("DYNKV_STATE_DIR", raising=False)
+    doctor_env.setenv(variable, str(tmp_path / ("s" * 300)))
+    result = runner_.invoke(app, [command])
+    assert result.exit_code == 2, result.output
+    assert "DYNKV_STATE_DIR" in result.stderr and "255 bytes" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_no_tier_is_a_failed_check_not_a_usage_error(doctor_env):
     doctor_env.setenv("DYN_KVBM_CPU_CACHE_GB", "0")
     doctor_env.setenv("DYN_KVBM_DISK_CACHE_GB", "0")
