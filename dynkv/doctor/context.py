@@ -18,6 +18,7 @@ from dynkv.doctor import builds, model, probe_cache, vllm_probe
 from dynkv.doctor.nvml import Nvml, NvmlSnapshot, NvmlUnavailable, PynvmlNvml
 from dynkv.kvbm.config import KvbmSettings
 from dynkv.kvbm.paths import holder_problem
+from dynkv.model.presets import kv_bytes_per_token
 from dynkv.plan.dtype import argv_dtype
 from dynkv.settings import Resolved
 from dynkv.settings.deployment import DeploymentSettings, Device, Topology
@@ -147,7 +148,7 @@ class DoctorContext:
         if not self.model.config:
             return None
         try:
-            return model.doctor_kv_bytes_per_token(self.model.config, self.serving_dtype)
+            return kv_bytes_per_token(self.model.config, self.serving_dtype)
         except (KeyError, ValueError, TypeError):
             return None
 

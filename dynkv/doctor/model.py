@@ -1,8 +1,6 @@
-"""Where the model comes from and what one token of its KV cache costs, without a network.
-
-`doctor_kv_bytes_per_token` is the doctor's own copy of the KV arithmetic; `dynkv.model` (being
-written in parallel) has `kv_bytes_per_token(config)` and the two are to be merged into one.
-"""
+"""Where the model comes from (a path, the model cache, the Hugging Face cache, the hub) and
+its config, without a network; what one token of its KV costs is `dynkv.model.presets`'s
+`kv_bytes_per_token`, the arithmetic every sizing shares."""
 
 from __future__ import annotations
 
@@ -14,40 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DTYPE_BYTES = {
-    "bfloat16": 2,
-    "float16": 2,
-    "half": 2,
-    "float32": 4,
-    "float": 4,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-}
+from dynkv.plan.model_source import looks_local
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-def doctor_kv_bytes_per_token(config: Mapping[str, Any], dtype: str | None = None) -> int:
-    """Bytes of KV cache per token: 2 (K and V) × layers × KV heads × head_dim × dtype bytes.
-
-    Multimodal configs nest the language model in `text_config`. MLA models (DeepSeek:
-    `kv_lora_rank`) cache one latent of kv_lora_rank + qk_rope_head_dim per layer instead of K and
-    V. `dtype` overrides the config's (the engine's `--dtype`; "auto" keeps the config's).
-    Raises KeyError/ValueError when the config lacks what the formula needs.
-    """
-    cfg: Mapping[str, Any] = config.get("text_config") or config
-    layers = int(cfg["num_hidden_layers"])
-    if dtype in (None, "auto"):
-        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or "")
-    dtype = dtype.removeprefix("torch.") or "bfloat16"
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}")
-    size = DTYPE_BYTES[dtype]
-    if cfg.get("kv_lora_rank"):
-        return layers * (int(cfg["kv_lora_rank"]) + int(cfg.get("qk_rope_head_dim") or 0)) * size
-    heads = int(cfg["num_attention_heads"])
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
-    return 2 * layers * kv_heads * head_dim * size
 
 
 def hf_home(env: Mapping[str, str]) -> Path:
@@ -86,10 +53,6 @@ class ModelSource:
     problem: str | None = None
 
 
-def looks_like_path(spec: str) -> bool:
-    return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1
-
-
 def _catalog_entry(spec: str | None) -> Any:
     """The dynkv.model catalogue entry `spec` names (no spec: the CPU default), if installed."""
     try:
@@ -104,9 +67,7 @@ def _catalog_entry(spec: str | None) -> Any:
 def locate_model(spec: str | None, env: Mapping[str, str]) -> ModelSource:
     """kind `generated` (dynkv-tiny, dynkv-bench) or `catalog` (fetched on first use, the CPU
     default) for a catalogue name; `path` is set once it is in the model cache."""
-    local = bool(spec) and (
-        looks_like_path(spec or "") or os.path.exists(Path(spec or "").expanduser())
-    )
+    local = bool(spec) and looks_local(spec or "")  # the plan's rule (dynkv.plan.model_source)
     entry = None if local else _catalog_entry(spec)
     if entry is not None:
         from dynkv.model.catalog import shape_config
@@ -137,7 +98,7 @@ def locate_model(spec: str | None, env: Mapping[str, str]) -> ModelSource:
             )
             return ModelSource("broken", spec, path, problem=problem)
         return ModelSource("local", spec, path, config, weights_size(path))
-    if looks_like_path(spec) or os.path.exists(path):
+    if looks_local(spec):
         return ModelSource("broken", spec, path, problem="does not exist or is not a directory")
     snapshot = hf_snapshot(spec, hf_hub_cache(env))
     if snapshot is not None:

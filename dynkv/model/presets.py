@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# torch's names, and vLLM's --dtype aliases (half, float); fp8 for a KV cache quantised to it
+DTYPE_BYTES = {
+    "bfloat16": 2,
+    "float16": 2,
+    "half": 2,
+    "float32": 4,
+    "float": 4,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -133,27 +142,35 @@ PRESETS: dict[str, ModelShape] = {
 }
 
 
-def kv_bytes_per_token(config: ModelShape | Mapping[str, Any] | Path | str) -> int:
-    """K and V, every layer: 2 × layers × kv_heads × head_dim × dtype bytes.
+def kv_bytes_per_token(
+    config: ModelShape | Mapping[str, Any] | Path | str, dtype: str | None = None
+) -> int:
+    """K and V, every layer: 2 × layers × kv_heads × head_dim × dtype bytes; an MLA model
+    (DeepSeek: `kv_lora_rank`) caches one latent of kv_lora_rank + qk_rope_head_dim per layer.
 
     Takes a preset, a Hugging Face config mapping, or a model directory / config.json path, so
-    the same arithmetic sizes the generated models and any model the user brings.
+    the same arithmetic sizes the generated models, any model the user brings (doctor, the tier
+    sizes) and the bench. Multimodal configs nest the language model in `text_config`. `dtype`
+    overrides the model's (the engine's --dtype; None or "auto" keep the config's). Raises
+    KeyError/ValueError when the config lacks what the formula needs.
     """
     if isinstance(config, ModelShape):
-        layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
-        head_dim, dtype = config.head_dim, config.dtype
+        layers, own = config.num_hidden_layers, config.dtype
+        per_layer = 2 * config.num_key_value_heads * config.head_dim
     else:
         if isinstance(config, str | Path):
             path = Path(config)
             config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-        # Multimodal configs nest the language model's shape.
-        config = config.get("text_config") or config
-        heads = config["num_attention_heads"]
-        layers = config["num_hidden_layers"]
-        kv_heads = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    dtype = dtype.removeprefix("torch.")
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
-    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
+        cfg: Mapping[str, Any] = config.get("text_config") or config
+        layers = int(cfg["num_hidden_layers"])
+        own = cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype")
+        if cfg.get("kv_lora_rank"):
+            per_layer = int(cfg["kv_lora_rank"]) + int(cfg.get("qk_rope_head_dim") or 0)
+        else:
+            heads = int(cfg["num_attention_heads"])
+            kv_heads = int(cfg.get("num_key_value_heads") or heads)
+            per_layer = 2 * kv_heads * int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    name = str((own if dtype in (None, "auto") else dtype) or "bfloat16").removeprefix("torch.")
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPE_BYTES)}")
+    return layers * per_layer * DTYPE_BYTES[name]

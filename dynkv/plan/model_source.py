@@ -39,8 +39,14 @@ def placeholder(name: str) -> str:
 
 
 def looks_local(model: str) -> bool:
+    """A model directory rather than a Hugging Face id (`org/name`, one slash at most): an
+    absolute, relative or home path, a name with two slashes or more, or one that exists here."""
     # os.path.exists, not Path.exists: Python 3.11's raises on a name too long (ENAMETOOLONG)
-    return model.startswith(("/", "./", "../", "~")) or os.path.exists(Path(model).expanduser())
+    return (
+        model.startswith(("/", "./", "../", "~"))
+        or model.count("/") > 1
+        or os.path.exists(Path(model).expanduser())
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

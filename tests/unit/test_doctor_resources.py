@@ -11,7 +11,8 @@ import pytest
 from doctor_support import base_env, cuda_build, gpus, run
 
 from dynkv.doctor import Status, check_memory
-from dynkv.doctor.model import doctor_kv_bytes_per_token, hf_snapshot, locate_model
+from dynkv.doctor.model import hf_snapshot, locate_model
+from dynkv.model.presets import PRESETS, kv_bytes_per_token
 
 # the `bench` model: hidden 768, 12 layers, 12 heads, 3 KV heads, bf16 → 9,216 bytes per token.
 BENCH = {
@@ -32,22 +33,26 @@ def write_model(path, config=BENCH, weights=1_000_000):
 
 # --- KV arithmetic ------------------------------------------------------------------------------
 def test_kv_bytes_per_token_matches_the_reference_model():
-    assert doctor_kv_bytes_per_token(BENCH) == 9_216
+    assert kv_bytes_per_token(BENCH) == 9_216
 
 
 def test_kv_bytes_per_token_variants():
-    assert doctor_kv_bytes_per_token({**BENCH, "head_dim": 128}) == 2 * 12 * 3 * 128 * 2
-    assert doctor_kv_bytes_per_token({**BENCH, "torch_dtype": "float32"}) == 18_432
-    assert doctor_kv_bytes_per_token({"text_config": BENCH}) == 9_216
+    assert kv_bytes_per_token({**BENCH, "head_dim": 128}) == 2 * 12 * 3 * 128 * 2
+    assert kv_bytes_per_token({**BENCH, "torch_dtype": "float32"}) == 18_432
+    assert kv_bytes_per_token({"text_config": BENCH}) == 9_216
     del_kv = {k: v for k, v in BENCH.items() if k != "num_key_value_heads"}
-    assert doctor_kv_bytes_per_token(del_kv) == 2 * 12 * 12 * 64 * 2  # MHA
+    assert kv_bytes_per_token(del_kv) == 2 * 12 * 12 * 64 * 2  # MHA
     mla = {
         "num_hidden_layers": 61,
         "kv_lora_rank": 512,
         "qk_rope_head_dim": 64,
         "torch_dtype": "bfloat16",
     }
-    assert doctor_kv_bytes_per_token(mla) == 61 * 576 * 2
+    assert kv_bytes_per_token(mla) == 61 * 576 * 2
+    # one arithmetic for the generated presets and any config: they agree, dtype override included
+    bench = PRESETS["bench"]
+    assert kv_bytes_per_token(bench) == kv_bytes_per_token(BENCH) == bench.kv_bytes_per_token
+    assert kv_bytes_per_token(bench, "float32") == 2 * kv_bytes_per_token(bench, "auto")
 
 
 def test_tier_blocks_are_computed_from_the_model(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from plan_support import plan_for
 
 from dynkv.doctor.context import DoctorContext
-from dynkv.doctor.model import doctor_kv_bytes_per_token
+from dynkv.model.presets import kv_bytes_per_token
 from dynkv.plan.dtype import cpu_bf16_native, default_dtype_argv
 from dynkv.settings import resolve
 
@@ -83,10 +83,10 @@ def test_users_dtype_after_dashdash_wins(tmp_path: Path) -> None:
 
 
 def test_doctor_sizes_kv_in_the_dtype_the_workers_serve() -> None:
-    bf16 = doctor_kv_bytes_per_token(CONFIG)
+    bf16 = kv_bytes_per_token(CONFIG)
     assert bf16 == 2 * 30 * 3 * 64 * 2  # 23,040 bytes a token: SmolLM2-135M in bfloat16
-    assert doctor_kv_bytes_per_token(CONFIG, "float32") == 2 * bf16
-    assert doctor_kv_bytes_per_token(CONFIG, "auto") == bf16
+    assert kv_bytes_per_token(CONFIG, "float32") == 2 * bf16
+    assert kv_bytes_per_token(CONFIG, "auto") == bf16
     plan = plan_for(cpu_bf16_native=False)
     ctx = DoctorContext(resolved=resolve(env={}), import_vllm=False, plan=plan)
     assert ctx.serving_dtype == "float32"
