@@ -21,6 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
+from dynkv.xdg import dynkv_cache
+
 Kind = Literal["bool", "flag", "value"]
 MARKER = "DYNKV-VLLM-ARGS "
 TIMEOUT_S = 180.0
@@ -86,8 +88,7 @@ def installed_version(python: str) -> str | None:
 
 
 def cache_file(version: str) -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dynkv" / "vllm-args" / f"{version}.v{FORMAT}.json"
+    return dynkv_cache() / "vllm-args" / f"{version}.v{FORMAT}.json"
 
 
 def load_spec(python: str) -> VllmArgSpec | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dynkv.plan.model_source import looks_local
+from dynkv.xdg import cache_home, dynkv_cache
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -21,8 +22,7 @@ def hf_home(env: Mapping[str, str]) -> Path:
     """huggingface_hub's HF_HOME: $HF_HOME, else $XDG_CACHE_HOME/huggingface, else ~/.cache/…"""
     if env.get("HF_HOME"):
         return Path(os.path.expandvars(env["HF_HOME"])).expanduser()
-    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "huggingface"
+    return cache_home(env) / "huggingface"
 
 
 def hf_hub_cache(env: Mapping[str, str]) -> Path:
@@ -36,8 +36,7 @@ def hf_hub_cache(env: Mapping[str, str]) -> Path:
 
 def generated_models_root(env: Mapping[str, str]) -> Path:
     """Where `dynkv model create` keeps generated models ($XDG_CACHE_HOME/dynkv/models)."""
-    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "dynkv" / "models"
+    return dynkv_cache(env) / "models"
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from dynkv.doctor.vllm_probe import CONNECTOR_MODULE, ProbeResult
+from dynkv.xdg import dynkv_cache
 
 _PACKAGES = ("vllm", "torch", "transformers")
 
 
 def cache_path() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "dynkv" / "vllm-probe.json"
+    return dynkv_cache() / "vllm-probe.json"
 
 
 def probe_key() -> str | None:

@@ -29,7 +29,8 @@ POOL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def default_disk_cache_dir() -> Path:
-    """Where G3 lives when nothing says otherwise: the user's cache dir, never a shared /tmp."""
+    """Where G3 lives when nothing says otherwise: the user's cache dir, never a shared /tmp
+    (the XDG rule of `dynkv.xdg`, applied here because this package imports nothing else)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "dynkv" / "kvbm-disk"
 

@@ -25,6 +25,7 @@ from dynkv.errors import CauseFix
 from dynkv.model import tokenizer as tok
 from dynkv.model.presets import PRESETS, ModelShape
 from dynkv.model.weights import write_safetensors
+from dynkv.xdg import dynkv_cache
 
 # Bump whenever the files written for a (preset, seed) change: cached models are then rebuilt.
 GENERATOR_VERSION = 1
@@ -166,8 +167,7 @@ def create_model(
 
 def models_root() -> Path:
     """`$XDG_CACHE_HOME/dynkv/models` (default `~/.cache/dynkv/models`)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "dynkv" / "models"
+    return dynkv_cache() / "models"
 
 
 def read_marker(directory: Path) -> dict[str, Any] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +11,7 @@ from pydantic import AfterValidator, Field, SecretStr
 from dynkv.infra.images import ETCD_IMAGE, NATS_IMAGE, PROMETHEUS_IMAGE, reference_problem
 from dynkv.kvbm.env_settings import EnvSettings, env_config, flag, positive, seconds
 from dynkv.kvbm.env_settings import expect as _expect
+from dynkv.xdg import state_home
 
 ENV_PREFIX = "DYNKV_"
 
@@ -87,8 +87,7 @@ TierWeights = Annotated[str | None, AfterValidator(_tier_weights)]
 
 
 def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "dynkv"
+    return state_home() / "dynkv"
 
 
 NAME_MAX = 255  # bytes of one path component on Linux file systems (ext4, xfs, tmpfs)
