@@ -97,7 +97,7 @@ def locate_model(spec: str | None, env: Mapping[str, str]) -> ModelSource:
             )
             return ModelSource("broken", spec, path, problem=problem)
         return ModelSource("local", spec, path, config, weights_size(path))
-    if looks_local(spec):
+    if local:
         return ModelSource("broken", spec, path, problem="does not exist or is not a directory")
     snapshot = hf_snapshot(spec, hf_hub_cache(env))
     if snapshot is not None:

@@ -10,11 +10,11 @@ benchmark compares policies on one fleet). Per request routed by `kv`:
    new long prompt does not stall the loop (on a busy small host the hop to that thread and
    back cost a few milliseconds of every decision); a request this cannot tokenize is routed
    least outstanding, counted as reason `tokenize_failed`;
-2. `KvRouter.pick` of the prompt (its tokens and cache salt) with each candidate's load: the prompt tokens this frontend has sent it that
-   are not prefilled yet (released when the worker's first byte arrives; how long the oldest
-   has been computing, `prefill_book.py`) and its requests in flight; it chooses by estimated
-   TTFT (dynkv/router/score.py) or, while NATS is down, by load (reason `nats_down`, also
-   counted in `dynkv_router_nats_fallbacks_total`);
+2. `KvRouter.pick` of the prompt (its tokens and cache salt) with each candidate's load: the
+   prompt tokens this frontend has sent it that are not prefilled yet (released when the
+   worker's first byte arrives; how long the oldest has been computing, `prefill_book.py`) and
+   its requests in flight; it chooses by estimated TTFT (dynkv/router/score.py) or, while NATS
+   is down, by load (reason `nats_down`, also counted in `dynkv_router_nats_fallbacks_total`);
 3. the prediction (cached tokens) is kept so that the response's `usage` can be compared with it
    (`UsageTap`).
 docs/frontend.md#routing.
