@@ -9,6 +9,7 @@ from pathlib import Path
 from dynkv.doctor.context import DoctorContext
 from dynkv.doctor.model import hf_home, hf_hub_cache
 from dynkv.doctor.result import Check, Outcome, fail, gb, ok, warn
+from dynkv.xdg import NAME_MAX, overlong_name
 
 TRUE = {"1", "true", "yes", "on"}
 WALK_LIMIT = 5000  # entries inspected in the HF cache: enough to find docker's root-owned files
@@ -94,6 +95,11 @@ def hf_cache(ctx: DoctorContext) -> Outcome:
     home, cache = hf_home(ctx.env), hf_hub_cache(ctx.env)
     needs_hub = ctx.model.kind in ("remote", "hf_cache")
     problem_status = fail if needs_hub else warn
+    if overlong_name(cache) is not None:
+        return problem_status(
+            f"{cache} cannot exist: a name in it is longer than {NAME_MAX} bytes",
+            "export HF_HOME=~/.cache/huggingface   # or unset HF_HOME and HF_HUB_CACHE",
+        )
     if not os.path.exists(cache):
         parent = _existing_ancestor(cache)
         if os.access(parent, os.W_OK | os.X_OK):

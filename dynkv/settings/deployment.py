@@ -11,7 +11,7 @@ from pydantic import AfterValidator, Field, SecretStr
 from dynkv.infra.images import ETCD_IMAGE, NATS_IMAGE, PROMETHEUS_IMAGE, reference_problem
 from dynkv.kvbm.env_settings import EnvSettings, env_config, flag, positive, seconds
 from dynkv.kvbm.env_settings import expect as _expect
-from dynkv.xdg import state_home
+from dynkv.xdg import NAME_MAX, overlong_name, state_home
 
 ENV_PREFIX = "DYNKV_"
 
@@ -90,13 +90,9 @@ def default_state_dir() -> Path:
     return state_home() / "dynkv"
 
 
-NAME_MAX = 255  # bytes of one path component on Linux file systems (ext4, xfs, tmpfs)
-
-
 def _nameable(path: Path) -> Path:
-    """A directory path the file system can name: every lookup under a component over NAME_MAX
-    fails with ENAMETOOLONG, which Python 3.11's `Path.is_dir` raises rather than answers."""
-    if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX for part in path.parts):
+    """A directory path the file system can name (`dynkv.xdg.overlong_name`)."""
+    if overlong_name(path) is not None:
         raise ValueError(f"a path component is longer than {NAME_MAX} bytes")
     return path
 
